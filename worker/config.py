@@ -1,0 +1,288 @@
+"""The ``difyq.yaml`` model: loading, ``${ENV}`` interpolation and validation with readable, path-named errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from croniter import croniter
+from jinja2 import TemplateSyntaxError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from worker.durations import Duration
+from worker.templating import compile_template
+
+AppMode = Literal["chat", "agent", "advanced-chat", "completion", "workflow"]
+VerifyScheme = Literal["github", "stripe", "standard", "hmac-sha256", "token", "none"]
+
+DEFAULT_CONFIG_PATH = "difyq.yaml"
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, so a typo never silently does nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DifyDefaults(Strict):
+    base_url: str = "https://api.dify.ai/v1"
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    idle_read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class AppLimits(Strict):
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+    max_concurrency: Annotated[int, Field(gt=0)] | None = None
+    estimated_tokens_per_call: Annotated[int, Field(ge=0)] = 1000
+
+
+class AppConfig(Strict):
+    api_key: SecretStr
+    mode: AppMode
+    base_url: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    user: str = "difyq"
+    auto_generate_name: bool = False
+    limits: AppLimits | None = None
+
+
+class ClientConfig(Strict):
+    token: SecretStr
+    apps: list[str] = Field(default_factory=lambda: ["*"])
+
+    def may_use(self, app: str) -> bool:
+        return "*" in self.apps or app in self.apps
+
+
+class HookVerify(Strict):
+    scheme: VerifyScheme
+    secret: SecretStr | None = None
+    header: str | None = None
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""
+    tolerance: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _secret_needed(self) -> HookVerify:
+        if self.scheme != "none" and not self.secret:
+            raise ValueError(f"secret is required for scheme {self.scheme}")
+        if self.scheme == "hmac-sha256" and not self.header:
+            raise ValueError("header is required for scheme hmac-sha256")
+        return self
+
+
+class Mapping(Strict):
+    """What a hook or a schedule turns into a job: every string is a Jinja2 template."""
+
+    app: str
+    query: str | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    user: str | None = None
+    conversation_id: str | None = None
+    callback_url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def templates(self) -> dict[str, str]:
+        """Every template of this mapping by its field path (``inputs.repo``), for compiling and error messages."""
+        found: dict[str, str] = {}
+        for name in ("query", "user", "conversation_id", "callback_url", "idempotency_key", "when"):
+            value = getattr(self, name, None)
+            if isinstance(value, str):
+                found[name] = value
+        for section in ("inputs", "metadata"):
+            for key, value in getattr(self, section).items():
+                if isinstance(value, str):
+                    found[f"{section}.{key}"] = value
+        return found
+
+
+class HookConfig(Mapping):
+    verify: HookVerify
+    when: str | None = None
+    idempotency_key: str | None = None
+    max_body_bytes: Annotated[int, Field(gt=0)] | None = None
+
+
+class ScheduleConfig(Mapping):
+    cron: str
+    timezone: str = "UTC"
+    catch_up: Literal["none", "latest"] = "none"
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        if not croniter.is_valid(value):
+            raise ValueError(f"is not a valid cron expression: {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"is not an IANA time zone: {value!r}") from exc
+        return value
+
+
+class CallbacksConfig(Strict):
+    signing_secret: SecretStr | list[SecretStr] | None = None
+    allow_hosts: list[str] = Field(default_factory=list)
+    retry_schedule: list[Duration] = Field(default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000])
+    timeout: Duration = 15.0
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _at_most_two(cls, value: SecretStr | list[SecretStr] | None) -> SecretStr | list[SecretStr] | None:
+        if isinstance(value, list) and not 1 <= len(value) <= 2:
+            raise ValueError("must be one secret, or a list of two during a rotation")
+        for secret in value if isinstance(value, list) else [value] if value else []:
+            if not secret.get_secret_value().startswith("whsec_"):
+                raise ValueError("must start with whsec_ (a Standard Webhooks secret)")
+        return value
+
+    def signing_secrets(self) -> list[str]:
+        """The secrets to sign with, newest first."""
+        if self.signing_secret is None:
+            return []
+        if isinstance(self.signing_secret, list):
+            return [secret.get_secret_value() for secret in self.signing_secret]
+        return [self.signing_secret.get_secret_value()]
+
+
+class JobsConfig(Strict):
+    idempotency_ttl: Duration = 86400.0
+    result_ttl: Duration = 7 * 86400.0
+    max_wait: Duration = 6 * 3600.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    retry_min_backoff: Duration = 1.0
+    retry_max_backoff: Duration = 300.0
+
+
+class ApiConfig(Strict):
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
+
+
+class RedisConfig(Strict):
+    namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "difyq"
+
+
+class Config(Strict):
+    dify: DifyDefaults = Field(default_factory=DifyDefaults)
+    apps: dict[str, AppConfig] = Field(default_factory=dict)
+    clients: dict[str, ClientConfig] = Field(default_factory=dict)
+    hooks: dict[str, HookConfig] = Field(default_factory=dict)
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+
+    def app_base_url(self, app: str) -> str:
+        return (self.apps[app].base_url or self.dify.base_url).rstrip("/")
+
+    def cross_reference_problems(self) -> list[str]:
+        """Problems that span sections: names that must exist, and templates that must compile."""
+        problems: list[str] = []
+        for name, client in self.clients.items():
+            problems += [
+                f"clients.{name}.apps: unknown app {app!r}" for app in client.apps if app != "*" and app not in self.apps
+            ]
+        for section, mappings in (("hooks", self.hooks), ("schedules", self.schedules)):
+            for name, mapping in mappings.items():
+                if mapping.app not in self.apps:
+                    problems.append(f"{section}.{name}.app: unknown app {mapping.app!r}")
+                for path, source in mapping.templates().items():
+                    try:
+                        compile_template(source)
+                    except TemplateSyntaxError as exc:
+                        problems.append(f"{section}.{name}.{path}: template error: {exc.message} (line {exc.lineno})")
+        return problems
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``problems`` lists each one as ``path.in.file: what is wrong``."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def report(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        return "\n".join(lines + [f"  {problem}" for problem in self.problems])
+
+
+def _interpolate(value: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {key: _interpolate(item, f"{path}.{key}" if path else str(key), problems) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, f"{path}[{index}]", problems) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "literal_error":
+        message = f"must be one of {context.get('expected', '').replace(chr(39), '')}"
+    elif kind == "extra_forbidden":
+        message = "is not a known setting"
+    elif kind == "missing":
+        message = "is required"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}" if location else message
+
+
+def parse_config(data: Any, source: str = "difyq.yaml") -> Config:
+    """Validate already-parsed YAML ``data``; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the file must be a mapping of sections (dify, apps, clients, ...)"])
+    problems: list[str] = []
+    data = _interpolate(data, "", problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, problems + [_describe(error) for error in exc.errors()]) from None
+    problems += config.cross_reference_problems()
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read the config from ``path``, ``$DIFYQ_CONFIG`` or ``./difyq.yaml``; a missing default file is empty."""
+    explicit = path or os.environ.get("DIFYQ_CONFIG")
+    file = Path(explicit or DEFAULT_CONFIG_PATH)
+    if not file.exists():
+        if explicit:
+            raise ConfigError(str(file), ["file not found"])
+        return parse_config({}, str(file))
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(file), [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_config(data, str(file))

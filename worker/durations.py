@@ -1,0 +1,30 @@
+"""Human-friendly durations for the config file: ``5s``, ``30m``, ``2h``, ``7d`` or plain seconds."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds for ``value``; raise ValueError with a readable message when it is not a duration."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 5s, 10m, 2h or 7d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _PATTERN.match(str(value))
+        if not match:
+            raise ValueError(f"must be a duration such as 5s, 10m, 2h or 7d (got {value!r})")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
