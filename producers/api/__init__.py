@@ -1,0 +1,1 @@
+"""The HTTP producer: jobs API, webhook routes, health and metrics."""

@@ -1,0 +1,153 @@
+"""/v1/jobs: submit, read, list and cancel jobs, and retry a job's callback."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from worker.dify.client import DifyClient
+
+from producers.api.auth import authenticate
+from producers.api.body import parse_json_object, read_body
+from producers.api.errors import ApiError, field_path
+from producers.submit import SubmitRejected, submit
+from worker.dify.errors import DifyError
+from worker.jobs.model import SOURCES, JobRequest, JobStatus
+from worker.jobs.store import IdempotencyConflict
+from worker.runtime import Runtime
+
+log = structlog.get_logger("difyq.api")
+
+
+class JobSubmission(BaseModel):
+    """The body of POST /v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(min_length=1, max_length=200)
+    query: str | None = Field(default=None, max_length=200_000)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    user: str | None = Field(default=None, min_length=1, max_length=256)
+    conversation_id: str | None = Field(default=None, max_length=64)
+    files: list[dict[str, Any]] | None = None
+    callback_url: str | None = Field(default=None, max_length=2048)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
+
+
+def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(job, status_code=status, headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
+
+
+def build_jobs_router(runtime: Runtime) -> APIRouter:
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    config = runtime.config
+
+    def visible(request: Request, job_id: str) -> dict[str, Any]:
+        _, client = authenticate(config, request)
+        job = runtime.store.get(job_id)
+        if job is None or not client.may_use(job["app"]):
+            raise ApiError(404, "not_found", f"no job {job_id}")
+        return job
+
+    @router.post(
+        "",
+        status_code=202,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": JobSubmission.model_json_schema(ref_template="#/components/schemas/{model}")}
+        }}},
+        responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"}},
+    )
+    async def create_job(request: Request) -> JSONResponse:
+        client_name, client = authenticate(config, request)
+        raw = await read_body(request, config.api.max_body_bytes)
+        try:
+            body = JobSubmission.model_validate(parse_json_object(raw))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            path = field_path(first["loc"])
+            raise ApiError(422, "invalid_request", f"{path}: {first['msg']}", path or None) from None
+        header_key = request.headers.get("idempotency-key")
+        if header_key is not None and body.idempotency_key is not None and header_key != body.idempotency_key:
+            raise ApiError(422, "idempotency_key_mismatch",
+                           "the Idempotency-Key header and the body's idempotency_key differ", "idempotency_key")
+        if not client.may_use(body.app):
+            if body.app not in config.apps:
+                raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
+            raise ApiError(403, "forbidden", f"this client may not use app {body.app!r}", "app")
+        job_request = JobRequest(query=body.query, inputs=body.inputs, user=body.user,
+                                 conversation_id=body.conversation_id, files=body.files, metadata=body.metadata)
+        try:
+            outcome = submit(
+                runtime, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
+                idempotency_key=header_key or body.idempotency_key, scope=f"client:{client_name}",
+                request_id=request.state.request_id,
+            )
+        except SubmitRejected as exc:
+            raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
+        except IdempotencyConflict as exc:
+            raise ApiError(422, "idempotency_key_reused", str(exc), "idempotency_key") from None
+        if outcome.created:
+            return _job_response(outcome.job, 202)
+        return _job_response(outcome.job, 200, {"Idempotent-Replayed": "true"})
+
+    @router.get("")
+    def list_jobs(
+        request: Request,
+        status: Annotated[JobStatus | None, Query()] = None,
+        app: Annotated[str | None, Query(max_length=200)] = None,
+        source: Annotated[str | None, Query(pattern="^(" + "|".join(SOURCES) + ")$")] = None,
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(pattern=r"^\d{1,20}$")] = None,
+    ) -> dict[str, Any]:
+        _, client = authenticate(config, request)
+        allowed = None if "*" in client.apps else set(client.apps)
+        if app is not None and allowed is not None and app not in allowed:
+            return {"jobs": [], "next_cursor": None}
+        jobs, next_cursor = runtime.store.list(
+            allowed_apps=allowed, status=status.value if status else None, app=app, source=source, limit=limit,
+            cursor=cursor,
+        )
+        return {"jobs": jobs, "next_cursor": next_cursor}
+
+    @router.get("/{job_id}")
+    def get_job(request: Request, job_id: str) -> dict[str, Any]:
+        return visible(request, job_id)
+
+    @router.delete("/{job_id}")
+    def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+        job = visible(request, job_id)
+        outcome = runtime.store.cancel(job_id)
+        if outcome.state == "running" and outcome.task_id:
+            stop_dify_task(runtime, job, outcome.task_id)
+        return runtime.store.get(job_id) or job
+
+    @router.post("/{job_id}/callback/retry", status_code=202)
+    def retry_callback(request: Request, job_id: str) -> dict[str, Any]:
+        job = visible(request, job_id)
+        if job["callback"]["status"] == "none":
+            raise ApiError(409, "no_callback", "this job has no callback_url")
+        if job["status"] not in ("succeeded", "failed", "canceled"):
+            raise ApiError(409, "job_not_finished", "the callback is sent when the job finishes")
+        runtime.store.replay_callback(job_id)
+        return runtime.store.get(job_id) or job
+
+    return router
+
+
+def stop_dify_task(runtime: Runtime, job: dict[str, Any], task_id: str) -> None:
+    """Ask Dify to stop a running job's generation; the worker then stores it as canceled."""
+    app = runtime.config.apps.get(job["app"])
+    if app is None:
+        return
+    client = DifyClient(runtime.config.app_base_url(job["app"]), app.api_key.get_secret_value(),
+                        connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
+    user = (job.get("request") or {}).get("user") or app.user
+    try:
+        client.stop(app.mode, task_id, user)
+    except DifyError as exc:
+        log.warning("dify_stop_failed", job_id=job["id"], code=exc.code)
+

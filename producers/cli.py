@@ -1,0 +1,231 @@
+"""The ``difyq`` command line (DESIGN §4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from worker.config import ConfigError, load_config
+from worker.jobs.model import FINAL_STATUSES, JobRequest
+from worker.logs import configure_logging
+from worker.runtime import Runtime, current_runtime, redis_url_from_env
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _runtime() -> Runtime:
+    try:
+        return current_runtime()
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 1
+    print(f"ok: {len(config.apps)} app(s), {len(config.clients)} client(s), {len(config.hooks)} hook(s), "
+          f"{len(config.schedules)} schedule(s)")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from producers.api.app import create_app
+
+    configure_logging("api")
+    runtime = _runtime()
+    uvicorn.run(create_app(runtime), host=args.host, port=args.port, log_config=None, access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from producers.worker_command import exec_worker
+
+    return exec_worker(processes=args.processes, threads=args.threads, gevent=args.gevent)
+
+
+def cmd_scheduler(_args: argparse.Namespace) -> int:
+    from producers.scheduler_command import run_scheduler_process
+
+    configure_logging("scheduler")
+    return run_scheduler_process(_runtime())
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from producers.submit import SubmitRejected, submit
+    from worker.jobs.store import IdempotencyConflict
+
+    runtime = _runtime()
+    inputs: dict[str, str] = {}
+    for item in args.input:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"--input {item!r}: expected key=value", file=sys.stderr)
+            return 2
+        inputs[key] = value
+    try:
+        outcome = submit(
+            runtime, app=args.app, source="cli", request=JobRequest(query=args.query, inputs=inputs, user=args.user),
+            callback_url=args.callback_url, idempotency_key=args.idempotency_key, scope="cli",
+        )
+    except SubmitRejected as exc:
+        print(f"{exc.field or 'request'}: {exc.message}", file=sys.stderr)
+        return 2
+    except IdempotencyConflict as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    job = outcome.job
+    if not args.wait:
+        _print_json(job)
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while job["status"] not in FINAL_STATUSES and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = runtime.store.get(job["id"]) or job
+    _print_json(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    runtime = _runtime()
+    if args.jobs_command == "show":
+        job = runtime.store.get(args.id)
+        if job is None:
+            print(f"no job {args.id}", file=sys.stderr)
+            return 1
+        _print_json(job)
+        return 0
+    if args.jobs_command == "list":
+        jobs, cursor = runtime.store.list(allowed_apps=None, status=args.status, app=args.app, limit=args.limit)
+        _print_json({"jobs": jobs, "next_cursor": cursor})
+        return 0
+    state = runtime.store.rerun(args.id)
+    print(f"{args.id}: {state}")
+    return 0 if state == "queued" else 1
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from worker.dead_letters import DeadLetters
+
+    letters = DeadLetters(_runtime())
+    if args.dlq_command == "list":
+        _print_json(letters.list())
+        return 0
+    if not args.all and not args.id:
+        print("dlq replay: give a job id or --all", file=sys.stderr)
+        return 2
+    replayed = letters.replay(None if args.all else args.id)
+    _print_json({"replayed": replayed})
+    return 0 if replayed else 1
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from worker.dify.emulator import default_apps, load_apps, serve
+
+    apps = load_apps(args.apps) if args.apps else default_apps()
+    for app in apps:
+        if args.ttft is not None:
+            app.time_to_first_token_s = args.ttft
+        if args.tokens_per_second is not None:
+            app.tokens_per_second = args.tokens_per_second
+        if args.answer_tokens is not None:
+            app.answer_tokens = args.answer_tokens
+    serve(args.host, args.port, apps)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from producers.dev import run_dev
+
+    return run_dev(api_port=args.port, emulator_port=args.emulator_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difyq", description="Queue-driven background workers for Dify apps.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dev = commands.add_parser("dev", help="everything on one machine: Redis, API, worker, scheduler, emulator")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--emulator-port", type=int, default=5001)
+    dev.set_defaults(func=cmd_dev)
+
+    api = commands.add_parser("api", help="the HTTP producer")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8080)
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="the Dramatiq worker")
+    worker.add_argument("--processes", type=int, default=1)
+    worker.add_argument("--threads", type=int, default=8)
+    worker.add_argument("--gevent", action="store_true", help="greenlets instead of threads (high concurrency)")
+    worker.set_defaults(func=cmd_worker)
+
+    scheduler = commands.add_parser("scheduler", help="the cron producer (safe to run several replicas)")
+    scheduler.set_defaults(func=cmd_scheduler)
+
+    enqueue = commands.add_parser("enqueue", help="submit one job from a shell")
+    enqueue.add_argument("--app", required=True)
+    enqueue.add_argument("--query")
+    enqueue.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
+    enqueue.add_argument("--user")
+    enqueue.add_argument("--callback-url")
+    enqueue.add_argument("--idempotency-key")
+    enqueue.add_argument("--wait", action="store_true", help="wait for the job to end and print it")
+    enqueue.add_argument("--timeout", type=float, default=600.0)
+    enqueue.set_defaults(func=cmd_enqueue)
+
+    jobs = commands.add_parser("jobs", help="inspect and re-run jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    show = jobs_commands.add_parser("show")
+    show.add_argument("id")
+    listing = jobs_commands.add_parser("list")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    listing.add_argument("--app")
+    listing.add_argument("--limit", type=int, default=20)
+    retry = jobs_commands.add_parser("retry", help="run a failed or canceled job again")
+    retry.add_argument("id")
+    jobs.set_defaults(func=cmd_jobs)
+
+    dlq = commands.add_parser("dlq", help="dead letters: failed callbacks and dead-lettered jobs")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_commands.add_parser("list")
+    replay = dlq_commands.add_parser("replay")
+    replay.add_argument("id", nargs="?")
+    replay.add_argument("--all", action="store_true")
+    dlq.set_defaults(func=cmd_dlq)
+
+    emulator = commands.add_parser("emulator", help="the Dify-compatible emulator")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=5001)
+    emulator.add_argument("--apps", help="YAML/JSON file of emulated apps (default: one demo app per mode)")
+    emulator.add_argument("--ttft", type=float, help="time to first token, seconds")
+    emulator.add_argument("--tokens-per-second", type=float)
+    emulator.add_argument("--answer-tokens", type=int)
+    emulator.set_defaults(func=cmd_emulator)
+
+    check = commands.add_parser("check-config", help="validate the config and list every problem")
+    check.add_argument("--config", help="path (default $DIFYQ_CONFIG or ./difyq.yaml)")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("REDIS_URL", redis_url_from_env())
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""``difyq dev``: embedded Redis (unless REDIS_URL is set), the emulator-backed ``demo`` app when no real Dify is
+configured, the API in this process and a worker and a scheduler as child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+
+from producers.api.app import create_app
+from worker.config import ConfigError, load_config
+from worker.embedded_redis import EmbeddedRedis
+from worker.logs import configure_logging
+from worker.runtime import Runtime, install_runtime
+
+DEV_TOKEN = "dev-token"
+LOOPBACK = ["127.0.0.0/8", "::1/128", "localhost"]
+
+
+def _dev_config(raw: dict[str, Any], emulator_url: str | None) -> dict[str, Any]:
+    """The config file's content plus what dev adds: the demo app, a dev client, loopback callbacks."""
+    config = dict(raw)
+    if emulator_url:
+        config["apps"] = {**(config.get("apps") or {}),
+                          "demo": {"api_key": "app-demo", "mode": "chat", "base_url": emulator_url}}
+    if not config.get("clients"):
+        config["clients"] = {"dev": {"token": DEV_TOKEN, "apps": ["*"]}}
+    callbacks = dict(config.get("callbacks") or {})
+    callbacks["allow_hosts"] = list(callbacks.get("allow_hosts") or []) + LOOPBACK
+    config["callbacks"] = callbacks
+    return config
+
+
+def _needs_emulator(raw: dict[str, Any]) -> bool:
+    return not raw.get("apps")
+
+
+def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
+    configure_logging("dev")
+    path = Path(os.environ.get("DIFYQ_CONFIG", "difyq.yaml"))
+    raw = yaml.safe_load(path.read_text()) if path.exists() else {}
+    redis_server = None
+    if not os.environ.get("REDIS_URL"):
+        redis_server = EmbeddedRedis().start()
+        os.environ["REDIS_URL"] = redis_server.url
+    emulator = None
+    if _needs_emulator(raw or {}):
+        from worker.dify.emulator import default_apps, start_emulator
+
+        emulator = start_emulator(default_apps(), port=emulator_port)
+    effective = _dev_config(raw or {}, emulator.base_url if emulator else None)
+    workdir = Path(tempfile.mkdtemp(prefix="difyq-dev-"))
+    config_file = workdir / "difyq.yaml"
+    config_file.write_text(yaml.safe_dump(effective))
+    config_file.chmod(0o600)
+    os.environ["DIFYQ_CONFIG"] = str(config_file)
+    try:
+        runtime = Runtime(load_config(config_file), os.environ["REDIS_URL"])
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return 2
+    install_runtime(runtime)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus")}
+    difyq = [sys.executable, "-m", "producers.cli"]
+    children = [
+        subprocess.Popen([*difyq, "worker", "--processes", "1", "--threads", "8"], env=env),
+        subprocess.Popen([*difyq, "scheduler"], env={**env, "DIFYQ_METRICS_PORT": "9192"}),
+    ]
+    app_name = "demo" if emulator else next(iter(runtime.config.apps))
+    token = runtime.config.clients["dev"].token.get_secret_value() if "dev" in runtime.config.clients else "<token>"
+    print(
+        f"\ndifyq dev is up\n"
+        f"  API        http://127.0.0.1:{api_port}  (docs: /docs, metrics: /metrics)\n"
+        f"  Redis      {os.environ['REDIS_URL']}\n"
+        + (f"  Emulator   {emulator.base_url} (Dify-compatible, app key app-demo)\n" if emulator else "")
+        + f"  Worker metrics http://127.0.0.1:9191/metrics\n\n"
+        f"Try it:\n"
+        f"  curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {token}' "
+        f"-H 'Content-Type: application/json' -d '{{\"app\": \"{app_name}\", \"query\": \"Hello from difyq\"}}'\n"
+        f"  curl -s http://127.0.0.1:{api_port}/v1/jobs/<id> -H 'Authorization: Bearer {token}'\n",
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(runtime), host="127.0.0.1", port=api_port, log_config=None, access_log=False)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if emulator:
+            emulator.stop()
+        if redis_server:
+            redis_server.stop()
+    return 0

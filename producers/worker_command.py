@@ -1,0 +1,48 @@
+"""``difyq worker``: prepares the environment (metrics directory, fetch latency) and execs Dramatiq's CLI, so
+the Dramatiq master is this very process and receives SIGTERM exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_METRICS_PORT = "9191"
+DEFAULT_MULTIPROC_DIR = "/tmp/difyq-prometheus"
+
+
+def worker_environment(base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or DEFAULT_MULTIPROC_DIR
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    env["prometheus_multiproc_dir"] = metrics_dir
+    env["dramatiq_prom_db"] = metrics_dir
+    env["dramatiq_prom_port"] = env.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT
+    env.setdefault("dramatiq_prom_host", "0.0.0.0")
+    env.setdefault("dramatiq_worker_timeout", "100")
+    env["DIFYQ_WORKER_METRICS"] = "1"
+    return env
+
+
+def reset_metrics_directory(path: str) -> None:
+    """Stale multiprocess files from an earlier run would be summed into this run's metrics."""
+    directory = Path(path)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def exec_worker(processes: int, threads: int, gevent: bool) -> int:
+    env = worker_environment(dict(os.environ))
+    reset_metrics_directory(env["PROMETHEUS_MULTIPROC_DIR"])
+    program = "dramatiq-gevent" if gevent else "dramatiq"
+    executable = shutil.which(program, path=os.path.dirname(sys.executable)) or shutil.which(program)
+    if executable is None:
+        print(f"difyq worker: {program} is not installed", file=sys.stderr)
+        return 2
+    grace_ms = env.get("DIFYQ_WORKER_SHUTDOWN_TIMEOUT_MS", "600000")
+    args = [program, "worker.actors", "--processes", str(processes), "--threads", str(threads),
+            "--worker-shutdown-timeout", grace_ms, "--skip-logging"]
+    os.execve(executable, args, env)
+    return 0

@@ -1,0 +1,144 @@
+"""JobStore on a real Redis: atomic submit and idempotency, state transitions, cancel, listing, leases."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.support.stack import make_runtime
+from worker.jobs.model import JobRequest, JobStatus, NewJob
+from worker.jobs.store import IdempotencyConflict
+from worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
+
+APPS = {"support": {"api_key": "app-x", "mode": "chat"}, "other": {"api_key": "app-y", "mode": "workflow"}}
+
+
+def new_job(query: str = "hello", key: str | None = None, app: str = "support", callback: str | None = None) -> NewJob:
+    return NewJob(app=app, source="api", request=JobRequest(query=query), idempotency_key=key, scope="client:t",
+                  callback_url=callback)
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str):
+    return make_runtime(redis_url, namespace, APPS)
+
+
+def queue_length(runtime, queue: str = "jobs") -> int:
+    return runtime.raw_redis.llen(f"{runtime.namespace}:{queue}")
+
+
+def test_submit_writes_record_and_message_together(runtime) -> None:
+    outcome = runtime.store.submit(new_job())
+    job = outcome.job
+    assert outcome.created and job["status"] == "queued" and job["id"].startswith("job_")
+    assert job["callback"]["status"] == "none" and job["attempts"] == 0
+    assert runtime.store.get(job["id"]) == job
+    assert queue_length(runtime) == 1
+
+
+def test_same_key_twenty_times_concurrently_makes_one_job(runtime) -> None:
+    with ThreadPoolExecutor(20) as pool:
+        outcomes = list(pool.map(lambda _: runtime.store.submit(new_job(key="order-42")), range(20)))
+    assert sum(o.created for o in outcomes) == 1
+    assert len({o.job["id"] for o in outcomes}) == 1
+    assert queue_length(runtime) == 1
+
+
+def test_reused_key_with_a_different_body_is_a_conflict(runtime) -> None:
+    first = runtime.store.submit(new_job(key="k1"))
+    with pytest.raises(IdempotencyConflict) as caught:
+        runtime.store.submit(new_job(query="something else", key="k1"))
+    assert caught.value.job_id == first.job["id"]
+    other_scope = NewJob(app="support", source="hook", request=JobRequest(query="hello"), idempotency_key="k1",
+                         scope="hook:github")
+    assert runtime.store.submit(other_scope).created
+
+
+def test_attempt_lifecycle_and_finish_once(runtime) -> None:
+    job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    start = runtime.store.start_attempt(job_id, lease_s=30)
+    assert (start.state, start.attempt, start.first) == ("started", 1, True)
+    assert runtime.store.start_attempt(job_id, lease_s=30).state == "busy"
+    fields = runtime.store.fields(job_id)
+    assert runtime.store.finish(job_id, fields, JobStatus.SUCCEEDED, result={"answer": "hi"}) == "succeeded"
+    assert runtime.store.finish(job_id, fields, JobStatus.FAILED, error={"code": "x"}) == "already:succeeded"
+    job = runtime.store.get(job_id)
+    assert job["status"] == "succeeded" and job["result"] == {"answer": "hi"} and job["error"] is None
+    assert job["callback"]["status"] == "pending"
+    assert queue_length(runtime, "callbacks") == 1
+    assert runtime.store.start_attempt(job_id, lease_s=30).state == "final"
+    assert runtime.raw_redis.ttl(runtime.store.job_key(job_id)) > 0
+
+
+def test_requeue_then_second_attempt(runtime) -> None:
+    job_id = runtime.store.submit(new_job()).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=30)
+    assert runtime.store.requeue(job_id, delay_s=5, error={"code": "http_500"}) == "queued:0"
+    job = runtime.store.get(job_id)
+    assert job["status"] == "queued" and job["error"]["code"] == "http_500"
+    assert runtime.raw_redis.hlen(f"{runtime.namespace}:jobs.DQ.msgs") == 1
+    second = runtime.store.start_attempt(job_id, lease_s=30)
+    assert (second.attempt, second.first) == (2, False)
+
+
+def test_cancel_queued_and_running(runtime) -> None:
+    queued = runtime.store.submit(new_job(query="a", callback="https://example.com/cb")).job["id"]
+    assert runtime.store.cancel(queued).state == "canceled"
+    assert runtime.store.get(queued)["status"] == "canceled"
+    assert runtime.store.start_attempt(queued, lease_s=30).state == "final"
+    assert queue_length(runtime, "callbacks") == 1
+
+    running = runtime.store.submit(new_job(query="b")).job["id"]
+    runtime.store.start_attempt(running, lease_s=30)
+    runtime.store.set_task_id(running, "task-1")
+    outcome = runtime.store.cancel(running)
+    assert (outcome.state, outcome.task_id) == ("running", "task-1")
+    fields = runtime.store.fields(running)
+    assert runtime.store.finish(running, fields, JobStatus.SUCCEEDED, result={"answer": "partial"}) == "canceled"
+
+
+def test_list_newest_first_with_filters_and_cursor(runtime) -> None:
+    ids = []
+    for index in range(7):
+        ids.append(runtime.store.submit(new_job(query=f"q{index}", app="support" if index % 2 else "other")).job["id"])
+        time.sleep(0.002)
+    page, cursor = runtime.store.list(allowed_apps=None, limit=3)
+    assert [j["id"] for j in page] == ids[::-1][:3] and cursor
+    rest, end = runtime.store.list(allowed_apps=None, limit=10, cursor=cursor)
+    assert [j["id"] for j in rest] == ids[::-1][3:] and end is None
+    only_support, _ = runtime.store.list(allowed_apps={"support"}, limit=10)
+    assert {j["app"] for j in only_support} == {"support"} and len(only_support) == 3
+    by_app, _ = runtime.store.list(allowed_apps=None, app="other", limit=10)
+    assert len(by_app) == 4
+    none_failed, _ = runtime.store.list(allowed_apps=None, status="failed", limit=10)
+    assert none_failed == []
+
+
+def test_rerun_failed_job(runtime) -> None:
+    job_id = runtime.store.submit(new_job()).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=30)
+    runtime.store.finish(job_id, runtime.store.fields(job_id), JobStatus.FAILED, error={"code": "x"})
+    assert runtime.store.rerun(job_id) == "queued"
+    assert runtime.store.get(job_id)["status"] == "queued"
+    assert runtime.raw_redis.ttl(runtime.store.job_key(job_id)) == -1
+    assert runtime.store.rerun(job_id) == "queued", "only failed or canceled jobs run again"
+
+
+def test_expired_lease_is_swept_back_and_gives_up_after_repeated_losses(runtime) -> None:
+    keeper = LeaseKeeper(runtime.store, lease_s=0.05, sweep_s=0.01)
+    job_id = runtime.store.submit(new_job()).job["id"]
+    for _ in range(MAX_WORKER_LOSSES):
+        assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
+        time.sleep(0.08)
+        runtime.raw_redis.delete(f"{runtime.namespace}:reaper")
+        assert keeper.sweep() == [job_id]
+        assert runtime.store.get(job_id)["status"] == "queued"
+    runtime.store.start_attempt(job_id, lease_s=0.05)
+    time.sleep(0.08)
+    runtime.raw_redis.delete(f"{runtime.namespace}:reaper")
+    keeper.sweep()
+    job = runtime.store.get(job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert int(runtime.store.fields(job_id)["worker_losses"]) == MAX_WORKER_LOSSES + 1

@@ -1,0 +1,73 @@
+"""Builds a worker's broker: Dramatiq's RedisBroker with difyq's middleware and the two actors bound to it.
+
+``worker.actors`` calls this once for the process (what ``dramatiq worker.actors`` and ``difyq worker`` load);
+tests call it with a runtime of their own to run an in-process worker on a private namespace.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+import structlog
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage, Middleware
+
+from worker.callbacks.sender import CallbackSender
+from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from worker.jobs.model import JobStatus
+from worker.leases import LeaseKeeper
+from worker.runner import JobRunner
+from worker.runtime import Runtime
+
+log = structlog.get_logger("difyq.worker")
+
+
+class DifyqWorkerMiddleware(Middleware):
+    """Starts lease upkeep with each worker process and marks jobs whose message Dramatiq dead-lettered failed."""
+
+    def __init__(self, runtime: Runtime, leases: LeaseKeeper):
+        self.runtime = runtime
+        self.leases = leases
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.leases.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self.leases.stop()
+
+    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if message.actor_name != "run_job" or not message.args:
+            return
+        job_id = str(message.args[0])
+        fields = self.runtime.store.fields(job_id)
+        if fields is None:
+            return
+        error = {"code": "internal_error", "status": None,
+                 "message": "difyq could not process this job; see the worker logs for the job id"}
+        self.runtime.store.finish(job_id, fields, JobStatus.FAILED, error=error)
+        log.error("job_dead_lettered", job_id=job_id)
+
+
+def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:
+    broker = runtime.build_broker()
+    leases = LeaseKeeper(runtime.store)
+    broker.add_middleware(CurrentMessage())
+    broker.add_middleware(DifyqWorkerMiddleware(runtime, leases))
+    for middleware in extra_middleware or []:
+        broker.add_middleware(middleware)
+    runner = JobRunner(runtime, leases)
+    sender = CallbackSender(runtime)
+    longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
+
+    def run_job(job_id: str) -> None:
+        """Call Dify for one job; retries of Dify errors are the job's own (see JobRunner), not Dramatiq's."""
+        runner.run(job_id)
+
+    def deliver_callback(job_id: str) -> None:
+        """POST the finished job to its callback URL; never calls Dify."""
+        sender.deliver(job_id)
+
+    dramatiq.actor(run_job, broker=broker, queue_name=JOBS_QUEUE, max_retries=3, min_backoff=1_000,
+                   max_backoff=60_000, time_limit=int((longest_call_s + 60) * 1000))
+    dramatiq.actor(deliver_callback, broker=broker, queue_name=CALLBACKS_QUEUE, max_retries=3, min_backoff=1_000,
+                   max_backoff=60_000, time_limit=int((runtime.config.callbacks.timeout + 60) * 1000))
+    return broker

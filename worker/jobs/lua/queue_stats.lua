@@ -1,0 +1,34 @@
+-- Everything the scrape-time queue gauges need, in one round trip.
+-- KEYS: 1 leases zset, 2 callback dead letters zset; ARGV: namespace, then queue names
+-- Returns {queue, waiting, delayed, dead, oldest enqueue ms or -1, ...} per queue, then {app, running, ...}.
+local ns = ARGV[1]
+local out = {}
+for i = 2, #ARGV do
+  local q = ns .. ':' .. ARGV[i]
+  local oldest = -1
+  local first = redis.call('LINDEX', q, 0)
+  if first then
+    local body = redis.call('HGET', q .. '.msgs', first)
+    if body then
+      oldest = cjson.decode(body)['message_timestamp'] or -1
+    end
+  end
+  table.insert(out, ARGV[i])
+  table.insert(out, redis.call('LLEN', q))
+  table.insert(out, redis.call('HLEN', q .. '.DQ.msgs'))
+  table.insert(out, redis.call('ZCARD', q .. '.XQ'))
+  table.insert(out, tostring(oldest))
+end
+local running = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, 4999)) do
+  local app = redis.call('HGET', ns .. ':job:' .. id, 'app')
+  if app then
+    running[app] = (running[app] or 0) + 1
+  end
+end
+local apps = {}
+for app, count in pairs(running) do
+  table.insert(apps, app)
+  table.insert(apps, count)
+end
+return {out, apps, redis.call('ZCARD', KEYS[2])}

@@ -1,0 +1,52 @@
+"""Dramatiq messages written by our own Lua scripts, so a state change and its message land in one step.
+
+Dramatiq's RedisBroker keeps a queue as a list of ids (``{ns}:{queue}``) plus a hash of bodies
+(``{ns}:{queue}.msgs``); delayed messages live on ``{queue}.DQ`` with an ``eta`` option. Writing that layout from
+the same script that changes a job record closes the gap where a crash between the two would leave a job without
+a message (or a message without its job).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from dramatiq.common import dq_name
+from dramatiq.message import Message
+
+JOBS_QUEUE = "jobs"
+CALLBACKS_QUEUE = "callbacks"
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """The keys and arguments a script needs to enqueue one Dramatiq message."""
+
+    queue_key: str
+    bodies_key: str
+    redis_message_id: str
+    body: bytes
+
+
+def build_message(
+    namespace: str, queue: str, actor: str, job_id: str, delay_s: float = 0.0, message_id: str | None = None
+) -> QueuedMessage:
+    """A message for ``actor(job_id)`` on ``queue``, optionally delayed (Dramatiq's delay queue)."""
+    redis_message_id = str(uuid.uuid4())
+    options: dict[str, object] = {"redis_message_id": redis_message_id}
+    queue_name = queue
+    if delay_s > 0:
+        queue_name = dq_name(queue)
+        options["eta"] = int((time.time() + delay_s) * 1000)
+    message = Message(
+        queue_name=queue_name,
+        actor_name=actor,
+        args=(job_id,),
+        kwargs={},
+        options=options,
+        message_id=message_id or str(uuid.uuid4()),
+        message_timestamp=int(time.time() * 1000),
+    )
+    queue_key = f"{namespace}:{queue_name}"
+    return QueuedMessage(queue_key, f"{queue_key}.msgs", redis_message_id, message.encode())

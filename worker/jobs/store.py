@@ -1,0 +1,316 @@
+"""JobStore: job records, idempotency claims, leases and listing in Redis; every state change is one Lua script."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from worker.config import JobsConfig
+from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message
+from worker.jobs.model import JobStatus, NewJob, job_resource
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_LIST_FIELDS = ("id", "app", "source", "status")
+
+
+def new_job_id() -> str:
+    """``job_`` + a ULID: 48 bits of milliseconds then 80 random bits, Crockford base32, sortable by time."""
+    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "job_" + "".join(reversed(chars))
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before for a different request."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"idempotency key already used for a different request (job {job_id})")
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    job: dict[str, Any]
+    created: bool
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """What ``start_attempt`` decided: ``started`` (with the attempt number), ``busy``, ``final`` or ``missing``."""
+
+    state: str
+    attempt: int = 0
+    first: bool = False
+    status: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    state: str
+    task_id: str | None = None
+
+
+def _script(name: str) -> str:
+    return resources.files("worker.jobs").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+
+
+class JobStore:
+    """Everything the producers and the worker read or write about jobs, under the ``{namespace}:`` prefix."""
+
+    def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig):
+        self.redis = client
+        self.namespace = namespace
+        self.config = config
+        self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
+        self._submit = client.register_script(_script("submit"))
+        self._start = client.register_script(_script("start"))
+        self._finish = client.register_script(_script("finish"))
+        self._requeue = client.register_script(_script("requeue"))
+        self._cancel = client.register_script(_script("cancel"))
+        self._rerun = client.register_script(_script("rerun"))
+        self._replay_callback = client.register_script(_script("replay_callback"))
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{job_id}"
+
+    @property
+    def leases_key(self) -> str:
+        return f"{self.namespace}:leases"
+
+    def _index_key(self, app: str | None = None) -> str:
+        return f"{self.namespace}:index:app:{app}" if app else f"{self.namespace}:index:all"
+
+    def _idempotency_key(self, scope: str, key: str) -> str:
+        return f"{self.namespace}:idem:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def message(self, queue: str, job_id: str, delay_s: float = 0.0) -> QueuedMessage:
+        actor = "run_job" if queue == JOBS_QUEUE else "deliver_callback"
+        return build_message(self.namespace, queue, actor, job_id, delay_s)
+
+    def submit(self, new: NewJob) -> SubmitOutcome:
+        """Create the job and enqueue it, or return the job its idempotency key already names."""
+        job_id = new_job_id()
+        now = time.time()
+        request_hash = new.request_hash()
+        callback = None
+        if new.callback_url:
+            callback = {"url": new.callback_url, "status": "pending", "attempts": 0, "last_status_code": None,
+                        "next_attempt_at": None}
+        fields: dict[str, str] = {
+            "id": job_id,
+            "app": new.app,
+            "source": new.source,
+            "status": JobStatus.QUEUED,
+            "scope": new.scope,
+            "idempotency_key": new.idempotency_key or "",
+            "request_hash": request_hash,
+            "created_at": repr(now),
+            "attempts": "0",
+            "request": new.request.model_dump_json(),
+            "request_id": new.request_id or "",
+        }
+        if callback:
+            fields["callback_url"] = new.callback_url or ""
+            fields["callback"] = json.dumps(callback)
+        message = self.message(JOBS_QUEUE, job_id)
+        idempotency_key = self._idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
+        created_ms = int(now * 1000)
+        pairs = [item for pair in fields.items() for item in pair]
+        reply = self._submit(
+            keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self._index_key(),
+                  self._index_key(new.app), message.queue_key, message.bodies_key],
+            args=[f"{job_id}|{request_hash}" if idempotency_key else "", int(self.config.idempotency_ttl * 1000),
+                  created_ms, created_ms - int(self.config.result_ttl * 1000), message.redis_message_id,
+                  message.body, *pairs],
+        )
+        state, value = _text(reply[0]), _text(reply[1])
+        if state == "created":
+            return SubmitOutcome(job_resource(fields), created=True)
+        existing_id, _, existing_hash = value.partition("|")
+        if existing_hash != request_hash:
+            raise IdempotencyConflict(existing_id)
+        existing = self.get(existing_id)
+        if existing is None:
+            raise IdempotencyConflict(existing_id)
+        return SubmitOutcome(existing, created=False)
+
+    def fields(self, job_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(self.job_key(job_id))
+        return {_text(k): _text(v) for k, v in raw.items()} if raw else None
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        fields = self.fields(job_id)
+        return job_resource(fields) if fields else None
+
+    def list(
+        self,
+        *,
+        allowed_apps: set[str] | None,
+        status: str | None = None,
+        app: str | None = None,
+        source: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
+        index = self._index_key(app)
+        upper = "+inf"
+        if cursor:
+            upper = f"({int(cursor)}"
+        found: list[dict[str, Any]] = []
+        next_cursor: str | None = None
+        batch = max(limit * 2, 50)
+        while len(found) < limit:
+            entries = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=batch, withscores=True)
+            if not entries:
+                next_cursor = None
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for member, _score in entries:
+                pipe.hmget(self.job_key(_text(member)), *_LIST_FIELDS)
+            summaries = pipe.execute()
+            for (member, score), summary in zip(entries, summaries, strict=True):
+                upper = f"({int(score)}"
+                job_id, job_app, job_source, job_status = (_text(v) if v is not None else None for v in summary)
+                if job_id is None:
+                    continue
+                if allowed_apps is not None and job_app not in allowed_apps:
+                    continue
+                if (status and job_status != status) or (source and job_source != source):
+                    continue
+                resource = self.get(_text(member))
+                if resource:
+                    found.append(resource)
+                    next_cursor = str(int(score))
+                if len(found) >= limit:
+                    break
+            if len(entries) < batch:
+                if len(found) < limit:
+                    next_cursor = None
+                break
+        return found, next_cursor
+
+    def start_attempt(self, job_id: str, lease_s: float) -> AttemptStart:
+        now = time.time()
+        reply = self._start(
+            keys=[self.job_key(job_id), self.leases_key],
+            args=[repr(now), int(now * 1000), int((now + lease_s) * 1000), self.worker_id],
+        )
+        state = _text(reply[0])
+        if state == "started":
+            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1")
+        return AttemptStart(state, status=_text(reply[1]) if len(reply) > 1 else None)
+
+    def set_task_id(self, job_id: str, task_id: str) -> None:
+        self.redis.hset(self.job_key(job_id), "task_id", task_id)
+
+    def callback_message(self, job_id: str, fields: dict[str, str]) -> tuple[QueuedMessage | None, str]:
+        """The callback message and the callback block to store when a job with a callback URL ends."""
+        url = fields.get("callback_url")
+        if not url:
+            return None, ""
+        state = {"url": url, "status": "pending", "attempts": 0, "last_status_code": None, "next_attempt_at": None}
+        return self.message(CALLBACKS_QUEUE, job_id), json.dumps(state)
+
+    def finish(
+        self,
+        job_id: str,
+        fields: dict[str, str],
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> str:
+        """Record the outcome (once) and enqueue the callback; returns the status the job ended with."""
+        callback, callback_state = self.callback_message(job_id, fields)
+        reply = self._finish(
+            keys=[self.job_key(job_id), self.leases_key,
+                  callback.queue_key if callback else "", callback.bodies_key if callback else ""],
+            args=[status.value, repr(time.time()), json.dumps(result) if result is not None else "",
+                  json.dumps(error) if error is not None else "", int(self.config.result_ttl * 1000),
+                  callback.redis_message_id if callback else "", callback.body if callback else b"",
+                  callback_state],
+        )
+        return _text(reply)
+
+    def requeue(
+        self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = "running",
+        count_field: str = "",
+    ) -> str:
+        """Back to ``queued`` with a (delayed) message; ``cancel`` when a cancel was asked meanwhile."""
+        message = self.message(JOBS_QUEUE, job_id, delay_s)
+        reply = self._requeue(
+            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
+            args=[expected, json.dumps(error) if error else "", message.redis_message_id, message.body,
+                  repr(time.time() + delay_s), count_field],
+        )
+        return _text(reply)
+
+    def cancel(self, job_id: str) -> CancelOutcome:
+        fields = self.fields(job_id) or {}
+        callback, callback_state = self.callback_message(job_id, fields)
+        reply = self._cancel(
+            keys=[self.job_key(job_id), callback.queue_key if callback else "",
+                  callback.bodies_key if callback else ""],
+            args=[repr(time.time()), int(self.config.result_ttl * 1000),
+                  callback.redis_message_id if callback else "", callback.body if callback else b"",
+                  callback_state],
+        )
+        state = _text(reply[0])
+        task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None
+        return CancelOutcome(state, task_id)
+
+    @property
+    def callback_dead_letters_key(self) -> str:
+        return f"{self.namespace}:dlq:callbacks"
+
+    def rerun(self, job_id: str) -> str:
+        """A failed or canceled job runs again (its history of attempts is kept); returns ``queued`` or why not."""
+        fields = self.fields(job_id) or {}
+        callback, callback_state = self.callback_message(job_id, fields)
+        message = self.message(JOBS_QUEUE, job_id)
+        reply = self._rerun(
+            keys=[self.job_key(job_id), message.queue_key, message.bodies_key],
+            args=[message.redis_message_id, message.body, callback_state if callback else ""],
+        )
+        return _text(reply)
+
+    def replay_callback(self, job_id: str) -> bool:
+        """Deliver a finished job's callback again, from the first step of the retry schedule."""
+        fields = self.fields(job_id) or {}
+        callback, callback_state = self.callback_message(job_id, fields)
+        if callback is None:
+            return False
+        reply = self._replay_callback(
+            keys=[self.job_key(job_id), self.callback_dead_letters_key, callback.queue_key, callback.bodies_key],
+            args=[callback.redis_message_id, callback.body, callback_state],
+        )
+        return bool(reply)
+
+    def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
+        """Push the lease of every job this process runs ``lease_s`` into the future (one round trip)."""
+        if job_ids:
+            expiry = int((time.time() + lease_s) * 1000)
+            self.redis.zadd(self.leases_key, dict.fromkeys(job_ids, expiry), xx=True)
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        now_ms = int(time.time() * 1000)
+        return [_text(m) for m in self.redis.zrangebyscore(self.leases_key, "-inf", now_ms, start=0, num=limit)]
+
+    def update_callback(self, job_id: str, state: dict[str, Any]) -> None:
+        self.redis.hset(self.job_key(job_id), "callback", json.dumps(state))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

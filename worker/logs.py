@@ -1,0 +1,53 @@
+"""structlog setup: JSON lines by default, console with DIFYQ_LOG_FORMAT=console; secrets are redacted."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = re.compile(r"(api_key|token|secret|authorization|password)", re.IGNORECASE)
+_SECRET_VALUES = re.compile(r"(app-[A-Za-z0-9]{8,}|whsec_[A-Za-z0-9+/=]{8,}|Bearer\s+\S+)")
+
+
+def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in list(event.items()):
+        if _SECRET_KEYS.search(key) and key != "event":
+            event[key] = "[redacted]"
+        elif isinstance(value, str):
+            event[key] = _SECRET_VALUES.sub("[redacted]", value)
+    return event
+
+
+def configure_logging(process: str) -> None:
+    """Route structlog and the standard library (Dramatiq, uvicorn) through one renderer on stderr."""
+    level = getattr(logging, os.environ.get("DIFYQ_LOG_LEVEL", "INFO").upper(), logging.INFO)
+    console = os.environ.get("DIFYQ_LOG_FORMAT", "json").lower() == "console"
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    structlog.contextvars.bind_contextvars(process=process)

@@ -1,0 +1,72 @@
+"""Every difyq Prometheus metric (DESIGN §9), defined once and imported by whichever process records it.
+
+Labels are bounded: app, source, status, code, queue, limit, outcome, hook, schedule, route. Never a job id, a
+user or a key. In worker processes prometheus-client's multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR), so
+gauges declare how they aggregate across processes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+jobs_submitted = Counter("difyq_jobs_submitted_total", "Jobs accepted by a producer.", ["app", "source"])
+jobs_deduplicated = Counter(
+    "difyq_jobs_deduplicated_total", "Submissions answered with an existing job (idempotency).", ["app", "source"]
+)
+jobs_finished = Counter("difyq_jobs_finished_total", "Jobs that reached a final status.", ["app", "status"])
+job_duration = Histogram(
+    "difyq_job_duration_seconds", "Submit to finish, per job.", ["app"], buckets=LATENCY_BUCKETS
+)
+job_queue_wait = Histogram(
+    "difyq_job_queue_wait_seconds", "Submit to first Dify attempt, per job.", ["app"], buckets=LATENCY_BUCKETS
+)
+dify_request_duration = Histogram(
+    "difyq_dify_request_duration_seconds",
+    "One Dify call, request to last event.",
+    ["app", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+dify_time_to_first_token = Histogram(
+    "difyq_dify_time_to_first_token_seconds", "Request to first answer delta.", ["app"], buckets=LATENCY_BUCKETS
+)
+dify_errors = Counter("difyq_dify_errors_total", "Failed Dify calls by Dify's error code.", ["app", "code"])
+tokens = Counter("difyq_tokens_total", "Tokens Dify reported, by type.", ["app", "type"])
+cost = Counter("difyq_cost_total", "Dify's total_price, summed.", ["app", "currency"])
+rate_limited = Counter(
+    "difyq_rate_limited_total", "Jobs deferred by a limit (upstream = a Dify or provider 429).", ["app", "limit"]
+)
+rate_limit_remaining = Gauge(
+    "difyq_rate_limit_remaining",
+    "What is left of each limit of an app's key in the current 60 s window.",
+    ["app", "limit"],
+    multiprocess_mode="mostrecent",
+)
+callback_deliveries = Counter(
+    "difyq_callback_deliveries_total", "Callback attempts by outcome.", ["outcome"]
+)
+callback_duration = Histogram(
+    "difyq_callback_duration_seconds", "One callback POST.", buckets=LATENCY_BUCKETS
+)
+hook_requests = Counter("difyq_hook_requests_total", "Inbound webhook requests by outcome.", ["hook", "outcome"])
+schedule_fires = Counter("difyq_schedule_fires_total", "Cron fires by outcome.", ["schedule", "outcome"])
+schedule_last_fire = Gauge(
+    "difyq_schedule_last_fire_timestamp_seconds",
+    "Unix time of a schedule's last fire.",
+    ["schedule"],
+    multiprocess_mode="max",
+)
+schedule_interval = Gauge(
+    "difyq_schedule_interval_seconds",
+    "The period between a schedule's fires, for the silent-schedule alert.",
+    ["schedule"],
+    multiprocess_mode="max",
+)
+http_requests = Counter(
+    "difyq_http_requests_total", "API requests by route template and status.", ["method", "route", "status"]
+)
+http_request_duration = Histogram(
+    "difyq_http_request_duration_seconds", "API request duration by route template.", ["method", "route"],
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,56 @@
+"""Scrape-time gauges read from Redis in one script call: queue depth, delayed and dead messages, the oldest
+waiting job's age, callback dead letters and jobs running per app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from importlib import resources
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+
+
+class QueueCollector(Collector):
+    """A prometheus-client collector; a Redis outage yields no samples rather than a failed scrape."""
+
+    def __init__(self, client: redis.Redis, namespace: str):
+        self.namespace = namespace
+        self._stats = client.register_script(
+            resources.files("worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            queues, running, callback_dead = self._stats(
+                keys=[f"{self.namespace}:leases", f"{self.namespace}:dlq:callbacks"],
+                args=[self.namespace, JOBS_QUEUE, CALLBACKS_QUEUE],
+            )
+        except redis.RedisError:
+            return
+        waiting = GaugeMetricFamily("difyq_queue_messages", "Messages waiting in a queue.", labels=["queue"])
+        delayed = GaugeMetricFamily("difyq_queue_delayed_messages", "Messages waiting for their time (retries, "
+                                    "rate limits, callback backoff).", labels=["queue"])
+        dead = GaugeMetricFamily("difyq_dead_letters", "Dead letters: messages Dramatiq gave up on, and callbacks "
+                                 "that ended failed (queue=callbacks).", labels=["queue"])
+        oldest = GaugeMetricFamily("difyq_oldest_queued_job_age_seconds", "Age of the oldest waiting message.",
+                                   labels=["queue"])
+        now_ms = time.time() * 1000
+        for index in range(0, len(queues), 5):
+            name = _text(queues[index])
+            waiting.add_metric([name], float(queues[index + 1]))
+            delayed.add_metric([name], float(queues[index + 2]))
+            extra = float(callback_dead) if name == CALLBACKS_QUEUE else 0.0
+            dead.add_metric([name], float(queues[index + 3]) + extra)
+            enqueued_ms = float(_text(queues[index + 4]))
+            oldest.add_metric([name], max((now_ms - enqueued_ms) / 1000, 0.0) if enqueued_ms >= 0 else 0.0)
+        in_flight = GaugeMetricFamily("difyq_jobs_running", "Jobs holding a worker lease now.", labels=["app"])
+        for index in range(0, len(running), 2):
+            in_flight.add_metric([_text(running[index])], float(running[index + 1]))
+        yield from (waiting, delayed, dead, oldest, in_flight)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

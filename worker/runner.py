@@ -1,0 +1,158 @@
+"""JobRunner: one delivery of a ``run_job`` message, from the job record to Dify and back to a stored outcome."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+
+from worker import metrics
+from worker.config import AppConfig
+from worker.dify.client import DifyClient, DifyRequest, DifyResult, thread_session
+from worker.dify.errors import DifyError
+from worker.jobs.model import FINAL_STATUSES, JobStatus
+from worker.leases import LeaseKeeper
+from worker.runtime import Runtime
+
+log = structlog.get_logger("difyq.worker")
+
+
+def retry_delay(attempt: int, min_backoff: float, max_backoff: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with ±20 % jitter after the ``attempt``-th failure; a Retry-After wins when given."""
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), max_backoff)
+    base = min(max_backoff, min_backoff * 2 ** max(attempt - 1, 0))
+    return base * random.uniform(0.8, 1.2)
+
+
+def result_document(result: DifyResult) -> dict[str, Any]:
+    """The job resource's ``result`` block from Dify's aggregated answer."""
+    usage = asdict(result.usage) if result.usage else None
+    return {
+        "answer": result.answer,
+        "outputs": result.outputs,
+        "conversation_id": result.conversation_id,
+        "message_id": result.message_id,
+        "workflow_run_id": result.workflow_run_id,
+        "usage": usage,
+    }
+
+
+class JobRunner:
+    """Runs jobs for one worker process; safe to call from many threads."""
+
+    def __init__(self, runtime: Runtime, leases: LeaseKeeper):
+        self.runtime = runtime
+        self.store = runtime.store
+        self.config = runtime.config
+        self.leases = leases
+
+    def run(self, job_id: str) -> None:
+        fields = self.store.fields(job_id)
+        if fields is None:
+            log.warning("job_missing", job_id=job_id)
+            return
+        with structlog.contextvars.bound_contextvars(
+            job_id=job_id, app=fields["app"], request_id=fields.get("request_id") or None
+        ):
+            if fields["status"] in FINAL_STATUSES:
+                log.info("job_already_final", status=fields["status"])
+                return
+            app = self.config.apps.get(fields["app"])
+            if app is None:
+                self._fail(job_id, fields, {"code": "app_not_configured", "message": "the app is not in the config",
+                                            "status": None})
+                return
+            self._attempt(job_id, fields, app)
+
+    def _attempt(self, job_id: str, fields: dict[str, str], app: AppConfig) -> None:
+        start = self.store.start_attempt(job_id, self.leases.lease_s)
+        if start.state != "started":
+            log.info("job_not_started", state=start.state, status=start.status)
+            return
+        app_name = fields["app"]
+        if start.first:
+            metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
+        request = self._dify_request(fields, app)
+        client = DifyClient(
+            self.config.app_base_url(app_name),
+            app.api_key.get_secret_value(),
+            connect_timeout=self.config.dify.connect_timeout_s,
+            idle_read_timeout=self.config.dify.idle_read_timeout_s,
+            total_timeout=app.timeout_s,
+            session=thread_session(),
+        )
+        log.info("dify_call_started", attempt=start.attempt)
+        started = time.monotonic()
+        self.leases.track(job_id)
+        try:
+            result = client.run(app.mode, request, on_task_id=lambda task_id: self.store.set_task_id(job_id, task_id))
+        except DifyError as error:
+            outcome = "timeout" if error.code == "timeout" else "error"
+            metrics.dify_request_duration.labels(app=app_name, outcome=outcome).observe(time.monotonic() - started)
+            metrics.dify_errors.labels(app=app_name, code=error.code).inc()
+            self._on_error(job_id, fields, start.attempt, error)
+            return
+        finally:
+            self.leases.untrack(job_id)
+        metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
+        self._record_usage(app_name, result)
+        status = self.store.finish(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))
+        self._finished(fields, status)
+
+    def _dify_request(self, fields: dict[str, str], app: AppConfig) -> DifyRequest:
+        request = json.loads(fields["request"])
+        return DifyRequest(
+            query=request.get("query"),
+            inputs=request.get("inputs") or {},
+            user=request.get("user") or app.user,
+            conversation_id=request.get("conversation_id"),
+            files=request.get("files"),
+            auto_generate_name=app.auto_generate_name,
+        )
+
+    def _record_usage(self, app_name: str, result: DifyResult) -> None:
+        if result.time_to_first_token_s is not None:
+            metrics.dify_time_to_first_token.labels(app=app_name).observe(result.time_to_first_token_s)
+        usage = result.usage
+        if usage is None:
+            return
+        if usage.prompt_tokens:
+            metrics.tokens.labels(app=app_name, type="prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            metrics.tokens.labels(app=app_name, type="completion").inc(usage.completion_tokens)
+        price = usage.price()
+        if price is not None and price > 0:
+            metrics.cost.labels(app=app_name, currency=usage.currency or "USD").inc(float(price))
+
+    def _on_error(self, job_id: str, fields: dict[str, str], attempt: int, error: DifyError) -> None:
+        jobs = self.config.jobs
+        log.warning("dify_call_failed", code=error.code, retryable=error.retryable, attempt=attempt,
+                    message=error.message[:500])
+        if error.retryable and attempt < jobs.max_attempts:
+            delay = retry_delay(attempt, jobs.retry_min_backoff, jobs.retry_max_backoff, error.retry_after)
+            state = self.store.requeue(job_id, delay_s=delay, error=error.as_dict())
+            if state != "cancel":
+                log.info("job_retry_scheduled", delay_s=round(delay, 3), attempt=attempt)
+                return
+            status = self.store.finish(job_id, fields, JobStatus.CANCELED, error=error.as_dict())
+        else:
+            status = self.store.finish(job_id, fields, JobStatus.FAILED, error=error.as_dict())
+        self._finished(fields, status)
+
+    def _fail(self, job_id: str, fields: dict[str, str], error: dict[str, Any]) -> None:
+        status = self.store.finish(job_id, fields, JobStatus.FAILED, error=error)
+        self._finished(fields, status)
+
+    def _finished(self, fields: dict[str, str], status: str) -> None:
+        if status.startswith("already:") or status == "missing":
+            log.info("job_outcome_not_stored", state=status)
+            return
+        app_name = fields["app"]
+        metrics.jobs_finished.labels(app=app_name, status=status).inc()
+        metrics.job_duration.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
+        log.info("job_finished", status=status)

@@ -1,0 +1,74 @@
+"""The per-process runtime: config, Redis clients, the job store and the broker, built once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import redis
+from dramatiq.brokers.redis import RedisBroker
+
+from worker.config import Config, load_config
+from worker.jobs.store import JobStore
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_url_from_env() -> str:
+    return os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+
+@dataclass
+class Runtime:
+    """What every difyq process needs; Redis connections are made lazily, on first use."""
+
+    config: Config
+    redis_url: str
+    _clients: dict[str, redis.Redis] = field(default_factory=dict, repr=False)
+
+    @property
+    def namespace(self) -> str:
+        return self.config.redis.namespace
+
+    def _client(self, kind: str, **options: object) -> redis.Redis:
+        if kind not in self._clients:
+            self._clients[kind] = redis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
+                retry_on_timeout=True, **options,
+            )
+        return self._clients[kind]
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A client with decoded string replies, for job records and limits."""
+        return self._client("text", decode_responses=True)
+
+    @property
+    def raw_redis(self) -> redis.Redis:
+        """A bytes client: Dramatiq's message bodies and Lua scripts that write them."""
+        return self._client("bytes")
+
+    @cached_property
+    def store(self) -> JobStore:
+        return JobStore(self.raw_redis, self.namespace, self.config.jobs)
+
+    def build_broker(self) -> RedisBroker:
+        return RedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000)
+
+
+_current: Runtime | None = None
+
+
+def current_runtime() -> Runtime:
+    """The runtime of this process, from DIFYQ_CONFIG and REDIS_URL."""
+    global _current
+    if _current is None:
+        _current = Runtime(load_config(), redis_url_from_env())
+    return _current
+
+
+def install_runtime(runtime: Runtime) -> None:
+    """Use ``runtime`` for this process (tests and ``difyq dev`` build their own)."""
+    global _current
+    _current = runtime
