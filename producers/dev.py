@@ -3,7 +3,9 @@ configured, the API in this process and a worker and a scheduler as child proces
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ def _dev_config(raw: dict[str, Any], emulator_url: str | None) -> dict[str, Any]
         config["clients"] = {"dev": {"token": DEV_TOKEN, "apps": ["*"]}}
     callbacks = dict(config.get("callbacks") or {})
     callbacks["allow_hosts"] = list(callbacks.get("allow_hosts") or []) + LOOPBACK
+    callbacks.setdefault("signing_secret", "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode())
     config["callbacks"] = callbacks
     return config
 

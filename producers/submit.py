@@ -40,6 +40,9 @@ def submit(
     if app not in runtime.config.apps:
         raise SubmitRejected(404, "unknown_app", f"no app named {app!r} is configured", "app")
     if callback_url:
+        if not runtime.config.callbacks.signing_secrets():
+            raise SubmitRejected(422, "callbacks_not_configured",
+                                 "callbacks.signing_secret is not set, so no callback can be signed", "callback_url")
         try:
             check_destination(callback_url, runtime.config.callbacks.allow_hosts)
         except BlockedDestination as exc:

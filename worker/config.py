@@ -137,6 +137,14 @@ class CallbacksConfig(Strict):
     retry_schedule: list[Duration] = Field(default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000])
     timeout: Duration = 15.0
 
+    @field_validator("allow_hosts")
+    @classmethod
+    def _valid_allow_hosts(cls, value: list[str]) -> list[str]:
+        from worker.callbacks.ssrf import AllowList
+
+        AllowList.parse(value)
+        return value
+
     @field_validator("signing_secret")
     @classmethod
     def _at_most_two(cls, value: SecretStr | list[SecretStr] | None) -> SecretStr | list[SecretStr] | None:
@@ -192,7 +200,9 @@ class Config(Strict):
         problems: list[str] = []
         for name, client in self.clients.items():
             problems += [
-                f"clients.{name}.apps: unknown app {app!r}" for app in client.apps if app != "*" and app not in self.apps
+                f"clients.{name}.apps: unknown app {app!r}"
+                for app in client.apps
+                if app != "*" and app not in self.apps
             ]
         for section, mappings in (("hooks", self.hooks), ("schedules", self.schedules)):
             for name, mapping in mappings.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request, Response
@@ -15,7 +16,10 @@ from starlette.routing import Match
 
 from producers.api.errors import error_response, install_error_handlers
 from producers.api.jobs import build_jobs_router
+from producers.hooks import HookDeliveries, build_hooks_router
+from producers.submit import submit
 from worker import metrics
+from worker.jobs.model import JobRequest
 from worker.queue_metrics import QueueCollector
 from worker.runtime import Runtime
 
@@ -23,6 +27,10 @@ log = structlog.get_logger("difyq.api")
 
 
 def _route_template(app: FastAPI, request: Request) -> str:
+    """The matched route's path template (``/v1/jobs/{job_id}``), never the raw path: labels stay bounded."""
+    matched = request.scope.get("route")
+    if matched is not None:
+        return getattr(matched, "path", "unmatched")
     for route in app.router.routes:
         match, _ = route.matches(request.scope)
         if match == Match.FULL:
@@ -73,4 +81,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         return Response(generate_latest(REGISTRY) + generate_latest(queue_registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(build_jobs_router(runtime))
+
+    def submit_hook(name: str, job: Any) -> Any:
+        return submit(
+            runtime, app=job.app, source="hook",
+            request=JobRequest(query=job.query, inputs=job.inputs, user=job.user,
+                               conversation_id=job.conversation_id, metadata=job.metadata),
+            callback_url=job.callback_url, idempotency_key=job.idempotency_key, scope=f"hook:{name}",
+        )
+
+    app.include_router(build_hooks_router(lambda: runtime.config, submit_hook,
+                                          HookDeliveries(runtime.redis, runtime.namespace)))
     return app

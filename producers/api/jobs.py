@@ -8,12 +8,12 @@ import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from worker.dify.client import DifyClient
 
 from producers.api.auth import authenticate
 from producers.api.body import parse_json_object, read_body
 from producers.api.errors import ApiError, field_path
 from producers.submit import SubmitRejected, submit
+from worker.dify.client import DifyClient
 from worker.dify.errors import DifyError
 from worker.jobs.model import SOURCES, JobRequest, JobStatus
 from worker.jobs.store import IdempotencyConflict

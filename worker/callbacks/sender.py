@@ -4,15 +4,18 @@ schedule the next attempt as a delayed message (no worker thread waits, no job r
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import requests
 import structlog
 
 from worker import metrics
 from worker.callbacks.delivery import deliver
 from worker.callbacks.schedule import next_delay
+from worker.callbacks.transport import pinned_session
 from worker.jobs.messages import CALLBACKS_QUEUE
 from worker.jobs.model import FINAL_STATUSES, job_resource
 from worker.runtime import Runtime
@@ -35,6 +38,13 @@ class CallbackSender:
         self.runtime = runtime
         self.store = runtime.store
         self.config = runtime.config.callbacks
+        self._sessions = threading.local()
+
+    def _session(self) -> requests.Session:
+        """One connection-pooling, address-pinning session per worker thread."""
+        if not hasattr(self._sessions, "session"):
+            self._sessions.session = pinned_session()
+        return self._sessions.session
 
     def deliver(self, job_id: str) -> None:
         fields = self.store.fields(job_id)
@@ -56,7 +66,7 @@ class CallbackSender:
         job = job_resource(fields)
         with structlog.contextvars.bound_contextvars(job_id=job_id, app=job["app"],
                                                      request_id=fields.get("request_id") or None):
-            attempt = deliver(fields["callback_url"], callback_body(job), job_id, self.config)
+            attempt = deliver(fields["callback_url"], callback_body(job), job_id, self.config, session=self._session())
             attempts = int(state.get("attempts") or 0) + 1
             state.update(url=fields["callback_url"], attempts=attempts, last_status_code=attempt.status_code)
             delay = None

@@ -1,0 +1,169 @@
+"""The jobs API over real HTTP on a real Redis: every status code of DESIGN §6 and a body naming the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.support.stack import LIMITED_TOKEN, auth, make_runtime, serving_api
+from worker.embedded_redis import EmbeddedRedis
+
+APPS = {"support": {"api_key": "app-secret-support", "mode": "chat"},
+        "flows": {"api_key": "app-secret-flows", "mode": "workflow"}}
+
+
+@pytest.fixture
+def api(redis_url: str, namespace: str) -> Iterator[tuple[str, object]]:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    with serving_api(runtime) as base:
+        yield base, runtime
+
+
+def post_job(base: str, body: object, headers: dict[str, str] | None = None, token: str | None = None):
+    return requests.post(f"{base}/v1/jobs", json=body, headers={**(auth(token) if token else auth()),
+                                                                 **(headers or {})}, timeout=10)
+
+
+def test_submit_returns_202_with_location_and_resource(api) -> None:
+    base, _ = api
+    response = post_job(base, {"app": "support", "query": "hi", "inputs": {"a": 1}, "metadata": {"ticket": 7}})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["source"] == "api" and job["attempts"] == 0
+    assert job["request"]["metadata"] == {"ticket": 7}
+    assert requests.get(f"{base}/v1/jobs/{job['id']}", headers=auth(), timeout=10).json() == job
+
+
+def test_idempotent_replay_and_reuse(api) -> None:
+    base, _ = api
+    body = {"app": "support", "query": "once"}
+    first = post_job(base, body, {"Idempotency-Key": "abc"})
+    replay = post_job(base, body, {"Idempotency-Key": "abc"})
+    assert first.status_code == 202 and replay.status_code == 200
+    assert replay.headers["Idempotent-Replayed"] == "true" and replay.json()["id"] == first.json()["id"]
+    reused = post_job(base, {**body, "query": "different"}, {"Idempotency-Key": "abc"})
+    assert reused.status_code == 422 and reused.json()["error"]["code"] == "idempotency_key_reused"
+    in_body = post_job(base, {**body, "idempotency_key": "abc"})
+    assert in_body.status_code == 200
+    mismatch = post_job(base, {**body, "idempotency_key": "x"}, {"Idempotency-Key": "y"})
+    assert mismatch.status_code == 422 and mismatch.json()["error"]["field"] == "idempotency_key"
+
+
+def test_twenty_concurrent_submissions_make_one_job(api) -> None:
+    base, _ = api
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: post_job(base, {"app": "support", "query": "q"},
+                                                     {"Idempotency-Key": "same"}), range(20)))
+    assert sorted(r.status_code for r in responses) == [200] * 19 + [202]
+    assert len({r.json()["id"] for r in responses}) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"query": "no app"}, 422, "app"),
+        ({"app": "support", "inputs": "not an object"}, 422, "inputs"),
+        ({"app": "support", "surprise": 1}, 422, "surprise"),
+        ({"app": "support", "user": ""}, 422, "user"),
+        ({"app": "nope", "query": "x"}, 404, "app"),
+        ({"app": "support", "callback_url": "http://169.254.169.254/latest"}, 422, "callback_url"),
+        ({"app": "support", "callback_url": "ftp://example.com/"}, 422, "callback_url"),
+    ],
+)
+def test_bad_bodies_name_the_field(api, body: dict, status: int, field: str) -> None:
+    base, _ = api
+    response = post_job(base, body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["field"] == field
+
+
+def test_not_json_and_not_an_object(api) -> None:
+    base, _ = api
+    for data in (b"{not json", b"[1, 2]", b""):
+        response = requests.post(f"{base}/v1/jobs", data=data, headers={**auth(), "Content-Type": "application/json"},
+                                 timeout=10)
+        assert response.status_code == 422, (data, response.text)
+        assert response.json()["error"]["code"] in ("invalid_json", "invalid_request")
+
+
+def test_auth_and_permissions(api) -> None:
+    base, _ = api
+    assert requests.post(f"{base}/v1/jobs", json={"app": "support"}, timeout=10).status_code == 401
+    wrong = requests.post(f"{base}/v1/jobs", json={"app": "support"}, headers=auth("nope"), timeout=10)
+    assert wrong.status_code == 401 and "nope" not in wrong.text
+    forbidden = post_job(base, {"app": "flows", "inputs": {}}, token=LIMITED_TOKEN)
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["field"] == "app"
+    job = post_job(base, {"app": "flows", "inputs": {}}).json()
+    hidden = requests.get(f"{base}/v1/jobs/{job['id']}", headers=auth(LIMITED_TOKEN), timeout=10)
+    assert hidden.status_code == 404
+    assert requests.get(f"{base}/v1/jobs/job_unknown", headers=auth(), timeout=10).status_code == 404
+
+
+def test_body_over_one_mebibyte_is_413(api) -> None:
+    base, _ = api
+    big = {"app": "support", "query": "x" * (1_048_576 + 10)}
+    response = post_job(base, big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"app": "support", "query": "'
+        for _ in range(20):
+            yield b"y" * 65536
+        yield b'"}'
+
+    streamed = requests.post(f"{base}/v1/jobs", data=chunks(), headers={**auth(), "Content-Type": "application/json"},
+                             timeout=10)
+    assert streamed.status_code == 413
+
+
+def test_list_and_cancel(api) -> None:
+    base, _ = api
+    ids = [post_job(base, {"app": "support", "query": f"q{i}"}).json()["id"] for i in range(3)]
+    listing = requests.get(f"{base}/v1/jobs", params={"limit": 2}, headers=auth(), timeout=10).json()
+    assert [j["id"] for j in listing["jobs"]] == ids[::-1][:2] and listing["next_cursor"]
+    rest = requests.get(f"{base}/v1/jobs", params={"limit": 2, "cursor": listing["next_cursor"]}, headers=auth(),
+                        timeout=10).json()
+    assert [j["id"] for j in rest["jobs"]] == ids[:1]
+    bad = requests.get(f"{base}/v1/jobs", params={"status": "bogus"}, headers=auth(), timeout=10)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "status"
+    canceled = requests.delete(f"{base}/v1/jobs/{ids[0]}", headers=auth(), timeout=10)
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    queued = requests.get(f"{base}/v1/jobs", params={"status": "queued"}, headers=auth(), timeout=10).json()
+    assert ids[0] not in [j["id"] for j in queued["jobs"]]
+
+
+def test_health_readiness_openapi_and_metrics(api) -> None:
+    base, _ = api
+    assert requests.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{base}/readyz", timeout=10).status_code == 200
+    spec = requests.get(f"{base}/openapi.json", timeout=10).json()
+    assert "/v1/jobs" in spec["paths"] and "requestBody" in spec["paths"]["/v1/jobs"]["post"]
+    post_job(base, {"app": "support", "query": "count me"})
+    scrape = requests.get(f"{base}/metrics", timeout=10).text
+    assert 'difyq_jobs_submitted_total{app="support",source="api"}' in scrape
+    assert 'difyq_queue_messages{queue="jobs"}' in scrape
+    assert 'route="/v1/jobs"' in scrape
+    assert "app-secret" not in scrape
+
+
+def test_redis_down_gives_503_quickly_then_recovers(namespace: str) -> None:
+    server = EmbeddedRedis().start()
+    runtime = make_runtime(server.url, namespace, APPS)
+    try:
+        with serving_api(runtime) as base:
+            assert post_job(base, {"app": "support", "query": "before"}).status_code == 202
+            server.stop()
+            down = post_job(base, {"app": "support", "query": "during"})
+            assert down.status_code == 503 and down.headers["Retry-After"] == "5"
+            assert down.elapsed.total_seconds() < 10
+            assert requests.get(f"{base}/readyz", timeout=10).status_code == 503
+            assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+            server.start()
+            after = post_job(base, {"app": "support", "query": "after"})
+            assert after.status_code == 202, after.text
+    finally:
+        server.stop()

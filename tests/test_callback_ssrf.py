@@ -1,0 +1,318 @@
+"""The SSRF guard: what is refused, what allow_hosts lets through, and that the connection goes to the checked IP.
+
+Only loopback is touched: addresses are judged without connecting, and host names are either ``localhost``
+(from /etc/hosts) or resolved by a test resolver, so no DNS query leaves the machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import shutil
+import ssl
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import requests
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.support.receiver import CallbackReceiver
+from worker.callbacks import (
+    AllowList,
+    BlockedDestination,
+    Destination,
+    UnpinnedRequest,
+    UnresolvableDestination,
+    blocked_reason,
+    check_destination,
+    deliver,
+    pinned_session,
+    post_to_destination,
+)
+from worker.config import CallbacksConfig
+
+BLOCKED_URLS = [
+    "http://127.0.0.1/",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/",
+    "http://[::1]/",
+    "http://localhost/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[::ffff:169.254.169.254]/",
+    "http://0.0.0.0/",
+    "http://[::]/",
+    "http://0/",
+    "http://2130706433/",
+    "http://0177.0.0.1/",
+    "http://0x7f.1/",
+    "http://100.64.0.1/",
+    "http://172.16.5.4/",
+    "http://192.168.1.1/",
+    "http://[fc00::1]/",
+    "http://[fd12:3456::1]/",
+    "http://[fe80::1]/",
+    "http://224.0.0.251/",
+    "http://[ff02::1]/",
+    "http://255.255.255.255/",
+    "http://240.0.0.1/",
+    "http://192.0.2.10/",
+    "http://198.18.0.1/",
+    "http://[2001:db8::1]/",
+    "http://[64:ff9b::a9fe:a9fe]/",
+    "http://[2002:a00:1::]/",
+    "http://[::127.0.0.1]/",
+    "https://127.0.0.1:8443/hook",
+]
+
+
+@pytest.mark.parametrize("url", BLOCKED_URLS)
+def test_non_public_destinations_are_blocked(url: str) -> None:
+    with pytest.raises(BlockedDestination):
+        check_destination(url, [])
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/", "file:///etc/passwd", "gopher://127.0.0.1:6379/_INFO", "example.com/x", "http:///x"]
+)
+def test_only_absolute_http_and_https_urls(url: str) -> None:
+    with pytest.raises(BlockedDestination, match=r"scheme|not a valid"):
+        check_destination(url, [])
+
+
+def test_the_reason_names_the_kind_of_address_and_never_the_urls_secrets() -> None:
+    with pytest.raises(BlockedDestination) as caught:
+        check_destination("http://admin:hunter2@169.254.169.254/latest?token=s3cr3t", [])
+
+    assert "link-local" in caught.value.reason
+    assert "hunter2" not in caught.value.reason
+    assert "s3cr3t" not in caught.value.reason
+    assert "169.254.169.254" in caught.value.reason
+
+
+def test_a_name_is_not_told_what_it_resolved_to() -> None:
+    with pytest.raises(BlockedDestination) as caught:
+        check_destination("http://intranet.example/", [], resolver=lambda host, port: ["10.1.2.3"])
+
+    assert "private" in caught.value.reason
+    assert "10.1.2.3" not in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("url", "allow"),
+    [
+        ("http://127.0.0.1/", ["127.0.0.1"]),
+        ("http://127.0.0.1/", ["127.0.0.0/8"]),
+        ("http://localhost:8080/cb", ["localhost"]),
+        ("http://localhost/", ["127.0.0.0/8"]),
+        ("http://169.254.169.254/", ["169.254.0.0/16"]),
+        ("http://10.0.0.1/", ["10.0.0.0/8"]),
+        ("http://100.64.0.1/", ["100.64.0.0/10"]),
+        ("http://[::1]/", ["::1"]),
+        ("http://[::1]/", ["[::1]"]),
+        ("http://[fd00::5]/", ["fd00::/8"]),
+        ("http://[::ffff:127.0.0.1]/", ["127.0.0.1/32"]),
+    ],
+)
+def test_allow_hosts_lets_listed_hosts_and_networks_through(url: str, allow: list[str]) -> None:
+    destination = check_destination(url, allow)
+
+    assert destination.addresses
+
+
+def test_an_allowed_name_may_resolve_anywhere() -> None:
+    destination = check_destination(
+        "https://hooks.corp.example/in", ["*.corp.example"], resolver=lambda host, port: ["10.9.8.7"]
+    )
+
+    assert (destination.host, destination.port, destination.addresses) == ("hooks.corp.example", 443, ("10.9.8.7",))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://93.184.215.14/callback?x=1",
+        "http://8.8.8.8:8080/",
+        "http://[2606:4700:4700::1111]/",
+        "http://[::ffff:8.8.8.8]/",
+        "http://[64:ff9b::808:808]/",
+    ],
+)
+def test_public_addresses_pass(url: str) -> None:
+    destination = check_destination(url, [])
+
+    assert destination.url == url
+    assert len(destination.addresses) == 1
+
+
+def test_every_resolved_address_must_be_public() -> None:
+    def resolver(host: str, port: int) -> Sequence[str]:
+        return ["93.184.215.14", "10.0.0.5"]
+
+    with pytest.raises(BlockedDestination, match="private"):
+        check_destination("https://mixed.example/", [], resolver=resolver)
+
+    allowed = check_destination("https://mixed.example/", ["10.0.0.0/8"], resolver=resolver)
+    assert allowed.addresses == ("93.184.215.14", "10.0.0.5")
+    assert allowed.address == "93.184.215.14"
+
+
+def test_a_name_that_resolves_to_nothing_is_unresolvable() -> None:
+    with pytest.raises(UnresolvableDestination):
+        check_destination("https://nowhere.example/", [], resolver=lambda host, port: [])
+
+
+def test_destination_is_normalized_as_requests_sends_it() -> None:
+    destination = check_destination("HTTP://LocalHost:8080/a/b?c=d", ["localhost"])
+
+    assert (destination.scheme, destination.host, destination.port) == ("http", "localhost", 8080)
+    assert destination.url == "http://localhost:8080/a/b?c=d"
+    assert destination.addresses == ("127.0.0.1",)
+
+
+def test_allow_list_matching() -> None:
+    allow = AllowList.parse(["Hooks.Example.com.", "*.corp.example", "10.0.0.0/8", "fd00::1"])
+
+    assert allow.allows_host("hooks.example.com")
+    assert allow.allows_host("a.b.corp.example")
+    assert not allow.allows_host("corp.example")
+    assert not allow.allows_host("evilcorp.example")
+    assert not allow.allows_host("example.com")
+    assert allow.allows_address(ipaddress.ip_address("10.200.0.1"))
+    assert allow.allows_address(ipaddress.ip_address("::ffff:10.0.0.1"))
+    assert allow.allows_address(ipaddress.ip_address("fd00::1"))
+    assert not allow.allows_address(ipaddress.ip_address("fd00::2"))
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "exa mple.com", "*", "", "http://x/", "a.*.example"])
+def test_allow_list_rejects_malformed_entries(entry: str) -> None:
+    with pytest.raises(ValueError, match="allow_hosts entry"):
+        AllowList.parse([entry])
+
+
+NON_PUBLIC_V4 = ["10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10", "172.16.0.0/12", "192.168.0.0/16"]
+
+
+@st.composite
+def non_public_ipv4(draw: st.DrawFn) -> ipaddress.IPv4Address:
+    network = ipaddress.IPv4Network(draw(st.sampled_from(NON_PUBLIC_V4)))
+    offset = draw(st.integers(0, network.num_addresses - 1))
+    return network[offset]
+
+
+@given(non_public_ipv4())
+def test_ipv6_forms_of_non_public_ipv4_are_blocked(address: ipaddress.IPv4Address) -> None:
+    mapped = ipaddress.IPv6Address(f"::ffff:{address}")
+    nat64 = ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | int(address))
+    sixtofour = ipaddress.IPv6Address((0x2002 << 112) | (int(address) << 80))
+
+    assert blocked_reason(address) is not None
+    assert blocked_reason(mapped) is not None
+    assert blocked_reason(nat64) is not None
+    assert blocked_reason(sixtofour) is not None
+
+
+@given(st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address))
+def test_an_ipv4_and_its_mapped_form_are_judged_alike(address: ipaddress.IPv4Address) -> None:
+    mapped = ipaddress.IPv6Address(f"::ffff:{address}")
+
+    assert (blocked_reason(address) is None) == (blocked_reason(mapped) is None)
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_original_host_header() -> None:
+    """``callbacks.example.test`` cannot resolve (the .test TLD is reserved): the request only arrives because
+    the transport connects to the address the check pinned, without a second lookup."""
+    lookups: list[str] = []
+
+    def resolver(host: str, port: int) -> Sequence[str]:
+        lookups.append(host)
+        return ["127.0.0.1"]
+
+    with CallbackReceiver() as receiver, pinned_session() as session:
+        url = f"http://callbacks.example.test:{receiver.port}/callback?k=v"
+        destination = check_destination(url, ["127.0.0.0/8"], resolver=resolver)
+        for _ in range(2):
+            with post_to_destination(session, destination, b"{}", {"webhook-id": "job_pin"}, timeout=5) as response:
+                assert response.status_code == 200
+
+        assert lookups == ["callbacks.example.test"]
+        assert [request.host for request in receiver.requests] == [f"callbacks.example.test:{receiver.port}"] * 2
+        assert receiver.requests[0].path == "/callback?k=v"
+
+
+def test_the_pinned_session_refuses_requests_without_a_checked_destination() -> None:
+    with CallbackReceiver() as receiver, pinned_session() as session:
+        with pytest.raises(UnpinnedRequest):
+            session.post(receiver.url, data=b"{}", timeout=5)
+        elsewhere = receiver.port + 1
+        other = Destination(f"http://127.0.0.1:{elsewhere}/", "http", "127.0.0.1", elsewhere, ("127.0.0.1",))
+        request = requests.Request("POST", receiver.url, data=b"{}")
+        prepared = session.prepare_request(request)
+        prepared.difyq_destination = other  # type: ignore[attr-defined]  # checked for another URL
+        with pytest.raises(UnpinnedRequest):
+            session.send(prepared, timeout=5)
+
+        assert receiver.requests == []
+
+
+def test_a_plain_session_is_refused() -> None:
+    destination = check_destination("http://127.0.0.1:9/", ["127.0.0.1"])
+    with requests.Session() as session, pytest.raises(UnpinnedRequest):
+        post_to_destination(session, destination, b"{}", {}, timeout=5)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for callbacks.example.test (it is its own CA)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
+         "-out", str(cert), "-subj", "/CN=callbacks.example.test",
+         "-addext", "subjectAltName=DNS:callbacks.example.test",
+         "-addext", "basicConstraints=critical,CA:TRUE"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_sni_and_certificate_use_the_host_name_not_the_pinned_ip(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with CallbackReceiver(tls_context=context) as receiver, pinned_session() as session:
+        session.verify = str(cert)
+        good = check_destination(
+            f"https://callbacks.example.test:{receiver.port}/cb", ["127.0.0.1"], resolver=lambda h, p: ["127.0.0.1"]
+        )
+        with post_to_destination(session, good, b"{}", {}, timeout=5) as response:
+            assert response.status_code == 200
+        assert receiver.server_names == ["callbacks.example.test"]
+        assert receiver.requests[0].host == f"callbacks.example.test:{receiver.port}"
+
+        wrong = check_destination(
+            f"https://other.example.test:{receiver.port}/cb", ["127.0.0.1"], resolver=lambda h, p: ["127.0.0.1"]
+        )
+        with pytest.raises(requests.exceptions.SSLError):
+            post_to_destination(session, wrong, b"{}", {}, timeout=5)
+        assert len(receiver.requests) == 1
+
+
+def test_a_certificate_for_another_name_is_a_retryable_tls_failure(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    config = CallbacksConfig(
+        signing_secret="whsec_" + base64.b64encode(b"k" * 32).decode(), allow_hosts=["localhost"], timeout=5
+    )
+    with CallbackReceiver(tls_context=context) as receiver, pinned_session() as session:
+        session.verify = str(cert)
+        attempt = deliver(f"https://localhost:{receiver.port}/cb", b"{}", "job_tls", config, session=session)
+
+        assert attempt.outcome == "retry"
+        assert (attempt.error or "").startswith("TLS certificate rejected")
+        assert receiver.requests == []

@@ -1,0 +1,51 @@
+"""Signed callbacks: Standard Webhooks signing, the SSRF guard, one delivery attempt, and the retry schedule.
+
+The ``deliver_callback`` actor calls ``deliver`` once per attempt and ``next_delay`` to schedule the next one; the
+API calls ``check_destination`` at submit to answer 422 with ``BlockedDestination.reason``.
+"""
+
+from worker.callbacks.delivery import (
+    AttemptOutcome,
+    DeliveryAttempt,
+    MetricOutcome,
+    deliver,
+    metric_outcome,
+    parse_retry_after,
+    record_outcome,
+)
+from worker.callbacks.schedule import next_delay
+from worker.callbacks.signing import USER_AGENT, signature_headers
+from worker.callbacks.ssrf import (
+    AllowList,
+    BlockedDestination,
+    Destination,
+    UnresolvableDestination,
+    blocked_reason,
+    check_destination,
+    resolve_host,
+)
+from worker.callbacks.transport import PinnedAddressAdapter, UnpinnedRequest, pinned_session, post_to_destination
+
+__all__ = [
+    "USER_AGENT",
+    "AllowList",
+    "AttemptOutcome",
+    "BlockedDestination",
+    "DeliveryAttempt",
+    "Destination",
+    "MetricOutcome",
+    "PinnedAddressAdapter",
+    "UnpinnedRequest",
+    "UnresolvableDestination",
+    "blocked_reason",
+    "check_destination",
+    "deliver",
+    "metric_outcome",
+    "next_delay",
+    "parse_retry_after",
+    "pinned_session",
+    "post_to_destination",
+    "record_outcome",
+    "resolve_host",
+    "signature_headers",
+]
