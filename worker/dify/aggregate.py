@@ -1,0 +1,139 @@
+"""Folding one Dify response into a `DifyResult`.
+
+The worker always streams; this module turns the stream's decoded `data:` objects into one result per app mode:
+
+* answer: `message` / `agent_message` deltas (`answer`) and workflow `text_chunk` (`data.text`) append,
+  `message_replace` / `text_replace` replace; the first non-empty piece times the first token;
+* usage: `message_end.metadata.usage`, else the workflow run's `total_tokens`/`elapsed_time`;
+* outputs, status and error: `workflow_finished.data` (workflow and chatflow);
+* an `error` event raises its `DifyError` at once; a failed workflow raises `workflow_failed` with the run's
+  error text (a chatflow's "Run failed: …" `error` event, which 0.15.8 sends after it, wins when it comes).
+
+The stream is complete at `message_end` (chat, agent, completion), at `workflow_finished` (workflow), at both, in
+either order (advanced-chat), or at a failed `workflow_finished`. Other events (`agent_thought`, node events,
+`tts_*`…) carry nothing the result needs. A blocking JSON body, which a 200 `application/json` response holds
+when something between us and Dify dropped `response_mode`, is read as the events it stands for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from worker.dify.errors import DifyError
+from worker.dify.models import DifyResult, Usage
+
+_IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
+
+
+class StreamAggregator:
+    """Accumulates one call's events; `result()` gives the `DifyResult` or raises the call's `DifyError`."""
+
+    def __init__(self, mode: str, *, started: float, on_task_id: Callable[[str], None] | None = None) -> None:
+        self._mode = mode
+        self._started = started
+        self._on_task_id = on_task_id
+        self._answer: list[str] | None = None
+        self._first_token_at: float | None = None
+        self._ids: dict[str, str] = {}
+        self._llm_usage: Usage | None = None
+        self._workflow_run: Mapping[str, Any] | None = None
+        self._message_ended = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether the terminal event(s) of this mode have arrived."""
+        run = self._workflow_run
+        if run is not None and run.get("status") == "failed":
+            return True
+        if self._mode == "workflow":
+            return run is not None
+        if self._mode == "advanced-chat":
+            return run is not None and self._message_ended
+        return self._message_ended
+
+    def add(self, payload: Mapping[str, Any]) -> None:
+        """Take one decoded `data:` object of the stream."""
+        self._remember_ids(payload)
+        match payload.get("event"):
+            case "message" | "agent_message":
+                self._append(payload.get("answer"))
+            case "text_chunk":
+                self._append(_mapping(payload.get("data")).get("text"))
+            case "message_replace":
+                self._replace(payload.get("answer"))
+            case "text_replace":
+                self._replace(_mapping(payload.get("data")).get("text"))
+            case "message_end":
+                self._message_ended = True
+                usage = _mapping(_mapping(payload.get("metadata")).get("usage"))
+                if usage:
+                    self._llm_usage = Usage.from_llm_usage(usage)
+            case "workflow_finished":
+                self._workflow_run = _mapping(payload.get("data"))
+            case "error":
+                status = payload.get("status")
+                raise DifyError(
+                    str(payload.get("code") or "unknown"),
+                    str(payload.get("message") or ""),
+                    status if isinstance(status, int) else None,
+                )
+
+    def add_blocking(self, body: Mapping[str, Any]) -> None:
+        """Take a whole blocking response: a chat/completion message, or a workflow run."""
+        if body.get("event") == "message":
+            self.add(body)
+            self.add({**body, "event": "message_end"})
+        elif "event" not in body and isinstance(body.get("data"), Mapping):
+            self.add({**body, "event": "workflow_finished"})
+        else:
+            raise DifyError("invalid_response", "a 200 JSON body that is neither a message nor a workflow run")
+
+    def result(self) -> DifyResult:
+        run = self._workflow_run or {}
+        if run.get("status") == "failed":
+            raise DifyError("workflow_failed", str(run.get("error") or "the workflow run failed"))
+        if self._answer is not None:
+            answer: str | None = "".join(self._answer)
+        else:
+            answer = None if self._mode == "workflow" else ""
+        outputs = run.get("outputs")
+        return DifyResult(
+            answer=answer,
+            outputs=dict(outputs) if isinstance(outputs, Mapping) else None,
+            conversation_id=self._ids.get("conversation_id"),
+            message_id=self._ids.get("message_id"),
+            workflow_run_id=self._ids.get("workflow_run_id"),
+            task_id=self._ids.get("task_id"),
+            usage=self._llm_usage or (Usage.from_workflow_run(run) if self._workflow_run is not None else None),
+            time_to_first_token_s=(None if self._first_token_at is None else self._first_token_at - self._started),
+            duration_s=time.monotonic() - self._started,
+            stopped=run.get("status") == "stopped",
+        )
+
+    def _remember_ids(self, payload: Mapping[str, Any]) -> None:
+        for key in _IDS:
+            value = payload.get(key)
+            if key in self._ids or not isinstance(value, str) or not value:
+                continue
+            self._ids[key] = value
+            if key == "task_id" and self._on_task_id is not None:
+                self._on_task_id(value)
+
+    def _append(self, text: Any) -> None:
+        if not isinstance(text, str):
+            return
+        if self._answer is None:
+            self._answer = []
+        if text and self._first_token_at is None:
+            self._first_token_at = time.monotonic()
+        self._answer.append(text)
+
+    def _replace(self, text: Any) -> None:
+        if isinstance(text, str):
+            self._answer = [text]
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}

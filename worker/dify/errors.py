@@ -1,0 +1,132 @@
+"""Dify call failures and whether retrying can fix them.
+
+Every failed Dify call ends as one `DifyError`. Its `code` is Dify's own (`invalid_param`, `not_found`…), or one of
+ours for what happens below Dify's JSON layer: `timeout`, `connection_error`, `stream_incomplete`,
+`invalid_response`, `workflow_failed`, and `http_<status>` for a body that is not Dify JSON (a proxy's HTML page).
+
+`classify` decides, once and for all callers, what the worker does with it (DESIGN §8):
+
+* retry: any HTTP 429 or 5xx, `too_many_requests`, `rate_limit_error`, Dify's concurrency cap sent as
+  400 `invalid_param` "Too many requests…", `internal_server_error`/`unknown`, and transport failures;
+* fail now: every other 4xx (`invalid_param`, `bad_request`, `app_unavailable`, `not_*_app`, `unauthorized`,
+  `forbidden` and the newer `app_*` 403 codes, `not_found`, upload 413/415 codes, provider credentials/quota…);
+* read the text: Dify reports a model provider's failure as `completion_request_error` (HTTP 400 or an `error`
+  event), as a failed workflow (`workflow_failed`, the run's `error`), or in a chatflow as an `error` event
+  `invalid_param` "Run failed: …". Those retry only when the text shows an upstream 429/5xx, a rate limit, a
+  timeout, an overload or a connection failure; a provider's 400/401 fails at once.
+
+`rate_limited` marks the failures that should cool the API key down for every worker.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import NamedTuple
+
+_RATE_LIMIT_CODES = frozenset({"too_many_requests", "rate_limit_error"})
+_RETRY_CODES = frozenset(
+    {
+        "internal_server_error",
+        "unknown",
+        "timeout",
+        "connection_error",
+        "stream_incomplete",
+        "invalid_response",
+    }
+)
+_UPSTREAM_TEXT_CODES = frozenset({"completion_request_error", "workflow_failed"})
+_RUN_FAILED_PREFIX = "run failed:"
+_CONCURRENCY_CAP_PREFIX = "too many requests"
+
+_UPSTREAM_STATUS = re.compile(r"(?:status[ _]?code|error[ _]?code|\bhttp)\s*[:=]?\s*([1-5]\d\d)\b", re.IGNORECASE)
+_DELAY_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+_RATE_LIMIT_TEXT = re.compile(r"rate[ _-]?limit|too many requests", re.IGNORECASE)
+_TRANSIENT_TEXT = re.compile(
+    r"timed? ?out|overloaded|connection (?:error|refused|reset|aborted)|"
+    r"server unavailable|service unavailable|temporarily unavailable|bad gateway|internal server error",
+    re.IGNORECASE,
+)
+
+
+class Classification(NamedTuple):
+    """What the worker does with a failure: retry it (with backoff), and cool the key down first."""
+
+    retryable: bool
+    rate_limited: bool
+
+
+_FAIL = Classification(retryable=False, rate_limited=False)
+_RETRY = Classification(retryable=True, rate_limited=False)
+_RATE_LIMITED = Classification(retryable=True, rate_limited=True)
+
+
+def classify(code: str, message: str, status: int | None) -> Classification:
+    """Fail-now or retry for one Dify error (see the module docstring for the rules)."""
+    if status == 429 or code in _RATE_LIMIT_CODES:
+        return _RATE_LIMITED
+    if code == "invalid_param" and message.lower().startswith(_CONCURRENCY_CAP_PREFIX):
+        return _RATE_LIMITED
+    if code in _UPSTREAM_TEXT_CODES or (code == "invalid_param" and message.lower().startswith(_RUN_FAILED_PREFIX)):
+        verdict = classify_upstream_text(message)
+        if verdict.retryable:
+            return verdict
+    if code in _RETRY_CODES or (status is not None and status >= 500):
+        return _RETRY
+    return _FAIL
+
+
+def classify_upstream_text(text: str) -> Classification:
+    """Read a model provider's failure as Dify relays it, e.g.
+    "[openai_api_compatible] Error: API request failed with status code 429: {…}".
+
+    A rate limit anywhere in the text wins; otherwise the first upstream HTTP status decides (429, 408 and 5xx
+    retry, any other status fails); without a status, words of a transient failure retry.
+    """
+    upstream = _UPSTREAM_STATUS.search(text)
+    upstream_status = int(upstream.group(1)) if upstream else None
+    if upstream_status == 429 or _RATE_LIMIT_TEXT.search(text):
+        return _RATE_LIMITED
+    if upstream_status is not None:
+        return _RETRY if upstream_status == 408 or upstream_status >= 500 else _FAIL
+    return _RETRY if _TRANSIENT_TEXT.search(text) else _FAIL
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date; None if absent or unreadable."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if _DELAY_SECONDS.fullmatch(text):
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class DifyError(Exception):
+    """One failed Dify call: Dify's `code`/`message`/`status` (or ours), classified for the worker."""
+
+    def __init__(self, code: str, message: str, status: int | None = None, *, retry_after: float | None = None):
+        super().__init__(code, message, status)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable, self.rate_limited = classify(code, message, status)
+
+    def __str__(self) -> str:
+        where = f" (HTTP {self.status})" if self.status is not None else ""
+        return f"{self.code}{where}: {self.message}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.code, self.message, self.status), {"retry_after": self.retry_after})
+
+    def as_dict(self) -> dict[str, object]:
+        """The job resource's `error` object."""
+        return {"code": self.code, "message": self.message, "status": self.status}
