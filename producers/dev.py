@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +72,40 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
         print(exc.report(), file=sys.stderr)
         return 2
     install_runtime(runtime)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus")}
+    worker_metrics_port = int(os.environ.get("DIFYQ_METRICS_PORT") or 9191)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
+           "DIFYQ_METRICS_PORT": str(worker_metrics_port)}
     difyq = [sys.executable, "-m", "producers.cli"]
     children = [
         subprocess.Popen([*difyq, "worker", "--processes", "1", "--threads", "8"], env=env),
-        subprocess.Popen([*difyq, "scheduler"], env={**env, "DIFYQ_METRICS_PORT": "9192"}),
+        subprocess.Popen([*difyq, "scheduler"], env={**env, "DIFYQ_METRICS_PORT": str(worker_metrics_port + 1)}),
     ]
     app_name = "demo" if emulator else next(iter(runtime.config.apps))
     token = runtime.config.clients["dev"].token.get_secret_value() if "dev" in runtime.config.clients else "<token>"
-    print(
-        f"\ndifyq dev is up\n"
-        f"  API        http://127.0.0.1:{api_port}  (docs: /docs, metrics: /metrics)\n"
-        f"  Redis      {os.environ['REDIS_URL']}\n"
-        + (f"  Emulator   {emulator.base_url} (Dify-compatible, app key app-demo)\n" if emulator else "")
-        + f"  Worker metrics http://127.0.0.1:9191/metrics\n\n"
-        f"Try it:\n"
-        f"  curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {token}' "
-        f"-H 'Content-Type: application/json' -d '{{\"app\": \"{app_name}\", \"query\": \"Hello from difyq\"}}'\n"
-        f"  curl -s http://127.0.0.1:{api_port}/v1/jobs/<id> -H 'Authorization: Bearer {token}'\n",
-        flush=True,
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=api_port, log_config=None,
+                                           access_log=False))
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        print(
+            f"\ndifyq dev is up\n"
+            f"  API        http://127.0.0.1:{api_port}  (docs: /docs, metrics: /metrics)\n"
+            f"  Redis      {os.environ['REDIS_URL']}\n"
+            + (f"  Emulator   {emulator.base_url} (Dify-compatible, app key app-demo)\n" if emulator else "")
+            + f"  Metrics    worker http://127.0.0.1:{worker_metrics_port}/metrics, "
+            f"scheduler http://127.0.0.1:{worker_metrics_port + 1}/metrics\n"
+            f"  Config     {config_file} (the callback signing secret is there)\n\n"
+            f"Try it:\n"
+            f"  curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {token}' "
+            f"-H 'Content-Type: application/json' -d '{{\"app\": \"{app_name}\", \"query\": \"Hello from difyq\"}}'\n"
+            f"  curl -s http://127.0.0.1:{api_port}/v1/jobs/<id> -H 'Authorization: Bearer {token}'\n",
+            flush=True,
+        )
+
+    threading.Thread(target=announce, name="difyq-dev-banner", daemon=True).start()
     try:
-        uvicorn.run(create_app(runtime), host="127.0.0.1", port=api_port, log_config=None, access_log=False)
+        server.run()
     finally:
         for child in children:
             if child.poll() is None:

@@ -1,0 +1,57 @@
+"""``difyq dev`` on its embedded defaults: it prints a curl line, the line works as printed, the job succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.embedded_redis import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DIFYQ_CONFIG")}
+    env.update(DIFYQ_METRICS_PORT=str(free_port()), DIFYQ_LOG_FORMAT="console")
+    api_port, emulator_port = free_port(), free_port()
+    dev = subprocess.Popen([sys.executable, "-m", "producers.cli", "dev", "--port", str(api_port),
+                            "--emulator-port", str(emulator_port)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len([line for line in lines if "curl" in line]) < 2:
+            line = dev.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        curls = [line.strip() for line in lines if line.strip().startswith("curl")]
+        assert len(curls) == 2, "".join(lines)
+        submit, read = curls
+        submitted = subprocess.run(submit + " -w '\\n%{http_code}'", shell=True, capture_output=True, text=True,
+                                   timeout=30)
+        body, status = submitted.stdout.rsplit("\n", 1)
+        assert status == "202", submitted.stdout
+        job_id = json.loads(body)["id"]
+        deadline = time.monotonic() + 60
+        job = {}
+        while time.monotonic() < deadline:
+            shown = subprocess.run(read.replace("<id>", job_id), shell=True, capture_output=True, text=True,
+                                   timeout=30)
+            job = json.loads(shown.stdout)
+            if job["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.2)
+        assert job["status"] == "succeeded", job
+        assert job["result"]["answer"]
+        assert re.search(r"Emulator\s+http://127\.0\.0\.1:\d+/v1", "".join(lines))
+    finally:
+        dev.terminate()
+        dev.wait(timeout=60)
