@@ -1,0 +1,62 @@
+"""``difyq scheduler``: the cron producer's process — signals, a /metrics and /healthz port, and fires submitted
+through the one ``submit()`` path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from datetime import datetime
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import MetricsHandler
+
+from producers.scheduler import SubmitFire, run_scheduler
+from producers.submit import submit
+from worker.config import ScheduleConfig
+from worker.jobs.model import JobRequest
+from worker.runtime import Runtime
+
+DEFAULT_METRICS_PORT = 9192
+
+
+class _Handler(MetricsHandler):
+    """prometheus-client's handler, plus /healthz for probes."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/healthz"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"ok\n")
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def submit_fire_for(runtime: Runtime) -> SubmitFire:
+    def submit_fire(name: str, schedule: ScheduleConfig, fire_time: datetime, rendered: dict[str, Any]) -> object:
+        request = JobRequest(query=rendered["query"], inputs=rendered["inputs"], user=rendered["user"] or None,
+                             conversation_id=rendered["conversation_id"] or None, metadata=rendered["metadata"])
+        return submit(runtime, app=rendered["app"], source="schedule", request=request,
+                      callback_url=rendered["callback_url"] or None,
+                      idempotency_key=rendered["idempotency_key"], scope="schedule")
+
+    return submit_fire
+
+
+def run_scheduler_process(runtime: Runtime) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    port = int(os.environ.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT)
+    server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
+    threading.Thread(target=server.serve_forever, name="difyq-metrics", daemon=True).start()
+    try:
+        run_scheduler(runtime.config, runtime.redis_url, stop, submit_fire_for(runtime))
+    finally:
+        server.shutdown()
+    return 0
