@@ -1,0 +1,24 @@
+"""A Dify Service API emulator: per-app keys and modes, blocking and streaming answers byte-shaped like a real
+Dify 0.15.8 server's, knobs for latency, answer length and concurrency, and faults on demand.
+
+Faults come three ways: words in the request text as the captures' fake LLM knew them (FAIL429, FAIL500, MIDFAIL,
+SLOW, WAIT<n>), the `X-Emulator-Fault` header on one call, or an app's `fault` setting, changeable at runtime
+with `PUT /_emulator/apps/{name}`. `GET /_emulator/calls` and `GET /_emulator/stats` show what was served.
+"""
+
+from worker.dify.emulator.app import create_app
+from worker.dify.emulator.apps import FAULTS, EmulatedApp, default_apps, load_apps
+from worker.dify.emulator.faults import FAULT_HEADER
+from worker.dify.emulator.server import RunningEmulator, serve, start_emulator
+
+__all__ = [
+    "FAULTS",
+    "FAULT_HEADER",
+    "EmulatedApp",
+    "RunningEmulator",
+    "create_app",
+    "default_apps",
+    "load_apps",
+    "serve",
+    "start_emulator",
+]

@@ -1,0 +1,385 @@
+"""The Dify Service API routes under /v1, checked in the order Dify 0.15.8 checks them.
+
+Order of checks for a generation call, as the real server runs them: the API key (401/403), the JSON body and its
+`user` (415/400), the app mode for the route (`not_chat_app`, `app_unavailable`, `not_workflow_app`), the
+request fields (`inputs`, then `query`, `response_mode`, `conversation_id`), agent + blocking, empty query, the
+conversation (404), the required inputs. Then an http* fault answers in place of Dify (taking no concurrency
+slot, like a proxy or Dify's own limiter would), then the concurrency cap, then the answer: hung, streamed or
+blocking.
+Every call is recorded (see `state.CallRecord`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from worker.dify.emulator import wire
+from worker.dify.emulator.apps import CHAT_MODES, EmulatedApp
+from worker.dify.emulator.blocking import blocking_answer
+from worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
+from worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse
+from worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
+from worker.dify.emulator.streams import Run, events
+
+Handler = Callable[[Request, CallRecord], Awaitable[Response | ASGIApp]]
+
+_MODE_ERRORS = {
+    "chat": ("not_chat_app", wire.MODE_MISMATCH),
+    "completion": ("app_unavailable", wire.APP_UNAVAILABLE),
+    "workflow": ("not_workflow_app", wire.MODE_MISMATCH),
+}
+
+
+def _route_accepts(route: str, mode: str) -> bool:
+    return mode in CHAT_MODES if route == "chat" else mode == route
+
+
+def _too_many_requests(app: EmulatedApp, status: int) -> wire.ApiError:
+    message = (
+        "Too many requests. Please try again later. The current maximum concurrent requests allowed for "
+        f"{app.app_id} is {app.max_concurrency or 1}."
+    )
+    return wire.error(status, "too_many_requests" if status == 429 else "invalid_param", message)
+
+
+def _fault_error(app: EmulatedApp, fault: str | None) -> wire.ApiError | None:
+    if fault == "http429":
+        return _too_many_requests(app, 429)
+    if fault == "http400-too-many":
+        return _too_many_requests(app, 400)
+    if fault == "http500":
+        return wire.error(500, "internal_server_error", wire.INTERNAL_SERVER_ERROR)
+    if fault == "http429-text":
+        return wire.ApiError(Response("error code: 1015", 429, media_type="text/plain"), None)
+    return None
+
+
+@dataclass(frozen=True)
+class _GenerationCall:
+    """A generation request that passed every check."""
+
+    app: EmulatedApp
+    user: str
+    query: str
+    inputs: dict[str, Any]
+    streaming: bool
+    conversation_id: str
+    plan: Plan
+
+
+class _Admission:
+    """An admitted generation call: its concurrency slot, its stoppable run and its record, ended once."""
+
+    def __init__(
+        self, state: EmulatorState, app: EmulatedApp, record: CallRecord, control: RunControl, task_id: str
+    ) -> None:
+        self._state = state
+        self._app = app
+        self._record = record
+        self._task_id = task_id
+        self._ended = False
+        state.register_run(task_id, control)
+
+    def end(self, status: int | None, outcome: str, code: str | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._state.unregister_run(self._task_id)
+        self._state.end_call(self._record, status, outcome, code)
+        self._state.release(self._app.name)  # last: an app seen idle has all its records closed
+
+
+class ServiceApi:
+    """Handlers for the /v1 routes, over one `EmulatorState`."""
+
+    def __init__(self, state: EmulatorState) -> None:
+        self.state = state
+
+    def recorded(self, handler: Handler) -> Callable[[Request], Awaitable[Response | ASGIApp]]:
+        """Record the call; an `ApiError` becomes its response. Streams end their record themselves."""
+
+        async def endpoint(request: Request) -> Response | ASGIApp:
+            record = self.state.begin_call(request.method, request.url.path)
+            try:
+                response = await handler(request, record)
+            except wire.ApiError as error:
+                self.state.end_call(record, error.response.status_code, "error", error.code)
+                return error.response
+            if isinstance(response, Response) and record.outcome is None:
+                self.state.end_call(record, response.status_code, "ok")
+            return response
+
+        return endpoint
+
+    # checks shared by the routes
+
+    def _authenticate(self, request: Request, record: CallRecord) -> EmulatedApp:
+        header = request.headers.get("authorization")
+        if header is None or " " not in header:
+            raise wire.error(401, "unauthorized", wire.AUTH_MISSING)
+        parts = header.split(None, 1)
+        if len(parts) < 2:  # "Bearer " with no token: Dify's unpacking ValueError
+            raise wire.error(400, "invalid_param", "not enough values to unpack (expected 2, got 1)")
+        scheme, record.key = parts
+        if scheme.lower() != "bearer":
+            raise wire.error(401, "unauthorized", wire.AUTH_SCHEME)
+        app = self.state.app_for_key(record.key)
+        if app is None:
+            raise wire.error(401, "unauthorized", wire.AUTH_INVALID)
+        self.state.attach_app(record, app)
+        if not app.api_enabled:
+            raise wire.error(403, "forbidden", wire.API_DISABLED)
+        return app
+
+    @staticmethod
+    async def _json_body(request: Request, record: CallRecord) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            record.body = json.loads(raw)
+        except ValueError:
+            record.body = raw.decode("utf-8", "replace")
+        mimetype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))):
+            raise wire.error(415, "unsupported_media_type", wire.UNSUPPORTED_MEDIA_TYPE)
+        if not isinstance(record.body, dict):
+            raise wire.error(400, "bad_request", wire.BAD_REQUEST)
+        return record.body
+
+    @staticmethod
+    def _user(body: dict[str, Any]) -> str:
+        if not body.get("user"):
+            raise wire.error(400, "invalid_param", wire.USER_REQUIRED)
+        return str(body["user"])
+
+    @staticmethod
+    def _check_mode(app: EmulatedApp, route: str) -> None:
+        if not _route_accepts(route, app.mode):
+            code, message = _MODE_ERRORS[route]
+            raise wire.error(400, code, message)
+
+    # generation
+
+    async def chat_messages(self, request: Request, record: CallRecord) -> Response | ASGIApp:
+        return await self._generate(request, record, "chat")
+
+    async def completion_messages(self, request: Request, record: CallRecord) -> Response | ASGIApp:
+        return await self._generate(request, record, "completion")
+
+    async def workflows_run(self, request: Request, record: CallRecord) -> Response | ASGIApp:
+        return await self._generate(request, record, "workflow")
+
+    async def _generate(self, request: Request, record: CallRecord, route: str) -> Response | ASGIApp:
+        call = await self._generation_call(request, record, route)
+        app = call.app
+        record.concurrency_at_start = self.state.open_count(app.name)
+        fault_error = _fault_error(app, call.plan.fault)
+        if fault_error is not None:
+            raise fault_error
+        if not self.state.admit(app):
+            raise _too_many_requests(app, int(app.concurrency_error))
+        record.concurrency_at_start = self.state.open_count(app.name)
+        run = self._start_run(call, route)
+        record.task_id = run.task_id
+        admission = _Admission(self.state, app, record, run.control, run.task_id)
+        if call.plan.fault == "hang":
+            return HangResponse(
+                run.control.stopped,
+                lambda disconnected: admission.end(
+                    None, "hung" if disconnected else "shutdown" if run.shutting_down else "stopped"
+                ),
+            )
+        if call.streaming:
+            return EventStreamResponse(
+                events(run),
+                app.ping_interval_s,
+                lambda disconnected: admission.end(
+                    200, "disconnected" if disconnected else run.outcome, run.error_code
+                ),
+            )
+        try:
+            response = await blocking_answer(run)
+        except wire.ApiError as error:
+            admission.end(error.response.status_code, "error", error.code)
+            return error.response
+        except BaseException:
+            admission.end(500, "error", "unknown")
+            raise
+        if response is None:
+            return CutResponse(wire.dumps({"task_id": run.task_id}).encode(), lambda _: admission.end(200, run.outcome))
+        admission.end(response.status_code, run.outcome)
+        return response
+
+    async def _generation_call(self, request: Request, record: CallRecord, route: str) -> _GenerationCall:
+        """Every check before the answer, in Dify's order (see the module docstring)."""
+        app = self._authenticate(request, record)
+        body = await self._json_body(request, record)
+        user = self._user(body)
+        self._check_mode(app, route)
+        inputs = body.get("inputs")
+        if inputs is None:
+            raise wire.param_error(wire.MISSING_PARAMETER, "inputs")
+        if not isinstance(inputs, dict):
+            raise wire.param_error(f"{wire.dumps(inputs)} is not a valid dict", "inputs")
+        if route == "chat" and body.get("query") is None:
+            raise wire.param_error(wire.MISSING_PARAMETER, "query")
+        query = "" if route == "workflow" or body.get("query") is None else str(body["query"])
+        response_mode = body.get("response_mode")
+        if response_mode not in (None, "blocking", "streaming"):
+            raise wire.param_error(f"{response_mode} is not a valid choice", "response_mode")
+        conversation_id = str(body.get("conversation_id") or "") if route == "chat" else ""
+        if conversation_id:
+            try:
+                uuid.UUID(conversation_id)
+            except ValueError:
+                raise wire.param_error(f"{conversation_id} is not a valid uuid.", "conversation_id") from None
+        streaming = response_mode == "streaming"
+        if app.mode == "agent" and not streaming:
+            raise wire.error(400, "invalid_param", "Agent Chat App does not support blocking mode")
+        if route == "chat" and not query:
+            raise wire.error(400, "invalid_param", "query is required")
+        if conversation_id and self.state.conversation(app.name, conversation_id, user) is None:
+            raise wire.error(404, "not_found", wire.CONVERSATION_NOT_EXISTS)
+        for variable in app.required_inputs:
+            if not inputs.get(variable):
+                raise wire.error(400, "invalid_param", f"{variable} is required in input form")
+        header_fault, app_fault = request.headers.get(FAULT_HEADER), app.active_fault()
+        record.fault = header_fault or app_fault
+        text = " ".join([query, *(value for value in inputs.values() if isinstance(value, str))])
+        try:
+            plan = plan_for(text, header_fault, app_fault)
+        except ValueError as error:
+            raise wire.error(400, "invalid_param", str(error)) from None
+        return _GenerationCall(app, user, query, inputs, streaming, conversation_id, plan)
+
+    def _start_run(self, call: _GenerationCall, route: str) -> Run:
+        """The run of an admitted call; a chat call without a conversation starts one."""
+        conversation_id: str | None = None
+        dialogue_count = 0
+        if route == "chat":
+            conversation_id = call.conversation_id or self.state.start_conversation(call.app.name, call.user)
+            conversation = self.state.conversation(call.app.name, conversation_id, call.user)
+            if conversation is not None:
+                dialogue_count = conversation.dialogue_count
+                conversation.dialogue_count += 1
+        return Run(
+            app=call.app,
+            user=call.user,
+            query=call.query,
+            inputs=call.inputs,
+            plan=call.plan,
+            streaming=call.streaming,
+            control=RunControl(call.app.name, call.user),
+            conversation_id=conversation_id,
+            dialogue_count=dialogue_count,
+            sequence_number=self.state.next_workflow_run_number(call.app.name),
+        )
+
+    # stop, parameters, info
+
+    async def chat_stop(self, request: Request, record: CallRecord) -> Response:
+        return await self._stop(request, record, "chat")
+
+    async def completion_stop(self, request: Request, record: CallRecord) -> Response:
+        return await self._stop(request, record, "completion")
+
+    async def workflow_stop(self, request: Request, record: CallRecord) -> Response:
+        return await self._stop(request, record, "workflow")
+
+    async def _stop(self, request: Request, record: CallRecord, route: str) -> Response:
+        """Always `{"result": "success"}`; the run stops only if it belongs to this app and user, as in Dify."""
+        app = self._authenticate(request, record)
+        user = self._user(await self._json_body(request, record))
+        self._check_mode(app, route)
+        self.state.stop_run(request.path_params["task_id"], app.name, user)
+        return wire.json_response({"result": "success"})
+
+    async def parameters(self, request: Request, record: CallRecord) -> Response:
+        app = self._authenticate(request, record)
+        return wire.json_response(_parameters(app))
+
+    async def info(self, request: Request, record: CallRecord) -> Response:
+        app = self._authenticate(request, record)
+        return wire.json_response({"name": app.name, "description": f"emulated {app.mode} app", "tags": []})
+
+    # routing errors: werkzeug's HTML pages, as Flask answers a URL or method no route knows
+
+    async def routing_error(self, request: Request, exc: Exception) -> Response:
+        record = self.state.begin_call(request.method, request.url.path)
+        if isinstance(exc, HTTPException) and exc.status_code == 405:
+            response = wire.html_error(
+                405, "Method Not Allowed", "The method is not allowed for the requested URL.", headers=exc.headers
+            )
+        else:
+            response = wire.html_error(
+                404,
+                "Not Found",
+                "The requested URL was not found on the server. If you entered the URL manually "
+                "please check your spelling and try again.",
+            )
+        self.state.end_call(
+            record, response.status_code, "error", "not_found" if response.status_code == 404 else "method_not_allowed"
+        )
+        return response
+
+
+def _parameters(app: EmulatedApp) -> dict[str, Any]:
+    """`GET /parameters` as 0.15.8 answers it: model-config apps (chat, agent, completion) and workflow apps
+    (workflow, chatflow) differ in a few fields."""
+    workflow_based = app.mode in ("workflow", "advanced-chat")
+    if workflow_based:
+        form = [
+            {
+                "paragraph": {
+                    "variable": name,
+                    "label": name,
+                    "type": "paragraph",
+                    "required": True,
+                    "max_length": 4000,
+                    "options": [],
+                }
+            }
+            for name in app.required_inputs
+        ]
+        moderation: dict[str, Any] = {"enabled": False}
+        image: dict[str, Any] = {"enabled": False, "number_limits": 3, "transfer_methods": ["local_file", "remote_url"]}
+    else:
+        form = [
+            {"paragraph": {"label": name, "variable": name, "required": True, "default": "", "max_length": 4000}}
+            for name in app.required_inputs
+        ]
+        moderation = {"enabled": False, "type": "", "configs": []}
+        image = {
+            "enabled": False,
+            "number_limits": 3,
+            "detail": "high",
+            "transfer_methods": ["remote_url", "local_file"],
+        }
+    return {
+        "opening_statement": None if app.mode == "completion" else "",
+        "suggested_questions": [],
+        "suggested_questions_after_answer": {"enabled": False},
+        "speech_to_text": {"enabled": False},
+        "text_to_speech": {"enabled": False, "voice": "", "language": ""},
+        "retriever_resource": {"enabled": app.mode == "completion"},
+        "annotation_reply": {"enabled": False},
+        "more_like_this": {"enabled": False},
+        "user_input_form": form,
+        "sensitive_word_avoidance": moderation,
+        "file_upload": {"image": image},
+        "system_parameters": {
+            "image_file_size_limit": 10,
+            "video_file_size_limit": 100,
+            "audio_file_size_limit": 50,
+            "file_size_limit": 15,
+            "workflow_file_upload_limit": 10,
+        },
+    }
