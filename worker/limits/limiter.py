@@ -1,0 +1,219 @@
+"""KeyLimiter: requests/min, tokens/min, concurrency and the upstream cooldown of Dify API keys, shared
+through Redis by every worker process on every host.
+
+Every operation is one EVALSHA of a script in ``lua/`` that reads the time from Redis ``TIME``:
+
+* requests: an exact sliding log (ZSET of admission times): never more than N admissions in any window;
+  plus GCRA pacing beyond a burst of N/6 (``burst_fraction``), so a saturated key runs at a steady N per
+  window instead of replaying a burst of N at the start of every window;
+* tokens: a sliding log of reserved estimates, reconciled with Dify's real ``total_tokens`` on release;
+* concurrency: slot leases (ZSET reservation -> expiry); a dead holder's lease lapses and is reclaimed;
+* upstream: after a 429 the key cools down for everyone, 1 s doubling to 60 s, reset by a success;
+* fairness: a waiting line per key, ordered by first deferral (``waiting_since``). A refused job is told the
+  moment *its* turn comes (its position replayed against the logs and the pacing), not a moment shared with
+  every other waiter. The oldest waiter, and every older waiter due back now, hold one unit of each limit
+  that no younger job can take: the head of the line cannot starve, and capacity beyond those holds is
+  still used by whoever comes. A waiter that stays away longer than ``grace_s`` after its moment loses its
+  hold (not its place: it returns with ``waiting_since``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import redis
+
+from worker.config import AppLimits
+from worker.limits.admission import Admission, Reservation
+from worker.limits.estimate import TokenEstimator
+from worker.limits.keys import KeyNames, key_id
+from worker.limits.scripts import scripts_for
+
+US = 1_000_000
+
+
+def _us(seconds: float) -> int:
+    return round(seconds * US)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class KeyLimiter:
+    """The limits of Dify API keys, by hashed key id, under ``{namespace}:limits:{key_id}:*``.
+
+    ``window_s`` is 60 in production (shorter only in tests and benchmarks). ``grace_s``: how long after the
+    moment it was told to come back a waiter keeps its place and hold before it counts as gone (it regains its
+    place when it returns with ``waiting_since``). ``poll_s``: how often a job waiting for a slot re-checks
+    while the key has no hold-time history. ``burst_fraction``: the share of requests_per_minute admitted at
+    once; beyond it requests are paced at the limit's rate (GCRA), so a saturated key runs steadily instead of
+    replaying a burst of N every window (a 10 s share by default; ``None``: the sliding log alone). ``clock``
+    is test-only: a fake time in seconds instead of Redis ``TIME``.
+    """
+
+    def __init__(
+        self,
+        redis: redis.Redis,
+        namespace: str,
+        *,
+        window_s: float = 60.0,
+        grace_s: float = 10.0,
+        poll_s: float = 1.0,
+        cooldown_base_s: float = 1.0,
+        cooldown_cap_s: float = 60.0,
+        burst_fraction: float | None = 1 / 6,
+        clock: Callable[[], float] | None = None,
+    ):
+        self.redis = redis
+        self.namespace = namespace
+        self.window_s = window_s
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self.cooldown_base_s = cooldown_base_s
+        self.cooldown_cap_s = cooldown_cap_s
+        self.burst_fraction = burst_fraction
+        self.tokens = TokenEstimator()
+        self._clock = clock
+        self._scripts = scripts_for(redis)
+
+    def key_id(self, api_key: str) -> str:
+        """The hashed id of ``api_key``; the raw key never reaches Redis, logs or metrics."""
+        return key_id(api_key)
+
+    def keys(self, key_id: str) -> KeyNames:
+        return KeyNames.of(self.namespace, key_id)
+
+    def _burst(self, rpm: int) -> int:
+        if not rpm or self.burst_fraction is None:
+            return 0
+        return max(1, int(rpm * self.burst_fraction))
+
+    def _now(self) -> str:
+        return "" if self._clock is None else str(_us(self._clock()))
+
+    def acquire(
+        self,
+        key_id: str,
+        limits: AppLimits | None,
+        *,
+        estimated_tokens: int,
+        lease_s: float,
+        ticket: str,
+        waiting_since: float | None = None,
+    ) -> Admission:
+        """Admit one call on this key now (recording the request, reserving the tokens, taking a slot) or
+        nothing, in one round trip. ``ticket`` identifies the job across deferrals (its message id);
+        ``waiting_since`` is when it was first deferred (seconds since the epoch), passed while it waits so a
+        job whose place was dropped gets it back. Without ``limits`` only the upstream cooldown is checked."""
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        if not ticket:
+            raise ValueError("ticket must not be empty")
+        rpm = tpm = conc = 0
+        if limits is not None:
+            rpm = limits.requests_per_minute or 0
+            tpm = limits.tokens_per_minute or 0
+            conc = limits.max_concurrency or 0
+        names = self.keys(key_id)
+        admitted, wait_us, limit, reservation = self._scripts.acquire(
+            keys=names.acquire(),
+            args=[
+                ticket,
+                secrets.token_hex(8),
+                1 if limits is not None else 0,
+                rpm,
+                tpm,
+                conc,
+                max(0, int(estimated_tokens)),
+                _us(lease_s),
+                _us(self.window_s),
+                -1 if waiting_since is None else _us(waiting_since),
+                _us(self.grace_s),
+                _us(self.poll_s),
+                self._burst(rpm),
+                self._now(),
+            ],
+        )
+        return Admission(
+            admitted=bool(admitted),
+            wait_s=int(wait_us) / US,
+            limit=_text(limit) or None,
+            reservation=_text(reservation) or None,
+        )
+
+    def renew(self, key_id: str, reservation: str | None, lease_s: float) -> bool:
+        """Extend the slot lease of a call still running; False when it was released or had lapsed."""
+        if reservation is None:
+            return True
+        names = self.keys(key_id)
+        return bool(self._scripts.renew(keys=[names.lease], args=[reservation, _us(lease_s), self._now()]))
+
+    def release(self, key_id: str, reservation: str | None, actual_tokens: int | None) -> bool:
+        """Free the slot and, when Dify reported usage, make the reserved tokens the real ``actual_tokens``
+        (down or up) in the window, in one round trip. Call it on success, failure, time limit and
+        cancellation; calling it twice is harmless. Returns whether the slot was still held."""
+        if reservation is None:
+            return False
+        names = self.keys(key_id)
+        actual = -1 if actual_tokens is None else max(0, int(actual_tokens))
+        held = self._scripts.release(
+            keys=[names.tok, names.amt, names.state, names.lease],
+            args=[reservation, actual, _us(self.window_s), self._now()],
+        )
+        if actual_tokens is not None:
+            self.tokens.observe(key_id, actual)
+        return bool(held)
+
+    def abandon(self, key_id: str, ticket: str) -> None:
+        """Take a waiting job out of the line at once (canceled, or failed for waiting too long)."""
+        names = self.keys(key_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(names.line, ticket).zrem(names.due, ticket).hdel(names.need, ticket).execute()
+
+    def report_upstream_limited(self, key_id: str) -> float:
+        """Dify said 429 / ``too_many_requests``: cool the key down for every worker. The cooldown is 1 s,
+        doubling with each further 429 after a cooldown ends, up to 60 s. Returns the seconds left."""
+        names = self.keys(key_id)
+        left = self._scripts.upstream(
+            keys=[names.cool],
+            args=[_us(self.cooldown_base_s), _us(self.cooldown_cap_s), _us(300.0), self._now()],
+        )
+        return int(left) / US
+
+    def report_success(self, key_id: str) -> None:
+        """A call went through: the next 429 starts from the base cooldown again. Writes only if needed."""
+        self._scripts.success(keys=[self.keys(key_id).cool], args=[])
+
+    def remaining(self, key_id: str, limits: AppLimits | None) -> dict[str, float]:
+        """What is left of each configured limit right now (requests, tokens, concurrency), for the gauge."""
+        if limits is None:
+            return {}
+        names = self.keys(key_id)
+        requests, tokens, in_use, _cooldown_us = self._scripts.remaining(
+            keys=[names.req, names.tok, names.amt, names.state, names.lease, names.cool],
+            args=[_us(self.window_s), self._now()],
+        )
+        left: dict[str, float] = {}
+        if limits.requests_per_minute is not None:
+            left["requests"] = float(max(0, limits.requests_per_minute - int(requests)))
+        if limits.tokens_per_minute is not None:
+            left["tokens"] = float(max(0, limits.tokens_per_minute - int(tokens)))
+        if limits.max_concurrency is not None:
+            left["concurrency"] = float(max(0, limits.max_concurrency - int(in_use)))
+        return left
+
+    def cooldown_left(self, key_id: str) -> float:
+        """Seconds of upstream cooldown left on this key (0 when none)."""
+        names = self.keys(key_id)
+        *_, cooldown_us = self._scripts.remaining(
+            keys=[names.req, names.tok, names.amt, names.state, names.lease, names.cool],
+            args=[_us(self.window_s), self._now()],
+        )
+        return int(cooldown_us) / US
+
+    @staticmethod
+    def parse(reservation: str) -> Reservation:
+        """What a reservation string holds (id, admission time, tokens reserved)."""
+        return Reservation.parse(reservation)

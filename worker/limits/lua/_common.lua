@@ -1,0 +1,71 @@
+-- Helpers shared by every limiter script; worker/limits/scripts.py prepends this file to each script.
+-- Times are integer microseconds from Redis TIME, so every host agrees on "now".
+-- Lua's own number-to-string conversion keeps only 14 digits, so numbers that are concatenated into
+-- strings go through fmt(); numbers passed to redis.call are converted by Redis with full precision.
+
+if redis.replicate_commands then
+  pcall(redis.replicate_commands)  -- effects replication (default from Redis 5; a no-op in 7)
+end
+
+local SLACK = 60000000  -- 60 s added to every TTL
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- Redis TIME in microseconds, or the test-only fake clock when one is passed.
+local function clock(override)
+  if override and override ~= '' then
+    return tonumber(override)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Make a key live at least ttl_us more (plus slack); never shortens a TTL, ignores a missing key, and skips
+-- the write while more than half the slack is still left.
+local function keep(key, ttl_us)
+  local want = math.ceil((ttl_us + SLACK) / 1000)
+  local current = redis.call('PTTL', key)
+  if current == -1 or (current >= 0 and current < want - SLACK / 2000) then
+    redis.call('PEXPIRE', key, want)
+  end
+end
+
+-- Run a variadic command over a list in chunks (Lua's unpack has a stack limit).
+local function chunked(command, key, items)
+  for i = 1, #items, 1000 do
+    redis.call(command, key, unpack(items, i, math.min(i + 999, #items)))
+  end
+end
+
+-- Tokens currently counted in the window (self-healing: an empty log means zero).
+local function token_total(tok, state)
+  if redis.call('ZCARD', tok) == 0 then
+    return 0
+  end
+  return math.max(0, tonumber(redis.call('HGET', state, 'tok') or 0))
+end
+
+-- Drop token-log entries at or before cutoff and subtract their amounts from the running total.
+local function trim_tokens(tok, amt, state, cutoff)
+  local gone = redis.call('ZRANGEBYSCORE', tok, '-inf', cutoff)
+  if #gone == 0 then
+    return
+  end
+  local freed = 0
+  for i = 1, #gone, 1000 do
+    local last = math.min(i + 999, #gone)
+    local amounts = redis.call('HMGET', amt, unpack(gone, i, last))
+    for _, amount in ipairs(amounts) do
+      freed = freed + (tonumber(amount) or 0)
+    end
+    redis.call('HDEL', amt, unpack(gone, i, last))
+  end
+  redis.call('ZREMRANGEBYSCORE', tok, '-inf', cutoff)
+  local total = tonumber(redis.call('HGET', state, 'tok') or 0) - freed
+  if total < 0 or redis.call('ZCARD', tok) == 0 then
+    total = 0
+  end
+  redis.call('HSET', state, 'tok', total)
+end
