@@ -112,7 +112,9 @@ class CallbackReceiver:
         default: Reply | int = 200,
         path: str = "/callback",
         tls_context: ssl.SSLContext | None = None,
+        port: int = 0,
     ):
+        self._port = port
         self._default = default if isinstance(default, Reply) else Reply(default)
         self._path = path
         self._tls_context = tls_context
@@ -132,8 +134,8 @@ class CallbackReceiver:
         self.stop()
 
     def start(self) -> None:
-        """Bind a free port on 127.0.0.1 and serve in a daemon thread."""
-        server = _Server(("127.0.0.1", 0), _Handler)
+        """Bind ``port`` (a free one by default) on 127.0.0.1 and serve in a daemon thread."""
+        server = _Server(("127.0.0.1", self._port), _Handler)
         server.receiver = self
         if self._tls_context is not None:
             self._tls_context.sni_callback = self._note_server_name

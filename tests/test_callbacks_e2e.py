@@ -1,0 +1,146 @@
+"""Callbacks through the worker: retried with the same webhook-id until accepted (Dify called once), 410 stops,
+redirects are failures, a receiver down past the schedule ends in the dead letters and ``difyq dlq replay``
+delivers it; internal callback URLs are refused at submit unless allowed."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+import worker.runtime
+from producers.cli import main as difyq
+from tests.support.receiver import CallbackReceiver, Reply
+from tests.support.stack import SIGNING_SECRET, auth, make_runtime, running_worker, serving_api
+from worker.dify.emulator import EmulatedApp, start_emulator
+from worker.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator:
+    with start_emulator([EmulatedApp(name="chat", key="app-callbacks-key1", mode="chat")]) as running:
+        yield running
+
+
+def runtime_for(redis_url: str, namespace: str, emulator, allow_hosts: list[str]) -> Runtime:
+    return make_runtime(redis_url, namespace,
+                        {"chat": {"api_key": "app-callbacks-key1", "mode": "chat", "base_url": emulator.base_url}},
+                        callbacks={"signing_secret": SIGNING_SECRET, "allow_hosts": allow_hosts,
+                                   "retry_schedule": ["0.1s", "0.1s", "0.1s", "0.1s"], "timeout": "2s"})
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str, emulator) -> Runtime:
+    return runtime_for(redis_url, namespace, emulator, ["127.0.0.0/8"])
+
+
+def submit_with_callback(base: str, url: str, query: str) -> str:
+    response = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10,
+                             json={"app": "chat", "query": query, "callback_url": url})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def wait_for_callback(runtime: Runtime, job_id: str, timeout: float = 15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = runtime.store.get(job_id)
+        if job["callback"]["status"] in ("delivered", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"callback of {job_id} still pending: {runtime.store.get(job_id)['callback']}")
+
+
+def test_retried_until_accepted_with_one_webhook_id(runtime: Runtime, emulator) -> None:
+    marker = f"cb-retry-{time.time_ns()}"
+    with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        receiver.script([500, 503, Reply(429, headers={"Retry-After": "0"}), 200])
+        job_id = submit_with_callback(base, receiver.url, marker)
+        job = wait_for_callback(runtime, job_id)
+    assert job["status"] == "succeeded"
+    assert job["callback"] == {**job["callback"], "status": "delivered", "attempts": 4, "last_status_code": 200}
+    assert [r.webhook_id for r in receiver.requests] == [job_id] * 4
+    assert receiver.verify(SIGNING_SECRET)
+    assert len([c for c in emulator.calls() if marker in str(c["body"])]) == 1
+    body = json.loads(receiver.requests[-1].body)
+    assert body["type"] == "job.succeeded" and body["data"]["result"]["answer"]
+
+
+def test_gone_stops_at_once_and_redirect_is_not_followed(runtime: Runtime) -> None:
+    with CallbackReceiver() as gone, CallbackReceiver() as moved, running_worker(runtime), \
+            serving_api(runtime) as base:
+        gone.script([410])
+        moved.set_default(Reply(302, headers={"Location": gone.url}))
+        gone_id = submit_with_callback(base, gone.url, "gone")
+        moved_id = submit_with_callback(base, moved.url, "moved")
+        gone_job = wait_for_callback(runtime, gone_id)
+        moved_job = wait_for_callback(runtime, moved_id)
+    assert gone_job["callback"]["status"] == "failed" and gone_job["callback"]["attempts"] == 1
+    assert gone_job["callback"]["last_status_code"] == 410
+    assert moved_job["callback"]["status"] == "failed" and moved_job["callback"]["last_status_code"] == 302
+    assert moved_job["callback"]["attempts"] == 5
+    assert len(gone.requests) == 1, "the redirect was followed"
+
+
+def test_receiver_down_ends_in_dead_letters_and_replay_delivers(runtime: Runtime, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(worker.runtime, "_current", runtime)
+    receiver = CallbackReceiver()
+    receiver.start()
+    url = receiver.url
+    receiver.stop()
+    with running_worker(runtime), serving_api(runtime) as base:
+        job_id = submit_with_callback(base, url, "down")
+        job = wait_for_callback(runtime, job_id)
+        assert job["callback"]["status"] == "failed" and job["callback"]["attempts"] == 5
+        capsys.readouterr()
+        assert difyq(["dlq", "list"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [entry["job_id"] for entry in listed["callbacks"]] == [job_id]
+
+        with CallbackReceiver(port=int(url.split(":")[2].split("/")[0])) as back_up:
+            assert difyq(["dlq", "replay", job_id]) == 0
+            back_up.wait_for(1, timeout=10)
+            job = wait_for_callback(runtime, job_id)
+        assert job["callback"]["status"] == "delivered" and back_up.delivered_ids() == [job_id]
+        capsys.readouterr()
+        difyq(["dlq", "list"])
+        assert json.loads(capsys.readouterr().out)["callbacks"] == []
+
+
+def test_callback_retry_over_http(runtime: Runtime) -> None:
+    with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        job_id = submit_with_callback(base, receiver.url, "again")
+        wait_for_callback(runtime, job_id)
+        retried = requests.post(f"{base}/v1/jobs/{job_id}/callback/retry", headers=auth(), timeout=10)
+        assert retried.status_code == 202
+        receiver.wait_for(2, timeout=10)
+    assert [r.webhook_id for r in receiver.requests] == [job_id, job_id]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/", "http://169.254.169.254/latest/meta-data",
+                                 "http://10.0.0.1/", "http://[::1]/", "http://localhost:8080/hook"])
+def test_internal_callback_urls_are_refused_unless_allowed(redis_url: str, namespace: str, emulator,
+                                                           url: str) -> None:
+    strict = runtime_for(redis_url, namespace, emulator, [])
+    with serving_api(strict) as base:
+        refused = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10,
+                                json={"app": "chat", "query": "x", "callback_url": url})
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "callback_url"
+    allowed = runtime_for(redis_url, namespace, emulator,
+                          ["127.0.0.0/8", "169.254.169.254", "10.0.0.0/8", "::1", "localhost"])
+    with serving_api(allowed) as base:
+        accepted = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10,
+                                 json={"app": "chat", "query": "x", "callback_url": url})
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_dev_command_allows_loopback(tmp_path: Path) -> None:
+    from producers.dev import _dev_config
+
+    config = _dev_config({}, "http://127.0.0.1:5001/v1")
+    assert "127.0.0.0/8" in config["callbacks"]["allow_hosts"]
+    assert config["callbacks"]["signing_secret"].startswith("whsec_")

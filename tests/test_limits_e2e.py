@@ -1,0 +1,125 @@
+"""Per-key limits with the worker as four real processes against the emulator: requests/min and concurrency
+hold across processes, keys do not slow each other, a Dify 429 cools the key down for the whole fleet."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.processes import difyq_processes
+from tests.support.stack import CLIENT_TOKEN, auth
+from worker.dify.emulator import EmulatedApp, start_emulator
+
+pytestmark = pytest.mark.e2e
+
+RPM = 30
+CONCURRENCY = 2
+
+
+def submit_many(base: str, app: str, count: int, prefix: str) -> list[str]:
+    ids = []
+    for index in range(count):
+        response = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10,
+                                 json={"app": app, "query": f"{prefix} {index}"})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def statuses(base: str, ids: list[str]) -> list[dict]:
+    return [requests.get(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).json() for job_id in ids]
+
+
+def wait_all_final(base: str, ids: list[str], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = statuses(base, ids)
+        if all(job["status"] in ("succeeded", "failed") for job in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.2)
+
+
+def call_times(emulator, app: str) -> list[float]:
+    return sorted(call["started_at"] for call in emulator.calls() if call["app"] == app)
+
+
+def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str, namespace: str) -> None:
+    apps = [EmulatedApp(name="limited", key="app-limited-key-01", mode="chat"),
+            EmulatedApp(name="narrow", key="app-narrow-key-001", mode="chat", time_to_first_token_s=0.4),
+            EmulatedApp(name="free", key="app-free-key-00001", mode="chat")]
+    with start_emulator(apps) as emulator:
+        config = {
+            "apps": {
+                "limited": {"api_key": "app-limited-key-01", "mode": "chat", "base_url": emulator.base_url,
+                            "limits": {"requests_per_minute": RPM}},
+                "narrow": {"api_key": "app-narrow-key-001", "mode": "chat", "base_url": emulator.base_url,
+                           "limits": {"max_concurrency": CONCURRENCY}},
+                "free": {"api_key": "app-free-key-00001", "mode": "chat", "base_url": emulator.base_url},
+            },
+            "clients": {"all": {"token": CLIENT_TOKEN, "apps": ["*"]}},
+            "redis": {"namespace": namespace},
+        }
+        with difyq_processes(tmp_path, redis_url, config) as difyq:
+            base = difyq.start_api()
+            difyq.start_worker(processes=4, threads=4)
+            started = time.time()
+            limited = submit_many(base, "limited", 2 * RPM, "limited")
+            narrow = submit_many(base, "narrow", 10, "narrow")
+            free = submit_many(base, "free", 20, "free")
+            free_jobs = wait_all_final(base, free, timeout=30)
+            free_done_s = time.time() - started
+            narrow_jobs = wait_all_final(base, narrow, timeout=60)
+            time.sleep(max(0.0, 8 - (time.time() - started)))
+            limited_jobs = statuses(base, limited)
+            observed_s = time.time() - started
+        stats = emulator.stats()
+        times = call_times(emulator, "limited")
+
+    assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in free_jobs)
+    assert all(job["status"] == "succeeded" for job in narrow_jobs)
+    print(f"narrow key: max {stats['narrow']['max_concurrent']} concurrent streams (limit {CONCURRENCY})")
+    assert stats["narrow"]["max_concurrent"] <= CONCURRENCY
+    burst = max(1, RPM // 6)
+    allowed = burst + int(observed_s * RPM / 60) + 1
+    print(f"limited key: {len(times)} calls in {observed_s:.1f}s (limit {RPM}/min, burst {burst}, "
+          f"pacing bound {allowed}); free key: 20 jobs done in {free_done_s:.1f}s")
+    assert len(times) <= allowed
+    for index, start in enumerate(times):
+        assert sum(1 for t in times[index:] if t - start < 60) <= RPM
+    waiting = [job for job in limited_jobs if job["status"] == "queued"]
+    assert waiting and all(job["attempts"] == 0 for job in waiting), "deferred jobs spent no attempt"
+
+
+def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace: str) -> None:
+    from producers.submit import submit
+    from tests.support.stack import make_runtime, running_worker, wait_for_final
+    from worker.jobs.model import JobRequest
+
+    apps = [EmulatedApp(name="hot", key="app-hot-key-000001", mode="chat", fault="http429"),
+            EmulatedApp(name="cool", key="app-cool-key-00001", mode="chat")]
+    with start_emulator(apps) as emulator:
+        runtime = make_runtime(redis_url, namespace, {
+            "hot": {"api_key": "app-hot-key-000001", "mode": "chat", "base_url": emulator.base_url},
+            "cool": {"api_key": "app-cool-key-00001", "mode": "chat", "base_url": emulator.base_url},
+        }, jobs={"max_attempts": 20, "retry_min_backoff": "0.01s", "retry_max_backoff": "0.05s"})
+
+        def enqueue(app: str, index: int) -> str:
+            return submit(runtime, app=app, source="cli", request=JobRequest(query=f"{app} {index}"),
+                          scope="test").job["id"]
+
+        with running_worker(runtime, threads=8):
+            hot = [enqueue("hot", index) for index in range(8)]
+            started = time.monotonic()
+            cool = [wait_for_final(runtime, enqueue("cool", index)) for index in range(5)]
+            time.sleep(max(0.0, 6.5 - (time.monotonic() - started)))
+            window_s = time.monotonic() - started
+        hot_calls = call_times(emulator, "hot")
+    assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in cool)
+    rounds = 1 + 3  # the first wave, then a cooldown of 1 s, 2 s and 4 s ends inside the window
+    print(f"429 key: {len(hot_calls)} calls in {window_s:.1f}s from 8 jobs whose retry backoff alone "
+          f"would allow {int(window_s / 0.05) * 8}; bound {rounds * 8}")
+    assert len(hot_calls) <= rounds * len(hot)
+    assert runtime.store.get(hot[0])["status"] in ("queued", "running", "failed")
