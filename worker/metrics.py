@@ -7,6 +7,8 @@ gauges declare how they aggregate across processes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -70,3 +72,21 @@ http_request_duration = Histogram(
     "difyq_http_request_duration_seconds", "API request duration by route template.", ["method", "route"],
     buckets=LATENCY_BUCKETS,
 )
+
+FINISHED_STATUSES = ("succeeded", "failed", "canceled")
+CALLBACK_OUTCOMES = ("delivered", "retried", "failed", "blocked")
+
+
+def zero_worker_series(apps: Iterable[str]) -> None:
+    """Create at 0 the worker's counters that alerts and ratios read: jobs finished per configured app and
+    status, callback deliveries per outcome.
+
+    A labelled counter has no series before its first increment, and a series that first shows up at 1 has no
+    increase in Prometheus: the first callback given up after a worker start would never reach
+    DifyqCallbackDeliveriesFailing, and an app whose every job fails would have no success ratio at all.
+    """
+    for app in apps:
+        for status in FINISHED_STATUSES:
+            jobs_finished.labels(app=app, status=status)
+    for outcome in CALLBACK_OUTCOMES:
+        callback_deliveries.labels(outcome=outcome)

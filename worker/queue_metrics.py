@@ -4,7 +4,7 @@ waiting job's age, callback dead letters and jobs running per app."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 
 import redis
@@ -15,10 +15,15 @@ from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 
 
 class QueueCollector(Collector):
-    """A prometheus-client collector; a Redis outage yields no samples rather than a failed scrape."""
+    """A prometheus-client collector; a Redis outage yields no samples rather than a failed scrape.
 
-    def __init__(self, client: redis.Redis, namespace: str):
+    ``apps`` are the configured app names: each gets a ``difyq_jobs_running`` sample, 0 when none of its jobs
+    runs, so an idle fleet reads 0 rather than no data.
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str, apps: Iterable[str] = ()):
         self.namespace = namespace
+        self.apps = tuple(apps)
         self._stats = client.register_script(
             resources.files("worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
 
@@ -47,8 +52,11 @@ class QueueCollector(Collector):
             enqueued_ms = float(_text(queues[index + 4]))
             oldest.add_metric([name], max((now_ms - enqueued_ms) / 1000, 0.0) if enqueued_ms >= 0 else 0.0)
         in_flight = GaugeMetricFamily("difyq_jobs_running", "Jobs holding a worker lease now.", labels=["app"])
+        counts = dict.fromkeys(self.apps, 0.0)
         for index in range(0, len(running), 2):
-            in_flight.add_metric([_text(running[index])], float(running[index + 1]))
+            counts[_text(running[index])] = float(running[index + 1])
+        for app, count in counts.items():
+            in_flight.add_metric([app], count)
         yield from (waiting, delayed, dead, oldest, in_flight)
 
 

@@ -136,10 +136,21 @@ def require_tool(name: str) -> str:
     return found
 
 
-def run_promtool(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `promtool` with these arguments (never raises on its exit status: read returncode and the output)."""
+def run_promtool(
+    *arguments: str, cwd: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `promtool` with these arguments (never raises on its exit status: read returncode and the output).
+
+    stdin is fed to promtool's standard input: `run_promtool("check", "metrics", stdin=scrape_text)`.
+    """
     return subprocess.run(
-        [require_tool("promtool"), *arguments], capture_output=True, text=True, cwd=cwd, check=False, timeout=120
+        [require_tool("promtool"), *arguments],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        timeout=120,
     )
 
 
@@ -299,6 +310,19 @@ def query_prometheus(url: str, expr: str, *, at: float | None = None) -> QueryAn
         except ValueError:
             body = {"status": "error", "error": payload.decode(errors="replace")}
         return QueryAnswer(error.code, body)
+
+
+def prometheus_api(url: str, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """GET one of Prometheus's JSON endpoints (`/api/v1/rules`, `/api/v1/targets`) and return its `data`.
+
+    Raises RuntimeError when the endpoint answers anything but `"status": "success"`.
+    """
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(f"{url}{path}{query}", timeout=10) as response:
+        body = json.loads(response.read())
+    if body.get("status") != "success":
+        raise RuntimeError(f"{path}: {body.get('errorType')}: {body.get('error')}")
+    return body.get("data") or {}
 
 
 # ---------------------------------------------------------------------------------- expressions in the assets
