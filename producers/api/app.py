@@ -43,7 +43,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                   description="Queue-driven background workers for Dify apps.")
     install_error_handlers(app)
     queue_registry = CollectorRegistry()
-    queue_registry.register(QueueCollector(runtime.raw_redis, runtime.namespace))
+    queue_registry.register(QueueCollector(runtime.raw_redis, runtime.namespace, runtime.config.apps))
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
