@@ -119,6 +119,8 @@ class ScheduleConfig(Mapping):
     def _valid_cron(cls, value: str) -> str:
         if not croniter.is_valid(value):
             raise ValueError(f"is not a valid cron expression: {value!r}")
+        if "R" in value.split():
+            raise ValueError("random (R) fields are not allowed: every scheduler replica would pick another time")
         return value
 
     @field_validator("timezone")
