@@ -28,6 +28,13 @@ def _runtime() -> Runtime:
         raise SystemExit(2) from None
 
 
+def _check_redis() -> None:
+    """Refuse to start on an evicting Redis, warn about one without AOF (see worker.redis_check)."""
+    from worker.redis_check import enforce_redis_settings
+
+    enforce_redis_settings(redis_url_from_env())
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -46,6 +53,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     configure_logging("api")
     runtime = _runtime()
+    _check_redis()
     uvicorn.run(create_app(runtime), host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 
@@ -53,6 +61,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from producers.worker_command import exec_worker
 
+    _check_redis()
     return exec_worker(processes=args.processes, threads=args.threads, gevent=args.gevent)
 
 
@@ -60,7 +69,9 @@ def cmd_scheduler(_args: argparse.Namespace) -> int:
     from producers.scheduler_command import run_scheduler_process
 
     configure_logging("scheduler")
-    return run_scheduler_process(_runtime())
+    runtime = _runtime()
+    _check_redis()
+    return run_scheduler_process(runtime)
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:

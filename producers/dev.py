@@ -47,6 +47,10 @@ def _needs_emulator(raw: dict[str, Any]) -> bool:
     return not raw.get("apps")
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     configure_logging("dev")
     path = Path(os.environ.get("DIFYQ_CONFIG", "difyq.yaml"))
@@ -104,6 +108,10 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
         )
 
     threading.Thread(target=announce, name="difyq-dev-banner", daemon=True).start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # uvicorn re-raises the signal that stopped it once it has shut down; exit through `finally` then, so
+        # the worker and scheduler are stopped too.
+        signal.signal(signum, _exit_on_signal)
     try:
         server.run()
     finally:

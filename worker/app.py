@@ -14,15 +14,18 @@ from dramatiq.middleware import CurrentMessage, Middleware
 from worker.callbacks.sender import CallbackSender
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from worker.jobs.model import JobStatus
-from worker.leases import LeaseKeeper
+from worker.leases import LeaseKeeper, lease_from_env
 from worker.runner import JobRunner
 from worker.runtime import Runtime
+from worker.throttle import Throttle
 
 log = structlog.get_logger("difyq.worker")
 
 
 class DifyqWorkerMiddleware(Middleware):
-    """Starts lease upkeep with each worker process and marks jobs whose message Dramatiq dead-lettered failed."""
+    """Keeps leases for the whole life of each worker process and marks jobs whose message Dramatiq dead-lettered
+    failed. Lease upkeep stops only after the worker shut down: on SIGTERM the jobs still running finish first,
+    and a lease that lapsed meanwhile would let another worker call Dify for them a second time."""
 
     def __init__(self, runtime: Runtime, leases: LeaseKeeper):
         self.runtime = runtime
@@ -31,7 +34,7 @@ class DifyqWorkerMiddleware(Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.leases.start()
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.leases.stop()
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
@@ -49,12 +52,12 @@ class DifyqWorkerMiddleware(Middleware):
 
 def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:
     broker = runtime.build_broker()
-    leases = LeaseKeeper(runtime.store)
+    leases = LeaseKeeper(runtime.store, lease_s=lease_from_env())
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases))
     for middleware in extra_middleware or []:
         broker.add_middleware(middleware)
-    runner = JobRunner(runtime, leases)
+    runner = JobRunner(runtime, leases, Throttle(runtime))
     sender = CallbackSender(runtime)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 

@@ -33,11 +33,14 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedRedis:
-    """A private redis-server process; ``appendonly`` turns on AOF (``everysec``) so restarts keep data."""
+    """A private redis-server process; ``appendonly`` turns on AOF (``appendfsync`` everysec by default) so
+    restarts keep data."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False, directory: str | None = None):
+    def __init__(self, port: int | None = None, appendonly: bool = False, directory: str | None = None,
+                 appendfsync: str = "everysec"):
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.directory = Path(directory or tempfile.mkdtemp(prefix="difyq-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -53,7 +56,7 @@ class EmbeddedRedis:
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--maxmemory-policy", "noeviction",
             "--loglevel", "warning",
         ]

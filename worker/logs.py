@@ -51,3 +51,11 @@ def configure_logging(process: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     structlog.contextvars.bind_contextvars(process=process)
+
+
+def job_log_context(job_id: str, fields: dict[str, str]) -> dict[str, str]:
+    """The fields every log line about a job carries: its id, app and the request id it was submitted with."""
+    context = {"job_id": job_id, "app": fields.get("app", "")}
+    if fields.get("request_id"):
+        context["request_id"] = fields["request_id"]
+    return context

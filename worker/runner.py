@@ -16,7 +16,10 @@ from worker.dify.client import DifyClient, DifyRequest, DifyResult, thread_sessi
 from worker.dify.errors import DifyError
 from worker.jobs.model import FINAL_STATUSES, JobStatus
 from worker.leases import LeaseKeeper
+from worker.limits import Admission, wait_exceeded
+from worker.logs import job_log_context
 from worker.runtime import Runtime
+from worker.throttle import Throttle
 
 log = structlog.get_logger("difyq.worker")
 
@@ -45,20 +48,19 @@ def result_document(result: DifyResult) -> dict[str, Any]:
 class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
-    def __init__(self, runtime: Runtime, leases: LeaseKeeper):
+    def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle):
         self.runtime = runtime
         self.store = runtime.store
         self.config = runtime.config
         self.leases = leases
+        self.throttle = throttle
 
     def run(self, job_id: str) -> None:
         fields = self.store.fields(job_id)
         if fields is None:
             log.warning("job_missing", job_id=job_id)
             return
-        with structlog.contextvars.bound_contextvars(
-            job_id=job_id, app=fields["app"], request_id=fields.get("request_id") or None
-        ):
+        with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
             if fields["status"] in FINAL_STATUSES:
                 log.info("job_already_final", status=fields["status"])
                 return
@@ -69,11 +71,38 @@ class JobRunner:
                 return
             self._attempt(job_id, fields, app)
 
+    def _admit(self, job_id: str, fields: dict[str, str]) -> Admission | None:
+        """Take the app's rate-limit admission, or defer the job (no attempt, no worker thread held) and
+        return None; a job that would wait past ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
+        app_name = fields["app"]
+        waiting_since = float(fields["waiting_since"]) if fields.get("waiting_since") else None
+        admission = self.throttle.admit(app_name, job_id, waiting_since)
+        if admission.admitted:
+            return admission
+        now = time.time()
+        delay = self.throttle.delay(admission)
+        since = waiting_since or now
+        if wait_exceeded(since, now, delay, self.config.jobs.max_wait):
+            self.throttle.abandon(app_name, job_id)
+            self._fail(job_id, fields, {
+                "code": "rate_limit_wait_exceeded", "status": None,
+                "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
+                           f"{self.config.jobs.max_wait:.0f}s"})
+            return None
+        state = self.store.defer(job_id, delay_s=delay, waiting_since=since)
+        log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
+        return None
+
     def _attempt(self, job_id: str, fields: dict[str, str], app: AppConfig) -> None:
+        admission = self._admit(job_id, fields)
+        if admission is None:
+            return
         start = self.store.start_attempt(job_id, self.leases.lease_s)
         if start.state != "started":
+            self.throttle.release(fields["app"], admission, 0)
             log.info("job_not_started", state=start.state, status=start.status)
             return
+        self.throttle.hold(fields["app"], admission)
         app_name = fields["app"]
         if start.first:
             metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
@@ -92,13 +121,22 @@ class JobRunner:
         try:
             result = client.run(app.mode, request, on_task_id=lambda task_id: self.store.set_task_id(job_id, task_id))
         except DifyError as error:
+            self.leases.untrack(job_id)
+            self.throttle.release(app_name, admission, 0 if error.rate_limited else None)
+            if error.rate_limited:
+                self.throttle.upstream_limited(app_name)
             outcome = "timeout" if error.code == "timeout" else "error"
             metrics.dify_request_duration.labels(app=app_name, outcome=outcome).observe(time.monotonic() - started)
             metrics.dify_errors.labels(app=app_name, code=error.code).inc()
             self._on_error(job_id, fields, start.attempt, error)
             return
-        finally:
+        except BaseException:
             self.leases.untrack(job_id)
+            self.throttle.release(app_name, admission, None)
+            raise
+        self.leases.untrack(job_id)
+        self.throttle.release(app_name, admission, result.usage.total_tokens if result.usage else None)
+        self.throttle.succeeded(app_name)
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
         status = self.store.finish(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))

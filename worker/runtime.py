@@ -33,16 +33,20 @@ class Runtime:
 
     def _client(self, kind: str, **options: object) -> redis.Redis:
         if kind not in self._clients:
-            self._clients[kind] = redis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30,
-                retry_on_timeout=True, **options,
-            )
+            settings: dict[str, object] = {"socket_connect_timeout": 2, "socket_timeout": 5,
+                                           "health_check_interval": 30, "retry_on_timeout": True, **options}
+            self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
         return self._clients[kind]
 
     @property
     def redis(self) -> redis.Redis:
         """A client with decoded string replies, for job records and limits."""
         return self._client("text", decode_responses=True)
+
+    @property
+    def limits_redis(self) -> redis.Redis:
+        """For the limiter: no retry on timeout, so one acquire can never take two reservations."""
+        return self._client("limits", decode_responses=True, retry_on_timeout=False)
 
     @property
     def raw_redis(self) -> redis.Redis:

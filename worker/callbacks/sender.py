@@ -18,6 +18,7 @@ from worker.callbacks.schedule import next_delay
 from worker.callbacks.transport import pinned_session
 from worker.jobs.messages import CALLBACKS_QUEUE
 from worker.jobs.model import FINAL_STATUSES, job_resource
+from worker.logs import job_log_context
 from worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.callbacks")
@@ -64,8 +65,7 @@ class CallbackSender:
 
     def _attempt(self, job_id: str, fields: dict[str, str], state: dict[str, Any]) -> None:
         job = job_resource(fields)
-        with structlog.contextvars.bound_contextvars(job_id=job_id, app=job["app"],
-                                                     request_id=fields.get("request_id") or None):
+        with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
             attempt = deliver(fields["callback_url"], callback_body(job), job_id, self.config, session=self._session())
             attempts = int(state.get("attempts") or 0) + 1
             state.update(url=fields["callback_url"], attempts=attempts, last_status_code=attempt.status_code)

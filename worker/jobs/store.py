@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -80,6 +81,7 @@ class JobStore:
         self._cancel = client.register_script(_script("cancel"))
         self._rerun = client.register_script(_script("rerun"))
         self._replay_callback = client.register_script(_script("replay_callback"))
+        self._recover = client.register_script(_script("recover"))
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -87,6 +89,11 @@ class JobStore:
     @property
     def leases_key(self) -> str:
         return f"{self.namespace}:leases"
+
+    @property
+    def heartbeats_key(self) -> str:
+        """Dramatiq's zset of consumer (broker) ids by the time of their last call to Redis."""
+        return f"{self.namespace}:__heartbeats__"
 
     def _index_key(self, app: str | None = None) -> str:
         return f"{self.namespace}:index:app:{app}" if app else f"{self.namespace}:index:all"
@@ -205,7 +212,7 @@ class JobStore:
         now = time.time()
         reply = self._start(
             keys=[self.job_key(job_id), self.leases_key],
-            args=[repr(now), int(now * 1000), int((now + lease_s) * 1000), self.worker_id],
+            args=[repr(now), int((now + lease_s) * 1000), self.worker_id],
         )
         state = _text(reply[0])
         if state == "started":
@@ -246,16 +253,22 @@ class JobStore:
 
     def requeue(
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = "running",
-        count_field: str = "",
+        count_field: str = "", front: bool = False,
     ) -> str:
-        """Back to ``queued`` with a (delayed) message; ``cancel`` when a cancel was asked meanwhile."""
+        """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
+        cancel was asked meanwhile."""
         message = self.message(JOBS_QUEUE, job_id, delay_s)
         reply = self._requeue(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
             args=[expected, json.dumps(error) if error else "", message.redis_message_id, message.body,
-                  repr(time.time() + delay_s), count_field],
+                  repr(time.time() + delay_s), count_field, "front" if front else "end"],
         )
         return _text(reply)
+
+    def defer(self, job_id: str, *, delay_s: float, waiting_since: float) -> str:
+        """A queued job waits for a rate limit: a delayed message, no attempt spent, the first wait remembered."""
+        self.redis.hsetnx(self.job_key(job_id), "waiting_since", repr(waiting_since))
+        return self.requeue(job_id, delay_s=delay_s, expected="queued", count_field="deferrals")
 
     def cancel(self, job_id: str) -> CancelOutcome:
         fields = self.fields(job_id) or {}
@@ -307,6 +320,11 @@ class JobStore:
     def expired_leases(self, limit: int = 100) -> list[str]:
         now_ms = int(time.time() * 1000)
         return [_text(m) for m in self.redis.zrangebyscore(self.leases_key, "-inf", now_ms, start=0, num=limit)]
+
+    def recover_dead_consumers(self, dead_after_s: float, queues: Iterable[str]) -> int:
+        """Put the messages of Dramatiq consumers silent for ``dead_after_s`` back on ``queues``; how many."""
+        dead_before_ms = int((time.time() - dead_after_s) * 1000)
+        return int(self._recover(keys=[self.heartbeats_key], args=[self.namespace, dead_before_ms, *queues]))
 
     def update_callback(self, job_id: str, state: dict[str, Any]) -> None:
         self.redis.hset(self.job_key(job_id), "callback", json.dumps(state))

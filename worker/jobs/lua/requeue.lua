@@ -1,7 +1,7 @@
 -- Put a job back in the queue (a retryable error, or a lease that expired) with its next message.
 -- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies
 -- ARGV: 1 expected status ("running"), 2 error json ("" = keep), 3 redis message id, 4 message body,
---       5 next attempt at (unix seconds), 6 counter field to increment ("" = none)
+--       5 next attempt at (unix seconds), 6 counter field to increment ("" = none), 7 "front" or "end" of the queue
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= ARGV[1] then
   return status or 'missing'
@@ -19,5 +19,5 @@ if ARGV[6] ~= '' then
 end
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
-redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call(ARGV[7] == 'front' and 'LPUSH' or 'RPUSH', KEYS[3], ARGV[3])
 return 'queued:' .. count

@@ -1,6 +1,9 @@
--- Begin an attempt: queued (or running with an expired lease) becomes running with a fresh lease.
+-- Begin an attempt: queued becomes running with a fresh lease. A running job is busy while it holds a lease, even
+-- an expired one: the reaper requeues it and counts the worker loss (the poison-message bound), so a stale
+-- redelivery of a dead worker's message must not start it first. Running without any lease (a Redis that lost
+-- writes) is taken over.
 -- KEYS: 1 job hash, 2 leases zset
--- ARGV: 1 now (unix seconds), 2 now ms, 3 lease expiry ms, 4 worker id
+-- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return {'missing'}
@@ -11,12 +14,12 @@ end
 local id = redis.call('HGET', KEYS[1], 'id')
 if status == 'running' then
   local lease = redis.call('ZSCORE', KEYS[2], id)
-  if lease and tonumber(lease) > tonumber(ARGV[2]) then
+  if lease then
     return {'busy'}
   end
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local first = redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[3], id)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], id)
 return {'started', tostring(attempts), tostring(first)}

@@ -1,0 +1,174 @@
+"""Outages of what difyq depends on, each followed by recovery: Dify answers 500 for 30 s, the callback receiver
+refuses connections for a while, Redis hangs (SIGSTOP) under the API. The three run at once in one test, as
+threads, so the 30 s outage sets the test's length; each scenario returns its figures and is checked on its own."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+
+from producers.submit import submit
+from tests.support.receiver import CallbackReceiver, _Handler, _Server
+from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
+from worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
+from worker.embedded_redis import EmbeddedRedis, free_port
+from worker.jobs.model import JobRequest
+from worker.runtime import Runtime
+
+DIFY_OUTAGE_S = 30.0
+RECEIVER_OUTAGE_S = 6.0
+ANSWER_BOUND_S = 45.0  # generous: the API's Redis timeouts give about 10 s (POST) and 20 s (/readyz) today
+FLAKY = EmulatedApp(name="flaky", key="app-flaky-key-00001", mode="chat")
+STEADY = EmulatedApp(name="steady", key="app-steady-key-0001", mode="chat")
+
+
+class CallbackReceiverAt(CallbackReceiver):
+    """The test receiver on a port chosen beforehand, so callbacks can be aimed at it while it is still down."""
+
+    def __init__(self, port: int):
+        super().__init__()
+        self.fixed_port = port
+
+    def start(self) -> None:
+        server = _Server(("127.0.0.1", self.fixed_port), _Handler)
+        server.receiver = self
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+
+def calls_by_query(emulator: RunningEmulator, app: str) -> dict[str, list[float]]:
+    """Start times of the emulator's calls for ``app``, per query."""
+    found: dict[str, list[float]] = {}
+    for call in emulator.calls():
+        if call.get("app") == app and isinstance(call.get("body"), dict):
+            found.setdefault(call["body"].get("query"), []).append(call["started_at"])
+    return found
+
+
+def enqueue(runtime: Runtime, app: str, query: str, callback_url: str | None = None) -> str:
+    return submit(runtime, app=app, source="api", request=JobRequest(query=query), callback_url=callback_url,
+                  scope="test").job["id"]
+
+
+def dify_returns_500_for_30_s(runtime: Runtime, emulator: RunningEmulator) -> dict[str, Any]:
+    """Ten jobs meet 30 s of 500s; the job's own retries back off (1 s doubling to 5 s) until Dify is back."""
+    emulator.set_app("flaky", fault="http500", until=time.time() + DIFY_OUTAGE_S)
+    began = time.monotonic()
+    job_ids = [enqueue(runtime, "flaky", f"outage-{n}-{time.time_ns()}") for n in range(10)]
+    jobs = {job_id: wait_for_final(runtime, job_id, timeout=DIFY_OUTAGE_S + 40) for job_id in job_ids}
+    return {"jobs": jobs, "calls": calls_by_query(emulator, "flaky"), "took_s": time.monotonic() - began}
+
+
+def callback_receiver_down_then_up(runtime: Runtime, emulator: RunningEmulator) -> dict[str, Any]:
+    """Ten jobs finish while their callback URL refuses connections; the receiver comes up after a while."""
+    receiver = CallbackReceiverAt(free_port())
+    url = f"http://127.0.0.1:{receiver.fixed_port}/callback"
+    began = time.monotonic()
+    job_ids = [enqueue(runtime, "steady", f"callback-{n}-{time.time_ns()}", url) for n in range(10)]
+    time.sleep(RECEIVER_OUTAGE_S)
+    with receiver:
+        deadline = time.monotonic() + 30
+        while len(receiver.delivered_ids()) < len(job_ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        delivered_after_s = time.monotonic() - began
+        time.sleep(1.0)
+        jobs = {job_id: runtime.store.get(job_id) for job_id in job_ids}
+        return {"jobs": jobs, "delivered": receiver.delivered_ids(), "duplicates": receiver.duplicate_ids(),
+                "requests": len(receiver.requests), "delivered_after_s": delivered_after_s}
+
+
+def redis_hangs(namespace: str) -> dict[str, Any]:
+    """Redis stops answering (SIGSTOP: connections open, no replies, as in a network partition): the API answers
+    POST /v1/jobs and /readyz with 503 within a bounded time, /healthz at once; it accepts jobs again after."""
+    server = EmbeddedRedis().start()
+    runtime = make_runtime(server.url, namespace, {"steady": {"api_key": "x", "mode": "chat"}})
+    try:
+        with serving_api(runtime) as base:
+            def post() -> requests.Response:
+                return requests.post(f"{base}/v1/jobs", json={"app": "steady", "query": "hang"}, headers=auth(),
+                                     timeout=60)
+
+            assert post().status_code == 202
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                with ThreadPoolExecutor(3) as pool:
+                    submitted = pool.submit(timed, post)
+                    ready = pool.submit(timed, lambda: requests.get(f"{base}/readyz", timeout=60))
+                    healthy = pool.submit(timed, lambda: requests.get(f"{base}/healthz", timeout=60))
+                    outcome = {"post": submitted.result(), "readyz": ready.result(), "healthz": healthy.result()}
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            outcome["after"] = post()
+            return outcome
+    finally:
+        server.stop()
+
+
+def timed(call: Callable[[], requests.Response]) -> tuple[requests.Response, float]:
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def test_dify_callback_receiver_and_redis_outages_each_recover(redis_url: str, namespace: str) -> None:
+    with start_emulator([FLAKY, STEADY]) as emulator:
+        apps = {app.name: {"api_key": app.key, "mode": "chat", "base_url": emulator.base_url}
+                for app in (FLAKY, STEADY)}
+        runtime = make_runtime(
+            redis_url, namespace, apps,
+            jobs={"retry_min_backoff": "1s", "retry_max_backoff": "5s", "max_attempts": 12},
+            callbacks={"signing_secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "allow_hosts": ["127.0.0.0/8"],
+                       "retry_schedule": ["0.5s", "1s", "2s", "3s", "3s", "3s", "3s"], "timeout": "2s"},
+        )
+        with running_worker(runtime), ThreadPoolExecutor(3) as pool:
+            dify = pool.submit(dify_returns_500_for_30_s, runtime, emulator)
+            callbacks = pool.submit(callback_receiver_down_then_up, runtime, emulator)
+            hang = pool.submit(redis_hangs, f"{namespace}-hang")
+            check_dify_outage(dify.result())
+            check_callback_outage(callbacks.result())
+            check_redis_hang(hang.result())
+
+
+def check_dify_outage(outcome: dict[str, Any]) -> None:
+    jobs, calls = outcome["jobs"], outcome["calls"]
+    per_job = {job_id: calls[job["request"]["query"]] for job_id, job in jobs.items()}
+    gaps = [[b - a for a, b in itertools.pairwise(times)] for times in per_job.values()]
+    total = sum(len(times) for times in per_job.values())
+    print(f"\nDify 500 for {DIFY_OUTAGE_S:.0f} s: {len(jobs)} jobs succeeded after {outcome['took_s']:.1f} s with "
+          f"{total} Dify calls ({sorted(len(t) for t in per_job.values())} per job); gaps between one job's calls "
+          f"grew from {min(g[0] for g in gaps):.1f} s to {max(max(g) for g in gaps):.1f} s")
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert all(job["attempts"] == len(per_job[job_id]) for job_id, job in jobs.items())
+    assert all(3 <= len(times) <= 12 for times in per_job.values())
+    assert all(g[0] < 2 and max(g) >= 3 * g[0] for g in gaps)
+
+
+def check_callback_outage(outcome: dict[str, Any]) -> None:
+    jobs = outcome["jobs"]
+    attempts = sorted(job["callback"]["attempts"] for job in jobs.values())
+    print(f"\ncallback receiver down {RECEIVER_OUTAGE_S:.0f} s: {len(outcome['delivered'])} callbacks delivered "
+          f"{outcome['delivered_after_s']:.1f} s after the jobs were submitted, attempts per callback {attempts}, "
+          f"{outcome['requests']} requests reached the receiver, duplicates {outcome['duplicates']}")
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert sorted(outcome["delivered"]) == sorted(jobs) and outcome["duplicates"] == []
+    assert all(job["callback"]["status"] == "delivered" and job["callback"]["attempts"] > 1 for job in jobs.values())
+
+
+def check_redis_hang(outcome: dict[str, Any]) -> None:
+    (post, post_s), (ready, ready_s), (health, health_s) = outcome["post"], outcome["readyz"], outcome["healthz"]
+    print(f"\nRedis hung (SIGSTOP): POST /v1/jobs {post.status_code} after {post_s:.1f} s, /readyz "
+          f"{ready.status_code} after {ready_s:.1f} s, /healthz {health.status_code} after {health_s:.2f} s")
+    assert post.status_code == 503 and post.headers["Retry-After"] == "5" and post_s < ANSWER_BOUND_S
+    assert ready.status_code == 503 and ready.headers["Retry-After"] == "5" and ready_s < ANSWER_BOUND_S
+    assert health.status_code == 200
+    assert outcome["after"].status_code == 202
+

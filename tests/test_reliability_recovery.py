@@ -1,0 +1,200 @@
+"""Recovery building blocks on a real Redis: submit is atomic even when Redis dies mid-stream, the reaper hands back
+what a dead worker held (expired leases and its consumers' fetched messages), a stale redelivery never starts a
+job behind the reaper's back, and the redelivered and re-enqueued messages of one job call Dify once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.support.stack import make_runtime, running_worker, wait_for_final
+from worker.dify.emulator import EmulatedApp, start_emulator
+from worker.embedded_redis import EmbeddedRedis
+from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from worker.jobs.model import JobRequest, NewJob
+from worker.leases import LEASE_ENV, LeaseKeeper, lease_from_env
+from worker.runtime import Runtime
+
+APPS = {"support": {"api_key": "app-x", "mode": "chat"}}
+
+
+def new_job(query: str = "hello") -> NewJob:
+    return NewJob(app="support", source="api", request=JobRequest(query=query), scope="client:t")
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str) -> Runtime:
+    return make_runtime(redis_url, namespace, APPS)
+
+
+def fetch_as_consumer(runtime: Runtime, broker_id: str, queue: str, heartbeat_ms: int) -> list[str]:
+    """Do what a Dramatiq consumer's fetch does (pop every message id into its ack set) and set its heartbeat."""
+    client, ns = runtime.raw_redis, runtime.namespace
+    fetched = []
+    while (message_id := client.lpop(f"{ns}:{queue}")) is not None:
+        client.sadd(f"{ns}:__acks__.{broker_id}.{queue}", message_id)
+        fetched.append(message_id.decode())
+    client.zadd(f"{ns}:__heartbeats__", {broker_id: heartbeat_ms})
+    return fetched
+
+
+def queued_job_ids(runtime: Runtime, queue: str = JOBS_QUEUE) -> list[str]:
+    """The job ids of the messages waiting on ``queue``, front first."""
+    client, ns = runtime.raw_redis, runtime.namespace
+    ids = []
+    for message_id in client.lrange(f"{ns}:{queue}", 0, -1):
+        body = client.hget(f"{ns}:{queue}.msgs", message_id)
+        ids.append(json.loads(body)["args"][0])
+    return ids
+
+
+def test_the_default_lease_brings_a_dead_workers_jobs_back_within_90_s(runtime: Runtime) -> None:
+    keeper = LeaseKeeper(runtime.store, lease_s=lease_from_env({}))
+    running_back = keeper.lease_s + keeper.sweep_s
+    print(f"\ndefault lease {keeper.lease_s:.0f} s, sweep every {keeper.sweep_s:.0f} s: a killed worker's running "
+          f"jobs are queued again within {running_back:.0f} s, its prefetched ones within "
+          f"{keeper.worst_case_recovery_s:.0f} s")
+    assert (keeper.lease_s, keeper.sweep_s, keeper.dead_consumer_s) == (30, 10, 60)
+    assert running_back <= keeper.worst_case_recovery_s <= 90
+    assert lease_from_env({LEASE_ENV: "2s"}) == 2.0
+    with pytest.raises(ValueError, match=LEASE_ENV):
+        lease_from_env({LEASE_ENV: "0s"})
+
+
+def test_submit_is_atomic_even_when_redis_is_killed_mid_stream(namespace: str) -> None:
+    """There is no "record without its message" gap for the reaper to repair: submit.lua writes both in one step.
+    Four threads submit while Redis is SIGKILLed; after an AOF restart every job acknowledged to a producer exists,
+    and every job record has its message in the queue, and no message lacks its record."""
+    server = EmbeddedRedis(appendonly=True, appendfsync="always").start()  # everysec may drop the last second
+    runtime = make_runtime(server.url, namespace, APPS)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def submit_until_redis_dies(worker: int) -> None:
+        for n in range(100_000):
+            try:
+                job_id = runtime.store.submit(new_job(f"atomic {worker}-{n}")).job["id"]
+            except redis.RedisError:
+                return
+            with lock:
+                acknowledged.append(job_id)
+
+    threads = [threading.Thread(target=submit_until_redis_dies, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        server.process.kill()
+        server.process.wait()
+        for thread in threads:
+            thread.join(timeout=30)
+        server.start()
+        client, ns = runtime.raw_redis, runtime.namespace
+        records = {member.decode() for member in client.zrange(f"{ns}:index:all", 0, -1)}
+        statuses = {client.hget(runtime.store.job_key(job_id), "status") for job_id in records}
+        queued = queued_job_ids(runtime)
+        print(f"\n{len(acknowledged)} submits acknowledged before the SIGKILL, {len(records)} job records after "
+              f"the AOF restart, {len(queued)} messages queued")
+        assert len(acknowledged) > 50
+        assert set(acknowledged) <= records
+        assert statuses == {b"queued"}
+        assert sorted(queued) == sorted(records)
+        assert client.hlen(f"{ns}:{JOBS_QUEUE}.msgs") == len(records)
+    finally:
+        server.stop()
+
+
+def test_a_stale_redelivery_never_restarts_a_job_behind_the_reapers_back(runtime: Runtime) -> None:
+    """A worker died while running the job; its message comes back (Dramatiq's own maintenance, or the reaper)
+    before the reaper has seen the expired lease. Starting the job from that message would skip the worker-loss
+    count, and a poison message could crash worker after worker without ever reaching the bound."""
+    job_id = runtime.store.submit(new_job()).job["id"]
+    assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
+    time.sleep(0.1)
+    assert runtime.store.start_attempt(job_id, lease_s=30).state == "busy"
+    keeper = LeaseKeeper(runtime.store, lease_s=0.05, sweep_s=0.01)
+    assert keeper.sweep() == [job_id]
+    assert runtime.store.fields(job_id)["worker_losses"] == "1"
+    assert runtime.store.start_attempt(job_id, lease_s=30).state == "started"
+
+
+def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(runtime: Runtime) -> None:
+    """While Redis was away no worker could renew, so every lease may have lapsed; sweeping at once would hand
+    jobs that are still running to a second worker. The reaper sweeps after one lease of answers from Redis."""
+    keeper = LeaseKeeper(runtime.store, lease_s=0.3)
+    job_id = runtime.store.submit(new_job()).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=0.05)
+    time.sleep(0.1)
+    keeper.upkeep()
+    assert runtime.store.get(job_id)["status"] == "running"
+    time.sleep(0.35)
+    keeper.upkeep()
+    assert runtime.store.get(job_id)["status"] == "queued"
+    assert runtime.store.fields(job_id)["worker_losses"] == "1"
+
+
+def test_the_reaper_hands_back_what_dead_consumers_fetched(runtime: Runtime) -> None:
+    """A SIGKILLed worker's prefetched jobs, delayed retries and callbacks sit in its Dramatiq ack sets; they go
+    back to the front of their queues once its heartbeat is two leases old. A live consumer's are left alone."""
+    now_ms = int(time.time() * 1000)
+    dead_jobs = [runtime.store.submit(new_job(f"dead {n}")).job["id"] for n in range(3)]
+    fetch_as_consumer(runtime, "dead-broker", JOBS_QUEUE, now_ms - 5_000)
+    delayed = runtime.store.message(CALLBACKS_QUEUE, "job_callback", delay_s=60)
+    runtime.raw_redis.hset(delayed.bodies_key, delayed.redis_message_id, delayed.body)
+    runtime.raw_redis.rpush(delayed.queue_key, delayed.redis_message_id)
+    fetch_as_consumer(runtime, "dead-broker", f"{CALLBACKS_QUEUE}.DQ", now_ms - 5_000)
+    live_job = runtime.store.submit(new_job("live")).job["id"]
+    fetch_as_consumer(runtime, "live-broker", JOBS_QUEUE, now_ms)
+    waiting = runtime.store.submit(new_job("waiting")).job["id"]
+
+    keeper = LeaseKeeper(runtime.store, lease_s=1.0)
+    keeper.sweep()
+
+    client, ns = runtime.raw_redis, runtime.namespace
+    queued = queued_job_ids(runtime)
+    assert sorted(queued[:3]) == sorted(dead_jobs) and queued[3:] == [waiting]
+    assert queued_job_ids(runtime, f"{CALLBACKS_QUEUE}.DQ") == ["job_callback"]
+    assert not client.exists(f"{ns}:__acks__.dead-broker.{JOBS_QUEUE}", f"{ns}:__acks__.dead-broker.callbacks.DQ")
+    assert client.zscore(f"{ns}:__heartbeats__", "dead-broker") is None
+    assert client.scard(f"{ns}:__acks__.live-broker.{JOBS_QUEUE}") == 1
+    assert live_job not in queued_job_ids(runtime)
+
+
+@pytest.fixture
+def emulator() -> Iterator:
+    with start_emulator([EmulatedApp(name="chat", key="app-chat-key-0001", mode="chat")]) as running:
+        yield running
+
+
+def test_the_redelivered_and_the_reenqueued_message_call_dify_once(
+    redis_url: str, namespace: str, emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker fetched the job, started it and died. The reaper requeues the job (expired lease) and hands the
+    dead consumer's message back too: two messages, one Dify call, and the job record says who ran it."""
+    monkeypatch.setenv(LEASE_ENV, "1s")
+    apps = {"chat": {"api_key": "app-chat-key-0001", "mode": "chat", "base_url": emulator.base_url}}
+    runtime = make_runtime(redis_url, namespace, apps)
+    marker = f"twice-{time.time_ns()}"
+    job_id = runtime.store.submit(NewJob(app="chat", source="api", request=JobRequest(query=marker),
+                                         scope="client:t")).job["id"]
+    fetch_as_consumer(runtime, "dead-broker", JOBS_QUEUE, int(time.time() * 1000) - 10_000)
+    runtime.store.start_attempt(job_id, lease_s=0.2)
+    started = time.monotonic()
+    with running_worker(runtime):
+        job = wait_for_final(runtime, job_id, timeout=20)
+        recovered_after = time.monotonic() - started
+        deadline = time.monotonic() + 5
+        while runtime.raw_redis.llen(f"{namespace}:{JOBS_QUEUE}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    calls = [call for call in emulator.calls() if marker in str(call.get("body"))]
+    print(f"\nrecovered and finished {recovered_after:.1f} s after the worker started (lease 1 s)")
+    assert job["status"] == "succeeded"
+    assert not runtime.raw_redis.exists(f"{namespace}:__acks__.dead-broker.{JOBS_QUEUE}")
+    assert len(calls) == 1
+    assert job["attempts"] == 2 and runtime.store.fields(job_id)["worker_losses"] == "1"

@@ -1,0 +1,302 @@
+"""Worker deaths with real ``difyq worker`` processes ("pods": a Dramatiq master and its children, killed or stopped
+as a whole, as Kubernetes does): SIGKILL one of two pods mid-stream, SIGTERM one mid-call, and a poison job that
+kills every pod that runs it. The lease is 2 s here (``DIFYQ_JOB_LEASE``) so recovery takes seconds; the figures
+printed scale with it (30 s in production: see test_reliability_recovery)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from producers.submit import submit
+from tests.support.processes import DifyqProcesses, difyq_processes
+from tests.support.receiver import CallbackReceiver
+from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
+from worker.config import parse_config
+from worker.dify.emulator import EmulatedApp, start_emulator
+from worker.embedded_redis import free_port
+from worker.jobs.messages import JOBS_QUEUE
+from worker.jobs.model import FINAL_STATUSES, JobRequest
+from worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "2s"
+EMULATED = [
+    EmulatedApp(name="stream", key="app-stream-key-0001", mode="chat", tokens_per_second=20, answer_tokens=10),
+    EmulatedApp(name="slow", key="app-slow-key-000001", mode="chat", tokens_per_second=2, answer_tokens=16),
+    EmulatedApp(name="poison", key="app-poison-key-0001", mode="chat", tokens_per_second=1, answer_tokens=120),
+]
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator:
+    with start_emulator(EMULATED) as running:
+        yield running
+
+
+def config_for(namespace: str, emulator_url: str) -> dict[str, Any]:
+    return {
+        "apps": {app.name: {"api_key": app.key, "mode": "chat", "base_url": emulator_url} for app in EMULATED},
+        "clients": {"full": {"token": CLIENT_TOKEN, "apps": ["*"]}},
+        "callbacks": {"signing_secret": SIGNING_SECRET, "allow_hosts": ["127.0.0.0/8"],
+                      "retry_schedule": ["0.2s", "0.5s", "1s", "2s"]},
+        "jobs": {"retry_min_backoff": "0.1s", "retry_max_backoff": "0.5s"},
+        "redis": {"namespace": namespace},
+    }
+
+
+class Pods:
+    """Worker pods of one test: ``difyq worker`` masters, each in its own process group."""
+
+    def __init__(self, difyq: DifyqProcesses, threads: int):
+        self.difyq = difyq
+        self.threads = threads
+        self.started = 0
+        difyq.env[LEASE_ENV] = LEASE
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """A new pod, once its worker process is up."""
+        self.started += 1
+        process, _ = self.difyq.start_worker(processes=1, threads=self.threads, name=f"pod-{self.started}")
+        return process
+
+    def replace(self) -> subprocess.Popen[bytes]:
+        """A new pod, without waiting for it (as a restarted Kubernetes pod comes up on its own)."""
+        self.started += 1
+        return self.difyq.start(f"pod-{self.started}", "worker", "--processes", "1", "--threads", str(self.threads),
+                                env={"DIFYQ_METRICS_PORT": str(free_port()),
+                                     "PROMETHEUS_MULTIPROC_DIR": str(self.difyq.directory / f"pod-{self.started}")})
+
+    @staticmethod
+    def worker_ids(pod: subprocess.Popen[bytes]) -> set[str]:
+        """The ``worker`` field a job record gets when one of this pod's processes runs it."""
+        host = os.uname().nodename
+        try:
+            return {f"{host}:{child.pid}" for child in psutil.Process(pod.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    @staticmethod
+    def kill(pod: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the whole pod (master and children) at once."""
+        os.killpg(pod.pid, signal.SIGKILL)
+        pod.wait()
+
+
+def enqueue(runtime: Runtime, app: str, marker: str, callback_url: str | None = None) -> str:
+    return submit(runtime, app=app, source="api", request=JobRequest(query=marker), callback_url=callback_url,
+                  scope="test").job["id"]
+
+
+def unique_queries(prefix: str, count: int) -> list[str]:
+    """Unique queries, so the emulator's call log tells the jobs apart."""
+    return [f"{prefix}-{n}-{time.time_ns()}" for n in range(count)]
+
+
+def records(runtime: Runtime, job_ids: list[str]) -> dict[str, dict[str, str]]:
+    pipe = runtime.redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hgetall(runtime.store.job_key(job_id))
+    return dict(zip(job_ids, pipe.execute(), strict=True))
+
+
+def wait_until_settled(runtime: Runtime, job_ids: list[str], timeout: float) -> dict[str, dict[str, str]]:
+    """Poll until every job is final and its callback (if any) is no longer pending."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(runtime, job_ids)
+        if all(r.get("status") in FINAL_STATUSES and '"pending"' not in r.get("callback", "") for r in found.values()):
+            return found
+        if time.monotonic() > deadline:
+            stuck = {job_id: r.get("status") for job_id, r in found.items() if r.get("status") not in FINAL_STATUSES}
+            raise AssertionError(f"{len(stuck)} jobs did not settle in {timeout} s: {list(stuck.items())[:5]}")
+        time.sleep(0.1)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s")
+        time.sleep(0.05)
+
+
+def dify_calls(emulator, queries: dict[str, str]) -> dict[str, int]:
+    """Dify calls per job id, counted at the emulator by each job's unique query."""
+    jobs_by_query = {query: job_id for job_id, query in queries.items()}
+    counts = dict.fromkeys(queries, 0)
+    for call in emulator.calls():
+        body = call.get("body")
+        query = body.get("query") if isinstance(body, dict) else None
+        if query in jobs_by_query:
+            counts[jobs_by_query[query]] += 1
+    return counts
+
+
+def dead_consumer_jobs(runtime: Runtime, killed_at_ms: int) -> set[str]:
+    """The jobs whose messages sit in the ack sets of consumers silent since the kill."""
+    client, ns = runtime.raw_redis, runtime.namespace
+    silent = [member.decode() for member in client.zrangebyscore(f"{ns}:__heartbeats__", "-inf", killed_at_ms)]
+    held = set()
+    for broker in silent:
+        for message_id in client.smembers(f"{ns}:__acks__.{broker}.{JOBS_QUEUE}"):
+            body = client.hget(f"{ns}:{JOBS_QUEUE}.msgs", message_id)
+            if body:
+                held.add(json.loads(body)["args"][0])
+    return held
+
+
+def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
+    tmp_path: Path, redis_url: str, namespace: str, emulator
+) -> None:
+    """200 half-second jobs stream into two pods of 8 threads; one pod is SIGKILLed with its threads busy. Its
+    running jobs come back through their expired leases, its prefetched ones through the reaper's hand-back of
+    the dead consumer's messages; every job succeeds with one delivered callback, and the only duplicate Dify
+    calls are the ones the dead pod had in flight."""
+    config = config_for(namespace, emulator.base_url)
+    runtime = Runtime(parse_config(config), redis_url)
+    with difyq_processes(tmp_path, redis_url, config) as difyq, CallbackReceiver() as receiver:
+        pods = Pods(difyq, threads=8)
+        victim, survivor = pods.start(), pods.start()
+        queries: dict[str, str] = {}
+
+        def stream_jobs() -> None:
+            for n in range(200):
+                query = f"sigkill-{n}-{time.time_ns()}"
+                queries[enqueue(runtime, "stream", query, receiver.url)] = query
+                time.sleep(0.02)
+
+        started = time.monotonic()
+        producer = threading.Thread(target=stream_jobs)
+        producer.start()
+        victim_ids = pods.worker_ids(victim)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            snapshot = records(runtime, list(queries))
+            running = [r for r in snapshot.values() if r.get("status") == "running" and r.get("worker") in victim_ids]
+            done = [r for r in snapshot.values() if r.get("status") in FINAL_STATUSES]
+            if len(running) >= 6 and len(done) >= 20:
+                break
+            time.sleep(0.05)
+        killed_at, killed_at_ms = time.monotonic(), int(time.time() * 1000)
+        Pods.kill(victim)
+        at_kill = records(runtime, list(queries))
+        in_flight = {job_id for job_id, r in at_kill.items()
+                     if r.get("status") == "running" and r.get("worker") in victim_ids}
+        time.sleep(1.0)
+        held = {job_id for job_id in dead_consumer_jobs(runtime, killed_at_ms)
+                if at_kill.get(job_id, {}).get("status") not in FINAL_STATUSES} | in_flight
+        recovered_at: dict[str, float] = {}
+        while set(recovered_at) != held and time.monotonic() < killed_at + 60:
+            for job_id, record in records(runtime, sorted(held - set(recovered_at))).items():
+                if record.get("status") in FINAL_STATUSES or record.get("worker") not in victim_ids | {None}:
+                    recovered_at[job_id] = time.monotonic() - killed_at
+            time.sleep(0.05)
+        producer.join()
+        settled = wait_until_settled(runtime, list(queries), timeout=90)
+        total_s = time.monotonic() - started
+        assert survivor.poll() is None
+
+    calls = dify_calls(emulator, queries)
+    duplicates = sum(count - 1 for count in calls.values() if count > 1)
+    prefetched = held - in_flight
+    lease_path = max((recovered_at[j] for j in in_flight if j in recovered_at), default=0.0)
+    prefetch_path = max((recovered_at[j] for j in prefetched if j in recovered_at), default=0.0)
+    print(f"\nSIGKILL of pod-1 with {len(in_flight)} jobs running and {len(prefetched)} prefetched "
+          f"({len(queries)} jobs in all, lease {LEASE}): running jobs started again elsewhere within "
+          f"{lease_path:.1f} s (lease path), prefetched ones within {prefetch_path:.1f} s (dead-consumer path); "
+          f"{duplicates} duplicate Dify calls (bound: {len(in_flight)} in flight); all settled in {total_s:.1f} s")
+    assert len(queries) == 200 and in_flight
+    assert set(recovered_at) == held, f"not recovered: {sorted(held - set(recovered_at))}"
+    assert max(recovered_at.values()) < 30
+    assert {r["status"] for r in settled.values()} == {"succeeded"}
+    assert sorted(receiver.delivered_ids()) == sorted(queries)
+    assert all(count >= 1 for count in calls.values())
+    assert duplicates <= len(in_flight)
+
+
+def test_sigterm_finishes_running_jobs_and_hands_back_the_rest_without_a_duplicate_call(
+    tmp_path: Path, redis_url: str, namespace: str, emulator
+) -> None:
+    """Pod 1 runs two 8 s calls and holds two prefetched jobs when it gets SIGTERM; pod 2 is up. Pod 1 finishes
+    its calls (its leases stay renewed meanwhile, so pod 2's reaper leaves them alone) and hands the prefetched
+    jobs back to pod 2; every job is one Dify call."""
+    config = config_for(namespace, emulator.base_url)
+    runtime = Runtime(parse_config(config), redis_url)
+    with difyq_processes(tmp_path, redis_url, config) as difyq:
+        pods = Pods(difyq, threads=2)
+        stopping = pods.start()
+        stopping_ids = pods.worker_ids(stopping)
+        running = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("sigterm-running", 2)}
+        wait_for(lambda: all(r.get("status") == "running" for r in records(runtime, sorted(running)).values()))
+        prefetched = {enqueue(runtime, "stream", marker): marker for marker in unique_queries("sigterm-prefetched", 2)}
+        wait_for(lambda: runtime.raw_redis.llen(f"{namespace}:{JOBS_QUEUE}") == 0)
+        pods.start()
+        stop_started = time.monotonic()
+        exit_code = difyq.stop(stopping, timeout=30)
+        stop_s = time.monotonic() - stop_started
+        settled = wait_until_settled(runtime, sorted(running | prefetched), timeout=30)
+
+    calls = dify_calls(emulator, running | prefetched)
+    print(f"\nSIGTERM with {len(running)} calls in flight and {len(prefetched)} jobs prefetched: the pod stopped in "
+          f"{stop_s:.1f} s (exit {exit_code}); Dify calls per job {sorted(calls.values())}")
+    assert exit_code == 0
+    assert {r["status"] for r in settled.values()} == {"succeeded"}
+    assert set(calls.values()) == {1}
+    assert all(settled[job_id]["worker"] in stopping_ids for job_id in running)
+    assert all(settled[job_id]["worker"] not in stopping_ids for job_id in prefetched)
+    assert not any("worker_losses" in r for r in settled.values())
+
+
+def test_a_job_that_kills_every_worker_running_it_fails_after_a_bounded_number_of_crashes(
+    tmp_path: Path, redis_url: str, namespace: str, emulator
+) -> None:
+    """Whichever pod starts the poison job dies (SIGKILLed from outside, as an OOM kill would) and is replaced;
+    the job ends failed ``worker_lost`` after MAX_WORKER_LOSSES + 1 crashes, its failure callback is delivered,
+    and the other jobs are not held up."""
+    config = config_for(namespace, emulator.base_url)
+    runtime = Runtime(parse_config(config), redis_url)
+    with difyq_processes(tmp_path, redis_url, config) as difyq, CallbackReceiver() as receiver:
+        pods = Pods(difyq, threads=2)
+        live = [pods.start(), pods.start()]
+        started = time.monotonic()
+        poison = enqueue(runtime, "poison", f"poison-{time.time_ns()}", receiver.url)
+        crashes = 0
+        healthy: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            record = runtime.store.fields(poison) or {}
+            if record.get("status") in FINAL_STATUSES:
+                break
+            if record.get("status") == "running":
+                host = next((pod for pod in live if record.get("worker") in pods.worker_ids(pod)), None)
+                if host is not None:
+                    Pods.kill(host)
+                    crashes += 1
+                    healthy.append(enqueue(runtime, "stream", f"healthy-{crashes}-{time.time_ns()}"))
+                    live[live.index(host)] = pods.replace()
+            time.sleep(0.05)
+        failed_after_s = time.monotonic() - started
+        settled = wait_until_settled(runtime, [poison, *healthy], timeout=60)
+        receiver.wait_for(1, timeout=20)
+
+    poisoned = runtime.store.get(poison)
+    print(f"\npoison job: {crashes} worker crashes, failed {poisoned['error']['code']} after {failed_after_s:.1f} s "
+          f"(lease {LEASE}); attempts {poisoned['attempts']}")
+    assert poisoned["status"] == "failed" and poisoned["error"]["code"] == "worker_lost"
+    assert crashes == MAX_WORKER_LOSSES + 1
+    assert settled[poison]["worker_losses"] == str(MAX_WORKER_LOSSES + 1)
+    assert poisoned["callback"]["status"] == "delivered" and receiver.delivered_ids() == [poison]
+    assert all(settled[job_id]["status"] == "succeeded" for job_id in healthy)

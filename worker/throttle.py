@@ -1,0 +1,87 @@
+"""Throttle: the runner's view of the per-key limits — admit or defer a job, release its reservation with the
+real token usage, cool a key down after an upstream 429, and keep the remaining-capacity gauge fresh."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from worker.limits import (
+    Admission,
+    KeyLimiter,
+    deferral_delay,
+    publish_remaining,
+    record_deferral,
+    record_upstream_limited,
+    shared_limits,
+)
+from worker.runtime import Runtime
+
+SLOT_LEASE_S = 60.0
+REMAINING_EVERY_S = 5.0
+
+
+class Throttle:
+    def __init__(self, runtime: Runtime, limiter: KeyLimiter | None = None):
+        self.limiter = limiter or KeyLimiter(runtime.limits_redis, runtime.namespace)
+        self.limits = shared_limits(runtime.config.apps)
+        self.key_ids = {name: self.limiter.key_id(app.api_key.get_secret_value())
+                        for name, app in runtime.config.apps.items()}
+        self._published: dict[str, float] = {}
+        self._held: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, app: str, ticket: str, waiting_since: float | None) -> Admission:
+        """Admit one Dify call for ``app`` now (one round trip), or say how long to wait."""
+        key_id, limits = self.key_ids[app], self.limits[app]
+        admission = self.limiter.acquire(
+            key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=SLOT_LEASE_S,
+            ticket=ticket, waiting_since=waiting_since,
+        )
+        if admission.limit != "upstream":
+            record_deferral(app, admission)  # limit="upstream" counts the 429s themselves (upstream_limited)
+        self._publish(app)
+        return admission
+
+    def delay(self, admission: Admission) -> float:
+        return deferral_delay(admission)
+
+    def hold(self, app: str, admission: Admission) -> None:
+        """Keep renewing this admission's slot lease (``renew_held``) until it is released."""
+        if admission.reservation:
+            with self._lock:
+                self._held[admission.reservation] = (self.key_ids[app], admission.reservation)
+
+    def renew_held(self) -> None:
+        """Renew the slot lease of every call this process runs; a dead process's slots lapse in SLOT_LEASE_S."""
+        with self._lock:
+            held = list(self._held.values())
+        for key_id, reservation in held:
+            self.limiter.renew(key_id, reservation, SLOT_LEASE_S)
+
+    def release(self, app: str, admission: Admission, actual_tokens: int | None) -> None:
+        key_id = self.key_ids[app]
+        if actual_tokens:
+            self.limiter.tokens.observe(key_id, actual_tokens)
+        if admission.reservation:
+            with self._lock:
+                self._held.pop(admission.reservation, None)
+            self.limiter.release(key_id, admission.reservation, actual_tokens)
+
+    def abandon(self, app: str, ticket: str) -> None:
+        self.limiter.abandon(self.key_ids[app], ticket)
+
+    def upstream_limited(self, app: str) -> float:
+        record_upstream_limited(app)
+        return self.limiter.report_upstream_limited(self.key_ids[app])
+
+    def succeeded(self, app: str) -> None:
+        self.limiter.report_success(self.key_ids[app])
+
+    def _publish(self, app: str) -> None:
+        limits = self.limits[app]
+        now = time.monotonic()
+        if limits is None or now - self._published.get(app, 0.0) < REMAINING_EVERY_S:
+            return
+        self._published[app] = now
+        publish_remaining(app, self.limiter.remaining(self.key_ids[app], limits))
