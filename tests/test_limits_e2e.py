@@ -3,15 +3,22 @@ hold across processes, keys do not slow each other, a Dify 429 cools the key dow
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
+from producers.submit import submit
 from tests.support.processes import difyq_processes
-from tests.support.stack import CLIENT_TOKEN, auth
+from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
+from worker.config import AppLimits
 from worker.dify.emulator import EmulatedApp, start_emulator
+from worker.jobs.model import JobRequest
+from worker.limits import KeyLimiter
 
 pytestmark = pytest.mark.e2e
 
@@ -94,9 +101,6 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
 
 
 def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace: str) -> None:
-    from producers.submit import submit
-    from tests.support.stack import make_runtime, running_worker, wait_for_final
-    from worker.jobs.model import JobRequest
 
     apps = [EmulatedApp(name="hot", key="app-hot-key-000001", mode="chat", fault="http429"),
             EmulatedApp(name="cool", key="app-cool-key-00001", mode="chat")]
@@ -123,3 +127,35 @@ def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace
           f"would allow {int(window_s / 0.05) * 8}; bound {rounds * 8}")
     assert len(hot_calls) <= rounds * len(hot)
     assert runtime.store.get(hot[0])["status"] in ("queued", "running", "failed")
+
+
+def test_slots_of_a_killed_worker_come_back_within_the_lease(tmp_path: Path, redis_url: str, namespace: str) -> None:
+
+    key = "app-hanging-key-01"
+    with start_emulator([EmulatedApp(name="hanging", key=key, mode="chat", fault="hang")]) as emulator:
+        config = {
+            "apps": {"hanging": {"api_key": key, "mode": "chat", "base_url": emulator.base_url,
+                                 "limits": {"max_concurrency": 2}}},
+            "clients": {"all": {"token": CLIENT_TOKEN, "apps": ["*"]}},
+            "redis": {"namespace": namespace},
+        }
+        limiter = KeyLimiter(redis.Redis.from_url(redis_url), namespace)
+        limits = AppLimits(max_concurrency=2)
+        with difyq_processes(tmp_path, redis_url, config) as difyq:
+            difyq.env["DIFYQ_JOB_LEASE"] = "1s"
+            base = difyq.start_api()
+            worker, _ = difyq.start_worker(processes=1, threads=4)
+            submit_many(base, "hanging", 3, "hang")
+            deadline = time.monotonic() + 20
+            while limiter.remaining(limiter.key_id(key), limits)["concurrency"] > 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 0
+            time.sleep(3)
+            assert limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 0, "held slots are renewed"
+            killed = time.monotonic()
+            os.killpg(worker.pid, signal.SIGKILL)
+            while limiter.remaining(limiter.key_id(key), limits)["concurrency"] < 2 and time.monotonic() < killed + 20:
+                time.sleep(0.05)
+            back_s = time.monotonic() - killed
+    print(f"slots of the SIGKILLed worker free again after {back_s:.1f}s (slot lease 2s)")
+    assert limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 2

@@ -105,8 +105,6 @@ def test_an_evicting_redis_is_refused_at_start_unless_overridden(tmp_path: Path,
     assert "redis_settings_unsafe_overridden" in logs["api-overridden"]
 
 
-@pytest.mark.xfail(strict=True, reason="producers/api/jobs.py create_job (async) calls submit() on the event loop, "
-                                       "so a hung Redis stalls every request, /healthz included")
 def test_the_api_keeps_answering_health_checks_while_redis_hangs(namespace: str) -> None:
     server = EmbeddedRedis().start()
     runtime = make_runtime(server.url, namespace, {"support": {"api_key": "x", "mode": "chat"}})

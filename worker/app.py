@@ -57,7 +57,9 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases))
     for middleware in extra_middleware or []:
         broker.add_middleware(middleware)
-    runner = JobRunner(runtime, leases, Throttle(runtime))
+    throttle = Throttle(runtime, slot_lease_s=2 * leases.lease_s)
+    leases.also_renew(throttle.renew_held)
+    runner = JobRunner(runtime, leases, throttle)
     sender = CallbackSender(runtime)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 

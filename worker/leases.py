@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import redis
 import structlog
@@ -67,6 +67,11 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected_since: float | None = None
+        self._renewals: list[Callable[[], None]] = []
+
+    def also_renew(self, renew: Callable[[], None]) -> None:
+        """Call ``renew`` on every upkeep round too (the rate limiter's concurrency slots ride on this)."""
+        self._renewals.append(renew)
 
     @property
     def worst_case_recovery_s(self) -> float:
@@ -107,6 +112,8 @@ class LeaseKeeper:
         with self._lock:
             running = list(self._running)
         self.store.renew_leases(running, self.lease_s)
+        for renew in self._renewals:
+            renew()
         now = time.monotonic()
         if self._connected_since is None:
             self.store.redis.ping()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import redis
 import structlog
 
 from worker import metrics
@@ -139,7 +141,8 @@ class JobRunner:
         self.throttle.succeeded(app_name)
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
-        status = self.store.finish(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))
+        status = self._durably(lambda: self.store.finish(job_id, fields, JobStatus.SUCCEEDED,
+                                                         result=result_document(result)))
         self._finished(fields, status)
 
     def _dify_request(self, fields: dict[str, str], app: AppConfig) -> DifyRequest:
@@ -173,14 +176,29 @@ class JobRunner:
                     message=error.message[:500])
         if error.retryable and attempt < jobs.max_attempts:
             delay = retry_delay(attempt, jobs.retry_min_backoff, jobs.retry_max_backoff, error.retry_after)
-            state = self.store.requeue(job_id, delay_s=delay, error=error.as_dict())
+            state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=error.as_dict()))
             if state != "cancel":
                 log.info("job_retry_scheduled", delay_s=round(delay, 3), attempt=attempt)
                 return
-            status = self.store.finish(job_id, fields, JobStatus.CANCELED, error=error.as_dict())
+            status = self._durably(lambda: self.store.finish(job_id, fields, JobStatus.CANCELED, error=error.as_dict()))
         else:
-            status = self.store.finish(job_id, fields, JobStatus.FAILED, error=error.as_dict())
+            status = self._durably(lambda: self.store.finish(job_id, fields, JobStatus.FAILED, error=error.as_dict()))
         self._finished(fields, status)
+
+    def _durably(self, write: Callable[[], str]) -> str:
+        """A store write after a Dify call, retried through a Redis blip of up to one lease, so a finished call is
+        not made again just because Redis was briefly away (the reaper waits a whole lease after an outage)."""
+        deadline = time.monotonic() + self.leases.lease_s
+        pause = 0.1
+        while True:
+            try:
+                return write()
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("store_write_retrying", pause_s=pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def _fail(self, job_id: str, fields: dict[str, str], error: dict[str, Any]) -> None:
         status = self.store.finish(job_id, fields, JobStatus.FAILED, error=error)

@@ -8,6 +8,8 @@ from functools import cached_property
 
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 from worker.config import Config, load_config
 from worker.jobs.store import JobStore
@@ -33,8 +35,10 @@ class Runtime:
 
     def _client(self, kind: str, **options: object) -> redis.Redis:
         if kind not in self._clients:
-            settings: dict[str, object] = {"socket_connect_timeout": 2, "socket_timeout": 5,
-                                           "health_check_interval": 30, "retry_on_timeout": True, **options}
+            settings: dict[str, object] = {
+                "socket_connect_timeout": 2, "socket_timeout": 2, "health_check_interval": 30,
+                "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1), **options,
+            }
             self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
         return self._clients[kind]
 
@@ -45,8 +49,8 @@ class Runtime:
 
     @property
     def limits_redis(self) -> redis.Redis:
-        """For the limiter: no retry on timeout, so one acquire can never take two reservations."""
-        return self._client("limits", decode_responses=True, retry_on_timeout=False)
+        """For the limiter: no retry, so one acquire can never take two reservations."""
+        return self._client("limits", decode_responses=True, retry=Retry(NoBackoff(), 0))
 
     @property
     def raw_redis(self) -> redis.Redis:

@@ -17,12 +17,14 @@ from worker.limits import (
 )
 from worker.runtime import Runtime
 
-SLOT_LEASE_S = 60.0
 REMAINING_EVERY_S = 5.0
 
 
 class Throttle:
-    def __init__(self, runtime: Runtime, limiter: KeyLimiter | None = None):
+    """``slot_lease_s``: how long a concurrency slot outlives its holder's last renewal (``renew_held``)."""
+
+    def __init__(self, runtime: Runtime, slot_lease_s: float, limiter: KeyLimiter | None = None):
+        self.slot_lease_s = slot_lease_s
         self.limiter = limiter or KeyLimiter(runtime.limits_redis, runtime.namespace)
         self.limits = shared_limits(runtime.config.apps)
         self.key_ids = {name: self.limiter.key_id(app.api_key.get_secret_value())
@@ -35,7 +37,7 @@ class Throttle:
         """Admit one Dify call for ``app`` now (one round trip), or say how long to wait."""
         key_id, limits = self.key_ids[app], self.limits[app]
         admission = self.limiter.acquire(
-            key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=SLOT_LEASE_S,
+            key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=self.slot_lease_s,
             ticket=ticket, waiting_since=waiting_since,
         )
         if admission.limit != "upstream":
@@ -53,11 +55,11 @@ class Throttle:
                 self._held[admission.reservation] = (self.key_ids[app], admission.reservation)
 
     def renew_held(self) -> None:
-        """Renew the slot lease of every call this process runs; a dead process's slots lapse in SLOT_LEASE_S."""
+        """Renew the slot lease of every call this process runs; a dead process's slots lapse in slot_lease_s."""
         with self._lock:
             held = list(self._held.values())
         for key_id, reservation in held:
-            self.limiter.renew(key_id, reservation, SLOT_LEASE_S)
+            self.limiter.renew(key_id, reservation, self.slot_lease_s)
 
     def release(self, app: str, admission: Admission, actual_tokens: int | None) -> None:
         key_id = self.key_ids[app]

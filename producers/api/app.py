@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
-from producers.api.errors import error_response, install_error_handlers
+from producers.api.errors import error_response, error_responses, install_error_handlers
 from producers.api.jobs import build_jobs_router
 from producers.hooks import HookDeliveries, build_hooks_router
 from producers.submit import submit
@@ -67,7 +67,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], responses=error_responses(503))
     async def readyz() -> JSONResponse:
         try:
             await run_in_threadpool(runtime.redis.ping)

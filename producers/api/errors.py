@@ -9,9 +9,34 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger("difyq.api")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body the API sends."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    401: "missing or invalid client token", 403: "this client may not use the app", 404: "not found",
+    409: "not possible in the job's current state", 413: "body over the size limit", 415: "unsupported content type",
+    422: "invalid request; `field` names what is wrong", 503: "Redis is unreachable; retry after `Retry-After`",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error statuses a route sends."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
 class ApiError(Exception):

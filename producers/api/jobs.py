@@ -8,10 +8,11 @@ import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from producers.api.auth import authenticate
 from producers.api.body import parse_json_object, read_body
-from producers.api.errors import ApiError, field_path
+from producers.api.errors import ApiError, error_responses, field_path
 from producers.submit import SubmitRejected, submit
 from worker.dify.client import DifyClient
 from worker.dify.errors import DifyError
@@ -33,7 +34,7 @@ class JobSubmission(BaseModel):
     user: str | None = Field(default=None, min_length=1, max_length=256)
     conversation_id: str | None = Field(default=None, max_length=64)
     files: list[dict[str, Any]] | None = None
-    callback_url: str | None = Field(default=None, max_length=2048)
+    callback_url: str | None = Field(default=None, max_length=2048, json_schema_extra={"format": "uri"})
     metadata: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
 
@@ -43,7 +44,7 @@ def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | No
 
 
 def build_jobs_router(runtime: Runtime) -> APIRouter:
-    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
     config = runtime.config
 
     def visible(request: Request, job_id: str) -> dict[str, Any]:
@@ -59,7 +60,8 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": JobSubmission.model_json_schema(ref_template="#/components/schemas/{model}")}
         }}},
-        responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"}},
+        responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"},
+                   **error_responses(403, 404, 413, 422)},
     )
     async def create_job(request: Request) -> JSONResponse:
         client_name, client = authenticate(config, request)
@@ -81,8 +83,8 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
         job_request = JobRequest(query=body.query, inputs=body.inputs, user=body.user,
                                  conversation_id=body.conversation_id, files=body.files, metadata=body.metadata)
         try:
-            outcome = submit(
-                runtime, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
+            outcome = await run_in_threadpool(
+                submit, runtime, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
                 idempotency_key=header_key or body.idempotency_key, scope=f"client:{client_name}",
                 request_id=request.state.request_id,
             )
@@ -94,7 +96,7 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
             return _job_response(outcome.job, 202)
         return _job_response(outcome.job, 200, {"Idempotent-Replayed": "true"})
 
-    @router.get("")
+    @router.get("", responses=error_responses(422))
     def list_jobs(
         request: Request,
         status: Annotated[JobStatus | None, Query()] = None,
@@ -113,11 +115,11 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
         )
         return {"jobs": jobs, "next_cursor": next_cursor}
 
-    @router.get("/{job_id}")
+    @router.get("/{job_id}", responses=error_responses(404))
     def get_job(request: Request, job_id: str) -> dict[str, Any]:
         return visible(request, job_id)
 
-    @router.delete("/{job_id}")
+    @router.delete("/{job_id}", responses=error_responses(404))
     def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
         outcome = runtime.store.cancel(job_id)
@@ -125,7 +127,7 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
             stop_dify_task(runtime, job, outcome.task_id)
         return runtime.store.get(job_id) or job
 
-    @router.post("/{job_id}/callback/retry", status_code=202)
+    @router.post("/{job_id}/callback/retry", status_code=202, responses=error_responses(404, 409))
     def retry_callback(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
         if job["callback"]["status"] == "none":
