@@ -23,7 +23,7 @@ from redis import Redis
 
 from producers.scheduler import FireRecord, Scheduler, run_scheduler
 from producers.schedules.timetable import Timetable
-from worker.config import ScheduleConfig, parse_config
+from worker.config import ConfigError, ScheduleConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2024, 1, 1, 12, 0, 0, 500_000, tzinfo=UTC)
@@ -479,9 +479,12 @@ def test_interval_metric_is_the_longest_gap_between_fires(redis_client, namespac
     assert REGISTRY.get_sample_value("difyq_schedule_interval_seconds", {"schedule": name}) == interval_s
 
 
-def test_random_cron_fields_are_refused(redis_client, namespace):
-    with pytest.raises(ValueError, match=r"schedules\.lottery\.cron: random"):
-        Scheduler({"lottery": every("R * * * *")}, redis_client, namespace, Recorder())
+@pytest.mark.parametrize("cron", ["R * * * *", "0 R(1-5) * * *"])
+def test_random_cron_fields_are_refused_by_the_config(cron):
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"apps": {"demo": {"api_key": "k", "mode": "chat"}},
+                      "schedules": {"lottery": {"cron": cron, "app": "demo"}}})
+    assert caught.value.problems[0].startswith("schedules.lottery.cron: random (R) fields are not allowed")
 
 
 def test_the_lease_must_outlast_two_ticks(redis_client, namespace):

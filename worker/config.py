@@ -20,7 +20,13 @@ AppMode = Literal["chat", "agent", "advanced-chat", "completion", "workflow"]
 VerifyScheme = Literal["github", "stripe", "standard", "hmac-sha256", "token", "none"]
 
 DEFAULT_CONFIG_PATH = "difyq.yaml"
+_RANDOM_CRON_FIELD = re.compile(r"[Rr](\(\d+-\d+\))?(/\d+)?")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def has_random_field(expression: str) -> bool:
+    """True for croniter's random ``R`` fields, which every scheduler replica would resolve differently."""
+    return any(_RANDOM_CRON_FIELD.fullmatch(part) for field in expression.split() for part in field.split(","))
 
 
 class Strict(BaseModel):
@@ -119,7 +125,7 @@ class ScheduleConfig(Mapping):
     def _valid_cron(cls, value: str) -> str:
         if not croniter.is_valid(value):
             raise ValueError(f"is not a valid cron expression: {value!r}")
-        if "R" in value.split():
+        if has_random_field(value):
             raise ValueError("random (R) fields are not allowed: every scheduler replica would pick another time")
         return value
 

@@ -16,12 +16,13 @@ Six fields are croniter's optional seconds field, which comes last (``* * * * * 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
+
+from worker.config import has_random_field
 
 ALIASES = {
     "@yearly": "0 0 1 1 *",
@@ -32,7 +33,6 @@ ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-_RANDOM_FIELD = re.compile(r"[Rr](\(\d+-\d+\))?(/\d+)?")
 _ONE_SECOND = timedelta(seconds=1)
 _INTERVAL_HORIZON = timedelta(days=8)
 _INTERVAL_MIN_GAPS = 12
@@ -47,7 +47,7 @@ class Timetable:
         self.expression = ALIASES.get(normalized.lower(), normalized)
         if not croniter.is_valid(self.expression):
             raise ValueError(f"is not a valid cron expression: {expression!r}")
-        if any(_RANDOM_FIELD.fullmatch(part) for field in self.expression.split() for part in field.split(",")):
+        if has_random_field(self.expression):
             raise ValueError(f"random (R) cron fields would differ between replicas: {expression!r}")
         self.zone = ZoneInfo(timezone)
         hours = croniter(self.expression, datetime(2000, 1, 1)).expanded[1]
