@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 import requests
 import structlog
 
@@ -55,8 +56,12 @@ class CallbackSender:
         if state.get("status") in ("delivered", "failed"):
             return
         lock = f"{self.store.namespace}:callback-lock:{job_id}"
-        if not self.store.redis.set(lock, "1", nx=True, px=int((self.config.timeout + 30) * 1000)):
-            log.info("callback_already_in_progress", job_id=job_id)
+        if not self.store.redis.set(lock, "1", nx=True, px=int((self.config.timeout + 5) * 1000)):
+            # Another attempt is under way, or its worker died holding the lock: look again once the lock has
+            # lapsed rather than drop this message (it may be the only one left for this callback).
+            wait_s = max(self.store.redis.pttl(lock), 100) / 1000
+            log.info("callback_already_in_progress", job_id=job_id, retry_in_s=round(wait_s, 3))
+            self._enqueue(job_id, wait_s)
             return
         try:
             self._attempt(job_id, fields, state)
@@ -91,9 +96,16 @@ class CallbackSender:
         pipe = self.store.redis.pipeline(transaction=True)
         pipe.hset(self.store.job_key(job_id), "callback", json.dumps(state))
         if delay is not None:
-            message = self.store.message(CALLBACKS_QUEUE, job_id, delay)
-            pipe.hset(message.bodies_key, message.redis_message_id, message.body)
-            pipe.rpush(message.queue_key, message.redis_message_id)
+            self._enqueue(job_id, delay, pipe)
         elif state["status"] == "failed":
             pipe.zadd(self.store.callback_dead_letters_key, {job_id: time.time()})
         pipe.execute()
+
+    def _enqueue(self, job_id: str, delay_s: float, pipe: redis.client.Pipeline | None = None) -> None:
+        """A delayed ``deliver_callback`` message, in ``pipe`` when given."""
+        message = self.store.message(CALLBACKS_QUEUE, job_id, delay_s)
+        target = pipe if pipe is not None else self.store.redis.pipeline(transaction=True)
+        target.hset(message.bodies_key, message.redis_message_id, message.body)
+        target.rpush(message.queue_key, message.redis_message_id)
+        if pipe is None:
+            target.execute()
