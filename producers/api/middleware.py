@@ -1,0 +1,63 @@
+"""RequestContext: a pure ASGI middleware (no BaseHTTPMiddleware task hop per request) that gives every request
+an id (``X-Request-ID`` in and out, bound to every log line), records the HTTP metrics by route template, and
+turns an unexpected exception into the API's 500 error body."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from producers.api.errors import error_response
+from worker import metrics
+
+log = structlog.get_logger("difyq.api")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = (_header(scope, b"x-request-id") or uuid.uuid4().hex)[:128]
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                log.exception("request_failed", path=scope.get("path"))
+                if not status["sent"]:
+                    await error_response(500, "internal_error", "unexpected error; see the API logs")(
+                        scope, receive, send_with_id)
+        route = _route_template(scope)
+        method = scope.get("method", "")
+        metrics.http_requests.labels(method=method, route=route, status=str(status["code"])).inc()
+        metrics.http_request_duration.labels(method=method, route=route).observe(time.perf_counter() - started)
+
+
+def _route_template(scope: dict[str, Any]) -> str:
+    """The matched route's path template (``/v1/jobs/{job_id}``), never the raw path: labels stay bounded."""
+    route = scope.get("route")
+    return getattr(route, "path", "unmatched") if route is not None else "unmatched"
