@@ -1,0 +1,185 @@
+"""One measured step: open-loop load at a rate, wait for the callbacks, and turn timestamps into numbers.
+
+Every latency is measured from the job's ``intended`` submit time. ``e2e`` ends at the callback's arrival at the
+sink; ``submit`` at the answer to the submit (HTTP 202 for difyq, the enqueue's return for the baselines);
+``overhead`` is ``e2e`` minus the emulator's own time for that job's call (its call record, matched by the token
+in the query), so what remains is what the pipeline adds. A job whose callback never came counts as infinitely
+late: it fails any percentile it reaches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tests.bench.loadgen import Submission, open_loop
+from tests.bench.stack import BenchEnvironment, DifyqPipeline, Pipeline, cost_between
+
+QUANTILES = (50, 90, 99, 99.9)
+
+
+def summary(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
+    """p50/p90/p99/p99.9, mean and max of ``values`` (seconds) in milliseconds; infinities stay infinite."""
+    if not values:
+        return {"n": 0, **{f"p{q:g}": None for q in QUANTILES}, "mean": None, "max": None}
+    data = np.asarray(values, dtype=float)
+    finite = data[np.isfinite(data)]
+    result: dict[str, float | None] = {"n": len(values)}
+    for q in QUANTILES:
+        value = float(np.percentile(data, q, method="higher"))
+        result[f"p{q:g}"] = value * scale if math.isfinite(value) else math.inf
+    result["mean"] = float(finite.mean()) * scale if finite.size else None
+    result["max"] = float(data.max()) * scale if math.isfinite(float(data.max())) else math.inf
+    return result
+
+
+def cdf(values: list[float], points: int = 200) -> dict[str, list[float]]:
+    """An empirical CDF in milliseconds, thinned to about ``points`` points (for the plots)."""
+    data = np.sort(np.asarray([v for v in values if math.isfinite(v)], dtype=float)) * 1000
+    if not data.size:
+        return {"ms": [], "fraction": []}
+    index = np.unique(np.linspace(0, data.size - 1, min(points, data.size)).astype(int))
+    fraction = (index + 1) / len(values)
+    return {"ms": [round(float(v), 3) for v in data[index]], "fraction": [round(float(f), 5) for f in fraction]}
+
+
+@dataclass
+class StepData:
+    """The raw outcome of a step: submissions, arrivals, emulator call times, and the cost snapshot diff."""
+
+    rate: float
+    duration: float
+    submissions: list[Submission]
+    arrivals: dict[str, float]
+    dify_calls: dict[str, tuple[float, float]]
+    cost: dict[str, Any]
+
+    @property
+    def accepted(self) -> list[Submission]:
+        return [s for s in self.submissions if s.job_id is not None]
+
+    def e2e(self) -> list[float]:
+        """Seconds from due to callback for every submission (inf when refused or never called back)."""
+        return [self.arrivals[s.job_id] - s.intended if s.job_id in self.arrivals else math.inf
+                for s in self.submissions]
+
+    def submit_latency(self) -> list[float]:
+        return [s.accepted - s.intended for s in self.submissions if s.accepted is not None]
+
+    def dify_time(self, submission: Submission) -> float | None:
+        call = self.dify_calls.get(submission.token)
+        return call[1] - call[0] if call else None
+
+    def overhead(self) -> list[float]:
+        """e2e minus the emulator's own time; jobs without a matching call count as infinitely late."""
+        values = []
+        for s in self.submissions:
+            dify = self.dify_time(s)
+            if s.job_id in self.arrivals and dify is not None:
+                values.append(self.arrivals[s.job_id] - s.intended - dify)
+            else:
+                values.append(math.inf)
+        return values
+
+    def completed(self) -> int:
+        return sum(1 for s in self.submissions if s.job_id in self.arrivals)
+
+    def lost(self) -> int:
+        return len(self.submissions) - self.completed()
+
+    def achieved_rate(self) -> float:
+        """Callbacks per second over the span from the first due submit to the last callback."""
+        times = [self.arrivals[s.job_id] for s in self.submissions if s.job_id in self.arrivals]
+        if not times:
+            return 0.0
+        span = max(times) - min(s.intended for s in self.submissions)
+        return len(times) / span if span > 0 else 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The step as a JSON-ready record."""
+        errors = [s.error for s in self.submissions if s.error]
+        dify = [d for s in self.submissions if (d := self.dify_time(s)) is not None]
+        return {
+            "offered_rate": round(self.rate, 2),
+            "duration_s": self.duration,
+            "submitted": len(self.submissions),
+            "completed": self.completed(),
+            "lost": self.lost(),
+            "submit_errors": len(errors),
+            "first_errors": errors[:3],
+            "achieved_rate": round(self.achieved_rate(), 2),
+            "e2e_ms": summary(self.e2e()),
+            "overhead_ms": summary(self.overhead()),
+            "submit_ms": summary(self.submit_latency()),
+            "dify_ms": summary(dify),
+            "cost": self.cost,
+        }
+
+
+def run_step(
+    bench: BenchEnvironment,
+    pipeline: Pipeline,
+    rate: float,
+    duration: float,
+    *,
+    grace: float,
+    seed: int = 1,
+    poisson: bool = True,
+    during: Callable[[], Awaitable[Any]] | None = None,
+) -> StepData:
+    """Offer ``rate`` jobs/s for ``duration`` s, then wait up to ``grace`` s after the last submit for callbacks."""
+    assert bench.emulator is not None
+    before = bench.snapshot(pipeline)
+    submissions = asyncio.run(open_loop(pipeline.submitter, rate, duration, poisson=poisson, seed=seed,
+                                        during=during))
+    ids = {s.job_id for s in submissions if s.job_id is not None}
+    arrivals = bench.sink.wait_for(ids, timeout=grace)
+    after = bench.snapshot(pipeline)
+    calls = {}
+    for call in bench.emulator.take_calls():
+        query = str((call.get("body") or {}).get("query") or "")
+        if call.get("ended_at") and query.startswith("bench job "):
+            calls.setdefault(query.removeprefix("bench job "), (call["started_at"], call["ended_at"]))
+    pipeline.check_alive()
+    return StepData(rate, duration, submissions, arrivals, calls, cost_between(before, after, len(arrivals)))
+
+
+def phase_breakdown(step: StepData, pipeline: DifyqPipeline) -> dict[str, Any]:
+    """Where difyq's time goes per job, from its job records and the emulator's call records (ms):
+    ``submit_to_record`` (due time to the record's created_at: HTTP, validation, before the Lua write),
+    ``queue_wait`` (created to started: enqueue, fetch, pick-up), ``pre_dify`` (started to the Dify call's start
+    at the emulator), ``dify`` (the emulator's own time), ``post_dify`` (the call's end to finished_at: aggregate,
+    store), ``callback_hop`` (finished to arrival at the sink: the callback message's fetch, the record re-read,
+    signing, POST)."""
+    accepted = {s.job_id: s for s in step.accepted if s.job_id in step.arrivals}
+    times = pipeline.job_times(list(accepted))
+    phases: dict[str, list[float]] = {name: [] for name in (
+        "submit_to_record", "queue_wait", "pre_dify", "dify", "post_dify", "callback_hop")}
+    for job_id, (created, started, finished) in times.items():
+        submission = accepted[job_id]
+        call = step.dify_calls.get(submission.token)
+        if call is None:
+            continue
+        phases["submit_to_record"].append(created - submission.intended)
+        phases["queue_wait"].append(started - created)
+        phases["pre_dify"].append(call[0] - started)
+        phases["dify"].append(call[1] - call[0])
+        phases["post_dify"].append(finished - call[1])
+        phases["callback_hop"].append(step.arrivals[job_id] - finished)
+    return {name: summary(values) for name, values in phases.items()}
+
+
+def in_flight(intervals: list[tuple[float, float]], start: float, end: float, every: float = 0.25) -> dict[str, float]:
+    """Mean and peak number of open (begin, end) intervals sampled every ``every`` s in [start, end)."""
+    if end <= start:
+        return {"mean": 0.0, "max": 0.0}
+    begins = np.sort(np.asarray([b for b, _ in intervals], dtype=float))
+    ends = np.sort(np.asarray([e for _, e in intervals], dtype=float))
+    samples = np.arange(start, end, every)
+    counts = np.searchsorted(begins, samples, side="right") - np.searchsorted(ends, samples, side="right")
+    return {"mean": float(counts.mean()), "max": float(counts.max())}

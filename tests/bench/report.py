@@ -1,0 +1,268 @@
+"""Turn a run's results into the goal table (each figure beside bare's from the same run), the detail tables and
+the plots the README shows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+COLORS = {"difyq": "#1f77b4", "bare": "#7f7f7f", "celery": "#2ca02c"}
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0 or math.isinf(base) or math.isinf(value):
+        return None
+    return value / base
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "**not met**")
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per goal: difyq's figure, bare's and celery's from the same run, the ratio to bare, the verdict."""
+    rows: list[dict[str, Any]] = []
+    scenarios = results["scenarios"]
+    if "throughput" in scenarios:
+        rates = {name: p["max_sustained_rate"] for name, p in scenarios["throughput"]["pipelines"].items()}
+        difyq, bare, celery = rates.get("difyq"), rates.get("bare"), rates.get("celery")
+        ratio = _ratio(difyq, bare)
+        ok = None if difyq is None or ratio is None else ratio >= 0.8 and (celery is None or difyq > celery)
+        rows.append({"goal": "1. max sustained jobs/s, p99 e2e < 1 s (0 ms Dify)", "target": "≥ 0.8 x bare, > celery",
+                     "unit": "jobs/s", "difyq": difyq, "bare": bare, "celery": celery, "ratio": ratio, "ok": ok})
+    if "overhead" in scenarios:
+        pipelines = scenarios["overhead"]["pipelines"]
+        for key, label, target, limit in (
+            ("overhead_ms", "p50", "≤ 5 ms", 5.0), ("overhead_ms", "p99", "≤ 25 ms", 25.0),
+            ("submit_ms", "p50", "report", None), ("submit_ms", "p99", "report", None),
+        ):
+            values = {name: p[key][label] for name, p in pipelines.items()}
+            difyq = values.get("difyq")
+            what = "added latency (e2e - Dify's own time)" if key == "overhead_ms" else "submit latency (202)"
+            rows.append({"goal": f"2. {what} {label} at {scenarios['overhead']['rate']:.0f} jobs/s, 200 ms Dify",
+                         "target": target, "unit": "ms", "difyq": difyq, "bare": values.get("bare"),
+                         "celery": values.get("celery"), "ratio": _ratio(difyq, values.get("bare")),
+                         "ok": None if limit is None or difyq is None else difyq <= limit})
+        for key, label in (("cpu_ms_per_job", "CPU ms per job (user+sys, all pipeline processes)"),
+                           ("redis_commands_per_job", "Redis commands per job (commandstats, incl. in Lua)")):
+            values = {name: p["cost"][key] for name, p in pipelines.items()}
+            rows.append({"goal": f"4. {label}", "target": "vs bare", "unit": "", "difyq": values.get("difyq"),
+                         "bare": values.get("bare"), "celery": values.get("celery"),
+                         "ratio": _ratio(values.get("difyq"), values.get("bare")), "ok": None})
+        trips = {name: p["trace"]["round_trips_per_job"] for name, p in pipelines.items()}
+        rows.append({"goal": "4. Redis round trips per job (MONITOR, client commands)", "target": "vs bare",
+                     "unit": "", "difyq": trips.get("difyq"), "bare": trips.get("bare"),
+                     "celery": trips.get("celery"), "ratio": _ratio(trips.get("difyq"), trips.get("bare")),
+                     "ok": None})
+    if "inflight" in scenarios:
+        rows.extend(_inflight_goals(scenarios["inflight"]))
+    return rows
+
+
+def _inflight_goals(inflight: dict[str, Any]) -> list[dict[str, Any]]:
+    def top(pipeline: str, gevent: bool) -> dict[str, Any] | None:
+        for mode in inflight["modes"]:
+            if mode["pipeline"] == pipeline and ("gevent" in mode["shape"]) == gevent and mode["levels"]:
+                return max(mode["levels"], key=lambda level: level["concurrency"])
+        return None
+
+    rows: list[dict[str, Any]] = []
+    bare = top("bare", True)
+    for gevent in (True, False):
+        difyq = top("difyq", gevent)
+        if difyq is None:
+            continue
+        mode = "gevent" if gevent else "threads"
+        base = bare if bare is not None and bare["concurrency"] == difyq["concurrency"] else None
+        rows.append({"goal": f"3. {difyq['concurrency']} in flight, 10 s streams ({mode}): throughput ÷ Little bound",
+                     "target": "≥ 0.9", "unit": "", "difyq": difyq["ratio"],
+                     "bare": base["ratio"] if base else None, "celery": None,
+                     "ratio": _ratio(difyq["ratio"], base["ratio"] if base else None),
+                     "ok": difyq["ratio"] >= 0.9 and difyq["lost"] == 0})
+        rows.append({"goal": f"3. worker memory at {difyq['concurrency']} in flight ({mode}), PSS total",
+                     "target": "≤ 1024 MiB", "unit": "MiB", "difyq": difyq["worker_memory"]["pss_mib"],
+                     "bare": base["worker_memory"]["pss_mib"] if base else None, "celery": None,
+                     "ratio": _ratio(difyq["worker_memory"]["pss_mib"],
+                                     base["worker_memory"]["pss_mib"] if base else None),
+                     "ok": difyq["worker_memory"]["pss_mib"] <= 1024})
+    return rows
+
+
+def markdown(results: dict[str, Any], figures: list[str]) -> str:
+    """The Markdown report: machine, goal table, then one table per scenario."""
+    machine = results["machine"]
+    lines = [
+        f"# difyq benchmark — {results['finished_at'][:10]}",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB, "
+        f"Python {machine['python']}, {machine['platform']}. Everything (Redis, emulator, sink, load generator, "
+        f"pipeline) on this one machine. Load average before the run: {machine['load_before']}; other load "
+        f"during the measured steps (processes outside the bench): {_fmt(results.get('other_load_cores'), 2)} "
+        f"cores on average. difyq source: `{results['difyq_commit']}`. Mode: {results['mode']}, "
+        f"{results['duration_s']:.0f} s.",
+        "",
+        "| goal | target | difyq | bare | celery | difyq ÷ bare | verdict |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in results["goals"]:
+        unit = f" {row['unit']}" if row["unit"] else ""
+        digits = 2 if row["unit"] in ("", "ms") else 1
+        lines.append(f"| {row['goal']} | {row['target']} | {_fmt(row['difyq'], digits)}{unit} | "
+                     f"{_fmt(row['bare'], digits)} | {_fmt(row['celery'], digits)} | {_fmt(row['ratio'], 2)} | "
+                     f"{_verdict(row['ok'])} |")
+    scenarios = results["scenarios"]
+    if "throughput" in scenarios:
+        s1 = scenarios["throughput"]
+        lines += ["", f"## 1. Throughput (0 ms Dify, workers {s1['shape']})", "",
+                  "| pipeline | offered /s | achieved /s | p50 ms | p99 ms | lost | CPU ms/job | other load | pass |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for name, data in s1["pipelines"].items():
+            for step in data["steps"]:
+                lines.append(f"| {name} | {step['offered_rate']:.0f} | {step['achieved_rate']:.0f} | "
+                             f"{_fmt(step['e2e_ms']['p50'])} | {_fmt(step['e2e_ms']['p99'])} | {step['lost']} | "
+                             f"{_fmt(step['cost']['cpu_ms_per_job'], 2)} | "
+                             f"{_fmt(step['cost']['other_load_cores'], 2)} | {'yes' if step['passed'] else 'no'} |")
+    if "overhead" in scenarios:
+        s2 = scenarios["overhead"]
+        lines += ["", f"## 2. Overhead at {s2['rate']:.0f} jobs/s (200 ms Dify, workers {s2['shape']}) and "
+                  "4. cost per job", "",
+                  "| pipeline | e2e p50/p99 ms | overhead p50/p99/p99.9 ms | submit p50/p99 ms | CPU ms/job "
+                  "| Redis CPU ms/job | Redis cmds/job | round trips/job | in-Lua cmds/job |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, data in s2["pipelines"].items():
+            e2e, over, sub, cost = data["e2e_ms"], data["overhead_ms"], data["submit_ms"], data["cost"]
+            lines.append(
+                f"| {name} | {_fmt(e2e['p50'])} / {_fmt(e2e['p99'])} | {_fmt(over['p50'])} / {_fmt(over['p99'])} / "
+                f"{_fmt(over['p99.9'])} | {_fmt(sub['p50'], 2)} / {_fmt(sub['p99'], 2)} | "
+                f"{_fmt(cost['cpu_ms_per_job'], 2)} | {_fmt(cost['redis_cpu_ms_per_job'], 3)} | "
+                f"{_fmt(cost['redis_commands_per_job'])} | {_fmt(data['trace']['round_trips_per_job'])} | "
+                f"{_fmt(data['trace']['script_commands_per_job'])} |")
+        phases = s2["pipelines"].get("difyq", {}).get("phases_ms")
+        if phases:
+            lines += ["", "Where difyq's time goes (from its job records and the emulator's call records):", "",
+                      "| phase | p50 ms | p99 ms |", "|---|---:|---:|"]
+            for phase, values in phases.items():
+                lines.append(f"| {phase} | {_fmt(values['p50'], 2)} | {_fmt(values['p99'], 2)} |")
+        trace = s2["pipelines"].get("difyq", {}).get("trace")
+        if trace:
+            top = ", ".join(f"{name} {count}" for name, count in list(trace["round_trips"].items())[:8])
+            lines += ["", f"difyq round trips per job by command: {top}."]
+    if "inflight" in scenarios:
+        s3 = scenarios["inflight"]
+        lines += ["", "## 3. In flight (10 s streamed answers)", ""]
+        alone = s3.get("emulator_alone")
+        if alone:
+            lines += [f"The emulator alone (a near-free asyncio client, no pipeline) at C={alone['concurrency']}: "
+                      f"answer p50 {alone['answer_ms']['p50'] / 1000:.2f} s, "
+                      f"p99 {alone['answer_ms']['p99'] / 1000:.2f} s, so the best ratio this emulator allows there is "
+                      f"about {alone['best_ratio']:.2f}.", ""]
+        lines += ["| workers | C | offered /s | throughput /s | ÷ Little bound | at Dify (mean) | e2e p99 s | "
+                  "worker RSS / PSS MiB | CPU ms/job | queued max | lost |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for mode in s3["modes"]:
+            for level in mode["levels"]:
+                memory = level["worker_memory"]
+                lines.append(
+                    f"| {mode['label']} | {level['concurrency']} | {level['offered_rate']:.0f} | "
+                    f"{level['throughput']:.1f} | {level['ratio']:.2f} | {level['dify_in_flight']['mean']:.0f} | "
+                    f"{_fmt(level['e2e_ms']['p99'] / 1000 if level['e2e_ms']['p99'] else None, 2)} | "
+                    f"{memory['rss_mib']:.0f} / {memory['pss_mib']:.0f} | {level['cost']['cpu_ms_per_job']:.2f} | "
+                    f"{level.get('queued_max', '-')} | {level['lost']} |")
+    if "limits" in results:
+        limits = results["limits"]
+        lines += ["", "## Rate limiter (tests/bench/bench_limits.py)", ""]
+        if "error" in limits:
+            lines.append(f"Not run: {limits['error']}")
+        else:
+            lines += ["| measure | value |", "|---|---:|"]
+            lines += [f"| {key} | {value} |" for key, value in limits.items()]
+    if figures:
+        lines += ["", *[f"![{Path(name).stem}]({name})" for name in figures]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], directory: Path) -> list[str]:
+    """Write the PNGs; returns their file names."""
+    written: list[str] = []
+    scenarios = results["scenarios"]
+    machine = f"{results['machine']['cores']} cores, {results['machine']['cpu_model']}"
+    if "throughput" in scenarios:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        top = 0.0
+        for name, data in scenarios["throughput"]["pipelines"].items():
+            offered = [s["offered_rate"] for s in data["steps"]]
+            order = sorted(range(len(offered)), key=offered.__getitem__)
+            offered = [offered[i] for i in order]
+            achieved = [data["steps"][i]["achieved_rate"] for i in order]
+            p99 = [min(data["steps"][i]["e2e_ms"]["p99"], 1e5) for i in order]
+            top = max(top, *offered)
+            label = f"{name} (max {data['max_sustained_rate']:.0f}/s)"
+            left.plot(offered, achieved, "o-", color=COLORS.get(name), label=label)
+            right.plot(offered, p99, "o-", color=COLORS.get(name), label=name)
+        left.plot([0, top], [0, top], ":", color="black", linewidth=0.8, label="offered")
+        left.set(xlabel="offered jobs/s", ylabel="achieved jobs/s", title="Throughput vs offered load (0 ms Dify)")
+        right.axhline(1000, color="red", linestyle="--", linewidth=0.8, label="1 s goal")
+        right.set(xlabel="offered jobs/s", ylabel="p99 end-to-end, ms", yscale="log", title="p99 vs offered load")
+        left.legend(fontsize=8)
+        right.legend(fontsize=8)
+        figure.suptitle(machine, fontsize=8)
+        figure.tight_layout()
+        figure.savefig(directory / "throughput.png", dpi=110)
+        plt.close(figure)
+        written.append("throughput.png")
+    if "overhead" in scenarios:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for name, data in scenarios["overhead"]["pipelines"].items():
+            for axis, key in ((left, "overhead_ms"), (right, "submit_ms")):
+                cdf = data.get(f"{key}_cdf")
+                if cdf:
+                    axis.plot(cdf["ms"], cdf["fraction"], color=COLORS.get(name), label=name)
+        rate = scenarios["overhead"]["rate"]
+        left.axvline(5, color="red", linestyle="--", linewidth=0.8, label="p50 goal 5 ms")
+        left.axvline(25, color="red", linestyle=":", linewidth=0.8, label="p99 goal 25 ms")
+        left.set(xscale="log", xlabel="e2e - Dify's own time, ms", ylabel="fraction of jobs",
+                 title=f"Added latency, CDF ({rate:.0f} jobs/s, 200 ms Dify)")
+        right.set(xscale="log", xlabel="submit latency, ms", ylabel="fraction of jobs", title="Submit latency, CDF")
+        left.legend(fontsize=8)
+        right.legend(fontsize=8)
+        figure.suptitle(machine, fontsize=8)
+        figure.tight_layout()
+        figure.savefig(directory / "latency.png", dpi=110)
+        plt.close(figure)
+        written.append("latency.png")
+    if "inflight" in scenarios:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for mode in scenarios["inflight"]["modes"]:
+            levels = mode["levels"]
+            xs = [level["concurrency"] for level in levels]
+            left.plot(xs, [level["throughput"] for level in levels], "o-", label=mode["label"])
+            right.plot(xs, [level["worker_memory"]["pss_mib"] for level in levels], "o-", label=mode["label"])
+        bound = max((lv["concurrency"] for m in scenarios["inflight"]["modes"] for lv in m["levels"]), default=0)
+        answer_s = scenarios["inflight"]["answer_s"]
+        left.plot([0, bound], [0, bound / answer_s], ":", color="black", linewidth=0.8,
+                  label=f"Little's law (C / {answer_s:.0f} s)")
+        right.axhline(1024, color="red", linestyle="--", linewidth=0.8, label="1 GiB goal")
+        left.set(xlabel="jobs in flight (C)", ylabel="jobs/s", title="Throughput vs in-flight jobs (10 s streams)")
+        right.set(xlabel="jobs in flight (C)", ylabel="worker PSS, MiB", title="Worker memory")
+        left.legend(fontsize=8)
+        right.legend(fontsize=8)
+        figure.suptitle(machine, fontsize=8)
+        figure.tight_layout()
+        figure.savefig(directory / "inflight.png", dpi=110)
+        plt.close(figure)
+        written.append("inflight.png")
+    return written

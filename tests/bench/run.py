@@ -1,0 +1,216 @@
+"""``make bench``: run the benchmark scenarios and write ``tests/bench/results/`` (latest.json, latest.md, PNGs).
+
+    .venv/bin/python -m tests.bench.run                      # everything, about 12-14 minutes on 2 cores
+    .venv/bin/python -m tests.bench.run --quick              # a smoke run of every scenario, under 3 minutes
+    .venv/bin/python -m tests.bench.run --scenario overhead --overhead-rate 60
+    .venv/bin/python -m tests.bench.run --difyq-src /tmp/difyq-try --out /tmp/bench-try   # try a change
+
+A partial run (``--scenario``) writes ``partial.json``/``partial.md`` unless ``--out`` is given, so the committed
+``latest.*`` always come from a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.bench import report, scenarios
+from tests.bench.scenarios import BenchConfig, InflightMode
+from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = platform.processor() or "unknown CPU"
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_gib": psutil.virtual_memory().total / 2**30,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.release()}",
+        "load_before": ", ".join(f"{value:.2f}" for value in os.getloadavg()),
+    }
+
+
+def source_commit(src: Path) -> str:
+    """The difyq source's commit, marked ``+changes`` when its work tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "worker", "producers"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{src} (not a git checkout)"
+    return commit + ("+changes" if dirty else "")
+
+
+def run_limits(quick: bool) -> dict[str, Any]:
+    """The rate-limiter benchmark (tests/bench/bench_limits.py), when it exists, as an extra section."""
+    script = Path(__file__).resolve().parent / "bench_limits.py"
+    if not script.exists():
+        return {"error": "tests/bench/bench_limits.py does not exist"}
+    args = [sys.executable, str(script), *(["--window", "2", "--windows", "2"] if quick else [])]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("REDIS_URL", None)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 120 s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(done.stdout)
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.pipelines:
+        config.pipelines = args.pipelines.split(",")
+    if args.processes or args.threads:
+        config.shape = WorkerShape(args.processes or config.shape.processes, args.threads or config.shape.threads)
+    if args.step_seconds:
+        config.throughput_step_s = args.step_seconds
+    if args.start_rate:
+        config.throughput_start = args.start_rate
+    if args.overhead_rate:
+        config.overhead_rate = args.overhead_rate
+    if args.overhead_seconds:
+        config.overhead_duration_s = args.overhead_seconds
+    if args.inflight_levels:
+        levels = [int(level) for level in args.inflight_levels.split(",")]
+        config.inflight_modes = [InflightMode(mode.pipeline, mode.shape, levels if index == 0 else levels[-1:])
+                                 for index, mode in enumerate(config.inflight_modes)]
+    if args.inflight_threads:
+        for mode in config.inflight_modes:
+            mode.shape = WorkerShape(mode.shape.processes, args.inflight_threads, mode.shape.gevent)
+    for item in args.difyq_env:
+        name, _, value = item.partition("=")
+        config.difyq_env[name] = value
+    return config
+
+
+def _other_load(results: dict[str, Any]) -> float | None:
+    """The mean load from processes outside the bench over all measured steps, in cores."""
+    values: list[float] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            cost = node.get("cost")
+            if isinstance(cost, dict) and "other_load_cores" in cost:
+                values.append(cost["other_load_cores"])
+            for child in node.values():
+                collect(child)
+        elif isinstance(node, list):
+            for child in node:
+                collect(child)
+
+    collect(results["scenarios"])
+    return sum(values) / len(values) if values else None
+
+
+def _finite(node: Any) -> Any:
+    """JSON has no infinity: an infinite latency (a job that never finished) is written as null."""
+    if isinstance(node, dict):
+        return {key: _finite(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_finite(value) for value in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS,
+                        help="run only these (repeatable); default: all. 'cost' is measured within 'overhead'")
+    parser.add_argument("--quick", action="store_true", help="short steps and few levels: a smoke run (< 3 min)")
+    parser.add_argument("--pipelines", help="comma-separated subset of difyq,bare,celery")
+    parser.add_argument("--processes", type=int, help="worker processes for scenarios 1 and 2 (default 2)")
+    parser.add_argument("--threads", type=int, help="threads per worker process for scenarios 1 and 2 (default 16)")
+    parser.add_argument("--step-seconds", type=float, help="length of each throughput step")
+    parser.add_argument("--start-rate", type=float, help="first offered rate of the throughput search")
+    parser.add_argument("--overhead-rate", type=float, help="jobs/s for scenario 2 (default: half of difyq's max)")
+    parser.add_argument("--overhead-seconds", type=float, help="length of scenario 2's measured step")
+    parser.add_argument("--inflight-levels", help="comma-separated concurrency levels for scenario 3")
+    parser.add_argument("--inflight-threads", type=int, help="threads (greenlets) per worker process in scenario 3")
+    parser.add_argument("--difyq-src", type=Path, default=REPO_ROOT,
+                        help="run difyq from this source tree (a scratch copy with a change to try)")
+    parser.add_argument("--difyq-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for difyq's API and worker, e.g. dramatiq_worker_timeout=10")
+    parser.add_argument("--out", type=Path, help="results directory (default tests/bench/results)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
+    args = parser.parse_args(argv)
+
+    chosen = set(args.scenario or ("throughput", "overhead", "inflight", "limits"))
+    if "cost" in chosen:
+        chosen.add("overhead")
+    config = build_config(args)
+    full = not args.quick and chosen >= {"throughput", "overhead", "inflight"}
+    out = args.out or RESULTS
+    stem = "latest" if full or args.out else "partial"
+    out.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="difyq-bench-"))
+    started = time.time()
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else ("full" if full else "partial: " + ", ".join(sorted(chosen))),
+        "machine": machine(),
+        "difyq_commit": source_commit(args.difyq_src),
+        "config": {"pipelines": config.pipelines, "shape": config.shape.label(),
+                   "difyq_env": config.difyq_env},
+        "scenarios": {},
+    }
+    print(f"difyq bench ({results['mode']}); logs in {logs}", flush=True)
+    bench = BenchEnvironment(logs, args.difyq_src.resolve())
+    try:
+        if "throughput" in chosen:
+            results["scenarios"]["throughput"] = scenarios.throughput(bench, config)
+        if "overhead" in chosen:
+            rate = config.overhead_rate
+            if rate is None:
+                best = results["scenarios"].get("throughput", {}).get("pipelines", {}).get("difyq", {})
+                rate = best.get("max_sustained_rate", 0) / 2 or config.overhead_default_rate
+            results["scenarios"]["overhead"] = scenarios.overhead(bench, config, rate)
+        if "inflight" in chosen:
+            results["scenarios"]["inflight"] = scenarios.inflight(bench, config)
+    finally:
+        bench.close()
+    if "limits" in chosen:
+        results["limits"] = run_limits(args.quick)
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["duration_s"] = time.time() - started
+    results["other_load_cores"] = _other_load(results)
+    results["goals"] = report.goals(results)
+    figures = report.plots(results, out) if stem == "latest" else []
+    (out / f"{stem}.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
+    (out / f"{stem}.md").write_text(report.markdown(results, figures))
+    print(report.markdown(results, figures), flush=True)
+    print(f"wrote {out / stem}.json, {out / stem}.md{', ' if figures else ''}{', '.join(figures)} "
+          f"in {results['duration_s']:.0f} s", flush=True)
+    if not args.keep_logs:
+        shutil.rmtree(logs, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The four scenarios of the benchmark, each run on every pipeline against the same emulator and sink.
+
+1. ``throughput``: a 0-latency emulator; offered load rises step by step (x ``factor``) until a step fails
+   (p99 end-to-end >= 1 s, or a callback missing), then one step between the last pass and the fail; the result
+   is the highest offered rate that passed.
+2. ``overhead``: a 200 ms emulator at one fixed rate (half of difyq's throughput result when that ran): e2e minus
+   the emulator's own time per job, the submit latency, and for difyq the per-phase breakdown from its records.
+3. ``inflight``: 10 s streamed answers; open-loop rate = C / 10 s for each concurrency level C, so Little's law
+   says C jobs are in flight; the steady-state throughput divided by that bound (C / the answer's nominal 10 s:
+   an emulator slowed down by a saturated machine does not lower the bar), worker memory (RSS and PSS).
+4. ``cost`` (measured inside ``overhead``'s step): CPU seconds of the pipeline's processes and Redis commands
+   (INFO commandstats, which counts commands inside Lua scripts too) per job, plus a MONITOR window that splits
+   them into round trips and in-script commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.bench.loadgen import emulator_alone
+from tests.bench.measure import StepData, cdf, in_flight, phase_breakdown, run_step, summary
+from tests.bench.redis_trace import CommandTrace
+from tests.bench.stack import (
+    DIFY_KEY,
+    BenchEnvironment,
+    DifyqPipeline,
+    Pipeline,
+    Profile,
+    WorkerShape,
+    tree_memory,
+)
+
+ZERO_LATENCY = Profile("0ms", ttft_s=0.0, tokens_per_second=0.0, answer_tokens=16)
+FIXED_200MS = Profile("200ms", ttft_s=0.2, tokens_per_second=0.0, answer_tokens=16)
+STREAM_10S = Profile("10s-stream", ttft_s=1.0, tokens_per_second=1.0, answer_tokens=10)
+P99_GOAL_S = 1.0
+
+
+@dataclass
+class InflightMode:
+    """One worker setup for the in-flight scenario and the concurrency levels to try on it."""
+
+    pipeline: str
+    shape: WorkerShape
+    levels: list[int]
+
+    def label(self) -> str:
+        return f"{self.pipeline} {self.shape.label()}"
+
+
+@dataclass
+class BenchConfig:
+    """Every knob of a run; ``quick()`` is the smoke-run variant."""
+
+    pipelines: list[str] = field(default_factory=lambda: ["difyq", "bare", "celery"])
+    shape: WorkerShape = field(default_factory=WorkerShape)
+    throughput_start: float = 50.0
+    throughput_factor: float = 1.3
+    throughput_step_s: float = 8.0
+    throughput_max_rate: float = 1500.0
+    overhead_rate: float | None = None
+    overhead_default_rate: float = 50.0
+    overhead_duration_s: float = 25.0
+    trace_jobs: int = 150
+    inflight_modes: list[InflightMode] = field(default_factory=lambda: [
+        InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [500, 1000, 2000]),
+        InflightMode("difyq", WorkerShape(2, 1000, gevent=False), [2000]),
+        InflightMode("bare", WorkerShape(2, 1000, gevent=True), [2000]),
+    ])
+    inflight_measure_s: float = 15.0
+    inflight_calibrate: bool = True
+    warmup_jobs_rate: float = 20.0
+    seed: int = 1
+    difyq_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(
+            throughput_start=80.0, throughput_factor=1.8, throughput_step_s=2.5, overhead_duration_s=4.0,
+            trace_jobs=40,
+            inflight_modes=[InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [200]),
+                            InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
+            inflight_measure_s=3.0, inflight_calibrate=False,
+        )
+
+
+def _pipeline_options(config: BenchConfig, name: str) -> dict[str, Any]:
+    return {"extra_env": config.difyq_env} if name == "difyq" and config.difyq_env else {}
+
+
+def warm_up(bench: BenchEnvironment, pipeline: Pipeline, rate: float) -> None:
+    """A few jobs end to end: the workers are up, connections and caches are warm. Raises if any is lost."""
+    step = run_step(bench, pipeline, rate, 1.5, grace=60.0)
+    if step.lost() or not step.submissions:
+        logs = "\n".join(f"--- {s.name}\n{s.tail()}" for s in pipeline.services)
+        raise RuntimeError(f"{pipeline.name}: warm-up lost {step.lost()} of {len(step.submissions)} jobs "
+                           f"({[s.error for s in step.submissions if s.error][:3]})\n{logs}")
+
+
+def _slim(step: dict[str, Any]) -> dict[str, Any]:
+    """A step record without the per-command breakdowns (kept only where they are the point)."""
+    cost = {key: value for key, value in step["cost"].items() if not isinstance(value, dict)}
+    return {**step, "cost": cost}
+
+
+def _passed(step: StepData) -> bool:
+    return step.lost() == 0 and summary(step.e2e())["p99"] < P99_GOAL_S * 1000
+
+
+def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
+    """Scenario 1: the highest offered rate each pipeline sustains with p99 end-to-end under 1 s."""
+    results: dict[str, Any] = {"profile": vars(ZERO_LATENCY), "shape": config.shape.label(),
+                               "p99_goal_ms": P99_GOAL_S * 1000, "pipelines": {}}
+    with bench.emulating(ZERO_LATENCY):
+        for name in config.pipelines:
+            with bench.pipeline(name, config.shape, **_pipeline_options(config, name)) as pipeline:
+                warm_up(bench, pipeline, config.warmup_jobs_rate)
+                results["pipelines"][name] = ThroughputSearch(bench, pipeline, config).run()
+    return results
+
+
+class ThroughputSearch:
+    """Raise the offered rate by ``throughput_factor`` until a step fails, then try once between."""
+
+    def __init__(self, bench: BenchEnvironment, pipeline: Pipeline, config: BenchConfig) -> None:
+        self.bench = bench
+        self.pipeline = pipeline
+        self.config = config
+        self.steps: list[dict[str, Any]] = []
+        self.drained = True
+
+    def attempt(self, rate: float) -> bool:
+        config = self.config
+        step = run_step(self.bench, self.pipeline, rate, config.throughput_step_s,
+                        grace=max(10.0, config.throughput_step_s), seed=config.seed + len(self.steps))
+        ok = _passed(step)
+        record = _slim(step.describe())
+        record["passed"] = ok
+        self.steps.append(record)
+        print(f"  [throughput] {self.pipeline.name} {rate:7.1f}/s -> {record['achieved_rate']:7.1f}/s "
+              f"p99 {record['e2e_ms']['p99']:.0f} ms lost {record['lost']} {'pass' if ok else 'FAIL'}", flush=True)
+        if not ok:
+            self.drained = _drain(self.bench, step)
+        return ok
+
+    def run(self) -> dict[str, Any]:
+        passed: list[float] = []
+        failed: float | None = None
+        rate = self.config.throughput_start
+        while rate <= self.config.throughput_max_rate:
+            if not self.attempt(rate):
+                failed = rate
+                break
+            passed.append(rate)
+            rate *= self.config.throughput_factor
+        if passed and failed and self.drained and failed / passed[-1] > 1.1:
+            middle = math.sqrt(passed[-1] * failed)
+            if self.attempt(middle):
+                passed.append(middle)
+        return {"max_sustained_rate": round(max(passed), 1) if passed else 0.0, "steps": self.steps}
+
+
+def _drain(bench: BenchEnvironment, step: StepData, timeout: float = 30.0) -> bool:
+    """After a failed step, wait for its backlog so the next step starts on an empty queue."""
+    ids = {s.job_id for s in step.submissions if s.job_id is not None}
+    return ids.issubset(bench.sink.wait_for(ids, timeout=timeout).keys())
+
+
+def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float) -> dict[str, Any]:
+    """Scenarios 2 and 4: what each pipeline adds to a 200 ms call at ``rate`` jobs/s, and what a job costs."""
+    results: dict[str, Any] = {"profile": vars(FIXED_200MS), "shape": config.shape.label(), "rate": rate,
+                               "pipelines": {}}
+    with bench.emulating(FIXED_200MS):
+        for name in config.pipelines:
+            with bench.pipeline(name, config.shape, **_pipeline_options(config, name)) as pipeline:
+                warm_up(bench, pipeline, config.warmup_jobs_rate)
+                step = run_step(bench, pipeline, rate, config.overhead_duration_s, grace=30.0, seed=config.seed)
+                record = step.describe()
+                record["overhead_ms_cdf"] = cdf(step.overhead())
+                record["submit_ms_cdf"] = cdf(step.submit_latency())
+                if isinstance(pipeline, DifyqPipeline):
+                    record["phases_ms"] = phase_breakdown(step, pipeline)
+                trace_seconds = config.trace_jobs / rate
+                with CommandTrace(bench.redis.url) as trace:
+                    traced = run_step(bench, pipeline, rate, trace_seconds, grace=30.0, seed=config.seed + 99)
+                record["trace"] = trace.per_job(traced.completed())
+                results["pipelines"][name] = record
+                print(f"  [overhead] {name} at {rate:.1f}/s: overhead p50 {record['overhead_ms']['p50']:.1f} ms "
+                      f"p99 {record['overhead_ms']['p99']:.1f} ms, submit p50 {record['submit_ms']['p50']:.1f} ms, "
+                      f"cpu {record['cost']['cpu_ms_per_job']:.2f} ms/job, "
+                      f"redis {record['cost']['redis_commands_per_job']:.1f} cmd/job "
+                      f"({record['trace']['round_trips_per_job']:.1f} round trips)", flush=True)
+    return results
+
+
+def inflight(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
+    """Scenario 3: C jobs in flight on 10 s streams, throughput against Little's-law bound, memory."""
+    answer_s = STREAM_10S.nominal_s
+    results: dict[str, Any] = {"profile": vars(STREAM_10S), "answer_s": answer_s, "modes": []}
+    with bench.emulating(STREAM_10S) as emulator:
+        top = max((level for mode in config.inflight_modes for level in mode.levels), default=0)
+        if top and config.inflight_calibrate:
+            alone = asyncio.run(emulator_alone("127.0.0.1", emulator.port, DIFY_KEY, top / answer_s,
+                                               answer_s + config.inflight_measure_s))
+            emulator.take_calls()
+            results["emulator_alone"] = {"concurrency": top, "answer_ms": summary(alone),
+                                         "best_ratio": answer_s / (summary(alone, 1.0)["p50"] or answer_s)}
+            print(f"  [inflight] emulator alone at C={top}: answer p50 {summary(alone, 1.0)['p50']:.2f} s", flush=True)
+        for mode in config.inflight_modes:
+            if mode.pipeline not in config.pipelines:
+                continue
+            levels: list[dict[str, Any]] = []
+            with bench.pipeline(mode.pipeline, mode.shape, **_pipeline_options(config, mode.pipeline)) as pipeline:
+                warm_up(bench, pipeline, config.warmup_jobs_rate)
+                idle_memory = tree_memory(pipeline.worker_pids())
+                for concurrency in mode.levels:
+                    levels.append(_inflight_level(bench, pipeline, concurrency, answer_s, config))
+                    level = levels[-1]
+                    print(f"  [inflight] {mode.label()} C={concurrency}: {level['throughput']:.1f}/s of "
+                          f"{level['little_bound']:.1f}/s ({level['ratio']:.2f}), at Dify "
+                          f"{level['dify_in_flight']['mean']:.0f}, PSS {level['worker_memory']['pss_mib']:.0f} MiB, "
+                          f"lost {level['lost']}", flush=True)
+            results["modes"].append({"pipeline": mode.pipeline, "shape": mode.shape.label(), "label": mode.label(),
+                                     "idle_worker_memory": idle_memory, "levels": levels})
+    return results
+
+
+def _inflight_level(bench: BenchEnvironment, pipeline: Pipeline, concurrency: int, answer_s: float,
+                    config: BenchConfig) -> dict[str, Any]:
+    rate = concurrency / answer_s
+    duration = answer_s + config.inflight_measure_s
+    peak: dict[str, float] = {"rss_mib": 0.0, "pss_mib": 0.0, "processes": 0}
+    depths: list[int] = []
+
+    async def sample_memory() -> None:
+        await asyncio.sleep(answer_s * 0.8)
+        while True:
+            now = await asyncio.to_thread(tree_memory, pipeline.worker_pids())
+            for key in ("rss_mib", "pss_mib", "processes"):
+                peak[key] = max(peak[key], now[key])
+            depths.append(await asyncio.to_thread(bench.queue_depth, pipeline))
+            await asyncio.sleep(2.0)
+
+    step = run_step(bench, pipeline, rate, duration, grace=answer_s + 40.0, seed=config.seed, poisson=False,
+                    during=sample_memory)
+    start = min(s.intended for s in step.submissions) + answer_s + 1.0
+    end = max(s.intended for s in step.submissions)
+    window = max(end - start, 1e-9)
+    done = sum(1 for t in step.arrivals.values() if start <= t < end)
+    calls = list(step.dify_calls.values())
+    measured_answer = summary([e - b for b, e in calls], scale=1.0)["p50"]
+    throughput = done / window
+    bound = concurrency / answer_s
+    in_system = [(s.intended, step.arrivals.get(s.job_id or "", math.inf)) for s in step.submissions]
+    record = _slim(step.describe())
+    record.update({
+        "concurrency": concurrency,
+        "window_s": round(window, 2),
+        "throughput": throughput,
+        "little_bound": bound,
+        "ratio": throughput / bound if bound else 0.0,
+        "answer_s": answer_s,
+        "answer_s_measured_p50": measured_answer,
+        "dify_in_flight": in_flight(calls, start, end),
+        "in_system": in_flight(in_system, start, end),
+        "worker_memory": peak,
+        "queued_max": max(depths, default=0),
+    })
+    return record
