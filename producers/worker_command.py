@@ -20,7 +20,7 @@ def worker_environment(base: dict[str, str]) -> dict[str, str]:
     env["dramatiq_prom_db"] = metrics_dir
     env["dramatiq_prom_port"] = env.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT
     env.setdefault("dramatiq_prom_host", "0.0.0.0")
-    env.setdefault("dramatiq_worker_timeout", "100")
+    env.setdefault("dramatiq_worker_timeout", "1000")  # idle consumers are woken on enqueue (worker.wakeup)
     env["DIFYQ_WORKER_METRICS"] = "1"
     return env
 

@@ -117,7 +117,7 @@ class JobRunner:
             total_timeout=app.timeout_s,
             session=thread_session(),
         )
-        log.info("dify_call_started", attempt=start.attempt)
+        log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
         self.leases.track(job_id)
         try:

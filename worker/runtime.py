@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from worker.config import Config, load_config
 from worker.jobs.store import JobStore
+from worker.wakeup import WakingRedisBroker
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -61,8 +61,8 @@ class Runtime:
     def store(self) -> JobStore:
         return JobStore(self.raw_redis, self.namespace, self.config.jobs)
 
-    def build_broker(self) -> RedisBroker:
-        return RedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000)
+    def build_broker(self) -> WakingRedisBroker:
+        return WakingRedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000)
 
 
 _current: Runtime | None = None

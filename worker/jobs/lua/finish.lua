@@ -26,6 +26,7 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'callback', ARGV[8])
   redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
   redis.call('RPUSH', KEYS[3], ARGV[6])
+  redis.call('PUBLISH', KEYS[3], '1')
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return final

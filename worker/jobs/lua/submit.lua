@@ -17,4 +17,5 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
 redis.call('RPUSH', KEYS[5], ARGV[5])
+redis.call('PUBLISH', KEYS[5], '1')
 return {'created', id}
