@@ -102,6 +102,24 @@ def _inflight_goals(inflight: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _commits(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["difyq_commit"]} if isinstance(node.get("difyq_commit"), str) else set()
+        return found.union(*(_commits(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_commits(value) for value in node))
+    return set()
+
+
+def _commit_note(results: dict[str, Any]) -> list[str]:
+    """A warning line when difyq's source changed during the run (each pipeline start reads the tree anew)."""
+    seen = _commits(results["scenarios"]) - {results["difyq_commit"]}
+    if not seen:
+        return []
+    return [f"**The difyq source changed during this run**: some scenarios ran {', '.join(sorted(seen))}; "
+            "see `difyq_commit` per pipeline in latest.json.", ""]
+
+
 def markdown(results: dict[str, Any], figures: list[str]) -> str:
     """The Markdown report: machine, goal table, then one table per scenario."""
     machine = results["machine"]
@@ -115,6 +133,7 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         f"cores on average. difyq source: `{results['difyq_commit']}`. Mode: {results['mode']}, "
         f"{results['duration_s']:.0f} s.",
         "",
+        *_commit_note(results),
         "| goal | target | difyq | bare | celery | difyq ÷ bare | verdict |",
         "|---|---|---:|---:|---:|---:|---|",
     ]

@@ -29,7 +29,7 @@ import psutil
 
 from tests.bench import report, scenarios
 from tests.bench.scenarios import BenchConfig, InflightMode
-from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape
+from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape, source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits")
@@ -51,18 +51,6 @@ def machine() -> dict[str, Any]:
         "platform": f"{platform.system()} {platform.release()}",
         "load_before": ", ".join(f"{value:.2f}" for value in os.getloadavg()),
     }
-
-
-def source_commit(src: Path) -> str:
-    """The difyq source's commit, marked ``+changes`` when its work tree differs from it."""
-    try:
-        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "worker", "producers"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"{src} (not a git checkout)"
-    return commit + ("+changes" if dirty else "")
 
 
 def run_limits(quick: bool) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class BenchConfig:
     throughput_factor: float = 1.3
     throughput_step_s: float = 8.0
     throughput_max_rate: float = 1500.0
+    throughput_max_steps: int = 14
+    throughput_refine: bool = True
     overhead_rate: float | None = None
     overhead_default_rate: float = 50.0
     overhead_duration_s: float = 25.0
@@ -79,7 +81,8 @@ class BenchConfig:
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(
-            throughput_start=80.0, throughput_factor=1.8, throughput_step_s=2.5, overhead_duration_s=4.0,
+            throughput_start=100.0, throughput_factor=1.6, throughput_step_s=2.5, throughput_max_steps=4,
+            throughput_refine=False, overhead_duration_s=4.0,
             trace_jobs=40,
             inflight_modes=[InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [200]),
                             InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
@@ -98,6 +101,12 @@ def warm_up(bench: BenchEnvironment, pipeline: Pipeline, rate: float) -> None:
         logs = "\n".join(f"--- {s.name}\n{s.tail()}" for s in pipeline.services)
         raise RuntimeError(f"{pipeline.name}: warm-up lost {step.lost()} of {len(step.submissions)} jobs "
                            f"({[s.error for s in step.submissions if s.error][:3]})\n{logs}")
+
+
+def _note_commit(record: dict[str, Any], pipeline: Pipeline) -> None:
+    """The difyq source this pipeline ran (a run can span commits when others commit meanwhile)."""
+    if isinstance(pipeline, DifyqPipeline):
+        record["difyq_commit"] = pipeline.commit
 
 
 def _slim(step: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +128,7 @@ def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
             with bench.pipeline(name, config.shape, **_pipeline_options(config, name)) as pipeline:
                 warm_up(bench, pipeline, config.warmup_jobs_rate)
                 results["pipelines"][name] = ThroughputSearch(bench, pipeline, config).run()
+                _note_commit(results["pipelines"][name], pipeline)
     return results
 
 
@@ -150,13 +160,13 @@ class ThroughputSearch:
         passed: list[float] = []
         failed: float | None = None
         rate = self.config.throughput_start
-        while rate <= self.config.throughput_max_rate:
+        while rate <= self.config.throughput_max_rate and len(self.steps) < self.config.throughput_max_steps:
             if not self.attempt(rate):
                 failed = rate
                 break
             passed.append(rate)
             rate *= self.config.throughput_factor
-        if passed and failed and self.drained and failed / passed[-1] > 1.1:
+        if self.config.throughput_refine and passed and failed and self.drained and failed / passed[-1] > 1.1:
             middle = math.sqrt(passed[-1] * failed)
             if self.attempt(middle):
                 passed.append(middle)
@@ -187,6 +197,7 @@ def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float) -> dict[
                 with CommandTrace(bench.redis.url) as trace:
                     traced = run_step(bench, pipeline, rate, trace_seconds, grace=30.0, seed=config.seed + 99)
                 record["trace"] = trace.per_job(traced.completed())
+                _note_commit(record, pipeline)
                 results["pipelines"][name] = record
                 print(f"  [overhead] {name} at {rate:.1f}/s: overhead p50 {record['overhead_ms']['p50']:.1f} ms "
                       f"p99 {record['overhead_ms']['p99']:.1f} ms, submit p50 {record['submit_ms']['p50']:.1f} ms, "
@@ -215,6 +226,7 @@ def inflight(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
             levels: list[dict[str, Any]] = []
             with bench.pipeline(mode.pipeline, mode.shape, **_pipeline_options(config, mode.pipeline)) as pipeline:
                 warm_up(bench, pipeline, config.warmup_jobs_rate)
+                commit = getattr(pipeline, "commit", None)
                 idle_memory = tree_memory(pipeline.worker_pids())
                 for concurrency in mode.levels:
                     levels.append(_inflight_level(bench, pipeline, concurrency, answer_s, config))
@@ -224,7 +236,8 @@ def inflight(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
                           f"{level['dify_in_flight']['mean']:.0f}, PSS {level['worker_memory']['pss_mib']:.0f} MiB, "
                           f"lost {level['lost']}", flush=True)
             results["modes"].append({"pipeline": mode.pipeline, "shape": mode.shape.label(), "label": mode.label(),
-                                     "idle_worker_memory": idle_memory, "levels": levels})
+                                     "idle_worker_memory": idle_memory, "levels": levels,
+                                     **({"difyq_commit": commit} if commit else {})})
     return results
 
 

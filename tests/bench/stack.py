@@ -55,6 +55,18 @@ class Profile:
         return self.ttft_s + max(spacing, 0.0)
 
 
+def source_commit(src: Path) -> str:
+    """The difyq source's commit, marked ``+changes`` when its work tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "worker", "producers"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{src} (not a git checkout)"
+    return commit + ("+changes" if dirty else "")
+
+
 def raise_file_limit() -> None:
     """Thousands of streams in flight need thousands of sockets in the emulator, the workers and Redis."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -252,6 +264,7 @@ class DifyqPipeline(Pipeline):
                  extra_env: dict[str, str] | None = None) -> None:
         super().__init__("difyq", shape, f"{NAMESPACE}:jobs")
         self.bench = bench
+        self.commit = source_commit(bench.difyq_src)
         config = {
             "apps": {APP: {"api_key": DIFY_KEY, "mode": "chat", "base_url": emulator.base_url}},
             "clients": {"bench": {"token": CLIENT_TOKEN, "apps": ["*"]}},
@@ -366,7 +379,11 @@ class BenchEnvironment:
         (log_dir / "redis").mkdir(parents=True, exist_ok=True)
         self.redis = EmbeddedRedis(directory=str(log_dir / "redis")).start()
         self.client = redis.Redis.from_url(self.redis.url, decode_responses=True)
-        self.sink = Sink(log_dir)
+        try:
+            self.sink = Sink(log_dir)
+        except BaseException:
+            self.redis.stop()
+            raise
         self.emulator: Emulator | None = None
 
     @contextlib.contextmanager
