@@ -81,6 +81,7 @@ class Run:
         self.created_at = int(time.time())
         self.started = time.monotonic()
         self.outcome = "cut"
+        self.answer_complete = False
         self.error_code: str | None = None
 
     @property
@@ -174,12 +175,13 @@ def _message_end(run: Run, completion_tokens: int, files: list[Any] | None) -> E
     )
 
 
-async def _message_events(run: Run) -> AsyncGenerator[Event, None]:
-    answer: list[str] = []
+async def _answer_deltas(run: Run, event: str, answer: list[str], **fields: Any) -> AsyncGenerator[Event, None]:
+    """The answer's delta events (each token also appended to ``answer``); a provider failure or a mid-stream
+    error ends them with Dify's ``error`` event. ``run.outcome`` is left unset only when the answer completed."""
     try:
         async for token in _tokens(run):
             answer.append(token)
-            yield run.message_chunk("message", id=run.message_id, answer=token, from_variable_selector=None)
+            yield run.message_chunk(event, id=run.message_id, answer=token, **fields)
     except _ProviderFailure as failure:
         yield run.error_event("completion_request_error", 400, str(failure))
         return
@@ -190,6 +192,15 @@ async def _message_events(run: Run) -> AsyncGenerator[Event, None]:
         return
     if run.shutting_down:
         run.outcome = "shutdown"
+        return
+    run.answer_complete = True
+
+
+async def _message_events(run: Run) -> AsyncGenerator[Event, None]:
+    answer: list[str] = []
+    async for event in _answer_deltas(run, "message", answer, from_variable_selector=None):
+        yield event
+    if not run.answer_complete:
         return
     if not run.stopped:
         yield run.message_chunk("message", id=run.message_id, answer="", from_variable_selector=None)
@@ -214,20 +225,9 @@ async def _agent_events(run: Run) -> AsyncGenerator[Event, None]:
 
     yield thought("")
     answer: list[str] = []
-    try:
-        async for token in _tokens(run):
-            answer.append(token)
-            yield run.message_chunk("agent_message", id=run.message_id, answer=token)
-    except _ProviderFailure as failure:
-        yield run.error_event("completion_request_error", 400, str(failure))
-        return
-    except _MidstreamFailure:
-        yield run.error_event("internal_server_error", 500, wire.STREAM_INTERNAL_ERROR)
-        return
-    except _StreamCut:
-        return
-    if run.shutting_down:
-        run.outcome = "shutdown"
+    async for event in _answer_deltas(run, "agent_message", answer):
+        yield event
+    if not run.answer_complete:
         return
     yield thought("".join(answer))
     yield _message_end(run, len(answer), None)
