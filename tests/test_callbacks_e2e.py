@@ -70,6 +70,31 @@ def test_retried_until_accepted_with_one_webhook_id(runtime: Runtime, emulator) 
     assert body["type"] == "job.succeeded" and body["data"]["result"]["answer"]
 
 
+def test_the_first_attempt_is_sent_by_the_jobs_worker_and_leaves_no_lease_or_lock(runtime: Runtime) -> None:
+    with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        job_id = submit_with_callback(base, receiver.url, "inline")
+        job = wait_for_callback(runtime, job_id)
+    assert job["callback"]["status"] == "delivered" and receiver.delivered_ids() == [job_id]
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
+    assert not runtime.raw_redis.exists(runtime.store.callback_lock_key(job_id))
+    assert runtime.raw_redis.hlen(f"{runtime.namespace}:callbacks.msgs") == 0, "no callback message was needed"
+
+
+def test_with_the_first_attempt_queued_callbacks_still_retry_until_accepted(redis_url: str, namespace: str,
+                                                                             emulator) -> None:
+    runtime = make_runtime(redis_url, namespace,
+                           {"chat": {"api_key": "app-callbacks-key1", "mode": "chat", "base_url": emulator.base_url}},
+                           callbacks={"signing_secret": SIGNING_SECRET, "allow_hosts": ["127.0.0.0/8"],
+                                      "retry_schedule": ["0.1s"], "timeout": "2s", "first_attempt_inline": False})
+    with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        receiver.script([500, 200])
+        job_id = submit_with_callback(base, receiver.url, "queued first")
+        job = wait_for_callback(runtime, job_id)
+    assert job["callback"] == {**job["callback"], "status": "delivered", "attempts": 2, "last_status_code": 200}
+    assert [r.webhook_id for r in receiver.requests] == [job_id] * 2
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
+
+
 def test_gone_stops_at_once_and_redirect_is_not_followed(runtime: Runtime) -> None:
     with CallbackReceiver() as gone, CallbackReceiver() as moved, running_worker(runtime), \
             serving_api(runtime) as base:

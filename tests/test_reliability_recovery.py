@@ -16,8 +16,9 @@ from tests.support.stack import make_runtime, running_worker, wait_for_final
 from worker.dify.emulator import EmulatedApp, start_emulator
 from worker.embedded_redis import EmbeddedRedis
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from worker.jobs.model import JobRequest, NewJob
+from worker.jobs.model import JobRequest, JobStatus, NewJob
 from worker.leases import LEASE_ENV, LeaseKeeper, lease_from_env
+from worker.queue_metrics import QueueCollector
 from worker.runtime import Runtime
 
 APPS = {"support": {"api_key": "app-x", "mode": "chat"}}
@@ -121,6 +122,39 @@ def test_a_stale_redelivery_never_restarts_a_job_behind_the_reapers_back(runtime
     assert keeper.sweep() == [job_id]
     assert runtime.store.fields(job_id)["worker_losses"] == "1"
     assert runtime.store.start_attempt(job_id, lease_s=30).state == "started"
+
+
+def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_the_queue(runtime: Runtime) -> None:
+    """The job's worker stores the outcome and sends the first callback attempt itself, under the job's lease; if
+    it dies before recording the attempt, the reaper finds the finished job's lease and enqueues the callback."""
+    new = NewJob(app="support", source="api", request=JobRequest(query="cb"), scope="client:t",
+                 callback_url="http://127.0.0.1:9/hook")
+    job_id = runtime.store.submit(new).job["id"]
+    fields = runtime.store.fields(job_id)
+    assert runtime.store.start_attempt(job_id, lease_s=30).state == "started"
+    status, record = runtime.store.finish_keeping_callback(
+        job_id, fields, JobStatus.SUCCEEDED, lease_s=0.05, lock_s=30, result={"answer": "hi"})
+    assert status == "succeeded" and record is not None
+    assert record["status"] == "succeeded" and json.loads(record["result"]) == {"answer": "hi"}
+    assert json.loads(record["callback"])["status"] == "pending"
+    running = next(family for family in QueueCollector(runtime.raw_redis, runtime.namespace, ["support"]).collect()
+                   if family.name == "difyq_jobs_running")
+    assert [sample.value for sample in running.samples] == [0.0], "a job sending its callback is not running"
+    assert queued_job_ids(runtime, CALLBACKS_QUEUE) == []
+    time.sleep(0.1)
+
+    keeper = LeaseKeeper(runtime.store, lease_s=0.05, sweep_s=0.01)
+    assert keeper.sweep() == [job_id]
+    assert queued_job_ids(runtime, CALLBACKS_QUEUE) == [job_id]
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
+    assert runtime.store.get(job_id)["status"] == "succeeded", "the outcome is kept"
+    runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
+    runtime.store.callback_attempted(job_id, {"status": "delivered"}, retry_in_s=None, dead=False,
+                                     release_lease=False)
+    runtime.store.start_attempt(job_id, lease_s=0.05)
+    time.sleep(0.1)
+    keeper.sweep()
+    assert queued_job_ids(runtime, CALLBACKS_QUEUE) == [job_id], "a settled callback is not enqueued again"
 
 
 def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(runtime: Runtime) -> None:

@@ -59,8 +59,8 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
         broker.add_middleware(middleware)
     throttle = Throttle(runtime, slot_lease_s=2 * leases.lease_s)
     leases.also_renew(throttle.renew_held)
-    runner = JobRunner(runtime, leases, throttle)
     sender = CallbackSender(runtime)
+    runner = JobRunner(runtime, leases, throttle, sender)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 
     def run_job(job_id: str) -> None:

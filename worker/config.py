@@ -144,6 +144,7 @@ class CallbacksConfig(Strict):
     allow_hosts: list[str] = Field(default_factory=list)
     retry_schedule: list[Duration] = Field(default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000])
     timeout: Duration = 15.0
+    first_attempt_inline: bool = True
 
     @field_validator("allow_hosts")
     @classmethod

@@ -6,6 +6,8 @@ lease. Every worker process also runs the reaper, but one at a time (a Redis loc
 * a job whose lease expired goes back to the front of the queue with a new message, and its ``worker_losses``
   count grows; past ``MAX_WORKER_LOSSES`` the job ends failed ``worker_lost`` (the bound for a poison message that
   kills every worker that runs it: Dramatiq itself never counts such redeliveries);
+* a finished job whose lease expired lost the worker that was sending its first callback attempt: the callback
+  goes to the callbacks queue if it is still pending;
 * the messages a dead Dramatiq consumer had fetched but not finished (jobs it had only prefetched, delayed
   retries, callbacks) go back to their queues once its heartbeat is ``2 * lease_s`` old, instead of waiting for
   Dramatiq's own 60 s heartbeat timeout plus a 0.1 % maintenance roll on that very queue.
@@ -32,7 +34,7 @@ from dramatiq.common import dq_name
 from worker import metrics
 from worker.durations import parse_duration
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from worker.jobs.model import JobStatus
+from worker.jobs.model import FINAL_STATUSES, JobStatus
 from worker.jobs.store import JobStore
 
 log = structlog.get_logger("difyq.leases")
@@ -142,6 +144,10 @@ class LeaseKeeper:
         elif state == "cancel":
             fields = self.store.fields(job_id) or {}
             self.store.finish(job_id, fields, JobStatus.CANCELED)
+        elif state in FINAL_STATUSES:
+            resumed = self.store.resume_callback(job_id)
+            log.warning("lease_expired_callback_requeued" if resumed else "lease_expired_job_final", job_id=job_id)
+            return
         elif not state.startswith("queued:"):
             self.store.redis.zrem(self.store.leases_key, job_id)
         log.warning("lease_expired_job_requeued", job_id=job_id, state=state)

@@ -13,6 +13,7 @@ import redis
 import structlog
 
 from worker import metrics
+from worker.callbacks.sender import CallbackSender
 from worker.config import AppConfig
 from worker.dify.client import DifyClient, DifyRequest, DifyResult, thread_session
 from worker.dify.errors import DifyError
@@ -50,8 +51,9 @@ def result_document(result: DifyResult) -> dict[str, Any]:
 class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
-    def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle):
+    def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle, sender: CallbackSender):
         self.runtime = runtime
+        self.sender = sender
         self.store = runtime.store
         self.config = runtime.config
         self.leases = leases
@@ -141,9 +143,7 @@ class JobRunner:
         self.throttle.succeeded(app_name)
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
-        status = self._durably(lambda: self.store.finish(job_id, fields, JobStatus.SUCCEEDED,
-                                                         result=result_document(result)))
-        self._finished(fields, status)
+        self._conclude(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))
 
     def _dify_request(self, fields: dict[str, str], app: AppConfig) -> DifyRequest:
         request = json.loads(fields["request"])
@@ -180,10 +180,9 @@ class JobRunner:
             if state != "cancel":
                 log.info("job_retry_scheduled", delay_s=round(delay, 3), attempt=attempt)
                 return
-            status = self._durably(lambda: self.store.finish(job_id, fields, JobStatus.CANCELED, error=error.as_dict()))
+            self._conclude(job_id, fields, JobStatus.CANCELED, error=error.as_dict())
         else:
-            status = self._durably(lambda: self.store.finish(job_id, fields, JobStatus.FAILED, error=error.as_dict()))
-        self._finished(fields, status)
+            self._conclude(job_id, fields, JobStatus.FAILED, error=error.as_dict())
 
     def _durably(self, write: Callable[[], str]) -> str:
         """A store write after a Dify call, retried through a Redis blip of up to one lease, so a finished call is
@@ -201,14 +200,44 @@ class JobRunner:
                 pause = min(pause * 2, 2.0)
 
     def _fail(self, job_id: str, fields: dict[str, str], error: dict[str, Any]) -> None:
-        status = self.store.finish(job_id, fields, JobStatus.FAILED, error=error)
-        self._finished(fields, status)
+        self._conclude(job_id, fields, JobStatus.FAILED, error=error)
 
-    def _finished(self, fields: dict[str, str], status: str) -> None:
+    def _conclude(
+        self, job_id: str, fields: dict[str, str], status: JobStatus, *, result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        """Store the outcome, then (``callbacks.first_attempt_inline``) make the callback's first attempt here,
+        under the job's lease, instead of handing it to another worker through the callbacks queue."""
+        if not self.config.callbacks.first_attempt_inline:
+            stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=result, error=error))
+            self._count_finished(fields, stored)
+            self._log_finished(stored)
+            return
+        self.leases.track(job_id)
+        try:
+            stored, record = self._durably(lambda: self.store.finish_keeping_callback(
+                job_id, fields, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=result,
+                error=error))
+            self._count_finished(fields, stored)
+            callback = self.sender.deliver_first(job_id, record) if record is not None else None
+        finally:
+            self.leases.untrack(job_id)
+        self._log_finished(stored, callback)
+
+    @staticmethod
+    def _count_finished(fields: dict[str, str], status: str) -> None:
         if status.startswith("already:") or status == "missing":
-            log.info("job_outcome_not_stored", state=status)
             return
         app_name = fields["app"]
         metrics.jobs_finished.labels(app=app_name, status=status).inc()
         metrics.job_duration.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
-        log.info("job_finished", status=status)
+
+    @staticmethod
+    def _log_finished(status: str, callback: str | None = None) -> None:
+        """One line per job: its outcome and, when this worker sent the first callback attempt, how it went."""
+        if status.startswith("already:") or status == "missing":
+            log.info("job_outcome_not_stored", state=status)
+        elif callback is None:
+            log.info("job_finished", status=status)
+        else:
+            log.info("job_finished", status=status, callback=callback)

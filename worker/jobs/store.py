@@ -82,6 +82,8 @@ class JobStore:
         self._rerun = client.register_script(_script("rerun"))
         self._replay_callback = client.register_script(_script("replay_callback"))
         self._recover = client.register_script(_script("recover"))
+        self._callback_attempted = client.register_script(_script("callback_attempted"))
+        self._resume_callback = client.register_script(_script("resume_callback"))
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -222,13 +224,23 @@ class JobStore:
     def set_task_id(self, job_id: str, task_id: str) -> None:
         self.redis.hset(self.job_key(job_id), "task_id", task_id)
 
-    def callback_message(self, job_id: str, fields: dict[str, str]) -> tuple[QueuedMessage | None, str]:
-        """The callback message and the callback block to store when a job with a callback URL ends."""
+    def callback_lock_key(self, job_id: str) -> str:
+        """Held while one callback attempt is under way, so two attempts for one job never overlap."""
+        return f"{self.namespace}:callback-lock:{job_id}"
+
+    @staticmethod
+    def pending_callback(fields: dict[str, str]) -> str:
+        """The callback block to store when a job with a callback URL ends ("" without one)."""
         url = fields.get("callback_url")
         if not url:
-            return None, ""
-        state = {"url": url, "status": "pending", "attempts": 0, "last_status_code": None, "next_attempt_at": None}
-        return self.message(CALLBACKS_QUEUE, job_id), json.dumps(state)
+            return ""
+        return json.dumps({"url": url, "status": "pending", "attempts": 0, "last_status_code": None,
+                           "next_attempt_at": None})
+
+    def callback_message(self, job_id: str, fields: dict[str, str]) -> tuple[QueuedMessage | None, str]:
+        """The callback message and the callback block to store when a job with a callback URL ends."""
+        state = self.pending_callback(fields)
+        return (self.message(CALLBACKS_QUEUE, job_id), state) if state else (None, "")
 
     def finish(
         self,
@@ -242,14 +254,79 @@ class JobStore:
         """Record the outcome (once) and enqueue the callback; returns the status the job ended with."""
         callback, callback_state = self.callback_message(job_id, fields)
         reply = self._finish(
-            keys=[self.job_key(job_id), self.leases_key,
-                  callback.queue_key if callback else "", callback.bodies_key if callback else ""],
-            args=[status.value, repr(time.time()), json.dumps(result) if result is not None else "",
-                  json.dumps(error) if error is not None else "", int(self.config.result_ttl * 1000),
-                  callback.redis_message_id if callback else "", callback.body if callback else b"",
-                  callback_state],
+            keys=[self.job_key(job_id), self.leases_key, callback.queue_key if callback else "",
+                  callback.bodies_key if callback else "", self.callback_lock_key(job_id)],
+            args=[*self._outcome_args(status, result, error), callback.redis_message_id if callback else "",
+                  callback.body if callback else b"", callback_state, "", ""],
         )
-        return _text(reply)
+        return _text(reply[0])
+
+    def finish_keeping_callback(
+        self,
+        job_id: str,
+        fields: dict[str, str],
+        status: JobStatus,
+        *,
+        lease_s: float,
+        lock_s: float,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> tuple[str, dict[str, str] | None]:
+        """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
+        takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
+        attempt and records it with ``callback_attempted``. Returns the status and, when the caller owns the
+        first attempt, the stored record; else None (no callback URL, or the outcome was already stored)."""
+        callback_state = self.pending_callback(fields)
+        if not callback_state:
+            return self.finish(job_id, fields, status, result=result, error=error), None
+        now = time.time()
+        reply = self._finish(
+            keys=[self.job_key(job_id), self.leases_key, "", "", self.callback_lock_key(job_id)],
+            args=[*self._outcome_args(status, result, error, now), "", b"", callback_state,
+                  int((now + lease_s) * 1000), int(lock_s * 1000)],
+        )
+        final = _text(reply[0])
+        if len(reply) == 1:
+            return final, None
+        return final, {_text(reply[i]): _text(reply[i + 1]) for i in range(1, len(reply) - 1, 2)}
+
+    def _outcome_args(
+        self, status: JobStatus, result: dict[str, Any] | None, error: dict[str, Any] | None, now: float | None = None
+    ) -> list[Any]:
+        return [status.value, repr(time.time() if now is None else now),
+                json.dumps(result) if result is not None else "", json.dumps(error) if error is not None else "",
+                int(self.config.result_ttl * 1000)]
+
+    def callback_attempted(
+        self, job_id: str, state: dict[str, Any], *, retry_in_s: float | None, dead: bool, release_lease: bool
+    ) -> None:
+        """Store the callback block after an attempt, in the same step as the next attempt (a delayed message,
+        ``retry_in_s``) or the dead letter; free the callback lock and, with ``release_lease``, the job's lease."""
+        message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
+        self._callback_attempted(
+            keys=[self.job_key(job_id), self.leases_key, self.callback_lock_key(job_id),
+                  self.callback_dead_letters_key, message.queue_key if message else "",
+                  message.bodies_key if message else ""],
+            args=[json.dumps(state), "retry" if message else "dead" if dead else "done",
+                  message.redis_message_id if message else "", message.body if message else b"", time.time(),
+                  "1" if release_lease else ""],
+        )
+
+    def enqueue_callback(self, job_id: str, delay_s: float) -> None:
+        """A (delayed) ``deliver_callback`` message for ``job_id``."""
+        message = self.message(CALLBACKS_QUEUE, job_id, delay_s)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(message.bodies_key, message.redis_message_id, message.body)
+            pipe.rpush(message.queue_key, message.redis_message_id)
+            pipe.execute()
+
+    def resume_callback(self, job_id: str) -> bool:
+        """Drop a finished job's lease and enqueue its callback if it is still pending (its sender died)."""
+        message = self.message(CALLBACKS_QUEUE, job_id)
+        return bool(self._resume_callback(
+            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
+            args=[job_id, message.redis_message_id, message.body],
+        ))
 
     def requeue(
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = "running",
@@ -325,9 +402,6 @@ class JobStore:
         """Put the messages of Dramatiq consumers silent for ``dead_after_s`` back on ``queues``; how many."""
         dead_before_ms = int((time.time() - dead_after_s) * 1000)
         return int(self._recover(keys=[self.heartbeats_key], args=[self.namespace, dead_before_ms, *queues]))
-
-    def update_callback(self, job_id: str, state: dict[str, Any]) -> None:
-        self.redis.hset(self.job_key(job_id), "callback", json.dumps(state))
 
 
 def _text(value: Any) -> str:

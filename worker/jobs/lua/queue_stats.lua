@@ -1,7 +1,8 @@
 -- Everything the scrape-time queue gauges need, in one round trip.
 -- KEYS: 1 leases zset, 2 callback dead letters zset; ARGV: namespace, then queue names
 -- Returns {queue, waiting, delayed, dead, since ms or -1, ...} per queue (since = when the first waiting message
--- became due: its enqueue time, or its eta for a retried or deferred one), then {app, running, ...}.
+-- became due: its enqueue time, or its eta for a retried or deferred one), then {app, running, ...} (a finished job
+-- keeps its lease while its worker sends the first callback attempt; it does not count as running).
 local ns = ARGV[1]
 local out = {}
 for i = 2, #ARGV do
@@ -27,8 +28,9 @@ for i = 2, #ARGV do
 end
 local running = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, 4999)) do
-  local app = redis.call('HGET', ns .. ':job:' .. id, 'app')
-  if app then
+  local job = redis.call('HMGET', ns .. ':job:' .. id, 'app', 'status')
+  local app = job[1]
+  if app and job[2] == 'running' then
     running[app] = (running[app] or 0) + 1
   end
 end
