@@ -431,6 +431,20 @@ def test_cooldown_doubles_caps_and_resets(
     assert limiter.report_upstream_limited(kid) == 1.0, "the streak was reset by the success"
 
 
+def test_an_admission_says_whether_its_success_must_end_a_429_streak(
+    redis_client: redis.Redis, namespace: str, kid: str, clock: FakeClock
+) -> None:
+    limiter = KeyLimiter(redis_client, namespace, cooldown_base_s=1.0, cooldown_cap_s=8.0, clock=clock)
+    for limits in (None, AppLimits(requests_per_minute=100)):
+        assert not take(limiter, kid, limits, "calm").upstream_streak, "no 429s: a success writes nothing"
+    limiter.report_upstream_limited(kid)
+    clock.t += limiter.cooldown_left(kid)
+    for limits in (None, AppLimits(requests_per_minute=100)):
+        assert take(limiter, kid, limits, "after").upstream_streak
+    limiter.report_success(kid)
+    assert not take(limiter, kid, None, "reset").upstream_streak
+
+
 # --- fairness ------------------------------------------------------------------------------------------
 
 

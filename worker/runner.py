@@ -140,7 +140,7 @@ class JobRunner:
             raise
         self.leases.untrack(job_id)
         self.throttle.release(app_name, admission, result.usage.total_tokens if result.usage else None)
-        self.throttle.succeeded(app_name)
+        self.throttle.succeeded(app_name, admission)
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
         self._conclude(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))

@@ -77,8 +77,10 @@ class Throttle:
         record_upstream_limited(app)
         return self.limiter.report_upstream_limited(self.key_ids[app])
 
-    def succeeded(self, app: str) -> None:
-        self.limiter.report_success(self.key_ids[app])
+    def succeeded(self, app: str, admission: Admission) -> None:
+        """A call went through: end the key's 429 streak if it had one when the call was admitted."""
+        if admission.upstream_streak:
+            self.limiter.report_success(self.key_ids[app])
 
     def _publish(self, app: str) -> None:
         limits = self.limits[app]

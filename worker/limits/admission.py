@@ -16,12 +16,15 @@ class Admission:
     ``admitted``: the call may go now; ``reservation`` (``None`` for an app without limits) must then be
     released. Otherwise ``wait_s`` is the earliest moment every limit could admit this job, computed from the
     shared state, and ``limit`` is the one that binds (``requests|tokens|concurrency|upstream``).
+    ``upstream_streak``: the key had a run of upstream 429s when this call was admitted, so its success should
+    reset the cooldown escalation (``report_success``); without one the success needs no write.
     """
 
     admitted: bool
     wait_s: float
     limit: str | None
     reservation: str | None
+    upstream_streak: bool = False
 
 
 @dataclass(frozen=True, slots=True)

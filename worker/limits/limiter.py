@@ -117,7 +117,7 @@ class KeyLimiter:
             tpm = limits.tokens_per_minute or 0
             conc = limits.max_concurrency or 0
         names = self.keys(key_id)
-        admitted, wait_us, limit, reservation = self._scripts.acquire(
+        admitted, wait_us, limit, reservation, *streak = self._scripts.acquire(
             keys=names.acquire(),
             args=[
                 ticket,
@@ -141,6 +141,7 @@ class KeyLimiter:
             wait_s=int(wait_us) / US,
             limit=_text(limit) or None,
             reservation=_text(reservation) or None,
+            upstream_streak=bool(streak and int(streak[0])),
         )
 
     def renew(self, key_id: str, reservation: str | None, lease_s: float) -> bool:

@@ -8,7 +8,8 @@
 -- ARGV  1 ticket  2 rid  3 limited (1|0)  4 rpm  5 tpm  6 max concurrency (0 = none)  7 estimated tokens
 --       8 lease_us  9 window_us  10 waiting_since_us (-1 = none)  11 grace_us  12 poll_us
 --       13 burst (requests admitted at once before pacing; 0 = no pacing)  14 fake now ('' = TIME)
--- Returns {admitted 1|0, wait_us, limit or '', reservation or ''}.
+-- Returns {admitted 1|0, wait_us, limit or '', reservation or '', 1 when the key has a 429 streak to reset on success
+-- (admitted only)}.
 
 local req, tok, amt, state, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local line, due, need, cool = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
@@ -40,7 +41,7 @@ if not limited then
   if blocked_by then
     return {0, math.ceil(blocked_at - now), blocked_by, ''}
   end
-  return {1, 0, '', ''}
+  return {1, 0, '', '', redis.call('HEXISTS', cool, 'streak')}
 end
 
 -- 2. Forget what has left the window, reclaim lapsed leases, drop waiters that never came back.
@@ -223,7 +224,7 @@ if blocked_by == nil then
   end
   for _, key in ipairs({req, tok, amt, state}) do keep(key, window) end
   keep(lease, lease_us)
-  return {1, 0, '', reservation}
+  return {1, 0, '', reservation, redis.call('HEXISTS', cool, 'streak')}
 end
 
 redis.call('ZADD', line, 'NX', mine, ticket)
