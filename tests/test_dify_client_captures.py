@@ -22,7 +22,7 @@ from tests.support.loopback import (
     read_request,
     unanswered_connect_port,
 )
-from worker.dify.client import DifyClient, DifyError, DifyRequest, DifyResult, thread_session
+from worker.dify.client import DifyClient, DifyError, DifyRequest, DifyResult, environment_settings, thread_session
 
 API_KEY = "app-SECRETKEYSECRETKEY0123"
 CAPTURES = {capture.name: capture for capture in iter_captures()}
@@ -589,3 +589,17 @@ def test_thread_session_is_per_thread() -> None:
 
 def test_repr_hides_the_key() -> None:
     assert API_KEY not in repr(DifyClient("https://dify.example/v1", API_KEY))
+
+
+def test_environment_proxies_and_ca_bundle_are_resolved_once_per_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions skip requests' per-call environment scan; the client takes the same settings once instead."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "dify.internal")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/private-ca.pem")
+    assert environment_settings("https://api.dify.ai/v1") == (
+        {"https": "http://proxy.internal:3128", "no": "dify.internal"}, "/etc/ssl/private-ca.pem")
+    assert environment_settings("https://dify.internal/v1")[0] == {}
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    assert environment_settings("https://dify.internal/v1")[1] is True
+    assert thread_session().trust_env is False

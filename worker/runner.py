@@ -15,7 +15,7 @@ import structlog
 from worker import metrics
 from worker.callbacks.sender import CallbackSender
 from worker.config import AppConfig
-from worker.dify.client import DifyClient, DifyRequest, DifyResult, thread_session
+from worker.dify.client import DifyClient, DifyRequest, DifyResult
 from worker.dify.errors import DifyError
 from worker.jobs.model import FINAL_STATUSES, JobStatus
 from worker.leases import LeaseKeeper
@@ -58,6 +58,7 @@ class JobRunner:
         self.config = runtime.config
         self.leases = leases
         self.throttle = throttle
+        self._clients: dict[str, DifyClient] = {}
 
     def run(self, job_id: str) -> None:
         fields = self.store.fields(job_id)
@@ -111,14 +112,7 @@ class JobRunner:
         if start.first:
             metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
         request = self._dify_request(fields, app)
-        client = DifyClient(
-            self.config.app_base_url(app_name),
-            app.api_key.get_secret_value(),
-            connect_timeout=self.config.dify.connect_timeout_s,
-            idle_read_timeout=self.config.dify.idle_read_timeout_s,
-            total_timeout=app.timeout_s,
-            session=thread_session(),
-        )
+        client = self._client(app_name, app)
         log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
         self.leases.track(job_id)
@@ -144,6 +138,19 @@ class JobRunner:
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
         self._conclude(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))
+
+    def _client(self, app_name: str, app: AppConfig) -> DifyClient:
+        """The app's client, made once: it resolves proxy settings for the app's URL when created."""
+        client = self._clients.get(app_name)
+        if client is None:
+            client = self._clients[app_name] = DifyClient(
+                self.config.app_base_url(app_name),
+                app.api_key.get_secret_value(),
+                connect_timeout=self.config.dify.connect_timeout_s,
+                idle_read_timeout=self.config.dify.idle_read_timeout_s,
+                total_timeout=app.timeout_s,
+            )
+        return client
 
     def _dify_request(self, fields: dict[str, str], app: AppConfig) -> DifyRequest:
         request = json.loads(fields["request"])

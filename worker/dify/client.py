@@ -11,6 +11,7 @@ Every failure is a `DifyError` (see `worker.dify.errors`); the API key never app
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -46,11 +47,22 @@ _local = threading.local()
 
 
 def thread_session() -> requests.Session:
-    """This thread's pooled `requests.Session` (greenlet's, under gevent), created on first use."""
+    """This thread's pooled `requests.Session` (greenlet's, under gevent), created on first use.
+
+    It does not read the environment on each request (proxy variables, netrc, CA bundle: a scan of every variable
+    per call); `DifyClient` resolves those once per base URL instead (`environment_settings`)."""
     session: requests.Session | None = getattr(_local, "session", None)
     if session is None:
         session = _local.session = requests.Session()
+        session.trust_env = False
     return session
+
+
+def environment_settings(url: str) -> tuple[dict[str, str], bool | str]:
+    """The proxies (honouring NO_PROXY) and the TLS verification (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) that
+    requests would take from the environment for `url`."""
+    verify: bool | str = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    return requests.utils.get_environ_proxies(url), verify
 
 
 def _request_body(mode: str, request: DifyRequest) -> dict[str, Any]:
@@ -68,7 +80,7 @@ def _request_body(mode: str, request: DifyRequest) -> dict[str, Any]:
 
 
 class DifyClient:
-    """Calls one Dify app with one API key. Thread-safe when each thread passes its own session (or none)."""
+    """Calls one Dify app with one API key. Thread-safe without a `session` (each thread uses its own)."""
 
     def __init__(
         self,
@@ -86,6 +98,7 @@ class DifyClient:
         self._idle_read_timeout = idle_read_timeout
         self._total_timeout = total_timeout
         self._session = session
+        self._proxies, self._verify = environment_settings(self._base_url)
 
     def __repr__(self) -> str:
         return f"DifyClient({self._base_url!r})"
@@ -122,6 +135,8 @@ class DifyClient:
                 timeout=(self._connect_timeout, self._read_timeout),
                 stream=True,
                 allow_redirects=False,
+                proxies=self._proxies,
+                verify=self._verify,
             )
         except requests.ConnectTimeout as exc:
             raise DifyError("timeout", f"connecting to {self._host} timed out after {self._connect_timeout} s") from exc
