@@ -18,6 +18,9 @@ from worker.dify.emulator.state import EmulatorState
 
 _STARTUP_TIMEOUT_S = 10.0
 _GRACEFUL_SHUTDOWN_S = 2
+# Idle keep-alive connections stay open as long as behind nginx (Dify's own deployment), not uvicorn's 5 s: a
+# client then rarely sends on a connection the server is closing, which neither side could tell from a real fault.
+_KEEP_ALIVE_S = 75
 
 
 class _EmulatorServer(uvicorn.Server):
@@ -33,6 +36,7 @@ class _EmulatorServer(uvicorn.Server):
                 log_level=log_level,
                 lifespan="off",
                 backlog=4096,
+                timeout_keep_alive=_KEEP_ALIVE_S,
                 timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
             )
         )
