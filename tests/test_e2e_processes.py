@@ -88,8 +88,6 @@ def test_submit_run_callback_and_read_back(tmp_path: Path, redis_url: str, names
             worker_lines = [json.loads(line) for line in logs.splitlines()
                             if line.startswith("{") and '"job_id": "' + job["id"] in line]
             assert any(line.get("request_id") == "req-e2e-1" and line["event"] == "job_finished"
-                       for line in worker_lines)
-            assert any(line.get("request_id") == "req-e2e-1" and line["event"] == "callback_attempt"
-                       for line in worker_lines)
+                       and line.get("callback") == "delivered" for line in worker_lines)
             for secret in ("app-demo", CLIENT_TOKEN, SIGNING_SECRET):
                 assert secret not in logs

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dramatiq
 import structlog
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import CurrentMessage, Middleware
+from dramatiq.middleware import Middleware
 
 from worker.callbacks.sender import CallbackSender
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
@@ -53,7 +53,6 @@ class DifyqWorkerMiddleware(Middleware):
 def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:
     broker = runtime.build_broker()
     leases = LeaseKeeper(runtime.store, lease_s=lease_from_env())
-    broker.add_middleware(CurrentMessage())
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases))
     for middleware in extra_middleware or []:
         broker.add_middleware(middleware)
