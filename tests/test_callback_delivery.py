@@ -207,6 +207,14 @@ def test_a_reused_pinned_session(receiver: CallbackReceiver) -> None:
     assert receiver.delivered_ids() == ["job_s1", "job_s2"]
 
 
+def test_a_short_reply_body_is_read_so_the_connection_serves_the_next_callback(receiver: CallbackReceiver) -> None:
+    receiver.set_default(Reply(200, body=b'{"received": true}'))
+    with pinned_session() as session:
+        outcomes = [deliver(receiver.url, BODY, f"job_k{i}", config(), session=session).outcome for i in range(3)]
+    assert outcomes == ["delivered"] * 3
+    assert len({request.client_port for request in receiver.requests}) == 1
+
+
 def test_metrics(receiver: CallbackReceiver) -> None:
     before = sample("difyq_callback_duration_seconds_count")
     deliver(receiver.url, BODY, "job_metrics", config())

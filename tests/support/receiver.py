@@ -41,7 +41,8 @@ class Reply:
 
 @dataclass(frozen=True)
 class ReceivedRequest:
-    """One request as the receiver saw it. ``headers`` has lower-case names."""
+    """One request as the receiver saw it. ``headers`` has lower-case names; ``client_port`` tells connections
+    apart (requests on a kept-alive connection share it)."""
 
     method: str
     path: str
@@ -49,6 +50,7 @@ class ReceivedRequest:
     body: bytes
     received_at: float
     status: int
+    client_port: int = 0
 
     @property
     def webhook_id(self) -> str | None:
@@ -83,6 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body=body,
                 received_at=time.time(),
                 status=reply.status,
+                client_port=self.client_address[1],
             )
         )
         if reply.delay_s and receiver._stopping.wait(reply.delay_s):

@@ -21,6 +21,7 @@ from email.utils import parsedate_to_datetime
 from typing import Literal
 
 import requests
+import urllib3
 
 from worker.callbacks.signing import signature_headers
 from worker.callbacks.ssrf import BlockedDestination, UnresolvableDestination, check_destination
@@ -28,6 +29,7 @@ from worker.callbacks.transport import UnpinnedRequest, pinned_session, post_to_
 from worker.config import CallbacksConfig
 from worker.metrics import callback_deliveries, callback_duration
 
+_KEPT_REPLY_BYTES = 64 * 1024
 AttemptOutcome = Literal["delivered", "retry", "gone", "failed", "blocked"]
 MetricOutcome = Literal["delivered", "retried", "failed", "blocked"]
 
@@ -83,6 +85,17 @@ def _innermost(exc: BaseException) -> BaseException:
             return current
         seen.add(id(following))
         current = following
+
+
+def _read_short_reply(response: requests.Response) -> None:
+    """Read a reply body of a declared length up to ``_KEPT_REPLY_BYTES`` so the kept-alive connection can carry
+    the next callback; a longer or chunked one is not read and the connection closes with the response."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and 0 < int(length) <= _KEPT_REPLY_BYTES:
+        try:
+            response.raw.read(int(length))
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+            return
 
 
 def _describe_failure(exc: requests.RequestException, timeout: float) -> str:
@@ -145,6 +158,7 @@ def deliver(
         with post_to_destination(http, destination, body, headers, config.timeout) as response:
             status = response.status_code
             retry_after = parse_retry_after(response.headers.get("Retry-After"), clock())
+            _read_short_reply(response)
     except UnpinnedRequest:
         raise
     except requests.RequestException as exc:
