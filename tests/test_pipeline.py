@@ -9,11 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from dramatiq import Worker
 
 from producers.submit import submit
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
+from worker.app import build_worker_broker
 from worker.dify.emulator import EmulatedApp, start_emulator
 from worker.embedded_redis import EmbeddedRedis
+from worker.jobs.messages import JOBS_QUEUE
 from worker.jobs.model import JobRequest
 from worker.runtime import Runtime
 
@@ -208,3 +211,30 @@ def test_worker_survives_a_redis_restart(namespace: str, emulator) -> None:
             assert wait_for_final(runtime, accepted.json()["id"], timeout=30)["status"] == "succeeded"
     finally:
         server.stop()
+
+
+def test_an_idle_worker_fetches_once_per_job_it_is_woken_for(runtime: Runtime) -> None:
+    """An idle consumer waits for the enqueue's wake-up, and a fetch that emptied the queue is not followed by
+    another one: one fetch per job, not a poll (Dramatiq's) nor a fetch to learn the queue is empty."""
+    broker = build_worker_broker(runtime)
+    fetched: list[int] = []
+    fetch = broker.do_fetch
+
+    def counting_fetch(queue_name: str, prefetch: int) -> list[bytes]:
+        messages = fetch(queue_name, prefetch)
+        if queue_name == JOBS_QUEUE:
+            fetched.append(len(messages))
+        return messages
+
+    broker.do_fetch = counting_fetch
+    broker.emit_after("process_boot")
+    worker = Worker(broker, worker_threads=4, worker_timeout=2_000)
+    worker.start()
+    try:
+        for n in range(10):
+            assert wait_for_final(runtime, enqueue(runtime, "chat", query=f"idle {n}"))["status"] == "succeeded"
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()
+    assert fetched.count(1) == 10
+    assert fetched.count(0) <= 3, f"empty fetches: {fetched}"

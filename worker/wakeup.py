@@ -3,7 +3,9 @@
 Dramatiq's Redis consumer polls: an empty fetch sleeps 5 ms doubling up to the worker timeout, so a job that
 arrives at an idle worker waits for the next poll. Our Lua scripts PUBLISH on a queue's key when they push a
 ready message (and so does this broker's ``enqueue``, which Dramatiq uses to move due delayed messages); an idle
-consumer waits on that channel instead of sleeping, and fetches within a round trip of the enqueue. The worker
+consumer waits on that channel instead of sleeping, and fetches within a round trip of the enqueue. A fetch that
+returns fewer messages than asked for emptied the queue, so the consumer waits for news before it asks again (a
+message pushed meanwhile has published its wake-up on the channel the consumer stays subscribed to). The worker
 timeout (``dramatiq_worker_timeout``) then only bounds how long an idle consumer waits without news.
 """
 
@@ -40,6 +42,7 @@ class _WakingConsumer(_RedisConsumer):
         super().__init__(broker, queue_name, prefetch, timeout)
         self._wakeups = broker.client.pubsub(ignore_subscribe_messages=True)
         self._wakeups.subscribe(f"{broker.namespace}:{queue_name}")
+        self._drained = False
 
     def __next__(self) -> MessageProxy | None:
         try:
@@ -48,9 +51,13 @@ class _WakingConsumer(_RedisConsumer):
                 if free <= 0:
                     time.sleep(FULL_PREFETCH_PAUSE_S)
                     return None
-                self.message_cache = self.broker.do_fetch(self.queue_name, free)
-                if not self.message_cache:
+                if self._drained:
+                    self._drained = False
                     self._wait_for_wakeup()
+                    return None
+                self.message_cache = self.broker.do_fetch(self.queue_name, free)
+                self._drained = len(self.message_cache) < free
+                if not self.message_cache:
                     return None
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
