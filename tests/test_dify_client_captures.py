@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import certifi
 import pytest
-import requests
+import urllib3
 
 from tests.support.captures import Capture, iter_captures, load_index, parse_capture
 from tests.support.loopback import (
@@ -22,7 +23,7 @@ from tests.support.loopback import (
     read_request,
     unanswered_connect_port,
 )
-from worker.dify.client import DifyClient, DifyError, DifyRequest, DifyResult, environment_settings, thread_session
+from worker.dify.client import DifyClient, DifyError, DifyRequest, DifyResult, environment_settings
 
 API_KEY = "app-SECRETKEYSECRETKEY0123"
 CAPTURES = {capture.name: capture for capture in iter_captures()}
@@ -205,14 +206,14 @@ def stream_events(name: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def session() -> Iterator[requests.Session]:
-    with requests.Session() as fresh:
-        fresh.trust_env = False  # loopback only: no proxy from the environment
+def pool() -> Iterator[urllib3.PoolManager]:
+    """A pool of the test's own (loopback only: an injected pool ignores proxies from the environment)."""
+    with urllib3.PoolManager() as fresh:
         yield fresh
 
 
-def client_for(url: str, session: requests.Session, **timeouts: float) -> DifyClient:
-    return DifyClient(url + "/v1", API_KEY, session=session, **timeouts)
+def client_for(url: str, pool: urllib3.PoolManager, **timeouts: float) -> DifyClient:
+    return DifyClient(url + "/v1", API_KEY, pool=pool, **timeouts)
 
 
 def run_failing(client: DifyClient, mode: str, request: DifyRequest, **kwargs: Any) -> DifyError:
@@ -230,11 +231,11 @@ def test_every_capture_is_expected_somewhere() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SUCCEEDS))
-def test_replayed_success(name: str, session: requests.Session) -> None:
+def test_replayed_success(name: str, pool: urllib3.PoolManager) -> None:
     expected = SUCCEEDS[name]
     task_ids: list[str] = []
     with ReplayServer(CAPTURES[name]) as server:
-        result = client_for(server.url, session).run(mode_of(name), request_of(name), on_task_id=task_ids.append)
+        result = client_for(server.url, pool).run(mode_of(name), request_of(name), on_task_id=task_ids.append)
     assert isinstance(result, DifyResult)
     assert result.answer == expected.answer
     assert result.outputs == expected.outputs
@@ -254,10 +255,10 @@ def test_replayed_success(name: str, session: requests.Session) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(FAILS))
-def test_replayed_failure(name: str, session: requests.Session) -> None:
+def test_replayed_failure(name: str, pool: urllib3.PoolManager) -> None:
     expected = FAILS[name]
     with ReplayServer(CAPTURES[name]) as server:
-        error = run_failing(client_for(server.url, session), mode_of(name), request_of(name))
+        error = run_failing(client_for(server.url, pool), mode_of(name), request_of(name))
     assert (error.code, error.status) == (expected.code, expected.status)
     assert (error.retryable, error.rate_limited) == (expected.retryable, expected.rate_limited)
     assert error.message.startswith(expected.message)
@@ -265,15 +266,15 @@ def test_replayed_failure(name: str, session: requests.Session) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CAPTURES))
-def test_every_capture_replays_byte_for_byte(name: str, session: requests.Session) -> None:
-    """The replay harness itself: what requests receives is exactly the capture."""
+def test_every_capture_replays_byte_for_byte(name: str, pool: urllib3.PoolManager) -> None:
+    """The replay harness itself: what urllib3 receives is exactly the capture."""
     capture = CAPTURES[name]
     if capture.header("Content-Length") is not None:
         assert int(capture.header("Content-Length") or 0) == len(capture.body)
     with ReplayServer(capture) as server:
-        response = session.post(server.url + "/v1/anything", json={}, timeout=5)
-    assert (response.status_code, response.reason) == (capture.status, capture.reason)
-    assert response.content == capture.body
+        response = pool.request("POST", server.url + "/v1/anything", json={}, timeout=5, retries=False)
+    assert (response.status, response.reason) == (capture.status, capture.reason)
+    assert response.data == capture.body
     for key, value in capture.headers:
         assert response.headers[key] == value
     if capture.content_type.startswith("application/json"):
@@ -294,9 +295,9 @@ def test_every_capture_replays_byte_for_byte(name: str, session: requests.Sessio
         ("workflow", "/v1/workflows/run", {"inputs": {"a": 1}, "response_mode": "streaming", "user": "u"}),
     ],
 )  # fmt: skip
-def test_request_sent(mode: str, path: str, expected: dict[str, Any], session: requests.Session) -> None:
+def test_request_sent(mode: str, path: str, expected: dict[str, Any], pool: urllib3.PoolManager) -> None:
     with ReplayServer(CAPTURES["err_bad_api_key.txt"]) as server:
-        run_failing(client_for(server.url, session), mode, DifyRequest(query="hi", inputs={"a": 1}, user="u"))
+        run_failing(client_for(server.url, pool), mode, DifyRequest(query="hi", inputs={"a": 1}, user="u"))
     [sent] = server.requests
     assert (sent.method, sent.path) == ("POST", path)
     assert sent.json() == expected
@@ -305,13 +306,13 @@ def test_request_sent(mode: str, path: str, expected: dict[str, Any], session: r
     assert sent.headers["Content-Type"] == "application/json"
 
 
-def test_optional_fields_are_sent_when_set(session: requests.Session) -> None:
+def test_optional_fields_are_sent_when_set(pool: urllib3.PoolManager) -> None:
     files = [{"type": "image", "transfer_method": "remote_url", "url": "https://example.com/a.png"}]
     request = DifyRequest(
         query="again", inputs={}, user="u", conversation_id="c-1", files=files, auto_generate_name=True
     )
     with ReplayServer(CAPTURES["err_bad_api_key.txt"]) as server:
-        client = client_for(server.url, session)
+        client = client_for(server.url, pool)
         run_failing(client, "chat", request)
         run_failing(client, "workflow", request)
         run_failing(client, "chat", dataclasses.replace(request, query=None, conversation_id="", files=[]))
@@ -330,23 +331,23 @@ def test_optional_fields_are_sent_when_set(session: requests.Session) -> None:
         ("workflow", "/v1/workflows/tasks/task%2F1/stop"),
     ],
 )
-def test_stop(mode: str, path: str, session: requests.Session) -> None:
+def test_stop(mode: str, path: str, pool: urllib3.PoolManager) -> None:
     with ReplayServer(CAPTURES["chat_stop_response.txt"]) as server:
-        assert client_for(server.url, session).stop(mode, "task/1", "sample-user-1") is None
+        assert client_for(server.url, pool).stop(mode, "task/1", "sample-user-1") is None
     [sent] = server.requests
     assert (sent.path, sent.json()) == (path, {"user": "sample-user-1"})
     assert sent.headers["Authorization"] == f"Bearer {API_KEY}"
 
 
-def test_stop_error_is_a_dify_error(session: requests.Session) -> None:
+def test_stop_error_is_a_dify_error(pool: urllib3.PoolManager) -> None:
     with ReplayServer(CAPTURES["err_completion_key_on_chat.txt"]) as server, pytest.raises(DifyError) as raised:
-        client_for(server.url, session).stop("chat", "t", "u")
+        client_for(server.url, pool).stop("chat", "t", "u")
     assert (raised.value.code, raised.value.retryable) == ("not_chat_app", False)
 
 
-def test_unknown_mode_is_a_programming_error(session: requests.Session) -> None:
+def test_unknown_mode_is_a_programming_error(pool: urllib3.PoolManager) -> None:
     with pytest.raises(ValueError, match="unknown Dify app mode 'chatbot'"):
-        client_for("http://127.0.0.1:9", session).run("chatbot", DifyRequest(query="q", inputs={}, user="u"))
+        client_for("http://127.0.0.1:9", pool).run("chatbot", DifyRequest(query="q", inputs={}, user="u"))
 
 
 def http_capture(status_line: str, content_type: str, body: bytes, *extra_headers: str) -> Capture:
@@ -355,10 +356,10 @@ def http_capture(status_line: str, content_type: str, body: bytes, *extra_header
     return parse_capture("\r\n".join(lines).encode() + body)
 
 
-def test_cloudflare_429_with_retry_after(session: requests.Session) -> None:
+def test_cloudflare_429_with_retry_after(pool: urllib3.PoolManager) -> None:
     capture = http_capture("HTTP/1.1 429 Too Many Requests", "text/plain", b"error code: 1015", "Retry-After: 7")
     with ReplayServer(capture) as server:
-        error = run_failing(client_for(server.url, session), "chat", request_of("chat_streaming.txt"))
+        error = run_failing(client_for(server.url, pool), "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.status, error.retry_after) == ("http_429", 429, 7.0)
     assert (error.retryable, error.rate_limited) == (True, True)
     assert error.message == "HTTP 429 Too Many Requests: error code: 1015"
@@ -382,22 +383,22 @@ def test_cloudflare_429_with_retry_after(session: requests.Session) -> None:
     ],
 )  # fmt: skip
 def test_retryable_http_errors(
-    capture: Capture, code: str, status: int, rate_limited: bool, session: requests.Session
+    capture: Capture, code: str, status: int, rate_limited: bool, pool: urllib3.PoolManager
 ) -> None:
     with ReplayServer(capture) as server:
-        error = run_failing(client_for(server.url, session), "chat", request_of("chat_streaming.txt"))
+        error = run_failing(client_for(server.url, pool), "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.status, error.retryable, error.rate_limited) == (code, status, True, rate_limited)
 
 
-def test_redirect_is_not_followed(session: requests.Session) -> None:
+def test_redirect_is_not_followed(pool: urllib3.PoolManager) -> None:
     capture = http_capture("HTTP/1.1 301 Moved Permanently", "text/html", b"", "Location: https://elsewhere.example/v1")
     with ReplayServer(capture) as server:
-        error = run_failing(client_for(server.url, session), "chat", request_of("chat_streaming.txt"))
+        error = run_failing(client_for(server.url, pool), "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.status, error.retryable) == ("http_301", 301, False)
     assert len(server.requests) == 1
 
 
-def test_agent_stream_with_thoughts_replace_and_tts(session: requests.Session) -> None:
+def test_agent_stream_with_thoughts_replace_and_tts(pool: urllib3.PoolManager) -> None:
     wrapper = {"conversation_id": "c", "message_id": "m", "task_id": "t"}
     capture = sse_capture(
         "event: ping\n\n",
@@ -409,30 +410,30 @@ def test_agent_stream_with_thoughts_replace_and_tts(session: requests.Session) -
         {"event": "tts_message_end", **wrapper, "audio": ""},
     )
     with ReplayServer(capture) as server:
-        result = client_for(server.url, session).run("agent", DifyRequest(query="q", inputs={}, user="u"))
+        result = client_for(server.url, pool).run("agent", DifyRequest(query="q", inputs={}, user="u"))
     assert (result.answer, result.conversation_id, result.task_id) == ("[moderated]", "c", "t")
     assert result.usage is not None and result.usage.price() == Decimal("0.0001")
     assert result.usage.prompt_tokens is None and result.usage.currency is None
 
 
-def test_stopped_workflow_without_text(session: requests.Session) -> None:
+def test_stopped_workflow_without_text(pool: urllib3.PoolManager) -> None:
     capture = sse_capture(
         {"event": "workflow_started", "workflow_run_id": "r", "task_id": "t", "data": {"id": "r"}},
         {"event": "workflow_finished", "workflow_run_id": "r", "task_id": "t",
          "data": {"id": "r", "status": "stopped", "outputs": None, "error": None, "total_tokens": 3}},
     )  # fmt: skip
     with ReplayServer(capture) as server:
-        result = client_for(server.url, session).run("workflow", DifyRequest(query=None, inputs={}, user="u"))
+        result = client_for(server.url, pool).run("workflow", DifyRequest(query=None, inputs={}, user="u"))
     assert (result.stopped, result.answer, result.outputs, result.time_to_first_token_s) == (True, None, None, None)
     assert result.usage is not None and result.usage.total_tokens == 3
 
 
-def test_chatflow_accepts_message_end_before_workflow_finished(session: requests.Session) -> None:
+def test_chatflow_accepts_message_end_before_workflow_finished(pool: urllib3.PoolManager) -> None:
     events = stream_events("chatflow_streaming.txt")
     events[-2], events[-1] = events[-1], events[-2]
     assert [event["event"] for event in events[-2:]] == ["message_end", "workflow_finished"]
     with ReplayServer(sse_capture(*events)) as server:
-        result = client_for(server.url, session).run("advanced-chat", request_of("chatflow_streaming.txt"))
+        result = client_for(server.url, pool).run("advanced-chat", request_of("chatflow_streaming.txt"))
     assert result.answer == "FAKE-LLM says: Stream chatflow"
     assert result.outputs == {"answer": "FAKE-LLM says: Stream chatflow"}
 
@@ -447,24 +448,24 @@ def test_chatflow_accepts_message_end_before_workflow_finished(session: requests
         ("chatflow_streaming.txt", "advanced-chat", "message_end"),
     ],
 )
-def test_stream_closed_without_terminal_event(name: str, mode: str, drop: str, session: requests.Session) -> None:
+def test_stream_closed_without_terminal_event(name: str, mode: str, drop: str, pool: urllib3.PoolManager) -> None:
     events = [event for event in stream_events(name) if event["event"] != drop]
     with ReplayServer(sse_capture(*events)) as server:
-        error = run_failing(client_for(server.url, session), mode, request_of(name))
+        error = run_failing(client_for(server.url, pool), mode, request_of(name))
     assert (error.code, error.retryable, error.rate_limited) == ("stream_incomplete", True, False)
 
 
-def test_chatflow_failed_run_without_error_event(session: requests.Session) -> None:
+def test_chatflow_failed_run_without_error_event(pool: urllib3.PoolManager) -> None:
     events = [event for event in stream_events("llm_fail500_chatflow_streaming.txt") if event["event"] != "error"]
     with ReplayServer(sse_capture(*events)) as server:
-        error = run_failing(client_for(server.url, session), "advanced-chat", request_of("chatflow_streaming.txt"))
+        error = run_failing(client_for(server.url, pool), "advanced-chat", request_of("chatflow_streaming.txt"))
     assert (error.code, error.retryable, error.rate_limited) == ("workflow_failed", True, False)
     assert error.message.startswith(PROVIDER_500)
 
 
-def test_event_data_that_is_not_json(session: requests.Session) -> None:
+def test_event_data_that_is_not_json(pool: urllib3.PoolManager) -> None:
     with ReplayServer(sse_capture("data: [DONE]\n\n")) as server:
-        error = run_failing(client_for(server.url, session), "chat", request_of("chat_streaming.txt"))
+        error = run_failing(client_for(server.url, pool), "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.retryable) == ("invalid_response", True)
 
 
@@ -481,35 +482,35 @@ def capture_lines(name: str) -> list[bytes]:
     return [line + b"\n\n" for line in CAPTURES[name].body.split(b"\n") if line.startswith(b"data: ")]
 
 
-def test_connection_refused(session: requests.Session) -> None:
-    client = DifyClient(f"http://127.0.0.1:{closed_port()}/v1", API_KEY, connect_timeout=2, session=session)
+def test_connection_refused(pool: urllib3.PoolManager) -> None:
+    client = DifyClient(f"http://127.0.0.1:{closed_port()}/v1", API_KEY, connect_timeout=2, pool=pool)
     error = run_failing(client, "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.status, error.retryable, error.rate_limited) == ("connection_error", None, True, False)
 
 
-def test_connect_timeout(session: requests.Session) -> None:
+def test_connect_timeout(pool: urllib3.PoolManager) -> None:
     with unanswered_connect_port() as port:
         if port is None:
             pytest.skip("this kernel answers connections beyond a full accept queue")
-        client = DifyClient(f"http://127.0.0.1:{port}/v1", API_KEY, connect_timeout=0.3, session=session)
+        client = DifyClient(f"http://127.0.0.1:{port}/v1", API_KEY, connect_timeout=0.3, pool=pool)
         error = run_failing(client, "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.retryable) == ("timeout", True)
     assert "connecting" in error.message
 
 
-def test_server_that_accepts_and_never_answers(session: requests.Session) -> None:
+def test_server_that_accepts_and_never_answers(pool: urllib3.PoolManager) -> None:
     def silent(connection: socket.socket, stopping: threading.Event) -> None:
         read_request(connection)
         stopping.wait()
 
     with ScriptedServer(silent) as server:
         error = run_failing(
-            client_for(server.url, session, idle_read_timeout=0.3), "chat", request_of("chat_streaming.txt")
+            client_for(server.url, pool, idle_read_timeout=0.3), "chat", request_of("chat_streaming.txt")
         )
     assert (error.code, error.retryable) == ("timeout", True)
 
 
-def test_stream_that_goes_silent_mid_answer(session: requests.Session) -> None:
+def test_stream_that_goes_silent_mid_answer(pool: urllib3.PoolManager) -> None:
     def stall(connection: socket.socket, stopping: threading.Event) -> None:
         read_request(connection)
         connection.sendall(SSE_HEAD + chunk(capture_lines("chat_streaming.txt")[0]))
@@ -517,13 +518,13 @@ def test_stream_that_goes_silent_mid_answer(session: requests.Session) -> None:
 
     task_ids: list[str] = []
     with ScriptedServer(stall) as server:
-        client = client_for(server.url, session, idle_read_timeout=0.3)
+        client = client_for(server.url, pool, idle_read_timeout=0.3)
         error = run_failing(client, "chat", request_of("chat_streaming.txt"), on_task_id=task_ids.append)
     assert (error.code, error.retryable) == ("timeout", True)
     assert task_ids == ["946634d2-1418-4989-963d-64c8b6ecfbcc"]
 
 
-def test_pings_forever_hit_the_total_timeout(session: requests.Session) -> None:
+def test_pings_forever_hit_the_total_timeout(pool: urllib3.PoolManager) -> None:
     def ping_forever(connection: socket.socket, stopping: threading.Event) -> None:
         read_request(connection)
         connection.sendall(SSE_HEAD_UNTIL_CLOSE)
@@ -531,13 +532,13 @@ def test_pings_forever_hit_the_total_timeout(session: requests.Session) -> None:
             connection.sendall(b"event: ping\n\n")
 
     with ScriptedServer(ping_forever) as server:
-        client = client_for(server.url, session, idle_read_timeout=5, total_timeout=0.5)
+        client = client_for(server.url, pool, idle_read_timeout=5, total_timeout=0.5)
         error = run_failing(client, "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.retryable) == ("timeout", True)
     assert "total timeout" in error.message
 
 
-def test_on_task_id_is_called_while_the_stream_is_still_open(session: requests.Session) -> None:
+def test_on_task_id_is_called_while_the_stream_is_still_open(pool: urllib3.PoolManager) -> None:
     task_seen = threading.Event()
     seen_before_end: list[bool] = []
 
@@ -549,42 +550,32 @@ def test_on_task_id_is_called_while_the_stream_is_still_open(session: requests.S
         connection.sendall(b"".join(rest))
 
     with ScriptedServer(wait_for_task_id) as server:
-        client = client_for(server.url, session)
+        client = client_for(server.url, pool)
         result = client.run("chat", request_of("chat_streaming.txt"), on_task_id=lambda _task: task_seen.set())
     assert seen_before_end == [True]
     assert result.answer == "FAKE-LLM says: Stream me please"
 
 
-def test_broken_chunked_encoding_mid_stream(session: requests.Session) -> None:
+def test_broken_chunked_encoding_mid_stream(pool: urllib3.PoolManager) -> None:
     def cut_off(connection: socket.socket, stopping: threading.Event) -> None:
         read_request(connection)
         connection.sendall(SSE_HEAD + chunk(capture_lines("chat_streaming.txt")[0]) + b"400\r\ndata: {")
 
     with ScriptedServer(cut_off) as server:
-        error = run_failing(client_for(server.url, session), "chat", request_of("chat_streaming.txt"))
+        error = run_failing(client_for(server.url, pool), "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.retryable) == ("stream_incomplete", True)
 
 
-def test_result_kept_when_the_peer_stalls_after_the_terminal_event(session: requests.Session) -> None:
+def test_result_kept_when_the_peer_stalls_after_the_terminal_event(pool: urllib3.PoolManager) -> None:
     def stall_after_end(connection: socket.socket, stopping: threading.Event) -> None:
         read_request(connection)
         connection.sendall(SSE_HEAD + b"".join(chunk(line) for line in capture_lines("chat_streaming.txt")))
         stopping.wait()
 
     with ScriptedServer(stall_after_end) as server:
-        client = client_for(server.url, session, idle_read_timeout=0.3)
+        client = client_for(server.url, pool, idle_read_timeout=0.3)
         result = client.run("chat", request_of("chat_streaming.txt"))
     assert result.answer == "FAKE-LLM says: Stream me please"
-
-
-def test_thread_session_is_per_thread() -> None:
-    mine = thread_session()
-    theirs: list[requests.Session] = []
-    worker = threading.Thread(target=lambda: theirs.append(thread_session()))
-    worker.start()
-    worker.join()
-    assert thread_session() is mine
-    assert theirs[0] is not mine
 
 
 def test_repr_hides_the_key() -> None:
@@ -592,14 +583,19 @@ def test_repr_hides_the_key() -> None:
 
 
 def test_environment_proxies_and_ca_bundle_are_resolved_once_per_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sessions skip requests' per-call environment scan; the client takes the same settings once instead."""
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    """requests would scan the environment on every call; the client takes the same settings once, when made."""
+    for name in ("HTTP_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")  # no scheme: http:// assumed, as requests does
     monkeypatch.setenv("NO_PROXY", "dify.internal")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/private-ca.pem")
-    assert environment_settings("https://api.dify.ai/v1") == (
-        {"https": "http://proxy.internal:3128", "no": "dify.internal"}, "/etc/ssl/private-ca.pem")
-    assert environment_settings("https://dify.internal/v1")[0] == {}
+    assert environment_settings("https://api.dify.ai/v1") == ("http://proxy.internal:3128", "/etc/ssl/private-ca.pem")
+    assert environment_settings("https://dify.internal/v1").proxy is None
+    assert environment_settings("http://api.dify.ai/v1").proxy is None  # HTTPS_PROXY is for https URLs only
+    client = DifyClient("https://api.dify.ai/v1", API_KEY)
+    monkeypatch.setenv("NO_PROXY", "api.dify.ai")
     monkeypatch.delenv("REQUESTS_CA_BUNDLE")
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
-    assert environment_settings("https://dify.internal/v1")[1] is True
-    assert thread_session().trust_env is False
+    assert environment_settings("https://api.dify.ai/v1") == (None, certifi.where())
+    assert isinstance(client.pool, urllib3.ProxyManager)  # what the environment said when the client was made
+    assert client.pool.connection_pool_kw["ca_certs"] == "/etc/ssl/private-ca.pem"

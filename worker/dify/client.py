@@ -1,4 +1,4 @@
-"""Dify Service API client on requests: one streaming call per job, aggregated into a `DifyResult`.
+"""Dify Service API client on urllib3: one streaming call per job, aggregated into a `DifyResult`.
 
 `run` always asks for `response_mode: "streaming"` (agent apps accept nothing else, no proxy cuts a long
 answer, and the first token can be timed) and reads the event stream as it arrives. Time is bounded three ways:
@@ -6,29 +6,42 @@ answer, and the first token can be timed) and reads the event stream as it arriv
 the model is silent, so a longer gap means the peer is gone); `total_timeout` for the whole call, checked as data
 arrives (a silent peer is caught by the idle timeout, so the call ends at most `idle_read_timeout` past it).
 Every failure is a `DifyError` (see `worker.dify.errors`); the API key never appears in one.
+
+Transport: plain urllib3 (requests' per-call Request/PreparedRequest, hooks and cookie jar cost CPU the worker
+needs). Every client in the process sends through one shared `urllib3.PoolManager`, made on first use, that all
+threads and gevent greenlets draw from; it keeps up to `_POOL_MAXSIZE` connections per host and never blocks
+(`block=False`), so each concurrent call gets its own kept-alive connection. The environment is read once per
+base URL (`environment_settings`), as requests would read it: HTTP(S)_PROXY/ALL_PROXY minus NO_PROXY choose a
+`urllib3.ProxyManager` (one per proxy URL, shared the same way), and TLS is verified against REQUESTS_CA_BUNDLE
+or CURL_CA_BUNDLE when set, else certifi's bundle. Calls are sent without retries or redirects, the body left
+unread (`preload_content=False`). A connection goes back to the pool only when its response was read to the end;
+one left part-read (an error, an early return) is closed first, so it never carries another request.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
-import requests
+import certifi
+import urllib3
+from requests.utils import get_auth_from_url, get_environ_proxies, prepend_scheme_if_needed, select_proxy
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as TransportError
-from urllib3.exceptions import ReadTimeoutError
 
 from worker.dify.aggregate import StreamAggregator
 from worker.dify.errors import DifyError, parse_retry_after
 from worker.dify.models import CHAT_MODES, DifyRequest, DifyResult, Usage
 from worker.dify.sse import SSEParser
 
-__all__ = ["DifyClient", "DifyError", "DifyRequest", "DifyResult", "Usage", "thread_session"]
+__all__ = ["DifyClient", "DifyError", "DifyRequest", "DifyResult", "Usage", "shared_pool"]
 
 _RUN_PATHS = dict.fromkeys(CHAT_MODES, "/chat-messages") | {
     "completion": "/completion-messages",
@@ -43,26 +56,77 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _ERROR_SNIPPET_CHARS = 200
 _WHITESPACE = re.compile(r"\s+")
 
-_local = threading.local()
+# Connections kept per host: above `difyq worker --gevent`'s 1000 greenlets, so none is closed for lack of room.
+_POOL_MAXSIZE = 1024
+# Host pools kept per manager (apps may sit on different hosts); the least recently used one beyond is closed.
+_POOL_HOSTS = 64
 
 
-def thread_session() -> requests.Session:
-    """This thread's pooled `requests.Session` (greenlet's, under gevent), created on first use.
-
-    It does not read the environment on each request (proxy variables, netrc, CA bundle: a scan of every variable
-    per call); `DifyClient` resolves those once per base URL instead (`environment_settings`)."""
-    session: requests.Session | None = getattr(_local, "session", None)
-    if session is None:
-        session = _local.session = requests.Session()
-        session.trust_env = False
-    return session
+def _user_agent() -> str:
+    try:
+        return f"difyq/{importlib.metadata.version('difyq')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "difyq"
 
 
-def environment_settings(url: str) -> tuple[dict[str, str], bool | str]:
-    """The proxies (honouring NO_PROXY) and the TLS verification (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) that
-    requests would take from the environment for `url`."""
-    verify: bool | str = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    return requests.utils.get_environ_proxies(url), verify
+USER_AGENT = _user_agent()
+
+
+class TransportSettings(NamedTuple):
+    """What the environment says about reaching one base URL: the proxy URL (None: connect directly) and the
+    CA bundle (a file or a directory) that verifies TLS."""
+
+    proxy: str | None
+    ca_bundle: str
+
+
+def environment_settings(url: str) -> TransportSettings:
+    """The proxy (HTTP(S)_PROXY/ALL_PROXY, honouring NO_PROXY) and the CA bundle (REQUESTS_CA_BUNDLE,
+    CURL_CA_BUNDLE, else certifi's) that requests would take from the environment for `url`."""
+    proxy = select_proxy(url, get_environ_proxies(url))
+    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    return TransportSettings(prepend_scheme_if_needed(proxy, "http") if proxy else None, ca_bundle)
+
+
+_pools: dict[TransportSettings, urllib3.PoolManager] = {}
+_pools_lock = threading.Lock()
+
+
+def shared_pool(settings: TransportSettings) -> urllib3.PoolManager:
+    """The process-wide pool for `settings`, made on first use: a `PoolManager`, or a `ProxyManager` (a
+    `SOCKSProxyManager` for socks URLs, which needs PySocks) when a proxy applies."""
+    pool = _pools.get(settings)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(settings)
+            if pool is None:
+                pool = _pools[settings] = _new_pool(settings)
+    return pool
+
+
+def _new_pool(settings: TransportSettings) -> urllib3.PoolManager:
+    tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED"}
+    tls["ca_cert_dir" if os.path.isdir(settings.ca_bundle) else "ca_certs"] = settings.ca_bundle
+    sizes: dict[str, Any] = {"num_pools": _POOL_HOSTS, "maxsize": _POOL_MAXSIZE, "block": False}
+    if settings.proxy is None:
+        return urllib3.PoolManager(**sizes, **tls)
+    username, password = get_auth_from_url(settings.proxy)
+    if settings.proxy.lower().startswith("socks"):
+        from urllib3.contrib.socks import SOCKSProxyManager
+
+        return SOCKSProxyManager(settings.proxy, username or None, password or None, **sizes, **tls)
+    auth = urllib3.make_headers(proxy_basic_auth=f"{username}:{password}") if username else None
+    return urllib3.ProxyManager(settings.proxy, proxy_headers=auth, **sizes, **tls)
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's connections are not ours to use (or close)."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _request_body(mode: str, request: DifyRequest) -> dict[str, Any]:
@@ -80,7 +144,8 @@ def _request_body(mode: str, request: DifyRequest) -> dict[str, Any]:
 
 
 class DifyClient:
-    """Calls one Dify app with one API key. Thread-safe without a `session` (each thread uses its own)."""
+    """Calls one Dify app with one API key. Thread- and greenlet-safe: calls share the process-wide pool, or
+    `pool` when given (tests), which then serves every call whatever the environment says about proxies."""
 
     def __init__(
         self,
@@ -90,18 +155,25 @@ class DifyClient:
         connect_timeout: float = 10.0,
         idle_read_timeout: float = 60.0,
         total_timeout: float = 600.0,
-        session: requests.Session | None = None,
+        pool: urllib3.PoolManager | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._connect_timeout = connect_timeout
         self._idle_read_timeout = idle_read_timeout
         self._total_timeout = total_timeout
-        self._session = session
-        self._proxies, self._verify = environment_settings(self._base_url)
+        self._timeout = urllib3.Timeout(connect=connect_timeout, read=self._read_timeout)
+        self._pool = pool
+        self._settings = environment_settings(self._base_url)
 
     def __repr__(self) -> str:
         return f"DifyClient({self._base_url!r})"
+
+    @property
+    def pool(self) -> urllib3.PoolManager:
+        """The pool calls go through: the one given, else the process-wide one for this base URL's settings
+        (looked up per call, so a forked child makes its own)."""
+        return self._pool if self._pool is not None else shared_pool(self._settings)
 
     def run(self, mode: str, request: DifyRequest, *, on_task_id: Callable[[str], None] | None = None) -> DifyResult:
         """Run the app once and aggregate its stream; `on_task_id` gets the task id (for `stop`) as soon as
@@ -109,46 +181,62 @@ class DifyClient:
         path = _route(_RUN_PATHS, mode)
         started = time.monotonic()
         aggregator = StreamAggregator(mode, started=started, on_task_id=on_task_id)
-        with self._post(path, _request_body(mode, request), accept="text/event-stream") as response:
+        response = self._post(path, _request_body(mode, request), accept="text/event-stream")
+        try:
             if not _is_success(response):
                 raise self._error_from(response)
             if response.headers.get("Content-Type", "").startswith("application/json"):
                 aggregator.add_blocking(self._blocking_body(response))
             else:
                 self._read_stream(response, aggregator, deadline=started + self._total_timeout)
+        finally:
+            _release(response)
         return aggregator.result()
 
     def stop(self, mode: str, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (Dify answers success even for an unknown or finished task)."""
         path = _route(_STOP_PATHS, mode).format(quote(task_id, safe=""))
-        with self._post(path, {"user": user}, accept="application/json") as response:
+        response = self._post(path, {"user": user}, accept="application/json")
+        try:
             if not _is_success(response):
                 raise self._error_from(response)
+        finally:
+            _release(response)
 
-    def _post(self, path: str, body: Mapping[str, Any], *, accept: str) -> requests.Response:
-        session = self._session or thread_session()
+    def _post(self, path: str, body: Mapping[str, Any], *, accept: str) -> urllib3.BaseHTTPResponse:
+        headers = {
+            "Authorization": f"Bearer {self._api_key}",
+            "Accept": accept,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
         try:
-            return session.post(
+            return self.pool.urlopen(
+                "POST",
                 self._base_url + path,
-                json=body,
-                headers={"Authorization": f"Bearer {self._api_key}", "Accept": accept},
-                timeout=(self._connect_timeout, self._read_timeout),
-                stream=True,
-                allow_redirects=False,
-                proxies=self._proxies,
-                verify=self._verify,
+                body=json.dumps(body).encode(),
+                headers=headers,
+                retries=False,
+                redirect=False,
+                preload_content=False,
+                timeout=self._timeout,
             )
-        except requests.ConnectTimeout as exc:
+        # NewConnectionError (refused, unreachable, DNS) subclasses ConnectTimeoutError: it goes first.
+        except NewConnectionError as exc:
+            raise DifyError("connection_error", self._redact(f"cannot reach {self._host}: {exc}")) from exc
+        except ConnectTimeoutError as exc:
             raise DifyError("timeout", f"connecting to {self._host} timed out after {self._connect_timeout} s") from exc
-        except requests.Timeout as exc:
+        except ReadTimeoutError as exc:
             raise DifyError("timeout", f"no response from {self._host} within {self._read_timeout} s") from exc
-        except requests.ConnectionError as exc:
+        except (TransportError, OSError) as exc:  # proxy, TLS, protocol (peer closed, garbage status line)
             raise DifyError("connection_error", self._redact(f"cannot reach {self._host}: {exc}")) from exc
 
-    def _read_stream(self, response: requests.Response, aggregator: StreamAggregator, *, deadline: float) -> None:
+    def _read_stream(
+        self, response: urllib3.BaseHTTPResponse, aggregator: StreamAggregator, *, deadline: float
+    ) -> None:
         parser = SSEParser()
         try:
-            while chunk := response.raw.read1(_READ_SIZE, decode_content=True):
+            while chunk := response.read1(_READ_SIZE, decode_content=True):
                 for event in parser.feed(chunk):
                     aggregator.add(_decode_event(event.data))
                 if time.monotonic() > deadline:
@@ -166,9 +254,9 @@ class DifyClient:
         if not aggregator.complete:
             raise DifyError("stream_incomplete", "the stream ended before its terminal event")
 
-    def _blocking_body(self, response: requests.Response) -> Mapping[str, Any]:
+    def _blocking_body(self, response: urllib3.BaseHTTPResponse) -> Mapping[str, Any]:
         try:
-            body = _json_object(response.raw.read(decode_content=True))
+            body = _json_object(response.read(decode_content=True))
         except ReadTimeoutError as exc:
             raise DifyError("timeout", f"no data from {self._host} for {self._read_timeout} s") from exc
         except TransportError as exc:
@@ -177,12 +265,12 @@ class DifyClient:
             raise DifyError("invalid_response", "a 200 application/json response without a JSON object")
         return body
 
-    def _error_from(self, response: requests.Response) -> DifyError:
+    def _error_from(self, response: urllib3.BaseHTTPResponse) -> DifyError:
         """A non-2xx response as a DifyError: Dify's JSON `{code, message, status[, params]}`, else `http_<status>`."""
-        status = response.status_code
+        status = response.status
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         try:
-            raw_body = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+            raw_body = response.read(_ERROR_BODY_LIMIT, decode_content=True)
         except TransportError:
             raw_body = b""
         body = _json_object(raw_body)
@@ -207,9 +295,17 @@ class DifyClient:
         return text.replace(self._api_key, "[api key]") if self._api_key else text
 
 
-def _is_success(response: requests.Response) -> bool:
+def _release(response: urllib3.BaseHTTPResponse) -> None:
+    """Give the response's connection back to its pool: as it is when the body was read to the end (urllib3 has
+    then released it already), closed first when bytes may be left unread, so the next call gets a clean one."""
+    if not response.closed:
+        response.close()
+    response.release_conn()
+
+
+def _is_success(response: urllib3.BaseHTTPResponse) -> bool:
     """2xx only: redirects are not followed, and a 3xx is not Dify's answer."""
-    return 200 <= response.status_code < 300
+    return 200 <= response.status < 300
 
 
 def _route(paths: Mapping[str, str], mode: str) -> str:
