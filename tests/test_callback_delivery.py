@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import random
 import socket
+import ssl
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -14,17 +17,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
 
 from tests.support.receiver import CallbackReceiver, Reply
 from worker.callbacks import (
     DeliveryAttempt,
+    PinnedTransport,
     deliver,
     metric_outcome,
     next_delay,
     parse_retry_after,
-    pinned_session,
     record_outcome,
 )
+from worker.callbacks.delivery import _describe_failure
 from worker.config import CallbacksConfig
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -66,6 +78,10 @@ def test_a_2xx_is_delivered_signed(receiver: CallbackReceiver) -> None:
     assert request.headers["content-type"] == "application/json"
     assert request.headers["user-agent"] == "difyq-webhooks/1"
     assert receiver.verify(SECRET)[0]["data"]["id"] == "job_1"
+    framing = {"host", "content-length", "accept-encoding"}  # added by http.client; nothing else is added
+    signed = {"webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "user-agent"}
+    assert set(request.headers) == framing | signed
+    assert request.headers["content-length"] == str(len(BODY))
 
 
 def test_three_failures_then_delivered_with_the_same_webhook_id(receiver: CallbackReceiver) -> None:
@@ -122,6 +138,76 @@ def test_a_refused_connection_retries() -> None:
 
     assert (attempt.outcome, attempt.status_code) == ("retry", None)
     assert attempt.error == "connection failed: Connection refused"
+
+
+def test_a_connect_timeout_retries() -> None:
+    """A listener whose accept queue is full drops the SYN (Linux), so connecting times out."""
+    with socket.socket() as listener, socket.socket() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued.connect(listener.getsockname())  # fills the accept queue; nothing accepts
+        attempt = deliver(f"http://127.0.0.1:{listener.getsockname()[1]}/cb", BODY, "job_syn", config(timeout=0.3))
+
+    assert (attempt.outcome, attempt.status_code) == ("retry", None)
+    assert attempt.error == "connect timed out after 0.3 s"
+
+
+def test_a_receiver_that_hangs_up_retries() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def hang_up() -> None:
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            connection.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        attempt = deliver(f"http://127.0.0.1:{listener.getsockname()[1]}/cb", BODY, "job_hangup", config())
+        thread.join(5)
+
+    assert (attempt.outcome, attempt.status_code) == ("retry", None)
+    assert attempt.error == "request failed: RemoteDisconnected: Remote end closed connection without response"
+
+
+class _Connection:
+    """Stands in for the urllib3 connection urllib3's exceptions name (its repr would carry no URL either)."""
+
+
+def _chained(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (ConnectTimeoutError(_Connection(), "Connection to h timed out"), "connect timed out after 5 s"),
+        (ReadTimeoutError(None, "http://h/secret-path", "Read timed out."), "no response within 5 s"),  # type: ignore[arg-type]
+        (
+            _chained(NewConnectionError(_Connection(), "refused"), ConnectionRefusedError(111, "Connection refused")),  # type: ignore[arg-type]
+            "connection failed: Connection refused",
+        ),
+        (
+            _chained(
+                NameResolutionError("h", _Connection(), socket.gaierror(-2, "Name or service not known")),  # type: ignore[arg-type]
+                socket.gaierror(-2, "Name or service not known"),
+            ),
+            "connection failed: Name or service not known",
+        ),
+        (NewConnectionError(_Connection(), "refusing to connect"), "request failed: NewConnectionError"),  # type: ignore[arg-type]
+        (SSLError(ssl.SSLError(1, "[SSL] wrong version number")), "TLS failed: SSLError"),
+        (
+            ProtocolError("Connection aborted.", http.client.RemoteDisconnected("Remote end closed connection")),
+            "request failed: RemoteDisconnected: Remote end closed connection",
+        ),
+        (ProtocolError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer")),
+         "connection failed: Connection reset by peer"),
+    ],
+)
+def test_urllib3_failures_are_described_without_the_url(error: Exception, text: str) -> None:
+    assert _describe_failure(error, 5) == text
 
 
 def test_retry_after_seconds_and_http_date(receiver: CallbackReceiver) -> None:
@@ -198,10 +284,10 @@ def test_without_a_signing_secret_nothing_is_sent(receiver: CallbackReceiver) ->
     assert receiver.requests == []
 
 
-def test_a_reused_pinned_session(receiver: CallbackReceiver) -> None:
+def test_a_reused_pinned_transport(receiver: CallbackReceiver) -> None:
     receiver.script([500])
-    with pinned_session() as session:
-        outcomes = [deliver(receiver.url, BODY, f"job_s{i}", config(), session=session).outcome for i in range(3)]
+    with PinnedTransport() as transport:
+        outcomes = [deliver(receiver.url, BODY, f"job_s{i}", config(), session=transport).outcome for i in range(3)]
 
     assert outcomes == ["retry", "delivered", "delivered"]
     assert receiver.delivered_ids() == ["job_s1", "job_s2"]
@@ -209,10 +295,73 @@ def test_a_reused_pinned_session(receiver: CallbackReceiver) -> None:
 
 def test_a_short_reply_body_is_read_so_the_connection_serves_the_next_callback(receiver: CallbackReceiver) -> None:
     receiver.set_default(Reply(200, body=b'{"received": true}'))
-    with pinned_session() as session:
-        outcomes = [deliver(receiver.url, BODY, f"job_k{i}", config(), session=session).outcome for i in range(3)]
+    with PinnedTransport() as transport:
+        outcomes = [deliver(receiver.url, BODY, f"job_k{i}", config(), session=transport).outcome for i in range(3)]
     assert outcomes == ["delivered"] * 3
     assert len({request.client_port for request in receiver.requests}) == 1
+
+
+def test_one_connection_serves_every_attempt_whatever_the_answer(receiver: CallbackReceiver) -> None:
+    """Empty and short replies, failures and redirects alike leave the kept-alive connection to the next attempt."""
+    receiver.script(
+        [
+            204,
+            Reply(500, body=b"oops"),
+            Reply(429, headers={"Retry-After": "3"}),
+            Reply(302, headers={"Location": "http://example.com/"}),
+            410,
+            Reply(200, body=b"x" * (64 * 1024)),
+            200,
+        ]
+    )
+    with PinnedTransport() as transport:
+        attempts = [deliver(receiver.url, BODY, f"job_c{i}", config(), session=transport) for i in range(7)]
+
+    assert [attempt.status_code for attempt in attempts] == [204, 500, 429, 302, 410, 200, 200]
+    assert attempts[2].retry_after_s == 3.0
+    assert len({request.client_port for request in receiver.requests}) == 1
+
+
+def test_a_long_reply_closes_its_connection(receiver: CallbackReceiver) -> None:
+    """A body over 64 KiB is not read: its connection closes and the next attempt opens a new one."""
+    receiver.script([Reply(200, body=b"x" * (64 * 1024 + 1)), 200, 200])
+    with PinnedTransport() as transport:
+        outcomes = [deliver(receiver.url, BODY, f"job_l{i}", config(), session=transport).outcome for i in range(3)]
+
+    assert outcomes == ["delivered"] * 3
+    first, second, third = (request.client_port for request in receiver.requests)
+    assert first != second == third
+
+
+def test_a_timed_out_connection_is_not_reused(receiver: CallbackReceiver) -> None:
+    receiver.script([200, Reply(200, delay_s=1), 200])
+    with PinnedTransport() as transport:
+        attempts = [deliver(receiver.url, BODY, f"job_t{i}", config(timeout=0.3), session=transport) for i in range(3)]
+
+    assert [attempt.outcome for attempt in attempts] == ["delivered", "retry", "delivered"]
+    first, second, third = (request.client_port for request in receiver.wait_for(3))
+    assert first == second != third
+
+
+def test_one_transport_is_shared_by_many_threads(receiver: CallbackReceiver) -> None:
+    receiver.set_default(Reply(200, body=b"ok"))
+    outcomes: list[str] = []
+    with PinnedTransport() as transport:
+
+        def send(worker: int) -> None:
+            for i in range(10):
+                outcomes.append(deliver(receiver.url, BODY, f"job_{worker}x{i}", config(), session=transport).outcome)
+
+        threads = [threading.Thread(target=send, args=(worker,)) for worker in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+
+        assert outcomes == ["delivered"] * 80
+        assert len(receiver.delivered_ids()) == 80
+        assert len({request.client_port for request in receiver.requests}) <= 8  # kept alive, one per thread at most
+        assert len(transport.pool_manager.pools) == 1
 
 
 def test_metrics(receiver: CallbackReceiver) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import base64
 import ipaddress
 import shutil
+import socket
 import ssl
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+import urllib3
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,15 +27,17 @@ from worker.callbacks import (
     AllowList,
     BlockedDestination,
     Destination,
+    PinnedTransport,
     UnpinnedRequest,
     UnresolvableDestination,
     blocked_reason,
     check_destination,
     deliver,
-    pinned_session,
     post_to_destination,
 )
 from worker.config import CallbacksConfig
+
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 
 BLOCKED_URLS = [
     "http://127.0.0.1/",
@@ -221,7 +226,47 @@ def test_an_ipv4_and_its_mapped_form_are_judged_alike(address: ipaddress.IPv4Add
     assert (blocked_reason(address) is None) == (blocked_reason(mapped) is None)
 
 
-def test_the_connection_goes_to_the_checked_address_with_the_original_host_header() -> None:
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every address a socket of this process connects to, and every host name looked up, while the test runs."""
+    seen: list[Any] = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def connect(self: socket.socket, address: Any) -> None:
+        seen.append(("connect", address[0]))
+        real_connect(self, address)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(("getaddrinfo", host))
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return seen
+
+
+@pytest.fixture
+def trap() -> Iterator[socket.socket]:
+    """A listening socket nobody should reach: a connection to it would wait in its accept queue."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        yield listener
+
+
+def assert_never_reached(listener: socket.socket) -> None:
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+
+
+def read_and_release(response: urllib3.HTTPResponse) -> bytes:
+    body = response.read()
+    response.release_conn()
+    return body
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_original_host_header(connects: list[Any]) -> None:
     """``callbacks.example.test`` cannot resolve (the .test TLD is reserved): the request only arrives because
     the transport connects to the address the check pinned, without a second lookup."""
     lookups: list[str] = []
@@ -230,37 +275,89 @@ def test_the_connection_goes_to_the_checked_address_with_the_original_host_heade
         lookups.append(host)
         return ["127.0.0.1"]
 
-    with CallbackReceiver() as receiver, pinned_session() as session:
+    with CallbackReceiver() as receiver, PinnedTransport() as transport:
         url = f"http://callbacks.example.test:{receiver.port}/callback?k=v"
         destination = check_destination(url, ["127.0.0.0/8"], resolver=resolver)
         for _ in range(2):
-            with post_to_destination(session, destination, b"{}", {"webhook-id": "job_pin"}, timeout=5) as response:
-                assert response.status_code == 200
+            response = transport.post(destination, b"{}", {"webhook-id": "job_pin"}, timeout=5)
+            assert response.status == 200
+            read_and_release(response)
 
         assert lookups == ["callbacks.example.test"]
         assert [request.host for request in receiver.requests] == [f"callbacks.example.test:{receiver.port}"] * 2
         assert receiver.requests[0].path == "/callback?k=v"
+        assert len({request.client_port for request in receiver.requests}) == 1  # one kept-alive connection
+        assert connects == [("getaddrinfo", "127.0.0.1"), ("connect", "127.0.0.1")]
 
 
-def test_the_pinned_session_refuses_requests_without_a_checked_destination() -> None:
-    with CallbackReceiver() as receiver, pinned_session() as session:
+def test_the_pinned_transport_refuses_requests_without_a_checked_destination(
+    connects: list[Any], trap: socket.socket
+) -> None:
+    port = trap.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/cb"
+    elsewhere = port + 1
+    forged = [
+        Destination(url, "http", "127.0.0.1", elsewhere, ("127.0.0.1",)),  # checked for another URL (port)
+        Destination(url, "https", "127.0.0.1", port, ("127.0.0.1",)),  # ... another scheme
+        Destination(url, "http", "localhost", port, ("127.0.0.1",)),  # ... another host
+        Destination(url, "http", "127.0.0.1", port, ()),  # no checked address
+    ]
+    with PinnedTransport() as transport:
         with pytest.raises(UnpinnedRequest):
-            session.post(receiver.url, data=b"{}", timeout=5)
-        elsewhere = receiver.port + 1
-        other = Destination(f"http://127.0.0.1:{elsewhere}/", "http", "127.0.0.1", elsewhere, ("127.0.0.1",))
-        request = requests.Request("POST", receiver.url, data=b"{}")
-        prepared = session.prepare_request(request)
-        prepared.difyq_destination = other  # type: ignore[attr-defined]  # checked for another URL
+            transport.pool_manager.request("POST", url, body=b"{}")  # the pools, used without a destination
         with pytest.raises(UnpinnedRequest):
-            session.send(prepared, timeout=5)
+            transport.pool_manager.connection_from_url(url)
+        for destination in forged:
+            with pytest.raises(UnpinnedRequest):
+                transport.post(destination, b"{}", {}, timeout=5)
+        with pytest.raises(UnpinnedRequest):
+            transport.post(url, b"{}", {}, timeout=5)  # type: ignore[arg-type]  # a URL, not a checked Destination
 
-        assert receiver.requests == []
+        assert len(transport.pool_manager.pools) == 0
+    assert connects == []
+    assert_never_reached(trap)
 
 
-def test_a_plain_session_is_refused() -> None:
-    destination = check_destination("http://127.0.0.1:9/", ["127.0.0.1"])
-    with requests.Session() as session, pytest.raises(UnpinnedRequest):
-        post_to_destination(session, destination, b"{}", {}, timeout=5)
+def test_a_plain_client_is_refused(connects: list[Any], trap: socket.socket) -> None:
+    port = trap.getsockname()[1]
+    destination = check_destination(f"http://127.0.0.1:{port}/", ["127.0.0.1"])
+    config = CallbacksConfig(signing_secret=SECRET, allow_hosts=["127.0.0.1"], timeout=5)
+    for client in (urllib3.PoolManager(), requests.Session()):
+        with pytest.raises(UnpinnedRequest):
+            post_to_destination(client, destination, b"{}", {}, timeout=5)  # type: ignore[arg-type]
+        with pytest.raises(UnpinnedRequest):
+            deliver(destination.url, b"{}", "job_plain", config, session=client)  # type: ignore[arg-type]
+
+    assert [kind for kind, _ in connects if kind == "connect"] == []  # only the SSRF check's own lookups
+    assert_never_reached(trap)
+
+
+def test_a_blocked_callback_opens_no_socket(connects: list[Any], trap: socket.socket) -> None:
+    """The SSRF check refuses the loopback receiver before any connection: only the check's own lookup happens."""
+    port = trap.getsockname()[1]
+    config = CallbacksConfig(signing_secret=SECRET, allow_hosts=[], timeout=5)
+    with PinnedTransport() as transport:
+        for url in (f"http://127.0.0.1:{port}/cb", f"http://localhost:{port}/cb", f"http://[::ffff:127.0.0.1]:{port}/"):
+            attempt = deliver(url, b"{}", "job_blocked", config, session=transport)
+            assert attempt.outcome == "blocked"
+
+        assert len(transport.pool_manager.pools) == 0
+    assert [kind for kind, _ in connects] == ["getaddrinfo"] * 3
+    assert_never_reached(trap)
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"])
+def test_proxy_variables_are_ignored(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    config = CallbacksConfig(signing_secret=SECRET, allow_hosts=["127.0.0.1"], timeout=5)
+    with CallbackReceiver() as receiver, CallbackReceiver() as proxy, PinnedTransport() as transport:
+        monkeypatch.setenv(variable, proxy.base_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        attempt = deliver(receiver.url, b"{}", "job_proxy", config, session=transport)
+
+        assert attempt.outcome == "delivered"
+        assert [request.path for request in receiver.requests] == ["/callback"]
+        assert proxy.requests == []
 
 
 @pytest.fixture
@@ -280,39 +377,67 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_sni_and_certificate_use_the_host_name_not_the_pinned_ip(tls_files: tuple[Path, Path]) -> None:
+def tls_server_context(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
     cert, key = tls_files
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    with CallbackReceiver(tls_context=context) as receiver, pinned_session() as session:
-        session.verify = str(cert)
+    return context
+
+
+def test_tls_sni_and_certificate_use_the_host_name_not_the_pinned_ip(tls_files: tuple[Path, Path]) -> None:
+    cert = tls_files[0]
+    with (
+        CallbackReceiver(tls_context=tls_server_context(tls_files)) as receiver,
+        PinnedTransport(ca_certs=str(cert)) as transport,
+    ):
         good = check_destination(
             f"https://callbacks.example.test:{receiver.port}/cb", ["127.0.0.1"], resolver=lambda h, p: ["127.0.0.1"]
         )
-        with post_to_destination(session, good, b"{}", {}, timeout=5) as response:
-            assert response.status_code == 200
-        assert receiver.server_names == ["callbacks.example.test"]
-        assert receiver.requests[0].host == f"callbacks.example.test:{receiver.port}"
+        for _ in range(2):
+            response = transport.post(good, b"{}", {}, timeout=5)
+            assert response.status == 200
+            read_and_release(response)
+        assert receiver.server_names == ["callbacks.example.test"]  # one handshake: the connection was reused
+        assert [request.host for request in receiver.requests] == [f"callbacks.example.test:{receiver.port}"] * 2
 
         wrong = check_destination(
             f"https://other.example.test:{receiver.port}/cb", ["127.0.0.1"], resolver=lambda h, p: ["127.0.0.1"]
         )
-        with pytest.raises(requests.exceptions.SSLError):
-            post_to_destination(session, wrong, b"{}", {}, timeout=5)
-        assert len(receiver.requests) == 1
+        with pytest.raises(urllib3.exceptions.SSLError):
+            transport.post(wrong, b"{}", {}, timeout=5)
+        assert len(receiver.requests) == 2
 
 
 def test_a_certificate_for_another_name_is_a_retryable_tls_failure(tls_files: tuple[Path, Path]) -> None:
-    cert, key = tls_files
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    config = CallbacksConfig(
-        signing_secret="whsec_" + base64.b64encode(b"k" * 32).decode(), allow_hosts=["localhost"], timeout=5
-    )
-    with CallbackReceiver(tls_context=context) as receiver, pinned_session() as session:
-        session.verify = str(cert)
-        attempt = deliver(f"https://localhost:{receiver.port}/cb", b"{}", "job_tls", config, session=session)
+    config = CallbacksConfig(signing_secret=SECRET, allow_hosts=["localhost"], timeout=5)
+    with (
+        CallbackReceiver(tls_context=tls_server_context(tls_files)) as receiver,
+        PinnedTransport(ca_certs=str(tls_files[0])) as transport,
+    ):
+        attempt = deliver(f"https://localhost:{receiver.port}/cb", b"{}", "job_tls", config, session=transport)
 
         assert attempt.outcome == "retry"
         assert (attempt.error or "").startswith("TLS certificate rejected")
+        assert "Hostname mismatch" in (attempt.error or "")
+        assert receiver.requests == []
+
+
+def test_only_the_certifi_bundle_is_trusted_whatever_the_environment_says(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with requests and ``trust_env = False``: REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE and SSL_CERT_FILE are not
+    read, so a self-signed receiver is rejected even when the environment names its certificate."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.setenv(variable, str(tls_files[0]))
+    config = CallbacksConfig(signing_secret=SECRET, allow_hosts=["127.0.0.1"], timeout=5)
+    with CallbackReceiver(tls_context=tls_server_context(tls_files)) as receiver, PinnedTransport() as transport:
+        url = f"https://callbacks.example.test:{receiver.port}/cb"
+        destination = check_destination(url, ["127.0.0.1"], resolver=lambda h, p: ["127.0.0.1"])
+        with pytest.raises(urllib3.exceptions.SSLError) as caught:
+            transport.post(destination, b"{}", {}, timeout=5)
+        assert isinstance(caught.value.args[0], ssl.SSLCertVerificationError)
+        assert "self-signed" in caught.value.args[0].verify_message
+
+        attempt = deliver(f"https://127.0.0.1:{receiver.port}/cb", b"{}", "job_tls", config, session=transport)
+        assert (attempt.outcome, attempt.error) == ("retry", "TLS certificate rejected: self-signed certificate")
         assert receiver.requests == []

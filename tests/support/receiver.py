@@ -64,12 +64,14 @@ class ReceivedRequest:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: many senders connect at once in concurrency tests
     block_on_close = False
     receiver: CallbackReceiver
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a reply with a body would otherwise wait ~40 ms for the sender's delayed ACK
     server: _Server
 
     def _handle(self) -> None:

@@ -24,7 +24,7 @@ from worker.callbacks.ssrf import (
     check_destination,
     resolve_host,
 )
-from worker.callbacks.transport import PinnedAddressAdapter, UnpinnedRequest, pinned_session, post_to_destination
+from worker.callbacks.transport import PinnedTransport, UnpinnedRequest, post_to_destination
 
 __all__ = [
     "USER_AGENT",
@@ -34,7 +34,7 @@ __all__ = [
     "DeliveryAttempt",
     "Destination",
     "MetricOutcome",
-    "PinnedAddressAdapter",
+    "PinnedTransport",
     "UnpinnedRequest",
     "UnresolvableDestination",
     "blocked_reason",
@@ -43,7 +43,6 @@ __all__ = [
     "metric_outcome",
     "next_delay",
     "parse_retry_after",
-    "pinned_session",
     "post_to_destination",
     "record_outcome",
     "resolve_host",

@@ -7,6 +7,11 @@ host that does not resolve right now), ``blocked`` (the URL fails the SSRF check
 changed since submit; never retried) or ``failed`` (nothing to retry: no signing secret is configured). The
 caller (the ``deliver_callback`` actor) schedules the next attempt with ``schedule.next_delay`` and records the
 outcome with ``record_outcome`` once it knows whether a retry remains.
+
+The POST goes through ``transport.PinnedTransport`` (urllib3 pools pinned to the checked addresses). A short reply
+body is read so the kept-alive connection carries the next callback; any other reply closes its connection.
+urllib3's errors become short texts without the URL (``connect timed out after 10 s``, ``no response within 10 s``,
+``TLS certificate rejected: ...``, ``connection failed: Connection refused``).
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
-import requests
-import urllib3
+from urllib3 import HTTPResponse
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 
 from worker.callbacks.signing import signature_headers
-from worker.callbacks.ssrf import BlockedDestination, UnresolvableDestination, check_destination
-from worker.callbacks.transport import UnpinnedRequest, pinned_session, post_to_destination
+from worker.callbacks.ssrf import BlockedDestination, Destination, UnresolvableDestination, check_destination
+from worker.callbacks.transport import PinnedTransport, post_to_destination
 from worker.config import CallbacksConfig
 from worker.metrics import callback_deliveries, callback_duration
 
@@ -76,7 +81,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 
 def _innermost(exc: BaseException) -> BaseException:
-    """The deepest exception behind a requests error (requests wraps urllib3, which wraps the OSError or SSL error)."""
+    """The deepest exception behind a urllib3 error (urllib3 wraps the OSError or SSL error that caused it)."""
     current, seen = exc, {id(exc)}
     while True:
         links = [current.__cause__, getattr(current, "reason", None), *current.args, current.__context__]
@@ -87,31 +92,53 @@ def _innermost(exc: BaseException) -> BaseException:
         current = following
 
 
-def _read_short_reply(response: requests.Response) -> None:
-    """Read a reply body of a declared length up to ``_KEPT_REPLY_BYTES`` so the kept-alive connection can carry
-    the next callback; a longer or chunked one is not read and the connection closes with the response."""
-    length = response.headers.get("Content-Length", "")
-    if length.isdigit() and 0 < int(length) <= _KEPT_REPLY_BYTES:
-        try:
-            response.raw.read(int(length))
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
-            return
+def _read_short_reply(response: HTTPResponse) -> bool:
+    """Read a reply body of a declared length up to ``_KEPT_REPLY_BYTES`` (or none: 204, 304, Content-Length 0)
+    so the kept-alive connection can carry the next callback; return whether the reply was read whole. A longer,
+    chunked or unframed one is not read (the caller closes the connection)."""
+    length = response.length_remaining
+    if length is None or length > _KEPT_REPLY_BYTES:
+        return False
+    try:
+        response.read(decode_content=False)
+    except (HTTPError, OSError):
+        return False
+    return response.isclosed()
 
 
-def _describe_failure(exc: requests.RequestException, timeout: float) -> str:
-    """A short cause for a failed request without its URL (requests' and urllib3's messages include the path)."""
-    if isinstance(exc, requests.ConnectTimeout):
+def _exchange(
+    transport: PinnedTransport, destination: Destination, body: bytes, headers: dict[str, str], timeout: float,
+    clock: Callable[[], datetime],
+) -> tuple[int, float | None]:
+    """POST and take the status and ``Retry-After`` of the reply; a short reply body is read and the connection
+    returned to the pool for the next callback, anything else closes the connection before it is released."""
+    response = post_to_destination(transport, destination, body, headers, timeout)
+    complete = False
+    try:
+        status = response.status
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), clock())
+        complete = _read_short_reply(response)
+    finally:
+        if not complete:
+            response.close()
+        response.release_conn()
+    return status, retry_after
+
+
+def _describe_failure(exc: Exception, timeout: float) -> str:
+    """A short cause for a failed request without its URL (urllib3's messages include the host and path)."""
+    if isinstance(exc, ConnectTimeoutError) and not isinstance(exc, NewConnectionError):
         return f"connect timed out after {timeout:g} s"
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, ReadTimeoutError):
         return f"no response within {timeout:g} s"
     inner = _innermost(exc)
     if isinstance(inner, ssl.SSLCertVerificationError):
         return f"TLS certificate rejected: {inner.verify_message}"
     if isinstance(inner, ssl.SSLError):
-        return f"TLS failed: {inner.reason or type(inner).__name__}"
+        return f"TLS failed: {getattr(inner, 'reason', None) or type(inner).__name__}"
     if isinstance(inner, OSError) and inner.strerror:
         return f"connection failed: {inner.strerror}"
-    if type(inner).__module__.split(".")[0] in ("requests", "urllib3"):
+    if type(inner).__module__.split(".")[0] == "urllib3":
         return f"request failed: {type(inner).__name__}"
     return f"request failed: {type(inner).__name__}: {inner}"
 
@@ -122,14 +149,15 @@ def deliver(
     webhook_id: str,
     config: CallbacksConfig,
     *,
-    session: requests.Session | None = None,
+    session: PinnedTransport | None = None,
     now: Callable[[], datetime] | None = None,
 ) -> DeliveryAttempt:
     """Make one signed POST of ``body`` to ``url``; classify the result (see the module docstring).
 
     ``webhook_id`` is the job id, the same on every attempt; the timestamp is ``now()`` (UTC) of this attempt.
-    ``session`` should come from ``pinned_session()`` (reuse one per thread); without one a fresh session is used
-    and closed. The request timeout is ``config.timeout`` for connecting and for each read.
+    ``session`` is the process's ``PinnedTransport`` (share one across threads so connections stay alive); without
+    one a fresh transport is used and closed. Anything else is refused with ``UnpinnedRequest`` and nothing is sent.
+    The request timeout is ``config.timeout`` for connecting and for each read.
     """
     clock = now or _utcnow
     started = time.monotonic()
@@ -153,20 +181,15 @@ def deliver(
         return finished("failed", error="callbacks.signing_secret is not configured; unsigned callbacks are not sent")
     headers = signature_headers(secrets, webhook_id, clock(), body)
 
-    http = session or pinned_session()
+    transport = PinnedTransport() if session is None else session
     try:
-        with post_to_destination(http, destination, body, headers, config.timeout) as response:
-            status = response.status_code
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), clock())
-            _read_short_reply(response)
-    except UnpinnedRequest:
-        raise
-    except requests.RequestException as exc:
+        status, retry_after = _exchange(transport, destination, body, headers, config.timeout, clock)
+    except (HTTPError, OSError) as exc:
         callback_duration.observe(time.monotonic() - started)
         return finished("retry", error=_describe_failure(exc, config.timeout))
     finally:
         if session is None:
-            http.close()
+            transport.close()
     callback_duration.observe(time.monotonic() - started)
 
     if 200 <= status < 300:

@@ -10,18 +10,16 @@ later attempts, replays and the first attempt when ``callbacks.first_attempt_inl
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
 import structlog
 
 from worker import metrics
 from worker.callbacks.delivery import DeliveryAttempt, deliver
 from worker.callbacks.schedule import next_delay
-from worker.callbacks.transport import pinned_session
+from worker.callbacks.transport import PinnedTransport
 from worker.jobs.model import FINAL_STATUSES, job_resource
 from worker.logs import job_log_context
 from worker.runtime import Runtime
@@ -44,18 +42,14 @@ class CallbackSender:
         self.runtime = runtime
         self.store = runtime.store
         self.config = runtime.config.callbacks
-        self._sessions = threading.local()
+        # One address-pinning transport for every worker thread or greenlet: urllib3's pools are thread-safe and
+        # keep connections alive across callbacks (no sockets or TLS context exist until the first callback).
+        self._transport = PinnedTransport()
 
     @property
     def lock_s(self) -> float:
         """How long one attempt may hold the callback lock: the request timeout and a margin."""
         return self.config.timeout + 5
-
-    def _session(self) -> requests.Session:
-        """One connection-pooling, address-pinning session per worker thread."""
-        if not hasattr(self._sessions, "session"):
-            self._sessions.session = pinned_session()
-        return self._sessions.session
 
     def deliver(self, job_id: str) -> None:
         """One ``deliver_callback`` message: an attempt unless the callback is settled or another is under way."""
@@ -84,7 +78,7 @@ class CallbackSender:
 
     def _attempt(self, job_id: str, fields: dict[str, str], state: dict[str, Any], *, release_lease: bool) -> str:
         attempt = deliver(fields["callback_url"], callback_body(job_resource(fields)), job_id, self.config,
-                          session=self._session())
+                          session=self._transport)
         attempts = int(state.get("attempts") or 0) + 1
         state.update(url=fields["callback_url"], attempts=attempts, last_status_code=attempt.status_code)
         delay = None

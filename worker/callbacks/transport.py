@@ -1,37 +1,50 @@
-"""A requests transport that connects only to the addresses the SSRF guard checked.
+"""The callback transport: urllib3 connection pools whose sockets go only to the addresses the SSRF guard checked.
 
-Checking a host and then letting requests resolve it again leaves a window for DNS rebinding: the second answer
-can point into the cluster. Here the check's ``Destination`` travels with the request to the adapter, and the
-urllib3 connection opens its socket to one of ``Destination.addresses`` instead of resolving the host. Everything
-else stays on the host name: the Host header, TLS SNI and certificate verification. Connection pools are keyed
-by the pinned addresses too, so a kept-alive connection to one address never serves a request pinned to another.
+Checking a host and then letting an HTTP client resolve it again leaves a window for DNS rebinding: the second
+answer can point into the cluster. Here the check's ``Destination`` is what ``PinnedTransport.post`` sends to: the
+urllib3 connection opens its socket to one of ``Destination.addresses`` (in order, the first that connects)
+instead of resolving the host. Everything else stays on the host name: the Host header, TLS SNI and certificate
+verification (the certifi CA bundle, as requests used with ``trust_env = False``: no ``REQUESTS_CA_BUNDLE``,
+``SSL_CERT_FILE`` or system store). Connection pools are keyed by the pinned addresses too, so a kept-alive
+connection to one address never serves a request pinned to another.
 
-The adapter refuses requests that carry no ``Destination`` (or one checked for another URL), never uses a proxy
-(a proxy would resolve the name itself) and never retries or follows redirects.
+The transport is urllib3 without requests (no Request/PreparedRequest building, hooks or cookie handling): one
+``PinnedTransport`` is shared by every thread or greenlet of a process; its pools are thread-safe and never
+block (up to ``maxsize`` idle connections are kept per pool). It never uses a proxy (urllib3 reads no proxy
+environment variables and a ``PoolManager`` has no proxy), never retries and never follows redirects. A request
+that does not carry a checked ``Destination`` for its URL, or that reaches the pools without pinned addresses, is
+refused with ``UnpinnedRequest`` before a pool or socket exists for it.
 """
 
 from __future__ import annotations
 
 import functools
 import socket
+import ssl
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
+import certifi
+from urllib3 import HTTPConnectionPool, HTTPResponse, HTTPSConnectionPool, PoolManager, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as connection_util
+from urllib3.util.ssl_ import create_urllib3_context
 
 from worker.callbacks.ssrf import Destination
 
-_DESTINATION_ATTRIBUTE = "difyq_destination"
 _PINNED_KEY = "pinned_addresses"
+DEFAULT_NUM_POOLS = 128
+DEFAULT_MAXSIZE = 1024
 
 
-class UnpinnedRequest(requests.RequestException):
-    """A request reached the pinned adapter without a matching checked Destination; it is never sent."""
+class UnpinnedRequest(Exception):
+    """A request without a matching checked Destination (or not through a PinnedTransport); it is never sent.
+
+    This is a programming error, not a delivery failure: ``deliver`` lets it propagate.
+    """
 
 
 class _PinnedConnectionMixin:
@@ -87,10 +100,16 @@ class _PinnedHTTPSConnectionPool(HTTPSConnectionPool):
 def _key_with_addresses(
     base_key: Callable[[dict[str, Any]], Any], request_context: dict[str, Any]
 ) -> tuple[Any, tuple[str, ...]]:
-    """urllib3's own pool key for the context, paired with the pinned addresses (which it does not know)."""
+    """urllib3's own pool key for the context, paired with the pinned addresses (which it does not know).
+
+    A context without pinned addresses (the pool manager used directly, as a plain ``PoolManager``) is refused
+    here, before a pool or a socket exists for it.
+    """
     context = dict(request_context)
-    addresses = context.pop(_PINNED_KEY, ())
-    return base_key(context), tuple(addresses)
+    addresses = tuple(context.pop(_PINNED_KEY, ()))
+    if not addresses:
+        raise UnpinnedRequest("request has no checked addresses to connect to; not sent")
+    return base_key(context), addresses
 
 
 class _PinnedPoolManager(PoolManager):
@@ -105,75 +124,93 @@ class _PinnedPoolManager(PoolManager):
         }
 
 
-class PinnedAddressAdapter(HTTPAdapter):
-    """A transport adapter that sends a request only to the addresses of the Destination attached to it."""
-
-    def __init__(self, **kwargs: Any):
-        kwargs.setdefault("max_retries", 0)
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
-        self._pool_connections = connections
-        self._pool_maxsize = maxsize
-        self._pool_block = block
-        self.poolmanager = _PinnedPoolManager(num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        raise UnpinnedRequest("callbacks are never sent through a proxy")
-
-    def build_connection_pool_key_attributes(
-        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
-        destination = getattr(request, _DESTINATION_ATTRIBUTE, None)
-        if not isinstance(destination, Destination) or not destination.serves(
-            host_params["scheme"], host_params["host"], host_params["port"]
-        ):
-            raise UnpinnedRequest("request has no checked destination for its URL; not sent")
-        pool_kwargs[_PINNED_KEY] = destination.addresses
-        return host_params, pool_kwargs
-
-    def send(  # type: ignore[override]
-        self,
-        request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: Any = None,
-        verify: Any = True,
-        cert: Any = None,
-        proxies: Mapping[str, str] | None = None,
-    ) -> requests.Response:
-        """Send as HTTPAdapter does, but never through a proxy, whatever the session or environment says."""
-        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=None)
+def tls_context(ca_certs: str | None = None) -> ssl.SSLContext:
+    """The client TLS context for callbacks: urllib3's defaults (TLS 1.2 or later, certificate and host name
+    required) trusting ``ca_certs`` (a PEM bundle; the certifi bundle by default), loaded once instead of on
+    every new connection."""
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    context.load_verify_locations(cafile=ca_certs or certifi.where())
+    return context
 
 
-def pinned_session() -> requests.Session:
-    """A Session for callbacks: the pinned adapter on http and https, no environment proxies, netrc or CA overrides.
+class PinnedTransport:
+    """POSTs callbacks to checked destinations only; share one per process (thread- and greenlet-safe).
 
-    Reuse one per worker thread to keep connections alive; pass it to ``deliver``.
+    ``ca_certs`` replaces the certifi bundle (tests with a self-signed receiver). ``num_pools`` destinations
+    (scheme, host, port and pinned addresses) keep their pools, least recently used dropped first; each keeps up
+    to ``maxsize`` idle connections and opens more when all are busy (it never blocks).
     """
-    session = requests.Session()
-    session.trust_env = False
-    adapter = PinnedAddressAdapter()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+
+    def __init__(
+        self, *, ca_certs: str | None = None, num_pools: int = DEFAULT_NUM_POOLS, maxsize: int = DEFAULT_MAXSIZE
+    ):
+        self._ca_certs = ca_certs
+        self._tls_context: ssl.SSLContext | None = None
+        self._tls_lock = threading.Lock()
+        self.pool_manager = _PinnedPoolManager(num_pools=num_pools, maxsize=maxsize, block=False)
+
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS context, made on first use (loading the CA bundle costs tens of ms of CPU; plain-HTTP workers
+        and tests never pay it, and under gevent it is made after monkey-patching)."""
+        if self._tls_context is None:
+            with self._tls_lock:
+                if self._tls_context is None:
+                    self._tls_context = tls_context(self._ca_certs)
+        return self._tls_context
+
+    def post(self, destination: Destination, body: bytes, headers: Mapping[str, str], timeout: float) -> HTTPResponse:
+        """POST ``body`` with ``headers`` (as given) to the checked ``destination``; the response's body is unread.
+
+        The socket goes to ``destination.addresses``; ``timeout`` applies to connecting and to each read. No retry,
+        no redirect. The caller reads the body or closes the response, then calls ``release_conn()``. urllib3
+        errors (``urllib3.exceptions.HTTPError``) propagate; ``UnpinnedRequest`` when ``destination`` is not a
+        checked Destination with addresses for its own URL.
+        """
+        if not isinstance(destination, Destination) or not destination.addresses:
+            raise UnpinnedRequest("request has no checked destination; not sent")
+        parts = urlsplit(destination.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not destination.serves(parts.scheme, parts.hostname, port):
+            raise UnpinnedRequest("the destination was checked for another URL; not sent")
+        pool_kwargs: dict[str, Any] = {_PINNED_KEY: destination.addresses}
+        if destination.scheme == "https":
+            pool_kwargs["ssl_context"] = self._tls()
+        pool = self.pool_manager.connection_from_host(
+            destination.host, destination.port, destination.scheme, pool_kwargs=pool_kwargs
+        )
+        target = f"{parts.path or '/'}?{parts.query}" if parts.query else parts.path or "/"
+        return pool.urlopen(  # type: ignore[return-value]
+            "POST",
+            target,
+            body=body,
+            headers=dict(headers),
+            retries=False,
+            redirect=False,
+            assert_same_host=False,
+            timeout=Timeout(connect=timeout, read=timeout),
+            preload_content=False,
+            decode_content=False,
+        )
+
+    def close(self) -> None:
+        """Close every pooled connection (connections in use close when they are released)."""
+        self.pool_manager.clear()
+
+    def __enter__(self) -> PinnedTransport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def post_to_destination(
-    session: requests.Session,
-    destination: Destination,
-    body: bytes,
-    headers: Mapping[str, str],
-    timeout: float,
-) -> requests.Response:
-    """POST ``body`` to the checked ``destination`` and return the response with its body unread (stream mode).
-
-    Redirects are not followed. The session must route ``destination.url`` to a PinnedAddressAdapter (see
-    ``pinned_session``); otherwise the request is refused rather than sent to a freshly resolved address.
-    """
-    if not isinstance(session.get_adapter(destination.url), PinnedAddressAdapter):
-        raise UnpinnedRequest("the session does not route callbacks through PinnedAddressAdapter")
-    request = requests.Request("POST", destination.url, data=body, headers=dict(headers))
-    prepared = session.prepare_request(request)
-    setattr(prepared, _DESTINATION_ATTRIBUTE, destination)
-    return session.send(prepared, allow_redirects=False, stream=True, timeout=timeout)
+    transport: PinnedTransport, destination: Destination, body: bytes, headers: Mapping[str, str], timeout: float
+) -> HTTPResponse:
+    """``transport.post(...)``, refusing (``UnpinnedRequest``) anything that is not a PinnedTransport, so an
+    injected plain client can never send a callback to a freshly resolved address."""
+    if not isinstance(transport, PinnedTransport):
+        raise UnpinnedRequest("callbacks are sent only through a PinnedTransport")
+    return transport.post(destination, body, headers, timeout)
