@@ -16,6 +16,7 @@ special case: they are judged by what ``getaddrinfo`` turns them into, which is 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -200,8 +201,10 @@ def _is_ip_literal(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_url(url: str) -> tuple[str, str, str, int]:
-    """The URL as requests will send it, its scheme, host and port; BlockedDestination when it is not usable."""
+    """The URL as requests will send it, its scheme, host and port; BlockedDestination when it is not usable.
+    Pure, so remembered: every attempt checks the URL again, but only its DNS answer can have changed."""
     prepared = requests.PreparedRequest()
     try:
         prepared.prepare_url(url, None)
@@ -223,6 +226,11 @@ def _parse_url(url: str) -> tuple[str, str, str, int]:
     if port == 0:
         raise BlockedDestination("the callback URL has an invalid port")
     return normalized, scheme, host, port
+
+
+@functools.lru_cache(maxsize=64)
+def _allow_list(hosts: tuple[str, ...]) -> AllowList:
+    return AllowList.parse(hosts)
 
 
 def resolve_host(host: str, port: int) -> tuple[str, ...]:
@@ -247,7 +255,7 @@ def check_destination(
     address, never the URL's path, query or credentials (they may hold tokens) nor the addresses a name resolved
     to. ``resolver`` is for tests and must answer like ``resolve_host``.
     """
-    allow = allow_hosts if isinstance(allow_hosts, AllowList) else AllowList.parse(allow_hosts)
+    allow = allow_hosts if isinstance(allow_hosts, AllowList) else _allow_list(tuple(allow_hosts))
     normalized, scheme, host, port = _parse_url(url)
     addresses = tuple(resolver(host, port))
     if not addresses:
