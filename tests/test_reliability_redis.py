@@ -221,3 +221,15 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
     assert all(alive), "a process died or restarted instead of reconnecting"
     assert fires_after and len(queries) == len(set(queries)) and leader is not None
 
+
+
+def test_hundreds_of_threads_talking_to_redis_at_once_never_run_out_of_connections(redis_url: str,
+                                                                                   namespace: str) -> None:
+    """A gevent worker has 1000 greenlets; each may hold a Redis connection at the same moment. redis-py 8 caps a
+    pool at 100 connections by default and raises beyond that, which would fail jobs under load."""
+    runtime = make_runtime(redis_url, namespace, {"support": {"api_key": "app-x", "mode": "chat"}})
+    key = f"{namespace}:nothing-comes"
+    with ThreadPoolExecutor(max_workers=300) as pool:
+        replies = list(pool.map(lambda _: runtime.raw_redis.blpop([key], timeout=0.5), range(300)))
+    assert replies == [None] * 300
+    runtime.raw_redis.delete(key)

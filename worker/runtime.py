@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
+from dramatiq.middleware import Retries, ShutdownNotifications, TimeLimit
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
@@ -19,6 +20,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 def redis_url_from_env() -> str:
     return os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+# Connections per client and process. redis-py 8 caps a pool at 100 and then raises instead of waiting; a gevent
+# worker runs 1000 greenlets that may all talk to Redis at once (Redis itself allows 10,000 clients).
+MAX_CONNECTIONS = 4096
 
 
 @dataclass
@@ -37,7 +42,8 @@ class Runtime:
         if kind not in self._clients:
             settings: dict[str, object] = {
                 "socket_connect_timeout": 2, "socket_timeout": 2, "health_check_interval": 30,
-                "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1), **options,
+                "max_connections": MAX_CONNECTIONS, "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+                **options,
             }
             self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
         return self._clients[kind]
@@ -62,7 +68,10 @@ class Runtime:
         return JobStore(self.raw_redis, self.namespace, self.config.jobs)
 
     def build_broker(self) -> WakingRedisBroker:
-        return WakingRedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000)
+        """Dramatiq's broker with only the middleware difyq's actors use (time limits, retries of a crashed
+        delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message."""
+        return WakingRedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000,
+                                 middleware=[TimeLimit(), ShutdownNotifications(), Retries()])
 
 
 _current: Runtime | None = None
