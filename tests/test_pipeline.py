@@ -19,6 +19,7 @@ from worker.embedded_redis import EmbeddedRedis
 from worker.jobs.messages import JOBS_QUEUE
 from worker.jobs.model import JobRequest
 from worker.runtime import Runtime
+from worker.wakeup import MAX_DRAINED_WAKEUPS
 
 EMULATED = [
     EmulatedApp(name="chat", key="app-chat-key-0001", mode="chat"),
@@ -238,3 +239,21 @@ def test_an_idle_worker_fetches_once_per_job_it_is_woken_for(runtime: Runtime) -
         broker.close()
     assert fetched.count(1) == 10
     assert fetched.count(0) <= 3, f"empty fetches: {fetched}"
+
+
+def test_draining_wake_ups_is_bounded_so_a_steady_stream_cannot_hold_off_the_fetch(runtime: Runtime) -> None:
+    broker = runtime.build_broker()
+    consumer = broker.consume(JOBS_QUEUE, prefetch=8, timeout=1_000)
+    try:
+        channel = f"{runtime.namespace}:{JOBS_QUEUE}"
+        consumer._wakeups.get_message(timeout=1)  # the subscription's confirmation
+        for _ in range(MAX_DRAINED_WAKEUPS + 100):
+            runtime.raw_redis.publish(channel, "1")
+        consumer._wait_for_wakeup()
+        left = 0
+        while consumer._wakeups.get_message(timeout=0.2) is not None:
+            left += 1
+        assert left == 100 - 1, "the wait returned after reading at most MAX_DRAINED_WAKEUPS + 1 wake-ups"
+    finally:
+        consumer.close()
+        broker.close()

@@ -20,6 +20,7 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
 FULL_PREFETCH_PAUSE_S = 0.005
+MAX_DRAINED_WAKEUPS = 256
 
 
 class WakingRedisBroker(RedisBroker):
@@ -64,11 +65,13 @@ class _WakingConsumer(_RedisConsumer):
         return super().__next__()
 
     def _wait_for_wakeup(self) -> None:
-        """Block until something is published on the queue (or the worker timeout), then drain the backlog of
-        wake-ups so a burst of enqueues costs one fetch."""
+        """Block until something is published on the queue (or the worker timeout), then drain the wake-ups
+        already waiting so a burst of enqueues costs one fetch. The drain is bounded: under a steady stream of
+        enqueues on a busy machine, wake-ups can arrive as fast as they are read, and the fetch must come first."""
         if self._wakeups.get_message(timeout=self.timeout / 1000) is not None:
-            while self._wakeups.get_message(timeout=0) is not None:
-                continue
+            for _ in range(MAX_DRAINED_WAKEUPS):
+                if self._wakeups.get_message(timeout=0) is None:
+                    break
 
     def close(self) -> None:
         self._wakeups.close()
