@@ -1,18 +1,34 @@
-"""submit(): the one path by which the API, webhook routes, the scheduler and the CLI create jobs."""
+"""submit(): the one path by which the API, webhook routes, the scheduler and the CLI create jobs; submit_async()
+is the same path for the API's event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TypeVar
 
+import redis
+import redis.asyncio
 import structlog
 
 from worker import metrics
-from worker.callbacks.ssrf import BlockedDestination, check_destination
+from worker.callbacks.ssrf import BlockedDestination, check_destination, resolve_host
 from worker.jobs.model import JobRequest, NewJob
 from worker.jobs.store import SubmitOutcome
 from worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.producers")
+
+# How long an event-loop submit waits for Redis (the sync clients' socket timeout, worker.runtime), counting only
+# the time the loop has to spare: a turn of it within _BUSY_TURN_S.
+REDIS_REPLY_TIMEOUT_S = 2.0
+_BUSY_TURN_S = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,20 +53,142 @@ def submit(
     request_id: str | None = None,
 ) -> SubmitOutcome:
     """Validate, claim the idempotency key, store and enqueue; raise SubmitRejected or IdempotencyConflict."""
+    new = _new_job(runtime, app, source, request, callback_url, idempotency_key, scope, request_id)
+    if callback_url:
+        _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
+    return _counted(runtime.store.submit(new), app, source)
+
+
+async def submit_async(
+    runtime: Runtime,
+    client: redis.asyncio.Redis,
+    *,
+    app: str,
+    source: str,
+    request: JobRequest,
+    callback_url: str | None = None,
+    idempotency_key: str | None = None,
+    scope: str,
+    request_id: str | None = None,
+) -> SubmitOutcome:
+    """``submit`` on an event loop over ``client`` (a ``Runtime.async_raw_redis``), never blocking it: a callback
+    host that is a name is resolved by the loop (off its thread), an IP literal is checked in line (and cached)."""
+    new = _new_job(runtime, app, source, request, callback_url, idempotency_key, scope, request_id)
+    if callback_url:
+        allow = tuple(runtime.config.callbacks.allow_hosts)
+        try:
+            blocked = _literal_verdict(callback_url, allow)
+        except _NeedsLookup as lookup:
+            addresses = await _resolve_on_loop(lookup.host, lookup.port)
+            blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
+        _reject_blocked(blocked)
+    return _counted(await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(client, new)), app, source)
+
+
+async def _within(seconds: float, call: Awaitable[T]) -> T:
+    """Await ``call`` (Redis round trips on the event loop); redis.TimeoutError (the API's 503) once it has waited
+    ``seconds`` while the loop was free to read an answer.
+
+    This stands in for the sync clients' socket timeout, which counts Redis' silence only. A plain asyncio timeout
+    would also count the time an overloaded loop takes to get to an answer that came, and so answer 503 for a job
+    that was stored. So the wait is counted in quarters: at the end of each, one turn of the loop is timed, and
+    only a quarter that ends in a quick turn (a loop with time to spare) counts: however long the loop is too busy
+    to look for an answer, that is never taken for Redis' silence."""
+    loop = asyncio.get_running_loop()
+    quarter = seconds / 4
+    waiting, free = True, 0.0
+    try:
+        async with asyncio.timeout(None) as timeout:
+
+            def quarter_ended() -> None:
+                if waiting:
+                    loop.call_soon(lambda: loop.call_soon(judge, loop.time()))
+
+            def judge(turn_began: float) -> None:
+                nonlocal free, next_quarter
+                if not waiting:
+                    return
+                now = loop.time()
+                if now - turn_began <= _BUSY_TURN_S:
+                    free += quarter
+                if free >= seconds:
+                    timeout.reschedule(now)
+                else:
+                    next_quarter = loop.call_later(quarter, quarter_ended)
+
+            next_quarter = loop.call_later(quarter, quarter_ended)
+            try:
+                return await call
+            finally:
+                waiting = False
+                next_quarter.cancel()
+    except TimeoutError:
+        raise redis.TimeoutError(f"no answer from Redis in {seconds:g} s") from None
+
+
+def _new_job(runtime: Runtime, app: str, source: str, request: JobRequest, callback_url: str | None,
+             idempotency_key: str | None, scope: str, request_id: str | None) -> NewJob:
     if app not in runtime.config.apps:
         raise SubmitRejected(404, "unknown_app", f"no app named {app!r} is configured", "app")
-    if callback_url:
-        if not runtime.config.callbacks.signing_secrets():
-            raise SubmitRejected(422, "callbacks_not_configured",
-                                 "callbacks.signing_secret is not set, so no callback can be signed", "callback_url")
-        try:
-            check_destination(callback_url, runtime.config.callbacks.allow_hosts)
-        except BlockedDestination as exc:
-            raise SubmitRejected(422, "callback_url_blocked", str(exc), "callback_url") from None
-    outcome = runtime.store.submit(
-        NewJob(app=app, source=source, request=request, callback_url=callback_url,
-               idempotency_key=idempotency_key, scope=scope, request_id=request_id)
-    )
+    if callback_url and not runtime.config.callbacks.signing_secrets():
+        raise SubmitRejected(422, "callbacks_not_configured",
+                             "callbacks.signing_secret is not set, so no callback can be signed", "callback_url")
+    return NewJob(app=app, source=source, request=request, callback_url=callback_url,
+                  idempotency_key=idempotency_key, scope=scope, request_id=request_id)
+
+
+def _verdict(url: str, allow: tuple[str, ...],
+             resolver: Callable[[str, int], Sequence[str]] = resolve_host) -> str | None:
+    """Why the callback URL is blocked (the SSRF check against ``callbacks.allow_hosts``), or None if it may be used."""
+    try:
+        check_destination(url, allow, resolver=resolver)
+    except BlockedDestination as exc:
+        return str(exc)
+    return None
+
+
+class _NeedsLookup(Exception):
+    """The callback host is a name: resolving it may block on DNS."""
+
+    def __init__(self, host: str, port: int):
+        super().__init__(host)
+        self.host, self.port = host, port
+
+
+def _resolve_literal(host: str, port: int) -> tuple[str, ...]:
+    """``resolve_host`` for an IP literal (no DNS); _NeedsLookup for a host name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _NeedsLookup(host, port) from None
+    return resolve_host(host, port)
+
+
+async def _resolve_on_loop(host: str, port: int) -> tuple[str, ...]:
+    """``resolve_host`` without blocking the event loop (uvloop resolves in libuv's pool, asyncio in a thread);
+    no addresses when the name does not resolve, which check_destination reports like resolve_host."""
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                               proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return ()
+    return tuple(dict.fromkeys(str(answer[4][0]) for answer in answers))
+
+
+@lru_cache(maxsize=1024)
+def _literal_verdict(url: str, allow: tuple[str, ...]) -> str | None:
+    """``_verdict`` of a URL whose host is an IP literal: no DNS, a pure function of its arguments, so cached.
+    _NeedsLookup (never cached) for a host name."""
+    return _verdict(url, allow, _resolve_literal)
+
+
+def _reject_blocked(blocked: str | None) -> None:
+    if blocked is not None:
+        raise SubmitRejected(422, "callback_url_blocked", blocked, "callback_url")
+
+
+def _counted(outcome: SubmitOutcome, app: str, source: str) -> SubmitOutcome:
+    """Count and log a submit's outcome."""
     if outcome.created:
         metrics.jobs_submitted.labels(app=app, source=source).inc()
         log.info("job_submitted", job_id=outcome.job["id"], app=app, source=source)

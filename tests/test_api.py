@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import structlog
+import uvloop
+from structlog.testing import capture_logs
 
-from tests.support.stack import LIMITED_TOKEN, auth, make_runtime, serving_api
+from producers.submit import SubmitRejected, submit, submit_async
+from tests.support.stack import LIMITED_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
 from worker.embedded_redis import EmbeddedRedis
+from worker.jobs.model import JobRequest
+from worker.jobs.store import SubmitOutcome
 
 APPS = {"support": {"api_key": "app-secret-support", "mode": "chat"},
         "flows": {"api_key": "app-secret-flows", "mode": "workflow"}}
@@ -167,3 +179,118 @@ def test_redis_down_gives_503_quickly_then_recovers(namespace: str) -> None:
             assert after.status_code == 202, after.text
     finally:
         server.stop()
+
+
+def test_a_hung_redis_gives_503_after_the_socket_timeout(namespace: str) -> None:
+    """The event loop's submit keeps the sync clients' socket timeout: a stopped Redis is a 503, not a hang."""
+    server = EmbeddedRedis().start()
+    runtime = make_runtime(server.url, namespace, APPS)
+    try:
+        with serving_api(runtime) as base:
+            assert post_job(base, {"app": "support", "query": "before"}).status_code == 202
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                hung = post_job(base, {"app": "support", "query": "during"})
+                elapsed = time.monotonic() - started
+                health = requests.get(f"{base}/healthz", timeout=1.5)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert hung.status_code == 503 and hung.headers["Retry-After"] == "5", hung.text
+            assert hung.json() == {"error": {"code": "unavailable",
+                                             "message": "the job store is unreachable; retry shortly"}}
+            assert 1.5 < elapsed < 9 and health.status_code == 200
+            assert post_job(base, {"app": "support", "query": "after"}).status_code == 202
+    finally:
+        server.stop()
+
+
+def test_request_id_is_echoed_stored_and_bound_to_the_submit_log(api) -> None:
+    base, runtime = api
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        given = post_job(base, {"app": "support", "query": "q"}, {"X-Request-ID": "req-test-7"})
+        generated = post_job(base, {"app": "support", "query": "q"})
+    assert given.status_code == generated.status_code == 202
+    assert given.headers["X-Request-ID"] == "req-test-7"
+    assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["X-Request-ID"])
+    submitted = [(line["job_id"], line.get("request_id")) for line in logs if line["event"] == "job_submitted"]
+    assert submitted == [(given.json()["id"], "req-test-7"),
+                         (generated.json()["id"], generated.headers["X-Request-ID"])]
+    assert runtime.store.fields(given.json()["id"])["request_id"] == "req-test-7"
+
+
+def test_callback_hosts_by_name_are_resolved_off_the_event_loop(redis_url: str, namespace: str) -> None:
+    open_runtime = make_runtime(redis_url, namespace, APPS)
+    closed_runtime = make_runtime(redis_url, namespace, APPS, callbacks={"signing_secret": SIGNING_SECRET})
+    with serving_api(open_runtime) as base:
+        allowed = post_job(base, {"app": "support", "callback_url": "http://localhost:9/cb"})
+    with serving_api(closed_runtime) as base:
+        blocked = post_job(base, {"app": "support", "callback_url": "http://localhost:9/cb"})
+    assert allowed.status_code == 202, allowed.text
+    assert blocked.status_code == 422 and blocked.json()["error"]["code"] == "callback_url_blocked"
+    assert "'localhost' resolves to a loopback address" in blocked.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/cb", "http://localhost:9/cb", "http://0177.0.0.1:9/cb", "http://[::1]:9/cb",
+    "http://169.254.169.254/latest", "http://10.1.2.3/x", "ftp://127.0.0.1/x", "http://:9/x",
+    "http://no-such-host.test/x",
+])
+def test_submit_async_judges_callback_urls_like_submit(redis_url: str, namespace: str, url: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        if host == "no-such-host.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    fields = {"app": "support", "source": "api", "request": JobRequest(query="q"), "callback_url": url, "scope": "t"}
+
+    def verdict(call: Callable[[], SubmitOutcome]) -> tuple[object, ...]:
+        try:
+            return ("created", call().created)
+        except SubmitRejected as exc:
+            return (exc.status, exc.code, exc.message, exc.field)
+
+    async def via_event_loop() -> SubmitOutcome:
+        client = runtime.async_raw_redis()
+        try:
+            return await submit_async(runtime, client, **fields)
+        finally:
+            await client.aclose()
+
+    assert verdict(lambda: asyncio.run(via_event_loop())) == verdict(lambda: submit(runtime, **fields))
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_answers_an_overloaded_loop_reads_late_are_not_503s(redis_url: str, namespace: str, loop_factory,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests hogging the event loop (turns of 0.18 s) past the submits' deadline (0.1 s) do not turn stored
+    jobs into 503s: the deadline counts Redis' silence, not the loop's backlog."""
+    monkeypatch.setattr("producers.submit.REDIS_REPLY_TIMEOUT_S", 0.1)
+    runtime = make_runtime(redis_url, namespace, APPS)
+
+    async def hog() -> None:
+        for _ in range(6):
+            time.sleep(0.03)
+            await asyncio.sleep(0)
+
+    async def scenario() -> list[SubmitOutcome]:
+        client = runtime.async_raw_redis()
+        try:
+            hogs = [asyncio.create_task(hog()) for _ in range(6)]
+            outcomes = await asyncio.gather(*(submit_async(runtime, client, app="support", source="api",
+                                                           request=JobRequest(query=f"q{n}"), scope="t")
+                                              for n in range(5)))
+            await asyncio.gather(*hogs)
+            return outcomes
+        finally:
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        outcomes = runner.run(scenario())
+    assert all(outcome.created for outcome in outcomes)
+    assert runtime.raw_redis.llen(f"{runtime.namespace}:jobs") == 5

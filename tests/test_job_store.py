@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,6 +57,82 @@ def test_reused_key_with_a_different_body_is_a_conflict(runtime) -> None:
     other_scope = NewJob(app="support", source="hook", request=JobRequest(query="hello"), idempotency_key="k1",
                          scope="hook:github")
     assert runtime.store.submit(other_scope).created
+
+
+def stored(runtime, job_id: str) -> dict[str, str]:
+    """A job hash without what differs between two submits of one request (id, time, key)."""
+    fields = runtime.store.fields(job_id) or {}
+    return {k: v for k, v in fields.items() if k not in ("id", "created_at", "idempotency_key")}
+
+
+def queued_messages(runtime) -> list[dict]:
+    """The jobs queue's messages in order, as Dramatiq reads them (ids and timestamps dropped)."""
+    queue = f"{runtime.namespace}:jobs"
+    ids = runtime.raw_redis.lrange(queue, 0, -1)
+    bodies = [runtime.raw_redis.hget(f"{queue}.msgs", message_id) for message_id in ids]
+    return [{k: v for k, v in json.loads(body).items() if k in ("queue_name", "actor_name", "args", "kwargs")}
+            for body in bodies]
+
+
+def test_async_submit_is_the_same_submit(runtime) -> None:
+    """submit_async (the API's event loop) and submit build one script call: the same record, message, replay
+    and conflict, whichever of the two made the job."""
+    callback = "https://example.com/cb"
+
+    async def scenario() -> tuple:
+        client = runtime.async_raw_redis()
+        try:
+            created = await runtime.store.submit_async(client, new_job(key="a1", callback=callback))
+            replay = await runtime.store.submit_async(client, new_job(key="a1", callback=callback))
+            with pytest.raises(IdempotencyConflict) as conflict:
+                await runtime.store.submit_async(client, new_job(query="other", key="a1", callback=callback))
+            plain = await runtime.store.submit_async(client, new_job(query="no key"))
+            return created, replay, conflict.value, plain
+        finally:
+            await client.aclose()
+
+    created, replay, conflict, plain = asyncio.run(scenario())
+    job_id = created.job["id"]
+    assert created.created and not replay.created and conflict.job_id == job_id
+    assert created.job == replay.job == runtime.store.get(job_id)
+    assert plain.created and plain.job["idempotency_key"] is None
+    sync = runtime.store.submit(new_job(key="s1", callback=callback))
+    assert stored(runtime, job_id) == stored(runtime, sync.job["id"])
+    assert runtime.store.submit(new_job(key="a1", callback=callback)).job == created.job
+    assert queued_messages(runtime) == [{"queue_name": "jobs", "actor_name": "run_job", "args": [job_id], "kwargs": {}},
+                                        {"queue_name": "jobs", "actor_name": "run_job", "args": [plain.job["id"]],
+                                         "kwargs": {}},
+                                        {"queue_name": "jobs", "actor_name": "run_job", "args": [sync.job["id"]],
+                                         "kwargs": {}}]
+
+
+def test_a_submit_call_run_again_answers_like_its_first_run(runtime) -> None:
+    """A retry after a lost reply (redis-py retries a command once) neither enqueues the job twice nor rewrites a
+    job that a worker has started meanwhile."""
+    for key in (None, "k-again"):
+        call = runtime.store.submit_call(new_job(key=key))
+        first = runtime.store.run_submit(call)
+        job_id = first.job["id"]
+        assert runtime.store.start_attempt(job_id, lease_s=30).state == "started"
+        again = runtime.store.run_submit(call)
+        assert first.created and again.created and again.job == first.job
+        assert runtime.store.get(job_id)["status"] == "running"
+    assert len(queued_messages(runtime)) == 2
+
+
+def test_index_entries_past_the_result_ttl_are_trimmed_a_bounded_batch_at_a_time(runtime, monkeypatch) -> None:
+    """submit.lua drops expired index entries on one submit in 8 (by created ms), at most 100 per index each."""
+    index, app_index = f"{runtime.namespace}:index:all", f"{runtime.namespace}:index:app:support"
+    now_ms = (int(time.time() * 1000) // 8) * 8
+    old_ms = now_ms - int(runtime.config.jobs.result_ttl * 1000) - 1
+    for key in (index, app_index):
+        runtime.raw_redis.zadd(key, {f"job_old{n}": old_ms - n for n in range(250)})
+    sizes = []
+    for created_ms in (now_ms + 1, now_ms, now_ms + 8, now_ms + 16):
+        monkeypatch.setattr("worker.jobs.store.time", SimpleNamespace(time=lambda at=created_ms: (at + 0.5) / 1000))
+        runtime.store.submit(new_job())
+        sizes.append((runtime.raw_redis.zcard(index), runtime.raw_redis.zcard(app_index)))
+    assert sizes == [(251, 251), (152, 152), (53, 53), (4, 4)]
 
 
 def test_attempt_lifecycle_and_finish_once(runtime) -> None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
+import redis.asyncio
 from dramatiq.middleware import Retries, ShutdownNotifications, TimeLimit
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
@@ -47,6 +49,19 @@ class Runtime:
             }
             self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
         return self._clients[kind]
+
+    def async_raw_redis(self) -> redis.asyncio.Redis:
+        """A new asyncio bytes client for one event loop (the API's), closed by its owner (``aclose``).
+
+        It retries like the sync clients but has no timeouts of its own: asyncio ones would count the time an
+        overloaded loop takes to get to an answer as Redis' silence (and cost a task per command), so its caller
+        bounds each whole call instead (``producers.submit``). At most 40 connections, as many as the thread pool
+        the API used to call Redis from; a call waits for a free one."""
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=40, timeout=None, socket_connect_timeout=None, socket_timeout=None,
+            health_check_interval=30, retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        )
+        return redis.asyncio.Redis.from_pool(pool)
 
     @property
     def redis(self) -> redis.Redis:

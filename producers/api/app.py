@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -22,9 +25,27 @@ from worker.runtime import Runtime
 log = structlog.get_logger("difyq.api")
 
 
+def _native_telemetry() -> dict[str, bool]:
+    """FastAPI's native OpenTelemetry (FastAPI >= 0.16x; older versions ignore the setting) looks up the global
+    providers on every request. Without the OpenTelemetry SDK installed no provider can record anything, so turn
+    it off then and save that lookup; with the SDK, keep FastAPI's defaults."""
+    try:
+        sdk = importlib.util.find_spec("opentelemetry.sdk")
+    except ModuleNotFoundError:
+        sdk = None
+    return {} if sdk is not None else {"tracing": False, "metrics": False, "logs": False}
+
+
 def create_app(runtime: Runtime) -> FastAPI:
-    app = FastAPI(title="difyq", version="0.1.0",
-                  description="Queue-driven background workers for Dify apps.")
+    async_redis = runtime.async_raw_redis()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await async_redis.aclose()
+
+    app = FastAPI(title="difyq", version="0.1.0", description="Queue-driven background workers for Dify apps.",
+                  lifespan=lifespan, telemetry=_native_telemetry())
     install_error_handlers(app)
     app.add_middleware(RequestContext)
     queue_registry = CollectorRegistry()
@@ -47,7 +68,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def metrics_endpoint() -> Response:
         return Response(generate_latest(REGISTRY) + generate_latest(queue_registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(build_jobs_router(runtime))
+    app.include_router(build_jobs_router(runtime, async_redis))
 
     def submit_hook(name: str, job: Any) -> Any:
         return submit(

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import redis.asyncio
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from producers.api.auth import authenticate
 from producers.api.body import parse_json_object, read_body
 from producers.api.errors import ApiError, error_responses, field_path
-from producers.submit import SubmitRejected, submit
+from producers.submit import SubmitRejected, submit_async
 from worker.dify.client import DifyClient
 from worker.dify.errors import DifyError
 from worker.jobs.model import SOURCES, JobRequest, JobStatus
@@ -43,7 +43,8 @@ def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | No
     return JSONResponse(job, status_code=status, headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
 
 
-def build_jobs_router(runtime: Runtime) -> APIRouter:
+def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> APIRouter:
+    """The /v1/jobs routes; submits go through ``async_redis`` (a ``Runtime.async_raw_redis``) on the event loop."""
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
     config = runtime.config
 
@@ -83,8 +84,8 @@ def build_jobs_router(runtime: Runtime) -> APIRouter:
         job_request = JobRequest(query=body.query, inputs=body.inputs, user=body.user,
                                  conversation_id=body.conversation_id, files=body.files, metadata=body.metadata)
         try:
-            outcome = await run_in_threadpool(
-                submit, runtime, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
+            outcome = await submit_async(
+                runtime, async_redis, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
                 idempotency_key=header_key or body.idempotency_key, scope=f"client:{client_name}",
                 request_id=request.state.request_id,
             )

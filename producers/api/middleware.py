@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import structlog
+from prometheus_client.metrics import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producers.api.errors import error_response
@@ -27,6 +28,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class RequestContext:
     def __init__(self, app: ASGIApp):
         self.app = app
+        # The labelled metric children, looked up once per (method, route[, status]) rather than per request.
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,25 +40,37 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                await self.app(scope, receive, send_with_id)
-            except Exception:
-                log.exception("request_failed", path=scope.get("path"))
-                if not status["sent"]:
-                    await error_response(500, "internal_error", "unexpected error; see the API logs")(
-                        scope, receive, send_with_id)
-        route = _route_template(scope)
-        method = scope.get("method", "")
-        metrics.http_requests.labels(method=method, route=route, status=str(status["code"])).inc()
-        metrics.http_request_duration.labels(method=method, route=route).observe(time.perf_counter() - started)
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request_failed", path=scope.get("path"))
+            if not status["sent"]:
+                await error_response(500, "internal_error", "unexpected error; see the API logs")(
+                    scope, receive, send_with_id)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+        self._record(scope.get("method", ""), _route_template(scope), status["code"], time.perf_counter() - started)
+
+    def _record(self, method: str, route: str, status: int, seconds: float) -> None:
+        counter = self._counters.get((method, route, status))
+        if counter is None:
+            counter = self._counters[method, route, status] = metrics.http_requests.labels(
+                method=method, route=route, status=str(status))
+        duration = self._durations.get((method, route))
+        if duration is None:
+            duration = self._durations[method, route] = metrics.http_request_duration.labels(
+                method=method, route=route)
+        counter.inc()
+        duration.observe(seconds)
 
 
 def _route_template(scope: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from worker.config import JobsConfig
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message
@@ -44,6 +45,15 @@ class IdempotencyConflict(Exception):
 class SubmitOutcome:
     job: dict[str, Any]
     created: bool
+
+
+@dataclass(frozen=True)
+class SubmitCall:
+    """One submit.lua call: its keys and args, and the job hash it writes when the job is created."""
+
+    keys: list[str]
+    args: list[Any]
+    fields: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -107,15 +117,11 @@ class JobStore:
         actor = "run_job" if queue == JOBS_QUEUE else "deliver_callback"
         return build_message(self.namespace, queue, actor, job_id, delay_s)
 
-    def submit(self, new: NewJob) -> SubmitOutcome:
-        """Create the job and enqueue it, or return the job its idempotency key already names."""
+    def submit_call(self, new: NewJob) -> SubmitCall:
+        """The submit.lua call that creates ``new`` (a fresh id and timestamp), without running it."""
         job_id = new_job_id()
         now = time.time()
         request_hash = new.request_hash()
-        callback = None
-        if new.callback_url:
-            callback = {"url": new.callback_url, "status": "pending", "attempts": 0, "last_status_code": None,
-                        "next_attempt_at": None}
         fields: dict[str, str] = {
             "id": job_id,
             "app": new.app,
@@ -129,30 +135,66 @@ class JobStore:
             "request": new.request.model_dump_json(),
             "request_id": new.request_id or "",
         }
-        if callback:
-            fields["callback_url"] = new.callback_url or ""
-            fields["callback"] = json.dumps(callback)
+        if new.callback_url:
+            fields["callback_url"] = new.callback_url
+            fields["callback"] = json.dumps({"url": new.callback_url, "status": "pending", "attempts": 0,
+                                             "last_status_code": None, "next_attempt_at": None})
         message = self.message(JOBS_QUEUE, job_id)
         idempotency_key = self._idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
         pairs = [item for pair in fields.items() for item in pair]
-        reply = self._submit(
+        return SubmitCall(
             keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self._index_key(),
                   self._index_key(new.app), message.queue_key, message.bodies_key],
             args=[f"{job_id}|{request_hash}" if idempotency_key else "", int(self.config.idempotency_ttl * 1000),
                   created_ms, created_ms - int(self.config.result_ttl * 1000), message.redis_message_id,
                   message.body, *pairs],
+            fields=fields,
         )
+
+    @staticmethod
+    def submit_reply(call: SubmitCall, reply: list[Any]) -> SubmitOutcome | str:
+        """Read submit.lua's reply: the outcome of a created job, or the id of the job the idempotency key already
+        names (the caller reads it with ``replayed``); IdempotencyConflict when that job was a different request."""
         state, value = _text(reply[0]), _text(reply[1])
         if state == "created":
-            return SubmitOutcome(job_resource(fields), created=True)
+            return SubmitOutcome(job_resource(call.fields), created=True)
         existing_id, _, existing_hash = value.partition("|")
-        if existing_hash != request_hash:
+        if existing_hash != call.fields["request_hash"]:
             raise IdempotencyConflict(existing_id)
-        existing = self.get(existing_id)
-        if existing is None:
-            raise IdempotencyConflict(existing_id)
-        return SubmitOutcome(existing, created=False)
+        return existing_id
+
+    @staticmethod
+    def replayed(job_id: str, raw: dict[Any, Any]) -> SubmitOutcome:
+        """The replay outcome from the existing job's hash (HGETALL); IdempotencyConflict when it has expired."""
+        if not raw:
+            raise IdempotencyConflict(job_id)
+        return SubmitOutcome(job_resource({_text(k): _text(v) for k, v in raw.items()}), created=False)
+
+    def submit(self, new: NewJob) -> SubmitOutcome:
+        """Create the job and enqueue it, or return the job its idempotency key already names."""
+        return self.run_submit(self.submit_call(new))
+
+    def run_submit(self, call: SubmitCall) -> SubmitOutcome:
+        """Run one submit call; running it again (a retry after a lost reply) answers the same and writes nothing."""
+        found = self.submit_reply(call, self._submit(keys=call.keys, args=call.args))
+        if isinstance(found, SubmitOutcome):
+            return found
+        return self.replayed(found, self.redis.hgetall(self.job_key(found)))
+
+    async def submit_async(self, client: redis.asyncio.Redis, new: NewJob) -> SubmitOutcome:
+        """``submit`` over an asyncio client (the API's event loop): the same script, keys, args and outcome."""
+        call = self.submit_call(new)
+        arguments = (*call.keys, *call.args)
+        try:
+            reply = await client.evalsha(self._submit.sha, len(call.keys), *arguments)
+        except redis.exceptions.NoScriptError:
+            await client.script_load(self._submit.script)
+            reply = await client.evalsha(self._submit.sha, len(call.keys), *arguments)
+        found = self.submit_reply(call, reply)
+        if isinstance(found, SubmitOutcome):
+            return found
+        return self.replayed(found, await client.hgetall(self.job_key(found)))
 
     def fields(self, job_id: str) -> dict[str, str] | None:
         raw = self.redis.hgetall(self.job_key(job_id))
