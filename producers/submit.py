@@ -16,7 +16,7 @@ import redis.asyncio
 import structlog
 
 from worker import metrics
-from worker.callbacks.ssrf import BlockedDestination, check_destination, resolve_host
+from worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
 from worker.jobs.model import JobRequest, NewJob
 from worker.jobs.store import SubmitOutcome
 from worker.runtime import Runtime
@@ -172,7 +172,7 @@ async def _resolve_on_loop(host: str, port: int) -> tuple[str, ...]:
                                                                proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError):
         return ()
-    return tuple(dict.fromkeys(str(answer[4][0]) for answer in answers))
+    return addresses_of(answers)
 
 
 @lru_cache(maxsize=1024)

@@ -214,6 +214,17 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(figure: Any, machine: str, path: Path) -> str:
+    """Give every panel its legend and the figure the machine line, write the PNG; returns its file name."""
+    for axis in figure.axes:
+        axis.legend(fontsize=8)
+    figure.suptitle(machine, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path.name
+
+
 def plots(results: dict[str, Any], directory: Path) -> list[str]:
     """Write the PNGs; returns their file names."""
     written: list[str] = []
@@ -236,13 +247,7 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
         left.set(xlabel="offered jobs/s", ylabel="achieved jobs/s", title="Throughput vs offered load (0 ms Dify)")
         right.axhline(1000, color="red", linestyle="--", linewidth=0.8, label="1 s goal")
         right.set(xlabel="offered jobs/s", ylabel="p99 end-to-end, ms", yscale="log", title="p99 vs offered load")
-        left.legend(fontsize=8)
-        right.legend(fontsize=8)
-        figure.suptitle(machine, fontsize=8)
-        figure.tight_layout()
-        figure.savefig(directory / "throughput.png", dpi=110)
-        plt.close(figure)
-        written.append("throughput.png")
+        written.append(_save(figure, machine, directory / "throughput.png"))
     if "overhead" in scenarios:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         for name, data in scenarios["overhead"]["pipelines"].items():
@@ -256,13 +261,7 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
         left.set(xscale="log", xlabel="e2e - Dify's own time, ms", ylabel="fraction of jobs",
                  title=f"Added latency, CDF ({rate:.0f} jobs/s, 200 ms Dify)")
         right.set(xscale="log", xlabel="submit latency, ms", ylabel="fraction of jobs", title="Submit latency, CDF")
-        left.legend(fontsize=8)
-        right.legend(fontsize=8)
-        figure.suptitle(machine, fontsize=8)
-        figure.tight_layout()
-        figure.savefig(directory / "latency.png", dpi=110)
-        plt.close(figure)
-        written.append("latency.png")
+        written.append(_save(figure, machine, directory / "latency.png"))
     if "inflight" in scenarios:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         for mode in scenarios["inflight"]["modes"]:
@@ -277,11 +276,5 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
         right.axhline(1024, color="red", linestyle="--", linewidth=0.8, label="1 GiB goal")
         left.set(xlabel="jobs in flight (C)", ylabel="jobs/s", title="Throughput vs in-flight jobs (10 s streams)")
         right.set(xlabel="jobs in flight (C)", ylabel="worker PSS, MiB", title="Worker memory")
-        left.legend(fontsize=8)
-        right.legend(fontsize=8)
-        figure.suptitle(machine, fontsize=8)
-        figure.tight_layout()
-        figure.savefig(directory / "inflight.png", dpi=110)
-        plt.close(figure)
-        written.append("inflight.png")
+        written.append(_save(figure, machine, directory / "inflight.png"))
     return written

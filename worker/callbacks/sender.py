@@ -16,8 +16,7 @@ from typing import Any
 
 import structlog
 
-from worker import metrics
-from worker.callbacks.delivery import DeliveryAttempt, deliver
+from worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
 from worker.callbacks.schedule import next_delay
 from worker.callbacks.transport import PinnedTransport
 from worker.jobs.model import FINAL_STATUSES, job_resource
@@ -86,16 +85,13 @@ class CallbackSender:
             delay = next_delay(attempts, list(self.config.retry_schedule), attempt.retry_after_s)
         if attempt.outcome == "delivered":
             state.update(status="delivered", next_attempt_at=None)
-            outcome = "delivered"
         elif delay is not None:
             state.update(status="pending", next_attempt_at=time.time() + delay)
-            outcome = "retried"
         else:
             state.update(status="failed", next_attempt_at=None)
-            outcome = "blocked" if attempt.outcome == "blocked" else "failed"
         self.store.callback_attempted(job_id, state, retry_in_s=delay, dead=state["status"] == "failed",
                                       release_lease=release_lease)
-        metrics.callback_deliveries.labels(outcome=outcome).inc()
+        outcome = record_outcome(attempt, retries_remain=delay is not None)
         self._log(attempt, outcome, attempts, delay, first_inline=release_lease)
         return outcome
 

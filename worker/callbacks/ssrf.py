@@ -22,6 +22,7 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -239,6 +240,11 @@ def resolve_host(host: str, port: int) -> tuple[str, ...]:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         raise UnresolvableDestination(f"the callback host {host!r} does not resolve") from exc
+    return addresses_of(answers)
+
+
+def addresses_of(answers: Iterable[tuple[Any, ...]]) -> tuple[str, ...]:
+    """The addresses of getaddrinfo answers, in their order of preference, without duplicates."""
     return tuple(dict.fromkeys(str(answer[4][0]) for answer in answers))
 
 
