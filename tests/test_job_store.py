@@ -99,11 +99,12 @@ def test_async_submit_is_the_same_submit(runtime) -> None:
     sync = runtime.store.submit(new_job(key="s1", callback=callback))
     assert stored(runtime, job_id) == stored(runtime, sync.job["id"])
     assert runtime.store.submit(new_job(key="a1", callback=callback)).job == created.job
-    assert queued_messages(runtime) == [{"queue_name": "jobs", "actor_name": "run_job", "args": [job_id], "kwargs": {}},
+    assert queued_messages(runtime) == [{"queue_name": "jobs", "actor_name": "run_job", "args": [job_id],
+                                         "kwargs": {"app": "support"}},
                                         {"queue_name": "jobs", "actor_name": "run_job", "args": [plain.job["id"]],
-                                         "kwargs": {}},
+                                         "kwargs": {"app": "support"}},
                                         {"queue_name": "jobs", "actor_name": "run_job", "args": [sync.job["id"]],
-                                         "kwargs": {}}]
+                                         "kwargs": {"app": "support"}}]
 
 
 def test_a_submit_call_run_again_answers_like_its_first_run(runtime) -> None:
@@ -160,6 +161,43 @@ def test_requeue_then_second_attempt(runtime) -> None:
     assert runtime.raw_redis.hlen(f"{runtime.namespace}:jobs.DQ.msgs") == 1
     second = runtime.store.start_attempt(job_id, lease_s=30)
     assert (second.attempt, second.first) == (2, False)
+
+
+def test_a_started_attempt_returns_the_record_when_asked(runtime) -> None:
+    job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    start = runtime.store.start_attempt(job_id, lease_s=30, with_record=True)
+    assert (start.state, start.attempt) == ("started", 1)
+    assert start.fields == runtime.store.fields(job_id)
+    assert start.fields["status"] == "running" and start.fields["callback_url"] == "https://example.com/cb"
+    busy = runtime.store.start_attempt(job_id, lease_s=30, with_record=True)
+    assert (busy.state, busy.fields) == ("busy", None)
+
+
+def test_a_start_that_admits_checks_the_key_s_upstream_cooldown(runtime) -> None:
+    """An app without limits is admitted by the start script: while its key cools down after a Dify 429 the
+    attempt does not start; after it, the start says whether the key has a 429 streak to reset."""
+    job_id = runtime.store.submit(new_job()).job["id"]
+    cool = f"{runtime.namespace}:limits:k1:cool"
+    seconds, micros = runtime.raw_redis.time()
+    runtime.raw_redis.hset(cool, mapping={"until": (seconds + 5) * 1_000_000 + micros, "streak": 1})
+    cooling = runtime.store.start_attempt(job_id, lease_s=30, cooldown_key=cool)
+    assert cooling.state == "cooling" and 4.5 < cooling.wait_s <= 5.0
+    assert runtime.store.fields(job_id)["status"] == "queued" and runtime.store.fields(job_id)["attempts"] == "0"
+    runtime.raw_redis.hset(cool, "until", 0)
+    started = runtime.store.start_attempt(job_id, lease_s=30, cooldown_key=cool)
+    assert (started.state, started.attempt, started.upstream_streak) == ("started", 1, True)
+    runtime.raw_redis.delete(cool)
+
+
+def test_a_deferred_job_s_message_names_its_app_and_first_wait(runtime) -> None:
+    job_id = runtime.store.submit(new_job()).job["id"]
+    runtime.raw_redis.delete(f"{runtime.namespace}:jobs", f"{runtime.namespace}:jobs.msgs")
+    assert runtime.store.defer(job_id, "support", delay_s=5, waiting_since=1234.5) == "queued:1"
+    runtime.store.defer(job_id, "support", delay_s=5, waiting_since=2000.0)
+    bodies = runtime.raw_redis.hvals(f"{runtime.namespace}:jobs.DQ.msgs")
+    hints = sorted((json.loads(body)["kwargs"] for body in bodies), key=lambda kwargs: kwargs["waiting_since"])
+    assert hints == [{"app": "support", "waiting_since": 1234.5}, {"app": "support", "waiting_since": 2000.0}]
+    assert runtime.store.fields(job_id)["waiting_since"] == "1234.5"
 
 
 def test_cancel_queued_and_running(runtime) -> None:

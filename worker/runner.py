@@ -17,7 +17,9 @@ from worker.callbacks.sender import CallbackSender
 from worker.config import AppConfig
 from worker.dify.client import DifyClient, DifyRequest, DifyResult
 from worker.dify.errors import DifyError
+from worker.jobs.messages import run_hints
 from worker.jobs.model import FINAL_STATUSES, JobStatus
+from worker.jobs.store import AttemptStart
 from worker.leases import LeaseKeeper
 from worker.limits import Admission, wait_exceeded
 from worker.logs import job_log_context
@@ -60,7 +62,13 @@ class JobRunner:
         self.throttle = throttle
         self._clients: dict[str, DifyClient] = {}
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None) -> None:
+        """``app`` and ``waiting_since`` are the message's hints (``run_hints``): with them the admission comes
+        first and the record arrives with the attempt's start, one round trip fewer than reading it first."""
+        if app is not None and app in self.config.apps:
+            with structlog.contextvars.bound_contextvars(job_id=job_id, app=app):
+                self._attempt(job_id, app, waiting_since, None)
+            return
         fields = self.store.fields(job_id)
         if fields is None:
             log.warning("job_missing", job_id=job_id)
@@ -69,46 +77,69 @@ class JobRunner:
             if fields["status"] in FINAL_STATUSES:
                 log.info("job_already_final", status=fields["status"])
                 return
-            app = self.config.apps.get(fields["app"])
-            if app is None:
+            if fields["app"] not in self.config.apps:
                 self._fail(job_id, fields, {"code": "app_not_configured", "message": "the app is not in the config",
                                             "status": None})
                 return
-            self._attempt(job_id, fields, app)
+            recorded_wait = float(fields["waiting_since"]) if fields.get("waiting_since") else None
+            self._attempt(job_id, fields["app"], recorded_wait, fields)
 
-    def _admit(self, job_id: str, fields: dict[str, str]) -> Admission | None:
-        """Take the app's rate-limit admission, or defer the job (no attempt, no worker thread held) and
-        return None; a job that would wait past ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
-        app_name = fields["app"]
-        waiting_since = float(fields["waiting_since"]) if fields.get("waiting_since") else None
+    def _admit(self, job_id: str, app_name: str, waiting_since: float | None,
+               fields: dict[str, str] | None) -> Admission | None:
+        """Take the app's rate-limit admission, or defer the job and return None."""
         admission = self.throttle.admit(app_name, job_id, waiting_since)
         if admission.admitted:
             return admission
+        self._refused(job_id, app_name, waiting_since, fields, admission)
+        return None
+
+    def _refused(self, job_id: str, app_name: str, waiting_since: float | None, fields: dict[str, str] | None,
+                 admission: Admission) -> None:
+        """Defer a job a limit refused (no attempt, no worker thread held); a job that would wait past
+        ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
         now = time.time()
         delay = self.throttle.delay(admission)
         since = waiting_since or now
         if wait_exceeded(since, now, delay, self.config.jobs.max_wait):
             self.throttle.abandon(app_name, job_id)
-            self._fail(job_id, fields, {
-                "code": "rate_limit_wait_exceeded", "status": None,
-                "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
-                           f"{self.config.jobs.max_wait:.0f}s"})
-            return None
-        state = self.store.defer(job_id, delay_s=delay, waiting_since=since)
-        log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
-        return None
-
-    def _attempt(self, job_id: str, fields: dict[str, str], app: AppConfig) -> None:
-        admission = self._admit(job_id, fields)
-        if admission is None:
+            fields = fields or self.store.fields(job_id)
+            if fields is not None:
+                self._fail(job_id, fields, {
+                    "code": "rate_limit_wait_exceeded", "status": None,
+                    "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
+                               f"{self.config.jobs.max_wait:.0f}s"})
             return
-        start = self.store.start_attempt(job_id, self.leases.lease_s)
-        if start.state != "started":
-            self.throttle.release(fields["app"], admission, 0)
+        state = self.store.defer(job_id, app_name, delay_s=delay, waiting_since=since)
+        log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
+
+    def _attempt(self, job_id: str, app_name: str, waiting_since: float | None,
+                 fields: dict[str, str] | None) -> None:
+        """One attempt, from the admission on; ``fields`` is the record when it was read before (else None).
+        An app without limits is admitted by the start script itself (``Throttle.cooldown_gate``)."""
+        gate = self.throttle.cooldown_gate(app_name)
+        admission = None if gate else self._admit(job_id, app_name, waiting_since, fields)
+        if admission is None and gate is None:
+            return
+        start = self.store.start_attempt(job_id, self.leases.lease_s, with_record=fields is None, cooldown_key=gate)
+        if start.state == "cooling":
+            self._refused(job_id, app_name, waiting_since, fields,
+                          Admission(admitted=False, wait_s=start.wait_s, limit="upstream", reservation=None))
+            return
+        admission = admission or Admission(admitted=True, wait_s=0.0, limit=None, reservation=None,
+                                           upstream_streak=start.upstream_streak)
+        fields = fields or start.fields
+        if start.state != "started" or fields is None:
+            self.throttle.release(app_name, admission, 0)
             log.info("job_not_started", state=start.state, status=start.status)
             return
-        self.throttle.hold(fields["app"], admission)
+        with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
+            self._call(job_id, fields, self.config.apps[app_name], admission, start)
+
+    def _call(self, job_id: str, fields: dict[str, str], app: AppConfig, admission: Admission,
+              start: AttemptStart) -> None:
+        """Call Dify for a started attempt and store what came of it."""
         app_name = fields["app"]
+        self.throttle.hold(app_name, admission)
         if start.first:
             metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
         request = self._dify_request(fields, app)
@@ -183,7 +214,9 @@ class JobRunner:
                     message=error.message[:500])
         if error.retryable and attempt < jobs.max_attempts:
             delay = retry_delay(attempt, jobs.retry_min_backoff, jobs.retry_max_backoff, error.retry_after)
-            state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=error.as_dict()))
+            hints = run_hints(fields["app"], float(fields["waiting_since"]) if fields.get("waiting_since") else None)
+            state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=error.as_dict(),
+                                                             hints=hints))
             if state != "cancel":
                 log.info("job_retry_scheduled", delay_s=round(delay, 3), attempt=attempt)
                 return

@@ -45,6 +45,14 @@ class Throttle:
         self._publish(app)
         return admission
 
+    def cooldown_gate(self, app: str) -> str | None:
+        """For an app without limits, the only admission check is the key's upstream cooldown: its hash, for the
+        start script to check in the same round trip (the limiter's clock must then be Redis TIME). None for an
+        app with limits, which goes through ``admit``."""
+        if self.limits[app] is not None or self.limiter.clock_is_fake:
+            return None
+        return self.limiter.cooldown_key(self.key_ids[app])
+
     def delay(self, admission: Admission) -> float:
         return deferral_delay(admission)
 

@@ -30,9 +30,10 @@ class QueuedMessage:
 
 
 def build_message(
-    namespace: str, queue: str, actor: str, job_id: str, delay_s: float = 0.0, message_id: str | None = None
+    namespace: str, queue: str, actor: str, job_id: str, delay_s: float = 0.0, message_id: str | None = None,
+    hints: dict[str, object] | None = None,
 ) -> QueuedMessage:
-    """A message for ``actor(job_id)`` on ``queue``, optionally delayed (Dramatiq's delay queue)."""
+    """A message for ``actor(job_id, **hints)`` on ``queue``, optionally delayed (Dramatiq's delay queue)."""
     redis_message_id = str(uuid.uuid4())
     options: dict[str, object] = {"redis_message_id": redis_message_id}
     queue_name = queue
@@ -43,10 +44,21 @@ def build_message(
         queue_name=queue_name,
         actor_name=actor,
         args=(job_id,),
-        kwargs={},
+        kwargs=hints or {},
         options=options,
         message_id=message_id or str(uuid.uuid4()),
         message_timestamp=int(time.time() * 1000),
     )
     queue_key = f"{namespace}:{queue_name}"
     return QueuedMessage(queue_key, f"{queue_key}.msgs", redis_message_id, message.encode())
+
+
+def run_hints(app: str, waiting_since: float | None = None) -> dict[str, object]:
+    """What a ``run_job`` message carries besides the job id, so the worker can take the app's rate-limit admission
+    before it reads the record (which ``start.lua`` then returns): the app, and when the job waits in a limit's
+    line, the time of its first deferral. A message without them (an older one, or one the reaper wrote) still
+    works: the worker reads the record first."""
+    hints: dict[str, object] = {"app": app}
+    if waiting_since is not None:
+        hints["waiting_since"] = waiting_since
+    return hints

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio
 
 from worker.config import JobsConfig
-from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message
+from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from worker.jobs.model import JobStatus, NewJob, job_resource
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -58,12 +58,16 @@ class SubmitCall:
 
 @dataclass(frozen=True)
 class AttemptStart:
-    """What ``start_attempt`` decided: ``started`` (with the attempt number), ``busy``, ``final`` or ``missing``."""
+    """What ``start_attempt`` decided: ``started`` (with the attempt number, and the record when asked for),
+    ``busy``, ``final``, ``missing``, or ``cooling`` (the Dify key's upstream cooldown ends in ``wait_s``)."""
 
     state: str
     attempt: int = 0
     first: bool = False
     status: str | None = None
+    fields: dict[str, str] | None = None
+    upstream_streak: bool = False
+    wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,10 @@ class JobStore:
     def _idempotency_key(self, scope: str, key: str) -> str:
         return f"{self.namespace}:idem:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    def message(self, queue: str, job_id: str, delay_s: float = 0.0) -> QueuedMessage:
+    def message(self, queue: str, job_id: str, delay_s: float = 0.0, hints: dict[str, object] | None = None,
+                ) -> QueuedMessage:
         actor = "run_job" if queue == JOBS_QUEUE else "deliver_callback"
-        return build_message(self.namespace, queue, actor, job_id, delay_s)
+        return build_message(self.namespace, queue, actor, job_id, delay_s, hints=hints)
 
     def submit_call(self, new: NewJob) -> SubmitCall:
         """The submit.lua call that creates ``new`` (a fresh id and timestamp), without running it."""
@@ -139,7 +144,7 @@ class JobStore:
             fields["callback_url"] = new.callback_url
             fields["callback"] = json.dumps({"url": new.callback_url, "status": "pending", "attempts": 0,
                                              "last_status_code": None, "next_attempt_at": None})
-        message = self.message(JOBS_QUEUE, job_id)
+        message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
         idempotency_key = self._idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
         pairs = [item for pair in fields.items() for item in pair]
@@ -252,15 +257,23 @@ class JobStore:
                 break
         return found, next_cursor
 
-    def start_attempt(self, job_id: str, lease_s: float) -> AttemptStart:
+    def start_attempt(self, job_id: str, lease_s: float, *, with_record: bool = False,
+                      cooldown_key: str | None = None) -> AttemptStart:
+        """Begin an attempt (see start.lua); ``with_record``: a started attempt also returns the job's record.
+        ``cooldown_key``: the app has no rate limits and this start is its admission too: it does not start
+        while the Dify key's upstream cooldown (that limiter hash) runs (``cooling``, with ``wait_s``)."""
         now = time.time()
         reply = self._start(
-            keys=[self.job_key(job_id), self.leases_key],
-            args=[repr(now), int((now + lease_s) * 1000), self.worker_id],
+            keys=[self.job_key(job_id), self.leases_key, cooldown_key or ""],
+            args=[repr(now), int((now + lease_s) * 1000), self.worker_id, "record" if with_record else ""],
         )
         state = _text(reply[0])
         if state == "started":
-            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1")
+            record = {_text(reply[i]): _text(reply[i + 1]) for i in range(4, len(reply) - 1, 2)}
+            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1",
+                                upstream_streak=_text(reply[3]) == "1", fields=record or None)
+        if state == "cooling":
+            return AttemptStart(state, wait_s=int(reply[1]) / 1_000_000)
         return AttemptStart(state, status=_text(reply[1]) if len(reply) > 1 else None)
 
     def set_task_id(self, job_id: str, task_id: str) -> None:
@@ -372,11 +385,11 @@ class JobStore:
 
     def requeue(
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = "running",
-        count_field: str = "", front: bool = False,
+        count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
-        cancel was asked meanwhile."""
-        message = self.message(JOBS_QUEUE, job_id, delay_s)
+        cancel was asked meanwhile. ``hints``: see ``run_hints``."""
+        message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         reply = self._requeue(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
             args=[expected, json.dumps(error) if error else "", message.redis_message_id, message.body,
@@ -384,10 +397,11 @@ class JobStore:
         )
         return _text(reply)
 
-    def defer(self, job_id: str, *, delay_s: float, waiting_since: float) -> str:
+    def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float) -> str:
         """A queued job waits for a rate limit: a delayed message, no attempt spent, the first wait remembered."""
         self.redis.hsetnx(self.job_key(job_id), "waiting_since", repr(waiting_since))
-        return self.requeue(job_id, delay_s=delay_s, expected="queued", count_field="deferrals")
+        return self.requeue(job_id, delay_s=delay_s, expected="queued", count_field="deferrals",
+                            hints=run_hints(app, waiting_since))
 
     def cancel(self, job_id: str) -> CancelOutcome:
         fields = self.fields(job_id) or {}

@@ -90,6 +90,10 @@ class KeyLimiter:
             return 0
         return max(1, int(rpm * self.burst_fraction))
 
+    @property
+    def clock_is_fake(self) -> bool:
+        return self._clock is not None
+
     def _now(self) -> str:
         return "" if self._clock is None else str(_us(self._clock()))
 
@@ -182,6 +186,11 @@ class KeyLimiter:
             args=[_us(self.cooldown_base_s), _us(self.cooldown_cap_s), _us(300.0), self._now()],
         )
         return int(left) / US
+
+    def cooldown_key(self, key_id: str) -> str:
+        """The hash that holds the key's upstream cooldown (``until``, ``streak``; microseconds of Redis TIME),
+        for a script that admits an app without limits on its own (the job store's start script)."""
+        return self.keys(key_id).cool
 
     def report_success(self, key_id: str) -> None:
         """A call went through: the next 429 starts from the base cooldown again. Writes only if needed."""
