@@ -24,7 +24,8 @@ def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]
 
 
 def configure_logging(process: str) -> None:
-    """Route structlog and the standard library (Dramatiq, uvicorn) through one renderer on stderr."""
+    """One renderer on stderr for structlog's events (written directly: no stdlib record per line) and for the
+    standard library's loggers (Dramatiq, uvicorn), which go through a ProcessorFormatter with the same chain."""
     level = getattr(logging, os.environ.get("DIFYQ_LOG_LEVEL", "INFO").upper(), logging.INFO)
     console = os.environ.get("DIFYQ_LOG_FORMAT", "json").lower() == "console"
     shared: list[Any] = [
@@ -35,8 +36,8 @@ def configure_logging(process: str) -> None:
     ]
     renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
