@@ -14,6 +14,7 @@ from dramatiq import Worker
 
 from producers.submit import submit
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
+from worker import task_ids
 from worker.app import build_worker_broker
 from worker.dify.emulator import EmulatedApp, start_emulator
 from worker.embedded_redis import EmbeddedRedis
@@ -211,6 +212,27 @@ def test_cancel_a_running_job_stops_dify(runtime: Runtime, emulator) -> None:
         job = wait_for_final(runtime, job_id)
     assert job["status"] == "canceled"
     assert job["result"]["answer"] is not None
+
+
+def test_a_cancel_that_comes_before_the_task_id_is_recorded_is_stopped_by_the_worker(
+        runtime: Runtime, emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task id reaches the record a moment after the stream begins; a cancel in between finds none to stop,
+    so the worker stops the task when it records the id. The slow app would stream for 40 s otherwise."""
+    monkeypatch.setattr(task_ids, "RECORD_AFTER_S", 1.5)
+    marker = f"early-cancel-{time.time_ns()}"
+    with running_worker(runtime), serving_api(runtime) as base:
+        job_id = enqueue(runtime, "slow", query=marker)
+        deadline = time.monotonic() + 10
+        while (runtime.store.fields(job_id) or {}).get("status") != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = requests.delete(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10)
+        assert response.status_code == 200
+        assert "task_id" not in runtime.store.fields(job_id), "the cancel came before the task id"
+        job = wait_for_final(runtime, job_id, timeout=15)
+    assert job["status"] == "canceled"
+    task_id = runtime.store.fields(job_id)["task_id"]
+    assert [call["path"] for call in emulator.calls() if task_id in call["path"]] == [
+        f"/v1/chat-messages/{task_id}/stop"], "the worker asked Dify to stop the task, once"
 
 
 def test_cancel_a_queued_job_never_runs(runtime: Runtime, emulator) -> None:

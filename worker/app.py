@@ -17,6 +17,7 @@ from worker.jobs.model import JobStatus
 from worker.leases import LeaseKeeper, lease_from_env
 from worker.runner import JobRunner
 from worker.runtime import Runtime
+from worker.task_ids import TaskIdRecorder
 from worker.throttle import Throttle
 
 log = structlog.get_logger("difyq.worker")
@@ -25,17 +26,20 @@ log = structlog.get_logger("difyq.worker")
 class DifyqWorkerMiddleware(Middleware):
     """Keeps leases for the whole life of each worker process and marks jobs whose message Dramatiq dead-lettered
     failed. Lease upkeep stops only after the worker shut down: on SIGTERM the jobs still running finish first,
-    and a lease that lapsed meanwhile would let another worker call Dify for them a second time."""
+    and a lease that lapsed meanwhile would let another worker call Dify for them a second time. The task-id
+    recorder's thread ends with the worker too."""
 
-    def __init__(self, runtime: Runtime, leases: LeaseKeeper):
+    def __init__(self, runtime: Runtime, leases: LeaseKeeper, task_ids: TaskIdRecorder):
         self.runtime = runtime
         self.leases = leases
+        self.task_ids = task_ids
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.leases.start()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         self.leases.stop()
+        self.task_ids.close()
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         if message.actor_name != "run_job" or not message.args:
@@ -53,13 +57,14 @@ class DifyqWorkerMiddleware(Middleware):
 def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:
     broker = runtime.build_broker()
     leases = LeaseKeeper(runtime.store, lease_s=lease_from_env())
-    broker.add_middleware(DifyqWorkerMiddleware(runtime, leases))
+    task_ids = TaskIdRecorder(runtime.store)
+    broker.add_middleware(DifyqWorkerMiddleware(runtime, leases, task_ids))
     for middleware in extra_middleware or []:
         broker.add_middleware(middleware)
     throttle = Throttle(runtime, slot_lease_s=2 * leases.lease_s)
     leases.also_renew(throttle.renew_held)
     sender = CallbackSender(runtime)
-    runner = JobRunner(runtime, leases, throttle, sender)
+    runner = JobRunner(runtime, leases, throttle, sender, task_ids)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 
     def run_job(job_id: str, app: str | None = None, waiting_since: float | None = None) -> None:

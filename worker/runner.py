@@ -24,6 +24,7 @@ from worker.leases import LeaseKeeper
 from worker.limits import Admission, wait_exceeded
 from worker.logs import job_log_context
 from worker.runtime import Runtime
+from worker.task_ids import TaskIdRecorder
 from worker.throttle import Throttle
 
 log = structlog.get_logger("difyq.worker")
@@ -53,8 +54,10 @@ def result_document(result: DifyResult) -> dict[str, Any]:
 class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
-    def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle, sender: CallbackSender):
+    def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle, sender: CallbackSender,
+                 task_ids: TaskIdRecorder):
         self.runtime = runtime
+        self.task_ids = task_ids
         self.sender = sender
         self.store = runtime.store
         self.config = runtime.config
@@ -148,7 +151,7 @@ class JobRunner:
         started = time.monotonic()
         self.leases.track(job_id)
         try:
-            result = client.run(app.mode, request, on_task_id=lambda task_id: self.store.set_task_id(job_id, task_id))
+            result = self._stream(job_id, client, app, request)
         except DifyError as error:
             self.leases.untrack(job_id)
             self.throttle.release(app_name, admission, 0 if error.rate_limited else None)
@@ -169,6 +172,17 @@ class JobRunner:
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
         self._conclude(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))
+
+    def _stream(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest) -> DifyResult:
+        """The Dify call, its task id known to ``task_ids`` (for a cancel to stop it) while it lasts."""
+
+        def stop(task_id: str) -> None:
+            client.stop(app.mode, task_id, request.user)
+
+        try:
+            return client.run(app.mode, request, on_task_id=lambda task_id: self.task_ids.note(job_id, task_id, stop))
+        finally:
+            self.task_ids.forget(job_id)
 
     def _client(self, app_name: str, app: AppConfig) -> DifyClient:
         """The app's client, made once: it resolves proxy settings for the app's URL when created."""

@@ -98,6 +98,7 @@ class JobStore:
         self._recover = client.register_script(_script("recover"))
         self._callback_attempted = client.register_script(_script("callback_attempted"))
         self._resume_callback = client.register_script(_script("resume_callback"))
+        self._task_id = client.register_script(_script("task_id"))
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -276,8 +277,13 @@ class JobStore:
             return AttemptStart(state, wait_s=int(reply[1]) / 1_000_000)
         return AttemptStart(state, status=_text(reply[1]) if len(reply) > 1 else None)
 
-    def set_task_id(self, job_id: str, task_id: str) -> None:
-        self.redis.hset(self.job_key(job_id), "task_id", task_id)
+    def record_task_ids(self, task_ids: dict[str, str]) -> list[str]:
+        """Write the Dify task id of each running job's call (one round trip, see task_id.lua); returns the jobs
+        whose cancel was asked before their task id was there."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, task_id in task_ids.items():
+            self._task_id(keys=[self.job_key(job_id)], args=[task_id], client=pipe)
+        return [job_id for job_id, canceled in zip(task_ids, pipe.execute(), strict=True) if canceled]
 
     def callback_lock_key(self, job_id: str) -> str:
         """Held while one callback attempt is under way, so two attempts for one job never overlap."""

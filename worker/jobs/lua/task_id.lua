@@ -1,0 +1,13 @@
+-- Record the Dify task id of a running job's call, where a cancel finds it to stop the task. Returns 1 when the
+-- job's cancel was asked before (that cancel found no task id: the caller stops the task), else 0. A job that is
+-- no longer running is left as it is.
+-- KEYS: 1 job hash
+-- ARGV: 1 task id
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'task_id', ARGV[1])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  return 1
+end
+return 0
