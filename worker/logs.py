@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 import structlog
@@ -23,6 +24,24 @@ def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]
     return event
 
 
+class _StderrLogger:
+    """structlog's output: each rendered line to the *current* ``sys.stderr`` (looked up per line, as a replaced
+    stream would otherwise be written after it closed). A failed write is dropped, as the standard library's
+    handlers do: a log line must never fail the job or request that emits it."""
+
+    _lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        try:
+            with self._lock:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
 def configure_logging(process: str) -> None:
     """One renderer on stderr for structlog's events (written directly: no stdlib record per line) and for the
     standard library's loggers (Dramatiq, uvicorn), which go through a ProcessorFormatter with the same chain."""
@@ -37,7 +56,7 @@ def configure_logging(process: str) -> None:
     renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[*shared, renderer],
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: _StderrLogger(),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )

@@ -1,0 +1,31 @@
+"""Log output: JSON lines on the current stderr, secrets redacted, and a line that cannot be written is dropped
+instead of failing the job or request that logs it."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import structlog
+
+from worker.logs import configure_logging
+
+
+def test_lines_go_to_the_current_stderr_redacted_and_a_closed_stream_raises_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    configure_logging("test")
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    structlog.get_logger("difyq.test").info("job_finished", job_id="j1", api_key="app-abcdefghijkl",
+                                            note="Bearer sk-123456")
+    line = json.loads(first.getvalue())
+    assert line["event"] == "job_finished" and line["job_id"] == "j1" and line["process"] == "test"
+    assert line["api_key"] == "[redacted]" and "sk-123456" not in first.getvalue()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    structlog.get_logger("difyq.test").info("next")
+    assert json.loads(second.getvalue())["event"] == "next", "a replaced stderr gets the following lines"
+    second.close()
+    structlog.get_logger("difyq.test").info("dropped")
