@@ -21,7 +21,7 @@ from worker.embedded_redis import EmbeddedRedis
 from worker.jobs.messages import JOBS_QUEUE
 from worker.jobs.model import JobRequest
 from worker.runtime import Runtime
-from worker.wakeup import MAX_DRAINED_WAKEUPS
+from worker.wakeup import wake_list
 
 EMULATED = [
     EmulatedApp(name="chat", key="app-chat-key-0001", mode="chat"),
@@ -291,19 +291,31 @@ def test_an_idle_worker_fetches_once_per_job_it_is_woken_for(runtime: Runtime) -
     assert fetched.count(0) <= 3, f"empty fetches: {fetched}"
 
 
-def test_draining_wake_ups_is_bounded_so_a_steady_stream_cannot_hold_off_the_fetch(runtime: Runtime) -> None:
+def test_one_enqueue_wakes_one_idle_consumer(runtime: Runtime) -> None:
+    """Each ready message leaves one wake-up token, taken by one waiting consumer: another idle process is not
+    woken to fetch nothing. A burst leaves a token per message, up to a bound."""
     broker = runtime.build_broker()
-    consumer = broker.consume(JOBS_QUEUE, prefetch=8, timeout=1_000)
+    consumers = [broker.consume(JOBS_QUEUE, prefetch=8, timeout=200) for _ in range(2)]
+    tokens = wake_list(runtime.namespace, JOBS_QUEUE)
     try:
-        channel = f"{runtime.namespace}:{JOBS_QUEUE}"
-        consumer._wakeups.get_message(timeout=1)  # the subscription's confirmation
-        for _ in range(MAX_DRAINED_WAKEUPS + 100):
-            runtime.raw_redis.publish(channel, "1")
-        consumer._wait_for_wakeup()
-        left = 0
-        while consumer._wakeups.get_message(timeout=0.2) is not None:
-            left += 1
-        assert left == 100 - 1, "the wait returned after reading at most MAX_DRAINED_WAKEUPS + 1 wake-ups"
+        enqueue(runtime, "chat", query="one")
+        assert runtime.raw_redis.llen(tokens) == 1
+        with ThreadPoolExecutor(2) as pool:
+            woken = list(pool.map(lambda consumer: consumer._wait_for_wakeup(), consumers))
+        assert sorted(woken) == [False, True]
+        for index in range(80):
+            enqueue(runtime, "chat", query=f"burst {index}")
+        assert runtime.raw_redis.llen(tokens) == 64
     finally:
-        consumer.close()
+        for consumer in consumers:
+            consumer.close()
         broker.close()
+
+
+def test_a_delayed_message_leaves_no_wake_up_token(runtime: Runtime) -> None:
+    job_id = enqueue(runtime, "chat", query="later")
+    runtime.raw_redis.delete(wake_list(runtime.namespace, JOBS_QUEUE))
+    runtime.store.start_attempt(job_id, lease_s=30)
+    assert runtime.store.requeue(job_id, delay_s=30) == "queued:0"
+    assert runtime.raw_redis.llen(wake_list(runtime.namespace, JOBS_QUEUE)) == 0
+    assert not runtime.raw_redis.exists(f"{wake_list(runtime.namespace, JOBS_QUEUE)[:-5]}.DQ.wake")

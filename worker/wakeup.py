@@ -1,12 +1,14 @@
-"""Wake idle consumers when a message arrives instead of letting them poll with back-off.
+"""Wake one idle consumer when a message arrives instead of letting every consumer poll with back-off.
 
 Dramatiq's Redis consumer polls: an empty fetch sleeps 5 ms doubling up to the worker timeout, so a job that
-arrives at an idle worker waits for the next poll. Our Lua scripts PUBLISH on a queue's key when they push a
-ready message (and so does this broker's ``enqueue``, which Dramatiq uses to move due delayed messages); an idle
-consumer waits on that channel instead of sleeping, and fetches within a round trip of the enqueue. A fetch that
-returns fewer messages than asked for emptied the queue, so the consumer waits for news before it asks again (a
-message pushed meanwhile has published its wake-up on the channel the consumer stays subscribed to). The worker
-timeout (``dramatiq_worker_timeout``) then only bounds how long an idle consumer waits without news.
+arrives at an idle worker waits for the next poll. Our Lua scripts push a token on the queue's wake list
+(``{ns}:{queue}.wake``, see ``worker/jobs/lua/_wake.lua``) when they push a ready message, and so does this broker's
+``enqueue`` (which Dramatiq uses to move due delayed messages). An idle consumer waits for a token with BLPOP, so
+one enqueue wakes one consumer however many worker processes and hosts there are (a PUBLISH would wake all of
+them, and each would fetch), and a burst of N messages wakes up to N consumers. A fetch that returns fewer
+messages than asked for emptied the queue, so the consumer waits for a token before it asks again (a message
+pushed meanwhile left one). The worker timeout (``dramatiq_worker_timeout``, at most ``MAX_WAIT_S``) only bounds
+how long an idle consumer waits without news.
 """
 
 from __future__ import annotations
@@ -19,12 +21,24 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
+from worker.lua_scripts import script_source
+
 FULL_PREFETCH_PAUSE_S = 0.005
-MAX_DRAINED_WAKEUPS = 256
+# Below the Redis clients' 2 s socket timeout, which a longer BLPOP would run into.
+MAX_WAIT_S = 1.0
+
+
+def wake_list(namespace: str, queue_name: str) -> str:
+    """The list of wake-up tokens of a ready queue."""
+    return f"{namespace}:{queue_name}.wake"
 
 
 class WakingRedisBroker(RedisBroker):
-    """Dramatiq's RedisBroker whose ready-queue consumers wait for a wake-up instead of polling."""
+    """Dramatiq's RedisBroker whose ready-queue consumers wait for a wake-up token instead of polling."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake = self.client.register_script(script_source("worker.jobs", "_wake", "wake"))
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         if queue_name.endswith((".DQ", ".XQ")):
@@ -34,15 +48,14 @@ class WakingRedisBroker(RedisBroker):
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         enqueued = super().enqueue(message, delay=delay)
         if delay is None:
-            self.client.publish(f"{self.namespace}:{enqueued.queue_name}", "1")
+            self._wake(keys=[f"{self.namespace}:{enqueued.queue_name}"])
         return enqueued
 
 
 class _WakingConsumer(_RedisConsumer):
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)
-        self._wakeups = broker.client.pubsub(ignore_subscribe_messages=True)
-        self._wakeups.subscribe(f"{broker.namespace}:{queue_name}")
+        self._wake_list = wake_list(broker.namespace, queue_name)
         self._drained = False
 
     def __next__(self) -> MessageProxy | None:
@@ -64,15 +77,9 @@ class _WakingConsumer(_RedisConsumer):
             raise ConnectionClosed(exc) from None
         return super().__next__()
 
-    def _wait_for_wakeup(self) -> None:
-        """Block until something is published on the queue (or the worker timeout), then drain the wake-ups
-        already waiting so a burst of enqueues costs one fetch. The drain is bounded: under a steady stream of
-        enqueues on a busy machine, wake-ups can arrive as fast as they are read, and the fetch must come first."""
-        if self._wakeups.get_message(timeout=self.timeout / 1000) is not None:
-            for _ in range(MAX_DRAINED_WAKEUPS):
-                if self._wakeups.get_message(timeout=0) is None:
-                    break
-
-    def close(self) -> None:
-        self._wakeups.close()
-        super().close()
+    def _wait_for_wakeup(self) -> bool:
+        """Block until a token arrives on the wake list (taking it: True), or the worker timeout passes."""
+        try:
+            return self.broker.client.blpop([self._wake_list], timeout=min(self.timeout / 1000, MAX_WAIT_S)) is not None
+        except redis.TimeoutError:
+            return False

@@ -9,7 +9,6 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis
@@ -18,6 +17,7 @@ import redis.asyncio
 from worker.config import JobsConfig
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from worker.jobs.model import JobStatus, NewJob, job_resource
+from worker.lua_scripts import script_source
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LIST_FIELDS = ("id", "app", "source", "status")
@@ -77,7 +77,8 @@ class CancelOutcome:
 
 
 def _script(name: str) -> str:
-    return resources.files("worker.jobs").joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
+    """``lua/_wake.lua`` (the ``wake`` helper for scripts that enqueue) followed by the script's own file."""
+    return script_source("worker.jobs", "_wake", name)
 
 
 class JobStore:

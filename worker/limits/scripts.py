@@ -9,21 +9,18 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from functools import cache
-from importlib.resources import files
 
 import redis
 from redis.commands.core import Script
 
+from worker.lua_scripts import script_source as lua_source
+
 SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
 
 
-@cache
 def script_source(name: str) -> str:
     """The full text of script ``name``: the shared helpers, then the script itself."""
-    folder = files("worker.limits").joinpath("lua")
-    common = folder.joinpath("_common.lua").read_text(encoding="utf-8")
-    return common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    return lua_source("worker.limits", "_common", name)
 
 
 @dataclass(frozen=True)

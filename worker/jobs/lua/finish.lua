@@ -41,6 +41,6 @@ if ARGV[8] ~= '' then
   redis.call('HSET', KEYS[1], 'callback', ARGV[8])
   redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
   redis.call('RPUSH', KEYS[3], ARGV[6])
-  redis.call('PUBLISH', KEYS[3], '1')
+  wake(KEYS[3])
 end
 return {final}

@@ -13,6 +13,7 @@ for _, broker in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])) d
     for _, id in ipairs(redis.call('SMEMBERS', acks)) do
       if redis.call('HEXISTS', queue .. '.msgs', id) == 1 then
         redis.call('LPUSH', queue, id)
+        wake(queue)
         recovered = recovered + 1
       end
     end

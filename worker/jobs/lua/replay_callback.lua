@@ -12,4 +12,5 @@ redis.call('HSET', KEYS[1], 'callback', ARGV[3])
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[3], ARGV[1])
+wake(KEYS[3])
 return 1

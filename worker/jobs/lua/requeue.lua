@@ -20,5 +20,5 @@ end
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
 redis.call(ARGV[7] == 'front' and 'LPUSH' or 'RPUSH', KEYS[3], ARGV[3])
-redis.call('PUBLISH', KEYS[3], '1')
+wake(KEYS[3])
 return 'queued:' .. count

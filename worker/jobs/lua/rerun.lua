@@ -13,4 +13,5 @@ if ARGV[3] ~= '' then
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
+wake(KEYS[2])
 return 'queued'
