@@ -29,3 +29,16 @@ def test_lines_go_to_the_current_stderr_redacted_and_a_closed_stream_raises_noth
     assert json.loads(second.getvalue())["event"] == "next", "a replaced stderr gets the following lines"
     second.close()
     structlog.get_logger("difyq.test").info("dropped")
+
+
+def test_an_exception_line_carries_its_traceback_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure_logging("test")
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        raise RuntimeError("could not use app-abcdefghijkl")
+    except RuntimeError:
+        structlog.get_logger("difyq.test").exception("request_failed", path="/v1/jobs")
+    line = json.loads(stream.getvalue())
+    assert line["level"] == "error" and "exc_info" not in line
+    assert "Traceback" in line["exception"] and "RuntimeError: could not use [redacted]" in line["exception"]

@@ -51,6 +51,9 @@ def configure_logging(process: str) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # JSON lines carry the traceback as an "exception" string (redacted like any value); the console renderer
+        # prints it itself.
+        *([] if console else [structlog.processors.format_exc_info]),
         _redact,
     ]
     renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
