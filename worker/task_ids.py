@@ -67,7 +67,10 @@ class TaskIdRecorder:
             with self._changed:
                 batch, self._pending = self._pending, {}
             if batch:
-                self._record(batch)
+                try:
+                    self._record(batch)
+                except Exception:  # the thread must outlive any one batch, or no task id is recorded again
+                    log.exception("task_ids_not_recorded", jobs=len(batch))
 
     def _record(self, batch: dict[str, tuple[str, StopTask]]) -> None:
         try:
