@@ -51,6 +51,11 @@ def result_document(result: DifyResult) -> dict[str, Any]:
     }
 
 
+def _recorded_wait(fields: dict[str, str]) -> float | None:
+    """When the job was first deferred by a limit, from its record (None if it never waited)."""
+    return float(fields["waiting_since"]) if fields.get("waiting_since") else None
+
+
 class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
@@ -84,8 +89,7 @@ class JobRunner:
                 self._fail(job_id, fields, {"code": "app_not_configured", "message": "the app is not in the config",
                                             "status": None})
                 return
-            recorded_wait = float(fields["waiting_since"]) if fields.get("waiting_since") else None
-            self._attempt(job_id, fields["app"], recorded_wait, fields)
+            self._attempt(job_id, fields["app"], _recorded_wait(fields), fields)
 
     def _admit(self, job_id: str, app_name: str, waiting_since: float | None,
                fields: dict[str, str] | None) -> Admission | None:
@@ -228,7 +232,7 @@ class JobRunner:
                     message=error.message[:500])
         if error.retryable and attempt < jobs.max_attempts:
             delay = retry_delay(attempt, jobs.retry_min_backoff, jobs.retry_max_backoff, error.retry_after)
-            hints = run_hints(fields["app"], float(fields["waiting_since"]) if fields.get("waiting_since") else None)
+            hints = run_hints(fields["app"], _recorded_wait(fields))
             state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=error.as_dict(),
                                                              hints=hints))
             if state != "cancel":
