@@ -4,6 +4,12 @@ A closed loop (send, wait, send) slows down when the system does and so hides it
 ``intended`` send time fixed in advance, and every latency is measured from it, so a generator that falls behind
 (or a connection pool that is full) shows up as latency instead of vanishing (no coordinated omission).
 
+The due times are kept by a ticker thread with ``time.sleep`` (tens of microseconds late), which hands each job to
+the event loop. An ``asyncio.sleep`` until the due time would be 0.7 ms late at the median even on an idle machine
+(the loop rounds its epoll timeout up to the next millisecond), and that lateness would count as every pipeline's
+latency. Each submission records when its submit actually started (``sent``), so the generator's own lateness is
+reported apart.
+
 Submitters: ``HttpSubmitter`` posts to difyq's ``/v1/jobs`` over a tiny keep-alive HTTP/1.1 client on raw asyncio
 streams (a few tens of microseconds per request, so the generator does not eat the machine the system under test
 runs on); ``DramatiqSubmitter`` and ``CelerySubmitter`` enqueue straight to Redis for the baselines (which have no
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +37,7 @@ class Submission:
     index: int
     token: str
     intended: float
+    sent: float | None = None
     accepted: float | None = None
     job_id: str | None = None
     error: str | None = None
@@ -189,11 +197,22 @@ def arrival_offsets(rate: float, duration: float, *, poisson: bool, seed: int) -
 
 
 async def _submit_one(submitter: Submitter, submission: Submission) -> None:
+    submission.sent = time.time()
     try:
         submission.job_id = await submitter.submit(submission.token)
         submission.accepted = time.time()
     except Exception as exc:  # a failed submit is a data point (counted as lost), not a crash of the bench
         submission.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _tick(loop: asyncio.AbstractEventLoop, due: list[float], fire: Callable[[int], None],
+          stop: threading.Event) -> None:
+    """Sleep until each due time and hand its index to the loop (``fire``); a thread sleeps to the microsecond."""
+    for index, at in enumerate(due):
+        delay = at - time.time()
+        if delay > 0 and stop.wait(delay):
+            return
+        loop.call_soon_threadsafe(fire, index)
 
 
 async def open_loop(
@@ -211,20 +230,29 @@ async def open_loop(
     """
     submitter = make_submitter()
     run = uuid.uuid4().hex[:8]
-    offsets = arrival_offsets(rate, duration, poisson=poisson, seed=seed)
-    side = asyncio.create_task(during()) if during is not None else None
     start = time.time() + 0.05
+    submissions = [Submission(index, f"{run}-{index}", start + offset)
+                   for index, offset in enumerate(arrival_offsets(rate, duration, poisson=poisson, seed=seed))]
+    loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[None]] = []
-    submissions: list[Submission] = []
+    all_fired = loop.create_future()
+
+    def fire(index: int) -> None:
+        tasks.append(asyncio.create_task(_submit_one(submitter, submissions[index])))
+        if len(tasks) == len(submissions) and not all_fired.done():
+            all_fired.set_result(None)
+
+    stop = threading.Event()
+    ticker = threading.Thread(target=_tick, args=(loop, [s.intended for s in submissions], fire, stop),
+                              name="bench-ticker", daemon=True)
+    side = asyncio.create_task(during()) if during is not None else None
     try:
-        for index, offset in enumerate(offsets):
-            submission = Submission(index, f"{run}-{index}", start + offset)
-            submissions.append(submission)
-            delay = submission.intended - time.time()
-            await asyncio.sleep(delay if delay > 0 else 0)
-            tasks.append(asyncio.create_task(_submit_one(submitter, submission)))
+        ticker.start()
+        if submissions:
+            await all_fired
         await asyncio.gather(*tasks)
     finally:
+        stop.set()
         if side is not None:
             side.cancel()
         await submitter.aclose()
