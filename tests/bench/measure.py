@@ -71,6 +71,10 @@ class StepData:
     def submit_latency(self) -> list[float]:
         return [s.accepted - s.intended for s in self.submissions if s.accepted is not None]
 
+    def generator_lateness(self) -> list[float]:
+        """Seconds from each job's due time to the start of its submit: the load generator's own delay."""
+        return [s.sent - s.intended for s in self.submissions if s.sent is not None]
+
     def dify_time(self, submission: Submission) -> float | None:
         call = self.dify_calls.get(submission.token)
         return call[1] - call[0] if call else None
@@ -100,6 +104,21 @@ class StepData:
         span = max(times) - min(s.intended for s in self.submissions)
         return len(times) / span if span > 0 else 0.0
 
+    def pace(self) -> float:
+        """Callbacks that arrived in the second half of the offered window per job due in it.
+
+        About 1.0 while the pipeline keeps up, whatever its latency (a callback L seconds late stands for a job due L
+        seconds earlier); below 1.0 when it completes fewer jobs than arrive, i.e. its backlog grows. A short step
+        can end with p99 under a bound while the backlog grows, and that is not a sustained rate."""
+        due = [s.intended for s in self.submissions]
+        if not due:
+            return 0.0
+        middle, last = (min(due) + max(due)) / 2, max(due)
+        expected = sum(1 for at in due if at >= middle)
+        arrived = sum(1 for s in self.submissions if s.job_id in self.arrivals
+                      and middle <= self.arrivals[s.job_id] <= last)
+        return arrived / expected
+
     def describe(self) -> dict[str, Any]:
         """The step as a JSON-ready record."""
         errors = [s.error for s in self.submissions if s.error]
@@ -113,9 +132,11 @@ class StepData:
             "submit_errors": len(errors),
             "first_errors": errors[:3],
             "achieved_rate": round(self.achieved_rate(), 2),
+            "pace": round(self.pace(), 3),
             "e2e_ms": summary(self.e2e()),
             "overhead_ms": summary(self.overhead()),
             "submit_ms": summary(self.submit_latency()),
+            "generator_late_ms": summary(self.generator_lateness()),
             "dify_ms": summary(dify),
             "cost": self.cost,
         }

@@ -42,8 +42,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         difyq, bare, celery = rates.get("difyq"), rates.get("bare"), rates.get("celery")
         ratio = _ratio(difyq, bare)
         ok = None if difyq is None or ratio is None else ratio >= 0.8 and (celery is None or difyq > celery)
-        rows.append({"goal": "1. max sustained jobs/s, p99 e2e < 1 s (0 ms Dify)", "target": "≥ 0.8 x bare, > celery",
-                     "unit": "jobs/s", "difyq": difyq, "bare": bare, "celery": celery, "ratio": ratio, "ok": ok})
+        rows.append({"goal": "1. max sustained jobs/s: p99 e2e < 1 s, pace ≥ 0.95 (0 ms Dify)",
+                     "target": "≥ 0.8 x bare, > celery", "unit": "jobs/s", "difyq": difyq, "bare": bare,
+                     "celery": celery, "ratio": ratio, "ok": ok})
     if "overhead" in scenarios:
         pipelines = scenarios["overhead"]["pipelines"]
         for key, label, target, limit in (
@@ -147,26 +148,33 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     if "throughput" in scenarios:
         s1 = scenarios["throughput"]
         lines += ["", f"## 1. Throughput (0 ms Dify, workers {s1['shape']})", "",
-                  "| pipeline | offered /s | achieved /s | p50 ms | p99 ms | lost | CPU ms/job | other load | pass |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "A step passes when no job is lost, p99 end-to-end is under 1 s and the completions keep pace "
+                  "with the arrivals (pace: callbacks in the second half of the step per job due in it, at least "
+                  "0.95; below that the backlog grows, however short the step keeps p99).", "",
+                  "| pipeline | offered /s | achieved /s | pace | p50 ms | p99 ms | lost | CPU ms/job | other load "
+                  "| pass |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for name, data in s1["pipelines"].items():
             for step in data["steps"]:
                 lines.append(f"| {name} | {step['offered_rate']:.0f} | {step['achieved_rate']:.0f} | "
-                             f"{_fmt(step['e2e_ms']['p50'])} | {_fmt(step['e2e_ms']['p99'])} | {step['lost']} | "
+                             f"{_fmt(step.get('pace'), 3)} | {_fmt(step['e2e_ms']['p50'])} | "
+                             f"{_fmt(step['e2e_ms']['p99'])} | {step['lost']} | "
                              f"{_fmt(step['cost']['cpu_ms_per_job'], 2)} | "
                              f"{_fmt(step['cost']['other_load_cores'], 2)} | {'yes' if step['passed'] else 'no'} |")
     if "overhead" in scenarios:
         s2 = scenarios["overhead"]
         lines += ["", f"## 2. Overhead at {s2['rate']:.0f} jobs/s (200 ms Dify, workers {s2['shape']}) and "
                   "4. cost per job", "",
-                  "| pipeline | e2e p50/p99 ms | overhead p50/p99/p99.9 ms | submit p50/p99 ms | CPU ms/job "
-                  "| Redis CPU ms/job | Redis cmds/job | round trips/job | in-Lua cmds/job |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| pipeline | e2e p50/p99 ms | overhead p50/p99/p99.9 ms | submit p50/p99 ms | generator late "
+                  "p50/p99 ms | CPU ms/job | Redis CPU ms/job | Redis cmds/job | round trips/job | in-Lua cmds/job |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, data in s2["pipelines"].items():
             e2e, over, sub, cost = data["e2e_ms"], data["overhead_ms"], data["submit_ms"], data["cost"]
+            late = data.get("generator_late_ms") or {"p50": None, "p99": None}
             lines.append(
                 f"| {name} | {_fmt(e2e['p50'])} / {_fmt(e2e['p99'])} | {_fmt(over['p50'])} / {_fmt(over['p99'])} / "
                 f"{_fmt(over['p99.9'])} | {_fmt(sub['p50'], 2)} / {_fmt(sub['p99'], 2)} | "
+                f"{_fmt(late['p50'], 2)} / {_fmt(late['p99'], 2)} | "
                 f"{_fmt(cost['cpu_ms_per_job'], 2)} | {_fmt(cost['redis_cpu_ms_per_job'], 3)} | "
                 f"{_fmt(cost['redis_commands_per_job'])} | {_fmt(data['trace']['round_trips_per_job'])} | "
                 f"{_fmt(data['trace']['script_commands_per_job'])} |")

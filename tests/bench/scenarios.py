@@ -37,6 +37,9 @@ ZERO_LATENCY = Profile("0ms", ttft_s=0.0, tokens_per_second=0.0, answer_tokens=1
 FIXED_200MS = Profile("200ms", ttft_s=0.2, tokens_per_second=0.0, answer_tokens=16)
 STREAM_10S = Profile("10s-stream", ttft_s=1.0, tokens_per_second=1.0, answer_tokens=10)
 P99_GOAL_S = 1.0
+# A throughput step passes only if its completions kept pace with its arrivals (``StepData.pace``): at bare's
+# capacity a backlog grows by 7 % of the arrivals and an 8 s step still ends with p99 under 1 s.
+PACE_FLOOR = 0.95
 # Worker slots per process in the in-flight scenario, for every pipeline: 10 % above 1,000. On a loaded 2-core box
 # the emulator's own 10 s answers take 10.4-10.8 s, and Little's law with W = 10.5 s needs 2,100 slots to keep
 # C = 2,000 at the bound; with exactly 2 x 1,000 the slots, not the pipeline, cap the throughput near 0.95.
@@ -66,7 +69,7 @@ class BenchConfig:
     throughput_step_s: float = 8.0
     throughput_max_rate: float = 1500.0
     throughput_max_steps: int = 14
-    throughput_refine: bool = True
+    throughput_refine_steps: int = 2
     overhead_rate: float | None = None
     overhead_default_rate: float = 50.0
     overhead_duration_s: float = 25.0
@@ -86,7 +89,7 @@ class BenchConfig:
     def quick(cls) -> BenchConfig:
         return cls(
             throughput_start=100.0, throughput_factor=1.6, throughput_step_s=2.5, throughput_max_steps=4,
-            throughput_refine=False, overhead_duration_s=4.0,
+            throughput_refine_steps=0, overhead_duration_s=4.0,
             trace_jobs=40,
             inflight_modes=[InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [200]),
                             InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
@@ -120,11 +123,12 @@ def _slim(step: dict[str, Any]) -> dict[str, Any]:
 
 
 def _passed(step: StepData) -> bool:
-    return step.lost() == 0 and summary(step.e2e())["p99"] < P99_GOAL_S * 1000
+    return step.lost() == 0 and summary(step.e2e())["p99"] < P99_GOAL_S * 1000 and step.pace() >= PACE_FLOOR
 
 
 def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
-    """Scenario 1: the highest offered rate each pipeline sustains with p99 end-to-end under 1 s."""
+    """Scenario 1: the highest offered rate each pipeline sustains: no job lost, p99 end-to-end under 1 s and
+    completions keeping pace with arrivals."""
     results: dict[str, Any] = {"profile": vars(ZERO_LATENCY), "shape": config.shape.label(),
                                "p99_goal_ms": P99_GOAL_S * 1000, "pipelines": {}}
     with bench.emulating(ZERO_LATENCY):
@@ -137,7 +141,8 @@ def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
 
 
 class ThroughputSearch:
-    """Raise the offered rate by ``throughput_factor`` until a step fails, then try once between."""
+    """Raise the offered rate by ``throughput_factor`` until a step fails, then bisect (geometrically) between the
+    last pass and the first failure ``throughput_refine_steps`` times."""
 
     def __init__(self, bench: BenchEnvironment, pipeline: Pipeline, config: BenchConfig) -> None:
         self.bench = bench
@@ -155,7 +160,8 @@ class ThroughputSearch:
         record["passed"] = ok
         self.steps.append(record)
         print(f"  [throughput] {self.pipeline.name} {rate:7.1f}/s -> {record['achieved_rate']:7.1f}/s "
-              f"p99 {record['e2e_ms']['p99']:.0f} ms lost {record['lost']} {'pass' if ok else 'FAIL'}", flush=True)
+              f"p99 {record['e2e_ms']['p99']:.0f} ms pace {record['pace']:.3f} lost {record['lost']} "
+              f"{'pass' if ok else 'FAIL'}", flush=True)
         if not ok:
             self.drained = _drain(self.bench, step)
         return ok
@@ -170,10 +176,14 @@ class ThroughputSearch:
                 break
             passed.append(rate)
             rate *= self.config.throughput_factor
-        if self.config.throughput_refine and passed and failed and self.drained and failed / passed[-1] > 1.1:
+        for _ in range(self.config.throughput_refine_steps):
+            if not (passed and failed and self.drained and failed / passed[-1] > 1.04):
+                break
             middle = math.sqrt(passed[-1] * failed)
             if self.attempt(middle):
                 passed.append(middle)
+            else:
+                failed = middle
         return {"max_sustained_rate": round(max(passed), 1) if passed else 0.0, "steps": self.steps}
 
 
