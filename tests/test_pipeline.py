@@ -21,7 +21,7 @@ from worker.embedded_redis import EmbeddedRedis
 from worker.jobs.messages import JOBS_QUEUE
 from worker.jobs.model import JobRequest
 from worker.runtime import Runtime
-from worker.wakeup import wake_list
+from worker.wakeup import MAX_WAIT_S, wake_list
 
 EMULATED = [
     EmulatedApp(name="chat", key="app-chat-key-0001", mode="chat"),
@@ -266,49 +266,62 @@ def test_worker_survives_a_redis_restart(namespace: str, emulator) -> None:
 
 def test_an_idle_worker_fetches_once_per_job_it_is_woken_for(runtime: Runtime) -> None:
     """An idle consumer waits for the enqueue's wake-up, and a fetch that emptied the queue is not followed by
-    another one: one fetch per job, not a poll (Dramatiq's) nor a fetch to learn the queue is empty."""
+    another one: one fetch per job, not a poll (Dramatiq's) nor a fetch to learn the queue is empty. The fetch
+    after a wake-up goes out with the wait (one round trip)."""
     broker = build_worker_broker(runtime)
-    fetched: list[int] = []
-    fetch = broker.do_fetch
+    fetched: list[tuple[str, int]] = []
+    fetch, fetch_when_woken = broker.do_fetch, broker.fetch_when_woken
 
     def counting_fetch(queue_name: str, prefetch: int) -> list[bytes]:
         messages = fetch(queue_name, prefetch)
         if queue_name == JOBS_QUEUE:
-            fetched.append(len(messages))
+            fetched.append(("fetch", len(messages)))
+        return messages
+
+    def counting_fetch_when_woken(queue_name: str, prefetch: int, wait_s: float) -> list[bytes]:
+        messages = fetch_when_woken(queue_name, prefetch, wait_s)
+        if queue_name == JOBS_QUEUE:
+            fetched.append(("woken", len(messages)))
         return messages
 
     broker.do_fetch = counting_fetch
+    broker.fetch_when_woken = counting_fetch_when_woken
     broker.emit_after("process_boot")
     worker = Worker(broker, worker_threads=4, worker_timeout=2_000)
     worker.start()
+    began = time.monotonic()
     try:
+        while not fetched and time.monotonic() < began + 10:  # the consumer's first fetch found the queue empty
+            time.sleep(0.01)
         for n in range(10):
             assert wait_for_final(runtime, enqueue(runtime, "chat", query=f"idle {n}"))["status"] == "succeeded"
     finally:
         worker.stop(timeout=10_000)
         broker.close()
-    assert fetched.count(1) == 10
-    assert fetched.count(0) <= 3, f"empty fetches: {fetched}"
+    idle_waits = (time.monotonic() - began) / MAX_WAIT_S
+    assert [count for _, count in fetched].count(1) == 10
+    assert fetched.count(("woken", 1)) == 10, f"fetches: {fetched}"
+    # An empty fetch only where a wait ran out (at most one per MAX_WAIT_S), never a poll.
+    assert [count for _, count in fetched].count(0) <= 2 + idle_waits, f"empty fetches: {fetched}"
 
 
 def test_one_enqueue_wakes_one_idle_consumer(runtime: Runtime) -> None:
-    """Each ready message leaves one wake-up token, taken by one waiting consumer: another idle process is not
-    woken to fetch nothing. A burst leaves a token per message, up to a bound."""
+    """Each ready message leaves one wake-up token, taken by one waiting consumer, which fetches the message: another
+    idle process is not woken to fetch nothing. A burst leaves a token per message, up to a bound."""
     broker = runtime.build_broker()
-    consumers = [broker.consume(JOBS_QUEUE, prefetch=8, timeout=200) for _ in range(2)]
     tokens = wake_list(runtime.namespace, JOBS_QUEUE)
     try:
+        runtime.raw_redis.delete(tokens)
         enqueue(runtime, "chat", query="one")
         assert runtime.raw_redis.llen(tokens) == 1
         with ThreadPoolExecutor(2) as pool:
-            woken = list(pool.map(lambda consumer: consumer._wait_for_wakeup(), consumers))
-        assert sorted(woken) == [False, True]
+            fetched = list(pool.map(lambda _: broker.fetch_when_woken(JOBS_QUEUE, 8, 0.3), range(2)))
+        assert sorted(len(messages) for messages in fetched) == [0, 1]
+        assert runtime.raw_redis.llen(tokens) == 0
         for index in range(80):
             enqueue(runtime, "chat", query=f"burst {index}")
         assert runtime.raw_redis.llen(tokens) == 64
     finally:
-        for consumer in consumers:
-            consumer.close()
         broker.close()
 
 
