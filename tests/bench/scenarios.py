@@ -37,9 +37,10 @@ ZERO_LATENCY = Profile("0ms", ttft_s=0.0, tokens_per_second=0.0, answer_tokens=1
 FIXED_200MS = Profile("200ms", ttft_s=0.2, tokens_per_second=0.0, answer_tokens=16)
 STREAM_10S = Profile("10s-stream", ttft_s=1.0, tokens_per_second=1.0, answer_tokens=10)
 P99_GOAL_S = 1.0
-# A throughput step passes only if its completions kept pace with its arrivals (``StepData.pace``): at bare's
-# capacity a backlog grows by 7 % of the arrivals and an 8 s step still ends with p99 under 1 s.
-PACE_FLOOR = 0.95
+# A throughput step passes only if its completions kept pace with its arrivals (``StepData.pace``). Just past a
+# pipeline's capacity an 8 s step can still end with p99 under 1 s while its backlog grows; such steps measured a
+# pace of 0.89-0.96, steps below capacity 0.98-1.01.
+PACE_FLOOR = 0.97
 # Worker slots per process in the in-flight scenario, for every pipeline: 10 % above 1,000. On a loaded 2-core box
 # the emulator's own 10 s answers take 10.4-10.8 s, and Little's law with W = 10.5 s needs 2,100 slots to keep
 # C = 2,000 at the bound; with exactly 2 x 1,000 the slots, not the pipeline, cap the throughput near 0.95.
