@@ -1,4 +1,5 @@
-"""Wake one idle consumer when a message arrives instead of letting every consumer poll with back-off.
+"""Wake one idle consumer when a message arrives instead of letting every consumer poll with back-off; skip the
+ack of a message its job's final write acked (``worker.acks``).
 
 Dramatiq's Redis consumer polls: an empty fetch sleeps 5 ms doubling up to the worker timeout, so a job that
 arrives at an idle worker waits for the next poll. Our Lua scripts push a token on the queue's wake list
@@ -24,6 +25,7 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
+from worker.acks import was_acked_in_script
 from worker.lua_scripts import script_source
 
 FULL_PREFETCH_PAUSE_S = 0.005
@@ -100,3 +102,15 @@ class _WakingConsumer(_RedisConsumer):
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         return super().__next__()
+
+    def ack(self, message: MessageProxy) -> None:
+        if was_acked_in_script(message):
+            self.queued_message_ids.discard(message.message_id)
+            return
+        super().ack(message)
+
+    def nack(self, message: MessageProxy) -> None:
+        if was_acked_in_script(message):
+            self.queued_message_ids.discard(message.message_id)
+            return
+        super().nack(message)
