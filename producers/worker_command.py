@@ -1,5 +1,5 @@
-"""``difyq worker``: prepares the environment (metrics directory, fetch latency) and execs Dramatiq's CLI, so
-the Dramatiq master is this very process and receives SIGTERM exactly once."""
+"""``difyq worker``: prepares the environment (metrics directory, fetch latency, prefetch) and execs Dramatiq's
+CLI, so the Dramatiq master is this very process and receives SIGTERM exactly once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ DEFAULT_METRICS_PORT = "9191"
 DEFAULT_MULTIPROC_DIR = "/tmp/difyq-prometheus"
 
 
-def worker_environment(base: dict[str, str]) -> dict[str, str]:
+def worker_environment(base: dict[str, str], threads: int) -> dict[str, str]:
     env = dict(base)
     metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or DEFAULT_MULTIPROC_DIR
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -21,6 +21,9 @@ def worker_environment(base: dict[str, str]) -> dict[str, str]:
     env["dramatiq_prom_port"] = env.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT
     env.setdefault("dramatiq_prom_host", "0.0.0.0")
     env.setdefault("dramatiq_worker_timeout", "1000")  # idle consumers are woken on enqueue (worker.wakeup)
+    # A process fetches only as many messages as it has threads (Dramatiq's default is twice as many): a message
+    # then waits in Redis for any process with a free thread, not behind the busy threads of the one that took it.
+    env.setdefault("dramatiq_queue_prefetch", str(threads))
     env["DIFYQ_WORKER_METRICS"] = "1"
     return env
 
@@ -34,7 +37,7 @@ def reset_metrics_directory(path: str) -> None:
 
 
 def exec_worker(processes: int, threads: int, gevent: bool) -> int:
-    env = worker_environment(dict(os.environ))
+    env = worker_environment(dict(os.environ), threads)
     reset_metrics_directory(env["PROMETHEUS_MULTIPROC_DIR"])
     program = "dramatiq-gevent" if gevent else "dramatiq"
     executable = shutil.which(program, path=os.path.dirname(sys.executable)) or shutil.which(program)

@@ -463,6 +463,7 @@ def test_worker_command_hands_the_chart_settings_to_dramatiq(
     assert argv[0] == ("dramatiq-gevent" if worker["gevent"] else "dramatiq")
     assert int(option("--processes")) == worker["processes"]
     assert int(option("--threads")) == worker["threads"]
+    assert env["dramatiq_queue_prefetch"] == str(worker["threads"])
     timeout_ms = int(option("--worker-shutdown-timeout"))
     assert timeout_ms == worker["jobTimeLimitSeconds"] * 1000
     grace = rendered.deployment("worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
