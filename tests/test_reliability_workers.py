@@ -227,15 +227,42 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
     assert duplicates <= len(in_flight)
 
 
+def test_a_pod_whose_threads_are_busy_leaves_new_jobs_to_a_pod_with_free_ones(
+    tmp_path: Path, redis_url: str, namespace: str, emulator
+) -> None:
+    """A pod fetches no more jobs than it has threads: with both threads of pod 1 on 8 s calls, the next jobs stay
+    in Redis, and pod 2 runs them while pod 1's calls go on (they do not wait behind them)."""
+    config = config_for(namespace, emulator.base_url)
+    runtime = Runtime(parse_config(config), redis_url)
+    with difyq_processes(tmp_path, redis_url, config) as difyq:
+        pods = Pods(difyq, threads=2)
+        busy = pods.start()
+        running = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("busy-running", 2)}
+        wait_for(lambda: all(r.get("status") == "running" for r in records(runtime, sorted(running)).values()))
+        waiting = {enqueue(runtime, "stream", marker): marker for marker in unique_queries("busy-waiting", 2)}
+        time.sleep(1.0)
+        assert runtime.raw_redis.llen(f"{namespace}:{JOBS_QUEUE}") == 2
+        free = pods.start()
+        settled = wait_until_settled(runtime, sorted(waiting), timeout=20)
+        still_running = records(runtime, sorted(running))
+        free_ids = pods.worker_ids(free)
+        busy_ids = pods.worker_ids(busy)
+    assert {r["status"] for r in settled.values()} == {"succeeded"}
+    assert all(record["worker"] in free_ids for record in settled.values())
+    assert all(r["status"] == "running" and r["worker"] in busy_ids for r in still_running.values())
+
+
 def test_sigterm_finishes_running_jobs_and_hands_back_the_rest_without_a_duplicate_call(
     tmp_path: Path, redis_url: str, namespace: str, emulator
 ) -> None:
     """Pod 1 runs two 8 s calls and holds two prefetched jobs when it gets SIGTERM; pod 2 is up. Pod 1 finishes
     its calls (its leases stay renewed meanwhile, so pod 2's reaper leaves them alone) and hands the prefetched
-    jobs back to pod 2; every job is one Dify call."""
+    jobs back to pod 2; every job is one Dify call. (A pod prefetches beyond its threads only when
+    ``dramatiq_queue_prefetch`` says so, as here.)"""
     config = config_for(namespace, emulator.base_url)
     runtime = Runtime(parse_config(config), redis_url)
     with difyq_processes(tmp_path, redis_url, config) as difyq:
+        difyq.env["dramatiq_queue_prefetch"] = "4"
         pods = Pods(difyq, threads=2)
         stopping = pods.start()
         stopping_ids = pods.worker_ids(stopping)
