@@ -61,7 +61,7 @@ class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
     def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle, sender: CallbackSender,
-                 task_ids: TaskIdRecorder, acks: InScriptAcks | None = None):
+                 task_ids: TaskIdRecorder, acks: InScriptAcks):
         self.runtime = runtime
         self.acks = acks
         self.task_ids = task_ids
@@ -268,7 +268,7 @@ class JobRunner:
     ) -> None:
         """Store the outcome, then (``callbacks.first_attempt_inline``) make the callback's first attempt here,
         under the job's lease, instead of handing it to another worker through the callbacks queue."""
-        ack = self.acks.target() if self.acks else None
+        ack = self.acks.target()
         if not self.config.callbacks.first_attempt_inline:
             stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=result, error=error,
                                                              ack=ack))
@@ -290,7 +290,7 @@ class JobRunner:
 
     def _acked(self, ack: AckTarget | None) -> None:
         """The finish script acked the message (``ack``): Dramatiq must not ack it again."""
-        if ack is not None and self.acks is not None:
+        if ack is not None:
             self.acks.acked()
 
     @staticmethod

@@ -104,13 +104,16 @@ class _WakingConsumer(_RedisConsumer):
         return super().__next__()
 
     def ack(self, message: MessageProxy) -> None:
-        if was_acked_in_script(message):
-            self.queued_message_ids.discard(message.message_id)
-            return
-        super().ack(message)
+        if not self._settled_in_script(message):
+            super().ack(message)
 
     def nack(self, message: MessageProxy) -> None:
-        if was_acked_in_script(message):
-            self.queued_message_ids.discard(message.message_id)
-            return
-        super().nack(message)
+        if not self._settled_in_script(message):
+            super().nack(message)
+
+    def _settled_in_script(self, message: MessageProxy) -> bool:
+        """True (and the message forgotten here) when its job's finish script already acked it."""
+        if not was_acked_in_script(message):
+            return False
+        self.queued_message_ids.discard(message.message_id)
+        return True
