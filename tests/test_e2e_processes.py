@@ -85,8 +85,8 @@ def test_submit_run_callback_and_read_back(tmp_path: Path, redis_url: str, names
             assert 'difyq_callback_deliveries_total{outcome="delivered"}' in scrape
 
             logs = difyq.logs("api", "worker")
-            worker_lines = [json.loads(line) for line in logs.splitlines()
-                            if line.startswith("{") and '"job_id": "' + job["id"] in line]
+            worker_lines = [entry for entry in (json.loads(line) for line in logs.splitlines() if line.startswith("{"))
+                            if entry.get("job_id") == job["id"]]
             assert any(line.get("request_id") == "req-e2e-1" and line["event"] == "job_finished"
                        and line.get("callback") == "delivered" for line in worker_lines)
             for secret in ("app-demo", CLIENT_TOKEN, SIGNING_SECRET):

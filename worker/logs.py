@@ -11,6 +11,8 @@ from typing import Any
 
 import structlog
 
+from worker.json_codec import dumps
+
 _SECRET_KEYS = re.compile(r"(api_key|token|secret|authorization|password)", re.IGNORECASE)
 _SECRET_VALUES = re.compile(r"(app-[A-Za-z0-9]{8,}|whsec_[A-Za-z0-9+/=]{8,}|Bearer\s+\S+)")
 
@@ -22,6 +24,11 @@ def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]
         elif isinstance(value, str):
             event[key] = _SECRET_VALUES.sub("[redacted]", value)
     return event
+
+
+def _json_line(event: dict[str, Any], **options: Any) -> str:
+    """JSONRenderer's serializer: one compact line; ``default`` is structlog's fallback (the repr)."""
+    return dumps(event, default=options.get("default")).decode()
 
 
 class _StderrLogger:
@@ -56,7 +63,7 @@ def configure_logging(process: str) -> None:
         *([] if console else [structlog.processors.format_exc_info]),
         _redact,
     ]
-    renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    renderer = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(serializer=_json_line)
     structlog.configure(
         processors=[*shared, renderer],
         logger_factory=lambda *_: _StderrLogger(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from worker.dify.errors import DifyError
 from worker.jobs.messages import run_hints
 from worker.jobs.model import FINAL_STATUSES, JobStatus
 from worker.jobs.store import AttemptStart
+from worker.json_codec import loads
 from worker.leases import LeaseKeeper
 from worker.limits import Admission, wait_exceeded
 from worker.logs import job_log_context
@@ -204,7 +204,7 @@ class JobRunner:
         return client
 
     def _dify_request(self, fields: dict[str, str], app: AppConfig) -> DifyRequest:
-        request = json.loads(fields["request"])
+        request = loads(fields["request"])
         return DifyRequest(
             query=request.get("query"),
             inputs=request.get("inputs") or {},

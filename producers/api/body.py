@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import Request
 
 from producers.api.errors import ApiError
+from worker.json_codec import loads
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -28,7 +28,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """A JSON object from ``raw``, or 422 saying what is wrong with it."""
     try:
-        data = json.loads(raw or b"null")
+        data = loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):

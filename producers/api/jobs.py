@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import redis.asyncio
 import structlog
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producers.api.auth import authenticate
@@ -18,6 +18,7 @@ from worker.dify.client import DifyClient
 from worker.dify.errors import DifyError
 from worker.jobs.model import SOURCES, JobRequest, JobStatus
 from worker.jobs.store import IdempotencyConflict
+from worker.json_codec import dumps
 from worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
@@ -39,8 +40,9 @@ class JobSubmission(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
 
 
-def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(job, status_code=status, headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
+def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(job), status_code=status, media_type="application/json",
+                    headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
 
 
 def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> APIRouter:
@@ -64,7 +66,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"},
                    **error_responses(403, 404, 413, 422)},
     )
-    async def create_job(request: Request) -> JSONResponse:
+    async def create_job(request: Request) -> Response:
         client_name, client = authenticate(config, request)
         raw = await read_body(request, config.api.max_body_bytes)
         try:

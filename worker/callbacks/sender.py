@@ -9,7 +9,6 @@ later attempts, replays and the first attempt when ``callbacks.first_attempt_inl
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ from worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
 from worker.callbacks.schedule import next_delay
 from worker.callbacks.transport import PinnedTransport
 from worker.jobs.model import FINAL_STATUSES, job_resource
+from worker.json_codec import dumps, loads
 from worker.logs import job_log_context
 from worker.runtime import Runtime
 
@@ -33,7 +33,7 @@ def callback_body(job: dict[str, Any]) -> bytes:
         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "data": job,
     }
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps(document)
 
 
 class CallbackSender:
@@ -55,7 +55,7 @@ class CallbackSender:
         fields = self.store.fields(job_id)
         if fields is None or fields.get("status") not in FINAL_STATUSES or not fields.get("callback_url"):
             return
-        state = json.loads(fields.get("callback") or "{}")
+        state = loads(fields.get("callback") or "{}")
         if state.get("status") in ("delivered", "failed"):
             return
         lock = self.store.callback_lock_key(job_id)
@@ -72,7 +72,7 @@ class CallbackSender:
     def deliver_first(self, job_id: str, record: dict[str, str]) -> str:
         """The first attempt, by the job's worker, holding the lease and lock ``finish_keeping_callback`` took;
         ``record`` is the stored job. Returns the outcome label."""
-        state = json.loads(record.get("callback") or "{}")
+        state = loads(record.get("callback") or "{}")
         return self._attempt(job_id, record, state, release_lease=True)
 
     def _attempt(self, job_id: str, fields: dict[str, str], state: dict[str, Any], *, release_lease: bool) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.json_codec import loads
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -67,7 +69,7 @@ def iso_time(epoch: str | float | None) -> str | None:
 
 def _json_field(fields: dict[str, str], name: str) -> Any:
     raw = fields.get(name)
-    return json.loads(raw) if raw else None
+    return loads(raw) if raw else None
 
 
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:

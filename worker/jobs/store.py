@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import secrets
 import time
@@ -18,6 +17,7 @@ from worker.acks import AckTarget
 from worker.config import JobsConfig
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from worker.jobs.model import JobStatus, NewJob, job_resource
+from worker.json_codec import dumps
 from worker.lua_scripts import script_source
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -145,8 +145,8 @@ class JobStore:
         }
         if new.callback_url:
             fields["callback_url"] = new.callback_url
-            fields["callback"] = json.dumps({"url": new.callback_url, "status": "pending", "attempts": 0,
-                                             "last_status_code": None, "next_attempt_at": None})
+            fields["callback"] = dumps({"url": new.callback_url, "status": "pending", "attempts": 0,
+                                        "last_status_code": None, "next_attempt_at": None}).decode()
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
         idempotency_key = self._idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
@@ -272,7 +272,7 @@ class JobStore:
         )
         state = _text(reply[0])
         if state == "started":
-            record = {_text(reply[i]): _text(reply[i + 1]) for i in range(4, len(reply) - 1, 2)}
+            record = _record(reply, 4)
             return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1",
                                 upstream_streak=_text(reply[3]) == "1", fields=record or None)
         if state == "cooling":
@@ -297,8 +297,8 @@ class JobStore:
         url = fields.get("callback_url")
         if not url:
             return ""
-        return json.dumps({"url": url, "status": "pending", "attempts": 0, "last_status_code": None,
-                           "next_attempt_at": None})
+        return dumps({"url": url, "status": "pending", "attempts": 0, "last_status_code": None,
+                      "next_attempt_at": None}).decode()
 
     def callback_message(self, job_id: str, fields: dict[str, str]) -> tuple[QueuedMessage | None, str]:
         """The callback message and the callback block to store when a job with a callback URL ends."""
@@ -354,13 +354,13 @@ class JobStore:
         final = _text(reply[0])
         if len(reply) == 1:
             return final, None
-        return final, {_text(reply[i]): _text(reply[i + 1]) for i in range(1, len(reply) - 1, 2)}
+        return final, _record(reply, 1)
 
     def _outcome_args(
         self, status: JobStatus, result: dict[str, Any] | None, error: dict[str, Any] | None, now: float | None = None
     ) -> list[Any]:
         return [status.value, repr(time.time() if now is None else now),
-                json.dumps(result) if result is not None else "", json.dumps(error) if error is not None else "",
+                dumps(result) if result is not None else "", dumps(error) if error is not None else "",
                 int(self.config.result_ttl * 1000)]
 
     def callback_attempted(
@@ -373,7 +373,7 @@ class JobStore:
             keys=[self.job_key(job_id), self.leases_key, self.callback_lock_key(job_id),
                   self.callback_dead_letters_key, message.queue_key if message else "",
                   message.bodies_key if message else ""],
-            args=[json.dumps(state), "retry" if message else "dead" if dead else "done",
+            args=[dumps(state), "retry" if message else "dead" if dead else "done",
                   message.redis_message_id if message else "", message.body if message else b"", time.time(),
                   "1" if release_lease else ""],
         )
@@ -403,7 +403,7 @@ class JobStore:
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         reply = self._requeue(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
-            args=[expected, json.dumps(error) if error else "", message.redis_message_id, message.body,
+            args=[expected, dumps(error) if error else "", message.redis_message_id, message.body,
                   repr(time.time() + delay_s), count_field, "front" if front else "end"],
         )
         return _text(reply)
@@ -481,3 +481,10 @@ def _ack_id(ack: AckTarget | None) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _record(reply: list[Any], start: int) -> dict[str, str]:
+    """The field/value pairs of a script's reply from index ``start`` on, as text (a trailing odd item is not
+    a pair)."""
+    items = [_text(value) for value in reply[start:]]
+    return dict(zip(items[::2], items[1::2], strict=False))
