@@ -102,10 +102,20 @@ def test_the_captured_ping_is_ignored() -> None:
     assert [json.loads(event.data)["event"] for event in events] == ["message"] * 6 + ["message_end"]
 
 
+# LF-only lines (the parser's fast path) and then every other kind of line end.
+MIXED = b'data: {"answer": "lf only"}\n\nevent: named\ndata: x\n\n' + SYNTHETIC
+SPLIT_CASES = {"synthetic": SYNTHETIC, "mixed": MIXED, **STREAMS}
+
+
+def test_lf_only_lines_then_other_line_ends() -> None:
+    assert parse_whole(MIXED) == [SSEEvent("message", '{"answer": "lf only"}'), SSEEvent("named", "x"),
+                                  *parse_whole(SYNTHETIC)]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), name=st.sampled_from([*sorted(STREAMS), "synthetic"]))
+@given(data=st.data(), name=st.sampled_from(sorted(SPLIT_CASES)))
 def test_any_split_gives_the_same_events(data: st.DataObject, name: str) -> None:
-    body = SYNTHETIC if name == "synthetic" else STREAMS[name]
+    body = SPLIT_CASES[name]
     cuts = data.draw(st.lists(st.integers(min_value=1, max_value=len(body) - 1), max_size=40), label="cuts")
     assert parse_in_pieces(body, cuts) == parse_whole(body)
 

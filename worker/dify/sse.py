@@ -14,13 +14,12 @@ event not closed by a blank line before the stream ends is dropped, as the stand
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _LINE_END = re.compile(rb"\r\n?|\n")
 
 
-@dataclass(frozen=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
     """One dispatched event: its `event` name and its `data` text."""
 
     event: str
@@ -43,6 +42,17 @@ class SSEParser:
             chunk = chunk[1:]
         self._skip_lf = False
         self._pending += chunk
+        if b"\r" in self._pending:
+            return self._take_lines_any_end()
+        # LF-only line ends (what Dify sends): the complete lines decode and split in one go.
+        last = self._pending.rfind(b"\n")
+        if last < 0:
+            return []
+        lines = self._pending[:last].decode("utf-8", errors="replace").split("\n")
+        del self._pending[: last + 1]
+        return [event for line in lines if (event := self._take_line(line)) is not None]
+
+    def _take_lines_any_end(self) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         start = 0
         for line_end in _LINE_END.finditer(self._pending):
@@ -55,6 +65,9 @@ class SSEParser:
         return events
 
     def _take_line(self, line: str) -> SSEEvent | None:
+        if line.startswith("data: "):
+            self._data.append(line[6:])
+            return None
         if not line:
             return self._dispatch()
         if line.startswith(":"):
