@@ -11,7 +11,9 @@ import redis.asyncio
 from dramatiq.middleware import Retries, ShutdownNotifications, TimeLimit
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
 
 from worker.config import Config, load_config
 from worker.jobs.store import JobStore
@@ -61,6 +63,9 @@ class Runtime:
             self.redis_url, max_connections=40, timeout=None, socket_connect_timeout=None, socket_timeout=None,
             health_check_interval=30, retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1),
         )
+        if HIREDIS_AVAILABLE:
+            pool.connection_class = type(f"HiredisPacking{pool.connection_class.__name__}",
+                                         (_HiredisPacking, pool.connection_class), {})
         return redis.asyncio.Redis.from_pool(pool)
 
     @property
@@ -87,6 +92,16 @@ class Runtime:
         delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message."""
         return WakingRedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000,
                                  middleware=[TimeLimit(), ShutdownNotifications(), Retries()])
+
+
+class _HiredisPacking:
+    """Packs commands with hiredis, as redis-py's sync connections do; its asyncio connections pack in Python,
+    which costs a submit (about 40 arguments) some 25 µs more."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: object) -> list[bytes]:
+        return self._serializer.pack(*args)
 
 
 _current: Runtime | None = None
