@@ -396,10 +396,12 @@ class BenchEnvironment:
             self.emulator = None
 
     @contextlib.contextmanager
-    def pipeline(self, name: str, shape: WorkerShape, **options: Any) -> Iterator[Pipeline]:
-        """Start ``name`` on an empty Redis; stop it afterwards."""
+    def pipeline(self, name: str, shape: WorkerShape, *, flush: bool = True, **options: Any) -> Iterator[Pipeline]:
+        """Start ``name`` on an empty Redis (``flush=False``: beside the pipelines already running, each in its own
+        keys); stop it afterwards."""
         assert self.emulator is not None, "start an emulator first"
-        self.client.flushall()
+        if flush:
+            self.client.flushall()
         began = time.monotonic()
         started = PIPELINES[name](shape, self, self.emulator, **options)  # type: ignore[arg-type]
         print(f"  started {name} ({shape.label()}) in {time.monotonic() - began:.1f} s", flush=True)
