@@ -47,6 +47,15 @@ def _needs_emulator(raw: dict[str, Any]) -> bool:
     return not raw.get("apps")
 
 
+def _scheduler_environment(env: dict[str, str], metrics_port: int) -> dict[str, str]:
+    """The scheduler is one process with its own /metrics: it keeps its samples in memory. In the worker's
+    multiprocess directory it would fail to start before the worker has made the directory, have its files
+    deleted by the worker's reset, and have its samples summed into the worker's /metrics."""
+    scheduler_env = {name: value for name, value in env.items() if name.lower() != "prometheus_multiproc_dir"}
+    scheduler_env["DIFYQ_METRICS_PORT"] = str(metrics_port)
+    return scheduler_env
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -82,7 +91,7 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     difyq = [sys.executable, "-m", "producers.cli"]
     children = [
         subprocess.Popen([*difyq, "worker", "--processes", "1", "--threads", "8"], env=env),
-        subprocess.Popen([*difyq, "scheduler"], env={**env, "DIFYQ_METRICS_PORT": str(worker_metrics_port + 1)}),
+        subprocess.Popen([*difyq, "scheduler"], env=_scheduler_environment(env, worker_metrics_port + 1)),
     ]
     app_name = "demo" if emulator else next(iter(runtime.config.apps))
     token = runtime.config.clients["dev"].token.get_secret_value() if "dev" in runtime.config.clients else "<token>"

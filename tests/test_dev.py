@@ -8,10 +8,12 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from producers.dev import _scheduler_environment
 from worker.embedded_redis import free_port
 
 pytestmark = pytest.mark.e2e
@@ -19,7 +21,8 @@ pytestmark = pytest.mark.e2e
 
 def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DIFYQ_CONFIG")}
-    env.update(DIFYQ_METRICS_PORT=str(free_port()), DIFYQ_LOG_FORMAT="console")
+    metrics_port = free_port()
+    env.update(DIFYQ_METRICS_PORT=str(metrics_port), DIFYQ_LOG_FORMAT="console")
     api_port, emulator_port = free_port(), free_port()
     dev = subprocess.Popen([sys.executable, "-m", "producers.cli", "dev", "--port", str(api_port),
                             "--emulator-port", str(emulator_port)], cwd=tmp_path, env=env,
@@ -52,6 +55,16 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         assert job["status"] == "succeeded", job
         assert job["result"]["answer"]
         assert re.search(r"Emulator\s+http://127\.0\.0\.1:\d+/v1", "".join(lines))
+        # The scheduler came up and stayed up: it keeps its metrics in memory, not in the worker's directory.
+        scheduler_metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + 1}/metrics", timeout=30).read()
+        assert b"difyq_jobs_submitted_total" in scheduler_metrics
     finally:
         dev.terminate()
         dev.wait(timeout=60)
+
+
+def test_the_scheduler_keeps_its_metrics_out_of_the_worker_directory() -> None:
+    """A scheduler given the worker's multiprocess directory dies at start when the worker has not made it yet."""
+    worker_env = {"PROMETHEUS_MULTIPROC_DIR": "/tmp/difyq-dev-x/prometheus", "DIFYQ_METRICS_PORT": "9191",
+                  "PATH": "/usr/bin"}
+    assert _scheduler_environment(worker_env, 9192) == {"DIFYQ_METRICS_PORT": "9192", "PATH": "/usr/bin"}
