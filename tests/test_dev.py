@@ -15,6 +15,7 @@ import pytest
 
 from producers.dev import _scheduler_environment
 from worker.embedded_redis import free_port
+from worker.runtime import DEFAULT_REDIS_URL
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +56,9 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         assert job["status"] == "succeeded", job
         assert job["result"]["answer"]
         assert re.search(r"Emulator\s+http://127\.0\.0\.1:\d+/v1", "".join(lines))
+        # Without REDIS_URL dev runs its own Redis, never one that happens to listen on the default port.
+        redis_url = re.search(r"Redis\s+(redis://\S+)", "".join(lines))
+        assert redis_url is not None and redis_url.group(1) != DEFAULT_REDIS_URL, "".join(lines)
         # The scheduler came up and stayed up: it keeps its metrics in memory, not in the worker's directory.
         scheduler_metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + 1}/metrics", timeout=30).read()
         assert b"difyq_jobs_submitted_total" in scheduler_metrics
