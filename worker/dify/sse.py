@@ -65,9 +65,6 @@ class SSEParser:
         return events
 
     def _take_line(self, line: str) -> SSEEvent | None:
-        if line.startswith("data: "):
-            self._data.append(line[6:])
-            return None
         if not line:
             return self._dispatch()
         if line.startswith(":"):

@@ -145,8 +145,7 @@ class JobStore:
         }
         if new.callback_url:
             fields["callback_url"] = new.callback_url
-            fields["callback"] = dumps({"url": new.callback_url, "status": "pending", "attempts": 0,
-                                        "last_status_code": None, "next_attempt_at": None}).decode()
+            fields["callback"] = self.pending_callback(fields)
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
         idempotency_key = self._idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
