@@ -12,13 +12,13 @@ from functools import lru_cache
 from typing import TypeVar
 
 import redis
-import redis.asyncio
 import structlog
 
 from worker import metrics
 from worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
 from worker.jobs.model import JobRequest, NewJob
 from worker.jobs.store import SubmitOutcome
+from worker.redis_link import RedisLink
 from worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.producers")
@@ -61,7 +61,7 @@ def submit(
 
 async def submit_async(
     runtime: Runtime,
-    client: redis.asyncio.Redis,
+    link: RedisLink,
     *,
     app: str,
     source: str,
@@ -71,7 +71,7 @@ async def submit_async(
     scope: str,
     request_id: str | None = None,
 ) -> SubmitOutcome:
-    """``submit`` on an event loop over ``client`` (a ``Runtime.async_raw_redis``), never blocking it: a callback
+    """``submit`` on an event loop over ``link`` (a ``Runtime.async_redis_link``), never blocking it: a callback
     host that is a name is resolved by the loop (off its thread), an IP literal is checked in line (and cached)."""
     new = _new_job(runtime, app, source, request, callback_url, idempotency_key, scope, request_id)
     if callback_url:
@@ -82,7 +82,7 @@ async def submit_async(
             addresses = await _resolve_on_loop(lookup.host, lookup.port)
             blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
         _reject_blocked(blocked)
-    return _counted(await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(client, new)), app, source)
+    return _counted(await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(link, new)), app, source)
 
 
 async def _within(seconds: float, call: Awaitable[T]) -> T:

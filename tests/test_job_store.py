@@ -81,7 +81,7 @@ def test_async_submit_is_the_same_submit(runtime) -> None:
     callback = "https://example.com/cb"
 
     async def scenario() -> tuple:
-        client = runtime.async_raw_redis()
+        client = runtime.async_redis_link()
         try:
             created = await runtime.store.submit_async(client, new_job(key="a1", callback=callback))
             replay = await runtime.store.submit_async(client, new_job(key="a1", callback=callback))

@@ -7,16 +7,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
-import redis.asyncio
 from dramatiq.middleware import Retries, ShutdownNotifications, TimeLimit
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.connection import HiredisRespSerializer
 from redis.retry import Retry
-from redis.utils import HIREDIS_AVAILABLE
 
 from worker.config import Config, load_config
 from worker.jobs.store import JobStore
+from worker.redis_link import RedisLink
 from worker.wakeup import WakingRedisBroker
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -52,21 +49,12 @@ class Runtime:
             self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
         return self._clients[kind]
 
-    def async_raw_redis(self) -> redis.asyncio.Redis:
-        """A new asyncio bytes client for one event loop (the API's), closed by its owner (``aclose``).
+    def async_redis_link(self) -> RedisLink:
+        """A new asyncio link to Redis for one event loop (the API's), closed by its owner (``aclose``).
 
-        It retries like the sync clients but has no timeouts of its own: asyncio ones would count the time an
-        overloaded loop takes to get to an answer as Redis' silence (and cost a task per command), so its caller
-        bounds each whole call instead (``producers.submit``). At most 40 connections, as many as the thread pool
-        the API used to call Redis from; a call waits for a free one."""
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            self.redis_url, max_connections=40, timeout=None, socket_connect_timeout=None, socket_timeout=None,
-            health_check_interval=30, retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1),
-        )
-        if HIREDIS_AVAILABLE:
-            pool.connection_class = type(f"HiredisPacking{pool.connection_class.__name__}",
-                                         (_HiredisPacking, pool.connection_class), {})
-        return redis.asyncio.Redis.from_pool(pool)
+        It has no timeouts of its own: asyncio ones would count the time an overloaded loop takes to get to an
+        answer as Redis' silence, so its caller bounds each whole call instead (``producers.submit``)."""
+        return RedisLink(self.redis_url)
 
     @property
     def redis(self) -> redis.Redis:
@@ -92,16 +80,6 @@ class Runtime:
         delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message."""
         return WakingRedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000,
                                  middleware=[TimeLimit(), ShutdownNotifications(), Retries()])
-
-
-class _HiredisPacking:
-    """Packs commands with hiredis, as redis-py's sync connections do; its asyncio connections pack in Python,
-    which costs a submit (about 40 arguments) some 25 µs more."""
-
-    _serializer = HiredisRespSerializer()
-
-    def pack_command(self, *args: object) -> list[bytes]:
-        return self._serializer.pack(*args)
 
 
 _current: Runtime | None = None

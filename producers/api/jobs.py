@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import redis.asyncio
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -19,6 +18,7 @@ from worker.dify.errors import DifyError
 from worker.jobs.model import SOURCES, JobRequest, JobStatus
 from worker.jobs.store import IdempotencyConflict
 from worker.json_codec import dumps
+from worker.redis_link import RedisLink
 from worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
@@ -45,8 +45,8 @@ def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | No
                     headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
 
 
-def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> APIRouter:
-    """The /v1/jobs routes; submits go through ``async_redis`` (a ``Runtime.async_raw_redis``) on the event loop."""
+def build_jobs_router(runtime: Runtime, link: RedisLink) -> APIRouter:
+    """The /v1/jobs routes; submits go through ``link`` (a ``Runtime.async_redis_link``) on the event loop."""
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
     config = runtime.config
 
@@ -87,7 +87,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
                                  conversation_id=body.conversation_id, files=body.files, metadata=body.metadata)
         try:
             outcome = await submit_async(
-                runtime, async_redis, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
+                runtime, link, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
                 idempotency_key=header_key or body.idempotency_key, scope=f"client:{client_name}",
                 request_id=request.state.request_id,
             )

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import redis.asyncio
 
 from worker.acks import AckTarget
 from worker.config import JobsConfig
@@ -19,6 +18,7 @@ from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, bui
 from worker.jobs.model import JobStatus, NewJob, job_resource
 from worker.json_codec import dumps
 from worker.lua_scripts import script_source
+from worker.redis_link import RedisLink
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LIST_FIELDS = ("id", "app", "source", "status")
@@ -189,19 +189,19 @@ class JobStore:
             return found
         return self.replayed(found, self.redis.hgetall(self.job_key(found)))
 
-    async def submit_async(self, client: redis.asyncio.Redis, new: NewJob) -> SubmitOutcome:
-        """``submit`` over an asyncio client (the API's event loop): the same script, keys, args and outcome."""
+    async def submit_async(self, link: RedisLink, new: NewJob) -> SubmitOutcome:
+        """``submit`` over the API's event-loop link: the same script, keys, args and outcome."""
         call = self.submit_call(new)
         arguments = (*call.keys, *call.args)
         try:
-            reply = await client.evalsha(self._submit.sha, len(call.keys), *arguments)
+            reply = await link.execute("EVALSHA", self._submit.sha, len(call.keys), *arguments)
         except redis.exceptions.NoScriptError:
-            await client.script_load(self._submit.script)
-            reply = await client.evalsha(self._submit.sha, len(call.keys), *arguments)
+            await link.execute("SCRIPT", "LOAD", self._submit.script)
+            reply = await link.execute("EVALSHA", self._submit.sha, len(call.keys), *arguments)
         found = self.submit_reply(call, reply)
         if isinstance(found, SubmitOutcome):
             return found
-        return self.replayed(found, await client.hgetall(self.job_key(found)))
+        return self.replayed(found, await link.hgetall(self.job_key(found)))
 
     def fields(self, job_id: str) -> dict[str, str] | None:
         raw = self.redis.hgetall(self.job_key(job_id))
