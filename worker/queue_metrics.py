@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from worker.redis_scripts import register_script
 
 
 class QueueCollector(Collector):
@@ -24,8 +25,8 @@ class QueueCollector(Collector):
     def __init__(self, client: redis.Redis, namespace: str, apps: Iterable[str] = ()):
         self.namespace = namespace
         self.apps = tuple(apps)
-        self._stats = client.register_script(
-            resources.files("worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
+        self._stats = register_script(
+            client, resources.files("worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:

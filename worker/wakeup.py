@@ -27,6 +27,7 @@ from dramatiq.message import Message
 
 from worker.acks import was_acked_in_script
 from worker.lua_scripts import script_source
+from worker.redis_scripts import register_script
 
 FULL_PREFETCH_PAUSE_S = 0.005
 # Well below the Redis clients' 2 s socket timeout: the fetch's answer comes after the wait, and an answer that
@@ -44,7 +45,7 @@ class WakingRedisBroker(RedisBroker):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._wake = self.client.register_script(script_source("worker.jobs", "_wake", "wake"))
+        self._wake = register_script(self.client, script_source("worker.jobs", "_wake", "wake"))
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         if queue_name.endswith((".DQ", ".XQ")):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from redis import Redis
 
+from worker.redis_scripts import register_script
+
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -31,8 +33,8 @@ class LeaderLease:
         self.key = key
         self.holder = holder
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        self._extend = redis.register_script(_EXTEND)
-        self._release = redis.register_script(_RELEASE)
+        self._extend = register_script(redis, _EXTEND)
+        self._release = register_script(redis, _RELEASE)
 
     def hold(self) -> bool:
         """Renew the lease if this replica holds it, else take it if nobody does; True when held afterwards."""

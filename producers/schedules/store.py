@@ -20,6 +20,7 @@ from redis import Redis
 
 from producers.schedules.fires import fire_iso
 from producers.schedules.lease import LeaderLease
+from worker.redis_scripts import register_script
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -90,10 +91,10 @@ class ScheduleStore:
         self.redis = redis
         self.namespace = namespace
         self.lease = lease
-        self._claim = redis.register_script(_CLAIM)
-        self._confirm = redis.register_script(_CONFIRM)
-        self._abandon = redis.register_script(_ABANDON)
-        self._advance = redis.register_script(_ADVANCE)
+        self._claim = register_script(redis, _CLAIM)
+        self._confirm = register_script(redis, _CONFIRM)
+        self._abandon = register_script(redis, _ABANDON)
+        self._advance = register_script(redis, _ADVANCE)
 
     def state_key(self, name: str) -> str:
         return f"{self.namespace}:schedule:state:{name}"

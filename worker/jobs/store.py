@@ -19,6 +19,7 @@ from worker.jobs.model import JobStatus, NewJob, job_resource
 from worker.json_codec import dumps
 from worker.lua_scripts import script_source
 from worker.redis_link import RedisLink
+from worker.redis_scripts import register_script
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LIST_FIELDS = ("id", "app", "source", "status")
@@ -90,17 +91,17 @@ class JobStore:
         self.namespace = namespace
         self.config = config
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
-        self._submit = client.register_script(_script("submit"))
-        self._start = client.register_script(_script("start"))
-        self._finish = client.register_script(_script("finish"))
-        self._requeue = client.register_script(_script("requeue"))
-        self._cancel = client.register_script(_script("cancel"))
-        self._rerun = client.register_script(_script("rerun"))
-        self._replay_callback = client.register_script(_script("replay_callback"))
-        self._recover = client.register_script(_script("recover"))
-        self._callback_attempted = client.register_script(_script("callback_attempted"))
-        self._resume_callback = client.register_script(_script("resume_callback"))
-        self._task_id = client.register_script(_script("task_id"))
+        self._submit = register_script(client, _script("submit"))
+        self._start = register_script(client, _script("start"))
+        self._finish = register_script(client, _script("finish"))
+        self._requeue = register_script(client, _script("requeue"))
+        self._cancel = register_script(client, _script("cancel"))
+        self._rerun = register_script(client, _script("rerun"))
+        self._replay_callback = register_script(client, _script("replay_callback"))
+        self._recover = register_script(client, _script("recover"))
+        self._callback_attempted = register_script(client, _script("callback_attempted"))
+        self._resume_callback = register_script(client, _script("resume_callback"))
+        self._task_id = register_script(client, _script("task_id"))
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"

@@ -14,6 +14,7 @@ import redis
 from redis.commands.core import Script
 
 from worker.lua_scripts import script_source as lua_source
+from worker.redis_scripts import register_script
 
 SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
 
@@ -44,6 +45,6 @@ def scripts_for(client: redis.Redis) -> Scripts:
     with _lock:
         found = _registered.get(client)
         if found is None:
-            found = Scripts(**{name: client.register_script(script_source(name)) for name in SCRIPT_NAMES})
+            found = Scripts(**{name: register_script(client, script_source(name)) for name in SCRIPT_NAMES})
             _registered[client] = found
         return found
