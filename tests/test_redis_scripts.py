@@ -1,9 +1,10 @@
 """ShortPathScript against a real Redis: the same replies as redis-py's Script, one connection per thread, the
-client's retry policy, no reply left behind by a failed call, fresh connections after a fork, the pool under
-gevent."""
+client's retry policy, no reply left behind by a failed call, fresh connections after a fork, redis-py's path
+under gevent."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import subprocess
 import sys
@@ -78,6 +79,26 @@ def test_each_thread_keeps_one_connection(redis_url: str) -> None:
     assert len(connection_ids(redis_url, name)) == 3
 
 
+def test_each_client_talks_to_its_own_server_and_database(redis_url: str, namespace: str) -> None:
+    """A thread's connection belongs to one client's pool: a client made after another is gone (its pool may get
+    the same id) never inherits that client's connection."""
+    key = f"{namespace}:where"
+    read = "return redis.call('GET', KEYS[1])"
+    base = redis_url.rsplit("/", 1)[0]
+    for db in (1, 2):
+        redis.Redis.from_url(f"{base}/{db}").set(key, f"db{db}")
+    try:
+        for _ in range(20):
+            for db in (1, 2):
+                client = redis.Redis.from_url(f"{base}/{db}")
+                assert register_script(client, read)(keys=[key]) == f"db{db}".encode()
+                del client
+                gc.collect()
+    finally:
+        for db in (1, 2):
+            redis.Redis.from_url(f"{base}/{db}").delete(key)
+
+
 def test_a_timed_out_call_leaves_no_reply_for_the_next(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, socket_timeout=0.1, retry=Retry(NoBackoff(), 0))
     busy = register_script(client, BUSY)
@@ -123,7 +144,7 @@ def test_a_forked_child_makes_its_own_connection(redis_url: str) -> None:
     assert len(connection_ids(redis_url, name)) == 1
 
 
-def test_greenlets_borrow_from_the_pool(redis_url: str) -> None:
+def test_greenlets_take_redis_pys_path(redis_url: str) -> None:
     program = f"""
 from gevent import monkey
 monkey.patch_all()
@@ -134,7 +155,7 @@ echo = redis_scripts.register_script(client, "return ARGV[1]")
 jobs = [gevent.spawn(echo, args=[str(n)]) for n in range(200)]
 gevent.joinall(jobs, raise_error=True)
 assert [job.value for job in jobs] == [str(n).encode() for n in range(200)]
-assert type(redis_scripts._holder()).__name__ == "_PoolConnections"
+assert redis_scripts._thread_connections() is None
 print("ok")
 """
     done = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)

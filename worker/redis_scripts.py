@@ -13,14 +13,15 @@ What a call does is unchanged:
 
 A thread's connection is closed whenever a call ends in anything but a reply: a connection error, or an exception
 raised into the thread mid-call, such as Dramatiq's time limit. So an unread reply is never left on it for the next
-call. Under gevent every greenlet would keep a connection of its own, so there the calls borrow from the pool
-instead.
+call. Under gevent every greenlet would keep a connection of its own, so there the calls take redis-py's usual
+path.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -39,41 +40,32 @@ def _greenlet_threads() -> bool:
     return bool(monkey.is_module_patched("threading"))
 
 
-class _ThreadConnections(threading.local):
-    """The calling thread's own connection per pool."""
+class _ThreadConnections:
+    """Per pool, the connection each thread keeps for itself; a pool's go when it does."""
 
     def __init__(self) -> None:
-        self.by_pool: dict[int, AbstractConnection] = {}
+        self._per_pool: weakref.WeakKeyDictionary[ConnectionPool, threading.local] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
-    def borrow(self, pool: ConnectionPool) -> AbstractConnection:
-        connection = self.by_pool.get(id(pool))
+    def of_this_thread(self, pool: ConnectionPool) -> AbstractConnection:
+        threads = self._per_pool.get(pool)
+        if threads is None:
+            with self._lock:
+                threads = self._per_pool.setdefault(pool, threading.local())
+        connection = getattr(threads, "connection", None)
         if connection is None:
-            connection = self.by_pool[id(pool)] = pool.make_connection()
+            connection = threads.connection = pool.make_connection()
         return connection
 
-    def give_back(self, pool: ConnectionPool, connection: AbstractConnection) -> None:
-        """Nothing to do: the connection stays with its thread."""
+
+_connections: _ThreadConnections | None = None
 
 
-class _PoolConnections:
-    """Connections checked out of the pool per call (greenlets)."""
-
-    @staticmethod
-    def borrow(pool: ConnectionPool) -> AbstractConnection:
-        return pool.get_connection()
-
-    @staticmethod
-    def give_back(pool: ConnectionPool, connection: AbstractConnection) -> None:
-        pool.release(connection)
-
-
-_connections: _ThreadConnections | _PoolConnections | None = None
-
-
-def _holder() -> _ThreadConnections | _PoolConnections:
+def _thread_connections() -> _ThreadConnections | None:
+    """The registry, made on first use; None under gevent, where the calls go through redis-py's pool."""
     global _connections
-    if _connections is None:
-        _connections = _PoolConnections() if _greenlet_threads() else _ThreadConnections()
+    if _connections is None and not _greenlet_threads():
+        _connections = _ThreadConnections()
     return _connections
 
 
@@ -92,19 +84,18 @@ class ShortPathScript(Script):
     def __call__(self, keys: Sequence[Any] | None = None, args: Iterable[Any] | None = None,
                  client: Any = None) -> Any:
         target = self.registered_client if client is None else client
-        if type(target) is not redis.Redis or target.connection is not None:
+        connections = _thread_connections()
+        if connections is None or type(target) is not redis.Redis or target.connection is not None:
             return super().__call__(keys, args, client)
         arguments = (*(keys or ()), *(args or ()))
+        connection = connections.of_this_thread(target.connection_pool)
         try:
-            return self._evalsha(target, len(keys or ()), arguments)
+            return self._evalsha(connection, len(keys or ()), arguments)
         except NoScriptError:
             self.sha = target.script_load(self.script)
-            return self._evalsha(target, len(keys or ()), arguments)
+            return self._evalsha(connection, len(keys or ()), arguments)
 
-    def _evalsha(self, client: redis.Redis, key_count: int, arguments: tuple[Any, ...]) -> Any:
-        pool = client.connection_pool
-        holder = _holder()
-        connection = holder.borrow(pool)
+    def _evalsha(self, connection: AbstractConnection, key_count: int, arguments: tuple[Any, ...]) -> Any:
         try:
             return connection.retry.call_with_retry(
                 lambda: self._send_and_read(connection, key_count, arguments),
@@ -115,8 +106,6 @@ class ShortPathScript(Script):
         except BaseException:
             connection.disconnect()
             raise
-        finally:
-            holder.give_back(pool, connection)
 
     def _send_and_read(self, connection: AbstractConnection, key_count: int, arguments: tuple[Any, ...]) -> Any:
         connection.send_command("EVALSHA", self.sha, key_count, *arguments)
