@@ -99,6 +99,32 @@ def test_each_client_talks_to_its_own_server_and_database(redis_url: str, namesp
             redis.Redis.from_url(f"{base}/{db}").delete(key)
 
 
+def test_threads_beyond_the_kept_ones_use_the_pool(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.redis_scripts.KEPT_PER_POOL", 2)
+    client, name = named_client(redis_url)
+    ping = register_script(client, PING)
+    ready, finish = threading.Barrier(6), threading.Event()
+
+    def calls() -> None:
+        assert ping() == b"pong"
+        ready.wait()
+        finish.wait()
+        assert ping() == b"pong"
+
+    threads = [threading.Thread(target=calls) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    while_running = connection_ids(redis_url, name)
+    finish.set()
+    for thread in threads:
+        thread.join()
+    gc.collect()
+    time.sleep(0.2)
+    pooled = connection_ids(redis_url, name)
+    assert len(while_running) - len(pooled) == 2 and len(pooled) >= 1  # the two kept ones ended with their threads
+
+
 def test_a_timed_out_call_leaves_no_reply_for_the_next(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, socket_timeout=0.1, retry=Retry(NoBackoff(), 0))
     busy = register_script(client, BUSY)

@@ -14,7 +14,7 @@ What a call does is unchanged:
 A thread's connection is closed whenever a call ends in anything but a reply: a connection error, or an exception
 raised into the thread mid-call, such as Dramatiq's time limit. So an unread reply is never left on it for the next
 call. Under gevent every greenlet would keep a connection of its own, so there the calls take redis-py's usual
-path.
+path, as do a process's threads beyond the first 64 per client.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ from redis.commands.core import Script
 from redis.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import NoScriptError
 
+# Threads per process and pool that keep a connection. A worker's usual 8 to 64 threads all do; one with hundreds of
+# threads for slow streams would otherwise hold as many connections, which a small managed Redis may not allow, so
+# the threads beyond these take redis-py's pool.
+KEPT_PER_POOL = 64
+_UNSET = object()
+
 
 def _greenlet_threads() -> bool:
     """True when gevent has patched ``threading`` (``difyq worker --gevent``): thread-locals are per greenlet."""
@@ -40,21 +46,45 @@ def _greenlet_threads() -> bool:
     return bool(monkey.is_module_patched("threading"))
 
 
+class _KeptConnections:
+    """One pool's thread-kept connections: at most ``KEPT_PER_POOL`` at a time."""
+
+    def __init__(self) -> None:
+        self.of_thread = threading.local()
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def take_slot(self) -> bool:
+        with self._lock:
+            if self._count >= KEPT_PER_POOL:
+                return False
+            self._count += 1
+            return True
+
+    def free_slot(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
 class _ThreadConnections:
     """Per pool, the connection each thread keeps for itself; a pool's go when it does."""
 
     def __init__(self) -> None:
-        self._per_pool: weakref.WeakKeyDictionary[ConnectionPool, threading.local] = weakref.WeakKeyDictionary()
+        self._per_pool: weakref.WeakKeyDictionary[ConnectionPool, _KeptConnections] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def of_this_thread(self, pool: ConnectionPool) -> AbstractConnection:
-        threads = self._per_pool.get(pool)
-        if threads is None:
+    def of_this_thread(self, pool: ConnectionPool) -> AbstractConnection | None:
+        """This thread's connection to ``pool``'s server, or None for a thread beyond the pool's slots."""
+        kept = self._per_pool.get(pool)
+        if kept is None:
             with self._lock:
-                threads = self._per_pool.setdefault(pool, threading.local())
-        connection = getattr(threads, "connection", None)
-        if connection is None:
-            connection = threads.connection = pool.make_connection()
+                kept = self._per_pool.setdefault(pool, _KeptConnections())
+        connection = getattr(kept.of_thread, "connection", _UNSET)
+        if connection is _UNSET:
+            connection = pool.make_connection() if kept.take_slot() else None
+            kept.of_thread.connection = connection
+            if connection is not None:
+                weakref.finalize(connection, kept.free_slot)  # the thread ended and dropped it
         return connection
 
 
@@ -87,8 +117,10 @@ class ShortPathScript(Script):
         connections = _thread_connections()
         if connections is None or type(target) is not redis.Redis or target.connection is not None:
             return super().__call__(keys, args, client)
-        arguments = (*(keys or ()), *(args or ()))
         connection = connections.of_this_thread(target.connection_pool)
+        if connection is None:
+            return super().__call__(keys, args, client)
+        arguments = (*(keys or ()), *(args or ()))
         try:
             return self._evalsha(connection, len(keys or ()), arguments)
         except NoScriptError:
