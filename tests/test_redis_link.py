@@ -64,6 +64,17 @@ def test_error_replies_raise_redis_py_exceptions_and_the_link_goes_on(redis_url:
     run_with_link(redis_url, asyncio.new_event_loop, scenario)
 
 
+def test_a_script_redis_lost_is_loaded_again(redis_url: str, namespace: str) -> None:
+    script = redis.Redis.from_url(redis_url).register_script("return {KEYS[1], ARGV[1]}")
+
+    async def scenario(link: RedisLink) -> None:
+        await link.execute("SCRIPT", "FLUSH")
+        assert await link.run_script(script, [f"{namespace}:k"], ["v"]) == [f"{namespace}:k".encode(), b"v"]
+        assert await link.run_script(script, [f"{namespace}:k"], ["w"]) == [f"{namespace}:k".encode(), b"w"]
+
+    run_with_link(redis_url, asyncio.new_event_loop, scenario)
+
+
 def test_the_url_says_database_and_password() -> None:
     with EmbeddedRedis() as server:
         redis.Redis.from_url(server.url).config_set("requirepass", "s3cret")

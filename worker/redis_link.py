@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
 import redis.asyncio
 from redis._parsers.base import BaseParser
+from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 
 
 class _Replies(asyncio.Protocol):
@@ -83,21 +86,30 @@ class RedisLink:
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply; Redis' error replies raise redis-py's exceptions."""
         packed = hiredis.pack_command(args)
-        for attempt in range(2):
-            replies = await self._open()
-            try:
-                return await replies.send(packed)
-            except RedisConnectionError:
-                if attempt:
-                    raise
-            except asyncio.CancelledError:
-                replies.close()
-                raise
-        raise AssertionError("unreachable")
+        try:
+            return await self._send(packed)
+        except RedisConnectionError:  # cut off by a lost connection: once more, on a new one
+            return await self._send(packed)
+
+    async def run_script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """EVALSHA of a registered script, loading it first if Redis has lost it (as redis-py's Script does)."""
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.script)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         flat = await self.execute("HGETALL", key)
         return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    async def _send(self, packed: bytes) -> Any:
+        replies = await self._open()
+        try:
+            return await replies.send(packed)
+        except asyncio.CancelledError:  # the caller gave up: a reply that never came may mean a dead peer
+            replies.close()
+            raise
 
     async def _open(self) -> _Replies:
         if self._replies is not None and not self._replies.closed:

@@ -23,6 +23,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
+from functools import cache
 from typing import Any
 
 import redis
@@ -37,6 +38,7 @@ KEPT_PER_POOL = 64
 _UNSET = object()
 
 
+@cache
 def _greenlet_threads() -> bool:
     """True when gevent has patched ``threading`` (``difyq worker --gevent``): thread-locals are per greenlet."""
     try:
@@ -120,12 +122,13 @@ class ShortPathScript(Script):
         connection = connections.of_this_thread(target.connection_pool)
         if connection is None:
             return super().__call__(keys, args, client)
-        arguments = (*(keys or ()), *(args or ()))
+        keys = tuple(keys or ())
+        arguments = (*keys, *(args or ()))
         try:
-            return self._evalsha(connection, len(keys or ()), arguments)
+            return self._evalsha(connection, len(keys), arguments)
         except NoScriptError:
             self.sha = target.script_load(self.script)
-            return self._evalsha(connection, len(keys or ()), arguments)
+            return self._evalsha(connection, len(keys), arguments)
 
     def _evalsha(self, connection: AbstractConnection, key_count: int, arguments: tuple[Any, ...]) -> Any:
         try:

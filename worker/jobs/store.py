@@ -193,13 +193,7 @@ class JobStore:
     async def submit_async(self, link: RedisLink, new: NewJob) -> SubmitOutcome:
         """``submit`` over the API's event-loop link: the same script, keys, args and outcome."""
         call = self.submit_call(new)
-        arguments = (*call.keys, *call.args)
-        try:
-            reply = await link.execute("EVALSHA", self._submit.sha, len(call.keys), *arguments)
-        except redis.exceptions.NoScriptError:
-            await link.execute("SCRIPT", "LOAD", self._submit.script)
-            reply = await link.execute("EVALSHA", self._submit.sha, len(call.keys), *arguments)
-        found = self.submit_reply(call, reply)
+        found = self.submit_reply(call, await link.run_script(self._submit, call.keys, call.args))
         if isinstance(found, SubmitOutcome):
             return found
         return self.replayed(found, await link.hgetall(self.job_key(found)))
