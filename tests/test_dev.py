@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from producers.dev import _scheduler_environment
+from tests.support.processes import wait_for_port
 from worker.embedded_redis import free_port
 from worker.runtime import DEFAULT_REDIS_URL
 
@@ -59,7 +60,9 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         # Without REDIS_URL dev runs its own Redis, never one that happens to listen on the default port.
         redis_url = re.search(r"Redis\s+(redis://\S+)", "".join(lines))
         assert redis_url is not None and redis_url.group(1) != DEFAULT_REDIS_URL, "".join(lines)
-        # The scheduler came up and stayed up: it keeps its metrics in memory, not in the worker's directory.
+        # The scheduler came up and stayed up: it keeps its metrics in memory, not in the worker's directory. It
+        # starts beside the API, so on a busy machine it may still be importing when the job has finished.
+        wait_for_port(metrics_port + 1, timeout=60)
         scheduler_metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + 1}/metrics", timeout=30).read()
         assert b"difyq_jobs_submitted_total" in scheduler_metrics
     finally:
