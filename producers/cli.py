@@ -9,10 +9,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from worker.config import ConfigError, load_config
-from worker.jobs.model import FINAL_STATUSES, JobRequest
-from worker.logs import configure_logging
-from worker.runtime import Runtime, current_runtime, redis_url_from_env
+from difyq.worker.config import ConfigError, load_config
+from difyq.worker.jobs.model import FINAL_STATUSES, JobRequest
+from difyq.worker.logs import configure_logging
+from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
 
 
 def _print_json(document: Any) -> None:
@@ -29,7 +29,7 @@ def _runtime() -> Runtime:
 
 def _check_redis() -> None:
     """Refuse to start on an evicting Redis, warn about one without AOF (see worker.redis_check)."""
-    from worker.redis_check import enforce_redis_settings
+    from difyq.worker.redis_check import enforce_redis_settings
 
     enforce_redis_settings(redis_url_from_env())
 
@@ -51,7 +51,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import structlog
     import uvicorn
 
-    from producers.api.app import create_app
+    from difyq.producers.api.app import create_app
 
     configure_logging("api")
     runtime = _runtime()
@@ -66,14 +66,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from producers.worker_command import exec_worker
+    from difyq.producers.worker_command import exec_worker
 
     _check_redis()
     return exec_worker(processes=args.processes, threads=args.threads, gevent=args.gevent)
 
 
 def cmd_scheduler(_args: argparse.Namespace) -> int:
-    from producers.scheduler_command import run_scheduler_process
+    from difyq.producers.scheduler_command import run_scheduler_process
 
     configure_logging("scheduler")
     runtime = _runtime()
@@ -82,8 +82,8 @@ def cmd_scheduler(_args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from producers.submit import SubmitRejected, submit
-    from worker.jobs.store import IdempotencyConflict
+    from difyq.producers.submit import SubmitRejected, submit
+    from difyq.worker.jobs.store import IdempotencyConflict
 
     runtime = _runtime()
     inputs: dict[str, str] = {}
@@ -135,7 +135,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from worker.dead_letters import DeadLetters
+    from difyq.worker.dead_letters import DeadLetters
 
     letters = DeadLetters(_runtime())
     if args.dlq_command == "list":
@@ -150,7 +150,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from worker.dify.emulator import default_apps, load_apps, serve
+    from difyq.worker.dify.emulator import default_apps, load_apps, serve
 
     apps = load_apps(args.apps) if args.apps else default_apps()
     for app in apps:
@@ -165,7 +165,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from producers.dev import run_dev
+    from difyq.producers.dev import run_dev
 
     return run_dev(api_port=args.port, emulator_port=args.emulator_port)
 

@@ -18,11 +18,11 @@ from typing import Any
 import uvicorn
 import yaml
 
-from producers.api.app import create_app
-from worker.config import ConfigError, load_config
-from worker.embedded_redis import EmbeddedRedis
-from worker.logs import configure_logging
-from worker.runtime import Runtime, install_runtime
+from difyq.producers.api.app import create_app
+from difyq.worker.config import ConfigError, load_config
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.logs import configure_logging
+from difyq.worker.runtime import Runtime, install_runtime
 
 DEV_TOKEN = "dev-token"
 LOOPBACK = ["127.0.0.0/8", "::1/128", "localhost"]
@@ -70,7 +70,7 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
         os.environ["REDIS_URL"] = redis_server.url
     emulator = None
     if _needs_emulator(raw or {}):
-        from worker.dify.emulator import default_apps, start_emulator
+        from difyq.worker.dify.emulator import default_apps, start_emulator
 
         emulator = start_emulator(default_apps(), port=emulator_port)
     effective = _dev_config(raw or {}, emulator.base_url if emulator else None)
@@ -88,7 +88,7 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     worker_metrics_port = int(os.environ.get("DIFYQ_METRICS_PORT") or 9191)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
            "DIFYQ_METRICS_PORT": str(worker_metrics_port)}
-    difyq = [sys.executable, "-m", "producers.cli"]
+    difyq = [sys.executable, "-m", "difyq.producers.cli"]
     children = [
         subprocess.Popen([*difyq, "worker", "--processes", "1", "--threads", "8"], env=env),
         subprocess.Popen([*difyq, "scheduler"], env=_scheduler_environment(env, worker_metrics_port + 1)),

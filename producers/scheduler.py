@@ -14,7 +14,7 @@ the same pass, which then stands for it). A schedule seen for the first time, or
 starts from now without catching up. Schedules are read from the config at start; one that was removed simply
 stops, and its state expires in Redis.
 
-DST behaviour is the timetable's (``producers.schedules.timetable``): a fixed-hour schedule fires once on either
+DST behaviour is the timetable's (``difyq.producers.schedules.timetable``): a fixed-hour schedule fires once on either
 transition day (a skipped 02:30 at the instant of the jump, a repeated 02:30 the first time); an every-hour
 schedule follows real time.
 """
@@ -34,12 +34,12 @@ from typing import Any, Literal
 import structlog
 from redis import Redis, RedisError
 
-from producers.schedules.fires import fire_idempotency_key, render_fire
-from producers.schedules.lease import LeaderLease
-from producers.schedules.store import Claim, ScheduleState, ScheduleStore
-from producers.schedules.timetable import Timetable
-from worker import metrics
-from worker.config import Config, ScheduleConfig
+from difyq.producers.schedules.fires import fire_idempotency_key, render_fire
+from difyq.producers.schedules.lease import LeaderLease
+from difyq.producers.schedules.store import Claim, ScheduleState, ScheduleStore
+from difyq.producers.schedules.timetable import Timetable
+from difyq.worker import metrics
+from difyq.worker.config import Config, ScheduleConfig
 
 SubmitFire = Callable[[str, ScheduleConfig, datetime, dict[str, Any]], object]
 Outcome = Literal["fired", "duplicate", "skipped_missed", "error"]

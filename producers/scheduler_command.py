@@ -12,11 +12,11 @@ from typing import Any
 
 from prometheus_client import MetricsHandler
 
-from producers.scheduler import SubmitFire, run_scheduler
-from producers.submit import submit
-from worker.config import ScheduleConfig
-from worker.jobs.model import JobRequest
-from worker.runtime import Runtime
+from difyq.producers.scheduler import SubmitFire, run_scheduler
+from difyq.producers.submit import submit
+from difyq.worker.config import ScheduleConfig
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.runtime import Runtime
 
 DEFAULT_METRICS_PORT = 9192
 

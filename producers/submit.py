@@ -14,12 +14,12 @@ from typing import TypeVar
 import redis
 import structlog
 
-from worker import metrics
-from worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
-from worker.jobs.model import JobRequest, NewJob
-from worker.jobs.store import SubmitOutcome
-from worker.redis_link import RedisLink
-from worker.runtime import Runtime
+from difyq.worker import metrics
+from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.store import SubmitOutcome
+from difyq.worker.redis_link import RedisLink
+from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.producers")
 

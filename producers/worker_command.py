@@ -45,7 +45,7 @@ def exec_worker(processes: int, threads: int, gevent: bool) -> int:
         print(f"difyq worker: {program} is not installed", file=sys.stderr)
         return 2
     grace_ms = env.get("DIFYQ_WORKER_SHUTDOWN_TIMEOUT_MS", "600000")
-    args = [program, "worker.actors", "--processes", str(processes), "--threads", str(threads),
+    args = [program, "difyq.worker.actors", "--processes", str(processes), "--threads", str(threads),
             "--worker-shutdown-timeout", grace_ms, "--skip-logging"]
     os.execve(executable, args, env)
     return 0

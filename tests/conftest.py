@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.embedded_redis import EmbeddedRedis
+from difyq.worker.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,11 @@ import structlog
 import uvloop
 from structlog.testing import capture_logs
 
-from producers.submit import SubmitRejected, submit, submit_async
+from difyq.producers.submit import SubmitRejected, submit, submit_async
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.jobs.store import SubmitOutcome
 from tests.support.stack import LIMITED_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
-from worker.embedded_redis import EmbeddedRedis
-from worker.jobs.model import JobRequest
-from worker.jobs.store import SubmitOutcome
 
 APPS = {"support": {"api_key": "app-secret-support", "mode": "chat"},
         "flows": {"api_key": "app-secret-flows", "mode": "workflow"}}
@@ -270,7 +270,7 @@ def test_answers_an_overloaded_loop_reads_late_are_not_503s(redis_url: str, name
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests hogging the event loop (turns of 0.18 s) past the submits' deadline (0.1 s) do not turn stored
     jobs into 503s: the deadline counts Redis' silence, not the loop's backlog."""
-    monkeypatch.setattr("producers.submit.REDIS_REPLY_TIMEOUT_S", 0.1)
+    monkeypatch.setattr("difyq.producers.submit.REDIS_REPLY_TIMEOUT_S", 0.1)
     runtime = make_runtime(redis_url, namespace, APPS)
 
     async def hog() -> None:

@@ -26,8 +26,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from tests.support.receiver import CallbackReceiver, Reply
-from worker.callbacks import (
+from difyq.worker.callbacks import (
     DeliveryAttempt,
     PinnedTransport,
     deliver,
@@ -36,8 +35,9 @@ from worker.callbacks import (
     parse_retry_after,
     record_outcome,
 )
-from worker.callbacks.delivery import _describe_failure
-from worker.config import CallbacksConfig
+from difyq.worker.callbacks.delivery import _describe_failure
+from difyq.worker.config import CallbacksConfig
+from tests.support.receiver import CallbackReceiver, Reply
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 BODY = b'{"type":"job.succeeded","timestamp":"2025-01-01T00:00:00.000Z","data":{"id":"job_1"}}'

@@ -10,9 +10,9 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from difyq.worker.callbacks import USER_AGENT, deliver, signature_headers
+from difyq.worker.config import CallbacksConfig
 from tests.support.receiver import CallbackReceiver
-from worker.callbacks import USER_AGENT, deliver, signature_headers
-from worker.config import CallbacksConfig
 
 BODY = b'{"type":"job.succeeded","timestamp":"2025-01-01T00:00:00.000Z","data":{"id":"job_1","answer":"h\xc3\xa9"}}'
 

@@ -22,8 +22,7 @@ import urllib3
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.receiver import CallbackReceiver
-from worker.callbacks import (
+from difyq.worker.callbacks import (
     AllowList,
     BlockedDestination,
     Destination,
@@ -35,7 +34,8 @@ from worker.callbacks import (
     deliver,
     post_to_destination,
 )
-from worker.config import CallbacksConfig
+from difyq.worker.config import CallbacksConfig
+from tests.support.receiver import CallbackReceiver
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 

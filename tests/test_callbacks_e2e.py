@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import requests
 
-import worker.runtime
-from producers.cli import main as difyq
+import difyq.worker.runtime as worker_runtime
+from difyq.producers.cli import main as difyq
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.runtime import Runtime
 from tests.support.receiver import CallbackReceiver, Reply
 from tests.support.stack import SIGNING_SECRET, auth, make_runtime, running_worker, serving_api, wait_for_final
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.jobs.messages import JOBS_QUEUE
-from worker.runtime import Runtime
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_gone_stops_at_once_and_redirect_is_not_followed(runtime: Runtime) -> No
 
 
 def test_receiver_down_ends_in_dead_letters_and_replay_delivers(runtime: Runtime, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(worker.runtime, "_current", runtime)
+    monkeypatch.setattr(worker_runtime, "_current", runtime)
     receiver = CallbackReceiver()
     receiver.start()
     url = receiver.url
@@ -190,7 +190,7 @@ def test_internal_callback_urls_are_refused_unless_allowed(redis_url: str, names
 
 
 def test_dev_command_allows_loopback(tmp_path: Path) -> None:
-    from producers.dev import _dev_config
+    from difyq.producers.dev import _dev_config
 
     config = _dev_config({}, "http://127.0.0.1:5001/v1")
     assert "127.0.0.0/8" in config["callbacks"]["allow_hosts"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load_config, parse_config
+from difyq.worker.config import ConfigError, load_config, parse_config
 
 GOOD = """
 apps:
@@ -77,19 +77,19 @@ def test_cross_references_and_templates_are_checked() -> None:
 def test_check_config_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apps:\n  support: {api_key: k, mode: fax}\n")
-    result = subprocess.run([sys.executable, "-m", "producers.cli", "check-config", "--config", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "difyq.producers.cli", "check-config", "--config", str(bad)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "apps.support.mode: must be one of" in result.stderr
     assert "Traceback" not in result.stderr
     broken = tmp_path / "broken.yaml"
     broken.write_text("apps: [unclosed\n")
-    result = subprocess.run([sys.executable, "-m", "producers.cli", "check-config", "--config", str(broken)],
+    result = subprocess.run([sys.executable, "-m", "difyq.producers.cli", "check-config", "--config", str(broken)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "not valid YAML" in result.stderr
     good = tmp_path / "good.yaml"
     good.write_text("apps:\n  support: {api_key: k, mode: workflow}\n")
-    result = subprocess.run([sys.executable, "-m", "producers.cli", "check-config", "--config", str(good)],
+    result = subprocess.run([sys.executable, "-m", "difyq.producers.cli", "check-config", "--config", str(good)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "1 app(s)" in result.stdout

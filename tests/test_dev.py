@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from producers.dev import _scheduler_environment
+from difyq.producers.dev import _scheduler_environment
+from difyq.worker.embedded_redis import free_port
+from difyq.worker.runtime import DEFAULT_REDIS_URL
 from tests.support.processes import wait_for_port
-from worker.embedded_redis import free_port
-from worker.runtime import DEFAULT_REDIS_URL
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +26,7 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     metrics_port = free_port()
     env.update(DIFYQ_METRICS_PORT=str(metrics_port), DIFYQ_LOG_FORMAT="console")
     api_port, emulator_port = free_port(), free_port()
-    dev = subprocess.Popen([sys.executable, "-m", "producers.cli", "dev", "--port", str(api_port),
+    dev = subprocess.Popen([sys.executable, "-m", "difyq.producers.cli", "dev", "--port", str(api_port),
                             "--emulator-port", str(emulator_port)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

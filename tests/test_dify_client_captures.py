@@ -15,6 +15,7 @@ import certifi
 import pytest
 import urllib3
 
+from difyq.worker.dify.client import DifyClient, DifyError, DifyRequest, DifyResult, environment_settings
 from tests.support.captures import Capture, iter_captures, load_index, parse_capture
 from tests.support.loopback import (
     ReplayServer,
@@ -23,7 +24,6 @@ from tests.support.loopback import (
     read_request,
     unanswered_connect_port,
 )
-from worker.dify.client import DifyClient, DifyError, DifyRequest, DifyResult, environment_settings
 
 API_KEY = "app-SECRETKEYSECRETKEY0123"
 CAPTURES = {capture.name: capture for capture in iter_captures()}

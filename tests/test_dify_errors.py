@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from difyq.worker.dify.errors import DifyError, classify, classify_upstream_text, parse_retry_after
 from tests.support.captures import iter_captures
-from worker.dify.errors import DifyError, classify, classify_upstream_text, parse_retry_after
 
 CONCURRENCY_CAP = (
     "Too many requests. Please try again later. The current maximum concurrent requests allowed for "

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from difyq.worker.dify.sse import SSEEvent, SSEParser
 from tests.support.captures import iter_captures
-from worker.dify.sse import SSEEvent, SSEParser
 
 STREAMS = {capture.name: capture.body for capture in iter_captures() if capture.is_event_stream}
 

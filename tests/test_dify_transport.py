@@ -14,10 +14,10 @@ import certifi
 import pytest
 import urllib3
 
+from difyq.worker.dify.client import USER_AGENT, DifyClient, DifyError, DifyRequest
 from tests.support.captures import iter_captures
 from tests.support.loopback import ScriptedServer, read_request
 from tests.support.receiver import CallbackReceiver, Reply
-from worker.dify.client import USER_AGENT, DifyClient, DifyError, DifyRequest
 
 API_KEY = "app-SECRETKEYSECRETKEY0123"
 CHAT_STREAM = next(capture for capture in iter_captures() if capture.name == "chat_streaming.txt").body

@@ -246,8 +246,9 @@ def test_wheel_carries_the_whole_program(built_wheel: Path) -> None:
     with zipfile.ZipFile(built_wheel) as wheel:
         names = set(wheel.namelist())
         entry_points = next(wheel.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert re.search(r"^difyq = producers\.cli:main$", entry_points, flags=re.MULTILINE)
-    sources = {path.relative_to(REPO).as_posix() for package in ("worker", "producers")
+    assert re.search(r"^difyq = difyq\.producers\.cli:main$", entry_points, flags=re.MULTILINE)
+    assert not any(name.startswith(("worker/", "producers/")) for name in names), "generic top-level packages"
+    sources = {f"difyq/{path.relative_to(REPO).as_posix()}" for package in ("worker", "producers")
                for path in (REPO / package).rglob("*") if path.suffix in {".py", ".lua"}
                and "__pycache__" not in path.parts}
     assert sources <= names, f"missing from the wheel: {sorted(sources - names)}"
@@ -288,7 +289,7 @@ def test_final_stage_install_of_the_wheel_gives_a_working_difyq(built_wheel: Pat
                              capture_output=True, text=True, check=False, timeout=60)
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout.startswith("ok:")
-    location = subprocess.run([str(venv / "bin" / "python"), "-c", "import worker; print(worker.__file__)"],
+    location = subprocess.run([str(venv / "bin" / "python"), "-c", "import difyq.worker; print(difyq.worker.__file__)"],
                               cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert location.startswith(str(venv_site)), "difyq must run from the installed wheel, not the checkout"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from difyq.worker.embedded_redis import free_port
 from tests.support.processes import difyq_processes, wait_for_port
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
-from worker.embedded_redis import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.dify.emulator import FAULTS, EmulatedApp, RunningEmulator, default_apps, load_apps, start_emulator
+from difyq.worker.dify.emulator import FAULTS, EmulatedApp, RunningEmulator, default_apps, load_apps, start_emulator
 
 USER = "tester"
 APPS = [

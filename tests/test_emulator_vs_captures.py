@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from tests.support.captures import DIFY_0_15_8, Capture, CaptureRequest, load_capture, load_index
-from worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 
 CAPTURED_CONVERSATION = "06d0df81-b096-46fe-a9b3-6bb534c50926"
 CAPTURED_USER = "sample-user-1"

@@ -17,6 +17,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
+from difyq.worker import metrics as difyq_metrics
 from tests.support.prometheus_tools import (
     ALERT_RULES_PATH,
     ALERT_TESTS_PATH,
@@ -39,7 +40,6 @@ from tests.support.prometheus_tools import (
     substitute_variables,
     variable_references,
 )
-from worker import metrics as difyq_metrics
 
 # Labels Prometheus attaches to every scraped series (the target's labels).
 TARGET_LABELS = frozenset({"job", "instance"})

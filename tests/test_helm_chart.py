@@ -421,7 +421,7 @@ def test_only_the_worker_master_gets_sigterm(renders: dict[str, Rendered]) -> No
 
 
 def test_chart_arguments_are_accepted_by_the_difyq_cli(renders: dict[str, Rendered]) -> None:
-    from producers.cli import build_parser
+    from difyq.producers.cli import build_parser
 
     for rendered in _all_renders(renders):
         for _name, _metadata, spec in _pod_specs(rendered):
@@ -440,7 +440,7 @@ def test_worker_command_hands_the_chart_settings_to_dramatiq(
 ) -> None:
     """Runs ``difyq worker`` with the rendered args and env up to its exec of Dramatiq, and reads what Dramatiq
     would get: processes, threads, gevent, the shutdown timeout and the metrics port the probes use."""
-    from producers import cli
+    from difyq.producers import cli
 
     rendered = renders[render_name]
     container = rendered.container("worker")
@@ -540,7 +540,7 @@ def test_config_map_holds_references_and_the_secret_holds_every_referenced_name(
 
 def test_rendered_config_is_accepted_by_difyq(renders: dict[str, Rendered], monkeypatch: pytest.MonkeyPatch) -> None:
     """The difyq.yaml the chart renders, with the env the Secret provides, passes the processes' own validation."""
-    from worker.config import parse_config
+    from difyq.worker.config import parse_config
 
     for name in ("default", "all-on"):
         rendered = renders[name]
@@ -858,7 +858,7 @@ def _schema_drift(model: type[BaseModel], node: dict[str, Any], path: str) -> It
 
 def test_values_schema_mirrors_the_config_model() -> None:
     """values.schema.json checks `config` at install; it must accept exactly what worker/config.py accepts."""
-    from worker.config import Config
+    from difyq.worker.config import Config
 
     schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
     assert list(_schema_drift(Config, schema["properties"]["config"], "config")) == []

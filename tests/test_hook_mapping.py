@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers.hooks.mapping import (
+from difyq.producers.hooks.mapping import (
     BodyError,
     MappedJob,
     MappingError,
@@ -20,7 +20,7 @@ from producers.hooks.mapping import (
     parse_body,
     render_hook,
 )
-from worker.config import HookConfig, parse_config
+from difyq.worker.config import HookConfig, parse_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
 GITHUB_ISSUE_OPENED = json.loads((FIXTURES / "github-issues-opened.json").read_bytes())

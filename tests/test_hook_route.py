@@ -35,12 +35,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from standardwebhooks import Webhook
 
-from producers.hooks import HookDeliveries, MappedJob, build_hooks_router
-from producers.hooks.route import UNKNOWN_HOOK_LABEL
-from producers.submit import SubmitRejected
-from worker.config import Config, parse_config
-from worker.embedded_redis import free_port
-from worker.jobs.store import IdempotencyConflict
+from difyq.producers.hooks import HookDeliveries, MappedJob, build_hooks_router
+from difyq.producers.hooks.route import UNKNOWN_HOOK_LABEL
+from difyq.producers.submit import SubmitRejected
+from difyq.worker.config import Config, parse_config
+from difyq.worker.embedded_redis import free_port
+from difyq.worker.jobs.store import IdempotencyConflict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
 GITHUB_BODY = (FIXTURES / "github-issues-opened.json").read_bytes()

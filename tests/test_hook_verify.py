@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from producers.hooks.verify import SignatureError, verify_delivery
-from worker.config import HookVerify
+from difyq.producers.hooks.verify import SignatureError, verify_delivery
+from difyq.worker.config import HookVerify
 
 FIXTURES = Path(__file__).parent / "fixtures" / "webhooks"
 GITHUB_BODY = (FIXTURES / "github-issues-opened.json").read_bytes()

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from difyq.worker.acks import AckTarget
+from difyq.worker.jobs.model import JobRequest, JobStatus, NewJob
+from difyq.worker.jobs.store import IdempotencyConflict
+from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
 from tests.support.stack import make_runtime
-from worker.acks import AckTarget
-from worker.jobs.model import JobRequest, JobStatus, NewJob
-from worker.jobs.store import IdempotencyConflict
-from worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
 
 APPS = {"support": {"api_key": "app-x", "mode": "chat"}, "other": {"api_key": "app-y", "mode": "workflow"}}
 
@@ -131,7 +131,8 @@ def test_index_entries_past_the_result_ttl_are_trimmed_a_bounded_batch_at_a_time
         runtime.raw_redis.zadd(key, {f"job_old{n}": old_ms - n for n in range(250)})
     sizes = []
     for created_ms in (now_ms + 1, now_ms, now_ms + 8, now_ms + 16):
-        monkeypatch.setattr("worker.jobs.store.time", SimpleNamespace(time=lambda at=created_ms: (at + 0.5) / 1000))
+        clock = SimpleNamespace(time=lambda at=created_ms: (at + 0.5) / 1000)
+        monkeypatch.setattr("difyq.worker.jobs.store.time", clock)
         runtime.store.submit(new_job())
         sizes.append((runtime.raw_redis.zcard(index), runtime.raw_redis.zcard(app_index)))
     assert sizes == [(251, 251), (152, 152), (53, 53), (4, 4)]

@@ -1,4 +1,4 @@
-"""worker.json_codec: the same documents as the standard library, where orjson alone would refuse them."""
+"""difyq.worker.json_codec: the same documents as the standard library, where orjson alone would refuse them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from worker.json_codec import dumps, loads
+from difyq.worker.json_codec import dumps, loads
 
 
 def test_round_trip_is_compact_utf8_without_ascii_escapes() -> None:

@@ -1,4 +1,4 @@
-"""worker.limits against a real Redis: sliding windows, token reconciliation, leases, cooldown and fairness.
+"""difyq.worker.limits against a real Redis: sliding windows, token reconciliation, leases, cooldown and fairness.
 
 Most tests drive the scripts with the limiter's test-only fake clock (exact and instant); the threaded ones use
 Redis TIME with a short window, and assert behaviour, never speed.
@@ -19,8 +19,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.config import AppConfig, AppLimits
-from worker.limits import (
+from difyq.worker.config import AppConfig, AppLimits
+from difyq.worker.limits import (
     Admission,
     KeyLimiter,
     Reservation,
@@ -30,8 +30,8 @@ from worker.limits import (
     shared_limits,
     wait_exceeded,
 )
-from worker.limits.scripts import script_source, scripts_for
-from worker.metrics import rate_limited
+from difyq.worker.limits.scripts import script_source, scripts_for
+from difyq.worker.metrics import rate_limited
 
 EPOCH = 1_750_000_000.0
 

@@ -12,13 +12,13 @@ import pytest
 import redis
 import requests
 
-from producers.submit import submit
+from difyq.producers.submit import submit
+from difyq.worker.config import AppLimits
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.limits import KeyLimiter
 from tests.support.processes import difyq_processes
 from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
-from worker.config import AppLimits
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.jobs.model import JobRequest
-from worker.limits import KeyLimiter
 
 pytestmark = pytest.mark.e2e
 

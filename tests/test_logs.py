@@ -10,7 +10,7 @@ import sys
 import pytest
 import structlog
 
-from worker.logs import configure_logging
+from difyq.worker.logs import configure_logging
 
 
 def test_lines_go_to_the_current_stderr_redacted_and_a_closed_stream_raises_nothing(

@@ -30,6 +30,8 @@ import pytest
 import redis
 import requests
 
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import free_port
 from tests.support.processes import DifyqProcesses, difyq_processes, wait_for_port
 from tests.support.prometheus_tools import (
     ALERT_RULES_PATH,
@@ -45,8 +47,6 @@ from tests.support.prometheus_tools import (
     substitute_variables,
 )
 from tests.support.receiver import CallbackReceiver
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.embedded_redis import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -12,16 +12,16 @@ import pytest
 import requests
 from dramatiq import Worker
 
-from producers.submit import submit
+from difyq.producers.submit import submit
+from difyq.worker import task_ids
+from difyq.worker.app import build_worker_broker
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.runtime import Runtime
+from difyq.worker.wakeup import MAX_WAIT_S, wake_list
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
-from worker import task_ids
-from worker.app import build_worker_broker
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.embedded_redis import EmbeddedRedis
-from worker.jobs.messages import JOBS_QUEUE
-from worker.jobs.model import JobRequest
-from worker.runtime import Runtime
-from worker.wakeup import MAX_WAIT_S, wake_list
 
 EMULATED = [
     EmulatedApp(name="chat", key="app-chat-key-0001", mode="chat"),

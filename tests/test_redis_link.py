@@ -13,8 +13,8 @@ import pytest
 import redis
 import uvloop
 
-from worker.embedded_redis import EmbeddedRedis
-from worker.redis_link import RedisLink
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.redis_link import RedisLink
 
 LOOPS = pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop],
                                 ids=["asyncio", "uvloop"])

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.redis_scripts import ShortPathScript, register_script
+from difyq.worker.redis_scripts import ShortPathScript, register_script
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = "return {KEYS[1], ARGV[1], 42, {'nested', 7}, redis.call('TIME')[1] ~= nil and 1 or 0}"
@@ -100,7 +100,7 @@ def test_each_client_talks_to_its_own_server_and_database(redis_url: str, namesp
 
 
 def test_threads_beyond_the_kept_ones_use_the_pool(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("worker.redis_scripts.KEPT_PER_POOL", 2)
+    monkeypatch.setattr("difyq.worker.redis_scripts.KEPT_PER_POOL", 2)
     client, name = named_client(redis_url)
     ping = register_script(client, PING)
     ready, finish = threading.Barrier(6), threading.Event()
@@ -175,7 +175,7 @@ def test_greenlets_take_redis_pys_path(redis_url: str) -> None:
 from gevent import monkey
 monkey.patch_all()
 import gevent, redis
-from worker import redis_scripts
+from difyq.worker import redis_scripts
 client = redis.Redis.from_url({redis_url!r}, max_connections=1000)
 echo = redis_scripts.register_script(client, "return ARGV[1]")
 jobs = [gevent.spawn(echo, args=[str(n)]) for n in range(200)]

@@ -15,13 +15,13 @@ from typing import Any
 
 import requests
 
-from producers.submit import submit
+from difyq.producers.submit import submit
+from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.runtime import Runtime
 from tests.support.receiver import CallbackReceiver, _Handler, _Server
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
-from worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
-from worker.embedded_redis import EmbeddedRedis, free_port
-from worker.jobs.model import JobRequest
-from worker.runtime import Runtime
 
 DIFY_OUTAGE_S = 30.0
 RECEIVER_OUTAGE_S = 6.0

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.jobs.model import JobRequest, JobStatus, NewJob
+from difyq.worker.leases import LEASE_ENV, LeaseKeeper, lease_from_env
+from difyq.worker.queue_metrics import QueueCollector
+from difyq.worker.runtime import Runtime
 from tests.support.stack import make_runtime, running_worker, wait_for_final
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.embedded_redis import EmbeddedRedis
-from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from worker.jobs.model import JobRequest, JobStatus, NewJob
-from worker.leases import LEASE_ENV, LeaseKeeper, lease_from_env
-from worker.queue_metrics import QueueCollector
-from worker.runtime import Runtime
 
 APPS = {"support": {"api_key": "app-x", "mode": "chat"}}
 

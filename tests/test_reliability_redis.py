@@ -17,21 +17,21 @@ import pytest
 import redis
 import requests
 
-from tests.support.processes import difyq_processes, wait_for_port
-from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
-from worker.config import parse_config
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.embedded_redis import EmbeddedRedis, free_port
-from worker.jobs.model import FINAL_STATUSES, iso_time
-from worker.leases import LEASE_ENV
-from worker.redis_check import (
+from difyq.worker.config import parse_config
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port
+from difyq.worker.jobs.model import FINAL_STATUSES, iso_time
+from difyq.worker.leases import LEASE_ENV
+from difyq.worker.redis_check import (
     ALLOW_EVICTION_ENV,
     EXIT_UNSAFE_REDIS,
     RedisSettings,
     problems_and_warnings,
     read_settings,
 )
-from worker.runtime import Runtime
+from difyq.worker.runtime import Runtime
+from tests.support.processes import difyq_processes, wait_for_port
+from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
 
 SUPPORT = EmulatedApp(name="support", key="app-support-key-001", mode="chat", tokens_per_second=20, answer_tokens=6)
 

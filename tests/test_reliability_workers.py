@@ -18,17 +18,17 @@ from typing import Any
 import psutil
 import pytest
 
-from producers.submit import submit
+from difyq.producers.submit import submit
+from difyq.worker.config import parse_config
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import free_port
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.model import FINAL_STATUSES, JobRequest
+from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
+from difyq.worker.runtime import Runtime
 from tests.support.processes import DifyqProcesses, difyq_processes
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
-from worker.config import parse_config
-from worker.dify.emulator import EmulatedApp, start_emulator
-from worker.embedded_redis import free_port
-from worker.jobs.messages import JOBS_QUEUE
-from worker.jobs.model import FINAL_STATUSES, JobRequest
-from worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import pytest
 from prometheus_client import REGISTRY
 from redis import Redis
 
-from producers.scheduler import FireRecord, Scheduler, run_scheduler
-from producers.schedules.timetable import Timetable
-from worker.config import ConfigError, ScheduleConfig, parse_config
+from difyq.producers.scheduler import FireRecord, Scheduler, run_scheduler
+from difyq.producers.schedules.timetable import Timetable
+from difyq.worker.config import ConfigError, ScheduleConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2024, 1, 1, 12, 0, 0, 500_000, tzinfo=UTC)
@@ -163,8 +163,8 @@ def test_standby_takes_over_from_a_killed_leader_within_the_lease(redis_url, nam
 PROCESS_SCRIPT = """
 import signal, sys, threading
 from redis import Redis
-from producers.scheduler import Scheduler
-from worker.config import ScheduleConfig
+from difyq.producers.scheduler import Scheduler
+from difyq.worker.config import ScheduleConfig
 
 url, namespace, name, instance = sys.argv[1:5]
 client = Redis.from_url(url)
@@ -346,7 +346,7 @@ def test_a_handover_within_the_misfire_grace_is_not_a_misfire(redis_client, name
 
 
 def test_missed_fires_of_a_long_downtime_are_counted_to_a_limit(redis_client, namespace, monkeypatch):
-    monkeypatch.setattr("producers.scheduler.MISSED_COUNT_LIMIT", 50)
+    monkeypatch.setattr("difyq.producers.scheduler.MISSED_COUNT_LIMIT", 50)
     name, recorder, clock = unique("long-downtime"), Recorder(), SteppedClock()
     config = {name: every(catch_up="latest")}
     before = Scheduler(config, redis_client, namespace, recorder, clock=clock)

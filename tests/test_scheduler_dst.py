@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis import Redis
 
-from producers.scheduler import Scheduler
-from producers.schedules.timetable import Timetable
-from worker.config import ScheduleConfig
+from difyq.producers.scheduler import Scheduler
+from difyq.producers.schedules.timetable import Timetable
+from difyq.worker.config import ScheduleConfig
 
 BERLIN, NEW_YORK, LORD_HOWE = "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"
 DAYS = {

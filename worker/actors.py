@@ -1,4 +1,4 @@
-"""The worker process's broker and actors, for ``difyq worker`` (and ``dramatiq worker.actors``)."""
+"""The worker process's broker and actors, for ``difyq worker`` (and ``dramatiq difyq.worker.actors``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 
 import dramatiq
 
-from worker.app import build_worker_broker
-from worker.logs import configure_logging
-from worker.metrics_server import DifyqPrometheus
-from worker.runtime import current_runtime
+from difyq.worker.app import build_worker_broker
+from difyq.worker.logs import configure_logging
+from difyq.worker.metrics_server import DifyqPrometheus
+from difyq.worker.runtime import current_runtime
 
 configure_logging("worker")
 broker = build_worker_broker(

@@ -1,6 +1,7 @@
 """Builds a worker's broker: Dramatiq's RedisBroker with difyq's middleware and the two actors bound to it.
 
-``worker.actors`` calls this once for the process (what ``dramatiq worker.actors`` and ``difyq worker`` load);
+``difyq.worker.actors`` calls this once for the process (what ``dramatiq difyq.worker.actors`` and ``difyq worker``
+load);
 tests call it with a runtime of their own to run an in-process worker on a private namespace.
 """
 
@@ -11,15 +12,15 @@ import structlog
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
-from worker.acks import InScriptAcks
-from worker.callbacks.sender import CallbackSender
-from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from worker.jobs.model import JobStatus
-from worker.leases import LeaseKeeper, lease_from_env
-from worker.runner import JobRunner
-from worker.runtime import Runtime
-from worker.task_ids import TaskIdRecorder
-from worker.throttle import Throttle
+from difyq.worker.acks import InScriptAcks
+from difyq.worker.callbacks.sender import CallbackSender
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.jobs.model import JobStatus
+from difyq.worker.leases import LeaseKeeper, lease_from_env
+from difyq.worker.runner import JobRunner
+from difyq.worker.runtime import Runtime
+from difyq.worker.task_ids import TaskIdRecorder
+from difyq.worker.throttle import Throttle
 
 log = structlog.get_logger("difyq.worker")
 

@@ -13,8 +13,8 @@ from croniter import croniter
 from jinja2 import TemplateSyntaxError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from worker.durations import Duration
-from worker.templating import compile_template
+from difyq.worker.durations import Duration
+from difyq.worker.templating import compile_template
 
 AppMode = Literal["chat", "agent", "advanced-chat", "completion", "workflow"]
 VerifyScheme = Literal["github", "stripe", "standard", "hmac-sha256", "token", "none"]
@@ -149,7 +149,7 @@ class CallbacksConfig(Strict):
     @field_validator("allow_hosts")
     @classmethod
     def _valid_allow_hosts(cls, value: list[str]) -> list[str]:
-        from worker.callbacks.ssrf import AllowList
+        from difyq.worker.callbacks.ssrf import AllowList
 
         AllowList.parse(value)
         return value

@@ -6,8 +6,8 @@ from typing import Any
 
 from dramatiq.message import Message
 
-from worker.jobs.messages import JOBS_QUEUE
-from worker.runtime import Runtime
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.runtime import Runtime
 
 
 class DeadLetters:

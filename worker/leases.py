@@ -31,11 +31,11 @@ import redis
 import structlog
 from dramatiq.common import dq_name
 
-from worker import metrics
-from worker.durations import parse_duration
-from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from worker.jobs.model import FINAL_STATUSES, JobStatus
-from worker.jobs.store import JobStore
+from difyq.worker import metrics
+from difyq.worker.durations import parse_duration
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.jobs.model import FINAL_STATUSES, JobStatus
+from difyq.worker.jobs.store import JobStore
 
 log = structlog.get_logger("difyq.leases")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from worker.json_codec import dumps
+from difyq.worker.json_codec import dumps
 
 _SECRET_KEYS = re.compile(r"(api_key|token|secret|authorization|password)", re.IGNORECASE)
 _SECRET_VALUES = re.compile(r"(app-[A-Za-z0-9]{8,}|whsec_[A-Za-z0-9+/=]{8,}|Bearer\s+\S+)")

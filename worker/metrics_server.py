@@ -19,9 +19,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from worker import metrics
-from worker.queue_metrics import QueueCollector
-from worker.runtime import current_runtime
+from difyq.worker import metrics
+from difyq.worker.queue_metrics import QueueCollector
+from difyq.worker.runtime import current_runtime
 
 DRAMATIQ_DURATION_MS = "dramatiq_message_duration_milliseconds"
 DRAMATIQ_DURATION_S = "dramatiq_message_duration_seconds"

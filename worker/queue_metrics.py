@@ -11,8 +11,8 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from worker.redis_scripts import register_script
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.redis_scripts import register_script
 
 
 class QueueCollector(Collector):
@@ -26,7 +26,7 @@ class QueueCollector(Collector):
         self.namespace = namespace
         self.apps = tuple(apps)
         self._stats = register_script(
-            client, resources.files("worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
+            client, resources.files("difyq.worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:

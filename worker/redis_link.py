@@ -9,7 +9,7 @@ A submit is one such command per job.
 redis-py still opens the connection: TLS, unix sockets, AUTH, SELECT and the handshake, all from REDIS_URL.
 RedisLink takes over its transport once the handshake is done.
 
-There are no timeouts here. The caller bounds each call (``producers.submit``), and a call it gives up on drops
+There are no timeouts here. The caller bounds each call (``difyq.producers.submit``), and a call it gives up on drops
 the connection, because a reply that never came may mean a dead peer. The other commands still waiting on that
 connection, and commands cut off by a lost connection, are sent once more on a new connection. So only commands
 that are safe to repeat may be sent through a link; the submit script recognises its own job id.

@@ -11,22 +11,22 @@ from typing import Any
 import redis
 import structlog
 
-from worker import metrics
-from worker.acks import AckTarget, InScriptAcks
-from worker.callbacks.sender import CallbackSender
-from worker.config import AppConfig
-from worker.dify.client import DifyClient, DifyRequest, DifyResult
-from worker.dify.errors import DifyError
-from worker.jobs.messages import run_hints
-from worker.jobs.model import FINAL_STATUSES, JobStatus
-from worker.jobs.store import AttemptStart
-from worker.json_codec import loads
-from worker.leases import LeaseKeeper
-from worker.limits import Admission, wait_exceeded
-from worker.logs import job_log_context
-from worker.runtime import Runtime
-from worker.task_ids import TaskIdRecorder
-from worker.throttle import Throttle
+from difyq.worker import metrics
+from difyq.worker.acks import AckTarget, InScriptAcks
+from difyq.worker.callbacks.sender import CallbackSender
+from difyq.worker.config import AppConfig
+from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
+from difyq.worker.dify.errors import DifyError
+from difyq.worker.jobs.messages import run_hints
+from difyq.worker.jobs.model import FINAL_STATUSES, JobStatus
+from difyq.worker.jobs.store import AttemptStart
+from difyq.worker.json_codec import loads
+from difyq.worker.leases import LeaseKeeper
+from difyq.worker.limits import Admission, wait_exceeded
+from difyq.worker.logs import job_log_context
+from difyq.worker.runtime import Runtime
+from difyq.worker.task_ids import TaskIdRecorder
+from difyq.worker.throttle import Throttle
 
 log = structlog.get_logger("difyq.worker")
 

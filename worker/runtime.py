@@ -11,10 +11,10 @@ from dramatiq.middleware import Retries, ShutdownNotifications, TimeLimit
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from worker.config import Config, load_config
-from worker.jobs.store import JobStore
-from worker.redis_link import RedisLink
-from worker.wakeup import WakingRedisBroker
+from difyq.worker.config import Config, load_config
+from difyq.worker.jobs.store import JobStore
+from difyq.worker.redis_link import RedisLink
+from difyq.worker.wakeup import WakingRedisBroker
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -53,7 +53,7 @@ class Runtime:
         """A new asyncio link to Redis for one event loop (the API's), closed by its owner (``aclose``).
 
         It has no timeouts of its own: asyncio ones would count the time an overloaded loop takes to get to an
-        answer as Redis' silence, so its caller bounds each whole call instead (``producers.submit``)."""
+        answer as Redis' silence, so its caller bounds each whole call instead (``difyq.producers.submit``)."""
         return RedisLink(self.redis_url)
 
     @property

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import redis
 import structlog
 
-from worker.dify.errors import DifyError
-from worker.jobs.store import JobStore
+from difyq.worker.dify.errors import DifyError
+from difyq.worker.jobs.store import JobStore
 
 RECORD_AFTER_S = 0.05
 

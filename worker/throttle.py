@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.limits import (
+from difyq.worker.limits import (
     Admission,
     KeyLimiter,
     deferral_delay,
@@ -15,7 +15,7 @@ from worker.limits import (
     record_upstream_limited,
     shared_limits,
 )
-from worker.runtime import Runtime
+from difyq.worker.runtime import Runtime
 
 REMAINING_EVERY_S = 5.0
 

@@ -1,5 +1,5 @@
 """Wake one idle consumer when a message arrives instead of letting every consumer poll with back-off; skip the
-ack of a message its job's final write acked (``worker.acks``).
+ack of a message its job's final write acked (``difyq.worker.acks``).
 
 Dramatiq's Redis consumer polls: an empty fetch sleeps 5 ms doubling up to the worker timeout, so a job that
 arrives at an idle worker waits for the next poll. Our Lua scripts push a token on the queue's wake list
@@ -25,9 +25,9 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
-from worker.acks import was_acked_in_script
-from worker.lua_scripts import script_source
-from worker.redis_scripts import register_script
+from difyq.worker.acks import was_acked_in_script
+from difyq.worker.lua_scripts import script_source
+from difyq.worker.redis_scripts import register_script
 
 FULL_PREFETCH_PAUSE_S = 0.005
 # Well below the Redis clients' 2 s socket timeout: the fetch's answer comes after the wait, and an answer that
@@ -45,7 +45,7 @@ class WakingRedisBroker(RedisBroker):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._wake = register_script(self.client, script_source("worker.jobs", "_wake", "wake"))
+        self._wake = register_script(self.client, script_source("difyq.worker.jobs", "_wake", "wake"))
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         if queue_name.endswith((".DQ", ".XQ")):

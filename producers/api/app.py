@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from producers.api.errors import error_responses, install_error_handlers
-from producers.api.jobs import build_jobs_router
-from producers.api.middleware import RequestContext
-from producers.hooks import HookDeliveries, build_hooks_router
-from producers.submit import submit
-from worker.jobs.model import JobRequest
-from worker.queue_metrics import QueueCollector
-from worker.runtime import Runtime
+from difyq.producers.api.errors import error_responses, install_error_handlers
+from difyq.producers.api.jobs import build_jobs_router
+from difyq.producers.api.middleware import RequestContext
+from difyq.producers.hooks import HookDeliveries, build_hooks_router
+from difyq.producers.submit import submit
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.queue_metrics import QueueCollector
+from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
 

@@ -6,8 +6,8 @@ import hmac
 
 from fastapi import Request
 
-from producers.api.errors import ApiError
-from worker.config import ClientConfig, Config
+from difyq.producers.api.errors import ApiError
+from difyq.worker.config import ClientConfig, Config
 
 
 def authenticate(config: Config, request: Request) -> tuple[str, ClientConfig]:

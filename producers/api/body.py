@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import Request
 
-from producers.api.errors import ApiError
-from worker.json_codec import loads
+from difyq.producers.api.errors import ApiError
+from difyq.worker.json_codec import loads
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -9,17 +9,17 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producers.api.auth import authenticate
-from producers.api.body import parse_json_object, read_body
-from producers.api.errors import ApiError, error_responses, field_path
-from producers.submit import SubmitRejected, submit_async
-from worker.dify.client import DifyClient
-from worker.dify.errors import DifyError
-from worker.jobs.model import SOURCES, JobRequest, JobStatus
-from worker.jobs.store import IdempotencyConflict
-from worker.json_codec import dumps
-from worker.redis_link import RedisLink
-from worker.runtime import Runtime
+from difyq.producers.api.auth import authenticate
+from difyq.producers.api.body import parse_json_object, read_body
+from difyq.producers.api.errors import ApiError, error_responses, field_path
+from difyq.producers.submit import SubmitRejected, submit_async
+from difyq.worker.dify.client import DifyClient
+from difyq.worker.dify.errors import DifyError
+from difyq.worker.jobs.model import SOURCES, JobRequest, JobStatus
+from difyq.worker.jobs.store import IdempotencyConflict
+from difyq.worker.json_codec import dumps
+from difyq.worker.redis_link import RedisLink
+from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
 

@@ -12,8 +12,8 @@ import structlog
 from prometheus_client.metrics import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producers.api.errors import error_response
-from worker import metrics
+from difyq.producers.api.errors import error_response
+from difyq.worker import metrics
 
 log = structlog.get_logger("difyq.api")
 

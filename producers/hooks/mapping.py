@@ -1,6 +1,6 @@
 """From a verified webhook delivery to a job: parse the body, then render the hook's templates over it.
 
-Templates run in the sandboxed environment of ``worker.templating`` (StrictUndefined: a missing field is an
+Templates run in the sandboxed environment of ``difyq.worker.templating`` (StrictUndefined: a missing field is an
 error, never an empty string), overlaid so that a JSON ``null`` prints as the empty string rather than
 ``None``. The context is ``body`` (parsed JSON, or the form fields), ``headers`` (lower-cased names) and
 ``query`` (URL parameters); a field or parameter given more than once is a list of its values.
@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl
 
 from jinja2 import Template, TemplateError, TemplateSyntaxError, Undefined, UndefinedError
 
-from worker.config import HookConfig
-from worker.templating import ENVIRONMENT
+from difyq.worker.config import HookConfig
+from difyq.worker.templating import ENVIRONMENT
 
 JSON_MEDIA_TYPE = "application/json"
 FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"

@@ -28,9 +28,9 @@ from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from producers.api.body import read_body
-from producers.api.errors import ApiError, error_response
-from producers.hooks.mapping import (
+from difyq.producers.api.body import read_body
+from difyq.producers.api.errors import ApiError, error_response
+from difyq.producers.hooks.mapping import (
     FORM_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
     BodyError,
@@ -40,11 +40,11 @@ from producers.hooks.mapping import (
     parse_body,
     render_hook,
 )
-from producers.hooks.verify import SignatureError, verify_delivery
-from producers.submit import SubmitRejected
-from worker import metrics
-from worker.config import Config, HookConfig
-from worker.jobs.store import IdempotencyConflict
+from difyq.producers.hooks.verify import SignatureError, verify_delivery
+from difyq.producers.submit import SubmitRejected
+from difyq.worker import metrics
+from difyq.worker.config import Config, HookConfig
+from difyq.worker.jobs.store import IdempotencyConflict
 
 log = structlog.get_logger("difyq.hooks")
 
@@ -53,7 +53,7 @@ UNKNOWN_HOOK_LABEL = "_unknown"
 
 
 class SubmitOutcome(Protocol):
-    """What ``submit_hook`` returns (``worker.jobs.store.SubmitOutcome`` fits): the job, and whether it is new."""
+    """What ``submit_hook`` returns (``difyq.worker.jobs.store.SubmitOutcome`` fits): the job, and whether it is new."""
 
     @property
     def job(self) -> Mapping[str, Any]: ...

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 
-from worker.config import HookVerify
+from difyq.worker.config import HookVerify
 
 Verifier = Callable[[HookVerify, dict[str, str], bytes, float], "str | None"]
 

@@ -1,1 +1,1 @@
-"""The parts of the cron scheduler (``producers.scheduler``): when a cron fires, who may fire, what was fired."""
+"""The parts of the cron scheduler (``difyq.producers.scheduler``): when a cron fires, who may fire, what was fired."""

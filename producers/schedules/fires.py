@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.config import ScheduleConfig
-from worker.templating import compile_template
+from difyq.worker.config import ScheduleConfig
+from difyq.worker.templating import compile_template
 
 
 def fire_iso(fire_time: datetime) -> str:

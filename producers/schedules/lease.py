@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from redis import Redis
 
-from worker.redis_scripts import register_script
+from difyq.worker.redis_scripts import register_script
 
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -18,9 +18,9 @@ from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 
-from producers.schedules.fires import fire_iso
-from producers.schedules.lease import LeaderLease
-from worker.redis_scripts import register_script
+from difyq.producers.schedules.fires import fire_iso
+from difyq.producers.schedules.lease import LeaderLease
+from difyq.worker.redis_scripts import register_script
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
 
-from worker.config import has_random_field
+from difyq.worker.config import has_random_field
 
 ALIASES = {
     "@yearly": "0 0 1 1 *",

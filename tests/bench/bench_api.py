@@ -25,6 +25,7 @@ import psutil
 import redis
 import yaml
 
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port
 from tests.bench.loadgen import HttpSubmitter, open_loop
 from tests.bench.stack import (
     APP,
@@ -38,7 +39,6 @@ from tests.bench.stack import (
     source_commit,
 )
 from tests.support.processes import wait_for_port
-from worker.embedded_redis import EmbeddedRedis, free_port
 
 # Never called (no worker runs), but every submit takes the SSRF check: of a literal IP by default, of a name
 # (a DNS lookup) with --callback-url http://localhost:9/callback.
@@ -58,7 +58,7 @@ def start_api(src: Path, redis_url: str, log_dir: Path, extra_env: dict[str, str
     env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": redis_url, "PYTHONPATH": str(src),
            "PYTHONUNBUFFERED": "1", **extra_env}
     port = free_port()
-    api = Service("difyq-api", [sys.executable, "-m", "producers.cli", "api", "--port", str(port)], log_dir, env,
+    api = Service("difyq-api", [sys.executable, "-m", "difyq.producers.cli", "api", "--port", str(port)], log_dir, env,
                   cwd=src)
     wait_for_port(port, process=api.process)
     return api, port

@@ -30,9 +30,9 @@ from contextlib import ExitStack
 
 import redis
 
-from worker.config import AppLimits
-from worker.embedded_redis import EmbeddedRedis
-from worker.limits import KeyLimiter, Reservation, deferral_delay, key_id
+from difyq.worker.config import AppLimits
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.limits import KeyLimiter, Reservation, deferral_delay, key_id
 
 
 class DelayQueue:

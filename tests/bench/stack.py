@@ -27,9 +27,9 @@ import psutil
 import redis
 import yaml
 
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port
 from tests.bench.loadgen import HttpSubmitter, Submitter, celery_submitter, dramatiq_submitter
 from tests.support.processes import wait_for_port
-from worker.embedded_redis import EmbeddedRedis, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIFY_KEY = "app-benchkey0000000000"
@@ -198,7 +198,7 @@ class Emulator:
             "key": DIFY_KEY, "mode": "chat", "time_to_first_token_s": profile.ttft_s,
             "tokens_per_second": profile.tokens_per_second, "answer_tokens": profile.answer_tokens}}}))
         self.service = Service(f"emulator-{profile.name}", [
-            sys.executable, "-m", "producers.cli", "emulator", "--port", str(self.port), "--apps", str(apps)],
+            sys.executable, "-m", "difyq.producers.cli", "emulator", "--port", str(self.port), "--apps", str(apps)],
             log_dir, env={**os.environ, "DIFYQ_LOG_LEVEL": "WARNING"}, cwd=REPO_ROOT)
         wait_for_port(self.port, process=self.service.process)
 
@@ -277,7 +277,7 @@ class DifyqPipeline(Pipeline):
         env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": bench.redis.url,
                "PYTHONPATH": str(bench.difyq_src), "PYTHONUNBUFFERED": "1",
                "DIFYQ_WORKER_SHUTDOWN_TIMEOUT_MS": "5000", **(extra_env or {})}
-        command = [sys.executable, "-m", "producers.cli"]
+        command = [sys.executable, "-m", "difyq.producers.cli"]
         self.api_port = free_port()
         api = Service("difyq-api", [*command, "api", "--port", str(self.api_port)], bench.log_dir, env,
                       cwd=bench.difyq_src)

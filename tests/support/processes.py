@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from worker.embedded_redis import free_port
+from difyq.worker.embedded_redis import free_port
 
 
 def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -43,7 +43,7 @@ class DifyqProcesses:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "producers.cli", *args]
+        return [sys.executable, "-m", "difyq.producers.cli", *args]
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.directory / f"{name}.log").open("ab")

@@ -12,12 +12,12 @@ from typing import Any
 import uvicorn
 from dramatiq import Worker
 
-from producers.api.app import create_app
-from worker.app import build_worker_broker
-from worker.config import parse_config
-from worker.embedded_redis import free_port
-from worker.jobs.model import FINAL_STATUSES
-from worker.runtime import Runtime
+from difyq.producers.api.app import create_app
+from difyq.worker.app import build_worker_broker
+from difyq.worker.config import parse_config
+from difyq.worker.embedded_redis import free_port
+from difyq.worker.jobs.model import FINAL_STATUSES
+from difyq.worker.runtime import Runtime
 
 CLIENT_TOKEN = "test-client-token-0123456789"
 LIMITED_TOKEN = "limited-client-token-0123456789"

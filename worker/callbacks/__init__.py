@@ -4,7 +4,7 @@ The ``deliver_callback`` actor calls ``deliver`` once per attempt and ``next_del
 API calls ``check_destination`` at submit to answer 422 with ``BlockedDestination.reason``.
 """
 
-from worker.callbacks.delivery import (
+from difyq.worker.callbacks.delivery import (
     AttemptOutcome,
     DeliveryAttempt,
     MetricOutcome,
@@ -13,9 +13,9 @@ from worker.callbacks.delivery import (
     parse_retry_after,
     record_outcome,
 )
-from worker.callbacks.schedule import next_delay
-from worker.callbacks.signing import USER_AGENT, signature_headers
-from worker.callbacks.ssrf import (
+from difyq.worker.callbacks.schedule import next_delay
+from difyq.worker.callbacks.signing import USER_AGENT, signature_headers
+from difyq.worker.callbacks.ssrf import (
     AllowList,
     BlockedDestination,
     Destination,
@@ -24,7 +24,7 @@ from worker.callbacks.ssrf import (
     check_destination,
     resolve_host,
 )
-from worker.callbacks.transport import PinnedTransport, UnpinnedRequest, post_to_destination
+from difyq.worker.callbacks.transport import PinnedTransport, UnpinnedRequest, post_to_destination
 
 __all__ = [
     "USER_AGENT",

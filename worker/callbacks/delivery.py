@@ -28,11 +28,11 @@ from typing import Literal
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 
-from worker.callbacks.signing import signature_headers
-from worker.callbacks.ssrf import BlockedDestination, Destination, UnresolvableDestination, check_destination
-from worker.callbacks.transport import PinnedTransport, post_to_destination
-from worker.config import CallbacksConfig
-from worker.metrics import callback_deliveries, callback_duration
+from difyq.worker.callbacks.signing import signature_headers
+from difyq.worker.callbacks.ssrf import BlockedDestination, Destination, UnresolvableDestination, check_destination
+from difyq.worker.callbacks.transport import PinnedTransport, post_to_destination
+from difyq.worker.config import CallbacksConfig
+from difyq.worker.metrics import callback_deliveries, callback_duration
 
 _KEPT_REPLY_BYTES = 64 * 1024
 AttemptOutcome = Literal["delivered", "retry", "gone", "failed", "blocked"]

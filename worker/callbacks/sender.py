@@ -15,13 +15,13 @@ from typing import Any
 
 import structlog
 
-from worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
-from worker.callbacks.schedule import next_delay
-from worker.callbacks.transport import PinnedTransport
-from worker.jobs.model import FINAL_STATUSES, job_resource
-from worker.json_codec import dumps, loads
-from worker.logs import job_log_context
-from worker.runtime import Runtime
+from difyq.worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
+from difyq.worker.callbacks.schedule import next_delay
+from difyq.worker.callbacks.transport import PinnedTransport
+from difyq.worker.jobs.model import FINAL_STATUSES, job_resource
+from difyq.worker.json_codec import dumps, loads
+from difyq.worker.logs import job_log_context
+from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.callbacks")
 

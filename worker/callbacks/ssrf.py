@@ -3,7 +3,7 @@
 A callback URL is supplied by API clients and hook payloads, so without a guard it is a way to make the worker
 POST into the cluster (Redis, the metadata service at 169.254.169.254, admin ports on loopback). The host is
 resolved once, here, and *every* address it resolves to must be public; the resulting ``Destination`` carries
-those checked addresses and the transport (``worker.callbacks.transport``) connects to them and nowhere else, so a
+those checked addresses and the transport (``difyq.worker.callbacks.transport``) connects to them and nowhere else, so a
 DNS answer that changes between check and connect (DNS rebinding) cannot redirect the request.
 
 Addresses hidden inside IPv6 forms (IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``)

@@ -33,7 +33,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as connection_util
 from urllib3.util.ssl_ import create_urllib3_context
 
-from worker.callbacks.ssrf import Destination
+from difyq.worker.callbacks.ssrf import Destination
 
 _PINNED_KEY = "pinned_addresses"
 DEFAULT_NUM_POOLS = 128

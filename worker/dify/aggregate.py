@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from worker.dify.errors import DifyError
-from worker.dify.models import DifyResult, Usage
+from difyq.worker.dify.errors import DifyError
+from difyq.worker.dify.models import DifyResult, Usage
 
 _IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 

@@ -5,7 +5,7 @@ answer, and the first token can be timed) and reads the event stream as it arriv
 `connect_timeout` for the TCP/TLS connect; `idle_read_timeout` between two reads (Dify pings every 10 s while
 the model is silent, so a longer gap means the peer is gone); `total_timeout` for the whole call, checked as data
 arrives (a silent peer is caught by the idle timeout, so the call ends at most `idle_read_timeout` past it).
-Every failure is a `DifyError` (see `worker.dify.errors`); the API key never appears in one.
+Every failure is a `DifyError` (see `difyq.worker.dify.errors`); the API key never appears in one.
 
 Transport: plain urllib3 (requests' per-call Request/PreparedRequest, hooks and cookie jar cost CPU the worker
 needs). Every client in the process sends through one shared `urllib3.PoolManager`, made on first use, that all
@@ -36,11 +36,11 @@ from requests.utils import get_auth_from_url, get_environ_proxies, prepend_schem
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as TransportError
 
-from worker.dify.aggregate import StreamAggregator
-from worker.dify.errors import DifyError, parse_retry_after
-from worker.dify.models import CHAT_MODES, DifyRequest, DifyResult, Usage
-from worker.dify.sse import SSEParser
-from worker.json_codec import dumps, loads
+from difyq.worker.dify.aggregate import StreamAggregator
+from difyq.worker.dify.errors import DifyError, parse_retry_after
+from difyq.worker.dify.models import CHAT_MODES, DifyRequest, DifyResult, Usage
+from difyq.worker.dify.sse import SSEParser
+from difyq.worker.json_codec import dumps, loads
 
 __all__ = ["DifyClient", "DifyError", "DifyRequest", "DifyResult", "Usage", "shared_pool"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.json_codec import loads
+from difyq.worker.json_codec import loads
 
 
 class JobStatus(StrEnum):

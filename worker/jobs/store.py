@@ -12,14 +12,14 @@ from typing import Any
 
 import redis
 
-from worker.acks import AckTarget
-from worker.config import JobsConfig
-from worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
-from worker.jobs.model import JobStatus, NewJob, job_resource
-from worker.json_codec import dumps
-from worker.lua_scripts import script_source
-from worker.redis_link import RedisLink
-from worker.redis_scripts import register_script
+from difyq.worker.acks import AckTarget
+from difyq.worker.config import JobsConfig
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
+from difyq.worker.jobs.model import JobStatus, NewJob, job_resource
+from difyq.worker.json_codec import dumps
+from difyq.worker.lua_scripts import script_source
+from difyq.worker.redis_link import RedisLink
+from difyq.worker.redis_scripts import register_script
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LIST_FIELDS = ("id", "app", "source", "status")
@@ -80,7 +80,7 @@ class CancelOutcome:
 
 def _script(name: str) -> str:
     """``lua/_wake.lua`` (the ``wake`` helper for scripts that enqueue) followed by the script's own file."""
-    return script_source("worker.jobs", "_wake", name)
+    return script_source("difyq.worker.jobs", "_wake", name)
 
 
 class JobStore:
@@ -310,7 +310,7 @@ class JobStore:
         ack: AckTarget | None = None,
     ) -> str:
         """Record the outcome (once) and enqueue the callback; returns the status the job ended with. ``ack``: the
-        job message to ack in the same step (``worker.acks``)."""
+        job message to ack in the same step (``difyq.worker.acks``)."""
         callback, callback_state = self.callback_message(job_id, fields)
         reply = self._finish(
             keys=[self.job_key(job_id), self.leases_key, callback.queue_key if callback else "",

@@ -17,12 +17,12 @@ Use from the worker actor::
         # then report_success(kid), or report_upstream_limited(kid) on a 429 / too_many_requests
 """
 
-from worker.limits.admission import LIMITS, Admission, Reservation
-from worker.limits.deferral import deferral_delay, wait_exceeded
-from worker.limits.estimate import TokenEstimator
-from worker.limits.keys import KeyNames, key_id, shared_limits
-from worker.limits.limiter import KeyLimiter
-from worker.limits.observe import publish_remaining, record_deferral, record_upstream_limited
+from difyq.worker.limits.admission import LIMITS, Admission, Reservation
+from difyq.worker.limits.deferral import deferral_delay, wait_exceeded
+from difyq.worker.limits.estimate import TokenEstimator
+from difyq.worker.limits.keys import KeyNames, key_id, shared_limits
+from difyq.worker.limits.limiter import KeyLimiter
+from difyq.worker.limits.observe import publish_remaining, record_deferral, record_upstream_limited
 
 __all__ = [
     "LIMITS",

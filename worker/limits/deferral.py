@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from worker.limits.admission import Admission
+from difyq.worker.limits.admission import Admission
 
 # Waits for requests and tokens are positional (each waiter is told the moment *its* turn comes), so they
 # only need a little jitter; waiters of a cooldown or of busy slots are told the same moment and get more.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from worker.config import AppLimits
+from difyq.worker.config import AppLimits
 
 
 class TokenEstimator:

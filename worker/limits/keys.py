@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from worker.config import AppConfig, AppLimits
+from difyq.worker.config import AppConfig, AppLimits
 
 
 def key_id(api_key: str) -> str:

@@ -24,11 +24,11 @@ from collections.abc import Callable
 
 import redis
 
-from worker.config import AppLimits
-from worker.limits.admission import Admission, Reservation
-from worker.limits.estimate import TokenEstimator
-from worker.limits.keys import KeyNames, key_id
-from worker.limits.scripts import scripts_for
+from difyq.worker.config import AppLimits
+from difyq.worker.limits.admission import Admission, Reservation
+from difyq.worker.limits.estimate import TokenEstimator
+from difyq.worker.limits.keys import KeyNames, key_id
+from difyq.worker.limits.scripts import scripts_for
 
 US = 1_000_000
 

@@ -5,8 +5,8 @@ Labels are the configured app name and the limit, never a key or key id.
 
 from __future__ import annotations
 
-from worker.limits.admission import Admission
-from worker.metrics import rate_limit_remaining, rate_limited
+from difyq.worker.limits.admission import Admission
+from difyq.worker.metrics import rate_limit_remaining, rate_limited
 
 
 def record_deferral(app: str, admission: Admission) -> None:

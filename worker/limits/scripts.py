@@ -13,15 +13,15 @@ from dataclasses import dataclass
 import redis
 from redis.commands.core import Script
 
-from worker.lua_scripts import script_source as lua_source
-from worker.redis_scripts import register_script
+from difyq.worker.lua_scripts import script_source as lua_source
+from difyq.worker.redis_scripts import register_script
 
 SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
 
 
 def script_source(name: str) -> str:
     """The full text of script ``name``: the shared helpers, then the script itself."""
-    return lua_source("worker.limits", "_common", name)
+    return lua_source("difyq.worker.limits", "_common", name)
 
 
 @dataclass(frozen=True)

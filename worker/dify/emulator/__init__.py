@@ -6,10 +6,10 @@ SLOW, WAIT<n>), the `X-Emulator-Fault` header on one call, or an app's `fault` s
 with `PUT /_emulator/apps/{name}`. `GET /_emulator/calls` and `GET /_emulator/stats` show what was served.
 """
 
-from worker.dify.emulator.app import create_app
-from worker.dify.emulator.apps import FAULTS, EmulatedApp, default_apps, load_apps
-from worker.dify.emulator.faults import FAULT_HEADER
-from worker.dify.emulator.server import RunningEmulator, serve, start_emulator
+from difyq.worker.dify.emulator.app import create_app
+from difyq.worker.dify.emulator.apps import FAULTS, EmulatedApp, default_apps, load_apps
+from difyq.worker.dify.emulator.faults import FAULT_HEADER
+from difyq.worker.dify.emulator.server import RunningEmulator, serve, start_emulator
 
 __all__ = [
     "FAULTS",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from worker.dify.emulator.apps import EmulatedApp, default_apps
-from worker.dify.emulator.control import ControlApi
-from worker.dify.emulator.routes import ServiceApi
-from worker.dify.emulator.state import EmulatorState
+from difyq.worker.dify.emulator.apps import EmulatedApp, default_apps
+from difyq.worker.dify.emulator.control import ControlApi
+from difyq.worker.dify.emulator.routes import ServiceApi
+from difyq.worker.dify.emulator.state import EmulatorState
 
 
 def create_app(apps: list[EmulatedApp] | None = None) -> Starlette:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
-from worker.dify.emulator import wire
-from worker.dify.emulator.streams import Event, Run, events
+from difyq.worker.dify.emulator import wire
+from difyq.worker.dify.emulator.streams import Event, Run, events
 
 _WORKFLOW_BLOCKING_FIELDS = (
     "id",

@@ -9,7 +9,7 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from worker.dify.emulator.state import EmulatorState
+from difyq.worker.dify.emulator.state import EmulatorState
 
 
 class ControlApi:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from worker.dify.emulator.apps import FAULTS
+from difyq.worker.dify.emulator.apps import FAULTS
 
 FAULT_HEADER = "X-Emulator-Fault"
 SLOW_TOKEN_INTERVAL_S = 0.25

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from worker.dify.emulator import wire
+from difyq.worker.dify.emulator import wire
 
 OnClose = Callable[[bool], None]
 

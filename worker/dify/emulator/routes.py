@@ -22,13 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from worker.dify.emulator import wire
-from worker.dify.emulator.apps import CHAT_MODES, EmulatedApp
-from worker.dify.emulator.blocking import blocking_answer
-from worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
-from worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse
-from worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
-from worker.dify.emulator.streams import Run, events
+from difyq.worker.dify.emulator import wire
+from difyq.worker.dify.emulator.apps import CHAT_MODES, EmulatedApp
+from difyq.worker.dify.emulator.blocking import blocking_answer
+from difyq.worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
+from difyq.worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse
+from difyq.worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
+from difyq.worker.dify.emulator.streams import Run, events
 
 Handler = Callable[[Request, CallRecord], Awaitable[Response | ASGIApp]]
 

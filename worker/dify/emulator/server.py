@@ -12,9 +12,9 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 
-from worker.dify.emulator.app import create_app
-from worker.dify.emulator.apps import EmulatedApp, default_apps
-from worker.dify.emulator.state import EmulatorState
+from difyq.worker.dify.emulator.app import create_app
+from difyq.worker.dify.emulator.apps import EmulatedApp, default_apps
+from difyq.worker.dify.emulator.state import EmulatorState
 
 _STARTUP_TIMEOUT_S = 10.0
 _GRACEFUL_SHUTDOWN_S = 2

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.dify.emulator.apps import EmulatedApp
+from difyq.worker.dify.emulator.apps import EmulatedApp
 
 MAX_RECORDS = 100_000
 MAX_CONVERSATIONS = 100_000

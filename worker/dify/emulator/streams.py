@@ -20,10 +20,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-from worker.dify.emulator import wire
-from worker.dify.emulator.apps import EmulatedApp
-from worker.dify.emulator.faults import MIDFAIL_TOKENS, SLOW_TOKEN_INTERVAL_S, Plan, provider_error_message
-from worker.dify.emulator.state import RunControl
+from difyq.worker.dify.emulator import wire
+from difyq.worker.dify.emulator.apps import EmulatedApp
+from difyq.worker.dify.emulator.faults import MIDFAIL_TOKENS, SLOW_TOKEN_INTERVAL_S, Plan, provider_error_message
+from difyq.worker.dify.emulator.state import RunControl
 
 Event = dict[str, Any]
 _STOPPED_BY_USER = "Stopped by user."
