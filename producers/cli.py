@@ -81,7 +81,18 @@ def cmd_scheduler(_args: argparse.Namespace) -> int:
     return run_scheduler_process(runtime)
 
 
+def _flag(field: str) -> str:
+    """The ``enqueue`` option that set a job field: ``user`` → ``--user``, ``inputs.text`` → ``--input text``."""
+    top, _, rest = field.partition(".")
+    if top == "inputs" and rest:
+        return f"--input {rest}"
+    return "--" + top.replace("_", "-")
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from difyq.producers.api.errors import field_path
     from difyq.producers.submit import SubmitRejected, submit
     from difyq.worker.jobs.store import IdempotencyConflict
 
@@ -98,11 +109,15 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             runtime, app=args.app, source="cli", request=JobRequest(query=args.query, inputs=inputs, user=args.user),
             callback_url=args.callback_url, idempotency_key=args.idempotency_key, scope="cli",
         )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"{_flag(field_path(first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
     except SubmitRejected as exc:
-        print(f"{exc.field or 'request'}: {exc.message}", file=sys.stderr)
+        print(f"{_flag(exc.field or 'app')}: {exc.message}", file=sys.stderr)
         return 2
     except IdempotencyConflict as exc:
-        print(str(exc), file=sys.stderr)
+        print(f"{_flag('idempotency_key')}: {exc}", file=sys.stderr)
         return 2
     job = outcome.job
     if not args.wait:

@@ -81,6 +81,9 @@ def test_twenty_concurrent_submissions_make_one_job(api) -> None:
         ({"app": "support", "inputs": "not an object"}, 422, "inputs"),
         ({"app": "support", "surprise": 1}, 422, "surprise"),
         ({"app": "support", "user": ""}, 422, "user"),
+        ({"app": "support", "query": {"a": 1}}, 422, "query"),
+        ({"app": "support", "files": [{"type": "image"}, "not an object"]}, 422, "files[1]"),
+        ({"app": "support", "metadata": []}, 422, "metadata"),
         ({"app": "nope", "query": "x"}, 404, "app"),
         ({"app": "support", "callback_url": "http://169.254.169.254/latest"}, 422, "callback_url"),
         ({"app": "support", "callback_url": "ftp://example.com/"}, 422, "callback_url"),
@@ -100,6 +103,7 @@ def test_not_json_and_not_an_object(api) -> None:
                                  timeout=10)
         assert response.status_code == 422, (data, response.text)
         assert response.json()["error"]["code"] in ("invalid_json", "invalid_request")
+        assert response.json()["error"]["field"] == "body"
 
 
 def test_auth_and_permissions(api) -> None:

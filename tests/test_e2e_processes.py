@@ -74,6 +74,11 @@ def test_submit_run_callback_and_read_back(tmp_path: Path, redis_url: str, names
             cli_job = json.loads(workflow.stdout)
             assert cli_job["status"] == "succeeded" and cli_job["source"] == "cli" and cli_job["result"]["outputs"]
 
+            refused = difyq.run("enqueue", "--app", "support", "--query", "hi", "--user", "")
+            assert refused.returncode == 2 and refused.stderr.startswith("--user: "), refused.stderr
+            unknown = difyq.run("enqueue", "--app", "nope", "--query", "hi")
+            assert unknown.returncode == 2 and unknown.stderr.startswith("--app: no app named 'nope'"), unknown.stderr
+
             shown = difyq.run("jobs", "show", job["id"])
             assert json.loads(shown.stdout)["id"] == job["id"]
             listed = json.loads(difyq.run("jobs", "list", "--status", "succeeded").stdout)

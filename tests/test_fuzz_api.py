@@ -1,7 +1,7 @@
 """Schemathesis against the API's own /openapi.json, served by uvicorn on loopback over a real Redis: every
 operation, valid and invalid generated requests with a valid client token, schemathesis' built-in checks (no 5xx;
 content types, headers and bodies as documented; invalid requests refused), two of them checked apart (see
-EXCLUDED_CHECKS). The number of cases run is printed.
+EXCLUDED_CHECKS), and every 422 naming the field that is wrong. The number of cases run is printed.
 
 Each operation runs as its own Hypothesis test inside this one pytest test (schemathesis' lazy pytest fixture
 loader does not work with pytest 9), so every operation is fuzzed even when an earlier one fails. Undocumented
@@ -94,6 +94,8 @@ def fuzz_test(operation: schemathesis.APIOperation, mode: GenerationMode, job_id
         seen.cases[label] += 1
         response = case.call_and_validate(headers=auth(), timeout=10, excluded_checks=EXCLUDED_CHECKS)
         seen.statuses.setdefault(operation.label, set()).add(response.status_code)
+        if response.status_code == 422:
+            assert response.json()["error"].get("field"), f"a 422 that names no field: {response.text}"
         if mode is GenerationMode.POSITIVE and response.status_code == 422:
             seen.valid_but_refused.add(response.json()["error"]["code"])
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import Request
 
-from difyq.producers.api.errors import ApiError
+from difyq.producers.api.errors import WHOLE_BODY, ApiError
 from difyq.worker.json_codec import loads
 
 
@@ -30,7 +30,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         data = loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise ApiError(422, "invalid_json", f"the body is not valid JSON: {exc}", WHOLE_BODY) from None
     if not isinstance(data, dict):
-        raise ApiError(422, "invalid_request", "the body must be a JSON object")
+        raise ApiError(422, "invalid_request", "the body must be a JSON object", WHOLE_BODY)
     return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -54,10 +55,27 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
-def field_path(location: tuple[Any, ...] | list[Any]) -> str:
-    """``('body', 'inputs', 'x')`` → ``inputs.x``."""
-    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
-    return ".".join(parts)
+WHOLE_BODY = "body"
+"""The ``field`` of an error about the body as a whole (not JSON, not an object)."""
+
+
+def field_path(location: Sequence[str | int]) -> str:
+    """A pydantic error location as the field a client sent: ``('inputs', 'repo')`` → ``inputs.repo``,
+    ``('files', 0, 'url')`` → ``files[0].url``; the whole body when the location is empty."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or WHOLE_BODY
+
+
+def invalid(errors: Sequence[Mapping[str, Any]], code: str = "invalid_request") -> ApiError:
+    """The 422 for a pydantic validation failure: its first error, naming the field."""
+    first = errors[0]
+    path = field_path(first.get("loc", ()))
+    return ApiError(422, code, f"{path}: {first.get('msg')}", path)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,9 +85,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        path = field_path(first.get("loc", ()))
-        return error_response(422, "invalid_request", f"{path or 'request'}: {first.get('msg')}", path or None)
+        # FastAPI's locations start with where the value was (body, query, path, header): not part of its name.
+        errors = [{**error, "loc": tuple(error.get("loc", ()))[1:]} for error in exc.errors()]
+        error = invalid(errors)
+        return error_response(error.status, error.code, error.message, error.field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body
-from difyq.producers.api.errors import ApiError, error_responses, field_path
+from difyq.producers.api.errors import ApiError, error_responses, invalid
 from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
@@ -72,9 +72,7 @@ def build_jobs_router(runtime: Runtime, link: RedisLink) -> APIRouter:
         try:
             body = JobSubmission.model_validate(parse_json_object(raw))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            path = field_path(first["loc"])
-            raise ApiError(422, "invalid_request", f"{path}: {first['msg']}", path or None) from None
+            raise invalid(exc.errors()) from None
         header_key = request.headers.get("idempotency-key")
         if header_key is not None and body.idempotency_key is not None and header_key != body.idempotency_key:
             raise ApiError(422, "idempotency_key_mismatch",

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from difyq.producers.api.body import read_body
-from difyq.producers.api.errors import ApiError, error_response
+from difyq.producers.api.errors import WHOLE_BODY, ApiError, error_response, invalid
 from difyq.producers.hooks.mapping import (
     FORM_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
@@ -122,7 +122,8 @@ class HookReceiver:
             payload = parse_body(delivery.content_type, delivery.body)
             job = render_hook(delivery.hook, payload, delivery.headers, delivery.query)
         except BodyError as exc:
-            return "invalid", error_response(exc.status, exc.code, exc.message, "body" if exc.status == 422 else None)
+            field = WHOLE_BODY if exc.status == 422 else None
+            return "invalid", error_response(exc.status, exc.code, exc.message, field)
         except MappingError as exc:
             log.info("hook_mapping_failed", hook=name, field=exc.field, error=exc.message)
             return "invalid", error_response(422, "mapping_failed", str(exc), exc.field)
@@ -137,9 +138,8 @@ class HookReceiver:
         except SubmitRejected as exc:
             return "invalid", error_response(exc.status, exc.code, exc.message, exc.field)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or None
-            return "invalid", error_response(422, "invalid_job", f"{field or 'job'}: {first['msg']}", field)
+            error = invalid(exc.errors(), "invalid_job")
+            return "invalid", error_response(error.status, error.code, error.message, error.field)
         except IdempotencyConflict as exc:
             if not keyed_by_delivery:
                 message = "the idempotency key was used before for a different job"
