@@ -82,6 +82,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         config.throughput_start = args.start_rate
     if args.overhead_rate:
         config.overhead_rate = args.overhead_rate
+    if args.dify_latency is not None:
+        config.overhead_profile = scenarios.fixed_latency(args.dify_latency)
     if args.overhead_seconds:
         config.overhead_duration_s = args.overhead_seconds
     if args.inflight_levels:
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-seconds", type=float, help="length of each throughput step")
     parser.add_argument("--start-rate", type=float, help="first offered rate of the throughput search")
     parser.add_argument("--overhead-rate", type=float, help="jobs/s for scenario 2 (default: half of difyq's max)")
+    parser.add_argument("--dify-latency", type=float, metavar="SECONDS",
+                        help="the emulator's answer time in scenario 2 (default 0.2)")
     parser.add_argument("--overhead-seconds", type=float, help="length of scenario 2's measured step")
     parser.add_argument("--inflight-levels", help="comma-separated concurrency levels for scenario 3")
     parser.add_argument("--inflight-threads", type=int, help="threads (greenlets) per worker process in scenario 3")

@@ -4,8 +4,9 @@
    (p99 end-to-end >= 1 s, a callback missing, or completions falling behind), then bisects between the last pass
    and the fail; the result is the highest offered rate that passed. The pipelines run side by side and their
    searches take turns, one step each, so a drifting machine speed weighs on all of them alike.
-2. ``overhead``: a 200 ms emulator at one fixed rate (half of difyq's throughput result when that ran): e2e minus
-   the emulator's own time per job, the submit latency, and for difyq the per-phase breakdown from its records.
+2. ``overhead``: a 200 ms emulator (``--dify-latency`` sets another) at one fixed rate (half of difyq's throughput
+   result when that ran): e2e minus the emulator's own time per job, the submit latency, and for difyq the
+   per-phase breakdown from its records.
 3. ``inflight``: 10 s streamed answers; open-loop rate = C / 10 s for each concurrency level C, so Little's law
    says C jobs are in flight; the steady-state throughput divided by that bound (C / the answer's nominal 10 s:
    an emulator slowed down by a saturated machine does not lower the bar), worker memory (RSS and PSS).
@@ -77,6 +78,7 @@ class BenchConfig:
     overhead_rate: float | None = None
     overhead_default_rate: float = 50.0
     overhead_duration_s: float = 25.0
+    overhead_profile: Profile = FIXED_200MS
     trace_jobs: int = 150
     inflight_modes: list[InflightMode] = field(default_factory=lambda: [
         InflightMode("difyq", WorkerShape(2, INFLIGHT_SLOTS, gevent=True), [500, 1000, 2000]),
@@ -99,6 +101,11 @@ class BenchConfig:
                             InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
             inflight_measure_s=3.0, inflight_calibrate=False,
         )
+
+
+def fixed_latency(seconds: float) -> Profile:
+    """A Dify answering in ``seconds`` (unstreamed), for scenario 2."""
+    return Profile(f"{seconds * 1000:.0f}ms", ttft_s=seconds, tokens_per_second=0.0, answer_tokens=16)
 
 
 def _pipeline_options(config: BenchConfig, name: str) -> dict[str, Any]:
@@ -219,10 +226,12 @@ def _drain(bench: BenchEnvironment, step: StepData, timeout: float = 30.0) -> bo
 
 
 def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float) -> dict[str, Any]:
-    """Scenarios 2 and 4: what each pipeline adds to a 200 ms call at ``rate`` jobs/s, and what a job costs."""
-    results: dict[str, Any] = {"profile": vars(FIXED_200MS), "shape": config.shape.label(), "rate": rate,
+    """Scenarios 2 and 4: what each pipeline adds to a Dify call (200 ms unless the config says otherwise) at
+    ``rate`` jobs/s, and what a job costs."""
+    profile = config.overhead_profile
+    results: dict[str, Any] = {"profile": vars(profile), "shape": config.shape.label(), "rate": rate,
                                "pipelines": {}}
-    with bench.emulating(FIXED_200MS):
+    with bench.emulating(profile):
         for name in config.pipelines:
             with bench.pipeline(name, config.shape, **_pipeline_options(config, name)) as pipeline:
                 warm_up(bench, pipeline, config.warmup_jobs_rate)
