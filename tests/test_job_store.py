@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from difyq.worker.acks import AckTarget
 from difyq.worker.jobs.model import JobRequest, JobStatus, NewJob
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
@@ -152,23 +151,6 @@ def test_attempt_lifecycle_and_finish_once(runtime) -> None:
     assert queue_length(runtime, "callbacks") == 1
     assert runtime.store.start_attempt(job_id, lease_s=30).state == "final"
     assert runtime.raw_redis.ttl(runtime.store.job_key(job_id)) > 0
-
-
-def test_finish_acks_the_job_message_it_is_given_even_when_the_outcome_was_already_stored(runtime) -> None:
-    ns = runtime.namespace
-    acks, bodies = f"{ns}:__acks__.worker-1.jobs", f"{ns}:jobs.msgs"
-    job_id = runtime.store.submit(new_job()).job["id"]
-    runtime.store.start_attempt(job_id, lease_s=30)
-    fields = runtime.store.fields(job_id)
-    for redis_message_id in ("m1", "m2", "m3"):
-        runtime.raw_redis.sadd(acks, redis_message_id)
-        runtime.raw_redis.hset(bodies, redis_message_id, b"{}")
-    assert runtime.store.finish(job_id, fields, JobStatus.SUCCEEDED, ack=AckTarget(acks, bodies, "m1")) == "succeeded"
-    stored, record = runtime.store.finish_keeping_callback(job_id, fields, JobStatus.SUCCEEDED, lease_s=30, lock_s=5,
-                                                           ack=AckTarget(acks, bodies, "m2"))
-    assert (stored, record) == ("already:succeeded", None)
-    assert runtime.raw_redis.smembers(acks) == {b"m3"}
-    assert runtime.raw_redis.hmget(bodies, "m1", "m2", "m3") == [None, None, b"{}"]
 
 
 def test_requeue_then_second_attempt(runtime) -> None:

@@ -12,7 +12,6 @@ import structlog
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
-from difyq.worker.acks import InScriptAcks
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobStatus
@@ -61,14 +60,12 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
     leases = LeaseKeeper(runtime.store, lease_s=lease_from_env())
     task_ids = TaskIdRecorder(runtime.store)
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases, task_ids))
-    acks = InScriptAcks()
-    broker.add_middleware(acks)
     for middleware in extra_middleware or []:
         broker.add_middleware(middleware)
     throttle = Throttle(runtime, slot_lease_s=2 * leases.lease_s)
     leases.also_renew(throttle.renew_held)
     sender = CallbackSender(runtime)
-    runner = JobRunner(runtime, leases, throttle, sender, task_ids, acks)
+    runner = JobRunner(runtime, leases, throttle, sender, task_ids)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 
     def run_job(job_id: str, app: str | None = None, waiting_since: float | None = None) -> None:

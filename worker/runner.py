@@ -12,7 +12,6 @@ import redis
 import structlog
 
 from difyq.worker import metrics
-from difyq.worker.acks import AckTarget, InScriptAcks
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
@@ -61,9 +60,8 @@ class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
     def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle, sender: CallbackSender,
-                 task_ids: TaskIdRecorder, acks: InScriptAcks):
+                 task_ids: TaskIdRecorder):
         self.runtime = runtime
-        self.acks = acks
         self.task_ids = task_ids
         self.sender = sender
         self.store = runtime.store
@@ -268,11 +266,8 @@ class JobRunner:
     ) -> None:
         """Store the outcome, then (``callbacks.first_attempt_inline``) make the callback's first attempt here,
         under the job's lease, instead of handing it to another worker through the callbacks queue."""
-        ack = self.acks.target()
         if not self.config.callbacks.first_attempt_inline:
-            stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=result, error=error,
-                                                             ack=ack))
-            self._acked(ack)
+            stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=result, error=error))
             self._count_finished(fields, stored)
             self._log_finished(stored)
             return
@@ -280,18 +275,12 @@ class JobRunner:
         try:
             stored, record = self._durably(lambda: self.store.finish_keeping_callback(
                 job_id, fields, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=result,
-                error=error, ack=ack))
-            self._acked(ack)
+                error=error))
             self._count_finished(fields, stored)
             callback = self.sender.deliver_first(job_id, record) if record is not None else None
         finally:
             self.leases.untrack(job_id)
         self._log_finished(stored, callback)
-
-    def _acked(self, ack: AckTarget | None) -> None:
-        """The finish script acked the message (``ack``): Dramatiq must not ack it again."""
-        if ack is not None:
-            self.acks.acked()
 
     @staticmethod
     def _count_finished(fields: dict[str, str], status: str) -> None:

@@ -1,5 +1,4 @@
-"""Wake one idle consumer when a message arrives instead of letting every consumer poll with back-off; skip the
-ack of a message its job's final write acked (``difyq.worker.acks``).
+"""Wake one idle consumer when a message arrives instead of letting every consumer poll with back-off.
 
 Dramatiq's Redis consumer polls: an empty fetch sleeps 5 ms doubling up to the worker timeout, so a job that
 arrives at an idle worker waits for the next poll. Our Lua scripts push a token on the queue's wake list
@@ -25,7 +24,6 @@ from dramatiq.common import current_millis
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
-from difyq.worker.acks import was_acked_in_script
 from difyq.worker.lua_scripts import script_source
 from difyq.worker.redis_scripts import register_script
 
@@ -103,18 +101,3 @@ class _WakingConsumer(_RedisConsumer):
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         return super().__next__()
-
-    def ack(self, message: MessageProxy) -> None:
-        if not self._settled_in_script(message):
-            super().ack(message)
-
-    def nack(self, message: MessageProxy) -> None:
-        if not self._settled_in_script(message):
-            super().nack(message)
-
-    def _settled_in_script(self, message: MessageProxy) -> bool:
-        """True (and the message forgotten here) when its job's finish script already acked it."""
-        if not was_acked_in_script(message):
-            return False
-        self.queued_message_ids.discard(message.message_id)
-        return True

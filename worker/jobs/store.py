@@ -12,7 +12,6 @@ from typing import Any
 
 import redis
 
-from difyq.worker.acks import AckTarget
 from difyq.worker.config import JobsConfig
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from difyq.worker.jobs.model import JobStatus, NewJob, job_resource
@@ -307,16 +306,14 @@ class JobStore:
         *,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
-        ack: AckTarget | None = None,
     ) -> str:
-        """Record the outcome (once) and enqueue the callback; returns the status the job ended with. ``ack``: the
-        job message to ack in the same step (``difyq.worker.acks``)."""
+        """Record the outcome (once) and enqueue the callback; returns the status the job ended with."""
         callback, callback_state = self.callback_message(job_id, fields)
         reply = self._finish(
             keys=[self.job_key(job_id), self.leases_key, callback.queue_key if callback else "",
-                  callback.bodies_key if callback else "", self.callback_lock_key(job_id), *_ack_keys(ack)],
+                  callback.bodies_key if callback else "", self.callback_lock_key(job_id)],
             args=[*self._outcome_args(status, result, error), callback.redis_message_id if callback else "",
-                  callback.body if callback else b"", callback_state, "", "", _ack_id(ack)],
+                  callback.body if callback else b"", callback_state, "", ""],
         )
         return _text(reply[0])
 
@@ -330,7 +327,6 @@ class JobStore:
         lock_s: float,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
-        ack: AckTarget | None = None,
     ) -> tuple[str, dict[str, str] | None]:
         """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
         takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
@@ -338,12 +334,12 @@ class JobStore:
         first attempt, the stored record; else None (no callback URL, or the outcome was already stored)."""
         callback_state = self.pending_callback(fields)
         if not callback_state:
-            return self.finish(job_id, fields, status, result=result, error=error, ack=ack), None
+            return self.finish(job_id, fields, status, result=result, error=error), None
         now = time.time()
         reply = self._finish(
-            keys=[self.job_key(job_id), self.leases_key, "", "", self.callback_lock_key(job_id), *_ack_keys(ack)],
+            keys=[self.job_key(job_id), self.leases_key, "", "", self.callback_lock_key(job_id)],
             args=[*self._outcome_args(status, result, error, now), "", b"", callback_state,
-                  int((now + lease_s) * 1000), int(lock_s * 1000), _ack_id(ack)],
+                  int((now + lease_s) * 1000), int(lock_s * 1000)],
         )
         final = _text(reply[0])
         if len(reply) == 1:
@@ -463,14 +459,6 @@ class JobStore:
         """Put the messages of Dramatiq consumers silent for ``dead_after_s`` back on ``queues``; how many."""
         dead_before_ms = int((time.time() - dead_after_s) * 1000)
         return int(self._recover(keys=[self.heartbeats_key], args=[self.namespace, dead_before_ms, *queues]))
-
-
-def _ack_keys(ack: AckTarget | None) -> tuple[str, str]:
-    return (ack.acks_key, ack.bodies_key) if ack else ("", "")
-
-
-def _ack_id(ack: AckTarget | None) -> str:
-    return ack.redis_message_id if ack else ""
 
 
 def _text(value: Any) -> str:

@@ -3,17 +3,11 @@
 -- reaper enqueues the callback if that worker dies before recording the attempt) and the callback lock, and gets
 -- the stored record back to build the callback body from.
 -- A cancel requested while the call ran turns a success into canceled (the partial result is kept).
--- The job message whose run ends here is acked (worker/acks.py), whatever the job's state: Dramatiq then skips it.
--- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock,
---       6 the job message's consumer ack set, 7 its queue's message bodies
+-- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock
 -- ARGV: 1 status, 2 finished_at, 3 result json ("" = none), 4 error json ("" = none), 5 retention ms,
 --       6 callback redis message id ("" = no callback message), 7 callback body, 8 callback state json
---       ("" = no callback), 9 inline: lease expiry ms ("" = enqueue the message), 10 inline: lock ttl ms,
---       11 the job message's redis id ("" = no ack here)
+--       ("" = no callback), 9 inline: lease expiry ms ("" = enqueue the message), 10 inline: lock ttl ms
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
-if ARGV[11] ~= '' and redis.call('SREM', KEYS[6], ARGV[11]) > 0 then
-  redis.call('HDEL', KEYS[7], ARGV[11])
-end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return {'missing'}
