@@ -74,6 +74,19 @@ def test_cross_references_and_templates_are_checked() -> None:
     assert any(p.startswith("hooks.h.query: template error:") for p in problems)
 
 
+def test_a_burst_is_at_most_the_request_limit() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"apps": {
+            "over": {"api_key": "k", "mode": "chat", "limits": {"requests_per_minute": 20, "burst": 21}},
+            "alone": {"api_key": "k", "mode": "chat", "limits": {"burst": 3}},
+        }})
+    assert caught.value.problems == ["apps.over.limits: burst (21) is over requests_per_minute (20)",
+                                     "apps.alone.limits: burst needs requests_per_minute"]
+    full = parse_config({"apps": {"a": {"api_key": "k", "mode": "chat",
+                                        "limits": {"requests_per_minute": 20, "burst": 20}}}})
+    assert full.apps["a"].limits is not None and full.apps["a"].limits.request_burst == 20
+
+
 def test_check_config_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apps:\n  support: {api_key: k, mode: fax}\n")

@@ -61,12 +61,6 @@ def limiter(redis_client: redis.Redis, namespace: str, clock: FakeClock) -> KeyL
 
 
 @pytest.fixture
-def log_only(redis_client: redis.Redis, namespace: str, clock: FakeClock) -> KeyLimiter:
-    """The sliding log alone, without pacing."""
-    return KeyLimiter(redis_client, namespace, window_s=60.0, grace_s=10.0, burst_fraction=None, clock=clock)
-
-
-@pytest.fixture
 def kid() -> str:
     return key_id(f"app-{uuid.uuid4().hex}")
 
@@ -166,12 +160,22 @@ def test_shared_limits_take_the_strictest_value_per_key() -> None:
     assert shared["d"] is None
 
 
+def test_shared_limits_keep_a_burst_within_the_strictest_request_limit() -> None:
+    apps = {
+        "a": AppConfig(api_key="k1", mode="chat", limits=AppLimits(requests_per_minute=60, burst=60)),
+        "b": AppConfig(api_key="k1", mode="chat", limits=AppLimits(requests_per_minute=30)),
+        "c": AppConfig(api_key="k2", mode="chat", limits=AppLimits(requests_per_minute=60)),
+    }
+    shared = shared_limits(apps)
+    assert (shared["a"].burst, shared["b"].request_burst) == (30, 30)
+    assert shared["c"].burst is None and shared["c"].request_burst == 10, "a sixth of the limit by default"
+
+
 # --- requests: the sliding window ---------------------------------------------------------------------
 
 
-def test_requests_slide_and_wait_is_exact(log_only: KeyLimiter, kid: str, clock: FakeClock) -> None:
-    limiter = log_only
-    limits = AppLimits(requests_per_minute=3)
+def test_requests_slide_and_wait_is_exact(limiter: KeyLimiter, kid: str, clock: FakeClock) -> None:
+    limits = AppLimits(requests_per_minute=3, burst=3)  # the sliding log alone
     for offset in (0.0, 10.0, 20.0):
         assert take(limiter, kid, limits, "job", lease_s=1).admitted
         clock.at(offset + 10.0)
@@ -185,12 +189,10 @@ def test_requests_slide_and_wait_is_exact(log_only: KeyLimiter, kid: str, clock:
     assert limiter.remaining(kid, limits) == {"requests": 0.0}
 
 
-@pytest.mark.parametrize("burst_fraction", [None, 1 / 6])
-def test_no_double_burst_at_a_minute_boundary(
-    redis_client: redis.Redis, namespace: str, kid: str, clock: FakeClock, burst_fraction: float | None
-) -> None:
-    limiter = KeyLimiter(redis_client, namespace, burst_fraction=burst_fraction, clock=clock)
-    limits = AppLimits(requests_per_minute=10)
+@pytest.mark.parametrize("burst", [10, None])
+def test_no_double_burst_at_a_minute_boundary(limiter: KeyLimiter, kid: str, clock: FakeClock, burst: int | None
+                                              ) -> None:
+    limits = AppLimits(requests_per_minute=10, burst=burst)
     admitted, ticket = [], "job-0"
     for step in range(800):  # a job tries every 0.1 s from t=55 to t=135, across the boundaries at 60 and 120
         clock.at(55.0 + step * 0.1)
@@ -200,12 +202,35 @@ def test_no_double_burst_at_a_minute_boundary(
             ticket = f"job-{step}"
     times = admitted_us(admitted)
     assert max_in_any_window(times, 60_000_000) == 10
-    if burst_fraction is None:
+    if burst == 10:
         assert len(times) == 20, "ten at once, then nothing until those ten are a full window old"
         assert times[10] - times[0] == 60_000_000
     else:
         assert len(times) == 14, "one at once, then one every 6 s"
         assert all(b - a == 6_000_000 for a, b in itertools.pairwise(times))
+
+
+def test_a_burst_of_the_full_limit_admits_it_at_once_and_the_window_still_holds(
+    limiter: KeyLimiter, kid: str, clock: FakeClock
+) -> None:
+    limits = AppLimits(requests_per_minute=20, burst=20)
+    assert all(take(limiter, kid, limits, f"job-{n}").admitted for n in range(20))
+    refused = take(limiter, kid, limits, "job-20")
+    assert (refused.admitted, refused.limit, refused.wait_s) == (False, "requests", 60.0)
+    clock.at(59.999999)
+    assert not take(limiter, kid, limits, "job-20").admitted
+    clock.at(60.0)
+    assert all(take(limiter, kid, limits, f"job-{n}").admitted for n in range(20, 40))
+    assert not take(limiter, kid, limits, "job-40").admitted
+
+
+def test_a_configured_burst_then_pacing(limiter: KeyLimiter, kid: str, clock: FakeClock) -> None:
+    limits = AppLimits(requests_per_minute=20, burst=5)  # five at once, then one every 3 s
+    results = [take(limiter, kid, limits, f"job-{n}") for n in range(7)]
+    assert [r.admitted for r in results] == [True] * 5 + [False] * 2
+    assert [(r.limit, r.wait_s) for r in results[5:]] == [("requests", 3.0), ("requests", 6.0)]
+    clock.at(3.0)
+    assert take(limiter, kid, limits, "job-5").admitted
 
 
 def test_pacing_spreads_a_burst_and_keeps_the_rate(limiter: KeyLimiter, kid: str, clock: FakeClock) -> None:
@@ -484,14 +509,14 @@ def test_a_waiter_whose_place_lapsed_gets_it_back_with_waiting_since(
     assert take(limiter, kid, limits, "old", since=EPOCH + 1.0).admitted
 
 
-def test_an_abandoned_waiter_holds_nothing(log_only: KeyLimiter, kid: str, clock: FakeClock) -> None:
+def test_an_abandoned_waiter_holds_nothing(limiter: KeyLimiter, kid: str, clock: FakeClock) -> None:
     limits = AppLimits(max_concurrency=1)
-    running = take(log_only, kid, limits)
-    assert not take(log_only, kid, limits, "canceled").admitted
-    log_only.release(kid, running.reservation, None)
-    assert not take(log_only, kid, limits, "new").admitted, "the head of the line holds the free slot"
-    log_only.abandon(kid, "canceled")
-    assert take(log_only, kid, limits, "new").admitted
+    running = take(limiter, kid, limits)
+    assert not take(limiter, kid, limits, "canceled").admitted
+    limiter.release(kid, running.reservation, None)
+    assert not take(limiter, kid, limits, "new").admitted, "the head of the line holds the free slot"
+    limiter.abandon(kid, "canceled")
+    assert take(limiter, kid, limits, "new").admitted
 
 
 @dataclass(order=True)
@@ -620,20 +645,19 @@ steps = st.lists(
 )
 
 
-@pytest.mark.parametrize("burst_fraction", [None, 0.5])
+@pytest.mark.parametrize("burst", [4, 2])
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=steps)
 def test_no_window_ever_exceeds_any_limit(
-    redis_client: redis.Redis, namespace: str, burst_fraction: float | None, plan: list
+    redis_client: redis.Redis, namespace: str, burst: int, plan: list
 ) -> None:
     """Random arrivals, retries, releases (with real usage), lease renewals and lapses, and 429s, checked
     against an exact model of every limit."""
     clock = FakeClock()
-    limiter = KeyLimiter(redis_client, namespace, window_s=20.0, grace_s=5.0, burst_fraction=burst_fraction,
-                         clock=clock)
+    limiter = KeyLimiter(redis_client, namespace, window_s=20.0, grace_s=5.0, clock=clock)
     kid = key_id(uuid.uuid4().hex)
     rpm, tpm, conc, window, lease = 4, 1500, 2, 20_000_000, 15_000_000
-    limits = AppLimits(requests_per_minute=rpm, tokens_per_minute=tpm, max_concurrency=conc)
+    limits = AppLimits(requests_per_minute=rpm, burst=burst, tokens_per_minute=tpm, max_concurrency=conc)
     held: list[_Held] = []
     extra: list[tuple[int, int]] = []  # usage charged after its reservation had left the window
     waiting: list[tuple[str, float, int]] = []

@@ -3,6 +3,7 @@ hold across processes, keys do not slow each other, a Dify 429 cools the key dow
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -19,10 +20,13 @@ from difyq.worker.jobs.model import JobRequest
 from difyq.worker.limits import KeyLimiter
 from tests.support.processes import difyq_processes
 from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 RPM = 30
+BURST = RPM // 6  # the default burst
+BURSTY_RPM = 20
 CONCURRENCY = 2
 
 
@@ -55,6 +59,7 @@ def call_times(emulator, app: str) -> list[float]:
 
 def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str, namespace: str) -> None:
     apps = [EmulatedApp(name="limited", key="app-limited-key-01", mode="chat"),
+            EmulatedApp(name="bursty", key="app-bursty-key-001", mode="chat"),
             EmulatedApp(name="narrow", key="app-narrow-key-001", mode="chat", time_to_first_token_s=0.4),
             EmulatedApp(name="free", key="app-free-key-00001", mode="chat")]
     with start_emulator(apps) as emulator:
@@ -62,6 +67,8 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
             "apps": {
                 "limited": {"api_key": "app-limited-key-01", "mode": "chat", "base_url": emulator.base_url,
                             "limits": {"requests_per_minute": RPM}},
+                "bursty": {"api_key": "app-bursty-key-001", "mode": "chat", "base_url": emulator.base_url,
+                           "limits": {"requests_per_minute": BURSTY_RPM, "burst": BURSTY_RPM}},
                 "narrow": {"api_key": "app-narrow-key-001", "mode": "chat", "base_url": emulator.base_url,
                            "limits": {"max_concurrency": CONCURRENCY}},
                 "free": {"api_key": "app-free-key-00001", "mode": "chat", "base_url": emulator.base_url},
@@ -72,32 +79,41 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
         with difyq_processes(tmp_path, redis_url, config) as difyq:
             base = difyq.start_api()
             difyq.start_worker(processes=4, threads=4)
-            started = time.time()
             limited = submit_many(base, "limited", 2 * RPM, "limited")
+            bursty = submit_many(base, "bursty", BURSTY_RPM + 1, "bursty")
             narrow = submit_many(base, "narrow", 10, "narrow")
             free = submit_many(base, "free", 20, "free")
             free_jobs = wait_all_final(base, free, timeout=30)
-            free_done_s = time.time() - started
             narrow_jobs = wait_all_final(base, narrow, timeout=60)
-            time.sleep(max(0.0, 8 - (time.time() - started)))
+            # Paced one per 60/BURSTY_RPM s after a default burst, these would take 50 s; with burst: all at once.
+            wait_for(lambda: len(call_times(emulator, "bursty")) >= BURSTY_RPM, timeout=40,
+                     what=f"{BURSTY_RPM} calls of a key whose burst is its whole limit")
+            wait_for(lambda: len(call_times(emulator, "limited")) >= BURST + 3, timeout=40,
+                     what="three paced calls after the burst")
             limited_jobs = statuses(base, limited)
-            observed_s = time.time() - started
+            bursty_jobs = statuses(base, bursty)
         stats = emulator.stats()
         times = call_times(emulator, "limited")
+        bursty_times = call_times(emulator, "bursty")
 
     assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in free_jobs)
     assert all(job["status"] == "succeeded" for job in narrow_jobs)
     print(f"narrow key: max {stats['narrow']['max_concurrent']} concurrent streams (limit {CONCURRENCY})")
     assert stats["narrow"]["max_concurrent"] <= CONCURRENCY
-    burst = max(1, RPM // 6)
-    allowed = burst + int(observed_s * RPM / 60) + 1
-    print(f"limited key: {len(times)} calls in {observed_s:.1f}s (limit {RPM}/min, burst {burst}, "
-          f"pacing bound {allowed}); free key: 20 jobs done in {free_done_s:.1f}s")
-    assert len(times) <= allowed
+    spacing = [round(b - a, 2) for a, b in itertools.pairwise(times)]
+    print(f"limited key: {len(times)} calls (limit {RPM}/min, burst {BURST}), gaps {spacing}")
+    # After the burst, one call per 60/RPM s: call k starts no earlier than its paced admission (the first call
+    # may itself start up to a moment after its admission, hence the tolerance).
+    interval = 60 / RPM
+    for k in range(BURST, len(times)):
+        assert times[k] - times[0] >= (k - BURST + 1) * interval - 0.5, (k, spacing)
     for index, start in enumerate(times):
         assert sum(1 for t in times[index:] if t - start < 60) <= RPM
     waiting = [job for job in limited_jobs if job["status"] == "queued"]
     assert waiting and all(job["attempts"] == 0 for job in waiting), "deferred jobs spent no attempt"
+    print(f"bursty key: {len(bursty_times)} calls over {bursty_times[-1] - bursty_times[0]:.1f} s")
+    assert len(bursty_times) == BURSTY_RPM, "the sliding window still holds: one more waits for a full minute"
+    assert [job["attempts"] for job in bursty_jobs if job["status"] == "queued"] == [0]
 
 
 def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace: str) -> None:

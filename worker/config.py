@@ -41,11 +41,32 @@ class DifyDefaults(Strict):
     idle_read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+DEFAULT_BURST_SHARE = 6
+"""Without ``burst``, a sixth of ``requests_per_minute`` (the share of 10 s) is admitted at once before pacing."""
+
+
 class AppLimits(Strict):
     requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    burst: Annotated[int, Field(gt=0)] | None = None
     tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
     max_concurrency: Annotated[int, Field(gt=0)] | None = None
     estimated_tokens_per_call: Annotated[int, Field(ge=0)] = 1000
+
+    @model_validator(mode="after")
+    def _burst_within_the_limit(self) -> AppLimits:
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst needs requests_per_minute")
+        if self.burst is not None and self.requests_per_minute is not None and self.burst > self.requests_per_minute:
+            raise ValueError(f"burst ({self.burst}) is over requests_per_minute ({self.requests_per_minute})")
+        return self
+
+    @property
+    def request_burst(self) -> int:
+        """Requests admitted at once; beyond them, requests are paced a window/requests_per_minute apart (a burst
+        of the full limit: no pacing, the sliding window alone). 0 without a request limit."""
+        if self.requests_per_minute is None:
+            return 0
+        return self.burst or max(1, self.requests_per_minute // DEFAULT_BURST_SHARE)
 
 
 class AppConfig(Strict):

@@ -80,10 +80,9 @@ def run(args: argparse.Namespace, url: str) -> dict:
     pool = redis.ConnectionPool.from_url(url, max_connections=args.workers + 8)
     client = redis.Redis(connection_pool=pool)
     namespace = f"difyq-bench-{uuid.uuid4().hex[:8]}"
-    burst = None if args.burst_fraction.lower() == "none" else float(args.burst_fraction)
-    limiter = KeyLimiter(client, namespace, window_s=args.window, burst_fraction=burst)
+    limiter = KeyLimiter(client, namespace, window_s=args.window)
     kid = key_id(f"bench-{uuid.uuid4().hex}")
-    limits = AppLimits(requests_per_minute=args.limit)
+    limits = AppLimits(requests_per_minute=args.limit, burst=args.burst)
     ready: queue.Queue = queue.Queue()
     delayed = DelayQueue(ready)
     stop = threading.Event()
@@ -157,7 +156,7 @@ def run(args: argparse.Namespace, url: str) -> dict:
         "limit_per_window": args.limit,
         "window_s": args.window,
         "demand_x_limit": args.demand,
-        "burst_fraction": burst,
+        "burst": limits.request_burst,
         "workers": args.workers,
         "producers": args.producers,
         "measured_windows": args.windows,
@@ -186,7 +185,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--producers", type=int, default=4)
     parser.add_argument("--call-s", type=float, default=0.0, help="simulated Dify call time")
-    parser.add_argument("--burst-fraction", default=str(1 / 6), help="pacing burst share, or 'none'")
+    parser.add_argument("--burst", type=int, help="requests admitted at once before pacing (default: a sixth of "
+                        "--limit; --limit: no pacing)")
     args = parser.parse_args()
     with ExitStack() as stack:
         url = os.environ.get("REDIS_URL") or stack.enter_context(EmbeddedRedis()).url

@@ -39,8 +39,9 @@ class KeyNames:
 
 def shared_limits(apps: Mapping[str, AppConfig]) -> dict[str, AppLimits | None]:
     """Each app's limits as its *key* should enforce them: apps that share a Dify key get, per limit, the
-    strictest value any of them configures, so every app checks the same numbers against the shared state
-    (an app without a limits block is held to its key's limits too; each app keeps its own token estimate).
+    strictest value any of them configures (a ``burst`` no larger than the strictest request limit), so every
+    app checks the same numbers against the shared state (an app without a limits block is held to its key's
+    limits too; each app keeps its own token estimate).
     An app whose key no app limits gets ``None`` (only the upstream cooldown applies)."""
     by_key: dict[str, list[AppLimits]] = {}
     for app in apps.values():
@@ -52,8 +53,11 @@ def shared_limits(apps: Mapping[str, AppConfig]) -> dict[str, AppLimits | None]:
             values = [getattr(limits, field) for limits in found if getattr(limits, field) is not None]
             return min(values) if values else None
 
+        requests_per_minute = strictest("requests_per_minute")
+        burst = strictest("burst")
         merged[api_key] = AppLimits(
-            requests_per_minute=strictest("requests_per_minute"),
+            requests_per_minute=requests_per_minute,
+            burst=None if burst is None or requests_per_minute is None else min(burst, requests_per_minute),
             tokens_per_minute=strictest("tokens_per_minute"),
             max_concurrency=strictest("max_concurrency"),
             estimated_tokens_per_call=max(limits.estimated_tokens_per_call for limits in found),

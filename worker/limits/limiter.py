@@ -4,8 +4,8 @@ through Redis by every worker process on every host.
 Every operation is one EVALSHA of a script in ``lua/`` that reads the time from Redis ``TIME``:
 
 * requests: an exact sliding log (ZSET of admission times): never more than N admissions in any window;
-  plus GCRA pacing beyond a burst of N/6 (``burst_fraction``), so a saturated key runs at a steady N per
-  window instead of replaying a burst of N at the start of every window;
+  plus GCRA pacing beyond a burst (``limits.burst``, N/6 by default), so a saturated key runs at a steady N per
+  window instead of replaying a burst of N at the start of every window (a burst of N: the log alone);
 * tokens: a sliding log of reserved estimates, reconciled with Dify's real ``total_tokens`` on release;
 * concurrency: slot leases (ZSET reservation -> expiry); a dead holder's lease lapses and is reclaimed;
 * upstream: after a 429 the key cools down for everyone, 1 s doubling to 60 s, reset by a success;
@@ -47,10 +47,7 @@ class KeyLimiter:
     ``window_s`` is 60 in production (shorter only in tests and benchmarks). ``grace_s``: how long after the
     moment it was told to come back a waiter keeps its place and hold before it counts as gone (it regains its
     place when it returns with ``waiting_since``). ``poll_s``: how often a job waiting for a slot re-checks
-    while the key has no hold-time history. ``burst_fraction``: the share of requests_per_minute admitted at
-    once; beyond it requests are paced at the limit's rate (GCRA), so a saturated key runs steadily instead of
-    replaying a burst of N every window (a 10 s share by default; ``None``: the sliding log alone). ``clock``
-    is test-only: a fake time in seconds instead of Redis ``TIME``.
+    while the key has no hold-time history. ``clock`` is test-only: a fake time in seconds instead of Redis ``TIME``.
     """
 
     def __init__(
@@ -63,7 +60,6 @@ class KeyLimiter:
         poll_s: float = 1.0,
         cooldown_base_s: float = 1.0,
         cooldown_cap_s: float = 60.0,
-        burst_fraction: float | None = 1 / 6,
         clock: Callable[[], float] | None = None,
     ):
         self.redis = redis
@@ -73,7 +69,6 @@ class KeyLimiter:
         self.poll_s = poll_s
         self.cooldown_base_s = cooldown_base_s
         self.cooldown_cap_s = cooldown_cap_s
-        self.burst_fraction = burst_fraction
         self.tokens = TokenEstimator()
         self._clock = clock
         self._scripts = scripts_for(redis)
@@ -84,11 +79,6 @@ class KeyLimiter:
 
     def keys(self, key_id: str) -> KeyNames:
         return KeyNames.of(self.namespace, key_id)
-
-    def _burst(self, rpm: int) -> int:
-        if not rpm or self.burst_fraction is None:
-            return 0
-        return max(1, int(rpm * self.burst_fraction))
 
     @property
     def clock_is_fake(self) -> bool:
@@ -115,9 +105,10 @@ class KeyLimiter:
             raise ValueError("lease_s must be positive")
         if not ticket:
             raise ValueError("ticket must not be empty")
-        rpm = tpm = conc = 0
+        rpm = tpm = conc = burst = 0
         if limits is not None:
             rpm = limits.requests_per_minute or 0
+            burst = limits.request_burst
             tpm = limits.tokens_per_minute or 0
             conc = limits.max_concurrency or 0
         names = self.keys(key_id)
@@ -136,7 +127,7 @@ class KeyLimiter:
                 -1 if waiting_since is None else _us(waiting_since),
                 _us(self.grace_s),
                 _us(self.poll_s),
-                self._burst(rpm),
+                burst,
                 self._now(),
             ],
         )

@@ -7,7 +7,7 @@
 --       9 cool (HASH until, streak)
 -- ARGV  1 ticket  2 rid  3 limited (1|0)  4 rpm  5 tpm  6 max concurrency (0 = none)  7 estimated tokens
 --       8 lease_us  9 window_us  10 waiting_since_us (-1 = none)  11 grace_us  12 poll_us
---       13 burst (requests admitted at once before pacing; 0 = no pacing)  14 fake now ('' = TIME)
+--       13 burst (requests admitted at once before pacing; 0 or rpm = no pacing)  14 fake now ('' = TIME)
 -- Returns {admitted 1|0, wait_us, limit or '', reservation or '', 1 when the key has a 429 streak to reset on success
 -- (admitted only)}.
 
@@ -119,8 +119,9 @@ if rpm > 0 and count + hold_n + 1 > rpm then
 end
 -- Pacing (GCRA): after a burst, requests are spaced window/rpm apart, so a saturated key does not replay its
 -- first burst every window (the log alone would) and providers that enforce per-second shares see a steady rate.
+-- A burst of the full limit never binds before the log does (GCRA would allow burst + rpm per window): skipped.
 local interval, tat = 0, now
-if rpm > 0 and burst > 0 then
+if rpm > 0 and burst > 0 and burst < rpm then
   interval = window / rpm
   tat = math.max(now, tonumber(redis.call('HGET', state, 'tat') or 0))
   local tolerance = (burst - 1) * interval
