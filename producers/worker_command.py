@@ -3,6 +3,7 @@ CLI, so the Dramatiq master is this very process and receives SIGTERM exactly on
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -39,6 +40,9 @@ def reset_metrics_directory(path: str) -> None:
 def exec_worker(processes: int, threads: int, gevent: bool) -> int:
     env = worker_environment(dict(os.environ), threads)
     reset_metrics_directory(env["PROMETHEUS_MULTIPROC_DIR"])
+    if gevent and importlib.util.find_spec("gevent") is None:
+        print("difyq worker: --gevent needs gevent: pip install 'difyq[gevent]'", file=sys.stderr)
+        return 2
     program = "dramatiq-gevent" if gevent else "dramatiq"
     executable = shutil.which(program, path=os.path.dirname(sys.executable)) or shutil.which(program)
     if executable is None:

