@@ -18,9 +18,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker/ worker/
 COPY producers/ producers/
-# The difyq wheel, built exactly as tests/test_dockerfile.py builds it; then the wheels of its dependencies.
+# The difyq wheel, built exactly as tests/test_dockerfile.py builds it; then the wheels of its dependencies and of
+# the gevent extra (`difyq worker --gevent`).
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && pip wheel --no-cache-dir --wheel-dir /wheels /wheels/difyq-*.whl
+ && pip wheel --no-cache-dir --wheel-dir /wheels '.[gevent]'
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG PYTHON_IMAGE
@@ -43,9 +44,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 difyq \
  && useradd --system --uid 10001 --gid difyq --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin difyq
 # The same `pip install` of the same wheel that tests/test_dockerfile.py runs; the wheelhouse is bind-mounted
-# from the build stage, so no wheel file stays in a layer.
+# from the build stage, so no wheel file stays in a layer. With --no-index, `difyq` can only be the one wheel there.
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/difyq-*.whl
+    pip install --no-cache-dir --no-index --find-links=/wheels 'difyq[gevent]'
 WORKDIR /srv/difyq
 USER 10001:10001
 EXPOSE 8080 9191 9192
