@@ -130,6 +130,10 @@ def _new_job(runtime: Runtime, app: str, source: str, request: JobRequest, callb
              idempotency_key: str | None, scope: str, request_id: str | None) -> NewJob:
     if app not in runtime.config.apps:
         raise SubmitRejected(404, "unknown_app", f"no app named {app!r} is configured", "app")
+    max_query = runtime.config.api.max_query_chars
+    if max_query is not None and request.query is not None and len(request.query) > max_query:
+        raise SubmitRejected(422, "query_too_long", f"the query has {len(request.query)} characters, over "
+                             f"api.max_query_chars ({max_query})", "query")
     if callback_url and not runtime.config.callbacks.signing_secrets():
         raise SubmitRejected(422, "callbacks_not_configured",
                              "callbacks.signing_secret is not set, so no callback can be signed", "callback_url")

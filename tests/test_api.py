@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -134,6 +135,23 @@ def test_body_over_one_mebibyte_is_413(api) -> None:
     streamed = requests.post(f"{base}/v1/jobs", data=chunks(), headers={**auth(), "Content-Type": "application/json"},
                              timeout=10)
     assert streamed.status_code == 413
+
+
+def test_a_query_is_bounded_by_the_body_limit_unless_a_cap_is_configured(api, redis_url: str, namespace: str) -> None:
+    base, _ = api
+    body = {"app": "support", "query": ""}
+    body["query"] = "q" * (1_040_384 - len(json.dumps(body)))
+    assert len(json.dumps(body)) == 1_040_384
+    accepted = post_job(base, body)
+    assert accepted.status_code == 202, accepted.text[:300]
+    assert len(accepted.json()["request"]["query"]) == len(body["query"])
+    capped = make_runtime(redis_url, namespace, APPS, api={"max_query_chars": 1000})
+    with serving_api(capped) as capped_base:
+        refused = post_job(capped_base, {"app": "support", "query": "q" * 1001})
+        assert refused.status_code == 422
+        assert refused.json()["error"] == {"code": "query_too_long", "field": "query", "message":
+                                           "the query has 1001 characters, over api.max_query_chars (1000)"}
+        assert post_job(capped_base, {"app": "support", "query": "q" * 1000}).status_code == 202
 
 
 def test_list_and_cancel(api) -> None:

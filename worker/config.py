@@ -205,6 +205,7 @@ class JobsConfig(Strict):
 
 class ApiConfig(Strict):
     max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
+    max_query_chars: Annotated[int, Field(gt=0)] | None = None  # None: only the body limit bounds a query
 
 
 class RedisConfig(Strict):

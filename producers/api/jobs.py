@@ -30,7 +30,7 @@ class JobSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     app: str = Field(min_length=1, max_length=200)
-    query: str | None = Field(default=None, max_length=200_000)
+    query: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     user: str | None = Field(default=None, min_length=1, max_length=256)
     conversation_id: str | None = Field(default=None, max_length=64)

@@ -30,7 +30,7 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: str | None = Field(default=None, max_length=200_000)
+    query: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
     user: str | None = Field(default=None, min_length=1, max_length=256)
     conversation_id: str | None = Field(default=None, max_length=64)
