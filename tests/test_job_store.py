@@ -164,30 +164,14 @@ def test_requeue_then_second_attempt(runtime) -> None:
     assert (second.attempt, second.first) == (2, False)
 
 
-def test_a_started_attempt_returns_the_record_when_asked(runtime) -> None:
+def test_a_started_attempt_returns_the_record(runtime) -> None:
     job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
-    start = runtime.store.start_attempt(job_id, lease_s=30, with_record=True)
+    start = runtime.store.start_attempt(job_id, lease_s=30)
     assert (start.state, start.attempt) == ("started", 1)
     assert start.fields == runtime.store.fields(job_id)
     assert start.fields["status"] == "running" and start.fields["callback_url"] == "https://example.com/cb"
-    busy = runtime.store.start_attempt(job_id, lease_s=30, with_record=True)
+    busy = runtime.store.start_attempt(job_id, lease_s=30)
     assert (busy.state, busy.fields) == ("busy", None)
-
-
-def test_a_start_that_admits_checks_the_key_s_upstream_cooldown(runtime) -> None:
-    """An app without limits is admitted by the start script: while its key cools down after a Dify 429 the
-    attempt does not start; after it, the start says whether the key has a 429 streak to reset."""
-    job_id = runtime.store.submit(new_job()).job["id"]
-    cool = f"{runtime.namespace}:limits:k1:cool"
-    seconds, micros = runtime.raw_redis.time()
-    runtime.raw_redis.hset(cool, mapping={"until": (seconds + 5) * 1_000_000 + micros, "streak": 1})
-    cooling = runtime.store.start_attempt(job_id, lease_s=30, cooldown_key=cool)
-    assert cooling.state == "cooling" and 4.5 < cooling.wait_s <= 5.0
-    assert runtime.store.fields(job_id)["status"] == "queued" and runtime.store.fields(job_id)["attempts"] == "0"
-    runtime.raw_redis.hset(cool, "until", 0)
-    started = runtime.store.start_attempt(job_id, lease_s=30, cooldown_key=cool)
-    assert (started.state, started.attempt, started.upstream_streak) == ("started", 1, True)
-    runtime.raw_redis.delete(cool)
 
 
 def test_a_deferred_job_s_message_names_its_app_and_first_wait(runtime) -> None:

@@ -1,11 +1,13 @@
-"""JobRunner: one delivery of a ``run_job`` message, from the job record to Dify and back to a stored outcome."""
+"""JobRunner: one delivery of a ``run_job`` message, read top to bottom in ``run``: the admission (the Dify key's
+limits), the attempt's start (the job record, under a lease), the Dify call, the release of the admission, the
+outcome (stored, or the job requeued for a retry) and the callback's first attempt."""
 
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -17,17 +19,19 @@ from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.jobs.messages import run_hints
-from difyq.worker.jobs.model import FINAL_STATUSES, JobStatus
+from difyq.worker.jobs.model import JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
 from difyq.worker.leases import LeaseKeeper
-from difyq.worker.limits import Admission, wait_exceeded
+from difyq.worker.limits import Admission, deferral_delay, wait_exceeded
 from difyq.worker.logs import job_log_context
 from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
-from difyq.worker.throttle import Throttle
+from difyq.worker.throttle import Slot, Throttle
 
 log = structlog.get_logger("difyq.worker")
+
+APP_NOT_CONFIGURED = DifyError("app_not_configured", "the app is not in the config")
 
 
 def retry_delay(attempt: int, min_backoff: float, max_backoff: float, retry_after: float | None = None) -> float:
@@ -56,6 +60,17 @@ def _recorded_wait(fields: dict[str, str]) -> float | None:
     return float(fields["waiting_since"]) if fields.get("waiting_since") else None
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt comes to: a final ``status`` with its ``result`` or ``error``, or ``queued`` again for a
+    retry in ``retry_in_s``, with the attempt's error."""
+
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    retry_in_s: float | None = None
+
+
 class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
@@ -71,111 +86,86 @@ class JobRunner:
         self._clients: dict[str, DifyClient] = {}
 
     def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None) -> None:
-        """``app`` and ``waiting_since`` are the message's hints (``run_hints``): with them the admission comes
-        first and the record arrives with the attempt's start, one round trip fewer than reading it first."""
-        if app is not None and app in self.config.apps:
-            with structlog.contextvars.bound_contextvars(job_id=job_id, app=app):
-                self._attempt(job_id, app, waiting_since, None)
-            return
-        fields = self.store.fields(job_id)
-        if fields is None:
+        """``app`` and ``waiting_since`` are the message's hints (``run_hints``); a message without them (written
+        by an older version) costs one read of the job's app."""
+        app = app or self.store.app_of(job_id)
+        if app is None:
             log.warning("job_missing", job_id=job_id)
             return
-        with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
-            if fields["status"] in FINAL_STATUSES:
-                log.info("job_already_final", status=fields["status"])
+        with structlog.contextvars.bound_contextvars(job_id=job_id, app=app):
+            admission = self.throttle.admit(app, job_id, waiting_since)
+            if not admission.admitted:
+                self._defer(job_id, app, waiting_since, admission)
                 return
-            if fields["app"] not in self.config.apps:
-                self._fail(job_id, fields, {"code": "app_not_configured", "message": "the app is not in the config",
-                                            "status": None})
+            started = self._start_and_call(job_id, app, admission)
+            if started is None:
                 return
-            self._attempt(job_id, fields["app"], _recorded_wait(fields), fields)
+            fields, outcome = started
+            try:
+                with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
+                    self._conclude(job_id, fields, outcome)
+            finally:
+                self.leases.untrack(job_id)
 
-    def _admit(self, job_id: str, app_name: str, waiting_since: float | None,
-               fields: dict[str, str] | None) -> Admission | None:
-        """Take the app's rate-limit admission, or defer the job and return None."""
-        admission = self.throttle.admit(app_name, job_id, waiting_since)
-        if admission.admitted:
-            return admission
-        self._refused(job_id, app_name, waiting_since, fields, admission)
-        return None
+    def _start_and_call(self, job_id: str, app: str, admission: Admission) -> tuple[dict[str, str], Outcome] | None:
+        """The attempt's start and its Dify call, holding the admission until the call ends (None: the job did
+        not start: it is final, missing, or runs elsewhere). A started job's lease stays tracked (renewed) until
+        the caller has stored its outcome."""
+        with self.throttle.slot(app, admission) as slot:
+            start = self.store.start_attempt(job_id, self.leases.lease_s)
+            if start.fields is None:
+                slot.tokens = 0
+                log.info("job_not_started", state=start.state, status=start.status)
+                return None
+            self.leases.track(job_id)
+            try:
+                with structlog.contextvars.bound_contextvars(**job_log_context(job_id, start.fields)):
+                    return start.fields, self._call(job_id, start.fields, start, slot)
+            except BaseException:
+                self.leases.untrack(job_id)
+                raise
 
-    def _refused(self, job_id: str, app_name: str, waiting_since: float | None, fields: dict[str, str] | None,
-                 admission: Admission) -> None:
+    def _defer(self, job_id: str, app: str, waiting_since: float | None, admission: Admission) -> None:
         """Defer a job a limit refused (no attempt, no worker thread held); a job that would wait past
         ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
         now = time.time()
-        delay = self.throttle.delay(admission)
+        delay = deferral_delay(admission)
         since = waiting_since or now
-        if wait_exceeded(since, now, delay, self.config.jobs.max_wait):
-            self.throttle.abandon(app_name, job_id)
-            fields = fields or self.store.fields(job_id)
-            if fields is not None:
-                self._fail(job_id, fields, {
-                    "code": "rate_limit_wait_exceeded", "status": None,
-                    "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
-                               f"{self.config.jobs.max_wait:.0f}s"})
+        if not wait_exceeded(since, now, delay, self.config.jobs.max_wait):
+            state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since)
+            log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
             return
-        state = self.store.defer(job_id, app_name, delay_s=delay, waiting_since=since)
-        log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
+        self.throttle.abandon(app, job_id)
+        fields = self.store.fields(job_id)
+        if fields is not None:
+            self._conclude(job_id, fields, Outcome(JobStatus.FAILED, error={
+                "code": "rate_limit_wait_exceeded", "status": None,
+                "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
+                           f"{self.config.jobs.max_wait:.0f}s"}))
 
-    def _attempt(self, job_id: str, app_name: str, waiting_since: float | None,
-                 fields: dict[str, str] | None) -> None:
-        """One attempt, from the admission on; ``fields`` is the record when it was read before (else None).
-        An app without limits is admitted by the start script itself (``Throttle.cooldown_gate``)."""
-        gate = self.throttle.cooldown_gate(app_name)
-        admission = None if gate else self._admit(job_id, app_name, waiting_since, fields)
-        if admission is None and gate is None:
-            return
-        start = self.store.start_attempt(job_id, self.leases.lease_s, with_record=fields is None, cooldown_key=gate)
-        if start.state == "cooling":
-            self._refused(job_id, app_name, waiting_since, fields,
-                          Admission(admitted=False, wait_s=start.wait_s, limit="upstream", reservation=None))
-            return
-        admission = admission or Admission(admitted=True, wait_s=0.0, limit=None, reservation=None,
-                                           upstream_streak=start.upstream_streak)
-        fields = fields or start.fields
-        if start.state != "started" or fields is None:
-            self.throttle.release(app_name, admission, 0)
-            log.info("job_not_started", state=start.state, status=start.status)
-            return
-        with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
-            self._call(job_id, fields, self.config.apps[app_name], admission, start)
-
-    def _call(self, job_id: str, fields: dict[str, str], app: AppConfig, admission: Admission,
-              start: AttemptStart) -> None:
-        """Call Dify for a started attempt and store what came of it."""
+    def _call(self, job_id: str, fields: dict[str, str], start: AttemptStart, slot: Slot) -> Outcome:
+        """Call Dify for a started attempt; what the call reports goes to ``slot`` (released by the caller)."""
         app_name = fields["app"]
-        self.throttle.hold(app_name, admission)
+        app = self.config.apps.get(app_name)
+        if app is None:
+            return self._failed(start.attempt, APP_NOT_CONFIGURED)
         if start.first:
             metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
-        request = self._dify_request(fields, app)
-        client = self._client(app_name, app)
         log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
-        self.leases.track(job_id)
         try:
-            result = self._stream(job_id, client, app, request)
+            result = self._stream(job_id, self._client(app_name, app), app, self._dify_request(fields, app))
         except DifyError as error:
-            self.leases.untrack(job_id)
-            self.throttle.release(app_name, admission, 0 if error.rate_limited else None)
-            if error.rate_limited:
-                self.throttle.upstream_limited(app_name)
+            slot.rate_limited = error.rate_limited
             outcome = "timeout" if error.code == "timeout" else "error"
             metrics.dify_request_duration.labels(app=app_name, outcome=outcome).observe(time.monotonic() - started)
             metrics.dify_errors.labels(app=app_name, code=error.code).inc()
-            self._on_error(job_id, fields, start.attempt, error)
-            return
-        except BaseException:
-            self.leases.untrack(job_id)
-            self.throttle.release(app_name, admission, None)
-            raise
-        self.leases.untrack(job_id)
-        self.throttle.release(app_name, admission, result.usage.total_tokens if result.usage else None)
-        self.throttle.succeeded(app_name, admission)
+            return self._failed(start.attempt, error)
+        slot.tokens = result.usage.total_tokens if result.usage else None
+        slot.succeeded = True
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
-        self._conclude(job_id, fields, JobStatus.SUCCEEDED, result=result_document(result))
+        return Outcome(JobStatus.SUCCEEDED, result=result_document(result))
 
     def _stream(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest) -> DifyResult:
         """The Dify call, its task id known to ``task_ids`` (for a cancel to stop it) while it lasts."""
@@ -226,21 +216,15 @@ class JobRunner:
         if price is not None and price > 0:
             metrics.cost.labels(app=app_name, currency=usage.currency or "USD").inc(float(price))
 
-    def _on_error(self, job_id: str, fields: dict[str, str], attempt: int, error: DifyError) -> None:
+    def _failed(self, attempt: int, error: DifyError) -> Outcome:
+        """A failed attempt: retried after a backoff while it may succeed and attempts remain, else final."""
         jobs = self.config.jobs
         log.warning("dify_call_failed", code=error.code, retryable=error.retryable, attempt=attempt,
                     message=error.message[:500])
         if error.retryable and attempt < jobs.max_attempts:
             delay = retry_delay(attempt, jobs.retry_min_backoff, jobs.retry_max_backoff, error.retry_after)
-            hints = run_hints(fields["app"], _recorded_wait(fields))
-            state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=error.as_dict(),
-                                                             hints=hints))
-            if state != "cancel":
-                log.info("job_retry_scheduled", delay_s=round(delay, 3), attempt=attempt)
-                return
-            self._conclude(job_id, fields, JobStatus.CANCELED, error=error.as_dict())
-        else:
-            self._conclude(job_id, fields, JobStatus.FAILED, error=error.as_dict())
+            return Outcome(JobStatus.QUEUED, error=error.as_dict(), retry_in_s=delay)
+        return Outcome(JobStatus.FAILED, error=error.as_dict())
 
     def _durably(self, write: Callable[[], str]) -> str:
         """A store write after a Dify call, retried through a Redis blip of up to one lease, so a finished call is
@@ -257,29 +241,30 @@ class JobRunner:
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
-    def _fail(self, job_id: str, fields: dict[str, str], error: dict[str, Any]) -> None:
-        self._conclude(job_id, fields, JobStatus.FAILED, error=error)
-
-    def _conclude(
-        self, job_id: str, fields: dict[str, str], status: JobStatus, *, result: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> None:
-        """Store the outcome, then (``callbacks.first_attempt_inline``) make the callback's first attempt here,
-        under the job's lease, instead of handing it to another worker through the callbacks queue."""
+    def _conclude(self, job_id: str, fields: dict[str, str], outcome: Outcome) -> None:
+        """Store the outcome (or requeue the job for its retry), then (``callbacks.first_attempt_inline``) make
+        the callback's first attempt here, under the job's lease, instead of handing it to another worker through
+        the callbacks queue."""
+        if outcome.status is JobStatus.QUEUED:
+            delay = outcome.retry_in_s or 0.0
+            hints = run_hints(fields["app"], _recorded_wait(fields))
+            state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=outcome.error, hints=hints))
+            if state != "cancel":
+                log.info("job_retry_scheduled", delay_s=round(delay, 3))
+                return
+            outcome = Outcome(JobStatus.CANCELED, error=outcome.error)
+        status = outcome.status
         if not self.config.callbacks.first_attempt_inline:
-            stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=result, error=error))
+            stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=outcome.result,
+                                                             error=outcome.error))
             self._count_finished(fields, stored)
             self._log_finished(stored)
             return
-        self.leases.track(job_id)
-        try:
-            stored, record = self._durably(lambda: self.store.finish_keeping_callback(
-                job_id, fields, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=result,
-                error=error))
-            self._count_finished(fields, stored)
-            callback = self.sender.deliver_first(job_id, record) if record is not None else None
-        finally:
-            self.leases.untrack(job_id)
+        stored, record = self._durably(lambda: self.store.finish_keeping_callback(
+            job_id, fields, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=outcome.result,
+            error=outcome.error))
+        self._count_finished(fields, stored)
+        callback = self.sender.deliver_first(job_id, record) if record is not None else None
         self._log_finished(stored, callback)
 
     @staticmethod

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from difyq.worker.limits import (
     Admission,
     KeyLimiter,
-    deferral_delay,
     publish_remaining,
     record_deferral,
     record_upstream_limited,
@@ -18,6 +20,17 @@ from difyq.worker.limits import (
 from difyq.worker.runtime import Runtime
 
 REMAINING_EVERY_S = 5.0
+ADMITTED = Admission(admitted=True, wait_s=0.0, limit=None, reservation=None)
+
+
+@dataclass
+class Slot:
+    """What the call made of its admission, for ``Throttle.slot`` to release: the tokens Dify reported, and
+    whether Dify answered 429 (the key cools down for every worker)."""
+
+    tokens: int | None = None
+    rate_limited: bool = False
+    succeeded: bool = False
 
 
 class Throttle:
@@ -34,7 +47,10 @@ class Throttle:
         self._lock = threading.Lock()
 
     def admit(self, app: str, ticket: str, waiting_since: float | None) -> Admission:
-        """Admit one Dify call for ``app`` now (one round trip), or say how long to wait."""
+        """Admit one Dify call for ``app`` now (one round trip), or say how long to wait. An app that is not
+        configured (any more) is admitted without a check: its attempt fails ``app_not_configured``."""
+        if app not in self.key_ids:
+            return ADMITTED
         key_id, limits = self.key_ids[app], self.limits[app]
         admission = self.limiter.acquire(
             key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=self.slot_lease_s,
@@ -45,22 +61,18 @@ class Throttle:
         self._publish(app)
         return admission
 
-    def cooldown_gate(self, app: str) -> str | None:
-        """For an app without limits, the only admission check is the key's upstream cooldown: its hash, for the
-        start script to check in the same round trip (the limiter's clock must then be Redis TIME). None for an
-        app with limits, which goes through ``admit``."""
-        if self.limits[app] is not None or self.limiter.clock_is_fake:
-            return None
-        return self.limiter.cooldown_key(self.key_ids[app])
-
-    def delay(self, admission: Admission) -> float:
-        return deferral_delay(admission)
-
-    def hold(self, app: str, admission: Admission) -> None:
-        """Keep renewing this admission's slot lease (``renew_held``) until it is released."""
+    @contextmanager
+    def slot(self, app: str, admission: Admission) -> Iterator[Slot]:
+        """Hold an admitted call's slot for the ``with`` block (its lease renewed by ``renew_held``), then release
+        it with the tokens the call reported and end or start the key's upstream cooldown."""
+        slot = Slot()
         if admission.reservation:
             with self._lock:
                 self._held[admission.reservation] = (self.key_ids[app], admission.reservation)
+        try:
+            yield slot
+        finally:
+            self._release(app, admission, slot)
 
     def renew_held(self) -> None:
         """Renew the slot lease of every call this process runs; a dead process's slots lapse in slot_lease_s."""
@@ -69,26 +81,24 @@ class Throttle:
         for key_id, reservation in held:
             self.limiter.renew(key_id, reservation, self.slot_lease_s)
 
-    def release(self, app: str, admission: Admission, actual_tokens: int | None) -> None:
-        key_id = self.key_ids[app]
-        if actual_tokens:
-            self.limiter.tokens.observe(key_id, actual_tokens)
+    def _release(self, app: str, admission: Admission, slot: Slot) -> None:
+        key_id = self.key_ids.get(app)
+        if key_id is None:
+            return
         if admission.reservation:
             with self._lock:
                 self._held.pop(admission.reservation, None)
-            self.limiter.release(key_id, admission.reservation, actual_tokens)
+            self.limiter.release(key_id, admission.reservation, 0 if slot.rate_limited else slot.tokens)
+        elif slot.tokens:
+            self.limiter.tokens.observe(key_id, slot.tokens)
+        if slot.rate_limited:
+            record_upstream_limited(app)
+            self.limiter.report_upstream_limited(key_id)
+        elif slot.succeeded and admission.upstream_streak:
+            self.limiter.report_success(key_id)
 
     def abandon(self, app: str, ticket: str) -> None:
         self.limiter.abandon(self.key_ids[app], ticket)
-
-    def upstream_limited(self, app: str) -> float:
-        record_upstream_limited(app)
-        return self.limiter.report_upstream_limited(self.key_ids[app])
-
-    def succeeded(self, app: str, admission: Admission) -> None:
-        """A call went through: end the key's 429 streak if it had one when the call was admitted."""
-        if admission.upstream_streak:
-            self.limiter.report_success(self.key_ids[app])
 
     def _publish(self, app: str) -> None:
         limits = self.limits[app]

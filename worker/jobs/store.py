@@ -59,16 +59,14 @@ class SubmitCall:
 
 @dataclass(frozen=True)
 class AttemptStart:
-    """What ``start_attempt`` decided: ``started`` (with the attempt number, and the record when asked for),
-    ``busy``, ``final``, ``missing``, or ``cooling`` (the Dify key's upstream cooldown ends in ``wait_s``)."""
+    """What ``start_attempt`` decided: ``started`` (with the attempt number and the job's record), ``busy``,
+    ``final`` (with the job's ``status``) or ``missing``."""
 
     state: str
     attempt: int = 0
     first: bool = False
     status: str | None = None
     fields: dict[str, str] | None = None
-    upstream_streak: bool = False
-    wait_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +195,11 @@ class JobStore:
             return found
         return self.replayed(found, await link.hgetall(self.job_key(found)))
 
+    def app_of(self, job_id: str) -> str | None:
+        """The app of a job, for a message that does not name it (written before messages carried hints)."""
+        app = self.redis.hget(self.job_key(job_id), "app")
+        return _text(app) if app is not None else None
+
     def fields(self, job_id: str) -> dict[str, str] | None:
         raw = self.redis.hgetall(self.job_key(job_id))
         return {_text(k): _text(v) for k, v in raw.items()} if raw else None
@@ -253,23 +256,16 @@ class JobStore:
                 break
         return found, next_cursor
 
-    def start_attempt(self, job_id: str, lease_s: float, *, with_record: bool = False,
-                      cooldown_key: str | None = None) -> AttemptStart:
-        """Begin an attempt (see start.lua); ``with_record``: a started attempt also returns the job's record.
-        ``cooldown_key``: the app has no rate limits and this start is its admission too: it does not start
-        while the Dify key's upstream cooldown (that limiter hash) runs (``cooling``, with ``wait_s``)."""
+    def start_attempt(self, job_id: str, lease_s: float) -> AttemptStart:
+        """Begin an attempt (see start.lua); a started attempt comes with the job's record."""
         now = time.time()
         reply = self._start(
-            keys=[self.job_key(job_id), self.leases_key, cooldown_key or ""],
-            args=[repr(now), int((now + lease_s) * 1000), self.worker_id, "record" if with_record else ""],
+            keys=[self.job_key(job_id), self.leases_key],
+            args=[repr(now), int((now + lease_s) * 1000), self.worker_id],
         )
         state = _text(reply[0])
         if state == "started":
-            record = _record(reply, 4)
-            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1",
-                                upstream_streak=_text(reply[3]) == "1", fields=record or None)
-        if state == "cooling":
-            return AttemptStart(state, wait_s=int(reply[1]) / 1_000_000)
+            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1", fields=_record(reply, 3))
         return AttemptStart(state, status=_text(reply[1]) if len(reply) > 1 else None)
 
     def record_task_ids(self, task_ids: dict[str, str]) -> list[str]:
