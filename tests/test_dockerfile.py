@@ -4,9 +4,8 @@ hadolint lints it; a small parser reads its instructions to check the properties
 pinned slim base, non-root user, no compiler or cache in the final stage, exec-form ENTRYPOINT so SIGTERM reaches
 the worker master once, a HEALTHCHECK, OCI labels); and the two steps that decide what the image runs are
 executed here as written: the build stage's ``pip wheel`` on a context holding only what the Dockerfile copies,
-and the final stage's ``pip install`` of that wheel, whose installed ``difyq`` must then start. What stays
-unverified without an engine: that the base image tag exists and that the dependency wheels build for the image's
-platform (see the report of the change that added this file).
+and the final stage's ``pip install`` of that wheel, whose installed ``difyq`` must then start. The image itself
+is built and run with a real engine in tests/test_image.py.
 """
 
 from __future__ import annotations
