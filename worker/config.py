@@ -208,6 +208,30 @@ class ApiConfig(Strict):
     max_query_chars: Annotated[int, Field(gt=0)] | None = None  # None: only the body limit bounds a query
 
 
+class ConsoleUser(Strict):
+    """One person who may sign in to the console: a viewer reads, an operator also acts."""
+
+    token: SecretStr
+    role: Literal["viewer", "operator"] = "viewer"
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+
+class ConsoleConfig(Strict):
+    """The operator console served by ``difyq api`` at ``{path_prefix}/console``."""
+
+    enabled: bool = True
+    path_prefix: Annotated[str, Field(pattern=r"^(/[A-Za-z0-9._~-]+)*$")] = ""
+    users: dict[str, ConsoleUser] = Field(default_factory=dict)
+    sensitive_inputs: list[str] = Field(default_factory=list)
+    session_ttl: Duration = 12 * 3600.0
+
+
 class RedisConfig(Strict):
     namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "difyq"
 
@@ -221,6 +245,7 @@ class Config(Strict):
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
 
     def app_base_url(self, app: str) -> str:

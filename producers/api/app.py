@@ -1,4 +1,5 @@
-"""The FastAPI application: request ids, HTTP metrics, health, /metrics, the jobs API and the webhook routes."""
+"""The FastAPI application: request ids, HTTP metrics, health, /metrics, the jobs API, the webhook routes and the
+operator console."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from difyq.producers.api.errors import error_responses, install_error_handlers
 from difyq.producers.api.jobs import build_jobs_router
 from difyq.producers.api.middleware import RequestContext
+from difyq.producers.console import install_console
 from difyq.producers.hooks import HookDeliveries, build_hooks_router
 from difyq.producers.submit import submit
 from difyq.worker.jobs.model import JobRequest
@@ -80,4 +82,5 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app.include_router(build_hooks_router(lambda: runtime.config, submit_hook,
                                           HookDeliveries(runtime.redis, runtime.namespace)))
+    install_console(app, runtime)
     return app

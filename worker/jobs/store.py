@@ -112,10 +112,12 @@ class JobStore:
         """Dramatiq's zset of consumer (broker) ids by the time of their last call to Redis."""
         return f"{self.namespace}:__heartbeats__"
 
-    def _index_key(self, app: str | None = None) -> str:
+    def index_key(self, app: str | None = None) -> str:
+        """The zset of job ids by creation time (ms): every job, or one app's."""
         return f"{self.namespace}:index:app:{app}" if app else f"{self.namespace}:index:all"
 
-    def _idempotency_key(self, scope: str, key: str) -> str:
+    def idempotency_key(self, scope: str, key: str) -> str:
+        """The claim a producer scope's idempotency key holds: ``{job id}|{request hash}``."""
         return f"{self.namespace}:idem:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     def message(self, queue: str, job_id: str, delay_s: float = 0.0, hints: dict[str, object] | None = None,
@@ -145,12 +147,12 @@ class JobStore:
             fields["callback_url"] = new.callback_url
             fields["callback"] = self.pending_callback(fields)
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
-        idempotency_key = self._idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
+        idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
         pairs = [item for pair in fields.items() for item in pair]
         return SubmitCall(
-            keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self._index_key(),
-                  self._index_key(new.app), message.queue_key, message.bodies_key],
+            keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self.index_key(),
+                  self.index_key(new.app), message.queue_key, message.bodies_key],
             args=[f"{job_id}|{request_hash}" if idempotency_key else "", int(self.config.idempotency_ttl * 1000),
                   created_ms, created_ms - int(self.config.result_ttl * 1000), message.redis_message_id,
                   message.body, *pairs],
@@ -219,7 +221,7 @@ class JobStore:
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
-        index = self._index_key(app)
+        index = self.index_key(app)
         upper = "+inf"
         if cursor:
             upper = f"({int(cursor)}"

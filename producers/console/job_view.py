@@ -1,0 +1,97 @@
+"""What the job page shows: the redacted request, the timeline, the outcome and a curl line to submit it again."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from difyq.producers.console.jobs_query import origin
+from difyq.producers.console.redact import REDACTED, Redactor
+from difyq.worker.jobs.model import iso_time, job_resource
+from difyq.worker.json_codec import dumps
+
+# Stored fields the job page reads besides the resource's own.
+_EXTRA_FIELDS = ("scope", "request_id", "trace_id", "waiting_since", "cancel_requested", "thread")
+
+
+def shown_url(url: str | None) -> str | None:
+    """A URL without its query string or user info (either may carry a credential)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, REDACTED if parts.query else "", ""))
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+def _event(at: float | str | None, what: str, detail: str = "", kind: str = "") -> dict[str, Any] | None:
+    if at in (None, ""):
+        return None
+    return {"at": float(at), "time": iso_time(at), "what": what, "detail": detail, "kind": kind}
+
+
+def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's events in time order, from its record and the operators' actions."""
+    source, client = origin(fields)
+    events = [
+        _event(fields.get("created_at"), "submitted", f"by {source}" + (f" (client {client})" if client else "")),
+        _event(fields.get("waiting_since"), "deferred", "waited for the app's rate limits", "wait"),
+        _event(fields.get("started_at"), f"attempt {job['attempts']} started" if job["attempts"] else "started"),
+    ]
+    error = job.get("error") or {}
+    if error:
+        detail = f"{error.get('code', '')}: {error.get('message', '')}"
+        events.append(_event(fields.get("finished_at") or fields.get("started_at"), "error", detail, "bad"))
+    events.append(_event(fields.get("finished_at"), job["status"], "", "bad" if job["status"] == "failed" else "ok"))
+    callback = job["callback"]
+    if callback["status"] != "none" and callback["attempts"]:
+        code = callback.get("last_status_code")
+        detail = f"{callback['attempts']} attempt(s), last answer {code or 'none'}"
+        if callback.get("next_attempt_at"):
+            detail += f", next at {callback['next_attempt_at']}"
+        events.append(_event(fields.get("finished_at"), f"callback {callback['status']}", detail))
+    for action in actions:
+        events.append(_event(action["at"], f"{action['action']} by {action['operator']}", action["outcome"], "op"))
+    return sorted((event for event in events if event), key=lambda event: event["at"])
+
+
+def curl_line(api_base: str, job: dict[str, Any], request: dict[str, Any]) -> str:
+    """A curl command that submits the same (redacted) request; the client token is left as $DIFYQ_TOKEN."""
+    body = {"app": job["app"], **{name: value for name, value in request.items() if value not in (None, {}, [])}}
+    if job["callback"].get("url"):
+        body["callback_url"] = shown_url(job["callback"]["url"])
+    return " ".join([
+        "curl", "-X", "POST", shlex.quote(f"{api_base}/v1/jobs"),
+        "-H", '"Authorization: Bearer $DIFYQ_TOKEN"',
+        "-H", shlex.quote("Content-Type: application/json"),
+        "-d", shlex.quote(dumps(body).decode()),
+    ])
+
+
+def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Redactor,
+             api_base: str) -> dict[str, Any]:
+    """Everything the job template renders; nothing secret (see ``Redactor`` and ``shown_url``)."""
+    job = job_resource(fields)
+    request = redactor.request(job.get("request"))
+    result = job.get("result") or {}
+    job["callback"] = {**job["callback"], "url": shown_url(job["callback"].get("url"))}
+    source, client = origin(fields)
+    extra = {name: fields.get(name) or None for name in _EXTRA_FIELDS}
+    started, created, finished = (fields.get(name) for name in ("started_at", "created_at", "finished_at"))
+    return {
+        "job": job, "submitted": request, "result": result, "usage": result.get("usage") or {},
+        "source": source, "client": client, "extra": extra,
+        "ids": {name: result.get(name) for name in ("conversation_id", "message_id", "workflow_run_id", "task_id")
+                if result.get(name)},
+        "queue_wait_s": float(started) - float(created) if started and created else None,
+        "duration_s": float(finished) - float(started) if finished and started else None,
+        "timeline": timeline(fields, job, actions),
+        "curl": curl_line(api_base, job, request),
+        "outputs_json": pretty_json(result["outputs"]) if result.get("outputs") else None,
+    }

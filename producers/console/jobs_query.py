@@ -1,0 +1,200 @@
+"""The console's job list: one page of jobs, newest first, read from the job store's creation-time index.
+
+A page never scans: it walks the index (every job, or one app's) from the cursor down, reading at most
+``EXAMINE_LIMIT`` entries, and says how far it got when filters left the page short, so a rare status among a
+million jobs costs the same as a common one. A search for a job id or an idempotency key is a direct lookup; a
+search for a thread or a Dify id matches the jobs of the walked window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from difyq.worker.config import Config
+from difyq.worker.jobs.model import iso_time
+from difyq.worker.jobs.store import JobStore
+from difyq.worker.json_codec import loads
+
+PAGE_SIZE = 50
+EXAMINE_LIMIT = 2000
+_BATCH = 250
+ROW_FIELDS = ("id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
+              "idempotency_key", "result", "callback")
+SEARCHED_IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """The list's filters, as the query string carries them (so a filtered list is a link)."""
+
+    status: str = ""
+    app: str = ""
+    source: str = ""
+    client: str = ""
+    since: str = ""  # ISO date or date-time, UTC unless it names a zone
+    until: str = ""
+    q: str = ""
+
+    def query(self, **changes: str) -> dict[str, str]:
+        """The non-empty filters (with ``changes``) as query parameters."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__} | changes
+        return {name: value for name, value in values.items() if value}
+
+
+@dataclass
+class JobPage:
+    rows: list[dict[str, Any]]
+    next_cursor: str | None  # where the next (older) page starts; None at the end of the index
+    examined: int = 0
+    reached: str | None = None  # the creation time the walk reached when it stopped short of a full page
+    exact: dict[str, Any] | None = field(default=None)  # the job a search named directly
+
+
+def parse_instant(value: str, name: str) -> int | None:
+    """Epoch ms of an ISO date or date-time (UTC when it names no zone); ValueError naming the field."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name}: not an ISO 8601 date or date-time: {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_cursor(cursor: str) -> tuple[int, str] | None:
+    """``{score}.{job id}``: the last row of the previous page."""
+    if not cursor:
+        return None
+    score, _, job_id = cursor.partition(".")
+    if not score.isdigit() or not job_id.startswith("job_"):
+        raise ValueError(f"cursor: not a cursor this console made: {cursor!r}")
+    return int(score), job_id
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def origin(fields: dict[str, str | None]) -> tuple[str, str]:
+    """(source label, client) of a job: ``hook:<name>``, ``schedule:<name>``, ``api``, ``cli``; the API client."""
+    source, scope = fields.get("source") or "", fields.get("scope") or ""
+    kind, _, name = scope.partition(":")
+    if kind == "client":
+        return source, name
+    if kind == "hook":
+        return f"hook:{name}", ""
+    if source == "schedule":
+        schedule = (fields.get("idempotency_key") or "").split(":")
+        return (f"schedule:{schedule[1]}" if len(schedule) > 2 else "schedule"), ""
+    return source, ""
+
+
+def _seconds(later: str | None, earlier: str | None) -> float | None:
+    if not later or not earlier:
+        return None
+    return max(float(later) - float(earlier), 0.0)
+
+
+def summary(fields: dict[str, str | None]) -> dict[str, Any]:
+    """One row of the list from the stored fields ``ROW_FIELDS``."""
+    result = loads(fields["result"]) if fields.get("result") else {}
+    usage = (result or {}).get("usage") or {}
+    callback = loads(fields["callback"]) if fields.get("callback") else None
+    source, client = origin(fields)
+    return {
+        "id": fields["id"], "app": fields["app"], "source": source, "client": client, "status": fields["status"],
+        "attempts": int(fields.get("attempts") or 0), "created_at": iso_time(fields.get("created_at")),
+        "queue_wait_s": _seconds(fields.get("started_at"), fields.get("created_at")),
+        "duration_s": _seconds(fields.get("finished_at"), fields.get("started_at")),
+        "tokens": usage.get("total_tokens"), "cost": usage.get("total_price"), "currency": usage.get("currency"),
+        "callback": callback["status"] if callback else "none",
+        "ids": {name: result.get(name) for name in SEARCHED_IDS if (result or {}).get(name)},
+    }
+
+
+class JobsQuery:
+    """Reads pages of the job list for the console."""
+
+    def __init__(self, store: JobStore, config: Config):
+        self.store = store
+        self.config = config
+
+    def _rows(self, job_ids: list[str]) -> list[dict[str, str | None]]:
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.store.job_key(job_id), *ROW_FIELDS)
+        rows = []
+        for values in pipe.execute():
+            fields = dict(zip(ROW_FIELDS, (_text(value) for value in values), strict=True))
+            if fields["id"]:
+                rows.append(fields)
+        return rows
+
+    def rows_of(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        """The list rows of these jobs (those that still exist), in the order given."""
+        return [summary(fields) for fields in self._rows(job_ids)]
+
+    def find(self, text: str) -> str | None:
+        """The job a search names directly: its id, or an idempotency key under any producer's scope."""
+        text = text.strip()
+        if text.startswith("job_") and self.store.redis.exists(self.store.job_key(text)):
+            return text
+        scopes = ([f"client:{name}" for name in self.config.clients] + [f"hook:{name}" for name in self.config.hooks]
+                  + ["schedule", "cli", "anonymous"])
+        pipe = self.store.redis.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.get(self.store.idempotency_key(scope, text))
+        for claim in pipe.execute():
+            if claim:
+                return _text(claim).partition("|")[0]
+        return None
+
+    def _matches(self, row: dict[str, Any], wanted: JobFilter) -> bool:
+        if wanted.status and row["status"] != wanted.status:
+            return False
+        if wanted.source and row["source"] != wanted.source and row["source"].partition(":")[0] != wanted.source:
+            return False
+        if wanted.client and row["client"] != wanted.client:
+            return False
+        return not wanted.q or wanted.q.strip() in row["ids"].values()
+
+    def page(self, wanted: JobFilter, cursor: str = "", limit: int = PAGE_SIZE) -> JobPage:
+        """One page, newest first, starting below ``cursor``; ValueError names a bad filter."""
+        since, until = parse_instant(wanted.since, "since"), parse_instant(wanted.until, "until")
+        after = parse_cursor(cursor)
+        if wanted.q:
+            found = self.find(wanted.q)
+            if found:
+                rows = self.rows_of([found])
+                return JobPage(rows, None, exact=rows[0] if rows else None)
+        index = self.store.index_key(wanted.app or None)
+        upper: int | str = after[0] if after else (until if until is not None else "+inf")
+        lower: int | str = since if since is not None else "-inf"
+        rows: list[dict[str, Any]] = []
+        examined, offset = 0, 0
+        position: tuple[int, str] | None = None
+        while examined < EXAMINE_LIMIT:
+            entries = self.store.redis.zrevrangebyscore(index, upper, lower, start=offset, num=_BATCH,
+                                                        withscores=True)
+            offset += len(entries)
+            batch = [(_text(member), int(score)) for member, score in entries]
+            if after:  # ties with the cursor's millisecond sort by id, descending
+                batch = [(job_id, score) for job_id, score in batch if score < after[0] or job_id < after[1]]
+            scores = dict(batch)
+            for fields in self._rows([job_id for job_id, _ in batch]):
+                row = summary(fields)
+                if self._matches(row, wanted):
+                    rows.append(row)
+                    if len(rows) >= limit:
+                        return JobPage(rows, f"{scores[row['id']]}.{row['id']}", examined + len(batch))
+            examined += len(batch)
+            if len(entries) < _BATCH:
+                return JobPage(rows, None, examined)
+            if batch:
+                position = (batch[-1][1], batch[-1][0])
+        reached = iso_time(position[0] / 1000) if position else None
+        return JobPage(rows, f"{position[0]}.{position[1]}" if position else None, examined, reached=reached)

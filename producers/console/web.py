@@ -1,0 +1,91 @@
+"""Request plumbing shared by the console's pages: the signed-in operator, CSRF-checked forms, rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from difyq.producers.console.audit import ActionLog
+from difyq.producers.console.job_view import pretty_json
+from difyq.producers.console.redact import Redactor
+from difyq.producers.console.sessions import SESSION_COOKIE, ConsoleSessions, Operator, same_token
+from difyq.worker.runtime import Runtime
+
+MAX_FORM_BYTES = 16_384
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+class Refused(Exception):
+    """A request the console answers with an error page: ``status`` and what was wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class ConsoleWeb:
+    """The console's base path, sessions and templates, and the checks every page and action makes."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.config = runtime.config.console
+        self.base = f"{self.config.path_prefix}/console"
+        self.sessions = ConsoleSessions(runtime.redis, runtime.namespace, self.config)
+        self.actions = ActionLog(runtime.redis, runtime.namespace, runtime.config.jobs.result_ttl)
+        self.redactor = Redactor(self.config.sensitive_inputs)
+        self.templates = Jinja2Templates(directory=str(TEMPLATES))
+        self.templates.env.globals["base"] = self.base
+        self.templates.env.filters["seconds"] = _seconds
+        self.templates.env.filters["query"] = urlencode
+        self.templates.env.filters["pretty"] = pretty_json
+
+    def operator(self, request: Request) -> Operator | None:
+        return self.sessions.operator(request.cookies.get(SESSION_COOKIE))
+
+    def sign_in_redirect(self, request: Request) -> RedirectResponse:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"{self.base}/login?{urlencode({'next': target})}", status_code=303)
+
+    async def form(self, request: Request, operator: Operator | None, *, acting: bool = True) -> dict[str, str]:
+        """The POSTed form of a signed-in operator (an operator, when ``acting``) with a valid CSRF token."""
+        if operator is None:
+            raise Refused(401, "sign in first")
+        body = await request.body()
+        if len(body) > MAX_FORM_BYTES:
+            raise Refused(413, "form too large")
+        form = {name: values[-1] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+        if not same_token(form.get("csrf_token", ""), operator.csrf):
+            raise Refused(403, "csrf_token: missing or not this session's; reload the page and try again")
+        if acting and not operator.may_act:
+            raise Refused(403, f"{operator.name} is a viewer and may not act")
+        return form
+
+    def render(self, request: Request, template: str, operator: Operator | None, status: int = 200,
+               **context: Any) -> HTMLResponse:
+        response = self.templates.TemplateResponse(
+            request, template, {"operator": operator, "nav": template.split(".")[0], **context}, status_code=status)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def refused(self, request: Request, operator: Operator | None, refusal: Refused) -> Response:
+        return self.render(request, "error.html", operator, status=refusal.status, message=refusal.message)
+
+
+def _seconds(value: float | None) -> str:
+    """A duration for a table cell: ``850 ms``, ``12.3 s``, ``4 min 5 s``, ``2 h 3 min``; an en dash when unknown."""
+    if value is None:
+        return "\u2013"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"

@@ -1,0 +1,134 @@
+"""The operator console in a real headless Chromium against a real API, worker, emulator and Redis: sign in,
+a job appears without reload and succeeds, its page shows the answer and usage, cancel from the page, a viewer
+cannot act and a forged POST is refused; screenshots of the list and a job page go to docs/img/."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.runtime import Runtime
+from tests.support.browser import By, click, headless_chromium, text_of, wait_until
+from tests.support.stack import auth, make_runtime, running_worker, serving_api
+
+pytestmark = pytest.mark.e2e
+
+OPERATOR_TOKEN = "operator-token-0123456789abcdef"
+VIEWER_TOKEN = "viewer-token-0123456789abcdef"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+@dataclass
+class Stack:
+    runtime: Runtime
+    api: str
+    browser: WebDriver
+
+    @property
+    def console(self) -> str:
+        return f"{self.api}/console"
+
+    def submit(self, query: str, **extra: object) -> str:
+        reply = requests.post(f"{self.api}/v1/jobs", headers=auth(), timeout=10,
+                              json={"app": "support", "query": query, "user": "console-test", **extra})
+        assert reply.status_code == 202, reply.text
+        return reply.json()["id"]
+
+    def sign_in(self, token: str) -> None:
+        self.browser.delete_all_cookies()
+        self.browser.get(f"{self.console}/jobs")
+        wait_until(self.browser, lambda b: "/console/login" in b.current_url)
+        field = self.browser.find_element(By.ID, "token")
+        field.send_keys(token)
+        field.submit()
+        wait_until(self.browser, lambda b: b.current_url.endswith("/console/jobs"))
+
+    def status_on_page(self, job_id: str) -> str | None:
+        rows = self.browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
+        return rows[0].get_attribute("data-status") if rows else None
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str) -> Iterator[Stack]:
+    namespace = f"difyq-test-{uuid.uuid4().hex[:12]}"
+    with start_emulator([EmulatedApp(name="support", key="app-console-key", mode="chat")]) as emulator:
+        runtime = make_runtime(
+            redis_url, namespace, {"support": {"api_key": "app-console-key", "mode": "chat",
+                                               "base_url": emulator.base_url}},
+            console={"users": {"alice": {"token": OPERATOR_TOKEN, "role": "operator"},
+                               "victor": {"token": VIEWER_TOKEN, "role": "viewer"}},
+                     "sensitive_inputs": ["customer_email"]})
+        with running_worker(runtime, threads=4), serving_api(runtime) as api, headless_chromium(1440, 900) as browser:
+            yield Stack(runtime, api, browser)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
+    stack.sign_in(OPERATOR_TOKEN)
+    job_id = stack.submit("Hello from the console test",
+                          inputs={"customer_email": "jane@example.com", "db_password": "hunter2", "topic": "billing"})
+    assert wait_until(stack.browser, lambda _: stack.status_on_page(job_id) == "succeeded")
+    for n in range(3):
+        stack.submit(f"Another question {n}")
+    wait_until(stack.browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, 'tr[data-status="succeeded"]')) >= 4)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    stack.browser.save_screenshot(str(SCREENSHOTS / "console-jobs.png"))
+
+    click(stack.browser, By.LINK_TEXT, job_id)
+    wait_until(stack.browser, lambda b: b.find_elements(By.ID, "answer"))
+    assert text_of(stack.browser, By.ID, "answer").strip()
+    usage = text_of(stack.browser, By.ID, "usage")
+    assert "total tokens" in usage
+    page = stack.browser.page_source
+    assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
+    assert "app-console-key" not in page and OPERATOR_TOKEN not in page
+    stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
+
+
+def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
+    stack.sign_in(OPERATOR_TOKEN)
+    job_id = stack.submit("WAIT30 a question that takes long")
+    stack.browser.get(f"{stack.console}/jobs/{job_id}")
+    wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "running")
+    click(stack.browser, By.XPATH, "//button[text()='Cancel job']")
+    wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "canceled")
+    assert "cancel by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+    assert stack.runtime.store.get(job_id)["status"] == "canceled"
+
+
+def test_a_viewer_cannot_act_and_a_forged_post_is_refused(stack: Stack) -> None:
+    job_id = stack.submit("WAIT30 left running")
+    stack.sign_in(VIEWER_TOKEN)
+    stack.browser.get(f"{stack.console}/jobs/{job_id}")
+    wait_until(stack.browser, lambda b: b.find_elements(By.ID, "job-status"))
+    assert not stack.browser.find_elements(By.CSS_SELECTOR, "main form button")
+    assert stack.browser.find_elements(By.ID, "curl")
+    viewer_cookie = {c["name"]: c["value"] for c in stack.browser.get_cookies()}
+
+    stack.sign_in(OPERATOR_TOKEN)
+    operator_cookie = {c["name"]: c["value"] for c in stack.browser.get_cookies()}
+    for cookies, body in ((operator_cookie, {}), (operator_cookie, {"csrf_token": "forged"}),
+                          (viewer_cookie, {})):
+        refused = requests.post(f"{stack.console}/jobs/{job_id}/cancel", data=body, cookies=cookies, timeout=10,
+                                allow_redirects=False)
+        assert refused.status_code == 403, refused.text
+    # The same forgery from inside the signed-in page's own origin, without the form's token.
+    status = stack.browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        f"fetch('{stack.console}/jobs/{job_id}/cancel', {{method: 'POST', body: new URLSearchParams({{}})}})"
+        ".then(r => done(r.status));")
+    assert status == 403
+    assert stack.runtime.store.get(job_id)["status"] in ("queued", "running")
+    stack.runtime.store.cancel(job_id)

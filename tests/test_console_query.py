@@ -1,0 +1,65 @@
+"""The console's job list query on a real Redis: cursor paging sees every job once, filters and searches, a
+walk bounded per page; and what a page may show of a request."""
+
+from __future__ import annotations
+
+from difyq.producers.console import jobs_query
+from difyq.producers.console.job_view import shown_url
+from difyq.producers.console.jobs_query import JobFilter, JobsQuery
+from difyq.producers.console.redact import REDACTED, Redactor
+from difyq.worker.jobs.model import JobRequest, NewJob
+from tests.support.stack import make_runtime
+
+APPS = {"support": {"api_key": "app-a", "mode": "chat"}, "report": {"api_key": "app-b", "mode": "workflow"}}
+
+
+def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace: str, monkeypatch) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    made = []
+    for n in range(23):
+        new = NewJob(app="support" if n % 3 else "report", source="api", scope="client:full",
+                     idempotency_key=f"key-{n}", request=JobRequest(query=f"q{n}"))
+        made.append(runtime.store.submit(new).job["id"])
+    query = JobsQuery(runtime.store, runtime.config)
+    seen, cursor = [], ""
+    while True:
+        page = query.page(JobFilter(), cursor, limit=5)
+        seen += [row["id"] for row in page.rows]
+        if not page.next_cursor:
+            break
+        cursor = page.next_cursor
+    assert seen == sorted(made, reverse=True)
+
+    report = query.page(JobFilter(app="report"))
+    assert {row["app"] for row in report.rows} == {"report"} and len(report.rows) == 8
+    assert query.page(JobFilter(client="full")).rows and not query.page(JobFilter(client="other")).rows
+    assert [row["id"] for row in query.page(JobFilter(q="key-7")).rows] == [made[7]]
+    assert [row["id"] for row in query.page(JobFilter(q=made[3])).rows] == [made[3]]
+
+    monkeypatch.setattr(jobs_query, "EXAMINE_LIMIT", 10)
+    monkeypatch.setattr(jobs_query, "_BATCH", 5)
+    short = query.page(JobFilter(status="failed"))
+    assert short.rows == [] and short.examined == 10 and short.reached and short.next_cursor
+
+
+def test_bad_filters_name_the_field(redis_url: str, namespace: str) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    query = JobsQuery(runtime.store, runtime.config)
+    for wanted, cursor, field in ((JobFilter(since="yesterday"), "", "since"), (JobFilter(), "12x", "cursor")):
+        try:
+            query.page(wanted, cursor)
+        except ValueError as exc:
+            assert str(exc).startswith(f"{field}:")
+        else:
+            raise AssertionError(f"{field} accepted")
+
+
+def test_redaction_and_shown_urls() -> None:
+    redactor = Redactor(["Customer_Email"])
+    shown = redactor.request({"query": "hi", "inputs": {"customer_email": "a@b.c", "nested": {"api_key": "k"},
+                                                        "topic": "x"},
+                              "metadata": {"GitHub-Token": "t", "ticket": 4}})
+    assert shown["inputs"] == {"customer_email": REDACTED, "nested": {"api_key": REDACTED}, "topic": "x"}
+    assert shown["metadata"] == {"GitHub-Token": REDACTED, "ticket": 4} and shown["query"] == "hi"
+    assert shown_url("https://user:pw@hooks.example.com:8443/cb?token=s3cret") == \
+        f"https://hooks.example.com:8443/cb?{REDACTED}"
