@@ -7,15 +7,16 @@ import importlib.util
 import os
 import shutil
 import sys
-from pathlib import Path
+
+import structlog
+
+from difyq.producers.metrics_directory import MetricsDirectoryInUse, claim_metrics_directory
 
 DEFAULT_METRICS_PORT = "9191"
-DEFAULT_MULTIPROC_DIR = "/tmp/difyq-prometheus"
 
 
-def worker_environment(base: dict[str, str], threads: int) -> dict[str, str]:
+def worker_environment(base: dict[str, str], threads: int, metrics_dir: str) -> dict[str, str]:
     env = dict(base)
-    metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR") or DEFAULT_MULTIPROC_DIR
     env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     env["prometheus_multiproc_dir"] = metrics_dir
     env["dramatiq_prom_db"] = metrics_dir
@@ -29,20 +30,17 @@ def worker_environment(base: dict[str, str], threads: int) -> dict[str, str]:
     return env
 
 
-def reset_metrics_directory(path: str) -> None:
-    """Stale multiprocess files from an earlier run would be summed into this run's metrics."""
-    directory = Path(path)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
-
 def exec_worker(processes: int, threads: int, gevent: bool) -> int:
-    env = worker_environment(dict(os.environ), threads)
-    reset_metrics_directory(env["PROMETHEUS_MULTIPROC_DIR"])
     if gevent and importlib.util.find_spec("gevent") is None:
         print("difyq worker: --gevent needs gevent: pip install 'difyq[gevent]'", file=sys.stderr)
         return 2
+    try:
+        claimed = claim_metrics_directory(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    except MetricsDirectoryInUse as exc:
+        print(f"difyq worker: {exc}", file=sys.stderr)
+        return 2
+    structlog.get_logger("difyq.worker").info("worker_metrics_directory", path=str(claimed.path))
+    env = worker_environment(dict(os.environ), threads, str(claimed.path))
     program = "dramatiq-gevent" if gevent else "dramatiq"
     executable = shutil.which(program, path=os.path.dirname(sys.executable)) or shutil.which(program)
     if executable is None:
