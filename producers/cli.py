@@ -1,4 +1,4 @@
-"""The ``difyq`` command line (DESIGN §4)."""
+"""The ``difyq`` command line (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The jobs API over real HTTP on a real Redis: every status code of DESIGN §6 and a body naming the problem."""
+"""The jobs API over real HTTP on a real Redis: every status code of docs/http-api.md and a body naming the problem."""
 
 from __future__ import annotations
 

@@ -30,10 +30,10 @@ from tests.support.stack import auth, make_runtime, serving_api
 EXAMPLES_PER_MODE = 60
 # Checked apart: undocumented status codes (ST103) by the xfail test at the end; schema-valid requests refused
 # (ST202) against REFUSED_BY_DESIGN: a callback URL that is not an http(s) URL or points at a private address is
-# a 422 by design (DESIGN §7), and the schema says only "a string".
+# a 422 by design (docs/http-api.md), and the schema says only "a string".
 EXCLUDED_CHECKS = [status_code_conformance, positive_data_acceptance]
 REFUSED_BY_DESIGN = {"callback_url_blocked"}
-# A body over 1 MiB is refused with 413 (DESIGN §6), which schemathesis does not count as a refusal by default.
+# A body over 1 MiB is refused with 413 (docs/http-api.md), which schemathesis does not count as a refusal by default.
 FUZZ_CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": [
     400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5XX"]}}})
 
@@ -132,7 +132,7 @@ def test_every_operation_answers_as_documented(api: tuple[str, list[str]]) -> No
     assert seen.valid_but_refused <= REFUSED_BY_DESIGN
 
 
-SENT_BY_DESIGN = {  # DESIGN §6 and producers/api: what each route answers besides its success codes
+SENT_BY_DESIGN = {  # docs/http-api.md and producers/api: what each route answers besides its success codes
     ("post", "/v1/jobs"): {401, 403, 404, 413, 422, 503},
     ("get", "/v1/jobs"): {401, 422, 503},
     ("get", "/v1/jobs/{job_id}"): {401, 404, 503},

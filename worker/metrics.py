@@ -1,4 +1,4 @@
-"""Every difyq Prometheus metric (DESIGN §9), defined once and imported by whichever process records it.
+"""Every difyq Prometheus metric (docs/metrics.md), defined once and imported by whichever process records it.
 
 Labels are bounded: app, source, status, code, queue, limit, outcome, hook, schedule, route. Never a job id, a
 user or a key. In worker processes prometheus-client's multiprocess mode is on (PROMETHEUS_MULTIPROC_DIR), so

@@ -43,7 +43,7 @@ _TEMPLATES = ENVIRONMENT.overlay(finalize=_null_as_empty)
 
 @dataclass(frozen=True)
 class MappedJob:
-    """What a hook delivery asks for: the fields of a job submission (DESIGN §6, ``POST /v1/jobs`` body)."""
+    """What a hook delivery asks for: the fields of a job submission (docs/http-api.md, ``POST /v1/jobs`` body)."""
 
     app: str
     query: str | None = None

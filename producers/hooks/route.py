@@ -1,6 +1,6 @@
 """``POST /hooks/{name}``: read the raw body (capped), verify it, dedupe the delivery, map it, submit the job.
 
-Answers (DESIGN §6): 202 ``{"id", "status": "accepted"}`` and ``Location: /v1/jobs/{id}`` for a new job; 200 with
+Answers (docs/http-api.md): 202 ``{"id", "status": "accepted"}`` and ``Location: /v1/jobs/{id}`` for a new job; 200 with
 the same body shape (``"status": "duplicate"``) for a delivery id seen before, or when the job store answers
 with the job the idempotency key already names; 204 when ``when`` is false or names a missing field; 401 for a
 failed verification; 404 for an unknown hook; 413 over the body limit; 415 for a content type other than JSON

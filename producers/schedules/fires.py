@@ -15,7 +15,7 @@ def fire_iso(fire_time: datetime) -> str:
 
 
 def fire_idempotency_key(name: str, fire_time: datetime) -> str:
-    """The job idempotency key of a fire (DESIGN §8): ``schedule:{name}:{fire time}``."""
+    """The job idempotency key of a fire (docs/guarantees.md): ``schedule:{name}:{fire time}``."""
     return f"schedule:{name}:{fire_iso(fire_time)}"
 
 

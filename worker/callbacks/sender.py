@@ -27,7 +27,7 @@ log = structlog.get_logger("difyq.callbacks")
 
 
 def callback_body(job: dict[str, Any]) -> bytes:
-    """The POST body of DESIGN §7."""
+    """The POST body of a callback (docs/http-api.md)."""
     document = {
         "type": f"job.{job['status']}",
         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),

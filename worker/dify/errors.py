@@ -4,7 +4,7 @@ Every failed Dify call ends as one `DifyError`. Its `code` is Dify's own (`inval
 ours for what happens below Dify's JSON layer: `timeout`, `connection_error`, `stream_incomplete`,
 `invalid_response`, `workflow_failed`, and `http_<status>` for a body that is not Dify JSON (a proxy's HTML page).
 
-`classify` decides, once and for all callers, what the worker does with it (DESIGN §8):
+`classify` decides, once and for all callers, what the worker does with it (docs/guarantees.md):
 
 * retry: any HTTP 429 or 5xx, `too_many_requests`, `rate_limit_error`, Dify's concurrency cap sent as
   400 `invalid_param` "Too many requests…", `internal_server_error`/`unknown`, and transport failures;

@@ -1,4 +1,4 @@
-"""The job resource of DESIGN §6: statuses, the submitted request, and the conversion from the stored hash."""
+"""The job resource (docs/http-api.md): statuses, the submitted request, and the conversion from the stored hash."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _json_field(fields: dict[str, str], name: str) -> Any:
 
 
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:
-    """The public job resource (DESIGN §6) from a stored job hash."""
+    """The public job resource (docs/http-api.md) from a stored job hash."""
     callback = _json_field(fields, "callback") or {
         "url": None, "status": "none", "attempts": 0, "last_status_code": None, "next_attempt_at": None,
     }

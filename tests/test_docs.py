@@ -1,0 +1,482 @@
+"""The user documentation (README.md and docs/) is tested like code: every YAML block passes `difyq check-config`,
+every curl line answers the status it promises against the real API on a real Redis, and every table equals its
+source of truth: the config model, the OpenAPI routes, argparse, the environment variables the code reads, the
+metrics the processes register, the dashboard's rows, the latest benchmark run. A table no test knows fails too.
+
+A failing test says which file and which row to change, and what to write there."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr, TypeAdapter
+
+from difyq.worker.config import Config, parse_config
+from difyq.worker.runtime import Runtime
+from tests.support.config_reference import MAP_SEGMENT, Setting, default_text, settings
+from tests.support.markdown import (
+    DOCS,
+    ROOT,
+    blocks,
+    code_spans,
+    curl_lines,
+    documentation_files,
+    relative,
+    table,
+    tables,
+)
+from tests.support.stack import serving_api
+
+CONFIGURATION = DOCS / "configuration.md"
+HTTP_API = DOCS / "http-api.md"
+CLI = DOCS / "cli.md"
+OPERATIONS = DOCS / "operations.md"
+METRICS = DOCS / "metrics.md"
+BENCHMARK = DOCS / "benchmark.md"
+ARCHITECTURE = DOCS / "architecture.md"
+README = ROOT / "README.md"
+
+CONFIG_COLUMNS = ("key", "type", "default", "allowed", "meaning")
+ROUTE_COLUMNS = ("call", "status", "when")
+CLI_COLUMNS = ("command", "does")
+ENV_COLUMNS = ("variable", "read by", "default", "meaning")
+METRIC_COLUMNS = ("metric", "type", "labels", "meaning")
+DASHBOARD_COLUMNS = ("row", "panels and the question each answers")
+BENCH_COLUMNS = ("goal", "target", "difyq", "bare", "celery", "difyq ÷ bare", "verdict")
+INDEX_COLUMNS = ("page", "what it holds")
+REDIS_COLUMNS = ("key", "type", "holds")
+
+
+def _unquote(cell: str) -> str:
+    return cell[1:-1] if cell.startswith("`") and cell.endswith("`") else cell
+
+
+# ------------------------------------------------------------------------------------------------ config blocks
+
+
+def _env_for(text: str) -> dict[str, str]:
+    """A value for every ${NAME} the block references: a Standard Webhooks secret for signing secrets."""
+    secret = "whsec_" + base64.b64encode(b"docs test signing secret 32 b!!").decode()
+    return {name: secret if "CALLBACK_SECRET" in name or "SIGNING" in name else f"docs-test-{name.lower()}"
+            for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text)}
+
+
+def _yaml_blocks() -> list[Any]:
+    return [pytest.param(block, id=block.where) for path in documentation_files() for block in blocks(path, "yaml")]
+
+
+@pytest.mark.parametrize("block", _yaml_blocks())
+def test_every_config_block_passes_check_config(block: Any, tmp_path: Path) -> None:
+    """Copied as printed, with the variables it references set, `difyq check-config` accepts the block."""
+    file = tmp_path / "difyq.yaml"
+    file.write_text(block.text, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "difyq.producers.cli", "check-config", "--config", str(file)],
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", **_env_for(block.text)})
+    assert result.returncode == 0, f"the YAML block at {block.where} fails `difyq check-config`:\n{result.stderr}"
+
+
+# ------------------------------------------------------------------------------------------- config reference
+
+
+def _documented_settings() -> dict[str, tuple[str, ...]]:
+    rows = table(CONFIGURATION, *CONFIG_COLUMNS).rows
+    return {_unquote(row[0]): row for row in rows}
+
+
+def _expected_row(setting: Setting) -> str:
+    return (f"| `{setting.path}` | {setting.type_name} | {default_text(setting)} | {setting.allowed} | "
+            "<what it does> |")
+
+
+def _default_matches(setting: Setting, cell: str) -> bool:
+    if setting.required:
+        return cell == "required"
+    if cell == "required":
+        return False
+    field = setting.field
+    annotation = typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    documented = TypeAdapter(annotation).validate_python(yaml.safe_load(cell) if cell else "")
+    default = setting.default()
+    if isinstance(default, SecretStr) or isinstance(documented, SecretStr):
+        return False
+    return documented == default
+
+
+def test_config_reference_lists_every_key_of_the_model() -> None:
+    documented = _documented_settings()
+    expected = {setting.path: setting for setting in settings(Config)}
+    missing = [_expected_row(expected[path]) for path in expected if path not in documented]
+    stale = sorted(set(documented) - set(expected))
+    assert not missing, (f"{relative(CONFIGURATION)}: the reference table lacks these keys of worker/config.py; "
+                         "add the rows (describe each):\n" + "\n".join(missing))
+    assert not stale, f"{relative(CONFIGURATION)}: the reference table names keys the config model lacks: {stale}"
+
+
+def test_config_reference_types_defaults_and_allowed_values_match_the_model() -> None:
+    documented = _documented_settings()
+    wrong = []
+    for setting in settings(Config):
+        row = documented.get(setting.path)
+        if row is None:
+            continue
+        _, type_cell, default_cell, allowed_cell, meaning = row
+        if (type_cell, allowed_cell) != (setting.type_name, setting.allowed) \
+                or not _default_matches(setting, default_cell) or not meaning:
+            wrong.append(f"{row}\n  should read {_expected_row(setting)} (the default may be written as a "
+                         "duration such as 24h)")
+    assert not wrong, f"{relative(CONFIGURATION)}: rows that disagree with worker/config.py:\n" + "\n".join(wrong)
+
+
+def test_config_reference_segments_name_maps() -> None:
+    """`<name>` stands for a map key in every path that has one, nothing else does."""
+    for path in _documented_settings():
+        assert all(part == MAP_SEGMENT or re.fullmatch(r"[a-z_]+", part) for part in path.split(".")), path
+
+
+# --------------------------------------------------------------------------------------------------- HTTP API
+
+
+@pytest.fixture(scope="module")
+def docs_runtime(redis_url: str) -> Iterator[Runtime]:
+    """The API's config for the documented calls: the `demo` app of `difyq dev` with its `dev-token`, and the
+    `support` app and `crm` client of docs/configuration.md, whose token is $DIFYQ_CRM_TOKEN."""
+    import uuid
+
+    import redis
+
+    namespace = f"difyq-docs-{uuid.uuid4().hex[:12]}"
+    unused_dify = "http://127.0.0.1:9/v1"  # the API never calls Dify; no worker runs here
+    config = parse_config({
+        "apps": {"demo": {"api_key": "app-docs-demo", "mode": "chat", "base_url": unused_dify},
+                 "support": {"api_key": "app-docs-support", "mode": "chat", "base_url": unused_dify}},
+        "clients": {"dev": {"token": "dev-token", "apps": ["*"]},
+                    "crm": {"token": CRM_TOKEN, "apps": ["support"]}},
+        "redis": {"namespace": namespace},
+    })
+    yield Runtime(config, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+CRM_TOKEN = "docs-crm-token-5c1e7a9b"
+
+
+def _documented_routes() -> set[tuple[str, int]]:
+    return {(_unquote(row[0]), int(row[1])) for row in table(HTTP_API, *ROUTE_COLUMNS).rows}
+
+
+def _served_routes(runtime: Runtime) -> set[tuple[str, int]]:
+    """(``METHOD /path``, status) of every response the OpenAPI document declares, without the 422 FastAPI adds
+    by itself to every route with a path parameter (its description is "Validation Error")."""
+    from difyq.producers.api.app import create_app
+
+    served = set()
+    for path, operations in create_app(runtime).openapi()["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if response.get("description") != "Validation Error":
+                    served.add((f"{method.upper()} {path}", int(status)))
+    return served
+
+
+def test_http_api_table_lists_every_route_and_status(docs_runtime: Runtime) -> None:
+    documented, served = _documented_routes(), _served_routes(docs_runtime)
+    missing = [f"| `{call}` | {status} | <when> |" for call, status in sorted(served - documented)]
+    assert not missing, (f"{relative(HTTP_API)}: the routes table lacks these answers of the API (OpenAPI); add "
+                         "the rows:\n" + "\n".join(missing))
+    assert not documented - served, (f"{relative(HTTP_API)}: the routes table lists answers the API does not "
+                                     f"declare: {sorted(documented - served)}")
+
+
+def _curl_params() -> list[Any]:
+    return [pytest.param(path, id=relative(path)) for path in documentation_files() if list(curl_lines(path))]
+
+
+def _route_of(command: str) -> tuple[str, str]:
+    method = re.search(r"-X (\w+)", command)
+    url = re.search(r"https?://[^/\s']+(/[^\s'?]*)", command)
+    assert url, command
+    path = re.sub(r"/job_[A-Za-z0-9_]+|/<id>", "/{job_id}", url.group(1))
+    return (method.group(1) if method else "GET"), path
+
+
+@pytest.mark.parametrize("path", _curl_params())
+def test_every_curl_line_answers_as_documented(path: Path, docs_runtime: Runtime) -> None:
+    """Each curl line of the file, in order, against the real API on a real Redis: it answers the status its
+    `# → NNN` comment promises, and that status is one the routes table lists for the call. `<id>` is the job
+    the first submission created."""
+    documented = _documented_routes()
+    job_id = None
+    with serving_api(docs_runtime) as base:
+        for line in curl_lines(path):
+            where = f"{line.block.where}: {line.command}"
+            assert line.expected_status is not None, f"{where}: end the line with `    # → <status>`"
+            method, route = _route_of(line.command)
+            assert (f"{method} {route}", line.expected_status) in documented, (
+                f"{where}: {line.expected_status} is not in the routes table of {relative(HTTP_API)}")
+            command = line.command.replace("http://127.0.0.1:8080", base)
+            if "<id>" in command:
+                assert job_id, f"{where}: <id> before any job was created"
+                command = command.replace("<id>", job_id)
+            result = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True,
+                                    text=True, timeout=30, env={"PATH": "/usr/bin:/bin",
+                                                                "DIFYQ_CRM_TOKEN": CRM_TOKEN})
+            body, _, status = result.stdout.rpartition("\n")
+            assert int(status) == line.expected_status, f"{where}: answered {status} {body}"
+            if method == "POST" and route == "/v1/jobs" and status in ("200", "202") and job_id is None:
+                job_id = json.loads(body)["id"]
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def _help(words: list[str]) -> str:
+    """What `difyq <words> --help` prints."""
+    import contextlib
+    import io
+
+    from difyq.producers.cli import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args([*words, "--help"])
+    return out.getvalue()
+
+
+def _parser_commands(words: tuple[str, ...] = ()) -> dict[str, set[str]]:
+    """``difyq jobs list`` -> its options, read from the --help of each command and subcommand."""
+    text = _help(list(words))
+    usage = text.split("\n\n", 1)[0]
+    choices = re.search(r"\{([a-z,-]+)\}\s+\.\.\.", usage)
+    if choices:
+        found: dict[str, set[str]] = {}
+        for name in choices.group(1).split(","):
+            found.update(_parser_commands((*words, name)))
+        return found
+    return {" ".join(("difyq", *words)): set(re.findall(r"^\s+(--[a-z][a-z-]*)", text, flags=re.MULTILINE))
+            - {"--help"}}
+
+
+def test_cli_table_matches_argparse() -> None:
+    parsed = _parser_commands()
+    documented: dict[str, set[str]] = {}
+    for row in table(CLI, *CLI_COLUMNS).rows:
+        command = _unquote(row[0])
+        words = re.match(r"[a-z][a-z-]*( [a-z][a-z-]*)*", command)
+        assert words, row
+        documented[words.group(0)] = set(re.findall(r"--[a-z][a-z-]*", command))
+    missing = sorted(set(parsed) - set(documented))
+    assert not missing, f"{relative(CLI)}: add a row for each of these commands: {missing}"
+    assert not set(documented) - set(parsed), f"{relative(CLI)}: no such commands: {set(documented) - set(parsed)}"
+    wrong = {command: {"undocumented": sorted(parsed[command] - flags), "no such flag": sorted(flags - parsed[command])}
+             for command, flags in documented.items() if flags != parsed[command]}
+    assert not wrong, f"{relative(CLI)}: the options of these rows differ from producers/cli.py: {wrong}"
+
+
+# ------------------------------------------------------------------------------------- environment variables
+
+SOURCES_READING_THE_ENVIRONMENT = ("worker", "producers", "Dockerfile", "helm/difyq/templates")
+
+
+def _variables_in_code() -> dict[str, str]:
+    """Every DIFYQ_* variable the code, the image or the chart names, PROMETHEUS_MULTIPROC_DIR and REDIS_URL, and
+    the Dramatiq settings `difyq worker` defaults (``env.setdefault("dramatiq_…")``): name -> a file naming it."""
+    found: dict[str, str] = {}
+    for source in SOURCES_READING_THE_ENVIRONMENT:
+        root = ROOT / source
+        for file in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            text = file.read_text(encoding="utf-8", errors="replace")
+            names = re.findall(r"\b(DIFYQ_[A-Z0-9_]+|REDIS_URL|PROMETHEUS_MULTIPROC_DIR)\b", text)
+            names += re.findall(r"setdefault\(\"(dramatiq_[a-z_]+)\"", text)
+            for name in names:
+                found.setdefault(name, relative(file))
+    return found
+
+
+def test_environment_table_lists_every_variable_the_code_reads() -> None:
+    documented = {_unquote(row[0]) for row in table(OPERATIONS, *ENV_COLUMNS).rows}
+    in_code = _variables_in_code()
+    missing = [f"| `{name}` | <which commands> | <default> | <meaning> |   (named in {where})"
+               for name, where in sorted(in_code.items()) if name not in documented]
+    assert not missing, (f"{relative(OPERATIONS)}: the environment variables table lacks variables the code reads; "
+                         "add the rows:\n" + "\n".join(missing))
+    assert documented <= set(in_code), (f"{relative(OPERATIONS)}: the table lists variables no code reads: "
+                                        f"{sorted(documented - set(in_code))}")
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def documented_metrics() -> dict[str, tuple[str, set[str]]]:
+    """metric name (counters with ``_total``) -> (type, label names), from every metrics table of docs/metrics.md."""
+    found = {}
+    for documented in (t for t in tables(METRICS) if t.header == METRIC_COLUMNS):
+        for name, kind, labels, _ in documented.rows:
+            found[_unquote(name)] = (kind, {label.strip() for label in labels.split(",") if label.strip()})
+    return found
+
+
+def exposed_families(text: str) -> dict[str, tuple[str, set[str] | None]]:
+    """difyq_* and dramatiq_* families of a scrape: name (counters with ``_total``) -> (type, label names of its
+    samples, None when it has none)."""
+    found: dict[str, tuple[str, set[str] | None]] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(("difyq_", "dramatiq_")) or family.name.endswith("_created"):
+            continue
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        labels = {label for sample in family.samples for label in sample.labels if label != "le"}
+        found[name] = (family.type, labels if family.samples else None)
+    return found
+
+
+def metrics_table_problems(scrapes: dict[str, str], strict_dramatiq: bool = False) -> list[str]:
+    """How docs/metrics.md differs from what the processes expose in ``scrapes`` (process -> scrape text)."""
+    documented = documented_metrics()
+    exposed: dict[str, tuple[str, set[str] | None]] = {}
+    for text in scrapes.values():
+        for name, (kind, labels) in exposed_families(text).items():
+            known = exposed.get(name, (kind, None))[1]
+            exposed[name] = (kind, labels if labels is not None else known)
+    problems = []
+    for name, (kind, labels) in sorted(exposed.items()):
+        if name not in documented:
+            problems.append(f"add | `{name}` | {kind} | {', '.join(sorted(labels or []))} | <meaning> |")
+            continue
+        documented_kind, documented_labels = documented[name]
+        if documented_kind != kind:
+            problems.append(f"`{name}`: the table says {documented_kind}, the registry {kind}")
+        if labels is not None and labels != documented_labels:
+            problems.append(f"`{name}`: the table says labels {sorted(documented_labels)}, the samples carry "
+                            f"{sorted(labels)}")
+    for name in sorted(set(documented) - set(exposed)):
+        if name.startswith("difyq_") or strict_dramatiq:
+            problems.append(f"`{name}` is in the table but no process exposes it: remove its row")
+    return problems
+
+
+def test_metrics_table_names_and_types_match_the_registry(docs_runtime: Runtime) -> None:
+    """The names and types every process registers (difyq.worker.metrics is imported by all three, the scrape-time
+    gauges come from the queue collector); the labels are compared with live scrapes in
+    tests/test_observability_e2e.py."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from difyq.worker import metrics  # noqa: F401  (registers every difyq metric)
+    from difyq.worker.queue_metrics import QueueCollector
+
+    queue_registry = CollectorRegistry()
+    queue_registry.register(QueueCollector(docs_runtime.raw_redis, docs_runtime.namespace, ["demo"]))
+    scrape = generate_latest(REGISTRY).decode() + generate_latest(queue_registry).decode()
+    documented = documented_metrics()
+    exposed = exposed_families(scrape)
+    problems = [f"add | `{name}` | {kind} | <labels> | <meaning> |" for name, (kind, _) in sorted(exposed.items())
+                if name.startswith("difyq_") and name not in documented]
+    problems += [f"`{name}`: the table says {documented[name][0]}, the registry {kind}"
+                 for name, (kind, _) in exposed.items() if name in documented and documented[name][0] != kind]
+    problems += [f"`{name}` is in the table but not registered: remove its row"
+                 for name in documented if name.startswith("difyq_") and name not in exposed]
+    assert not problems, f"{relative(METRICS)}:\n" + "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------- dashboard, benchmark, index
+
+
+def test_dashboard_table_has_one_row_per_dashboard_row() -> None:
+    dashboard = json.loads((ROOT / "grafana" / "difyq.json").read_text(encoding="utf-8"))
+    rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+    documented = [row[0] for row in table(METRICS, *DASHBOARD_COLUMNS).rows]
+    assert documented == rows, f"{relative(METRICS)}: the dashboard table's rows must be grafana/difyq.json's {rows}"
+
+
+def test_benchmark_table_is_the_latest_run() -> None:
+    latest = ROOT / "tests" / "bench" / "results" / "latest.md"
+    assert table(BENCHMARK, *BENCH_COLUMNS).rows == table(latest, *BENCH_COLUMNS).rows, (
+        f"{relative(BENCHMARK)}: copy the summary table of {relative(latest)}")
+
+
+def test_readme_indexes_every_page_of_docs() -> None:
+    linked = {re.search(r"\(([^)]+)\)", row[0]).group(1) for row in table(README, *INDEX_COLUMNS).rows}
+    pages = {relative(page) for page in DOCS.glob("*.md")}
+    assert pages <= linked, f"README.md: add a row to the documentation table for {sorted(pages - linked)}"
+
+
+# ------------------------------------------------------------------------------------ every table, every path
+
+CHECKED_TABLES: dict[tuple[str, ...], str] = {
+    CONFIG_COLUMNS: "test_config_reference_*",
+    ROUTE_COLUMNS: "test_http_api_table_lists_every_route_and_status",
+    CLI_COLUMNS: "test_cli_table_matches_argparse",
+    ENV_COLUMNS: "test_environment_table_lists_every_variable_the_code_reads",
+    METRIC_COLUMNS: "test_metrics_table_* and tests/test_observability_e2e.py",
+    DASHBOARD_COLUMNS: "test_dashboard_table_has_one_row_per_dashboard_row",
+    BENCH_COLUMNS: "test_benchmark_table_is_the_latest_run",
+    INDEX_COLUMNS: "test_readme_indexes_every_page_of_docs",
+    REDIS_COLUMNS: "tests/test_observability_e2e.py (every key of a live run)",
+}
+
+
+def test_every_table_is_checked_by_a_test() -> None:
+    unchecked = [f"{found.where} {found.header}" for path in documentation_files() for found in tables(path)
+                 if found.header not in CHECKED_TABLES]
+    assert not unchecked, ("tables no test compares with their source of truth; write them as prose or add a "
+                           "check to tests/test_docs.py:\n" + "\n".join(unchecked))
+
+
+def test_every_linked_file_and_named_path_exists() -> None:
+    """Relative links, and paths in code spans (`worker/leases.py`, `tests/test_api.py`), point at real files."""
+    missing = []
+    for path in documentation_files():
+        text = path.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not re.match(r"[a-z]+:", target) and not (path.parent / target).exists():
+                missing.append(f"{relative(path)}: link {target}")
+        for span in code_spans(text):
+            if re.fullmatch(r"(worker|producers|tests|grafana|helm|docs)/[\w./-]+\.(py|lua|json|yaml|md)", span) \
+                    and not (ROOT / span).exists():
+                missing.append(f"{relative(path)}: `{span}`")
+    assert not missing, "these files are gone; update the docs:\n" + "\n".join(missing)
+
+
+def test_nothing_points_at_a_design_document_users_do_not_have() -> None:
+    sources = [*documentation_files(), *sorted((ROOT / "worker").rglob("*.py")),
+               *sorted((ROOT / "producers").rglob("*.py")), *sorted((ROOT / "tests").rglob("*.py")),
+               *sorted((ROOT / "helm").rglob("*")), ROOT / "Dockerfile"]
+    pattern = re.compile("DESIGN" + r" (§|\\u00a7)")
+    found = [relative(file) for file in sources
+             if file.is_file() and pattern.search(file.read_text(encoding="utf-8", errors="replace"))]
+    assert not found, f"these files point at a design document users do not have; point at docs/ instead: {found}"
+
+
+def redis_key_patterns() -> list[tuple[str, re.Pattern[str]]]:
+    """docs/architecture.md's Redis keys as (pattern, regex): `{ns}` is the namespace, any other `{…}` one or
+    more characters."""
+    found = []
+    for row in table(ARCHITECTURE, *REDIS_COLUMNS).rows:
+        pattern = _unquote(row[0])
+        regex = re.escape(pattern).replace(re.escape("{ns}"), "(?P<ns>[^:]+)")
+        regex = re.sub(r"\\\{[^}]*\\\}", ".+", regex)
+        found.append((pattern, re.compile(regex)))
+    return found
+
+
+def undocumented_redis_keys(keys: list[str], namespace: str) -> list[str]:
+    """The keys under ``namespace`` that no row of the Redis table describes."""
+    patterns = redis_key_patterns()
+    return sorted(key for key in keys
+                  if not any((m := regex.fullmatch(key)) and m.group("ns") == namespace for _, regex in patterns))
+
