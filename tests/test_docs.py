@@ -135,9 +135,9 @@ def test_config_reference_types_defaults_and_allowed_values_match_the_model() ->
         _, type_cell, default_cell, allowed_cell, meaning = row
         if (type_cell, allowed_cell) != (setting.type_name, setting.allowed) \
                 or not _default_matches(setting, default_cell) or not meaning:
-            wrong.append(f"{row}\n  should read {_expected_row(setting)} (the default may be written as a "
-                         "duration such as 24h)")
-    assert not wrong, f"{relative(CONFIGURATION)}: rows that disagree with worker/config.py:\n" + "\n".join(wrong)
+            wrong.append(f"| {' | '.join(row)} |\n  should read {_expected_row(setting)}")
+    assert not wrong, (f"{relative(CONFIGURATION)}: rows that disagree with worker/config.py (a duration's default "
+                       "may be written as 24h):\n" + "\n".join(wrong))
 
 
 def test_config_reference_segments_name_maps() -> None:

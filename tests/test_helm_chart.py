@@ -18,7 +18,6 @@ import json
 import os
 import re
 import subprocess
-import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +28,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from pydantic import BaseModel
 
+from tests.support.config_reference import MAP_SEGMENT, Setting, settings
+from tests.support.config_schema import config_schema
 from tests.support.helm_binary import ToolFetchError, ensure_tools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -827,38 +827,51 @@ def test_readme_documents_every_value() -> None:
     assert stale == []
 
 
-def _nested_model(annotation: Any) -> tuple[str, type[BaseModel]] | None:
-    """('self', Model) for a model field (optionally ``| None``), ('map', Model) for ``dict[str, Model]``."""
-    origin = typing.get_origin(annotation)
-    if origin is dict:
-        inner = _nested_model(typing.get_args(annotation)[1])
-        return ("map", inner[1]) if inner and inner[0] == "self" else None
-    if origin in (typing.Union, types.UnionType):
-        return next(filter(None, (_nested_model(arg) for arg in typing.get_args(annotation))), None)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return ("self", annotation)
-    return None
+def test_values_schema_config_is_generated_from_the_config_model() -> None:
+    """values.schema.json checks `config` at install: it holds exactly the keys, types, bounds and allowed values
+    of worker/config.py, as tests/support/config_schema.py generates them."""
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    assert schema["properties"]["config"] == config_schema(), (
+        "helm/difyq/values.schema.json's `config` differs from the config model in worker/config.py: run "
+        "`.venv/bin/python -m tests.support.config_schema --write` and commit the result")
 
 
-def _schema_drift(model: type[BaseModel], node: dict[str, Any], path: str) -> Iterator[str]:
-    properties = node.get("properties", {})
-    if set(properties) != set(model.model_fields):
-        yield (f"{path}: chart schema has {sorted(set(properties) - set(model.model_fields))} extra, "
-               f"{sorted(set(model.model_fields) - set(properties))} missing")
-    required = {name for name, field in model.model_fields.items() if field.is_required()}
-    if required != set(node.get("required", [])):
-        yield f"{path}: required {sorted(node.get('required', []))}, the model requires {sorted(required)}"
-    for name, field in model.model_fields.items():
-        nested = _nested_model(field.annotation)
-        if nested and name in properties:
-            kind, inner = nested
-            child = properties[name] if kind == "self" else properties[name]["additionalProperties"]
-            yield from _schema_drift(inner, child, f"{path}.{name}")
-
-
-def test_values_schema_mirrors_the_config_model() -> None:
-    """values.schema.json checks `config` at install; it must accept exactly what worker/config.py accepts."""
+def _enum_settings() -> list[Setting]:
     from difyq.worker.config import Config
 
+    return [setting for setting in settings(Config) if setting.type_name == "one of"]
+
+
+def _document_at(path: str, value: Any) -> tuple[dict[str, Any], list[str]]:
+    """A config holding ``value`` at ``path`` (map names become ``x``), and the JSON path of that value."""
+    parts = ["x" if part == MAP_SEGMENT else part for part in path.split(".")]
+    document: dict[str, Any] = {}
+    node = document
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return document, parts
+
+
+@pytest.mark.parametrize("setting", _enum_settings(), ids=lambda setting: setting.path)
+def test_the_chart_schema_takes_every_allowed_value_and_refuses_others(setting: Setting) -> None:
+    """Each allowed value of the model passes the chart's schema at its place, and a value outside them fails."""
     schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
-    assert list(_schema_drift(Config, schema["properties"]["config"], "config")) == []
+    validator = jsonschema.Draft7Validator({**schema["properties"]["config"], "definitions": schema["definitions"]})
+    values = setting.allowed.split(", ")
+    for value in [*values, "not-an-allowed-value"]:
+        document, location = _document_at(setting.path, value)
+        at_value = [error.message for error in validator.iter_errors(document) if list(error.absolute_path) == location]
+        assert bool(at_value) == (value not in values), f"{setting.path} = {value!r}: {at_value}"
+
+
+def test_every_app_mode_of_the_model_installs(helm: Helm) -> None:
+    """`helm template` (the schema check of `helm install`) accepts an app of every mode the model allows."""
+    from difyq.worker.config import AppConfig
+
+    modes = typing.get_args(AppConfig.model_fields["mode"].annotation)
+    options = ["--set", "secrets.env.KEY=value-of-key"]
+    for index, mode in enumerate(modes):
+        options += ["--set", f"config.apps.app{index}.api_key=${{KEY}}", "--set", f"config.apps.app{index}.mode={mode}"]
+    result = helm.template(*options)
+    assert result.returncode == 0, result.stderr

@@ -20,6 +20,7 @@ AppMode = Literal["chat", "agent", "advanced-chat", "completion", "workflow"]
 VerifyScheme = Literal["github", "stripe", "standard", "hmac-sha256", "token", "none"]
 
 DEFAULT_CONFIG_PATH = "difyq.yaml"
+HttpUrl = Annotated[str, Field(pattern=r"^https?://")]
 _RANDOM_CRON_FIELD = re.compile(r"[Rr](\(\d+-\d+\))?(/\d+)?")
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -36,7 +37,7 @@ class Strict(BaseModel):
 
 
 class DifyDefaults(Strict):
-    base_url: str = "https://api.dify.ai/v1"
+    base_url: HttpUrl = "https://api.dify.ai/v1"
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     idle_read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
@@ -72,7 +73,7 @@ class AppLimits(Strict):
 class AppConfig(Strict):
     api_key: SecretStr
     mode: AppMode
-    base_url: str | None = None
+    base_url: HttpUrl | None = None
     timeout_s: Annotated[float, Field(gt=0)] = 600.0
     user: str = "difyq"
     auto_generate_name: bool = False
