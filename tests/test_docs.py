@@ -20,12 +20,18 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr, TypeAdapter
 
 from difyq.worker.config import Config, parse_config
 from difyq.worker.runtime import Runtime
 from tests.support.config_reference import MAP_SEGMENT, Setting, default_text, settings
+from tests.support.doc_reference import (
+    METRIC_COLUMNS,
+    METRICS,
+    REDIS_COLUMNS,
+    documented_metrics,
+    exposed_families,
+)
 from tests.support.markdown import (
     DOCS,
     ROOT,
@@ -36,6 +42,7 @@ from tests.support.markdown import (
     relative,
     table,
     tables,
+    unquote,
 )
 from tests.support.stack import serving_api
 
@@ -43,24 +50,16 @@ CONFIGURATION = DOCS / "configuration.md"
 HTTP_API = DOCS / "http-api.md"
 CLI = DOCS / "cli.md"
 OPERATIONS = DOCS / "operations.md"
-METRICS = DOCS / "metrics.md"
 BENCHMARK = DOCS / "benchmark.md"
-ARCHITECTURE = DOCS / "architecture.md"
 README = ROOT / "README.md"
 
 CONFIG_COLUMNS = ("key", "type", "default", "allowed", "meaning")
 ROUTE_COLUMNS = ("call", "status", "when")
 CLI_COLUMNS = ("command", "does")
 ENV_COLUMNS = ("variable", "read by", "default", "meaning")
-METRIC_COLUMNS = ("metric", "type", "labels", "meaning")
 DASHBOARD_COLUMNS = ("row", "panels and the question each answers")
 BENCH_COLUMNS = ("goal", "target", "difyq", "bare", "celery", "difyq ÷ bare", "verdict")
 INDEX_COLUMNS = ("page", "what it holds")
-REDIS_COLUMNS = ("key", "type", "holds")
-
-
-def _unquote(cell: str) -> str:
-    return cell[1:-1] if cell.startswith("`") and cell.endswith("`") else cell
 
 
 # ------------------------------------------------------------------------------------------------ config blocks
@@ -93,7 +92,7 @@ def test_every_config_block_passes_check_config(block: Any, tmp_path: Path) -> N
 
 def _documented_settings() -> dict[str, tuple[str, ...]]:
     rows = table(CONFIGURATION, *CONFIG_COLUMNS).rows
-    return {_unquote(row[0]): row for row in rows}
+    return {unquote(row[0]): row for row in rows}
 
 
 def _expected_row(setting: Setting) -> str:
@@ -178,7 +177,7 @@ CRM_TOKEN = "docs-crm-token-5c1e7a9b"
 
 
 def _documented_routes() -> set[tuple[str, int]]:
-    return {(_unquote(row[0]), int(row[1])) for row in table(HTTP_API, *ROUTE_COLUMNS).rows}
+    return {(unquote(row[0]), int(row[1])) for row in table(HTTP_API, *ROUTE_COLUMNS).rows}
 
 
 def _served_routes(runtime: Runtime) -> set[tuple[str, int]]:
@@ -277,7 +276,7 @@ def test_cli_table_matches_argparse() -> None:
     parsed = _parser_commands()
     documented: dict[str, set[str]] = {}
     for row in table(CLI, *CLI_COLUMNS).rows:
-        command = _unquote(row[0])
+        command = unquote(row[0])
         words = re.match(r"[a-z][a-z-]*( [a-z][a-z-]*)*", command)
         assert words, row
         documented[words.group(0)] = set(re.findall(r"--[a-z][a-z-]*", command))
@@ -310,7 +309,7 @@ def _variables_in_code() -> dict[str, str]:
 
 
 def test_environment_table_lists_every_variable_the_code_reads() -> None:
-    documented = {_unquote(row[0]) for row in table(OPERATIONS, *ENV_COLUMNS).rows}
+    documented = {unquote(row[0]) for row in table(OPERATIONS, *ENV_COLUMNS).rows}
     in_code = _variables_in_code()
     missing = [f"| `{name}` | <which commands> | <default> | <meaning> |   (named in {where})"
                for name, where in sorted(in_code.items()) if name not in documented]
@@ -321,53 +320,6 @@ def test_environment_table_lists_every_variable_the_code_reads() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
-
-
-def documented_metrics() -> dict[str, tuple[str, set[str]]]:
-    """metric name (counters with ``_total``) -> (type, label names), from every metrics table of docs/metrics.md."""
-    found = {}
-    for documented in (t for t in tables(METRICS) if t.header == METRIC_COLUMNS):
-        for name, kind, labels, _ in documented.rows:
-            found[_unquote(name)] = (kind, {label.strip() for label in labels.split(",") if label.strip()})
-    return found
-
-
-def exposed_families(text: str) -> dict[str, tuple[str, set[str] | None]]:
-    """difyq_* and dramatiq_* families of a scrape: name (counters with ``_total``) -> (type, label names of its
-    samples, None when it has none)."""
-    found: dict[str, tuple[str, set[str] | None]] = {}
-    for family in text_string_to_metric_families(text):
-        if not family.name.startswith(("difyq_", "dramatiq_")) or family.name.endswith("_created"):
-            continue
-        name = f"{family.name}_total" if family.type == "counter" else family.name
-        labels = {label for sample in family.samples for label in sample.labels if label != "le"}
-        found[name] = (family.type, labels if family.samples else None)
-    return found
-
-
-def metrics_table_problems(scrapes: dict[str, str], strict_dramatiq: bool = False) -> list[str]:
-    """How docs/metrics.md differs from what the processes expose in ``scrapes`` (process -> scrape text)."""
-    documented = documented_metrics()
-    exposed: dict[str, tuple[str, set[str] | None]] = {}
-    for text in scrapes.values():
-        for name, (kind, labels) in exposed_families(text).items():
-            known = exposed.get(name, (kind, None))[1]
-            exposed[name] = (kind, labels if labels is not None else known)
-    problems = []
-    for name, (kind, labels) in sorted(exposed.items()):
-        if name not in documented:
-            problems.append(f"add | `{name}` | {kind} | {', '.join(sorted(labels or []))} | <meaning> |")
-            continue
-        documented_kind, documented_labels = documented[name]
-        if documented_kind != kind:
-            problems.append(f"`{name}`: the table says {documented_kind}, the registry {kind}")
-        if labels is not None and labels != documented_labels:
-            problems.append(f"`{name}`: the table says labels {sorted(documented_labels)}, the samples carry "
-                            f"{sorted(labels)}")
-    for name in sorted(set(documented) - set(exposed)):
-        if name.startswith("difyq_") or strict_dramatiq:
-            problems.append(f"`{name}` is in the table but no process exposes it: remove its row")
-    return problems
 
 
 def test_metrics_table_names_and_types_match_the_registry(docs_runtime: Runtime) -> None:
@@ -460,23 +412,3 @@ def test_nothing_points_at_a_design_document_users_do_not_have() -> None:
     found = [relative(file) for file in sources
              if file.is_file() and pattern.search(file.read_text(encoding="utf-8", errors="replace"))]
     assert not found, f"these files point at a design document users do not have; point at docs/ instead: {found}"
-
-
-def redis_key_patterns() -> list[tuple[str, re.Pattern[str]]]:
-    """docs/architecture.md's Redis keys as (pattern, regex): `{ns}` is the namespace, any other `{…}` one or
-    more characters."""
-    found = []
-    for row in table(ARCHITECTURE, *REDIS_COLUMNS).rows:
-        pattern = _unquote(row[0])
-        regex = re.escape(pattern).replace(re.escape("{ns}"), "(?P<ns>[^:]+)")
-        regex = re.sub(r"\\\{[^}]*\\\}", ".+", regex)
-        found.append((pattern, re.compile(regex)))
-    return found
-
-
-def undocumented_redis_keys(keys: list[str], namespace: str) -> list[str]:
-    """The keys under ``namespace`` that no row of the Redis table describes."""
-    patterns = redis_key_patterns()
-    return sorted(key for key in keys
-                  if not any((m := regex.fullmatch(key)) and m.group("ns") == namespace for _, regex in patterns))
-

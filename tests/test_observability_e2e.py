@@ -32,6 +32,7 @@ import requests
 
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import free_port
+from tests.support.doc_reference import metrics_table_problems, undocumented_redis_keys
 from tests.support.processes import DifyqProcesses, difyq_processes, wait_for_port
 from tests.support.prometheus_tools import (
     ALERT_RULES_PATH,
@@ -103,6 +104,8 @@ class LiveRun:
     schedule_jobs: int
     flaky_statuses: list[int]
     dead_statuses: list[int]
+    namespace: str
+    redis_keys: list[str]
 
 
 # ------------------------------------------------------------------------------------------------- the stack
@@ -331,6 +334,8 @@ def run_stack(directory: Path, redis_url: str, namespace: str) -> LiveRun:
             listed = requests.get(f"{base}/v1/jobs", params={"source": "schedule", "limit": 200}, headers=auth(),
                                   timeout=10).json()["jobs"]
             scrapes = {name: scrape(port) for name, port in ports.items()}
+            redis_keys = sorted(key.decode() for key in redis.Redis.from_url(redis_url).scan_iter(
+                match=f"{namespace}:*", count=1000))
     return LiveRun(
         snapshot=snapshot,
         scrapes=scrapes,
@@ -340,6 +345,8 @@ def run_stack(directory: Path, redis_url: str, namespace: str) -> LiveRun:
         schedule_jobs=len(listed),
         flaky_statuses=[request.status for request in flaky.requests],
         dead_statuses=[request.status for request in dead.requests],
+        namespace=namespace,
+        redis_keys=redis_keys,
     )
 
 
@@ -434,3 +441,19 @@ def test_no_secret_in_any_log_line_or_scrape(live_run: LiveRun) -> None:
     found = [f"{secret} in the {where}" for where, text in texts.items() for secret, value in SECRETS.items()
              if value in text]
     assert found == []
+
+
+def test_the_metrics_reference_matches_what_the_processes_expose(live_run: LiveRun) -> None:
+    """docs/metrics.md lists every difyq_* and dramatiq_* family of the api's, worker's and scheduler's scrapes,
+    with its type and the labels its samples carry (the run gives every difyq metric a sample)."""
+    problems = metrics_table_problems(live_run.scrapes)
+    assert not problems, "docs/metrics.md differs from the live scrapes:\n" + "\n".join(problems)
+
+
+def test_every_redis_key_of_the_run_is_in_the_architecture_doc(live_run: LiveRun) -> None:
+    """Every key the run left in Redis (jobs, hooks, a schedule, limits, callbacks, Dramatiq's queues) matches a
+    row of the Redis table of docs/architecture.md."""
+    assert len(live_run.redis_keys) > 20, live_run.redis_keys
+    undocumented = undocumented_redis_keys(live_run.redis_keys, live_run.namespace)
+    assert not undocumented, ("docs/architecture.md: add a row to the Redis table for these keys "
+                              f"(`{{ns}}` = {live_run.namespace}):\n" + "\n".join(undocumented))

@@ -101,5 +101,10 @@ def curl_lines(path: Path) -> Iterator[CurlLine]:
             yield CurlLine(block, command.strip(), int(status.group(1)) if status else None)
 
 
+def unquote(cell: str) -> str:
+    """A table cell without the backticks around it."""
+    return cell[1:-1] if cell.startswith("`") and cell.endswith("`") else cell
+
+
 def code_spans(text: str) -> list[str]:
     return re.findall(r"`([^`\n]+)`", text)
