@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from difyq.worker.config import ConfigError, load_config
-from difyq.worker.jobs.model import FINAL_STATUSES, JobRequest
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
 

@@ -19,6 +19,7 @@ from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.runtime import Runtime
 from tests.support.receiver import CallbackReceiver, Reply
 from tests.support.stack import SIGNING_SECRET, auth, make_runtime, running_worker, serving_api, wait_for_final
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,29 @@ def test_dev_command_allows_loopback(tmp_path: Path) -> None:
     config = _dev_config({}, "http://127.0.0.1:5001/v1")
     assert "127.0.0.0/8" in config["callbacks"]["allow_hosts"]
     assert config["callbacks"]["signing_secret"].startswith("whsec_")
+
+
+def test_a_job_that_succeeds_after_failed_attempts_has_no_error(redis_url: str, namespace: str, emulator) -> None:
+    """A failed attempt's error does not outlive a later success: GET and the callback body say ``error: null``,
+    and ``attempt_errors`` keeps each failed attempt's error with its attempt number."""
+    app = {"api_key": "app-callbacks-key1", "mode": "chat", "base_url": emulator.base_url}
+    runtime = make_runtime(
+        redis_url, namespace, {"chat": app},
+        jobs={"retry_min_backoff": "0.3s", "retry_max_backoff": "0.5s", "max_attempts": 10})
+    emulator.set_app("chat", fault="http500")
+    try:
+        with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+            job_id = submit_with_callback(base, receiver.url, f"recovers-{time.time_ns()}")
+            wait_for(lambda: runtime.store.get(job_id)["attempts"] >= 2, what="two failed attempts")
+            emulator.set_app("chat", fault=None)
+            job = wait_for_callback(runtime, job_id)
+            fetched = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).json()
+    finally:
+        emulator.set_app("chat", fault=None)
+    assert fetched["status"] == "succeeded" and fetched["attempts"] >= 3 and fetched["error"] is None
+    errors = fetched["attempt_errors"]
+    assert [error["attempt"] for error in errors] == list(range(1, fetched["attempts"]))
+    assert {error["code"] for error in errors} == {"internal_server_error"} and all(e["message"] for e in errors)
+    data = json.loads(receiver.requests[-1].body)["data"]
+    assert data["error"] is None and data["attempt_errors"] == errors
+    assert job["callback"]["status"] == "delivered"

@@ -24,7 +24,8 @@ from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import positive_data_acceptance, status_code_conformance
 
 from difyq.producers.api.app import create_app
-from difyq.worker.jobs.model import JobRequest, JobStatus, NewJob
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobStatus
 from tests.support.stack import auth, make_runtime, serving_api
 
 EXAMPLES_PER_MODE = 60
@@ -60,7 +61,7 @@ def api(redis_url: str, namespace: str) -> Iterator[tuple[str, list[str]]]:
     queued = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"), scope="t"))
     finished = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"), scope="t",
                                            callback_url="http://127.0.0.1:9/callback"))
-    runtime.store.finish(finished.job["id"], runtime.store.fields(finished.job["id"]) or {}, JobStatus.SUCCEEDED)
+    runtime.store.finish(finished.job["id"], JobStatus.SUCCEEDED)
     with serving_api(runtime) as base:
         yield base, [queued.job["id"], finished.job["id"]]
 

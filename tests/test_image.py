@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from difyq.worker.embedded_redis import free_port
-from difyq.worker.jobs.model import FINAL_STATUSES, JobStatus
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
 from tests.support.container_engine import ContainersUnavailable, ensure_base, podman
 from tests.support.processes import wait_for_port
 from tests.support.stack import CLIENT_TOKEN

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from difyq.worker.jobs.model import JobRequest, JobStatus, NewJob
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
 from tests.support.stack import make_runtime
@@ -142,9 +143,8 @@ def test_attempt_lifecycle_and_finish_once(runtime) -> None:
     start = runtime.store.start_attempt(job_id, lease_s=30)
     assert (start.state, start.attempt, start.first) == ("started", 1, True)
     assert runtime.store.start_attempt(job_id, lease_s=30).state == "busy"
-    fields = runtime.store.fields(job_id)
-    assert runtime.store.finish(job_id, fields, JobStatus.SUCCEEDED, result={"answer": "hi"}) == "succeeded"
-    assert runtime.store.finish(job_id, fields, JobStatus.FAILED, error={"code": "x"}) == "already:succeeded"
+    assert runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "hi"}) == "succeeded"
+    assert runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "x"}) == "already:succeeded"
     job = runtime.store.get(job_id)
     assert job["status"] == "succeeded" and job["result"] == {"answer": "hi"} and job["error"] is None
     assert job["callback"]["status"] == "pending"
@@ -199,8 +199,7 @@ def test_cancel_queued_and_running(runtime) -> None:
     outcome = runtime.store.cancel(running)
     assert (outcome.state, outcome.task_id) == ("running", "task-1")
     assert runtime.store.record_task_ids({running: "task-2"}) == [running], "the cancel came first: stop it"
-    fields = runtime.store.fields(running)
-    assert runtime.store.finish(running, fields, JobStatus.SUCCEEDED, result={"answer": "partial"}) == "canceled"
+    assert runtime.store.finish(running, JobStatus.SUCCEEDED, result={"answer": "partial"}) == "canceled"
 
 
 def test_list_newest_first_with_filters_and_cursor(runtime) -> None:
@@ -223,7 +222,7 @@ def test_list_newest_first_with_filters_and_cursor(runtime) -> None:
 def test_rerun_failed_job(runtime) -> None:
     job_id = runtime.store.submit(new_job()).job["id"]
     runtime.store.start_attempt(job_id, lease_s=30)
-    runtime.store.finish(job_id, runtime.store.fields(job_id), JobStatus.FAILED, error={"code": "x"})
+    runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "x"})
     assert runtime.store.rerun(job_id) == "queued"
     assert runtime.store.get(job_id)["status"] == "queued"
     assert runtime.raw_redis.ttl(runtime.store.job_key(job_id)) == -1

@@ -14,8 +14,10 @@ import redis
 
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from difyq.worker.jobs.model import JobRequest, JobStatus, NewJob
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.leases import LEASE_ENV, LeaseKeeper, lease_from_env
 from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import Runtime
@@ -130,10 +132,9 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     new = NewJob(app="support", source="api", request=JobRequest(query="cb"), scope="client:t",
                  callback_url="http://127.0.0.1:9/hook")
     job_id = runtime.store.submit(new).job["id"]
-    fields = runtime.store.fields(job_id)
     assert runtime.store.start_attempt(job_id, lease_s=30).state == "started"
     status, record = runtime.store.finish_keeping_callback(
-        job_id, fields, JobStatus.SUCCEEDED, lease_s=0.05, lock_s=30, result={"answer": "hi"})
+        job_id, JobStatus.SUCCEEDED, lease_s=0.05, lock_s=30, result={"answer": "hi"})
     assert status == "succeeded" and record is not None
     assert record["status"] == "succeeded" and json.loads(record["result"]) == {"answer": "hi"}
     assert json.loads(record["callback"])["status"] == "pending"
@@ -149,7 +150,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
     assert runtime.store.get(job_id)["status"] == "succeeded", "the outcome is kept"
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
-    runtime.store.callback_attempted(job_id, {"status": "delivered"}, retry_in_s=None, dead=False,
+    runtime.store.callback_attempted(job_id, CallbackBlock("delivered", attempts=1), retry_in_s=None,
                                      release_lease=False)
     runtime.store.start_attempt(job_id, lease_s=0.05)
     time.sleep(0.1)

@@ -20,7 +20,8 @@ import requests
 from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis, free_port
-from difyq.worker.jobs.model import FINAL_STATUSES, iso_time
+from difyq.worker.jobs.model import iso_time
+from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV
 from difyq.worker.redis_check import (
     ALLOW_EVICTION_ENV,

@@ -23,7 +23,8 @@ from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import free_port
 from difyq.worker.jobs.messages import JOBS_QUEUE
-from difyq.worker.jobs.model import FINAL_STATUSES, JobRequest
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
 from difyq.worker.runtime import Runtime
 from tests.support.processes import DifyqProcesses, difyq_processes

@@ -14,7 +14,7 @@ from dramatiq.middleware import Middleware
 
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from difyq.worker.jobs.model import JobStatus
+from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.leases import LeaseKeeper, lease_from_env
 from difyq.worker.runner import JobRunner
 from difyq.worker.runtime import Runtime
@@ -46,13 +46,10 @@ class DifyqWorkerMiddleware(Middleware):
         if message.actor_name != "run_job" or not message.args:
             return
         job_id = str(message.args[0])
-        fields = self.runtime.store.fields(job_id)
-        if fields is None:
-            return
         error = {"code": "internal_error", "status": None,
                  "message": "difyq could not process this job; see the worker logs for the job id"}
-        self.runtime.store.finish(job_id, fields, JobStatus.FAILED, error=error)
-        log.error("job_dead_lettered", job_id=job_id)
+        if self.runtime.store.finish(job_id, JobStatus.FAILED, error=error) != "missing":
+            log.error("job_dead_lettered", job_id=job_id)
 
 
 def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:

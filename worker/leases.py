@@ -34,7 +34,7 @@ from dramatiq.common import dq_name
 from difyq.worker import metrics
 from difyq.worker.durations import parse_duration
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from difyq.worker.jobs.model import FINAL_STATUSES, JobStatus
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
 from difyq.worker.jobs.store import JobStore
 
 log = structlog.get_logger("difyq.leases")
@@ -142,8 +142,7 @@ class LeaseKeeper:
         if state.startswith("queued:") and int(state.split(":")[1]) > MAX_WORKER_LOSSES:
             self._give_up(job_id)
         elif state == "cancel":
-            fields = self.store.fields(job_id) or {}
-            self.store.finish(job_id, fields, JobStatus.CANCELED)
+            self.store.finish(job_id, JobStatus.CANCELED)
         elif state in FINAL_STATUSES:
             resumed = self.store.resume_callback(job_id)
             log.warning("lease_expired_callback_requeued" if resumed else "lease_expired_job_final", job_id=job_id)
@@ -158,6 +157,6 @@ class LeaseKeeper:
             return
         error = {"code": "worker_lost", "status": None,
                  "message": f"the worker running this job died {MAX_WORKER_LOSSES + 1} times; not retried again"}
-        status = self.store.finish(job_id, fields, JobStatus.FAILED, error=error)
+        status = self.store.finish(job_id, JobStatus.FAILED, error=error)
         metrics.jobs_finished.labels(app=fields["app"], status=status).inc()
         log.error("job_failed_worker_lost", job_id=job_id)

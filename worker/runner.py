@@ -19,7 +19,7 @@ from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.jobs.messages import run_hints
-from difyq.worker.jobs.model import JobStatus
+from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
 from difyq.worker.leases import LeaseKeeper
@@ -255,13 +255,13 @@ class JobRunner:
             outcome = Outcome(JobStatus.CANCELED, error=outcome.error)
         status = outcome.status
         if not self.config.callbacks.first_attempt_inline:
-            stored = self._durably(lambda: self.store.finish(job_id, fields, status, result=outcome.result,
+            stored = self._durably(lambda: self.store.finish(job_id, status, result=outcome.result,
                                                              error=outcome.error))
             self._count_finished(fields, stored)
             self._log_finished(stored)
             return
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
-            job_id, fields, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=outcome.result,
+            job_id, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=outcome.result,
             error=outcome.error))
         self._count_finished(fields, stored)
         callback = self.sender.deliver_first(job_id, record) if record is not None else None

@@ -15,7 +15,8 @@ from difyq.producers.api.errors import ApiError, error_responses, invalid
 from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.jobs.model import SOURCES, JobRequest, JobStatus
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.jobs.schema import SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_link import RedisLink

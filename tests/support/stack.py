@@ -16,7 +16,7 @@ from difyq.producers.api.app import create_app
 from difyq.worker.app import build_worker_broker
 from difyq.worker.config import parse_config
 from difyq.worker.embedded_redis import free_port
-from difyq.worker.jobs.model import FINAL_STATUSES
+from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.runtime import Runtime
 
 CLIENT_TOKEN = "test-client-token-0123456789"

@@ -9,7 +9,6 @@ later attempts, replays and the first attempt when ``callbacks.first_attempt_inl
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +17,10 @@ import structlog
 from difyq.worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
 from difyq.worker.callbacks.schedule import next_delay
 from difyq.worker.callbacks.transport import PinnedTransport
-from difyq.worker.jobs.model import FINAL_STATUSES, job_resource
-from difyq.worker.json_codec import dumps, loads
+from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.model import job_resource
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobField
+from difyq.worker.json_codec import dumps
 from difyq.worker.logs import job_log_context
 from difyq.worker.runtime import Runtime
 
@@ -53,10 +54,10 @@ class CallbackSender:
     def deliver(self, job_id: str) -> None:
         """One ``deliver_callback`` message: an attempt unless the callback is settled or another is under way."""
         fields = self.store.fields(job_id)
-        if fields is None or fields.get("status") not in FINAL_STATUSES or not fields.get("callback_url"):
+        if fields is None or fields[JobField.STATUS] not in FINAL_STATUSES:
             return
-        state = loads(fields.get("callback") or "{}")
-        if state.get("status") in ("delivered", "failed"):
+        block = CallbackBlock.of(fields)
+        if block.settled:
             return
         lock = self.store.callback_lock_key(job_id)
         if not self.store.redis.set(lock, "1", nx=True, px=int(self.lock_s * 1000)):
@@ -67,32 +68,23 @@ class CallbackSender:
             self.store.enqueue_callback(job_id, wait_s)
             return
         with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
-            self._attempt(job_id, fields, state, release_lease=False)
+            self._attempt(job_id, fields, block, release_lease=False)
 
     def deliver_first(self, job_id: str, record: dict[str, str]) -> str:
         """The first attempt, by the job's worker, holding the lease and lock ``finish_keeping_callback`` took;
         ``record`` is the stored job. Returns the outcome label."""
-        state = loads(record.get("callback") or "{}")
-        return self._attempt(job_id, record, state, release_lease=True)
+        return self._attempt(job_id, record, CallbackBlock.of(record), release_lease=True)
 
-    def _attempt(self, job_id: str, fields: dict[str, str], state: dict[str, Any], *, release_lease: bool) -> str:
-        attempt = deliver(fields["callback_url"], callback_body(job_resource(fields)), job_id, self.config,
+    def _attempt(self, job_id: str, fields: dict[str, str], block: CallbackBlock, *, release_lease: bool) -> str:
+        attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job_resource(fields)), job_id, self.config,
                           session=self._transport)
-        attempts = int(state.get("attempts") or 0) + 1
-        state.update(url=fields["callback_url"], attempts=attempts, last_status_code=attempt.status_code)
         delay = None
         if attempt.outcome == "retry":
-            delay = next_delay(attempts, list(self.config.retry_schedule), attempt.retry_after_s)
-        if attempt.outcome == "delivered":
-            state.update(status="delivered", next_attempt_at=None)
-        elif delay is not None:
-            state.update(status="pending", next_attempt_at=time.time() + delay)
-        else:
-            state.update(status="failed", next_attempt_at=None)
-        self.store.callback_attempted(job_id, state, retry_in_s=delay, dead=state["status"] == "failed",
-                                      release_lease=release_lease)
+            delay = next_delay(block.attempts + 1, list(self.config.retry_schedule), attempt.retry_after_s)
+        block = block.attempted(attempt.status_code, delay, delivered=attempt.outcome == "delivered")
+        self.store.callback_attempted(job_id, block, retry_in_s=delay, release_lease=release_lease)
         outcome = record_outcome(attempt, retries_remain=delay is not None)
-        self._log(attempt, outcome, attempts, delay, first_inline=release_lease)
+        self._log(attempt, outcome, block.attempts, delay, first_inline=release_lease)
         return outcome
 
     @staticmethod

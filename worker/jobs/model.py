@@ -1,28 +1,18 @@
-"""The job resource (docs/http-api.md): statuses, the submitted request, and the conversion from the stored hash."""
+"""The job resource (docs/http-api.md): the submitted request, what a producer hands to ``submit()``, and the
+public view of a stored job record."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.json_codec import loads
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-
-FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
-SOURCES = ("api", "hook", "schedule", "cli")
 
 
 class JobRequest(BaseModel):
@@ -73,24 +63,24 @@ def _json_field(fields: dict[str, str], name: str) -> Any:
 
 
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:
-    """The public job resource (docs/http-api.md) from a stored job hash."""
-    callback = _json_field(fields, "callback") or {
-        "url": None, "status": "none", "attempts": 0, "last_status_code": None, "next_attempt_at": None,
-    }
-    if callback.get("next_attempt_at") is not None:
-        callback = {**callback, "next_attempt_at": iso_time(callback["next_attempt_at"])}
+    """The public job resource (docs/http-api.md) from a stored job hash. ``error`` is the last attempt's (null once the job
+    succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt number."""
+    callback = CallbackBlock.of(fields)
     return {
-        "id": fields["id"],
-        "app": fields["app"],
-        "source": fields["source"],
-        "status": fields["status"],
-        "idempotency_key": fields.get("idempotency_key") or None,
-        "created_at": iso_time(fields.get("created_at")),
-        "started_at": iso_time(fields.get("started_at")),
-        "finished_at": iso_time(fields.get("finished_at")),
-        "attempts": int(fields.get("attempts") or 0),
-        "request": _json_field(fields, "request"),
-        "result": _json_field(fields, "result"),
-        "error": _json_field(fields, "error"),
-        "callback": callback,
+        "id": fields[JobField.ID],
+        "app": fields[JobField.APP],
+        "source": fields[JobField.SOURCE],
+        "status": fields[JobField.STATUS],
+        "idempotency_key": fields.get(JobField.IDEMPOTENCY_KEY) or None,
+        "created_at": iso_time(fields.get(JobField.CREATED_AT)),
+        "started_at": iso_time(fields.get(JobField.STARTED_AT)),
+        "finished_at": iso_time(fields.get(JobField.FINISHED_AT)),
+        "attempts": int(fields.get(JobField.ATTEMPTS) or 0),
+        "request": _json_field(fields, JobField.REQUEST),
+        "result": _json_field(fields, JobField.RESULT),
+        "error": _json_field(fields, JobField.ERROR),
+        "attempt_errors": _json_field(fields, JobField.ATTEMPT_ERRORS) or [],
+        "callback": {"url": fields.get(JobField.CALLBACK_URL) or None, "status": callback.status,
+                     "attempts": callback.attempts, "last_status_code": callback.last_status_code,
+                     "next_attempt_at": iso_time(callback.next_attempt_at)},
     }

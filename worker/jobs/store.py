@@ -13,10 +13,12 @@ from typing import Any
 import redis
 
 from difyq.worker.config import JobsConfig
+from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
-from difyq.worker.jobs.model import JobStatus, NewJob, job_resource
+from difyq.worker.jobs.model import NewJob, job_resource
+from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
-from difyq.worker.lua_scripts import script_source
 from difyq.worker.redis_link import RedisLink
 from difyq.worker.redis_scripts import register_script
 
@@ -75,11 +77,6 @@ class CancelOutcome:
     task_id: str | None = None
 
 
-def _script(name: str) -> str:
-    """``lua/_wake.lua`` (the ``wake`` helper for scripts that enqueue) followed by the script's own file."""
-    return script_source("difyq.worker.jobs", "_wake", name)
-
-
 class JobStore:
     """Everything the producers and the worker read or write about jobs, under the ``{namespace}:`` prefix."""
 
@@ -88,17 +85,17 @@ class JobStore:
         self.namespace = namespace
         self.config = config
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
-        self._submit = register_script(client, _script("submit"))
-        self._start = register_script(client, _script("start"))
-        self._finish = register_script(client, _script("finish"))
-        self._requeue = register_script(client, _script("requeue"))
-        self._cancel = register_script(client, _script("cancel"))
-        self._rerun = register_script(client, _script("rerun"))
-        self._replay_callback = register_script(client, _script("replay_callback"))
-        self._recover = register_script(client, _script("recover"))
-        self._callback_attempted = register_script(client, _script("callback_attempted"))
-        self._resume_callback = register_script(client, _script("resume_callback"))
-        self._task_id = register_script(client, _script("task_id"))
+        self._submit = register_script(client, job_script("submit"))
+        self._start = register_script(client, job_script("start"))
+        self._finish = register_script(client, job_script("finish"))
+        self._requeue = register_script(client, job_script("requeue"))
+        self._cancel = register_script(client, job_script("cancel"))
+        self._rerun = register_script(client, job_script("rerun"))
+        self._replay_callback = register_script(client, job_script("replay_callback"))
+        self._recover = register_script(client, job_script("recover"))
+        self._callback_attempted = register_script(client, job_script("callback_attempted"))
+        self._resume_callback = register_script(client, job_script("resume_callback"))
+        self._task_id = register_script(client, job_script("task_id"))
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -145,7 +142,6 @@ class JobStore:
         }
         if new.callback_url:
             fields["callback_url"] = new.callback_url
-            fields["callback"] = self.pending_callback(fields)
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
@@ -282,43 +278,20 @@ class JobStore:
         """Held while one callback attempt is under way, so two attempts for one job never overlap."""
         return f"{self.namespace}:callback-lock:{job_id}"
 
-    @staticmethod
-    def pending_callback(fields: dict[str, str]) -> str:
-        """The callback block to store when a job with a callback URL ends ("" without one)."""
-        url = fields.get("callback_url")
-        if not url:
-            return ""
-        return dumps({"url": url, "status": "pending", "attempts": 0, "last_status_code": None,
-                      "next_attempt_at": None}).decode()
-
-    def callback_message(self, job_id: str, fields: dict[str, str]) -> tuple[QueuedMessage | None, str]:
-        """The callback message and the callback block to store when a job with a callback URL ends."""
-        state = self.pending_callback(fields)
-        return (self.message(CALLBACKS_QUEUE, job_id), state) if state else (None, "")
-
     def finish(
         self,
         job_id: str,
-        fields: dict[str, str],
         status: JobStatus,
         *,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
     ) -> str:
         """Record the outcome (once) and enqueue the callback; returns the status the job ended with."""
-        callback, callback_state = self.callback_message(job_id, fields)
-        reply = self._finish(
-            keys=[self.job_key(job_id), self.leases_key, callback.queue_key if callback else "",
-                  callback.bodies_key if callback else "", self.callback_lock_key(job_id)],
-            args=[*self._outcome_args(status, result, error), callback.redis_message_id if callback else "",
-                  callback.body if callback else b"", callback_state, "", ""],
-        )
-        return _text(reply[0])
+        return _text(self._run_finish(job_id, status, result, error, None)[0])
 
     def finish_keeping_callback(
         self,
         job_id: str,
-        fields: dict[str, str],
         status: JobStatus,
         *,
         lease_s: float,
@@ -330,38 +303,44 @@ class JobStore:
         takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
         attempt and records it with ``callback_attempted``. Returns the status and, when the caller owns the
         first attempt, the stored record; else None (no callback URL, or the outcome was already stored)."""
-        callback_state = self.pending_callback(fields)
-        if not callback_state:
-            return self.finish(job_id, fields, status, result=result, error=error), None
         now = time.time()
-        reply = self._finish(
-            keys=[self.job_key(job_id), self.leases_key, "", "", self.callback_lock_key(job_id)],
-            args=[*self._outcome_args(status, result, error, now), "", b"", callback_state,
-                  int((now + lease_s) * 1000), int(lock_s * 1000)],
-        )
+        inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
+        reply = self._run_finish(job_id, status, result, error, inline, now)
         final = _text(reply[0])
-        if len(reply) == 1:
-            return final, None
-        return final, _record(reply, 1)
+        return final, (_record(reply, 1) if len(reply) > 1 else None)
 
-    def _outcome_args(
-        self, status: JobStatus, result: dict[str, Any] | None, error: dict[str, Any] | None, now: float | None = None
-    ) -> list[Any]:
-        return [status.value, repr(time.time() if now is None else now),
-                dumps(result) if result is not None else "", dumps(error) if error is not None else "",
-                int(self.config.result_ttl * 1000)]
+    def _run_finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None,
+                    error: dict[str, Any] | None, inline: dict[str, int] | None, now: float | None = None) -> list[Any]:
+        """One finish.lua call; its arguments are one JSON object (see the script)."""
+        message = self.message(CALLBACKS_QUEUE, job_id)
+        outcome: dict[str, Any] = {
+            "status": status.value, "finished_at": repr(time.time() if now is None else now),
+            "retention_ms": int(self.config.result_ttl * 1000), "callback": CallbackBlock.pending().stored(),
+            "message_id": message.redis_message_id, "message_body": message.body.decode(),
+        }
+        if result is not None:
+            outcome["result"] = dumps(result).decode()
+        if error is not None:
+            outcome["error"] = dumps(error).decode()
+        if inline is not None:
+            outcome["inline"] = inline
+        return self._finish(
+            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
+                  self.callback_lock_key(job_id)],
+            args=[dumps(outcome)],
+        )
 
-    def callback_attempted(
-        self, job_id: str, state: dict[str, Any], *, retry_in_s: float | None, dead: bool, release_lease: bool
-    ) -> None:
+    def callback_attempted(self, job_id: str, block: CallbackBlock, *, retry_in_s: float | None,
+                           release_lease: bool) -> None:
         """Store the callback block after an attempt, in the same step as the next attempt (a delayed message,
-        ``retry_in_s``) or the dead letter; free the callback lock and, with ``release_lease``, the job's lease."""
+        ``retry_in_s``) or, for a ``failed`` block, the dead letter; free the callback lock and, with
+        ``release_lease``, the job's lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         self._callback_attempted(
             keys=[self.job_key(job_id), self.leases_key, self.callback_lock_key(job_id),
                   self.callback_dead_letters_key, message.queue_key if message else "",
                   message.bodies_key if message else ""],
-            args=[dumps(state), "retry" if message else "dead" if dead else "done",
+            args=[block.stored(), "retry" if message else "dead" if block.status == "failed" else "done",
                   message.redis_message_id if message else "", message.body if message else b"", time.time(),
                   "1" if release_lease else ""],
         )
@@ -403,14 +382,11 @@ class JobStore:
                             hints=run_hints(app, waiting_since))
 
     def cancel(self, job_id: str) -> CancelOutcome:
-        fields = self.fields(job_id) or {}
-        callback, callback_state = self.callback_message(job_id, fields)
+        callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._cancel(
-            keys=[self.job_key(job_id), callback.queue_key if callback else "",
-                  callback.bodies_key if callback else ""],
-            args=[repr(time.time()), int(self.config.result_ttl * 1000),
-                  callback.redis_message_id if callback else "", callback.body if callback else b"",
-                  callback_state],
+            keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key],
+            args=[repr(time.time()), int(self.config.result_ttl * 1000), callback.redis_message_id, callback.body,
+                  CallbackBlock.pending().stored()],
         )
         state = _text(reply[0])
         task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None
@@ -422,24 +398,19 @@ class JobStore:
 
     def rerun(self, job_id: str) -> str:
         """A failed or canceled job runs again (its history of attempts is kept); returns ``queued`` or why not."""
-        fields = self.fields(job_id) or {}
-        callback, callback_state = self.callback_message(job_id, fields)
         message = self.message(JOBS_QUEUE, job_id)
         reply = self._rerun(
             keys=[self.job_key(job_id), message.queue_key, message.bodies_key],
-            args=[message.redis_message_id, message.body, callback_state if callback else ""],
+            args=[message.redis_message_id, message.body, CallbackBlock.pending().stored()],
         )
         return _text(reply)
 
     def replay_callback(self, job_id: str) -> bool:
         """Deliver a finished job's callback again, from the first step of the retry schedule."""
-        fields = self.fields(job_id) or {}
-        callback, callback_state = self.callback_message(job_id, fields)
-        if callback is None:
-            return False
+        callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._replay_callback(
             keys=[self.job_key(job_id), self.callback_dead_letters_key, callback.queue_key, callback.bodies_key],
-            args=[callback.redis_message_id, callback.body, callback_state],
+            args=[callback.redis_message_id, callback.body, CallbackBlock.pending().stored()],
         )
         return bool(reply)
 

@@ -4,12 +4,12 @@
 --       6 its bodies
 -- ARGV: 1 callback state json, 2 next: "retry", "dead" or "done", 3 redis message id, 4 message body, 5 now,
 --       6 "1" to drop the job's lease
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = redis.call('HGET', KEYS[1], FIELD.id)
 redis.call('DEL', KEYS[3])
 if not id then
   return 0
 end
-redis.call('HSET', KEYS[1], 'callback', ARGV[1])
+redis.call('HSET', KEYS[1], FIELD.callback, ARGV[1])
 if ARGV[2] == 'retry' then
   redis.call('HSET', KEYS[6], ARGV[3], ARGV[4])
   redis.call('RPUSH', KEYS[5], ARGV[3])

@@ -2,45 +2,52 @@
 -- message in the same step or, when the caller sends the first attempt itself ("inline"), keeps its lease (the
 -- reaper enqueues the callback if that worker dies before recording the attempt) and the callback lock, and gets
 -- the stored record back to build the callback body from.
--- A cancel requested while the call ran turns a success into canceled (the partial result is kept).
+-- A cancel requested while the call ran turns a success into canceled (the partial result is kept). A succeeded
+-- job has no error; the error of a failed last attempt joins the attempt errors.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock
--- ARGV: 1 status, 2 finished_at, 3 result json ("" = none), 4 error json ("" = none), 5 retention ms,
---       6 callback redis message id ("" = no callback message), 7 callback body, 8 callback state json
---       ("" = no callback), 9 inline: lease expiry ms ("" = enqueue the message), 10 inline: lock ttl ms
+-- ARGV: 1 a JSON object: status, finished_at, retention_ms, result and error (JSON texts, absent = none),
+--       callback (the pending callback block, JSON), message_id and message_body (the callback message),
+--       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
-local status = redis.call('HGET', KEYS[1], 'status')
+local outcome = cjson.decode(ARGV[1])
+local status = redis.call('HGET', KEYS[1], FIELD.status)
 if not status then
   return {'missing'}
 end
-if status == 'succeeded' or status == 'failed' or status == 'canceled' then
+if is_final(status) then
   return {'already:' .. status}
 end
-local final = ARGV[1]
-if final == 'succeeded' and redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
-  final = 'canceled'
+local final = outcome.status
+if final == STATUS.succeeded and redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
+  final = STATUS.canceled
 end
-redis.call('HSET', KEYS[1], 'status', final, 'finished_at', ARGV[2])
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'result', ARGV[3])
+redis.call('HSET', KEYS[1], FIELD.status, final, FIELD.finished_at, outcome.finished_at)
+if outcome.result then
+  redis.call('HSET', KEYS[1], FIELD.result, outcome.result)
 end
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'error', ARGV[4])
+if outcome.status == STATUS.succeeded then
+  redis.call('HDEL', KEYS[1], FIELD.error)
+elseif outcome.error then
+  redis.call('HSET', KEYS[1], FIELD.error, outcome.error)
+  remember_error(KEYS[1], outcome.error)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-local id = redis.call('HGET', KEYS[1], 'id')
-if ARGV[8] ~= '' and ARGV[9] ~= '' then
-  redis.call('HSET', KEYS[1], 'callback', ARGV[8])
-  redis.call('ZADD', KEYS[2], ARGV[9], id)
-  redis.call('SET', KEYS[5], '1', 'PX', ARGV[10])
+redis.call('PEXPIRE', KEYS[1], outcome.retention_ms)
+local id = redis.call('HGET', KEYS[1], FIELD.id)
+local has_callback = redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1
+if has_callback then
+  redis.call('HSET', KEYS[1], FIELD.callback, outcome.callback)
+end
+if has_callback and outcome.inline then
+  redis.call('ZADD', KEYS[2], outcome.inline.lease_expiry_ms, id)
+  redis.call('SET', KEYS[5], '1', 'PX', outcome.inline.lock_ms)
   local reply = redis.call('HGETALL', KEYS[1])
   table.insert(reply, 1, final)
   return reply
 end
 redis.call('ZREM', KEYS[2], id)
-if ARGV[8] ~= '' then
-  redis.call('HSET', KEYS[1], 'callback', ARGV[8])
-  redis.call('HSET', KEYS[4], ARGV[6], ARGV[7])
-  redis.call('RPUSH', KEYS[3], ARGV[6])
+if has_callback then
+  redis.call('HSET', KEYS[4], outcome.message_id, outcome.message_body)
+  redis.call('RPUSH', KEYS[3], outcome.message_id)
   wake(KEYS[3])
 end
 return {final}

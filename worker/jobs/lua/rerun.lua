@@ -1,15 +1,15 @@
 -- Run a failed or canceled job again: back to queued with a fresh message; its callback will be sent again.
 -- KEYS: 1 job hash, 2 queue list, 3 queue bodies
--- ARGV: 1 redis message id, 2 message body, 3 pending callback json ("" = no callback)
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'failed' and status ~= 'canceled' then
+-- ARGV: 1 redis message id, 2 message body, 3 pending callback block json (stored when the job has a callback URL)
+local status = redis.call('HGET', KEYS[1], FIELD.status)
+if status ~= STATUS.failed and status ~= STATUS.canceled then
   return status or 'missing'
 end
-redis.call('HSET', KEYS[1], 'status', 'queued')
-redis.call('HDEL', KEYS[1], 'finished_at', 'cancel_requested', 'worker_losses')
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued)
+redis.call('HDEL', KEYS[1], FIELD.finished_at, FIELD.cancel_requested, FIELD.worker_losses)
 redis.call('PERSIST', KEYS[1])
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'callback', ARGV[3])
+if redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1 then
+  redis.call('HSET', KEYS[1], FIELD.callback, ARGV[3])
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])

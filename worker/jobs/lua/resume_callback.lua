@@ -3,11 +3,11 @@
 -- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies
 -- ARGV: 1 job id, 2 redis message id, 3 message body
 redis.call('ZREM', KEYS[2], ARGV[1])
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'succeeded' and status ~= 'failed' and status ~= 'canceled' then
+local status = redis.call('HGET', KEYS[1], FIELD.status)
+if not is_final(status) then
   return 0
 end
-local callback = redis.call('HGET', KEYS[1], 'callback')
+local callback = redis.call('HGET', KEYS[1], FIELD.callback)
 if not callback or cjson.decode(callback)['status'] ~= 'pending' then
   return 0
 end

@@ -6,23 +6,23 @@
 -- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id
 -- Returns {'started', attempts, first start 1|0, record field, value, ...}, or {'missing'}, {'final', status},
 -- {'busy'}.
-local status = redis.call('HGET', KEYS[1], 'status')
+local status = redis.call('HGET', KEYS[1], FIELD.status)
 if not status then
   return {'missing'}
 end
-if status == 'succeeded' or status == 'failed' or status == 'canceled' then
+if is_final(status) then
   return {'final', status}
 end
-local id = redis.call('HGET', KEYS[1], 'id')
-if status == 'running' then
+local id = redis.call('HGET', KEYS[1], FIELD.id)
+if status == STATUS.running then
   local lease = redis.call('ZSCORE', KEYS[2], id)
   if lease then
     return {'busy'}
   end
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local first = redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3])
+local attempts = redis.call('HINCRBY', KEYS[1], FIELD.attempts, 1)
+local first = redis.call('HSETNX', KEYS[1], FIELD.started_at, ARGV[1])
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.running, FIELD.worker, ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], id)
 local reply = {'started', tostring(attempts), tostring(first)}
 for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do

@@ -3,11 +3,11 @@
 -- no longer running is left as it is.
 -- KEYS: 1 job hash
 -- ARGV: 1 task id
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+if redis.call('HGET', KEYS[1], FIELD.status) ~= STATUS.running then
   return 0
 end
-redis.call('HSET', KEYS[1], 'task_id', ARGV[1])
-if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+redis.call('HSET', KEYS[1], FIELD.task_id, ARGV[1])
+if redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
   return 1
 end
 return 0

@@ -1,0 +1,85 @@
+"""The job record's schema, defined once: job statuses, the record's field names, and the Lua preamble that hands
+both to the scripts (``STATUS.running``, ``FIELD.callback_url``, ``is_final(status)``), so no script spells one."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+SOURCES = ("api", "hook", "schedule", "cli")
+
+
+class JobField(StrEnum):
+    """The fields of a job record (a Redis hash, ``RedisKeys.job``)."""
+
+    ID = "id"
+    APP = "app"
+    SOURCE = "source"
+    STATUS = "status"
+    SCOPE = "scope"
+    IDEMPOTENCY_KEY = "idempotency_key"
+    REQUEST_HASH = "request_hash"
+    REQUEST = "request"
+    REQUEST_ID = "request_id"
+    CALLBACK_URL = "callback_url"
+    CREATED_AT = "created_at"
+    STARTED_AT = "started_at"
+    FINISHED_AT = "finished_at"
+    NEXT_ATTEMPT_AT = "next_attempt_at"
+    ATTEMPTS = "attempts"
+    WORKER = "worker"
+    RESULT = "result"
+    ERROR = "error"
+    ATTEMPT_ERRORS = "attempt_errors"  # every failed attempt's error, oldest first, with its attempt number
+    CALLBACK = "callback"  # the callback block (``callback_block.CallbackBlock``)
+    CANCEL_REQUESTED = "cancel_requested"
+    TASK_ID = "task_id"
+    WAITING_SINCE = "waiting_since"
+    DEFERRALS = "deferrals"
+    WORKER_LOSSES = "worker_losses"
+
+
+MAX_ATTEMPT_ERRORS = 20
+
+
+def _lua_table(name: str, values: dict[str, str]) -> str:
+    items = ", ".join(f"{key} = '{value}'" for key, value in values.items())
+    return f"local {name} = {{{items}}}"
+
+
+_REMEMBER_ERROR = """\
+local function remember_error(job, error_json)
+  local errors = cjson.decode(redis.call('HGET', job, FIELD.attempt_errors) or '[]')
+  local entry = cjson.decode(error_json)
+  entry.attempt = tonumber(redis.call('HGET', job, FIELD.attempts) or '0')
+  table.insert(errors, entry)
+  while #errors > MAX_ATTEMPT_ERRORS do
+    table.remove(errors, 1)
+  end
+  redis.call('HSET', job, FIELD.attempt_errors, cjson.encode(errors))
+end"""
+
+
+def lua_preamble() -> str:
+    """The Lua that opens every job script: the statuses, the field names, ``is_final(status)`` and
+    ``remember_error(job key, error json)`` (appends to the record's ``attempt_errors``)."""
+    final = " or ".join(f"status == STATUS.{status.value}" for status in sorted(FINAL_STATUSES))
+    return "\n".join([
+        "-- Generated from difyq.worker.jobs.schema: the job statuses and record fields.",
+        _lua_table("STATUS", {status.value: status.value for status in JobStatus}),
+        _lua_table("FIELD", {field.value: field.value for field in JobField}),
+        f"local MAX_ATTEMPT_ERRORS = {MAX_ATTEMPT_ERRORS}",
+        "local function is_final(status)",
+        f"  return {final}",
+        "end",
+        _REMEMBER_ERROR,
+    ])
