@@ -14,7 +14,7 @@ from difyq.producers.console.job_view import job_page
 from difyq.producers.console.jobs_query import PAGE_SIZE, JobFilter, JobsQuery
 from difyq.producers.console.web import ConsoleWeb, Refused
 from difyq.worker.config import Config
-from difyq.worker.jobs.model import SOURCES, JobStatus
+from difyq.worker.jobs.schema import SOURCES, JobStatus
 
 STATUSES = [status.value for status in JobStatus]
 _FILTER = Annotated[str, Query(max_length=200)]

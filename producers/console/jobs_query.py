@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from difyq.worker.config import Config
+from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.model import iso_time
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.json_codec import loads
@@ -21,7 +22,7 @@ PAGE_SIZE = 50
 EXAMINE_LIMIT = 2000
 _BATCH = 250
 ROW_FIELDS = ("id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
-              "idempotency_key", "result", "callback")
+              "idempotency_key", "result", "callback_url", "callback")
 SEARCHED_IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 
 
@@ -103,7 +104,6 @@ def summary(fields: dict[str, str | None]) -> dict[str, Any]:
     """One row of the list from the stored fields ``ROW_FIELDS``."""
     result = loads(fields["result"]) if fields.get("result") else {}
     usage = (result or {}).get("usage") or {}
-    callback = loads(fields["callback"]) if fields.get("callback") else None
     source, client = origin(fields)
     return {
         "id": fields["id"], "app": fields["app"], "source": source, "client": client, "status": fields["status"],
@@ -111,7 +111,7 @@ def summary(fields: dict[str, str | None]) -> dict[str, Any]:
         "queue_wait_s": _seconds(fields.get("started_at"), fields.get("created_at")),
         "duration_s": _seconds(fields.get("finished_at"), fields.get("started_at")),
         "tokens": usage.get("total_tokens"), "cost": usage.get("total_price"), "currency": usage.get("currency"),
-        "callback": callback["status"] if callback else "none",
+        "callback": CallbackBlock.of({name: value for name, value in fields.items() if value is not None}).status,
         "ids": {name: result.get(name) for name in SEARCHED_IDS if (result or {}).get(name)},
     }
 

@@ -63,8 +63,9 @@ def _json_field(fields: dict[str, str], name: str) -> Any:
 
 
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:
-    """The public job resource (docs/http-api.md) from a stored job hash. ``error`` is the last attempt's (null once the job
-    succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt number."""
+    """The public job resource (docs/http-api.md) from a stored job hash. ``error`` is the last attempt's (null
+    once the job succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt
+    number."""
     callback = CallbackBlock.of(fields)
     return {
         "id": fields[JobField.ID],
