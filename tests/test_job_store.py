@@ -15,6 +15,7 @@ from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
 from tests.support.stack import make_runtime
+from tests.support.waiting import wait_for
 
 APPS = {"support": {"api_key": "app-x", "mode": "chat"}, "other": {"api_key": "app-y", "mode": "workflow"}}
 
@@ -205,8 +206,10 @@ def test_cancel_queued_and_running(runtime) -> None:
 def test_list_newest_first_with_filters_and_cursor(runtime) -> None:
     ids = []
     for index in range(7):
+        submitted_ms = time.time_ns() // 1_000_000
         ids.append(runtime.store.submit(new_job(query=f"q{index}", app="support" if index % 2 else "other")).job["id"])
-        time.sleep(0.002)
+        wait_for(lambda submitted_ms=submitted_ms: time.time_ns() // 1_000_000 > submitted_ms, interval=0.001,
+                 what="the next millisecond (ids order by it)")
     page, cursor = runtime.store.list(allowed_apps=None, limit=3)
     assert [j["id"] for j in page] == ids[::-1][:3] and cursor
     rest, end = runtime.store.list(allowed_apps=None, limit=10, cursor=cursor)
@@ -234,12 +237,12 @@ def test_expired_lease_is_swept_back_and_gives_up_after_repeated_losses(runtime)
     job_id = runtime.store.submit(new_job()).job["id"]
     for _ in range(MAX_WORKER_LOSSES):
         assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
-        time.sleep(0.08)
+        wait_for(lambda: job_id in runtime.store.expired_leases(), what="the lease to lapse")
         runtime.raw_redis.delete(f"{runtime.namespace}:reaper")
         assert keeper.sweep() == [job_id]
         assert runtime.store.get(job_id)["status"] == "queued"
     runtime.store.start_attempt(job_id, lease_s=0.05)
-    time.sleep(0.08)
+    wait_for(lambda: job_id in runtime.store.expired_leases(), what="the lease to lapse")
     runtime.raw_redis.delete(f"{runtime.namespace}:reaper")
     keeper.sweep()
     job = runtime.store.get(job_id)

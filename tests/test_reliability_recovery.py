@@ -22,6 +22,7 @@ from difyq.worker.leases import LEASE_ENV, LeaseKeeper, lease_from_env
 from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import Runtime
 from tests.support.stack import make_runtime, running_worker, wait_for_final
+from tests.support.waiting import wait_for
 
 APPS = {"support": {"api_key": "app-x", "mode": "chat"}}
 
@@ -46,6 +47,11 @@ def fetch_as_consumer(runtime: Runtime, broker_id: str, queue: str, heartbeat_ms
     return fetched
 
 
+def wait_for_lapse(runtime: Runtime, job_id: str) -> None:
+    """Until the job's lease has expired (by the clock the store judges leases with)."""
+    wait_for(lambda: job_id in runtime.store.expired_leases(), timeout=10, what=f"the lease of {job_id} to lapse")
+
+
 def queued_job_ids(runtime: Runtime, queue: str = JOBS_QUEUE) -> list[str]:
     """The job ids of the messages waiting on ``queue``, front first."""
     client, ns = runtime.raw_redis, runtime.namespace
@@ -62,7 +68,6 @@ def test_the_default_lease_brings_a_dead_workers_jobs_back_within_90_s(runtime: 
     print(f"\ndefault lease {keeper.lease_s:.0f} s, sweep every {keeper.sweep_s:.0f} s: a killed worker's running "
           f"jobs are queued again within {running_back:.0f} s, its prefetched ones within "
           f"{keeper.worst_case_recovery_s:.0f} s")
-    assert (keeper.lease_s, keeper.sweep_s, keeper.dead_consumer_s) == (30, 10, 60)
     assert running_back <= keeper.worst_case_recovery_s <= 90
     assert lease_from_env({LEASE_ENV: "2s"}) == 2.0
     with pytest.raises(ValueError, match=LEASE_ENV):
@@ -91,7 +96,7 @@ def test_submit_is_atomic_even_when_redis_is_killed_mid_stream(namespace: str) -
     try:
         for thread in threads:
             thread.start()
-        time.sleep(0.5)
+        wait_for(lambda: len(acknowledged) > 50, what="50 submits acknowledged")
         server.process.kill()
         server.process.wait()
         for thread in threads:
@@ -118,7 +123,7 @@ def test_a_stale_redelivery_never_restarts_a_job_behind_the_reapers_back(runtime
     count, and a poison message could crash worker after worker without ever reaching the bound."""
     job_id = runtime.store.submit(new_job()).job["id"]
     assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
-    time.sleep(0.1)
+    wait_for_lapse(runtime, job_id)
     assert runtime.store.start_attempt(job_id, lease_s=30).state == "busy"
     keeper = LeaseKeeper(runtime.store, lease_s=0.05, sweep_s=0.01)
     assert keeper.sweep() == [job_id]
@@ -142,7 +147,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
                    if family.name == "difyq_jobs_running")
     assert [sample.value for sample in running.samples] == [0.0], "a job sending its callback is not running"
     assert queued_job_ids(runtime, CALLBACKS_QUEUE) == []
-    time.sleep(0.1)
+    wait_for_lapse(runtime, job_id)
 
     keeper = LeaseKeeper(runtime.store, lease_s=0.05, sweep_s=0.01)
     assert keeper.sweep() == [job_id]
@@ -152,8 +157,8 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
     runtime.store.callback_attempted(job_id, CallbackBlock("delivered", attempts=1), retry_in_s=None,
                                      release_lease=False)
-    runtime.store.start_attempt(job_id, lease_s=0.05)
-    time.sleep(0.1)
+    assert runtime.store.start_attempt(job_id, lease_s=0.05).state != "started"
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None, "a finished job takes no lease"
     keeper.sweep()
     assert queued_job_ids(runtime, CALLBACKS_QUEUE) == [job_id], "a settled callback is not enqueued again"
 
@@ -164,12 +169,15 @@ def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(run
     keeper = LeaseKeeper(runtime.store, lease_s=0.3)
     job_id = runtime.store.submit(new_job()).job["id"]
     runtime.store.start_attempt(job_id, lease_s=0.05)
-    time.sleep(0.1)
+    wait_for_lapse(runtime, job_id)
     keeper.upkeep()
-    assert runtime.store.get(job_id)["status"] == "running"
-    time.sleep(0.35)
-    keeper.upkeep()
-    assert runtime.store.get(job_id)["status"] == "queued"
+    assert runtime.store.get(job_id)["status"] == "running", "the first answer from Redis starts the wait"
+
+    def swept() -> bool:
+        keeper.upkeep()
+        return runtime.store.get(job_id)["status"] == "queued"
+
+    wait_for(swept, timeout=10, what="a sweep once Redis has answered for a lease")
     assert runtime.store.fields(job_id)["worker_losses"] == "1"
 
 
@@ -223,10 +231,9 @@ def test_the_redelivered_and_the_reenqueued_message_call_dify_once(
     with running_worker(runtime):
         job = wait_for_final(runtime, job_id, timeout=20)
         recovered_after = time.monotonic() - started
-        deadline = time.monotonic() + 5
-        while runtime.raw_redis.llen(f"{namespace}:{JOBS_QUEUE}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
+        # Both messages handled: each is acked, and an acked message's body is gone.
+        wait_for(lambda: not runtime.raw_redis.hlen(f"{namespace}:{JOBS_QUEUE}.msgs"), timeout=10,
+                 what="both messages of the job acked")
     calls = [call for call in emulator.calls() if marker in str(call.get("body"))]
     print(f"\nrecovered and finished {recovered_after:.1f} s after the worker started (lease 1 s)")
     assert job["status"] == "succeeded"

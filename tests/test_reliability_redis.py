@@ -33,6 +33,7 @@ from difyq.worker.redis_check import (
 from difyq.worker.runtime import Runtime
 from tests.support.processes import difyq_processes, wait_for_port
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
+from tests.support.waiting import wait_for
 
 SUPPORT = EmulatedApp(name="support", key="app-support-key-001", mode="chat", tokens_per_second=20, answer_tokens=6)
 
@@ -106,6 +107,17 @@ def test_an_evicting_redis_is_refused_at_start_unless_overridden(tmp_path: Path,
     assert "redis_settings_unsafe_overridden" in logs["api-overridden"]
 
 
+def unread_by_the_server(port: int) -> int:
+    """Bytes sent to the IPv4 TCP server on ``port`` that it has not read yet (Linux /proc/net/tcp)."""
+    unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and fields[3] == "01":  # an established connection to the server
+            unread += int(fields[4].split(":")[1], 16)
+    return unread
+
+
 def test_the_api_keeps_answering_health_checks_while_redis_hangs(namespace: str) -> None:
     server = EmbeddedRedis().start()
     runtime = make_runtime(server.url, namespace, {"support": {"api_key": "x", "mode": "chat"}})
@@ -115,14 +127,14 @@ def test_the_api_keeps_answering_health_checks_while_redis_hangs(namespace: str)
             try:
                 pending = pool.submit(requests.post, f"{base}/v1/jobs", json={"app": "support", "query": "q"},
                                       headers=auth(), timeout=60)
-                time.sleep(0.3)
-                started = time.monotonic()
+                wait_for(lambda: unread_by_the_server(server.port) > 0, timeout=10,
+                         what="the submit's command waiting at the stopped Redis")
                 health = requests.get(f"{base}/healthz", timeout=1.5)
-                health_s = time.monotonic() - started
+                submit_was_waiting = not pending.done()
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)
             assert pending.result().status_code == 202
-        assert health.status_code == 200 and health_s < 1
+        assert health.status_code == 200 and submit_was_waiting
     finally:
         server.stop()
 
@@ -151,7 +163,7 @@ class Submitter:
             sent = time.monotonic()
             try:
                 response = requests.post(f"{self.base}/v1/jobs", json={"app": "support", "query": f"redis-{n}"},
-                                         headers=auth(), timeout=30)
+                                         headers=auth(), timeout=15)
             except requests.RequestException as exc:
                 self.answers.append((sent, type(exc).__name__, time.monotonic() - sent, {}))
                 continue
@@ -162,15 +174,20 @@ class Submitter:
     def accepted(self) -> list[str]:
         return [detail["id"] for _, status, _, detail in self.answers if status == 202]
 
+    def count(self, status: int, since: float) -> int:
+        """Answers with ``status`` to requests sent at or after ``since`` (time.monotonic())."""
+        return sum(1 for sent, answered, _, _ in list(self.answers) if answered == status and sent >= since)
+
 
 @pytest.mark.e2e
 def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_job(
     tmp_path: Path, namespace: str, emulator
 ) -> None:
     """The API, a worker pod of two processes and two scheduler replicas run on a Redis with AOF while a client
-    submits a job every 50 ms; Redis is SIGKILLed and restarted from its AOF three seconds later. The API answers
-    503 with Retry-After meanwhile, every job it accepted succeeds, no process restarts, and the schedulers
-    resume firing (one job per fire, a leader lease held) without a restart."""
+    submits a job every 50 ms; Redis is SIGKILLed and restarted from its AOF once the API has answered 503 forty
+    times. The API answers 503 with Retry-After meanwhile (each answer within the client's 15 s timeout), every
+    job it accepted succeeds, no process restarts, and the schedulers resume firing (one job per fire, a leader
+    lease held) without a restart."""
     schedules = {"every-second": {"app": "support", "cron": "* * * * * *", "query": "tick {{ fire_time }}"}}
     config = config_for(namespace, emulator.base_url, schedules)
     server = EmbeddedRedis(appendonly=True).start()
@@ -184,14 +201,20 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
             schedulers = [difyq.start(f"scheduler-{n}", "scheduler", env={"DIFYQ_METRICS_PORT": str(free_port())})
                           for n in range(2)]
             with Submitter(base) as submitter:
-                time.sleep(3)
+                began = time.monotonic()
+                wait_for(lambda: submitter.count(202, began) >= 20, timeout=30, what="20 jobs accepted")
+                wait_for(lambda: runtime.store.list(allowed_apps=None, source="schedule", limit=1)[0], timeout=30,
+                         what="a schedule fire")
                 down_at = time.monotonic()
                 server.process.kill()
                 server.process.wait()
-                time.sleep(3)
+                # Down for some seconds: workers and schedulers meet the outage too, not only the API.
+                wait_for(lambda: submitter.count(503, down_at) >= 40, timeout=60, what="503s while Redis is down")
                 server.start()
                 up_at, up_wall = time.monotonic(), time.time()
-                time.sleep(4)
+                wait_for(lambda: submitter.count(202, up_at) >= 20, timeout=30, what="20 jobs accepted after")
+                wait_for(lambda: any(fire["created_at"] > iso_time(up_wall) for fire in runtime.store.list(
+                    allowed_apps=None, source="schedule", limit=5)[0]), timeout=30, what="a fire after the restart")
             accepted = submitter.accepted()
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -217,7 +240,7 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
           f"final {settled_s:.1f} s after Redis was back; {len(calls) - len(accepted)} extra Dify calls; "
           f"{len(fires)} schedule fires, {len(fires_after)} after the restart")
     assert set(statuses) <= {202, 503}, sorted(set(map(str, statuses)))
-    assert unavailable and all(detail["retry_after"] == "5" and latency < 15 for latency, detail in unavailable)
+    assert unavailable and all(detail["retry_after"] == "5" for _, detail in unavailable)  # each within 15 s
     assert {job["status"] for job in jobs} == {"succeeded"}
     assert all(alive), "a process died or restarted instead of reconnecting"
     assert fires_after and len(queries) == len(set(queries)) and leader is not None

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from difyq.worker.runtime import Runtime
 from tests.support.processes import DifyqProcesses, difyq_processes
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -126,14 +127,6 @@ def wait_until_settled(runtime: Runtime, job_ids: list[str], timeout: float) -> 
         time.sleep(0.1)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout} s")
-        time.sleep(0.05)
-
-
 def dify_calls(emulator, queries: dict[str, str]) -> dict[str, int]:
     """Dify calls per job id, counted at the emulator by each job's unique query."""
     jobs_by_query = {query: job_id for job_id, query in queries.items()}
@@ -196,11 +189,12 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
         at_kill = records(runtime, list(queries))
         in_flight = {job_id for job_id, r in at_kill.items()
                      if r.get("status") == "running" and r.get("worker") in victim_ids}
-        time.sleep(1.0)
+        # A consumer silent since the kill is the dead pod's once the survivor has beaten after it.
+        wait_for(lambda: runtime.raw_redis.zcount(f"{namespace}:__heartbeats__", killed_at_ms + 1, "+inf") > 0)
         held = {job_id for job_id in dead_consumer_jobs(runtime, killed_at_ms)
                 if at_kill.get(job_id, {}).get("status") not in FINAL_STATUSES} | in_flight
         recovered_at: dict[str, float] = {}
-        while set(recovered_at) != held and time.monotonic() < killed_at + 60:
+        while set(recovered_at) != held and time.monotonic() < killed_at + 30:
             for job_id, record in records(runtime, sorted(held - set(recovered_at))).items():
                 if record.get("status") in FINAL_STATUSES or record.get("worker") not in victim_ids | {None}:
                     recovered_at[job_id] = time.monotonic() - killed_at
@@ -220,8 +214,7 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
           f"{lease_path:.1f} s (lease path), prefetched ones within {prefetch_path:.1f} s (dead-consumer path); "
           f"{duplicates} duplicate Dify calls (bound: {len(in_flight)} in flight); all settled in {total_s:.1f} s")
     assert len(queries) == 200 and in_flight
-    assert set(recovered_at) == held, f"not recovered: {sorted(held - set(recovered_at))}"
-    assert max(recovered_at.values()) < 30
+    assert set(recovered_at) == held, f"not recovered within 30 s: {sorted(held - set(recovered_at))}"
     assert {r["status"] for r in settled.values()} == {"succeeded"}
     assert sorted(receiver.delivered_ids()) == sorted(queries)
     assert all(count >= 1 for count in calls.values())
@@ -240,9 +233,9 @@ def test_a_pod_whose_threads_are_busy_leaves_new_jobs_to_a_pod_with_free_ones(
         busy = pods.start()
         running = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("busy-running", 2)}
         wait_for(lambda: all(r.get("status") == "running" for r in records(runtime, sorted(running)).values()))
+        # Had pod 1 fetched them (it is woken by the enqueue, long before pod 2 is up), pod 1 would run them once
+        # its calls end, and the check of who ran them below would fail.
         waiting = {enqueue(runtime, "stream", marker): marker for marker in unique_queries("busy-waiting", 2)}
-        time.sleep(1.0)
-        assert runtime.raw_redis.llen(f"{namespace}:{JOBS_QUEUE}") == 2
         free = pods.start()
         settled = wait_until_settled(runtime, sorted(waiting), timeout=20)
         still_running = records(runtime, sorted(running))

@@ -7,13 +7,14 @@ import os
 import signal
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -25,6 +26,10 @@ def schedule_jobs(runtime) -> list[dict]:
     return jobs
 
 
+def fire_time(job: dict) -> datetime:
+    return datetime.fromisoformat(job["idempotency_key"].removeprefix("schedule:tick:").replace("Z", "+00:00"))
+
+
 def test_three_schedulers_fire_each_second_once(tmp_path: Path, redis_url: str, namespace: str) -> None:
     apps = {"support": {"api_key": "app-unused", "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}}
     config = {"apps": apps, "redis": {"namespace": namespace},
@@ -33,10 +38,9 @@ def test_three_schedulers_fire_each_second_once(tmp_path: Path, redis_url: str, 
     runtime = make_runtime(redis_url, namespace, apps)
     with difyq_processes(tmp_path, redis_url, config) as difyq:
         schedulers = [difyq.start(f"scheduler-{i}", "scheduler", env={"DIFYQ_METRICS_PORT": "0"}) for i in range(3)]
-        time.sleep(6)
         leader_key = f"{namespace}:scheduler:leader"
-        holder = runtime.raw_redis.get(leader_key)
-        assert holder, "no scheduler took the lease"
+        holder = wait_for(lambda: runtime.raw_redis.get(leader_key), timeout=30, what="a scheduler taking the lease")
+        wait_for(lambda: len(schedule_jobs(runtime)) >= 3, timeout=30, what="three fires")
         before = schedule_jobs(runtime)
         fires = Counter(job["idempotency_key"] for job in before)
         assert len(fires) >= 3 and set(fires.values()) == {1}
@@ -45,21 +49,17 @@ def test_three_schedulers_fire_each_second_once(tmp_path: Path, redis_url: str, 
         killed_at = time.monotonic()
         os.killpg(leader.pid, signal.SIGKILL)
         leader.wait()
-        deadline = killed_at + LEASE_S + 10
-        while time.monotonic() < deadline:
-            current = runtime.raw_redis.get(leader_key)
-            if current and current != holder:
-                break
-            time.sleep(0.2)
+        wait_for(lambda: runtime.raw_redis.get(leader_key) not in (None, holder), timeout=LEASE_S + 10,
+                 interval=0.2, what="another scheduler taking the lease")
         takeover_s = time.monotonic() - killed_at
         print(f"scheduler takeover after SIGKILL of the leader: {takeover_s:.1f} s (lease {LEASE_S:.0f} s)")
-        assert runtime.raw_redis.get(leader_key) not in (None, holder)
-        time.sleep(3)
+        taken_over_at = datetime.now(UTC)
+        wait_for(lambda: sum(fire_time(job) > taken_over_at for job in schedule_jobs(runtime)) >= 2, timeout=30,
+                 what="two fires after the takeover")
         after = schedule_jobs(runtime)
     keys = Counter(job["idempotency_key"] for job in after)
     assert set(keys.values()) == {1}, "a fire was enqueued twice"
-    fire_times = sorted(datetime.fromisoformat(key.removeprefix("schedule:tick:").replace("Z", "+00:00"))
-                        for key in keys)
+    fire_times = sorted(fire_time(job) for job in after)
     expected = int((fire_times[-1] - fire_times[0]).total_seconds()) + 1
     assert len(fire_times) == expected, "a fire was lost during the handover"
     assert len(after) > len(before)
