@@ -36,6 +36,7 @@ from redis import Redis, RedisError
 
 from difyq.producers.schedules.fires import fire_idempotency_key, render_fire
 from difyq.producers.schedules.lease import LeaderLease
+from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.producers.schedules.store import Claim, ScheduleState, ScheduleStore
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker import metrics
@@ -136,6 +137,8 @@ class Scheduler:
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease = LeaderLease(redis, f"{namespace}:scheduler:leader", self.instance_id, lease_ttl_s)
         self.store = ScheduleStore(redis, namespace, self.lease)
+        self.pauses = SchedulePauses(redis, namespace)
+        self._paused: set[str] = set()
         grace_s = 2 * lease_ttl_s + 2 * tick_s if misfire_grace_s is None else misfire_grace_s
         self.misfire_grace = timedelta(seconds=grace_s)
         self.is_leader = False
@@ -152,9 +155,13 @@ class Scheduler:
             return []
         now = self._now()
         states = self.store.load([schedule.name for schedule in self._schedules])
+        paused = set(self.pauses.paused())
         records: list[FireRecord] = []
         for schedule in self._schedules:
-            records += self._tick_schedule(schedule, states[schedule.name], now)
+            if self._note_pause(schedule.name, schedule.name in paused):
+                self._advance(schedule, now, None)
+            else:
+                records += self._tick_schedule(schedule, states[schedule.name], now)
             if not self.is_leader:
                 break
         upcoming = (next(schedule.timetable.fires_after(now), None) for schedule in self._schedules)
@@ -222,6 +229,15 @@ class Scheduler:
             logger.warning("scheduler.lease_lost", instance=self.instance_id)
             self.is_leader = False
         return held
+
+    def _note_pause(self, name: str, paused: bool) -> bool:
+        """Report a schedule's pause in the metrics and the log (once per change); returns ``paused``. A paused
+        schedule's cursor follows the clock, so resuming it neither runs nor counts the fires it skipped."""
+        metrics.schedule_paused.labels(schedule=name).set(1 if paused else 0)
+        if paused != (name in self._paused):
+            logger.info("schedule.paused" if paused else "schedule.resumed", schedule=name)
+            (self._paused.add if paused else self._paused.discard)(name)
+        return paused
 
     def _restore_last_fire_gauges(self) -> None:
         """A new leader reports the schedules' last fires at once, not only after its own next fire."""

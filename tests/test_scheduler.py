@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from redis import Redis
 
 from difyq.producers.scheduler import FireRecord, Scheduler, run_scheduler
+from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker.config import ConfigError, ScheduleConfig, parse_config
 
@@ -257,6 +258,30 @@ def test_two_leaders_at_once_make_one_job(redis_client, namespace, monkeypatch):
     assert outcomes(second.tick()) == [("duplicate", "12:00:01", 1)]
     assert len(recorder.calls) == 1
     assert (fires_metric(name, "fired"), fires_metric(name, "duplicate")) == (1, 1)
+
+
+def test_a_paused_schedule_fires_on_no_replica_and_resumes_without_catching_up(redis_client, namespace):
+    name, other, recorder, clock = unique("paused"), unique("running"), Recorder(), SteppedClock()
+    schedules = {name: every(), other: every()}
+    first = Scheduler(schedules, redis_client, namespace, recorder, clock=clock, instance_id="first")
+    second = Scheduler(schedules, redis_client, namespace, recorder, clock=clock, instance_id="second")
+    first.tick()
+    SchedulePauses(redis_client, namespace).pause(name, by="alice")
+    for _ in range(3):
+        clock.advance(seconds=1)
+        first.tick()
+    assert recorder.fire_times(name) == [] and len(recorder.fire_times(other)) == 3
+    assert REGISTRY.get_sample_value("difyq_schedule_paused", {"schedule": name}) == 1
+    assert REGISTRY.get_sample_value("difyq_schedule_paused", {"schedule": other}) == 0
+    first.release()  # the other replica leads now, and reads the same pause
+    clock.advance(seconds=1)
+    second.tick()
+    assert recorder.fire_times(name) == []
+    SchedulePauses(redis_client, namespace).resume(name)
+    clock.advance(seconds=1)
+    assert [record.outcome for record in second.tick() if record.schedule == name] == ["fired"]
+    assert recorder.fire_times(name) == [(T0 + timedelta(seconds=5)).replace(microsecond=0)]
+    assert REGISTRY.get_sample_value("difyq_schedule_paused", {"schedule": name}) == 0
 
 
 def test_a_fire_claimed_by_a_replica_that_died_mid_submit_is_retried_once_the_claim_expires(redis_client, namespace):

@@ -59,6 +59,12 @@ schedule_last_fire = Gauge(
     ["schedule"],
     multiprocess_mode="max",
 )
+schedule_paused = Gauge(
+    "difyq_schedule_paused",
+    "1 while a schedule is paused (from the console): it fires nothing and is not silent.",
+    ["schedule"],
+    multiprocess_mode="max",
+)
 schedule_interval = Gauge(
     "difyq_schedule_interval_seconds",
     "The period between a schedule's fires, for the silent-schedule alert.",
