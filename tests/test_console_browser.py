@@ -1,22 +1,29 @@
 """The operator console in a real headless Chromium against a real API, worker, emulator and Redis: sign in,
 a job appears without reload and succeeds, its page shows the answer and usage, cancel from the page, a viewer
-cannot act and a forged POST is refused; screenshots of the list and a job page go to docs/img/."""
+cannot act and a forged POST is refused, dead-lettered callbacks replayed by filter, a paused schedule does not
+fire; screenshots of the list and a job page go to docs/img/."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 import redis
 import requests
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from difyq.producers.scheduler import Scheduler
+from difyq.producers.scheduler_command import submit_fire_for
+from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.runtime import Runtime
 from tests.support.browser import By, click, headless_chromium, text_of, wait_until
+from tests.support.receiver import CallbackReceiver
 from tests.support.stack import auth, make_runtime, running_worker, serving_api
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +38,7 @@ class Stack:
     runtime: Runtime
     api: str
     browser: WebDriver
+    receiver: CallbackReceiver
 
     @property
     def console(self) -> str:
@@ -65,9 +73,11 @@ def stack(redis_url: str) -> Iterator[Stack]:
                                                "base_url": emulator.base_url}},
             console={"users": {"alice": {"token": OPERATOR_TOKEN, "role": "operator"},
                                "victor": {"token": VIEWER_TOKEN, "role": "viewer"}},
-                     "sensitive_inputs": ["customer_email"]})
-        with running_worker(runtime, threads=4), serving_api(runtime) as api, headless_chromium(1440, 900) as browser:
-            yield Stack(runtime, api, browser)
+                     "sensitive_inputs": ["customer_email"]},
+            schedules={"every-second": {"cron": "* * * * * *", "app": "support", "query": "tick {{ fire_time }}"}})
+        with running_worker(runtime, threads=4), serving_api(runtime) as api, \
+                headless_chromium(1440, 900) as browser, CallbackReceiver() as receiver:
+            yield Stack(runtime, api, browser, receiver)
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
     if keys:
@@ -132,3 +142,63 @@ def test_a_viewer_cannot_act_and_a_forged_post_is_refused(stack: Stack) -> None:
     assert status == 403
     assert stack.runtime.store.get(job_id)["status"] in ("queued", "running")
     stack.runtime.store.cancel(job_id)
+
+
+def test_dead_lettered_callbacks_are_replayed_by_filter(stack: Stack) -> None:
+    stack.receiver.set_default(500)
+    failing = [stack.submit(f"callback {n}", callback_url=stack.receiver.url) for n in range(2)]
+    for job_id in failing:
+        wait_until(stack.browser, lambda _, job_id=job_id: stack.runtime.store.get(job_id)["callback"]["status"]
+                   == "failed")
+    stack.receiver.set_default(200)
+    stack.sign_in(OPERATOR_TOKEN)
+    stack.browser.get(f"{stack.console}/dead-letters?kind=callback&code=callback_http_500")
+    assert {row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-job]")} \
+        == set(failing)
+    click(stack.browser, By.ID, "replay-matching")
+    assert text_of(stack.browser, By.ID, "replay-count") == "2"
+    click(stack.browser, By.XPATH, "//button[starts-with(text(), 'Yes, replay')]")
+    assert text_of(stack.browser, By.ID, "replayed") == "Replayed 2."
+    for job_id in failing:
+        wait_until(stack.browser, lambda _, job_id=job_id: stack.runtime.store.get(job_id)["callback"]["status"]
+                   == "delivered")
+    stack.browser.get(f"{stack.console}/jobs/{failing[0]}")
+    assert "replay_dead_letter by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+
+
+def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
+    runtime, stop = stack.runtime, threading.Event()
+    scheduler = Scheduler(runtime.config.schedules, runtime.raw_redis, runtime.namespace, submit_fire_for(runtime),
+                          lease_ttl_s=1.0, tick_s=0.1)
+    thread = threading.Thread(target=scheduler.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        stack.sign_in(OPERATOR_TOKEN)
+        wait_until(stack.browser, lambda _: schedule_jobs(stack) > 0)
+        stack.browser.get(f"{stack.console}/schedules")
+        assert stack.browser.find_element(By.CSS_SELECTOR, '[data-schedule="every-second"] td a')  # its last job
+        click(stack.browser, By.CSS_SELECTOR, 'button[aria-label="Pause every-second"]')
+        wait_until(stack.browser, lambda b: b.find_element(By.CSS_SELECTOR, '[data-schedule="every-second"]')
+                   .get_attribute("data-state") == "paused")
+        wait_until(stack.browser, lambda _: REGISTRY.get_sample_value("difyq_schedule_paused",
+                                                                      {"schedule": "every-second"}) == 1)
+        fired = schedule_jobs(stack)
+        pause_seen = scheduler.store.load(["every-second"])["every-second"].cursor
+        # The scheduler goes on ticking (its cursor follows the clock) for three fire times, and fires none.
+        wait_until(stack.browser, lambda _: (scheduler.store.load(["every-second"])["every-second"].cursor
+                                             - pause_seen).total_seconds() >= 3)
+        assert schedule_jobs(stack) == fired
+        assert SchedulePauses(runtime.raw_redis, runtime.namespace).paused()["every-second"]["by"] == "alice"
+        click(stack.browser, By.CSS_SELECTOR, 'button[aria-label="Resume every-second"]')
+        wait_until(stack.browser, lambda _: schedule_jobs(stack) > fired)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def schedule_jobs(stack: Stack) -> int:
+    """How many jobs the schedule has made (its jobs in the app's index)."""
+    index = stack.runtime.store.index_key("support")
+    ids = [member.decode() for member in stack.runtime.raw_redis.zrange(index, 0, -1)]
+    sources = [stack.runtime.store.fields(job_id) or {} for job_id in ids]
+    return sum(1 for fields in sources if fields.get("source") == "schedule")

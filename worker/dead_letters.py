@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dramatiq.message import Message
@@ -42,23 +43,26 @@ class DeadLetters:
         jobs = []
         for job_id in self._dead_job_messages():
             job = self.store.get(job_id)
-            jobs.append({"job_id": job_id, "status": job["status"] if job else "expired",
-                         "error": job["error"] if job else None})
+            jobs.append({"job_id": job_id, "app": job["app"] if job else None,
+                         "status": job["status"] if job else "expired", "error": job["error"] if job else None})
         return {"callbacks": callbacks, "jobs": jobs}
 
     def replay(self, job_id: str | None) -> list[str]:
         """Replay one job's dead letter (callback or job), or every one when ``job_id`` is None."""
+        return self.replay_matching(lambda _kind, candidate: job_id in (None, candidate))
+
+    def replay_matching(self, wanted: Callable[[str, str], bool]) -> list[str]:
+        """Replay every dead letter for which ``wanted(kind, job id)`` is true (kind: ``callback`` or ``job``)."""
         replayed: list[str] = []
         callback_ids = [member.decode() for member in self.redis.zrange(self.callbacks_key, 0, -1)]
         for candidate in callback_ids:
-            if job_id in (None, candidate) and self.store.replay_callback(candidate):
+            if wanted("callback", candidate) and self.store.replay_callback(candidate):
                 replayed.append(candidate)
         for candidate, message_id in self._dead_job_messages().items():
-            if job_id in (None, candidate) and self.store.rerun(candidate) == "queued":
+            if wanted("job", candidate) and self.store.rerun(candidate) == "queued":
                 pipe = self.redis.pipeline()
                 pipe.zrem(self.jobs_key, message_id)
                 pipe.hdel(f"{self.jobs_key}.msgs", message_id)
                 pipe.execute()
                 replayed.append(candidate)
         return replayed
-
