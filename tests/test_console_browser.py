@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
 import redis
 import requests
+from prometheus_client import REGISTRY
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from difyq.producers.scheduler import Scheduler
