@@ -1,7 +1,10 @@
 """The user documentation (README.md and docs/) is tested like code: every YAML block passes `difyq check-config`,
-every curl line answers the status it promises against the real API on a real Redis, and every table equals its
-source of truth: the config model, the OpenAPI routes, argparse, the environment variables the code reads, the
-metrics the processes register, the dashboard's rows, the latest benchmark run. A table no test knows fails too.
+every curl line answers the status it promises against the real API on a real Redis, the receiver's Python
+snippet verifies a callback difyq signed, the job resource example has the fields of a real job, and every table
+equals its source of truth: the config model, the OpenAPI routes, argparse, the environment variables the code
+reads, the metrics the processes register, the job statuses, the dashboard's rows, the latest benchmark run. A
+table no test knows fails too (the metrics labels and the Redis keys are compared with a live run in
+tests/test_observability_e2e.py).
 
 A failing test says which file and which row to change, and what to write there."""
 
@@ -60,6 +63,7 @@ ENV_COLUMNS = ("variable", "read by", "default", "meaning")
 DASHBOARD_COLUMNS = ("row", "panels and the question each answers")
 BENCH_COLUMNS = ("goal", "target", "difyq", "bare", "celery", "difyq ÷ bare", "verdict")
 INDEX_COLUMNS = ("page", "what it holds")
+VALUES_COLUMNS = ("field", "values")
 
 
 # ------------------------------------------------------------------------------------------------ config blocks
@@ -151,21 +155,25 @@ def test_config_reference_segments_name_maps() -> None:
 @pytest.fixture(scope="module")
 def docs_runtime(redis_url: str) -> Iterator[Runtime]:
     """The API's config for the documented calls: the `demo` app of `difyq dev` with its `dev-token`, and the
-    `support` app and `crm` client of docs/configuration.md, whose token is $DIFYQ_CRM_TOKEN."""
+    `support` app and `crm` client of docs/configuration.md, whose token is $DIFYQ_CRM_TOKEN; both apps on the
+    emulator."""
     import uuid
 
     import redis
 
+    from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+
     namespace = f"difyq-docs-{uuid.uuid4().hex[:12]}"
-    unused_dify = "http://127.0.0.1:9/v1"  # the API never calls Dify; no worker runs here
-    config = parse_config({
-        "apps": {"demo": {"api_key": "app-docs-demo", "mode": "chat", "base_url": unused_dify},
-                 "support": {"api_key": "app-docs-support", "mode": "chat", "base_url": unused_dify}},
-        "clients": {"dev": {"token": "dev-token", "apps": ["*"]},
-                    "crm": {"token": CRM_TOKEN, "apps": ["support"]}},
-        "redis": {"namespace": namespace},
-    })
-    yield Runtime(config, redis_url)
+    apps = [EmulatedApp(name="demo", key="app-docs-demo-0001", mode="chat", answer_tokens=3),
+            EmulatedApp(name="support", key="app-docs-support-01", mode="chat", answer_tokens=3)]
+    with start_emulator(apps) as emulator:
+        config = parse_config({
+            "apps": {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url} for app in apps},
+            "clients": {"dev": {"token": "dev-token", "apps": ["*"]},
+                        "crm": {"token": CRM_TOKEN, "apps": ["support"]}},
+            "redis": {"namespace": namespace},
+        })
+        yield Runtime(config, redis_url)
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
     if keys:
@@ -378,6 +386,7 @@ CHECKED_TABLES: dict[tuple[str, ...], str] = {
     DASHBOARD_COLUMNS: "test_dashboard_table_has_one_row_per_dashboard_row",
     BENCH_COLUMNS: "test_benchmark_table_is_the_latest_run",
     INDEX_COLUMNS: "test_readme_indexes_every_page_of_docs",
+    VALUES_COLUMNS: "test_job_field_values_match_the_model",
     REDIS_COLUMNS: "tests/test_observability_e2e.py (every key of a live run)",
 }
 
@@ -412,3 +421,84 @@ def test_nothing_points_at_a_design_document_users_do_not_have() -> None:
     found = [relative(file) for file in sources
              if file.is_file() and pattern.search(file.read_text(encoding="utf-8", errors="replace"))]
     assert not found, f"these files point at a design document users do not have; point at docs/ instead: {found}"
+
+
+# ------------------------------------------------------------------------------------------------ python blocks
+
+
+def _python_blocks() -> list[Any]:
+    return [pytest.param(block, id=block.where) for path in documentation_files() for block in blocks(path, "python")]
+
+
+@pytest.mark.parametrize("block", _python_blocks())
+def test_every_python_block_verifies_a_callback_difyq_signed(block: Any) -> None:
+    """The receiver's snippet, run as printed (with the secret filled in) on a callback signed by difyq's own
+    signing code, accepts it and reads the job; a tampered body is refused."""
+    from datetime import UTC, datetime
+
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    from difyq.worker.callbacks.signing import signature_headers
+
+    secret = "whsec_" + base64.b64encode(b"docs test receiver secret 32 b!").decode()
+    body = json.dumps({"type": "job.succeeded", "timestamp": datetime.now(UTC).isoformat(),
+                       "data": {"id": "job_docs", "status": "succeeded"}}).encode()
+    headers = signature_headers([secret], "job_docs", datetime.now(UTC), body)
+    code = block.text.replace("whsec_…", secret)
+    scope: dict[str, Any] = {"request_body": body, "request_headers": headers}
+    exec(compile(code, block.where, "exec"), scope)
+    assert scope["job"] == {"id": "job_docs", "status": "succeeded"}, f"{block.where} did not read the job"
+    with pytest.raises(WebhookVerificationError):
+        exec(compile(code, block.where, "exec"), {**scope, "request_body": body.replace(b"job_docs", b"job_evil")})
+
+
+# --------------------------------------------------------------------------------------------- the job resource
+
+def test_job_field_values_match_the_model() -> None:
+    from difyq.worker.jobs.schema import SOURCES, JobStatus
+
+    documented = {unquote(row[0]): row[1].split(", ") for row in table(HTTP_API, *VALUES_COLUMNS).rows}
+    expected = {"status": [status.value for status in JobStatus], "source": list(SOURCES)}
+    assert documented == expected, (f"{relative(HTTP_API)}: the job's field values table must read {expected} "
+                                    "(worker/jobs/model.py)")
+
+
+def _keys(document: Any, prefix: str = "") -> set[str]:
+    """Dotted paths of every key of the objects nested in ``document`` (``result.usage`` is not descended)."""
+    if not isinstance(document, dict):
+        return set()
+    found = set()
+    for key, value in document.items():
+        found.add(f"{prefix}{key}")
+        if key not in ("usage", "inputs", "metadata"):
+            found |= _keys(value, f"{prefix}{key}.")
+    return found
+
+
+def test_the_job_resource_example_has_the_fields_of_a_real_job(docs_runtime: Runtime) -> None:
+    """The example of docs/http-api.md names exactly the fields `GET /v1/jobs/{id}` returns for a job a worker
+    ran on the emulator (the request, result and callback blocks included)."""
+    import requests
+
+    from tests.support.stack import running_worker, wait_for_final
+
+    example = next(json.loads(block.text) for block in blocks(HTTP_API, "json") if '"callback"' in block.text)
+    with serving_api(docs_runtime) as base, running_worker(docs_runtime, threads=2):
+        submitted = requests.post(f"{base}/v1/jobs", json={"app": "support", "query": "fields"},
+                                  headers={"Authorization": f"Bearer {CRM_TOKEN}"}, timeout=10)
+        wait_for_final(docs_runtime, submitted.json()["id"])
+        job = requests.get(f"{base}/v1/jobs/{submitted.json()['id']}",
+                           headers={"Authorization": f"Bearer {CRM_TOKEN}"}, timeout=10).json()
+    assert job["status"] == "succeeded", job
+    documented, real = _keys(example), _keys(job)
+    assert documented == real, (f"{relative(HTTP_API)}: the job resource example lacks {sorted(real - documented)} "
+                                f"and names {sorted(documented - real)} that the API does not return")
+
+
+def test_the_error_example_has_the_fields_of_the_error_body() -> None:
+    from difyq.producers.api.errors import ErrorDetail
+
+    example = next(json.loads(block.text) for block in blocks(HTTP_API, "json") if '"error"' in block.text
+                   and '"callback"' not in block.text)
+    assert set(example) == {"error"} and set(example["error"]) == set(ErrorDetail.model_fields), (
+        f"{relative(HTTP_API)}: the error example must have exactly the fields of producers/api/errors.py")
