@@ -41,6 +41,7 @@ from difyq.producers.schedules.store import Claim, ScheduleState, ScheduleStore
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker import metrics
 from difyq.worker.config import Config, ScheduleConfig
+from difyq.worker.redis_keys import RedisKeys
 
 SubmitFire = Callable[[str, ScheduleConfig, datetime, dict[str, Any]], object]
 Outcome = Literal["fired", "duplicate", "skipped_missed", "error"]
@@ -135,7 +136,7 @@ class Scheduler:
         self.submit_fire = submit_fire
         self.tick_s = tick_s
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lease = LeaderLease(redis, f"{namespace}:scheduler:leader", self.instance_id, lease_ttl_s)
+        self.lease = LeaderLease(redis, RedisKeys(namespace).scheduler_leader, self.instance_id, lease_ttl_s)
         self.store = ScheduleStore(redis, namespace, self.lease)
         self.pauses = SchedulePauses(redis, namespace)
         self._paused: set[str] = set()

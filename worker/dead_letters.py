@@ -8,6 +8,7 @@ from typing import Any
 from dramatiq.message import Message
 
 from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 
 
@@ -16,8 +17,9 @@ class DeadLetters:
         self.runtime = runtime
         self.store = runtime.store
         self.redis = runtime.raw_redis
-        self.callbacks_key = f"{runtime.namespace}:dlq:callbacks"
-        self.jobs_key = f"{runtime.namespace}:{JOBS_QUEUE}.XQ"
+        keys = RedisKeys(runtime.namespace)
+        self.callbacks_key = keys.callback_dead_letters
+        self.jobs_key = keys.dead_letters(JOBS_QUEUE)
 
     def _dead_job_messages(self) -> dict[str, str]:
         """job id → redis message id of every dead-lettered run_job message."""

@@ -126,7 +126,7 @@ class LeaseKeeper:
     def sweep(self) -> list[str]:
         """Requeue jobs whose lease expired and hand back dead consumers' messages, unless another process swept
         in the last ``sweep_s``; returns the ids of the expired leases handled."""
-        lock_key = f"{self.store.namespace}:reaper"
+        lock_key = self.store.keys.reaper
         if not self.store.redis.set(lock_key, self.store.worker_id, nx=True, px=int(self.sweep_s * 1000)):
             return []
         expired = self.store.expired_leases()

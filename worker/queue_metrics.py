@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from importlib import resources
+from typing import Any
 
 import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.jobs.schema import JobField, JobStatus
+from difyq.worker.jobs.scripts import job_script
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.redis_scripts import register_script
+
+QUEUES = (JOBS_QUEUE, CALLBACKS_QUEUE)
 
 
 class QueueCollector(Collector):
@@ -23,17 +28,30 @@ class QueueCollector(Collector):
     """
 
     def __init__(self, client: redis.Redis, namespace: str, apps: Iterable[str] = ()):
-        self.namespace = namespace
+        self.redis = client
+        self.keys = RedisKeys(namespace)
         self.apps = tuple(apps)
-        self._stats = register_script(
-            client, resources.files("difyq.worker.jobs").joinpath("lua/queue_stats.lua").read_text(encoding="utf-8"))
+        self._stats = register_script(client, job_script("queue_stats"))
+
+    def _read(self) -> tuple[list[Any], int, dict[str, float]]:
+        """The queue figures, the callback dead letters and the running jobs per app (two round trips)."""
+        keys = self.keys
+        queue_keys = [key for queue in QUEUES for key in (keys.queue(queue), keys.queue_bodies(queue),
+                                                          keys.delayed_bodies(queue), keys.dead_letters(queue))]
+        queues, callback_dead, leased = self._stats(
+            keys=[self.keys.leases, self.keys.callback_dead_letters, *queue_keys], args=list(QUEUES))
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in leased:
+            pipe.hmget(self.keys.job(_text(job_id)), JobField.APP, JobField.STATUS)
+        running: dict[str, float] = {}
+        for app, status in pipe.execute():
+            if app is not None and _text(status) == JobStatus.RUNNING:
+                running[_text(app)] = running.get(_text(app), 0.0) + 1
+        return queues, int(callback_dead), running
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            queues, running, callback_dead = self._stats(
-                keys=[f"{self.namespace}:leases", f"{self.namespace}:dlq:callbacks"],
-                args=[self.namespace, JOBS_QUEUE, CALLBACKS_QUEUE],
-            )
+            queues, callback_dead, running = self._read()
         except redis.RedisError:
             return
         waiting = GaugeMetricFamily("difyq_queue_messages", "Messages waiting in a queue.", labels=["queue"])
@@ -53,10 +71,7 @@ class QueueCollector(Collector):
             enqueued_ms = float(_text(queues[index + 4]))
             oldest.add_metric([name], max((now_ms - enqueued_ms) / 1000, 0.0) if enqueued_ms >= 0 else 0.0)
         in_flight = GaugeMetricFamily("difyq_jobs_running", "Jobs holding a worker lease now.", labels=["app"])
-        counts = dict.fromkeys(self.apps, 0.0)
-        for index in range(0, len(running), 2):
-            counts[_text(running[index])] = float(running[index + 1])
-        for app, count in counts.items():
+        for app, count in {**dict.fromkeys(self.apps, 0.0), **running}.items():
             in_flight.add_metric([app], count)
         yield from (waiting, delayed, dead, oldest, in_flight)
 

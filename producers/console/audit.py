@@ -13,6 +13,7 @@ import redis
 import structlog
 
 from difyq.worker.json_codec import dumps, loads
+from difyq.worker.redis_keys import RedisKeys
 
 log = structlog.get_logger("difyq.console")
 _KEPT = 100
@@ -25,7 +26,7 @@ class ActionLog:
         self.retention_s = retention_s
 
     def _key(self, job_id: str) -> str:
-        return f"{self.namespace}:console:actions:{job_id}"
+        return RedisKeys(self.namespace).console_actions(job_id)
 
     def record(self, operator: str, action: str, outcome: str, job_id: str | None = None, **details: Any) -> None:
         """Log an action; one about a job is also kept for that job's timeline."""

@@ -7,7 +7,6 @@ read from the config on every request, so removing a user or changing a role tak
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import redis
 
 from difyq.worker.config import ConsoleConfig
+from difyq.worker.redis_keys import RedisKeys
 
 SESSION_COOKIE = "difyq_console"
 LOGIN_COOKIE = "difyq_console_login"
@@ -47,7 +47,7 @@ class ConsoleSessions:
         self.config = config
 
     def _key(self, session_id: str) -> str:
-        return f"{self.namespace}:console:session:{hashlib.sha256(session_id.encode()).hexdigest()}"
+        return RedisKeys(self.namespace).console_session(session_id)
 
     def user_for_token(self, token: str) -> str | None:
         """The configured user whose token this is; every user is compared, so timing tells nothing."""

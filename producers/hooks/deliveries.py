@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import redis
 
+from difyq.worker.redis_keys import RedisKeys
+
 DEFAULT_DELIVERY_TTL_SECONDS = 3 * 86_400
 
 
@@ -25,7 +27,7 @@ class HookDeliveries:
         self.ttl_seconds = ttl_seconds
 
     def key(self, hook: str, delivery_id: str) -> str:
-        return f"{self.namespace}:hookdelivery:{hook}:{delivery_id}"
+        return RedisKeys(self.namespace).hook_delivery(hook, delivery_id)
 
     def recall(self, hook: str, delivery_id: str) -> str | None:
         """The job id an earlier delivery with this id created, or None."""

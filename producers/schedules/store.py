@@ -20,6 +20,7 @@ from redis import Redis
 
 from difyq.producers.schedules.fires import fire_iso
 from difyq.producers.schedules.lease import LeaderLease
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.redis_scripts import register_script
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -97,10 +98,10 @@ class ScheduleStore:
         self._advance = register_script(redis, _ADVANCE)
 
     def state_key(self, name: str) -> str:
-        return f"{self.namespace}:schedule:state:{name}"
+        return RedisKeys(self.namespace).schedule_state(name)
 
     def fired_key(self, name: str, fire_time: datetime) -> str:
-        return f"{self.namespace}:schedule:fired:{name}:{fire_iso(fire_time)}"
+        return RedisKeys(self.namespace).schedule_fire(name, fire_iso(fire_time))
 
     def load(self, names: list[str]) -> dict[str, ScheduleState]:
         """The state of each schedule in ``names``, in one round trip."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from dramatiq.common import dq_name
 from dramatiq.message import Message
 
+from difyq.worker.redis_keys import RedisKeys
+
 JOBS_QUEUE = "jobs"
 CALLBACKS_QUEUE = "callbacks"
 
@@ -49,8 +51,8 @@ def build_message(
         message_id=message_id or str(uuid.uuid4()),
         message_timestamp=int(time.time() * 1000),
     )
-    queue_key = f"{namespace}:{queue_name}"
-    return QueuedMessage(queue_key, f"{queue_key}.msgs", redis_message_id, message.encode())
+    keys = RedisKeys(namespace)
+    return QueuedMessage(keys.queue(queue_name), keys.queue_bodies(queue_name), redis_message_id, message.encode())
 
 
 def run_hints(app: str, waiting_since: float | None = None) -> dict[str, object]:

@@ -19,6 +19,7 @@ from difyq.worker.jobs.model import NewJob, job_resource
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.redis_link import RedisLink
 from difyq.worker.redis_scripts import register_script
 
@@ -83,6 +84,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig):
         self.redis = client
         self.namespace = namespace
+        self.keys = RedisKeys(namespace)
         self.config = config
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
         self._submit = register_script(client, job_script("submit"))
@@ -98,11 +100,11 @@ class JobStore:
         self._task_id = register_script(client, job_script("task_id"))
 
     def job_key(self, job_id: str) -> str:
-        return f"{self.namespace}:job:{job_id}"
+        return self.keys.job(job_id)
 
     @property
     def leases_key(self) -> str:
-        return f"{self.namespace}:leases"
+        return self.keys.leases
 
     @property
     def heartbeats_key(self) -> str:
@@ -276,7 +278,7 @@ class JobStore:
 
     def callback_lock_key(self, job_id: str) -> str:
         """Held while one callback attempt is under way, so two attempts for one job never overlap."""
-        return f"{self.namespace}:callback-lock:{job_id}"
+        return self.keys.callback_lock(job_id)
 
     def finish(
         self,
@@ -394,7 +396,7 @@ class JobStore:
 
     @property
     def callback_dead_letters_key(self) -> str:
-        return f"{self.namespace}:dlq:callbacks"
+        return self.keys.callback_dead_letters
 
     def rerun(self, job_id: str) -> str:
         """A failed or canceled job runs again (its history of attempts is kept); returns ``queued`` or why not."""

@@ -1,16 +1,17 @@
--- Everything the scrape-time queue gauges need, in one round trip.
--- KEYS: 1 leases zset, 2 callback dead letters zset; ARGV: namespace, then queue names
+-- Everything the scrape-time queue gauges need from the queues, in one round trip.
+-- KEYS: 1 leases zset, 2 callback dead letters zset, then per queue: its list, its bodies, its delay queue's
+--       bodies, its dead letters
+-- ARGV: the queue names, in the order of their keys
 -- Returns {queue, waiting, delayed, dead, since ms or -1, ...} per queue (since = when the first waiting message
--- became due: its enqueue time, or its eta for a retried or deferred one), then {app, running, ...} (a finished job
--- keeps its lease while its worker sends the first callback attempt; it does not count as running).
-local ns = ARGV[1]
+-- became due: its enqueue time, or its eta for a retried or deferred one), then the callback dead letters, then
+-- the ids of the jobs holding a lease (at most 5000).
 local out = {}
-for i = 2, #ARGV do
-  local q = ns .. ':' .. ARGV[i]
+for i = 1, #ARGV do
+  local base = 2 + (i - 1) * 4
   local oldest = -1
-  local first = redis.call('LINDEX', q, 0)
+  local first = redis.call('LINDEX', KEYS[base + 1], 0)
   if first then
-    local body = redis.call('HGET', q .. '.msgs', first)
+    local body = redis.call('HGET', KEYS[base + 2], first)
     if body then
       local message = cjson.decode(body)
       oldest = message['message_timestamp'] or -1
@@ -21,22 +22,9 @@ for i = 2, #ARGV do
     end
   end
   table.insert(out, ARGV[i])
-  table.insert(out, redis.call('LLEN', q))
-  table.insert(out, redis.call('HLEN', q .. '.DQ.msgs'))
-  table.insert(out, redis.call('ZCARD', q .. '.XQ'))
+  table.insert(out, redis.call('LLEN', KEYS[base + 1]))
+  table.insert(out, redis.call('HLEN', KEYS[base + 3]))
+  table.insert(out, redis.call('ZCARD', KEYS[base + 4]))
   table.insert(out, tostring(oldest))
 end
-local running = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, 4999)) do
-  local job = redis.call('HMGET', ns .. ':job:' .. id, 'app', 'status')
-  local app = job[1]
-  if app and job[2] == 'running' then
-    running[app] = (running[app] or 0) + 1
-  end
-end
-local apps = {}
-for app, count in pairs(running) do
-  table.insert(apps, app)
-  table.insert(apps, count)
-end
-return {out, apps, redis.call('ZCARD', KEYS[2])}
+return {out, redis.call('ZCARD', KEYS[2]), redis.call('ZRANGE', KEYS[1], 0, 4999)}

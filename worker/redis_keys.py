@@ -1,0 +1,92 @@
+"""Every Redis key difyq owns, named in one place (the table of docs/architecture.md); scripts get them in KEYS.
+
+All keys start with the configured namespace. The limiter's keys of one Dify key are ``limits.keys.KeyNames``
+(under ``limits``); the queue keys follow the layout of Dramatiq's RedisBroker, which reads and writes them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from dramatiq.common import dq_name, xq_name
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    namespace: str
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    # Jobs
+    def job(self, job_id: str) -> str:
+        """The job record (a hash of ``jobs.schema.JobField``)."""
+        return self._key("job", job_id)
+
+    def index(self, app: str | None = None) -> str:
+        """Job ids by creation time: every job's, or one app's."""
+        return self._key("index", "app", app) if app else self._key("index", "all")
+
+    def idempotency(self, scope: str, key: str) -> str:
+        """The claim of an idempotency key within a client's scope (the key itself is hashed)."""
+        return self._key("idem", scope, hashlib.sha256(key.encode()).hexdigest())
+
+    @property
+    def leases(self) -> str:
+        """Running jobs (and finished ones sending their first callback) by lease expiry."""
+        return self._key("leases")
+
+    @property
+    def reaper(self) -> str:
+        """The lock of the process sweeping expired leases."""
+        return self._key("reaper")
+
+    def callback_lock(self, job_id: str) -> str:
+        """Held while one callback attempt for the job is under way."""
+        return self._key("callback-lock", job_id)
+
+    @property
+    def callback_dead_letters(self) -> str:
+        """Job ids whose callback ended ``failed``, by time."""
+        return self._key("dlq", "callbacks")
+
+    # Producers
+    def hook_delivery(self, hook: str, delivery_id: str) -> str:
+        """The job a webhook delivery created, to answer a redelivery with it."""
+        return self._key("hookdelivery", hook, delivery_id)
+
+    @property
+    def scheduler_leader(self) -> str:
+        return self._key("scheduler", "leader")
+
+    def schedule_state(self, name: str) -> str:
+        return self._key("schedule", "state", name)
+
+    def schedule_fire(self, name: str, fire_iso: str) -> str:
+        """The guard of one fire of a schedule."""
+        return self._key("schedule", "fired", name, fire_iso)
+
+    # Console
+    def console_session(self, session_id: str) -> str:
+        """A console session, named by a hash of its id (the cookie's value never reaches Redis)."""
+        return self._key("console", "session", hashlib.sha256(session_id.encode()).hexdigest())
+
+    def console_actions(self, job_id: str) -> str:
+        return self._key("console", "actions", job_id)
+
+    # Dramatiq's queues
+    def queue(self, queue_name: str) -> str:
+        """A queue's list of message ids (``queue_name`` may be a delay queue's, ``jobs.DQ``)."""
+        return self._key(queue_name)
+
+    def queue_bodies(self, queue_name: str) -> str:
+        """A queue's message bodies by message id."""
+        return self.queue(queue_name) + ".msgs"
+
+    def delayed_bodies(self, queue_name: str) -> str:
+        return self.queue_bodies(dq_name(queue_name))
+
+    def dead_letters(self, queue_name: str) -> str:
+        """Dramatiq's dead letters of a queue (a sorted set; bodies in its own ``.msgs``)."""
+        return self.queue(xq_name(queue_name))
