@@ -32,7 +32,6 @@ from difyq.worker.callbacks import (
     deliver,
     metric_outcome,
     next_delay,
-    parse_retry_after,
     record_outcome,
 )
 from difyq.worker.callbacks.delivery import _describe_failure
@@ -223,26 +222,6 @@ def test_retry_after_seconds_and_http_date(receiver: CallbackReceiver) -> None:
 
     assert [attempt.retry_after_s for attempt in attempts] == [120.0, 90.0, None]
     assert {request.headers["webhook-timestamp"] for request in receiver.requests} == {str(int(fixed.timestamp()))}
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (None, None),
-        ("", None),
-        ("0", 0.0),
-        ("  30 ", 30.0),
-        ("-5", 0.0),
-        ("nan", None),
-        ("Wed, 21 Oct 2015 07:28:00 GMT", 60.0),
-        ("Wed, 21 Oct 2015 07:26:00 GMT", 0.0),
-        ("tomorrow", None),
-    ],
-)
-def test_parse_retry_after(value: str | None, expected: float | None) -> None:
-    now = datetime(2015, 10, 21, 7, 27, tzinfo=UTC)
-
-    assert parse_retry_after(value, now) == expected
 
 
 @pytest.mark.parametrize(

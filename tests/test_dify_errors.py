@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pickle
-from datetime import UTC, datetime
 
 import pytest
 
-from difyq.worker.dify.errors import DifyError, classify, classify_upstream_text, parse_retry_after
+from difyq.worker.dify.errors import DifyError, classify, classify_upstream_text
 from tests.support.captures import iter_captures
 
 CONCURRENCY_CAP = (
@@ -147,21 +146,3 @@ def test_as_dict_str_and_pickle() -> None:
         3.0,
         False,
     )
-
-
-@pytest.mark.parametrize(
-    ("header", "seconds"),
-    [
-        (None, None),
-        ("", None),
-        ("120", 120.0),
-        (" 1.5 ", 1.5),
-        ("-5", None),
-        ("soon", None),
-        ("Wed, 25 Nov 2026 21:20:32 GMT", 120.0),
-        ("Wed, 25 Nov 2026 21:17:00 GMT", 0.0),
-    ],
-)
-def test_retry_after(header: str | None, seconds: float | None) -> None:
-    now = datetime(2026, 11, 25, 21, 18, 32, tzinfo=UTC)
-    assert parse_retry_after(header, now=now) == seconds

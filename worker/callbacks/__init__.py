@@ -10,7 +10,6 @@ from difyq.worker.callbacks.delivery import (
     MetricOutcome,
     deliver,
     metric_outcome,
-    parse_retry_after,
     record_outcome,
 )
 from difyq.worker.callbacks.schedule import next_delay
@@ -42,7 +41,6 @@ __all__ = [
     "deliver",
     "metric_outcome",
     "next_delay",
-    "parse_retry_after",
     "post_to_destination",
     "record_outcome",
     "resolve_host",

@@ -16,13 +16,11 @@ urllib3's errors become short texts without the URL (``connect timed out after 1
 
 from __future__ import annotations
 
-import math
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Literal
 
 from urllib3 import HTTPResponse
@@ -33,6 +31,7 @@ from difyq.worker.callbacks.ssrf import BlockedDestination, Destination, Unresol
 from difyq.worker.callbacks.transport import PinnedTransport, post_to_destination
 from difyq.worker.config import CallbacksConfig
 from difyq.worker.metrics import callback_deliveries, callback_duration
+from difyq.worker.retry_after import parse_retry_after
 
 _KEPT_REPLY_BYTES = 64 * 1024
 AttemptOutcome = Literal["delivered", "retry", "gone", "failed", "blocked"]
@@ -57,27 +56,6 @@ class DeliveryAttempt:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date); None when absent or unreadable.
-
-    A date in the past means 0.
-    """
-    if not value:
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, (when - now).total_seconds())
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _innermost(exc: BaseException) -> BaseException:
@@ -116,7 +94,7 @@ def _exchange(
     complete = False
     try:
         status = response.status
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), clock())
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), now=clock())
         complete = _read_short_reply(response)
     finally:
         if not complete:

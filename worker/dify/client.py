@@ -37,10 +37,11 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTime
 from urllib3.exceptions import HTTPError as TransportError
 
 from difyq.worker.dify.aggregate import StreamAggregator
-from difyq.worker.dify.errors import DifyError, parse_retry_after
+from difyq.worker.dify.errors import DifyError
 from difyq.worker.dify.models import CHAT_MODES, DifyRequest, DifyResult, Usage
 from difyq.worker.dify.sse import SSEParser
 from difyq.worker.json_codec import dumps, loads
+from difyq.worker.retry_after import parse_retry_after
 
 __all__ = ["DifyClient", "DifyError", "DifyRequest", "DifyResult", "Usage", "shared_pool"]
 

@@ -21,8 +21,6 @@ ours for what happens below Dify's JSON layer: `timeout`, `connection_error`, `s
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import NamedTuple
 
 _RATE_LIMIT_CODES = frozenset({"too_many_requests", "rate_limit_error"})
@@ -41,7 +39,6 @@ _RUN_FAILED_PREFIX = "run failed:"
 _CONCURRENCY_CAP_PREFIX = "too many requests"
 
 _UPSTREAM_STATUS = re.compile(r"(?:status[ _]?code|error[ _]?code|\bhttp)\s*[:=]?\s*([1-5]\d\d)\b", re.IGNORECASE)
-_DELAY_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _RATE_LIMIT_TEXT = re.compile(r"rate[ _-]?limit|too many requests", re.IGNORECASE)
 _TRANSIENT_TEXT = re.compile(
     r"timed? ?out|overloaded|connection (?:error|refused|reset|aborted)|"
@@ -91,22 +88,6 @@ def classify_upstream_text(text: str) -> Classification:
     if upstream_status is not None:
         return _RETRY if upstream_status == 408 or upstream_status >= 500 else _FAIL
     return _RETRY if _TRANSIENT_TEXT.search(text) else _FAIL
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date; None if absent or unreadable."""
-    text = (value or "").strip()
-    if not text:
-        return None
-    if _DELAY_SECONDS.fullmatch(text):
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class DifyError(Exception):
