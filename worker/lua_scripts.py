@@ -1,4 +1,5 @@
-"""Lua script sources shipped in a package's ``lua/`` folder, each prefixed with that folder's shared helpers."""
+"""Lua script sources shipped in a package's ``lua/`` folder, each prefixed with that folder's shared helpers, if
+it has any."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from importlib.resources import files
 
 
 @cache
-def script_source(package: str, helpers: str, name: str) -> str:
-    """``lua/{helpers}.lua`` of ``package`` followed by ``lua/{name}.lua``: one script, one EVALSHA."""
+def script_source(package: str, helpers: str | None, name: str) -> str:
+    """``lua/{helpers}.lua`` of ``package`` (when given) followed by ``lua/{name}.lua``: one script, one EVALSHA."""
     folder = files(package).joinpath("lua")
-    return (folder.joinpath(f"{helpers}.lua").read_text(encoding="utf-8") + "\n"
-            + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8"))
+    own = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    return own if helpers is None else folder.joinpath(f"{helpers}.lua").read_text(encoding="utf-8") + "\n" + own

@@ -8,21 +8,8 @@ from __future__ import annotations
 
 from redis import Redis
 
+from difyq.worker.lua_scripts import script_source
 from difyq.worker.redis_scripts import register_script
-
-_EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 class LeaderLease:
@@ -33,8 +20,8 @@ class LeaderLease:
         self.key = key
         self.holder = holder
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        self._extend = register_script(redis, _EXTEND)
-        self._release = register_script(redis, _RELEASE)
+        self._extend = register_script(redis, script_source("difyq.producers.schedules", None, "extend_lease"))
+        self._release = register_script(redis, script_source("difyq.producers.schedules", None, "release_lease"))
 
     def hold(self) -> bool:
         """Renew the lease if this replica holds it, else take it if nobody does; True when held afterwards."""

@@ -20,51 +20,12 @@ from redis import Redis
 
 from difyq.producers.schedules.fires import fire_iso
 from difyq.producers.schedules.lease import LeaderLease
+from difyq.worker.lua_scripts import script_source
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.redis_scripts import register_script
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-
-_CLAIM = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local mark = redis.call('GET', KEYS[2])
-if not mark or mark == 'pending:' .. ARGV[1] then
-  redis.call('SET', KEYS[2], 'pending:' .. ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if string.sub(mark, 1, 8) == 'pending:' then return 2 end
-return 0
-"""
-
-_CONFIRM = """
-local mark = redis.call('GET', KEYS[1])
-if not mark or mark == 'pending:' .. ARGV[1] then
-  redis.call('SET', KEYS[1], 'fired:' .. ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
-_ABANDON = """
-if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_ADVANCE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local spec = redis.call('HGET', KEYS[2], 'spec')
-local cursor = tonumber(redis.call('HGET', KEYS[2], 'cursor'))
-if spec ~= ARGV[3] or not cursor or tonumber(ARGV[2]) > cursor then
-  redis.call('HSET', KEYS[2], 'cursor', ARGV[2], 'spec', ARGV[3])
-end
-if ARGV[5] ~= '' then
-  local last = tonumber(redis.call('HGET', KEYS[2], 'last_fire'))
-  if not last or tonumber(ARGV[5]) > last then redis.call('HSET', KEYS[2], 'last_fire', ARGV[5]) end
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return 1
-"""
 
 
 class Claim(enum.Enum):
@@ -92,10 +53,10 @@ class ScheduleStore:
         self.redis = redis
         self.namespace = namespace
         self.lease = lease
-        self._claim = register_script(redis, _CLAIM)
-        self._confirm = register_script(redis, _CONFIRM)
-        self._abandon = register_script(redis, _ABANDON)
-        self._advance = register_script(redis, _ADVANCE)
+        self._claim = register_script(redis, script_source("difyq.producers.schedules", None, "claim"))
+        self._confirm = register_script(redis, script_source("difyq.producers.schedules", None, "confirm"))
+        self._abandon = register_script(redis, script_source("difyq.producers.schedules", None, "abandon"))
+        self._advance = register_script(redis, script_source("difyq.producers.schedules", None, "advance"))
 
     def state_key(self, name: str) -> str:
         return RedisKeys(self.namespace).schedule_state(name)
