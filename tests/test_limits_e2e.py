@@ -17,7 +17,7 @@ from difyq.producers.submit import submit
 from difyq.worker.config import AppLimits
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.jobs.model import JobRequest
-from difyq.worker.limits import KeyLimiter
+from difyq.worker.limits import KeyLimiter, key_id
 from tests.support.processes import difyq_processes
 from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
 from tests.support.waiting import wait_for
@@ -92,6 +92,9 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
                      what="three paced calls after the burst")
             limited_jobs = statuses(base, limited)
             bursty_jobs = statuses(base, bursty)
+            request_log = KeyLimiter(redis.Redis.from_url(redis_url), namespace).keys(key_id("app-limited-key-01")).req
+            admitted_us = sorted(score for _, score in redis.Redis.from_url(redis_url).zrange(request_log, 0, -1,
+                                                                                             withscores=True))
         stats = emulator.stats()
         times = call_times(emulator, "limited")
         bursty_times = call_times(emulator, "bursty")
@@ -100,13 +103,13 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
     assert all(job["status"] == "succeeded" for job in narrow_jobs)
     print(f"narrow key: max {stats['narrow']['max_concurrent']} concurrent streams (limit {CONCURRENCY})")
     assert stats["narrow"]["max_concurrent"] <= CONCURRENCY
-    spacing = [round(b - a, 2) for a, b in itertools.pairwise(times)]
-    print(f"limited key: {len(times)} calls (limit {RPM}/min, burst {BURST}), gaps {spacing}")
-    # After the burst, one call per 60/RPM s: call k starts no earlier than its paced admission (the first call
-    # may itself start up to a moment after its admission, hence the tolerance).
-    interval = 60 / RPM
-    for k in range(BURST, len(times)):
-        assert times[k] - times[0] >= (k - BURST + 1) * interval - 0.5, (k, spacing)
+    spacing = [round((b - a) / 1e6, 3) for a, b in itertools.pairwise(admitted_us)]
+    print(f"limited key: {len(times)} calls (limit {RPM}/min, burst {BURST}), admitted {spacing} s apart")
+    # After the burst, one admission per 60/RPM s (the limiter's own log, in Redis TIME microseconds).
+    interval_us = 60 / RPM * 1e6
+    assert len(admitted_us) >= BURST + 3
+    for k in range(BURST, len(admitted_us)):
+        assert admitted_us[k] - admitted_us[0] >= (k - BURST + 1) * interval_us - 1, (k, spacing)
     for index, start in enumerate(times):
         assert sum(1 for t in times[index:] if t - start < 60) <= RPM
     waiting = [job for job in limited_jobs if job["status"] == "queued"]
@@ -130,17 +133,23 @@ def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace
             return submit(runtime, app=app, source="cli", request=JobRequest(query=f"{app} {index}"),
                           scope="test").job["id"]
 
+        cooling = KeyLimiter(runtime.raw_redis, namespace).keys(key_id("app-hot-key-000001")).cool
+
+        def cooldowns() -> int:
+            """Cooldowns the key has gone through so far (1 s, 2 s, 4 s...: one per 429 after the last ended)."""
+            return int(runtime.raw_redis.hget(cooling, "streak") or 0)
+
         with running_worker(runtime, threads=8):
             hot = [enqueue("hot", index) for index in range(8)]
             started = time.monotonic()
             cool = [wait_for_final(runtime, enqueue("cool", index)) for index in range(5)]
-            time.sleep(max(0.0, 6.5 - (time.monotonic() - started)))
+            wait_for(lambda: cooldowns() >= 3, timeout=30, what="a third cooldown (after 1 s and 2 s ones)")
+            hot_calls = call_times(emulator, "hot")
+            rounds = 1 + cooldowns()  # read after the calls: each round is one call per job at most
             window_s = time.monotonic() - started
-        hot_calls = call_times(emulator, "hot")
     assert all(job["status"] == "succeeded" and job["attempts"] == 1 for job in cool)
-    rounds = 1 + 3  # the first wave, then a cooldown of 1 s, 2 s and 4 s ends inside the window
     print(f"429 key: {len(hot_calls)} calls in {window_s:.1f}s from 8 jobs whose retry backoff alone "
-          f"would allow {int(window_s / 0.05) * 8}; bound {rounds * 8}")
+          f"would allow {int(window_s / 0.05) * 8}; bound {rounds * 8} ({rounds} rounds)")
     assert len(hot_calls) <= rounds * len(hot)
     assert runtime.store.get(hot[0])["status"] in ("queued", "running", "failed")
 
@@ -162,16 +171,18 @@ def test_slots_of_a_killed_worker_come_back_within_the_lease(tmp_path: Path, red
             base = difyq.start_api()
             worker, _ = difyq.start_worker(processes=1, threads=4)
             submit_many(base, "hanging", 3, "hang")
-            deadline = time.monotonic() + 20
-            while limiter.remaining(limiter.key_id(key), limits)["concurrency"] > 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 0
-            time.sleep(3)
+            wait_for(lambda: limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 0, timeout=20,
+                     what="both slots taken")
+            leases = limiter.keys(limiter.key_id(key)).lease
+            taken = dict(limiter.redis.zrange(leases, 0, -1, withscores=True))
+            # Renewed: the same two reservations, each expiring later than either did when first seen.
+            wait_for(lambda: (now := dict(limiter.redis.zrange(leases, 0, -1, withscores=True))).keys() == taken.keys()
+                     and min(now.values()) > max(taken.values()), timeout=20, what="both slot leases renewed")
             assert limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 0, "held slots are renewed"
             killed = time.monotonic()
             os.killpg(worker.pid, signal.SIGKILL)
-            while limiter.remaining(limiter.key_id(key), limits)["concurrency"] < 2 and time.monotonic() < killed + 20:
-                time.sleep(0.05)
+            wait_for(lambda: limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 2, timeout=20,
+                     what="the killed worker's slots free again")
             back_s = time.monotonic() - killed
     print(f"slots of the SIGKILLed worker free again after {back_s:.1f}s (slot lease 2s)")
     assert limiter.remaining(limiter.key_id(key), limits)["concurrency"] == 2
