@@ -16,6 +16,7 @@ import pytest
 from difyq.producers.dev import _scheduler_environment
 from difyq.worker.embedded_redis import free_port
 from difyq.worker.runtime import DEFAULT_REDIS_URL
+from tests.support.markdown import ROOT, curl_lines
 from tests.support.processes import wait_for_port
 
 pytestmark = pytest.mark.e2e
@@ -39,6 +40,9 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
             lines.append(line)
         curls = [line.strip() for line in lines if line.strip().startswith("curl")]
         assert len(curls) == 2, "".join(lines)
+        documented = [line.command for line in curl_lines(ROOT / "README.md")][:2]
+        assert [curl.replace(f":{api_port}/", ":8080/") for curl in curls] == documented, (
+            "README.md's two curl lines must be the ones `difyq dev` prints (on port 8080)")
         submit, read = curls
         submitted = subprocess.run(submit + " -w '\\n%{http_code}'", shell=True, capture_output=True, text=True,
                                    timeout=30)

@@ -92,7 +92,7 @@ class CurlLine:
 
 def curl_lines(path: Path) -> Iterator[CurlLine]:
     for block in blocks(path, "sh"):
-        joined = re.sub(r"\\\n\s*", " ", block.text)
+        joined = re.sub(r"\s*\\\n\s*", " ", block.text)
         for line in joined.splitlines():
             if not line.startswith("curl "):
                 continue
