@@ -30,6 +30,7 @@ pytestmark = pytest.mark.e2e
 
 OPERATOR_TOKEN = "operator-token-0123456789abcdef"
 VIEWER_TOKEN = "viewer-token-0123456789abcdef"
+HOOK_TOKEN = "hook-token-0123456789abcdef"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
@@ -70,11 +71,14 @@ def stack(redis_url: str) -> Iterator[Stack]:
     with start_emulator([EmulatedApp(name="support", key="app-console-key", mode="chat")]) as emulator:
         runtime = make_runtime(
             redis_url, namespace, {"support": {"api_key": "app-console-key", "mode": "chat",
-                                               "base_url": emulator.base_url}},
+                                               "base_url": emulator.base_url,
+                                               "limits": {"requests_per_minute": 6000}}},
             console={"users": {"alice": {"token": OPERATOR_TOKEN, "role": "operator"},
                                "victor": {"token": VIEWER_TOKEN, "role": "viewer"}},
                      "sensitive_inputs": ["customer_email"]},
-            schedules={"every-second": {"cron": "* * * * * *", "app": "support", "query": "tick {{ fire_time }}"}})
+            schedules={"every-second": {"cron": "* * * * * *", "app": "support", "query": "tick {{ fire_time }}"}},
+            hooks={"tickets": {"app": "support", "verify": {"scheme": "token", "secret": HOOK_TOKEN},
+                               "when": "{{ body.action == 'opened' }}", "query": "{{ body.title }}"}})
         with running_worker(runtime, threads=4), serving_api(runtime) as api, \
                 headless_chromium(1440, 900) as browser, CallbackReceiver() as receiver:
             yield Stack(runtime, api, browser, receiver)
@@ -202,3 +206,25 @@ def schedule_jobs(stack: Stack) -> int:
     ids = [member.decode() for member in stack.runtime.raw_redis.zrange(index, 0, -1)]
     sources = [stack.runtime.store.fields(job_id) or {} for job_id in ids]
     return sum(1 for fields in sources if fields.get("source") == "schedule")
+
+
+def test_hook_deliveries_and_app_limits_are_shown(stack: Stack) -> None:
+    def deliver(token: str, body: dict[str, str]) -> requests.Response:
+        return requests.post(f"{stack.api}/hooks/tickets", json=body, timeout=10,
+                             headers={"Authorization": f"Bearer {token}"})
+
+    accepted = deliver(HOOK_TOKEN, {"action": "opened", "title": "Printer on fire"})
+    assert accepted.status_code == 202, accepted.text
+    assert deliver(HOOK_TOKEN, {"action": "closed", "title": "Old news"}).status_code == 204
+    assert deliver("not-the-token", {"action": "opened", "title": "Forged"}).status_code == 401
+    stack.sign_in(VIEWER_TOKEN)
+    stack.browser.get(f"{stack.console}/hooks")
+    outcomes = [row.text for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-outcome] td:nth-child(2)")]
+    assert outcomes == ["bad signature", "filtered out", "accepted"]
+    assert stack.browser.find_element(By.LINK_TEXT, accepted.json()["id"])
+    assert HOOK_TOKEN not in stack.browser.page_source
+
+    stack.browser.get(f"{stack.console}/apps")
+    row = text_of(stack.browser, By.CSS_SELECTOR, 'tr[data-app="support"]')
+    assert "/ 6000" in row and "127.0.0.1" in row
+    assert "app-console-key" not in stack.browser.page_source

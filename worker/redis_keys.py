@@ -56,6 +56,10 @@ class RedisKeys:
         """The job a webhook delivery created, to answer a redelivery with it."""
         return self._key("hookdelivery", hook, delivery_id)
 
+    def hook_recent(self, hook: str) -> str:
+        """A hook's last deliveries with their outcome, for the console."""
+        return self._key("hookrecent", hook)
+
     @property
     def scheduler_leader(self) -> str:
         return self._key("scheduler", "leader")

@@ -1,19 +1,29 @@
-"""HookDeliveries: which job each webhook delivery created, so a redelivery answers with that job.
+"""HookDeliveries: which job each webhook delivery created, so a redelivery answers with that job; and each hook's
+recent deliveries with their outcome, for the console.
 
 One Redis string per (hook, delivery id), ``{namespace}:hookdelivery:{hook}:{delivery id}`` → job id, written
 with ``SET NX EX``. The TTL (three days by default) outlasts every sender's redelivery window: GitHub lets a
 delivery be redelivered for three days, Stripe retries an event for up to three days, and a Standard Webhooks
 sender retries a message over about that long. It is far longer than the signatures' five-minute tolerance,
 which a retry passes with a fresh timestamp.
+
+``{namespace}:hookrecent:{hook}`` is a list of the hook's last ``RECENT_KEPT`` deliveries, newest first, each a
+JSON object: ``at``, ``outcome`` (the ``difyq_hook_requests_total`` outcome), ``status`` (the HTTP answer),
+``job_id`` and the error ``code``.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import redis
 
+from difyq.worker.json_codec import dumps, loads
 from difyq.worker.redis_keys import RedisKeys
 
 DEFAULT_DELIVERY_TTL_SECONDS = 3 * 86_400
+RECENT_KEPT = 50
 
 
 class HookDeliveries:
@@ -39,6 +49,21 @@ class HookDeliveries:
         if self.client.set(key, job_id, nx=True, ex=self.ttl_seconds):
             return job_id
         return _text(self.client.get(key)) or job_id
+
+    def recent_key(self, hook: str) -> str:
+        return RedisKeys(self.namespace).hook_recent(hook)
+
+    def note(self, hook: str, outcome: str, status: int, job_id: str | None, code: str | None) -> None:
+        """Add a delivery to the hook's recent ones (the oldest beyond ``RECENT_KEPT`` drop off)."""
+        entry = dumps({"at": time.time(), "outcome": outcome, "status": status, "job_id": job_id, "code": code})
+        pipe = self.client.pipeline()
+        pipe.lpush(self.recent_key(hook), entry)
+        pipe.ltrim(self.recent_key(hook), 0, RECENT_KEPT - 1)
+        pipe.execute()
+
+    def recent(self, hook: str) -> list[dict[str, Any]]:
+        """The hook's recent deliveries, newest first."""
+        return [loads(entry) for entry in self.client.lrange(self.recent_key(hook), 0, RECENT_KEPT - 1)]
 
 
 def _text(value: bytes | str | None) -> str | None:

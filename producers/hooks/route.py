@@ -45,6 +45,7 @@ from difyq.producers.submit import SubmitRejected
 from difyq.worker import metrics
 from difyq.worker.config import Config, HookConfig
 from difyq.worker.jobs.store import IdempotencyConflict
+from difyq.worker.json_codec import loads
 
 log = structlog.get_logger("difyq.hooks")
 
@@ -68,6 +69,8 @@ class DeliveryLog(Protocol):
     def recall(self, hook: str, delivery_id: str) -> str | None: ...
 
     def remember(self, hook: str, delivery_id: str, job_id: str) -> str: ...
+
+    def note(self, hook: str, outcome: str, status: int, job_id: str | None, code: str | None) -> None: ...
 
 
 HookSubmit = Callable[[str, MappedJob], SubmitOutcome]
@@ -99,36 +102,47 @@ class HookReceiver:
         self.clock = clock
 
     def handle(self, delivery: Delivery) -> tuple[str, Response]:
-        """The metrics outcome and the response for ``delivery``."""
+        """The metrics outcome and the response for ``delivery``, noted among the hook's recent deliveries."""
+        outcome, response, job_id = self._handle(delivery)
+        code = None
+        if response.status_code >= 400 and isinstance(response, JSONResponse):
+            code = loads(bytes(response.body)).get("error", {}).get("code")
+        try:
+            self.deliveries.note(delivery.hook_name, outcome, response.status_code, job_id, code)
+        except RedisError as exc:
+            log.warning("hook_note_failed", hook=delivery.hook_name, error=type(exc).__name__)
+        return outcome, response
+
+    def _handle(self, delivery: Delivery) -> tuple[str, Response, str | None]:
         name = delivery.hook_name
         try:
             delivery_id = verify_delivery(name, delivery.hook.verify, delivery.headers, delivery.body, self.clock())
         except SignatureError as exc:
             log.info("hook_unauthorized", hook=name, reason=exc.reason)
-            return "unauthorized", error_response(401, "invalid_signature", exc.reason)
+            return "unauthorized", error_response(401, "invalid_signature", exc.reason), None
         try:
             return self._accept(delivery, delivery_id)
         except RedisError as exc:
             log.warning("hook_redis_unavailable", hook=name, error=type(exc).__name__)
             return "unavailable", error_response(
                 503, "unavailable", "the job store is unreachable; retry shortly", headers={"Retry-After": "5"}
-            )
+            ), None
 
-    def _accept(self, delivery: Delivery, delivery_id: str | None) -> tuple[str, Response]:
+    def _accept(self, delivery: Delivery, delivery_id: str | None) -> tuple[str, Response, str | None]:
         name = delivery.hook_name
         if delivery_id is not None and (seen := self.deliveries.recall(name, delivery_id)) is not None:
-            return "duplicate", _job_response(seen, duplicate=True)
+            return "duplicate", _job_response(seen, duplicate=True), seen
         try:
             payload = parse_body(delivery.content_type, delivery.body)
             job = render_hook(delivery.hook, payload, delivery.headers, delivery.query)
         except BodyError as exc:
             field = WHOLE_BODY if exc.status == 422 else None
-            return "invalid", error_response(exc.status, exc.code, exc.message, field)
+            return "invalid", error_response(exc.status, exc.code, exc.message, field), None
         except MappingError as exc:
             log.info("hook_mapping_failed", hook=name, field=exc.field, error=exc.message)
-            return "invalid", error_response(422, "mapping_failed", str(exc), exc.field)
+            return "invalid", error_response(422, "mapping_failed", str(exc), exc.field), None
         if job is None:
-            return "skipped", Response(status_code=204)
+            return "skipped", Response(status_code=204), None
         keyed_by_delivery = job.idempotency_key is None and delivery_id is not None
         if keyed_by_delivery:
             job = replace(job, idempotency_key=delivery_id)
@@ -136,20 +150,20 @@ class HookReceiver:
             outcome = self.submit_hook(name, job)
             job_id, created = str(outcome.job["id"]), outcome.created
         except SubmitRejected as exc:
-            return "invalid", error_response(exc.status, exc.code, exc.message, exc.field)
+            return "invalid", error_response(exc.status, exc.code, exc.message, exc.field), None
         except ValidationError as exc:
             error = invalid(exc.errors(), "invalid_job")
-            return "invalid", error_response(error.status, error.code, error.message, error.field)
+            return "invalid", error_response(error.status, error.code, error.message, error.field), None
         except IdempotencyConflict as exc:
             if not keyed_by_delivery:
                 message = "the idempotency key was used before for a different job"
-                return "invalid", error_response(422, "idempotency_key_reused", message, "idempotency_key")
+                return "invalid", error_response(422, "idempotency_key_reused", message, "idempotency_key"), None
             job_id, created = exc.job_id, False
         if delivery_id is not None:
             job_id = self.deliveries.remember(name, delivery_id, job_id)
         if created:
-            return "accepted", _job_response(job_id, duplicate=False)
-        return "duplicate", _job_response(job_id, duplicate=True)
+            return "accepted", _job_response(job_id, duplicate=False), job_id
+        return "duplicate", _job_response(job_id, duplicate=True), job_id
 
 
 def build_hooks_router(

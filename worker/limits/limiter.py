@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
@@ -39,6 +40,19 @@ def _us(seconds: float) -> int:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    """One Dify key's limiter state: requests, tokens and slots in use in the window, jobs waiting in its line
+    (and how long the first has waited), the upstream cooldown left."""
+
+    requests: int
+    tokens: int
+    in_use: int
+    waiting: int
+    oldest_wait_s: float | None
+    cooldown_s: float
 
 
 class KeyLimiter:
@@ -204,6 +218,23 @@ class KeyLimiter:
         if limits.max_concurrency is not None:
             left["concurrency"] = float(max(0, limits.max_concurrency - int(in_use)))
         return left
+
+    def usage(self, key_id: str) -> KeyUsage:
+        """The key's use of its window right now, its waiting line and its upstream cooldown (for the console)."""
+        names = self.keys(key_id)
+        requests, tokens, in_use, cooldown_us = self._scripts.remaining(
+            keys=[names.req, names.tok, names.amt, names.state, names.lease, names.cool],
+            args=[_us(self.window_s), self._now()],
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(names.line)
+        pipe.zrange(names.line, 0, 0, withscores=True)
+        pipe.time()
+        waiting, oldest, (seconds, micros) = pipe.execute()
+        now_us = _us(self._clock()) if self._clock is not None else int(seconds) * US + int(micros)
+        return KeyUsage(requests=int(requests), tokens=int(tokens), in_use=int(in_use), waiting=int(waiting),
+                        oldest_wait_s=max(0.0, (now_us - oldest[0][1]) / US) if oldest else None,
+                        cooldown_s=int(cooldown_us) / US)
 
     def cooldown_left(self, key_id: str) -> float:
         """Seconds of upstream cooldown left on this key (0 when none)."""
