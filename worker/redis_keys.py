@@ -67,6 +67,11 @@ class RedisKeys:
     def schedule_state(self, name: str) -> str:
         return self._key("schedule", "state", name)
 
+    @property
+    def schedule_pauses(self) -> str:
+        """Paused schedules: name → who paused it and when."""
+        return self._key("schedule", "paused")
+
     def schedule_fire(self, name: str, fire_iso: str) -> str:
         """The guard of one fire of a schedule."""
         return self._key("schedule", "fired", name, fire_iso)

@@ -14,6 +14,7 @@ from difyq.producers.schedules.lease import LeaderLease
 from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.producers.schedules.store import ScheduleStore
 from difyq.producers.schedules.timetable import Timetable
+from difyq.worker.redis_keys import RedisKeys
 
 
 def build_schedules_router(web: ConsoleWeb) -> APIRouter:
@@ -22,8 +23,8 @@ def build_schedules_router(web: ConsoleWeb) -> APIRouter:
     schedules = runtime.config.schedules
     pauses = SchedulePauses(runtime.raw_redis, runtime.namespace)
     # Read-only use of the schedule state: this lease is never taken.
-    states = ScheduleStore(runtime.raw_redis, runtime.namespace,
-                           LeaderLease(runtime.raw_redis, f"{runtime.namespace}:scheduler:leader", "console", 1.0))
+    unheld = LeaderLease(runtime.raw_redis, RedisKeys(runtime.namespace).scheduler_leader, "console", 1.0)
+    states = ScheduleStore(runtime.raw_redis, runtime.namespace, unheld)
 
     def rows() -> list[dict[str, Any]]:
         now = datetime.now(UTC)

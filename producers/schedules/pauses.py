@@ -13,12 +13,13 @@ from typing import Any
 from redis import Redis
 
 from difyq.worker.json_codec import dumps, loads
+from difyq.worker.redis_keys import RedisKeys
 
 
 class SchedulePauses:
     def __init__(self, redis: Redis, namespace: str):
         self.redis = redis
-        self.key = f"{namespace}:schedule:paused"
+        self.key = RedisKeys(namespace).schedule_pauses
 
     def pause(self, name: str, by: str) -> None:
         self.redis.hset(self.key, name, dumps({"by": by, "at": time.time()}))
