@@ -22,7 +22,7 @@ def worker_environment(base: dict[str, str], threads: int, metrics_dir: str) -> 
     env["dramatiq_prom_db"] = metrics_dir
     env["dramatiq_prom_port"] = env.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT
     env.setdefault("dramatiq_prom_host", "0.0.0.0")
-    env.setdefault("dramatiq_worker_timeout", "1000")  # idle consumers are woken on enqueue (worker.wakeup)
+    env.setdefault("dramatiq_worker_timeout", "1000")
     # A process fetches only as many messages as it has threads (Dramatiq's default is twice as many): a message
     # then waits in Redis for any process with a free thread, not behind the busy threads of the one that took it.
     env.setdefault("dramatiq_queue_prefetch", str(threads))

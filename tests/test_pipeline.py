@@ -17,7 +17,6 @@ from difyq.worker.embedded_redis import EmbeddedRedis
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest
 from difyq.worker.runtime import Runtime
-from difyq.worker.wakeup import wake_list
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
 from tests.support.waiting import wait_for
 
@@ -249,32 +248,3 @@ def test_worker_survives_a_redis_restart(namespace: str, emulator) -> None:
             assert wait_for_final(runtime, accepted.json()["id"], timeout=30)["status"] == "succeeded"
     finally:
         server.stop()
-
-
-def test_one_enqueue_wakes_one_idle_consumer(runtime: Runtime) -> None:
-    """Each ready message leaves one wake-up token, taken by one waiting consumer, which fetches the message: another
-    idle process is not woken to fetch nothing. A burst leaves a token per message, up to a bound."""
-    broker = runtime.build_broker()
-    tokens = wake_list(runtime.namespace, JOBS_QUEUE)
-    try:
-        runtime.raw_redis.delete(tokens)
-        enqueue(runtime, "chat", query="one")
-        assert runtime.raw_redis.llen(tokens) == 1
-        with ThreadPoolExecutor(2) as pool:
-            fetched = list(pool.map(lambda _: broker.fetch_when_woken(JOBS_QUEUE, 8, 0.3), range(2)))
-        assert sorted(len(messages) for messages in fetched) == [0, 1]
-        assert runtime.raw_redis.llen(tokens) == 0
-        for index in range(80):
-            enqueue(runtime, "chat", query=f"burst {index}")
-        assert runtime.raw_redis.llen(tokens) == 64
-    finally:
-        broker.close()
-
-
-def test_a_delayed_message_leaves_no_wake_up_token(runtime: Runtime) -> None:
-    job_id = enqueue(runtime, "chat", query="later")
-    runtime.raw_redis.delete(wake_list(runtime.namespace, JOBS_QUEUE))
-    runtime.store.start_attempt(job_id, lease_s=30)
-    assert runtime.store.requeue(job_id, delay_s=30) == "queued:0"
-    assert runtime.raw_redis.llen(wake_list(runtime.namespace, JOBS_QUEUE)) == 0
-    assert not runtime.raw_redis.exists(f"{wake_list(runtime.namespace, JOBS_QUEUE)[:-5]}.DQ.wake")

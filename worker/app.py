@@ -10,12 +10,12 @@ from __future__ import annotations
 import dramatiq
 import structlog
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, Retries, ShutdownNotifications, TimeLimit
 
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.schema import JobStatus
-from difyq.worker.leases import LeaseKeeper, lease_from_env
+from difyq.worker.leases import LeaseKeeper, dramatiq_recovery, lease_from_env
 from difyq.worker.runner import JobRunner
 from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
@@ -52,9 +52,17 @@ class DifyqWorkerMiddleware(Middleware):
             log.error("job_dead_lettered", job_id=job_id)
 
 
+def build_broker(runtime: Runtime, lease_s: float) -> RedisBroker:
+    """Dramatiq's broker with only the middleware difyq's actors use (time limits, retries of a crashed
+    delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message.
+    Its recovery of a dead worker process's messages follows the job lease (``dramatiq_recovery``)."""
+    return RedisBroker(client=runtime.raw_redis, namespace=runtime.namespace, dead_message_ttl=7 * 86_400_000,
+                       middleware=[TimeLimit(), ShutdownNotifications(), Retries()], **dramatiq_recovery(lease_s))
+
+
 def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:
-    broker = runtime.build_broker()
     leases = LeaseKeeper(runtime.store, lease_s=lease_from_env())
+    broker = build_broker(runtime, leases.lease_s)
     task_ids = TaskIdRecorder(runtime.store)
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases, task_ids))
     for middleware in extra_middleware or []:

@@ -7,14 +7,13 @@ lease. Every worker process also runs the reaper, but one at a time (a Redis loc
   count grows; past ``MAX_WORKER_LOSSES`` the job ends failed ``worker_lost`` (the bound for a poison message that
   kills every worker that runs it: Dramatiq itself never counts such redeliveries);
 * a finished job whose lease expired lost the worker that was sending its first callback attempt: the callback
-  goes to the callbacks queue if it is still pending;
-* the messages a dead Dramatiq consumer had fetched but not finished (jobs it had only prefetched, delayed
-  retries, callbacks) go back to their queues once its heartbeat is ``2 * lease_s`` old, instead of waiting for
-  Dramatiq's own 60 s heartbeat timeout plus a 0.1 % maintenance roll on that very queue.
+  goes to the callbacks queue if it is still pending.
 
-The original message of a recovered job may come back as well; it calls Dify only if the job record says nobody
-else runs the job (``start.lua``). With the default 30 s lease a killed worker's running jobs are queued again
-within 40 s and its prefetched ones within 70 s.
+The other messages a dead worker process had fetched (jobs it had not started yet, delayed retries, callbacks)
+come back through Dramatiq's own recovery (``dramatiq_recovery``): its maintenance puts a dead process's
+unacked messages back on their queues once its heartbeat is ``2 * lease_s`` old. The original message of a
+recovered job may come back as well; it calls Dify only if the job record says nobody else runs the job
+(``start.lua``). With the default 30 s lease a killed worker's running jobs are queued again within 40 s.
 
 Leases keep their meaning across a Redis outage: renewals fail while Redis is away, so the reaper sweeps only
 after Redis has answered for one whole lease, time enough for every live worker to renew.
@@ -29,11 +28,9 @@ from collections.abc import Callable, Mapping
 
 import redis
 import structlog
-from dramatiq.common import dq_name
 
 from difyq.worker import metrics
 from difyq.worker.durations import parse_duration
-from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
 from difyq.worker.jobs.store import JobStore
 
@@ -42,7 +39,18 @@ log = structlog.get_logger("difyq.leases")
 MAX_WORKER_LOSSES = 3
 DEFAULT_LEASE_S = 30.0
 LEASE_ENV = "DIFYQ_JOB_LEASE"
-RECOVERED_QUEUES = (JOBS_QUEUE, dq_name(JOBS_QUEUE), CALLBACKS_QUEUE, dq_name(CALLBACKS_QUEUE))
+# On how many of its calls to Redis per million a Dramatiq consumer also runs maintenance, which hands back the
+# messages of worker processes whose heartbeat is older than the heartbeat timeout. Dramatiq's default of 1,000
+# can leave them for hours on a quiet queue; on every call, they come back at the next poll of their queue (every
+# process polls each queue at least once per worker timeout, 1 s). With no dead process the maintenance is two
+# range reads of small sorted sets.
+MAINTENANCE_CHANCE = 1_000_000
+
+
+def dramatiq_recovery(lease_s: float) -> dict[str, int]:
+    """Options of Dramatiq's RedisBroker for its recovery of a dead worker process's fetched messages: the process
+    counts as dead once its heartbeat is two leases old (a live one renews its leases meanwhile)."""
+    return {"heartbeat_timeout": int(2 * lease_s * 1000), "maintenance_chance": MAINTENANCE_CHANCE}
 
 
 def lease_from_env(environ: Mapping[str, str] = os.environ) -> float:
@@ -63,7 +71,6 @@ class LeaseKeeper:
         self.store = store
         self.lease_s = lease_s
         self.sweep_s = lease_s / 3 if sweep_s is None else sweep_s
-        self.dead_consumer_s = 2 * lease_s
         self._running: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -74,11 +81,6 @@ class LeaseKeeper:
     def also_renew(self, renew: Callable[[], None]) -> None:
         """Call ``renew`` on every upkeep round too (the rate limiter's concurrency slots ride on this)."""
         self._renewals.append(renew)
-
-    @property
-    def worst_case_recovery_s(self) -> float:
-        """The longest a dead worker's jobs wait before they are queued again (its prefetched ones)."""
-        return self.dead_consumer_s + self.sweep_s
 
     def track(self, job_id: str) -> None:
         with self._lock:
@@ -124,17 +126,14 @@ class LeaseKeeper:
             self.sweep()
 
     def sweep(self) -> list[str]:
-        """Requeue jobs whose lease expired and hand back dead consumers' messages, unless another process swept
-        in the last ``sweep_s``; returns the ids of the expired leases handled."""
+        """Requeue jobs whose lease expired, unless another process swept in the last ``sweep_s``; returns the ids
+        of the expired leases handled."""
         lock_key = self.store.keys.reaper
         if not self.store.redis.set(lock_key, self.store.worker_id, nx=True, px=int(self.sweep_s * 1000)):
             return []
         expired = self.store.expired_leases()
         for job_id in expired:
             self._recover(job_id)
-        handed_back = self.store.recover_dead_consumers(self.dead_consumer_s, RECOVERED_QUEUES)
-        if handed_back:
-            log.warning("dead_consumer_messages_requeued", messages=handed_back)
         return expired
 
     def _recover(self, job_id: str) -> None:

@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
-from dramatiq.middleware import Retries, ShutdownNotifications, TimeLimit
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from difyq.worker.config import Config, load_config
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.redis_link import RedisLink
-from difyq.worker.wakeup import WakingRedisBroker
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -74,12 +72,6 @@ class Runtime:
     @cached_property
     def store(self) -> JobStore:
         return JobStore(self.raw_redis, self.namespace, self.config.jobs)
-
-    def build_broker(self) -> WakingRedisBroker:
-        """Dramatiq's broker with only the middleware difyq's actors use (time limits, retries of a crashed
-        delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message."""
-        return WakingRedisBroker(client=self.raw_redis, namespace=self.namespace, dead_message_ttl=7 * 86_400_000,
-                                 middleware=[TimeLimit(), ShutdownNotifications(), Retries()])
 
 
 _current: Runtime | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import uvicorn
 from dramatiq import Worker
+from dramatiq.middleware import Middleware
 
 from difyq.producers.api.app import create_app
 from difyq.worker.app import build_worker_broker
@@ -44,9 +45,10 @@ def make_runtime(redis_url: str, namespace: str, apps: dict[str, Any], **section
 
 
 @contextmanager
-def running_worker(runtime: Runtime, threads: int = 8) -> Iterator[Worker]:
-    """A Dramatiq worker in this process, consuming the runtime's namespace."""
-    broker = build_worker_broker(runtime)
+def running_worker(runtime: Runtime, threads: int = 8, middleware: list[Middleware] | None = None,
+                   ) -> Iterator[Worker]:
+    """A Dramatiq worker in this process, consuming the runtime's namespace, with ``middleware`` added."""
+    broker = build_worker_broker(runtime, middleware)
     broker.emit_after("process_boot")
     worker = Worker(broker, worker_threads=threads, worker_timeout=50)
     worker.start()

@@ -1,5 +1,4 @@
-"""The sources of the job scripts in ``lua/``: the schema's preamble (statuses, field names), the shared helpers,
-then the script itself; one text per script, so each operation is one EVALSHA."""
+"""The sources of the job scripts in ``lua/``: the schema's preamble (statuses, field names), itself; one text per script, so each operation is one EVALSHA."""
 
 from __future__ import annotations
 
@@ -12,4 +11,4 @@ from difyq.worker.lua_scripts import script_source
 @cache
 def job_script(name: str) -> str:
     """The full source of ``lua/{name}.lua``."""
-    return lua_preamble() + "\n" + script_source("difyq.worker.jobs", "_wake", name)
+    return lua_preamble() + "\n" + script_source("difyq.worker.jobs", None, name)

@@ -6,7 +6,6 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +93,6 @@ class JobStore:
         self._cancel = register_script(client, job_script("cancel"))
         self._rerun = register_script(client, job_script("rerun"))
         self._replay_callback = register_script(client, job_script("replay_callback"))
-        self._recover = register_script(client, job_script("recover"))
         self._callback_attempted = register_script(client, job_script("callback_attempted"))
         self._resume_callback = register_script(client, job_script("resume_callback"))
         self._task_id = register_script(client, job_script("task_id"))
@@ -105,11 +103,6 @@ class JobStore:
     @property
     def leases_key(self) -> str:
         return self.keys.leases
-
-    @property
-    def heartbeats_key(self) -> str:
-        """Dramatiq's zset of consumer (broker) ids by the time of their last call to Redis."""
-        return f"{self.namespace}:__heartbeats__"
 
     def index_key(self, app: str | None = None) -> str:
         """The zset of job ids by creation time (ms): every job, or one app's."""
@@ -425,11 +418,6 @@ class JobStore:
     def expired_leases(self, limit: int = 100) -> list[str]:
         now_ms = int(time.time() * 1000)
         return [_text(m) for m in self.redis.zrangebyscore(self.leases_key, "-inf", now_ms, start=0, num=limit)]
-
-    def recover_dead_consumers(self, dead_after_s: float, queues: Iterable[str]) -> int:
-        """Put the messages of Dramatiq consumers silent for ``dead_after_s`` back on ``queues``; how many."""
-        dead_before_ms = int((time.time() - dead_after_s) * 1000)
-        return int(self._recover(keys=[self.heartbeats_key], args=[self.namespace, dead_before_ms, *queues]))
 
 
 def _text(value: Any) -> str:

@@ -13,7 +13,6 @@ redis.call('HSET', KEYS[1], FIELD.callback, ARGV[1])
 if ARGV[2] == 'retry' then
   redis.call('HSET', KEYS[6], ARGV[3], ARGV[4])
   redis.call('RPUSH', KEYS[5], ARGV[3])
-  wake(KEYS[5])
 elseif ARGV[2] == 'dead' then
   redis.call('ZADD', KEYS[4], ARGV[5], id)
 end

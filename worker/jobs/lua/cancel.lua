@@ -13,7 +13,6 @@ if status == STATUS.queued then
     redis.call('HSET', KEYS[1], FIELD.callback, ARGV[5])
     redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
     redis.call('RPUSH', KEYS[2], ARGV[3])
-    wake(KEYS[2])
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {'canceled'}

@@ -48,6 +48,5 @@ redis.call('ZREM', KEYS[2], id)
 if has_callback then
   redis.call('HSET', KEYS[4], outcome.message_id, outcome.message_body)
   redis.call('RPUSH', KEYS[3], outcome.message_id)
-  wake(KEYS[3])
 end
 return {final}

@@ -12,5 +12,4 @@ redis.call('HSET', KEYS[1], FIELD.callback, ARGV[3])
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], FIELD.id))
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[3], ARGV[1])
-wake(KEYS[3])
 return 1

@@ -21,5 +21,4 @@ end
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], FIELD.id))
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
 redis.call(ARGV[7] == 'front' and 'LPUSH' or 'RPUSH', KEYS[3], ARGV[3])
-wake(KEYS[3])
 return 'queued:' .. count

@@ -13,5 +13,4 @@ if redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1 then
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
-wake(KEYS[2])
 return 'queued'

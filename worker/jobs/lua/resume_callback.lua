@@ -13,5 +13,4 @@ if not callback or cjson.decode(callback)['status'] ~= 'pending' then
 end
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[2])
-wake(KEYS[3])
 return 1

@@ -31,5 +31,4 @@ if tonumber(ARGV[3]) % 8 == 0 then
 end
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[6])
 redis.call('RPUSH', KEYS[5], ARGV[5])
-wake(KEYS[5])
 return {'created', id}
