@@ -1,4 +1,5 @@
-"""The sources of the job scripts in ``lua/``: the schema's preamble (statuses, field names), itself; one text per script, so each operation is one EVALSHA."""
+"""The sources of the job scripts in ``lua/``: the schema's preamble (statuses, field names), then the script
+itself; one text per script, so each operation is one EVALSHA."""
 
 from __future__ import annotations
 
