@@ -502,3 +502,38 @@ def test_the_error_example_has_the_fields_of_the_error_body() -> None:
                    and '"callback"' not in block.text)
     assert set(example) == {"error"} and set(example["error"]) == set(ErrorDetail.model_fields), (
         f"{relative(HTTP_API)}: the error example must have exactly the fields of producers/api/errors.py")
+
+
+def _choice_comments(text: str) -> Iterator[tuple[str, list[str]]]:
+    """(dotted key path, the choices) of each YAML line whose comment lists choices (``# chat | agent``); for a
+    flow mapping (``verify: {scheme: github, …}  # github | stripe``) the path is that of its first key."""
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        match = re.match(r"^(\s*)([\w-]+):\s*(.*?)\s*#\s*([\w-]+(?: \| [\w-]+)+)\s*$", line)
+        key_match = re.match(r"^(\s*)([\w-]+):", line)
+        if key_match:
+            indent = len(key_match.group(1))
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, key_match.group(2)))
+        if match:
+            path = [key for _, key in stack]
+            flow = re.match(r"\{\s*([\w-]+):", match.group(3))
+            yield ".".join(path + ([flow.group(1)] if flow else [])), match.group(4).split(" | ")
+
+
+def test_choices_listed_in_yaml_comments_are_the_allowed_values() -> None:
+    """A comment such as `mode: chat  # chat | agent | …` lists exactly the values the model allows there."""
+    patterns = [(re.compile(re.escape(setting.path).replace(re.escape(MAP_SEGMENT), "[^.]+")), setting)
+                for setting in settings(Config)]
+    wrong, checked = [], 0
+    for path in documentation_files():
+        for block in blocks(path, "yaml"):
+            for key, choices in _choice_comments(block.text):
+                checked += 1
+                setting = next((setting for regex, setting in patterns if regex.fullmatch(key)), None)
+                assert setting is not None and setting.type_name == "one of", f"{block.where}: {key} has no choices"
+                if choices != setting.allowed.split(", "):
+                    wrong.append(f"{block.where}: {key}: write `# {' | '.join(setting.allowed.split(', '))}`")
+    assert checked >= 2, "the docs' YAML examples no longer list the choices of apps.*.mode and verify.scheme"
+    assert not wrong, "YAML comments that list other choices than worker/config.py allows:\n" + "\n".join(wrong)
