@@ -87,6 +87,7 @@ def test_a_burst_is_at_most_the_request_limit() -> None:
     assert full.apps["a"].limits is not None and full.apps["a"].limits.request_burst == 20
 
 
+@pytest.mark.e2e
 def test_check_config_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apps:\n  support: {api_key: k, mode: fax}\n")

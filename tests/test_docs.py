@@ -80,6 +80,7 @@ def _yaml_blocks() -> list[Any]:
     return [pytest.param(block, id=block.where) for path in documentation_files() for block in blocks(path, "yaml")]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("block", _yaml_blocks())
 def test_every_config_block_passes_check_config(block: Any, tmp_path: Path) -> None:
     """Copied as printed, with the variables it references set, `difyq check-config` accepts the block."""

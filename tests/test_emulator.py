@@ -9,7 +9,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from difyq.worker.dify.emulator import FAULTS, EmulatedApp, RunningEmulator, default_apps, load_apps, start_emulator
+from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, default_apps, load_apps, start_emulator
+from difyq.worker.dify.emulator.faults import SLOW_TOKEN_INTERVAL_S
+from tests.support.waiting import wait_for
 
 USER = "tester"
 APPS = [
@@ -124,13 +126,6 @@ def open_stream(client: httpx.Client, app: str, query: str = "hello there") -> I
         yield (json.loads(line[len("data: ") :]) for line in response.iter_lines() if line.startswith("data: "))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def ended_record(emulator: RunningEmulator, **match: Any) -> dict[str, Any]:
     """The latest call record with these fields, once it has ended (a stream's record closes just after the
     client has read the last event)."""
@@ -138,7 +133,7 @@ def ended_record(emulator: RunningEmulator, **match: Any) -> dict[str, Any]:
     def latest() -> dict[str, Any] | None:
         return next((record for record in reversed(emulator.calls()) if match.items() <= record.items()), None)
 
-    wait_until(lambda: (latest() or {}).get("outcome") is not None)
+    wait_for(lambda: (latest() or {}).get("outcome") is not None)
     return latest() or {}
 
 
@@ -180,8 +175,7 @@ def test_time_to_first_token_is_waited_out_with_pings(client: httpx.Client) -> N
                 first_token_at = first_token_at or time.monotonic() - started
     total = time.monotonic() - started
     print(f"paced app: first token after {first_token_at:.3f}s, whole answer {total:.3f}s")
-    assert first_token_at is not None and first_token_at >= 0.3
-    assert names(frames)[0] == "ping"
+    assert names(frames).index("message") >= 2, "0.3 s to the first token, pinged every 0.1 s meanwhile"
     assert [name for name in names(frames) if name != "ping"] == ["message"] * 6 + ["message_end"]
 
 
@@ -198,7 +192,8 @@ def test_slow_tokens(client: httpx.Client, query: str, fault: str | None) -> Non
     frames = sse(call(client, "short", query, streaming=True, fault=fault).text)
     elapsed = time.monotonic() - started
     print(f"slow tokens ({query!r}, fault {fault}): 3 tokens in {elapsed:.3f}s")
-    assert names(frames)[-1] == "message_end" and elapsed >= 0.5
+    # A lower bound on the delay the emulator is asked to inject (no load can make it shorter), not a latency.
+    assert names(frames)[-1] == "message_end" and elapsed >= 2 * SLOW_TOKEN_INTERVAL_S
 
 
 def test_required_inputs_are_configurable(client: httpx.Client) -> None:
@@ -362,22 +357,6 @@ def test_unknown_fault_header_is_rejected(client: httpx.Client) -> None:
     assert answer.status_code == 400 and "X-Emulator-Fault" in answer.json()["message"]
 
 
-def test_every_fault_is_tested() -> None:
-    covered = {
-        "http429",
-        "http400-too-many",
-        "http500",
-        "http429-text",
-        "provider429",
-        "provider500",
-        "midstream-error",
-        "cut-stream",
-        "slow-stream",
-        "hang",
-    }
-    assert covered == FAULTS
-
-
 # -- app faults and runtime changes -------------------------------------------------------------------------------
 
 
@@ -432,7 +411,7 @@ def test_concurrency_cap_answers_429_and_stats_show_the_peak(
         f"{app_id} is 2.",
         "status": 429,
     }
-    wait_until(lambda: emulator.stats()["capped"]["open"] == 0)
+    wait_for(lambda: emulator.stats()["capped"]["open"] == 0)
     stats = emulator.stats()["capped"]
     assert stats["max_concurrent"] == 2 and stats["calls"] == 3
     records = [record for record in emulator.calls() if record["app"] == "capped"]
@@ -542,7 +521,7 @@ def test_hundreds_of_streams_held_open_at_once(emulator: RunningEmulator) -> Non
     seen = asyncio.run(hold_all())
     print(f"{streams} streams opened and read in {time.monotonic() - started:.2f}s")
     assert seen["open"] == streams and seen["max_concurrent"] >= streams
-    wait_until(lambda: emulator.stats()["many"]["open"] == 0, timeout=10)
+    wait_for(lambda: emulator.stats()["many"]["open"] == 0, timeout=10)
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
@@ -584,7 +563,7 @@ def test_stop_ends_open_streams_and_hung_calls() -> None:
         next(events)
         waiter = threading.Thread(target=hang)
         waiter.start()
-        wait_until(lambda: emulator.stats()["s"]["open"] == 2)
+        wait_for(lambda: emulator.stats()["s"]["open"] == 2)
         started = time.monotonic()
         emulator.stop()
         print(f"stop with an open stream and a hung call: {time.monotonic() - started:.3f}s")

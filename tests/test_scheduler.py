@@ -25,6 +25,7 @@ from difyq.producers.scheduler import FireRecord, Scheduler, run_scheduler
 from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker.config import ConfigError, ScheduleConfig, parse_config
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2024, 1, 1, 12, 0, 0, 500_000, tzinfo=UTC)
@@ -80,13 +81,10 @@ def outcomes(records: list[FireRecord]) -> list[tuple[str, str, int]]:
     return [(record.outcome, record.fire_time.astimezone(UTC).strftime("%H:%M:%S"), record.count) for record in records]
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> float:
-    """Poll ``condition`` until true; return the seconds it took, fail after ``timeout_s``."""
+def wait_until(condition: Callable[[], object], timeout_s: float) -> float:
+    """``wait_for`` ``condition``; the seconds it took."""
     started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(poll_s)
+    wait_for(condition, timeout_s, interval=0.02)
     return time.monotonic() - started
 
 
@@ -180,6 +178,7 @@ Scheduler({name: schedule}, client, namespace, submit, lease_ttl_s=1.5, tick_s=0
 """
 
 
+@pytest.mark.e2e
 def test_three_scheduler_processes_and_a_sigkilled_leader(redis_url, namespace, redis_client, tmp_path):
     name, lease_ttl_s = unique("processes"), 1.5
     submits_key, lease_key = f"{namespace}:test:submits", f"{namespace}:scheduler:leader"
