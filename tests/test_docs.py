@@ -538,3 +538,15 @@ def test_choices_listed_in_yaml_comments_are_the_allowed_values() -> None:
                     wrong.append(f"{block.where}: {key}: write `# {' | '.join(setting.allowed.split(', '))}`")
     assert checked >= 2, "the docs' YAML examples no longer list the choices of apps.*.mode and verify.scheme"
     assert not wrong, "YAML comments that list other choices than worker/config.py allows:\n" + "\n".join(wrong)
+
+
+def test_the_check_config_sample_is_what_check_config_prints(tmp_path: Path) -> None:
+    """The sample output of docs/configuration.md, from the config it describes."""
+    sample = blocks(CONFIGURATION, "text")[0].text
+    file = tmp_path / "difyq.yaml"
+    file.write_text("apps:\n  support:\n    api_key: ${DIFY_SUPPORT_KEY}\n    mode: chatbot\n    timeout: 600\n")
+    result = subprocess.run([sys.executable, "-m", "difyq.producers.cli", "check-config", "--config", file.name],
+                            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == sample, (
+        f"{relative(CONFIGURATION)}: the check-config sample should read:\n{result.stderr}")
