@@ -15,7 +15,6 @@ from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.redis_keys import RedisKeys
-from difyq.worker.redis_scripts import register_script
 
 QUEUES = (JOBS_QUEUE, CALLBACKS_QUEUE)
 
@@ -31,7 +30,7 @@ class QueueCollector(Collector):
         self.redis = client
         self.keys = RedisKeys(namespace)
         self.apps = tuple(apps)
-        self._stats = register_script(client, job_script("queue_stats"))
+        self._stats = client.register_script(job_script("queue_stats"))
 
     def _read(self) -> tuple[list[Any], int, dict[str, float]]:
         """The queue figures, the callback dead letters and the running jobs per app (two round trips)."""

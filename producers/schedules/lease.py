@@ -9,7 +9,6 @@ from __future__ import annotations
 from redis import Redis
 
 from difyq.worker.lua_scripts import script_source
-from difyq.worker.redis_scripts import register_script
 
 
 class LeaderLease:
@@ -20,8 +19,8 @@ class LeaderLease:
         self.key = key
         self.holder = holder
         self.ttl_ms = max(1, round(ttl_s * 1000))
-        self._extend = register_script(redis, script_source("difyq.producers.schedules", None, "extend_lease"))
-        self._release = register_script(redis, script_source("difyq.producers.schedules", None, "release_lease"))
+        self._extend = redis.register_script(script_source("difyq.producers.schedules", None, "extend_lease"))
+        self._release = redis.register_script(script_source("difyq.producers.schedules", None, "release_lease"))
 
     def hold(self) -> bool:
         """Renew the lease if this replica holds it, else take it if nobody does; True when held afterwards."""

@@ -22,7 +22,6 @@ from difyq.producers.schedules.fires import fire_iso
 from difyq.producers.schedules.lease import LeaderLease
 from difyq.worker.lua_scripts import script_source
 from difyq.worker.redis_keys import RedisKeys
-from difyq.worker.redis_scripts import register_script
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -53,10 +52,10 @@ class ScheduleStore:
         self.redis = redis
         self.namespace = namespace
         self.lease = lease
-        self._claim = register_script(redis, script_source("difyq.producers.schedules", None, "claim"))
-        self._confirm = register_script(redis, script_source("difyq.producers.schedules", None, "confirm"))
-        self._abandon = register_script(redis, script_source("difyq.producers.schedules", None, "abandon"))
-        self._advance = register_script(redis, script_source("difyq.producers.schedules", None, "advance"))
+        self._claim = redis.register_script(script_source("difyq.producers.schedules", None, "claim"))
+        self._confirm = redis.register_script(script_source("difyq.producers.schedules", None, "confirm"))
+        self._abandon = redis.register_script(script_source("difyq.producers.schedules", None, "abandon"))
+        self._advance = redis.register_script(script_source("difyq.producers.schedules", None, "advance"))
 
     def state_key(self, name: str) -> str:
         return RedisKeys(self.namespace).schedule_state(name)

@@ -20,7 +20,6 @@ from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.redis_link import RedisLink
-from difyq.worker.redis_scripts import register_script
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LIST_FIELDS = ("id", "app", "source", "status")
@@ -86,16 +85,16 @@ class JobStore:
         self.keys = RedisKeys(namespace)
         self.config = config
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
-        self._submit = register_script(client, job_script("submit"))
-        self._start = register_script(client, job_script("start"))
-        self._finish = register_script(client, job_script("finish"))
-        self._requeue = register_script(client, job_script("requeue"))
-        self._cancel = register_script(client, job_script("cancel"))
-        self._rerun = register_script(client, job_script("rerun"))
-        self._replay_callback = register_script(client, job_script("replay_callback"))
-        self._callback_attempted = register_script(client, job_script("callback_attempted"))
-        self._resume_callback = register_script(client, job_script("resume_callback"))
-        self._task_id = register_script(client, job_script("task_id"))
+        self._submit = client.register_script(job_script("submit"))
+        self._start = client.register_script(job_script("start"))
+        self._finish = client.register_script(job_script("finish"))
+        self._requeue = client.register_script(job_script("requeue"))
+        self._cancel = client.register_script(job_script("cancel"))
+        self._rerun = client.register_script(job_script("rerun"))
+        self._replay_callback = client.register_script(job_script("replay_callback"))
+        self._callback_attempted = client.register_script(job_script("callback_attempted"))
+        self._resume_callback = client.register_script(job_script("resume_callback"))
+        self._task_id = client.register_script(job_script("task_id"))
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)

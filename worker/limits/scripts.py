@@ -14,7 +14,6 @@ import redis
 from redis.commands.core import Script
 
 from difyq.worker.lua_scripts import script_source as lua_source
-from difyq.worker.redis_scripts import register_script
 
 SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
 
@@ -45,6 +44,6 @@ def scripts_for(client: redis.Redis) -> Scripts:
     with _lock:
         found = _registered.get(client)
         if found is None:
-            found = Scripts(**{name: register_script(client, script_source(name)) for name in SCRIPT_NAMES})
+            found = Scripts(**{name: client.register_script(script_source(name)) for name in SCRIPT_NAMES})
             _registered[client] = found
         return found
