@@ -176,7 +176,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             app.tokens_per_second = args.tokens_per_second
         if args.answer_tokens is not None:
             app.answer_tokens = args.answer_tokens
-    serve(args.host, args.port, apps)
+    serve(args.host, args.port, apps, args.dify_version)
     return 0
 
 
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--ttft", type=float, help="time to first token, seconds")
     emulator.add_argument("--tokens-per-second", type=float)
     emulator.add_argument("--answer-tokens", type=int)
+    emulator.add_argument("--dify-version", choices=["0.15", "1.x"], default="0.15",
+                          help="the Dify whose wire shapes to speak (default 0.15: 0.15.8; 1.x: 1.14.2)")
     emulator.set_defaults(func=cmd_emulator)
 
     check = commands.add_parser("check-config", help="validate the config and list every problem")

@@ -9,6 +9,7 @@ import pytest
 from difyq.worker.dify.errors import DifyError, classify, classify_upstream_text
 from tests.support.captures import iter_captures
 
+VERSION_NOT_ALLOWED = "Workflow version execution is not available on your current plan. Please upgrade to a paid plan."
 CONCURRENCY_CAP = (
     "Too many requests. Please try again later. The current maximum concurrent requests allowed for "
     "6b9a0d8e-1f2a-4c3b-9d4e-5f6a7b8c9d0e is 8."
@@ -53,13 +54,47 @@ FAIL_NOW = [
     ("completion_request_error", "[anthropic] Bad Request Error, prompt is too long", 400),
     ("workflow_failed", "Node LLM run failed: [openai] Error code: 400 - context_length_exceeded", None),
     ("workflow_failed", "Variable #1733.text# not found", None),
+    # Dify 1.x (the error guide and the Service API reference of dify-docs, the 1.14.2 captures)
+    ("workflow_version_execution_not_allowed", VERSION_NOT_ALLOWED, 403),
+    ("bad_request", "Cannot use draft workflow version. Workflow ID: 24711a86-3ba5-4c03-be82-cd7c76e413e0.", 400),
+    ("bad_request", "Invalid workflow_id format: 'not-a-uuid'. ", 400),
+    ("not_found", "Workflow not found with id: 00000000-0000-0000-0000-000000000000", 404),
+    ("not_found", "Workflow run not found.", 404),
+    ("agent_not_published", "Agent has not been published. Please publish the Agent before using the API.", 400),
+    ("end_user_not_found", "End user not found.", 404),
+    ("file_access_denied", "Access to the requested file is denied.", 403),
+    ("file_not_found", "File not found.", 404),
+    ("invalid_action", "Invalid action.", 400),
+    ("invalid_form_data", "Missing required inputs: comment", 400),
+    ("human_input_form_submitted", "This form has already been submitted by another user, form_id=x", 412),
+    ("human_input_form_expired", "This form has expired, form_id=x", 412),
+    ("invalid_metadata", "Invalid metadata.", 400),
+    ("no_first_event", "Dify sent only pings for 60.0 s", None),
+    ("run_timeout", "the run had not ended after 600.0 s", None),
+    ("workflow_paused", "the run paused for human input", None),
 ]
+
+QUOTA = [
+    ("rate_limit_error", "Rate Limit Error", 429),
+    ("rate_limit_error", "Workflow execution quota limit reached for tenant 42", 429),
+]
+
+# Every code of Dify 1.x's error guide (dify-docs en/api-reference/guides/errors.mdx) and of the Service API
+# reference's error examples (en/api-reference/openapi_service.json) that a run, its record or its form can answer.
+DIFY_1X_CODES = {
+    "invalid_param", "bad_request", "app_unavailable", "provider_not_initialize", "provider_quota_exceeded",
+    "model_currently_not_support", "completion_request_error", "unauthorized", "forbidden", "not_found",
+    "file_too_large", "unsupported_file_type", "too_many_requests", "rate_limit_error", "internal_server_error",
+    "workflow_version_execution_not_allowed", "conversation_completed", "not_chat_app", "not_workflow_app",
+    "agent_not_published", "end_user_not_found", "file_access_denied", "file_not_found", "invalid_action",
+    "invalid_form_data", "human_input_form_submitted", "human_input_form_expired", "no_file_uploaded",
+    "too_many_files", "audio_too_large", "unsupported_audio_type", "invalid_metadata",
+}
 
 RETRY = [
     ("too_many_requests", CONCURRENCY_CAP, 429, True),
     ("invalid_param", CONCURRENCY_CAP, 400, True),
-    ("rate_limit_error", "Rate Limit Error", 429, True),
-    ("rate_limit_error", "Workflow execution quota limit reached for tenant 42", 429, True),
+    ("internal_server_error", CONCURRENCY_CAP, 500, True),
     ("http_429", "HTTP 429 Too Many Requests: error code: 1015", 429, True),
     ("invalid_param", "anything at all", 429, True),
     ("internal_server_error", "The server encountered an internal error and was unable to complete", 500, False),
@@ -83,6 +118,17 @@ RETRY = [
     ("workflow_failed", "[openai] Error: API request failed with status code 503: unavailable", None, False),
     ("invalid_param", "Run failed: [openai] Error: API request failed with status code 429: {}", 400, True),
 ]
+
+
+def test_every_1x_code_is_classified() -> None:
+    tested = {row[0] for row in FAIL_NOW + RETRY + QUOTA}
+    assert tested >= DIFY_1X_CODES, sorted(DIFY_1X_CODES - tested)
+
+
+@pytest.mark.parametrize(("code", "message", "status"), QUOTA)
+def test_quota_is_neither_retried_nor_a_cooldown(code: str, message: str, status: int) -> None:
+    error = DifyError(code, message, status)
+    assert (error.retryable, error.rate_limited, error.quota) == (False, False, True)
 
 
 @pytest.mark.parametrize(("code", "message", "status"), FAIL_NOW)

@@ -283,6 +283,9 @@ def test_info_and_parameters(client: httpx.Client) -> None:
         ("http400-too-many", 400, "application/json", "invalid_param"),
         ("http500", 500, "application/json", "internal_server_error"),
         ("http429-text", 429, "text/plain; charset=utf-8", None),
+        ("http500-too-many", 500, "application/json", "internal_server_error"),
+        ("http429-quota", 429, "application/json", "rate_limit_error"),
+        ("http403-version", 403, "application/json", "workflow_version_execution_not_allowed"),
     ],
 )
 def test_http_faults(
@@ -294,7 +297,7 @@ def test_http_faults(
         assert answer.text == "error code: 1015"
     else:
         assert answer.json()["code"] == code and answer.json()["status"] == status
-    if fault in ("http429", "http400-too-many"):
+    if fault in ("http429", "http400-too-many", "http500-too-many"):
         assert answer.json()["message"].startswith("Too many requests. Please try again later.")
 
 

@@ -4,15 +4,23 @@ The worker always streams; this module turns the stream's decoded `data:` object
 
 * answer: `message` / `agent_message` deltas (`answer`) and workflow `text_chunk` (`data.text`) append,
   `message_replace` / `text_replace` replace; the first non-empty piece times the first token;
-* usage: `message_end.metadata.usage`, else the workflow run's `total_tokens`/`elapsed_time`;
-* outputs, status and error: `workflow_finished.data` (workflow and chatflow);
+* usage: `message_end.metadata.usage`, else the workflow run's `total_tokens`/`elapsed_time` priced by the sum of
+  its nodes' `node_finished.data.execution_metadata` (`NodeSpend`);
+* outputs, status and error: `workflow_finished.data` (workflow and chatflow), or the run detail when a broken
+  stream was followed to its end (`add_run_detail`);
 * an `error` event raises its `DifyError` at once; a failed workflow raises `workflow_failed` with the run's
-  error text (a chatflow's "Run failed: …" `error` event, which 0.15.8 sends after it, wins when it comes).
+  error text (a chatflow's "Run failed: …" `error` event, which 0.15.8 sends after it, wins when it comes);
+* a paused run (`workflow_paused`, Dify 1.13+ human input) keeps its `human_input_required` forms.
 
 The stream is complete at `message_end` (chat, agent, completion), at `workflow_finished` (workflow), at both, in
-either order (advanced-chat), or at a failed `workflow_finished`. Other events (`agent_thought`, node events,
-`tts_*`…) carry nothing the result needs. A blocking JSON body, which a 200 `application/json` response holds
-when something between us and Dify dropped `response_mode`, is read as the events it stands for.
+either order (advanced-chat; `workflow_finished` alone once a run is followed: a reattach does not repeat
+`message_end`), at a failed `workflow_finished` (a chatflow's at its `error` event or the stream's end), or at
+`workflow_paused`. Every other event (`node_started`, `node_retry`, `iteration_*`, `loop_*`, `agent_log`,
+`agent_thought`, `reasoning_chunk`, `message_file`, `tts_*`, `human_input_form_filled`,
+`human_input_form_timeout`, `ping`, and any event a later Dify adds) carries nothing the result needs and is
+ignored; a failed `node_finished` inside a run that goes on is not a failure: the run's own end decides.
+A blocking JSON body, which a 200 `application/json` response holds when something between us
+and Dify dropped `response_mode`, is read as the events it stands for.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.dify.models import DifyResult, Usage
+from difyq.worker.dify.models import DifyResult, NodeSpend, Usage
+from difyq.worker.json_codec import loads
 
 _IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 
@@ -40,21 +49,48 @@ class StreamAggregator:
         self._llm_usage: Usage | None = None
         self._workflow_run: Mapping[str, Any] | None = None
         self._message_ended = False
+        self._spend = NodeSpend()
+        self._forms: list[Mapping[str, Any]] = []
+        self._paused: Mapping[str, Any] | None = None
+        self.events_seen = 0
+        self.followed = False
 
     @property
     def complete(self) -> bool:
         """Whether the terminal event(s) of this mode have arrived."""
         run = self._workflow_run
-        if run is not None and run.get("status") == "failed":
+        if self._paused is not None or (self.failed and (self._mode != "advanced-chat" or self.followed)):
             return True
-        if self._mode == "workflow":
+        if self._mode == "workflow" or (self._mode == "advanced-chat" and self.followed):
             return run is not None
         if self._mode == "advanced-chat":
             return run is not None and self._message_ended
         return self._message_ended
 
+    @property
+    def failed(self) -> bool:
+        """The run ended failed. A chatflow's stream then still brings Dify's `error` event (0.15.8: "Run
+        failed: …"), which says more, so only its end (or that event) completes it."""
+        return self._workflow_run is not None and self._workflow_run.get("status") == "failed"
+
+    @property
+    def workflow_run_id(self) -> str | None:
+        """The run's id once an event named it (workflow and chatflow): from then on the run can be followed."""
+        return self._ids.get("workflow_run_id")
+
+    @property
+    def paused(self) -> Mapping[str, Any] | None:
+        """`workflow_paused.data` when the run paused (its forms are in `forms`)."""
+        return self._paused
+
+    @property
+    def forms(self) -> list[Mapping[str, Any]]:
+        """The `human_input_required.data` of each form the run waits on."""
+        return list(self._forms)
+
     def add(self, payload: Mapping[str, Any]) -> None:
         """Take one decoded `data:` object of the stream."""
+        self.events_seen += 1
         self._remember_ids(payload)
         match payload.get("event"):
             case "message" | "agent_message":
@@ -70,8 +106,18 @@ class StreamAggregator:
                 usage = _mapping(_mapping(payload.get("metadata")).get("usage"))
                 if usage:
                     self._llm_usage = Usage.from_llm_usage(usage)
+            case "node_finished":
+                self._spend.add_node(_mapping(payload.get("data")))
             case "workflow_finished":
                 self._workflow_run = _mapping(payload.get("data"))
+                self._paused = None
+            case "human_input_required":
+                self._forms.append(_mapping(payload.get("data")))
+            case "workflow_paused":
+                self._paused = _mapping(payload.get("data"))
+            case "workflow_started":
+                self._paused = None
+                self._forms.clear()
             case "error":
                 status = payload.get("status")
                 raise DifyError(
@@ -90,15 +136,32 @@ class StreamAggregator:
         else:
             raise DifyError("invalid_response", "a 200 JSON body that is neither a message nor a workflow run")
 
+    def add_run_detail(self, detail: Mapping[str, Any]) -> None:
+        """Take the run's record (`GET /workflows/run/{id}`) as its end: its outputs (a JSON string in 0.15.8)
+        replace what the stream said."""
+        run = dict(detail)
+        if isinstance(run.get("outputs"), str):
+            try:
+                run["outputs"] = loads(run["outputs"])
+            except ValueError:
+                run["outputs"] = None
+        self._workflow_run = run
+
     def result(self) -> DifyResult:
         run = self._workflow_run or {}
         if run.get("status") == "failed":
             raise DifyError("workflow_failed", str(run.get("error") or "the workflow run failed"))
+        if self._paused is not None:
+            raise DifyError("workflow_paused", "the run paused for human input")
+        outputs = run.get("outputs")
+        if self.followed:
+            # The text streamed while nobody listened is lost: the outputs are the whole answer.
+            answer_output = _mapping(outputs).get("answer")
+            self._answer = [answer_output] if self._mode != "workflow" and isinstance(answer_output, str) else None
         if self._answer is not None:
             answer: str | None = "".join(self._answer)
         else:
             answer = None if self._mode == "workflow" else ""
-        outputs = run.get("outputs")
         return DifyResult(
             answer=answer,
             outputs=dict(outputs) if isinstance(outputs, Mapping) else None,
@@ -106,7 +169,8 @@ class StreamAggregator:
             message_id=self._ids.get("message_id"),
             workflow_run_id=self._ids.get("workflow_run_id"),
             task_id=self._ids.get("task_id"),
-            usage=self._llm_usage or (Usage.from_workflow_run(run) if self._workflow_run is not None else None),
+            usage=self._llm_usage or (Usage.from_workflow_run(run, self._spend) if self._workflow_run is not None
+                                      else None),
             time_to_first_token_s=(None if self._first_token_at is None else self._first_token_at - self._started),
             duration_s=time.monotonic() - self._started,
             stopped=run.get("status") == "stopped",

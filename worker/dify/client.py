@@ -4,7 +4,11 @@
 answer, and the first token can be timed) and reads the event stream as it arrives. Time is bounded three ways:
 `connect_timeout` for the TCP/TLS connect; `idle_read_timeout` between two reads (Dify pings every 10 s while
 the model is silent, so a longer gap means the peer is gone); `total_timeout` for the whole call, checked as data
-arrives (a silent peer is caught by the idle timeout, so the call ends at most `idle_read_timeout` past it).
+arrives (a silent peer is caught by the idle timeout, so the call ends at most `idle_read_timeout` past it);
+and, for workflow runs, `first_event_timeout` for the first event (Dify 1.x fails a streaming call with a
+missing input or an unknown conversation silently: pings and nothing else). A call is done at its terminal event.
+Once a workflow or chatflow run id is known, a stream that breaks is followed to the run's end (`follow`), so a
+cut never runs a workflow twice. Each call carries the job's trace (`trace_headers`).
 Every failure is a `DifyError` (see `difyq.worker.dify.errors`); the API key never appears in one.
 
 Transport: plain urllib3 (requests' per-call Request/PreparedRequest, hooks and cookie jar cost CPU the worker
@@ -23,12 +27,13 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import certifi
 import urllib3
@@ -38,7 +43,7 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from difyq.worker.dify.aggregate import StreamAggregator
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.dify.models import CHAT_MODES, DifyRequest, DifyResult, Usage
+from difyq.worker.dify.models import CHAT_MODES, WORKFLOW_MODES, DifyRequest, DifyResult, Usage
 from difyq.worker.dify.sse import SSEParser
 from difyq.worker.json_codec import dumps, loads
 from difyq.worker.retry_after import parse_retry_after
@@ -53,6 +58,10 @@ _STOP_PATHS = dict.fromkeys(CHAT_MODES, "/chat-messages/{}/stop") | {
     "completion": "/completion-messages/{}/stop",
     "workflow": "/workflows/tasks/{}/stop",
 }
+# A stream that breaks (or falls silent) this way, once the run id is known, is followed rather than run again.
+_BROKEN_STREAM_CODES = frozenset({"stream_incomplete", "timeout", "connection_error"})
+# The run statuses of `GET /workflows/run/{id}` that end a run (`running` and `paused` do not).
+FINISHED_RUN_STATUSES = frozenset({"succeeded", "failed", "stopped", "partial-succeeded"})
 _READ_SIZE = 64 * 1024
 _ERROR_BODY_LIMIT = 64 * 1024
 _ERROR_SNIPPET_CHARS = 200
@@ -140,9 +149,19 @@ def _request_body(mode: str, request: DifyRequest) -> dict[str, Any]:
         body["auto_generate_name"] = request.auto_generate_name
         if request.conversation_id:
             body["conversation_id"] = request.conversation_id
+    if mode == "advanced-chat" and request.workflow_id:
+        body["workflow_id"] = request.workflow_id
     if request.files:
         body["files"] = request.files
     return body
+
+
+def trace_headers(trace_id: str | None) -> dict[str, str]:
+    """The headers that carry a job's trace to Dify: W3C `traceparent` (a new span id per call, sampled) and
+    `X-Trace-Id`, which Dify takes first as the external trace id of its tracing integrations."""
+    if not trace_id:
+        return {}
+    return {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", "X-Trace-Id": trace_id}
 
 
 class DifyClient:
@@ -157,6 +176,8 @@ class DifyClient:
         connect_timeout: float = 10.0,
         idle_read_timeout: float = 60.0,
         total_timeout: float = 600.0,
+        first_event_timeout: float = 60.0,
+        run_poll_interval: float = 2.0,
         pool: urllib3.PoolManager | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
@@ -164,6 +185,8 @@ class DifyClient:
         self._connect_timeout = connect_timeout
         self._idle_read_timeout = idle_read_timeout
         self._total_timeout = total_timeout
+        self._first_event_timeout = first_event_timeout
+        self._run_poll_interval = run_poll_interval
         self._timeout = urllib3.Timeout(connect=connect_timeout, read=self._read_timeout)
         self._pool = pool
         self._settings = environment_settings(self._base_url)
@@ -179,45 +202,122 @@ class DifyClient:
 
     def run(self, mode: str, request: DifyRequest, *, on_task_id: Callable[[str], None] | None = None) -> DifyResult:
         """Run the app once and aggregate its stream; `on_task_id` gets the task id (for `stop`) as soon as
-        an event carries it. Raises `DifyError`."""
+        an event carries it. A workflow or chatflow stream that breaks once the run id is known is followed to
+        the run's end (`follow`), never run again. Raises `DifyError`."""
         path = _route(_RUN_PATHS, mode)
+        if mode == "workflow" and request.workflow_id:
+            path = f"/workflows/{quote(request.workflow_id, safe='')}/run"
         started = time.monotonic()
+        deadline = started + self._total_timeout
         aggregator = StreamAggregator(mode, started=started, on_task_id=on_task_id)
-        response = self._post(path, _request_body(mode, request), accept="text/event-stream")
+        headers = trace_headers(request.trace_id)
+        response = self._request("POST", path, _request_body(mode, request), accept="text/event-stream",
+                                 headers=headers)
         try:
             if not _is_success(response):
                 raise self._error_from(response)
             if response.headers.get("Content-Type", "").startswith("application/json"):
                 aggregator.add_blocking(self._blocking_body(response))
             else:
-                self._read_stream(response, aggregator, deadline=started + self._total_timeout)
+                first_event_by = started + self._first_event_timeout if mode in WORKFLOW_MODES else None
+                self._read_stream(response, aggregator, deadline=deadline, first_event_by=first_event_by)
+        except DifyError as error:
+            run_id = aggregator.workflow_run_id
+            if error.code not in _BROKEN_STREAM_CODES or run_id is None:
+                raise
+            _release(response)
+            self.follow(run_id, request.user, aggregator, deadline=deadline, headers=headers)
         finally:
             _release(response)
         return aggregator.result()
 
+    def follow(self, run_id: str, user: str, aggregator: StreamAggregator, *, deadline: float,
+               headers: Mapping[str, str]) -> None:
+        """Follow a run whose stream broke to its end: reattach to its events (`GET /workflow/{id}/events`, Dify
+        1.14+, with the state so far so every node's price is counted), else (an older Dify, or the reattach
+        broke too) poll its record (`GET /workflows/run/{id}`) every `run_poll_interval` until it ends, and take
+        the outputs from the record. Raises `DifyError`: `run_timeout` when the run is still going at the
+        deadline, `not_found` when Dify does not know the run."""
+        aggregator.followed = True
+        try:
+            self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers)
+        except DifyError as error:
+            if error.status != 404 and error.code not in _BROKEN_STREAM_CODES:
+                raise
+        if aggregator.complete:
+            return
+        aggregator.add_run_detail(self._await_run_end(run_id, deadline=deadline, headers=headers))
+
+    def run_detail(self, run_id: str, *, headers: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+        """The run's record, `GET /workflows/run/{id}`. Dify 0.15 answers an unknown id with 200 and null fields,
+        1.x with 404: both raise `not_found`."""
+        response = self._request("GET", f"/workflows/run/{quote(run_id, safe='')}", None,
+                                 accept="application/json", headers=headers)
+        try:
+            if not _is_success(response):
+                raise self._error_from(response)
+            detail = self._blocking_body(response)
+        finally:
+            _release(response)
+        if detail.get("status") is None:
+            raise DifyError("not_found", f"Dify has no workflow run {run_id}", 404)
+        return detail
+
+    def _reattach(self, run_id: str, user: str, aggregator: StreamAggregator, *, deadline: float,
+                  headers: Mapping[str, str]) -> None:
+        query = urlencode({"user": user, "include_state_snapshot": "true"})
+        response = self._request("GET", f"/workflow/{quote(run_id, safe='')}/events?{query}", None,
+                                 accept="text/event-stream", headers=headers)
+        try:
+            if not _is_success(response):
+                raise self._error_from(response)
+            self._read_stream(response, aggregator, deadline=deadline, first_event_by=None)
+        finally:
+            _release(response)
+
+    def _await_run_end(self, run_id: str, *, deadline: float, headers: Mapping[str, str]) -> Mapping[str, Any]:
+        """Poll the run's record until it ends (or pauses); Dify being briefly unreachable is waited out."""
+        while True:
+            try:
+                detail = self.run_detail(run_id, headers=headers)
+            except DifyError as error:
+                if error.code not in _BROKEN_STREAM_CODES and (error.status or 0) < 500:
+                    raise
+            else:
+                if detail.get("status") in FINISHED_RUN_STATUSES:
+                    return detail
+                if detail.get("status") == "paused":
+                    raise DifyError("workflow_paused", "the run paused for human input")
+            if time.monotonic() + self._run_poll_interval > deadline:
+                raise DifyError("run_timeout", f"the run {run_id} had not ended after {self._total_timeout} s")
+            time.sleep(self._run_poll_interval)
+
     def stop(self, mode: str, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (Dify answers success even for an unknown or finished task)."""
         path = _route(_STOP_PATHS, mode).format(quote(task_id, safe=""))
-        response = self._post(path, {"user": user}, accept="application/json")
+        response = self._request("POST", path, {"user": user}, accept="application/json")
         try:
             if not _is_success(response):
                 raise self._error_from(response)
         finally:
             _release(response)
 
-    def _post(self, path: str, body: Mapping[str, Any], *, accept: str) -> urllib3.BaseHTTPResponse:
-        headers = {
+    def _request(self, method: str, path: str, body: Mapping[str, Any] | None, *, accept: str,
+                 headers: Mapping[str, str] | None = None) -> urllib3.BaseHTTPResponse:
+        sent = {
             "Authorization": f"Bearer {self._api_key}",
             "Accept": accept,
-            "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
+            **(headers or {}),
         }
+        if body is not None:
+            sent["Content-Type"] = "application/json"
         try:
             return self.pool.urlopen(
-                "POST",
+                method,
                 self._base_url + path,
-                body=dumps(body),
-                headers=headers,
+                body=None if body is None else dumps(body),
+                headers=sent,
                 retries=False,
                 redirect=False,
                 preload_content=False,
@@ -234,8 +334,12 @@ class DifyClient:
             raise DifyError("connection_error", self._redact(f"cannot reach {self._host}: {exc}")) from exc
 
     def _read_stream(
-        self, response: urllib3.BaseHTTPResponse, aggregator: StreamAggregator, *, deadline: float
+        self, response: urllib3.BaseHTTPResponse, aggregator: StreamAggregator, *, deadline: float,
+        first_event_by: float | None,
     ) -> None:
+        """Read events until the terminal one (the call is done there: Dify 1.x keeps the connection open about
+        a second longer). `first_event_by`: when no event but pings came by then, Dify failed silently (a
+        missing input or an unknown conversation in 1.x streaming mode: one ping, then nothing for 300 s)."""
         parser = SSEParser()
         # A chunked stream (Dify's) is read chunk by chunk: one event per chunk, with less work per read than
         # read1's; anything else as it arrives.
@@ -245,20 +349,26 @@ class DifyClient:
             for chunk in chunks:
                 for event in parser.feed(chunk):
                     aggregator.add(_decode_event(event.data))
-                if time.monotonic() > deadline:
-                    if aggregator.complete:
-                        return
+                if aggregator.complete:
+                    return
+                now = time.monotonic()
+                if first_event_by is not None and aggregator.events_seen == 0 and now > first_event_by:
+                    raise self._silent_failure()
+                if now > deadline:
                     raise DifyError("timeout", f"the stream ran past the total timeout of {self._total_timeout} s")
         except ReadTimeoutError as exc:
-            if aggregator.complete:
-                return
+            if first_event_by is not None and aggregator.events_seen == 0:
+                raise self._silent_failure() from exc
             raise DifyError("timeout", f"no data from {self._host} for {self._read_timeout} s") from exc
         except TransportError as exc:
-            if aggregator.complete:
-                return
             raise DifyError("stream_incomplete", self._redact(f"the stream broke off: {exc}")) from exc
-        if not aggregator.complete:
+        if not (aggregator.complete or aggregator.failed):
             raise DifyError("stream_incomplete", "the stream ended before its terminal event")
+
+    def _silent_failure(self) -> DifyError:
+        return DifyError("no_first_event", "Dify accepted the streaming call but sent no event (only pings, or "
+                         "silence): it failed before the run started (a missing required input, an unknown "
+                         "conversation or a broken worker)")
 
     def _blocking_body(self, response: urllib3.BaseHTTPResponse) -> Mapping[str, Any]:
         try:

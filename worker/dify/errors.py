@@ -6,10 +6,16 @@ ours for what happens below Dify's JSON layer: `timeout`, `connection_error`, `s
 
 `classify` decides, once and for all callers, what the worker does with it (docs/guarantees.md):
 
-* retry: any HTTP 429 or 5xx, `too_many_requests`, `rate_limit_error`, Dify's concurrency cap sent as
-  400 `invalid_param` "Too many requests…", `internal_server_error`/`unknown`, and transport failures;
-* fail now: every other 4xx (`invalid_param`, `bad_request`, `app_unavailable`, `not_*_app`, `unauthorized`,
-  `forbidden` and the newer `app_*` 403 codes, `not_found`, upload 413/415 codes, provider credentials/quota…);
+* retry: HTTP 429 `too_many_requests` (the app's concurrency ceiling) and a 429 without Dify JSON (an edge
+  proxy's), any 5xx, `internal_server_error`/`unknown`, the ceiling sent as 400 `invalid_param` or 500 with the
+  text "Too many requests…" (whatever the code), and transport failures;
+* quota: 429 `rate_limit_error` (a Dify Cloud plan quota) does not clear on a retry: the job fails, or waits for
+  the next hour when its app says `on_quota: defer`;
+* fail now: every other 4xx (`invalid_param`, `bad_request` — a draft or malformed `workflow_id` —,
+  `app_unavailable`, `not_*_app`, `unauthorized`, `forbidden` and the newer `app_*` 403 codes,
+  `workflow_version_execution_not_allowed`, `not_found` — an unknown run or workflow id —, upload 413/415 codes,
+  provider credentials/quota, `conversation_completed`, `human_input_form_*`…), and ours: `no_first_event` (Dify
+  failed silently), `run_timeout` (a followed run did not end in time), `workflow_paused`;
 * read the text: Dify reports a model provider's failure as `completion_request_error` (HTTP 400 or an `error`
   event), as a failed workflow (`workflow_failed`, the run's `error`), or in a chatflow as an `error` event
   `invalid_param` "Run failed: …". Those retry only when the text shows an upstream 429/5xx, a rate limit, a
@@ -23,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-_RATE_LIMIT_CODES = frozenset({"too_many_requests", "rate_limit_error"})
+QUOTA_CODE = "rate_limit_error"
 _RETRY_CODES = frozenset(
     {
         "internal_server_error",
@@ -61,9 +67,9 @@ _RATE_LIMITED = Classification(retryable=True, rate_limited=True)
 
 def classify(code: str, message: str, status: int | None) -> Classification:
     """Fail-now or retry for one Dify error (see the module docstring for the rules)."""
-    if status == 429 or code in _RATE_LIMIT_CODES:
-        return _RATE_LIMITED
-    if code == "invalid_param" and message.lower().startswith(_CONCURRENCY_CAP_PREFIX):
+    if code == QUOTA_CODE:
+        return _FAIL
+    if status == 429 or code == "too_many_requests" or message.lower().startswith(_CONCURRENCY_CAP_PREFIX):
         return _RATE_LIMITED
     if code in _UPSTREAM_TEXT_CODES or (code == "invalid_param" and message.lower().startswith(_RUN_FAILED_PREFIX)):
         verdict = classify_upstream_text(message)
@@ -100,6 +106,7 @@ class DifyError(Exception):
         self.status = status
         self.retry_after = retry_after
         self.retryable, self.rate_limited = classify(code, message, status)
+        self.quota = code == QUOTA_CODE  # a plan quota that only time clears (`apps.*.on_quota`)
 
     def __str__(self) -> str:
         where = f" (HTTP {self.status})" if self.status is not None else ""

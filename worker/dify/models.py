@@ -9,13 +9,17 @@ from typing import Any
 
 CHAT_MODES = frozenset({"chat", "agent", "advanced-chat"})
 MODES = CHAT_MODES | {"completion", "workflow"}
+# The modes whose calls are workflow runs: `workflow_started` comes first, and a run id can be followed.
+WORKFLOW_MODES = frozenset({"workflow", "advanced-chat"})
 
 
 @dataclass(frozen=True)
 class DifyRequest:
     """One call's input. `query`, when given, goes to chat modes and to completion (where Dify 0.15.8 makes it
     the prompt's user message, see the `completion_with_query_ignored` capture), never to a workflow;
-    `conversation_id` (when set) and `auto_generate_name` go only to chat modes; `files` only when given."""
+    `conversation_id` (when set) and `auto_generate_name` go only to chat modes; `files` only when given.
+    `workflow_id` pins a published workflow version (the path of a workflow run, a body field of a chatflow's);
+    `trace_id` (32 hex digits) goes with every call as W3C `traceparent` and `X-Trace-Id`."""
 
     query: str | None
     inputs: dict[str, Any]
@@ -23,6 +27,8 @@ class DifyRequest:
     conversation_id: str | None = None
     files: list[dict[str, Any]] | None = None
     auto_generate_name: bool = False
+    workflow_id: str | None = None
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,16 +60,44 @@ class Usage:
         )
 
     @classmethod
-    def from_workflow_run(cls, data: Mapping[str, Any]) -> Usage:
-        """From `workflow_finished.data` (or a blocking workflow response's `data`)."""
+    def from_workflow_run(cls, data: Mapping[str, Any], spend: NodeSpend | None = None) -> Usage:
+        """From `workflow_finished.data` (or a blocking workflow response's `data`, or the run detail), priced by
+        the sum of its nodes' `execution_metadata` (`spend`): a workflow run reports no price of its own."""
         return cls(
             prompt_tokens=None,
             completion_tokens=None,
             total_tokens=_int(data.get("total_tokens")),
-            total_price=None,
-            currency=None,
+            total_price=spend.total_price() if spend else None,
+            currency=spend.currency if spend else None,
             latency=_float(data.get("elapsed_time")),
         )
+
+
+class NodeSpend:
+    """The price of a workflow run as the sum of its nodes' `node_finished.data.execution_metadata`
+    (`total_price`, `currency`). Each node execution counts once, by its `id`: a reattach with a state snapshot
+    replays nodes already seen."""
+
+    def __init__(self) -> None:
+        self._prices: dict[str, Decimal] = {}
+        self.currency: str | None = None
+
+    def add_node(self, node: Mapping[str, Any]) -> None:
+        metadata = node.get("execution_metadata")
+        if not isinstance(metadata, Mapping):
+            return
+        price = _decimal_string(metadata.get("total_price"))
+        if price is None:
+            return
+        self._prices[str(node.get("id") or len(self._prices))] = Decimal(price)
+        if isinstance(metadata.get("currency"), str) and metadata["currency"]:
+            self.currency = metadata["currency"]
+
+    def total_price(self) -> str | None:
+        """The sum as a decimal string, None when no node reported a price."""
+        if not self._prices:
+            return None
+        return format(sum(self._prices.values(), Decimal(0)), "f")
 
 
 @dataclass(frozen=True)

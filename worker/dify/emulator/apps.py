@@ -18,6 +18,8 @@ import yaml
 
 MODES: frozenset[str] = frozenset({"chat", "agent", "advanced-chat", "completion", "workflow"})
 CHAT_MODES: frozenset[str] = frozenset({"chat", "agent", "advanced-chat"})
+WORKFLOW_MODES: frozenset[str] = frozenset({"workflow", "advanced-chat"})
+VERSIONS: dict[str, str] = {"0.15": "0.15.8", "1.x": "1.14.2"}  # `--dify-version` → the X-Version it answers
 
 FAULTS: frozenset[str] = frozenset(
     {
@@ -25,16 +27,21 @@ FAULTS: frozenset[str] = frozenset(
         "http429-text",  # a proxy's non-JSON 429 ("error code: 1015", Cloudflare)
         "http400-too-many",  # the concurrency cap as Dify 0.15 really sends it: 400 invalid_param
         "http500",  # JSON 500 internal_server_error
+        "http500-too-many",  # the concurrency cap as some 1.x versions send it: 500 with the "Too many requests" text
+        "http429-quota",  # JSON 429 rate_limit_error: Dify Cloud's plan quota (1.x)
+        "http403-version",  # JSON 403 workflow_version_execution_not_allowed (Dify Cloud's free plan, 1.x)
         "provider429",  # the model provider answers 429 (what FAIL429 in the text does)
         "provider500",  # the model provider answers 500 (FAIL500)
         "midstream-error",  # an `error` event halfway through the answer, no terminal event
-        "cut-stream",  # the stream closes halfway with no terminal event
+        "cut-stream",  # the stream closes halfway with no terminal event (a workflow run then failed at Dify)
+        "cut-after-start",  # a workflow/chatflow stream closes after its first event; the run goes on at Dify
         "slow-stream",  # tokens come slowly (SLOW)
         "hang",  # the request is accepted and never answered
     }
 )
 
 _APP_ID_NAMESPACE = uuid.UUID("8a6c7f0e-1d2b-4c1e-9f57-2f0d3c7a9b10")
+_WORKFLOW_ID_NAMESPACE = uuid.UUID("0b5d8e2a-6f43-4f0e-8d2c-5a1e7c9b3f21")
 
 
 @dataclass
@@ -59,6 +66,7 @@ class EmulatedApp:
     ping_interval_s: float = 10.0
     fault_until: float | None = None
     api_enabled: bool = True
+    silent_close_s: float = 300.0
 
     def __post_init__(self) -> None:
         self.concurrency_error = str(self.concurrency_error)  # type: ignore[assignment]  # YAML gives 429
@@ -74,6 +82,8 @@ class EmulatedApp:
             raise ValueError(f"app {self.name}: max_concurrency must be at least 1 (or null for no cap)")
         if self.answer_tokens < 0 or self.time_to_first_token_s < 0 or self.tokens_per_second < 0:
             raise ValueError(f"app {self.name}: answer_tokens and the timings cannot be negative")
+        if self.silent_close_s <= 0:
+            raise ValueError(f"app {self.name}: silent_close_s must be positive")
         if self.ping_interval_s <= 0:
             raise ValueError(f"app {self.name}: ping_interval_s must be positive")
         if not isinstance(self.required_inputs, list) or not all(isinstance(v, str) for v in self.required_inputs):
@@ -83,6 +93,16 @@ class EmulatedApp:
     def app_id(self) -> str:
         """A stable UUID for the app, as Dify shows in `sys.app_id` and the concurrency message."""
         return str(uuid.uuid5(_APP_ID_NAMESPACE, self.name))
+
+    @property
+    def workflow_id(self) -> str:
+        """The id of the app's published workflow version (workflow and chatflow apps)."""
+        return str(uuid.uuid5(_WORKFLOW_ID_NAMESPACE, self.name))
+
+    @property
+    def draft_workflow_id(self) -> str:
+        """The id of the app's draft version, which Dify 1.x refuses to run by id."""
+        return str(uuid.uuid5(_WORKFLOW_ID_NAMESPACE, f"{self.name}:draft"))
 
     def active_fault(self, now: float | None = None) -> str | None:
         """The configured fault if it has not expired."""
@@ -107,7 +127,8 @@ class EmulatedApp:
         return dataclasses.replace(self, **updates)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "app_id": self.app_id}
+        return {**dataclasses.asdict(self), "app_id": self.app_id, "workflow_id": self.workflow_id,
+                "draft_workflow_id": self.draft_workflow_id}
 
 
 def default_apps() -> list[EmulatedApp]:

@@ -18,7 +18,8 @@ FAULT_HEADER = "X-Emulator-Fault"
 SLOW_TOKEN_INTERVAL_S = 0.25
 MIDFAIL_TOKENS = 2
 TRANSPORT_FAULTS = frozenset(
-    {"http429", "http429-text", "http400-too-many", "http500", "hang", "midstream-error", "cut-stream"}
+    {"http429", "http429-text", "http400-too-many", "http500", "http500-too-many", "http429-quota",
+     "http403-version", "hang", "midstream-error", "cut-stream", "cut-after-start"}
 )
 
 _WAIT = re.compile(r"WAIT(\d+(?:\.\d+)?)")

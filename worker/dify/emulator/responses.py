@@ -42,12 +42,15 @@ def _raw_headers(content_type: str, extra: dict[str, str]) -> list[tuple[bytes, 
 
 class EventStreamResponse:
     """`data: <json>\\n\\n` per event, `event: ping\\n\\n` whenever the events fall silent for `ping_interval_s`.
-    `on_close(disconnected)` runs when the stream ends or the client goes away."""
+    `on_close(disconnected)` runs when the stream ends or the client goes away. `ping_first`: a ping opens the
+    stream (Dify 1.x)."""
 
-    def __init__(self, events: AsyncGenerator[dict[str, Any], None], ping_interval_s: float, on_close: OnClose) -> None:
+    def __init__(self, events: AsyncGenerator[dict[str, Any], None], ping_interval_s: float, on_close: OnClose,
+                 *, ping_first: bool = False) -> None:
         self._events = events
         self._ping_interval_s = ping_interval_s
         self._on_close = on_close
+        self._ping_first = ping_first
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = True
@@ -73,6 +76,8 @@ class EventStreamResponse:
     async def _pump(self, send: Send) -> None:
         pending: asyncio.Future[dict[str, Any] | None] | None = None
         try:
+            if self._ping_first:
+                await send({"type": "http.response.body", "body": wire.PING_FRAME, "more_body": True})
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(self._next_event())
@@ -108,6 +113,31 @@ class HangResponse:
             disconnected = listener in done
             if not disconnected:
                 await _drop(send, b"")
+        finally:
+            self._on_close(disconnected)
+
+
+class SilentStreamResponse:
+    """Dify 1.x's silent failure of a streaming call (a missing required input, an unknown conversation): 200, one
+    ping, then nothing until the server gives up after `close_after_s` (300 s in Dify) and ends the stream, or
+    the client leaves, or the server shuts down (`released`)."""
+
+    def __init__(self, released: asyncio.Event, close_after_s: float, on_close: OnClose) -> None:
+        self._released = released
+        self._close_after_s = close_after_s
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        disconnected = True
+        try:
+            headers = _raw_headers(wire.SSE_CONTENT_TYPE, wire.DIFY_HEADERS)
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": wire.PING_FRAME, "more_body": True})
+            listener = asyncio.ensure_future(_wait_for_disconnect(receive))
+            done = await _first_done(listener, self._released.wait(), asyncio.sleep(self._close_after_s))
+            disconnected = listener in done
+            if not disconnected:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._on_close(disconnected)
 

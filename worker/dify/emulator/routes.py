@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from difyq.worker.dify.emulator import wire
-from difyq.worker.dify.emulator.apps import CHAT_MODES, EmulatedApp
+from difyq.worker.dify.emulator.apps import CHAT_MODES, WORKFLOW_MODES, EmulatedApp
 from difyq.worker.dify.emulator.blocking import blocking_answer
 from difyq.worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
-from difyq.worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse
+from difyq.worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse, SilentStreamResponse
+from difyq.worker.dify.emulator.runs import RunLogs
 from difyq.worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
 from difyq.worker.dify.emulator.streams import Run, events
 
@@ -48,7 +49,8 @@ def _too_many_requests(app: EmulatedApp, status: int) -> wire.ApiError:
         "Too many requests. Please try again later. The current maximum concurrent requests allowed for "
         f"{app.app_id} is {app.max_concurrency or 1}."
     )
-    return wire.error(status, "too_many_requests" if status == 429 else "invalid_param", message)
+    code = {429: "too_many_requests", 400: "invalid_param"}.get(status, "internal_server_error")
+    return wire.error(status, code, message)
 
 
 def _fault_error(app: EmulatedApp, fault: str | None) -> wire.ApiError | None:
@@ -58,6 +60,12 @@ def _fault_error(app: EmulatedApp, fault: str | None) -> wire.ApiError | None:
         return _too_many_requests(app, 400)
     if fault == "http500":
         return wire.error(500, "internal_server_error", wire.INTERNAL_SERVER_ERROR)
+    if fault == "http500-too-many":
+        return _too_many_requests(app, 500)
+    if fault == "http429-quota":
+        return wire.error(429, "rate_limit_error", wire.QUOTA_EXCEEDED)
+    if fault == "http403-version":
+        return wire.error(403, "workflow_version_execution_not_allowed", wire.VERSION_NOT_ALLOWED)
     if fault == "http429-text":
         return wire.ApiError(Response("error code: 1015", 429, media_type="text/plain"), None)
     return None
@@ -74,6 +82,7 @@ class _GenerationCall:
     streaming: bool
     conversation_id: str
     plan: Plan
+    silent: bool = False  # Dify 1.x fails this streaming call silently (see `_generation_call`)
 
 
 class _Admission:
@@ -103,12 +112,15 @@ class ServiceApi:
 
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
+        self.run_logs = RunLogs()
 
     def recorded(self, handler: Handler) -> Callable[[Request], Awaitable[Response | ASGIApp]]:
         """Record the call; an `ApiError` becomes its response. Streams end their record themselves."""
 
         async def endpoint(request: Request) -> Response | ASGIApp:
             record = self.state.begin_call(request.method, request.url.path)
+            record.traceparent = request.headers.get("traceparent")
+            record.trace_id = request.headers.get("x-trace-id")
             try:
                 response = await handler(request, record)
             except wire.ApiError as error:
@@ -175,6 +187,7 @@ class ServiceApi:
         return await self._generate(request, record, "completion")
 
     async def workflows_run(self, request: Request, record: CallRecord) -> Response | ASGIApp:
+        """`POST /workflows/run`, and (1.x) `POST /workflows/{workflow_id}/run` for a published version."""
         return await self._generate(request, record, "workflow")
 
     async def _generate(self, request: Request, record: CallRecord, route: str) -> Response | ASGIApp:
@@ -190,6 +203,11 @@ class ServiceApi:
         run = self._start_run(call, route)
         record.task_id = run.task_id
         admission = _Admission(self.state, app, record, run.control, run.task_id)
+        if call.silent:
+            return SilentStreamResponse(
+                run.control.stopped, app.silent_close_s,
+                lambda disconnected: admission.end(200, "disconnected" if disconnected else "silent"),
+            )
         if call.plan.fault == "hang":
             return HangResponse(
                 run.control.stopped,
@@ -197,6 +215,8 @@ class ServiceApi:
                     None, "hung" if disconnected else "shutdown" if run.shutting_down else "stopped"
                 ),
             )
+        if call.streaming and app.mode in WORKFLOW_MODES:
+            return self._detached_stream(run, call.plan, admission)
         if call.streaming:
             return EventStreamResponse(
                 events(run),
@@ -204,6 +224,7 @@ class ServiceApi:
                 lambda disconnected: admission.end(
                     200, "disconnected" if disconnected else run.outcome, run.error_code
                 ),
+                ping_first=self.state.version == "1.x",
             )
         try:
             response = await blocking_answer(run)
@@ -217,6 +238,27 @@ class ServiceApi:
             return CutResponse(wire.dumps({"task_id": run.task_id}).encode(), lambda _: admission.end(200, run.outcome))
         admission.end(response.status_code, run.outcome)
         return response
+
+    def _detached_stream(self, run: Run, plan: Plan, admission: _Admission) -> EventStreamResponse:
+        """A workflow run goes on whether its client listens or not, as in Dify: the stream follows the run's
+        log, the run holds its concurrency slot and call record until it ends, and its record reads
+        `disconnected` when the client left first."""
+        client_left = False
+
+        def run_ended() -> None:
+            admission.end(200, "disconnected" if client_left else run.outcome, run.error_code)
+
+        def stream_closed(disconnected: bool) -> None:
+            nonlocal client_left
+            client_left = disconnected and not log.ended
+
+        log = self.run_logs.start(run, run_ended)
+        return EventStreamResponse(
+            log.follow(stop_after_first=plan.fault == "cut-after-start"),
+            run.app.ping_interval_s,
+            stream_closed,
+            ping_first=self.state.version == "1.x",
+        )
 
     async def _generation_call(self, request: Request, record: CallRecord, route: str) -> _GenerationCall:
         """Every check before the answer, in Dify's order (see the module docstring)."""
@@ -246,11 +288,17 @@ class ServiceApi:
             raise wire.error(400, "invalid_param", "Agent Chat App does not support blocking mode")
         if route == "chat" and not query:
             raise wire.error(400, "invalid_param", "query is required")
+        # Dify 1.x checks these two in its worker: a streaming call then gets one ping and nothing else.
+        silent = streaming and self.state.version == "1.x"
         if conversation_id and self.state.conversation(app.name, conversation_id, user) is None:
-            raise wire.error(404, "not_found", wire.CONVERSATION_NOT_EXISTS)
-        for variable in app.required_inputs:
-            if not inputs.get(variable):
-                raise wire.error(400, "invalid_param", f"{variable} is required in input form")
+            if not silent:
+                raise wire.error(404, "not_found", wire.CONVERSATION_NOT_EXISTS)
+        elif any(not inputs.get(variable) for variable in app.required_inputs):
+            if not silent:
+                missing = next(variable for variable in app.required_inputs if not inputs.get(variable))
+                raise wire.error(400, "invalid_param", f"{missing} is required in input form")
+        else:
+            silent = False
         header_fault, app_fault = request.headers.get(FAULT_HEADER), app.active_fault()
         record.fault = header_fault or app_fault
         text = " ".join([query, *(value for value in inputs.values() if isinstance(value, str))])
@@ -258,7 +306,24 @@ class ServiceApi:
             plan = plan_for(text, header_fault, app_fault)
         except ValueError as error:
             raise wire.error(400, "invalid_param", str(error)) from None
-        return _GenerationCall(app, user, query, inputs, streaming, conversation_id, plan)
+        if "workflow_id" in request.path_params:  # POST /workflows/{workflow_id}/run
+            self._check_workflow_version(app, request.path_params["workflow_id"])
+        elif route == "chat" and body.get("workflow_id") is not None and self.state.version == "1.x":
+            self._check_workflow_version(app, str(body["workflow_id"]))
+        return _GenerationCall(app, user, query, inputs, streaming, conversation_id, plan, silent)
+
+    @staticmethod
+    def _check_workflow_version(app: EmulatedApp, workflow_id: str) -> None:
+        """Dify 1.x runs a published version by id; a draft, an unknown id or one that is no UUID is refused."""
+        try:
+            uuid.UUID(workflow_id)
+        except ValueError:
+            raise wire.error(400, "bad_request", f"Invalid workflow_id format: '{workflow_id}'. ") from None
+        if workflow_id == app.draft_workflow_id:
+            raise wire.error(400, "bad_request", f"Cannot use draft workflow version. Workflow ID: {workflow_id}. "
+                             "Please use a published workflow version or leave workflow_id empty.")
+        if workflow_id != app.workflow_id:
+            raise wire.error(404, "not_found", f"Workflow not found with id: {workflow_id}")
 
     def _start_run(self, call: _GenerationCall, route: str) -> Run:
         """The run of an admitted call; a chat call without a conversation starts one."""
@@ -281,6 +346,49 @@ class ServiceApi:
             conversation_id=conversation_id,
             dialogue_count=dialogue_count,
             sequence_number=self.state.next_workflow_run_number(call.app.name),
+            dify_version=self.state.version,
+        )
+
+    # workflow runs: their record, and (1.x) following their events again
+
+    async def run_detail(self, request: Request, record: CallRecord) -> Response:
+        """`GET /workflows/run/{id}`: 0.15.8 answers an unknown id with 200 and null fields, 1.x with 404."""
+        app = self._authenticate(request, record)
+        log = self.run_logs.get(request.path_params["run_id"], app.name)
+        if log is not None:
+            return wire.json_response(log.record(version=self.state.version))
+        if self.state.version == "1.x":
+            raise wire.error(404, "not_found", "Workflow run not found.")
+        return wire.json_response(dict.fromkeys(("id", "workflow_id", "status", "inputs", "outputs", "error",
+                                                 "total_steps", "total_tokens", "created_at", "finished_at",
+                                                 "elapsed_time")))
+
+    async def workflow_events(self, request: Request, record: CallRecord) -> Response | ASGIApp:
+        """`GET /workflow/{id}/events?user=…` (1.14+): an ended run sends its `workflow_finished` alone; a running
+        one its future events (`include_state_snapshot=true`: every event so far first). Another user's run, or
+        an unknown one, is 404."""
+        app = self._authenticate(request, record)
+        user = request.query_params.get("user")
+        if not user:
+            raise wire.error(400, "invalid_param", wire.USER_REQUIRED)
+        log = self.run_logs.get(request.path_params["run_id"], app.name)
+        if log is None or log.run.user != user:
+            raise wire.error(404, "not_found", "Workflow run not found")
+        record.task_id = log.run.task_id
+        if log.ended:
+            finished = log.finished_event()
+
+            async def alone() -> AsyncGenerator[dict[str, Any], None]:
+                yield finished
+
+            events_to_send = alone()
+        else:
+            snapshot = request.query_params.get("include_state_snapshot") == "true"
+            events_to_send = log.follow(0 if snapshot else len(log.events))
+        return EventStreamResponse(
+            events_to_send, app.ping_interval_s,
+            lambda disconnected: self.state.end_call(record, 200, "disconnected" if disconnected else "ok"),
+            ping_first=not log.ended,
         )
 
     # stop, parameters, info

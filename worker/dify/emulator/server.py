@@ -99,21 +99,24 @@ class RunningEmulator:
             time.sleep(0.01)
 
 
-def start_emulator(apps: list[EmulatedApp] | None = None, host: str = "127.0.0.1", port: int = 0) -> RunningEmulator:
-    """Serve `apps` (the demo apps when None) in a background thread; returns once it accepts connections.
-    Port 0 picks a free port (see `RunningEmulator.port`)."""
+def start_emulator(apps: list[EmulatedApp] | None = None, host: str = "127.0.0.1", port: int = 0,
+                   dify_version: str = "0.15") -> RunningEmulator:
+    """Serve `apps` (the demo apps when None) in a background thread as Dify `dify_version` ("0.15" or "1.x");
+    returns once it accepts connections. Port 0 picks a free port (see `RunningEmulator.port`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    emulator = RunningEmulator(create_app(apps), sock)
+    emulator = RunningEmulator(create_app(apps, dify_version), sock)
     emulator._start()
     return emulator
 
 
-def serve(host: str, port: int, apps: list[EmulatedApp]) -> None:
-    """Serve `apps` (the demo apps when empty) in the foreground until interrupted (`difyq emulator`)."""
-    app = create_app(apps or default_apps())
-    print(f"Dify emulator on http://{host}:{port}/v1 (control: http://{host}:{port}/_emulator/)", flush=True)
+def serve(host: str, port: int, apps: list[EmulatedApp], dify_version: str = "0.15") -> None:
+    """Serve `apps` (the demo apps when empty) as Dify `dify_version` in the foreground until interrupted
+    (`difyq emulator`)."""
+    app = create_app(apps or default_apps(), dify_version)
+    print(f"Dify {dify_version} emulator on http://{host}:{port}/v1 (control: http://{host}:{port}/_emulator/)",
+          flush=True)
     for emulated in app.state.emulator.apps():
         print(f"  {emulated.name:<24} {emulated.mode:<14} key {emulated.key}", flush=True)
     _EmulatorServer(app, "info", host, port).run()

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from difyq.worker.dify.emulator.apps import EmulatedApp
+from difyq.worker.dify.emulator.apps import VERSIONS, EmulatedApp
 
 MAX_RECORDS = 100_000
 MAX_CONVERSATIONS = 100_000
@@ -44,6 +44,8 @@ class CallRecord:
     status: int | None = None
     outcome: str | None = None
     code: str | None = None
+    traceparent: str | None = None
+    trace_id: str | None = None
 
 
 @dataclass
@@ -84,7 +86,12 @@ class _AppCounters:
 
 
 class EmulatorState:
-    def __init__(self, apps: list[EmulatedApp]) -> None:
+    """`version` is the Dify whose shapes the emulator speaks: "0.15" or "1.x" (see `apps.VERSIONS`)."""
+
+    def __init__(self, apps: list[EmulatedApp], version: str = "0.15") -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"the Dify version must be one of {', '.join(VERSIONS)}, not {version!r}")
+        self.version = version
         names = [app.name for app in apps]
         keys = [app.key for app in apps]
         if len(set(names)) != len(names) or len(set(keys)) != len(keys):

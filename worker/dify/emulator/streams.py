@@ -28,7 +28,6 @@ from difyq.worker.dify.emulator.state import RunControl
 Event = dict[str, Any]
 _STOPPED_BY_USER = "Stopped by user."
 _MODEL = {"model_provider": "openai_api_compatible", "model_name": "fake-gpt"}
-_WORKFLOW_ID_NAMESPACE = uuid.UUID("0b5d8e2a-6f43-4f0e-8d2c-5a1e7c9b3f21")
 
 
 class _ProviderFailure(Exception):
@@ -63,6 +62,7 @@ class Run:
         conversation_id: str | None,
         dialogue_count: int,
         sequence_number: int,
+        dify_version: str = "0.15",
     ) -> None:
         self.app = app
         self.user = user
@@ -74,10 +74,11 @@ class Run:
         self.conversation_id = conversation_id
         self.dialogue_count = dialogue_count
         self.sequence_number = sequence_number
+        self.dify_version = dify_version
         self.task_id = _uuid()
         self.message_id = _uuid()
         self.workflow_run_id = _uuid()
-        self.workflow_id = str(uuid.uuid5(_WORKFLOW_ID_NAMESPACE, app.name))
+        self.workflow_id = app.workflow_id
         self.created_at = int(time.time())
         self.started = time.monotonic()
         self.outcome = "cut"
@@ -351,6 +352,7 @@ async def _workflow_events(run: Run) -> AsyncGenerator[Event, None]:
             "sequence_number": run.sequence_number,
             "inputs": system_inputs,
             "created_at": run.created_at,
+            **({"reason": "initial"} if run.dify_version == "1.x" else {}),
         },
     )
     start = _Node(run, "start", "Start", 1, None)
@@ -415,6 +417,10 @@ async def _workflow_events(run: Run) -> AsyncGenerator[Event, None]:
             yield end.finished_event(outputs={"answer": text, "files": []})
         else:
             yield end.finished_event(inputs=outputs, outputs=outputs)
+        if chatflow and run.dify_version == "1.x":  # 1.x: message_end, then workflow_finished
+            yield _message_end(run, len(answer), [])
         yield _workflow_finished(run, "succeeded", outputs=outputs, error=None, tokens=usage["total_tokens"], steps=3)
+        if chatflow and run.dify_version == "1.x":
+            return
     if chatflow:
         yield _message_end(run, len(answer), [])

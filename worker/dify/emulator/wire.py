@@ -35,6 +35,10 @@ INTERNAL_SERVER_ERROR = (
     "Either the server is overloaded or there is an error in the application."
 )
 STREAM_INTERNAL_ERROR = "Internal Server Error, please contact support."
+QUOTA_EXCEEDED = "Rate Limit Error"
+VERSION_NOT_ALLOWED = (
+    "Workflow version execution is not available on your current plan. Please upgrade to a paid plan."
+)
 
 _PRICE_STEP = Decimal("0.0000001")
 _PRICE_UNIT = Decimal("0.000001")
