@@ -40,6 +40,8 @@ class DifyDefaults(Strict):
     base_url: HttpUrl = "https://api.dify.ai/v1"
     connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     idle_read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    first_event_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    run_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
 
 
 DEFAULT_BURST_SHARE = 6
@@ -78,6 +80,8 @@ class AppConfig(Strict):
     user: str = "difyq"
     auto_generate_name: bool = False
     limits: AppLimits | None = None
+    workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
+    on_quota: Literal["fail", "defer"] = "fail"
 
 
 class ClientConfig(Strict):

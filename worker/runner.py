@@ -19,6 +19,7 @@ from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.jobs.messages import run_hints
+from difyq.worker.jobs.model import trace_id_for
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
@@ -32,6 +33,7 @@ from difyq.worker.throttle import Slot, Throttle
 log = structlog.get_logger("difyq.worker")
 
 APP_NOT_CONFIGURED = DifyError("app_not_configured", "the app is not in the config")
+QUOTA_PERIOD_S = 3600.0  # a plan quota deferred by `on_quota: defer` is tried again at the next full hour
 
 
 def retry_delay(attempt: int, min_backoff: float, max_backoff: float, retry_after: float | None = None) -> float:
@@ -63,12 +65,14 @@ def _recorded_wait(fields: dict[str, str]) -> float | None:
 @dataclass(frozen=True)
 class Outcome:
     """What an attempt comes to: a final ``status`` with its ``result`` or ``error``, or ``queued`` again for a
-    retry in ``retry_in_s``, with the attempt's error."""
+    retry in ``retry_in_s``, with the attempt's error; ``waiting_since``: the retry waits out a quota, a deferral
+    bounded by ``jobs.max_wait`` from then."""
 
     status: JobStatus
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     retry_in_s: float | None = None
+    waiting_since: float | None = None
 
 
 class JobRunner:
@@ -148,7 +152,7 @@ class JobRunner:
         app_name = fields["app"]
         app = self.config.apps.get(app_name)
         if app is None:
-            return self._failed(start.attempt, APP_NOT_CONFIGURED)
+            return self._failed(start.attempt, APP_NOT_CONFIGURED, None, None)
         if start.first:
             metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
         log.debug("dify_call_started", attempt=start.attempt)
@@ -160,7 +164,7 @@ class JobRunner:
             outcome = "timeout" if error.code == "timeout" else "error"
             metrics.dify_request_duration.labels(app=app_name, outcome=outcome).observe(time.monotonic() - started)
             metrics.dify_errors.labels(app=app_name, code=error.code).inc()
-            return self._failed(start.attempt, error)
+            return self._failed(start.attempt, error, app, _recorded_wait(fields))
         slot.tokens = result.usage.total_tokens if result.usage else None
         slot.succeeded = True
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
@@ -188,6 +192,8 @@ class JobRunner:
                 connect_timeout=self.config.dify.connect_timeout_s,
                 idle_read_timeout=self.config.dify.idle_read_timeout_s,
                 total_timeout=app.timeout_s,
+                first_event_timeout=self.config.dify.first_event_timeout_s,
+                run_poll_interval=self.config.dify.run_poll_interval_s,
             )
         return client
 
@@ -200,6 +206,8 @@ class JobRunner:
             conversation_id=request.get("conversation_id"),
             files=request.get("files"),
             auto_generate_name=app.auto_generate_name,
+            workflow_id=request.get("workflow_id") or app.workflow_id,
+            trace_id=trace_id_for(fields["id"]),
         )
 
     def _record_usage(self, app_name: str, result: DifyResult) -> None:
@@ -212,15 +220,25 @@ class JobRunner:
             metrics.tokens.labels(app=app_name, type="prompt").inc(usage.prompt_tokens)
         if usage.completion_tokens:
             metrics.tokens.labels(app=app_name, type="completion").inc(usage.completion_tokens)
+        if usage.total_tokens and usage.prompt_tokens is None and usage.completion_tokens is None:
+            metrics.tokens.labels(app=app_name, type="total").inc(usage.total_tokens)  # a workflow gives no split
         price = usage.price()
         if price is not None and price > 0:
             metrics.cost.labels(app=app_name, currency=usage.currency or "USD").inc(float(price))
 
-    def _failed(self, attempt: int, error: DifyError) -> Outcome:
-        """A failed attempt: retried after a backoff while it may succeed and attempts remain, else final."""
+    def _failed(self, attempt: int, error: DifyError, app: AppConfig | None, waiting_since: float | None) -> Outcome:
+        """A failed attempt: retried after a backoff while it may succeed and attempts remain, else final. A plan
+        quota (429 ``rate_limit_error``) of an app with ``on_quota: defer`` waits for the next full hour instead,
+        while that stays within ``jobs.max_wait`` of the job's first wait (``waiting_since``)."""
         jobs = self.config.jobs
         log.warning("dify_call_failed", code=error.code, retryable=error.retryable, attempt=attempt,
                     message=error.message[:500])
+        if error.quota and app is not None and app.on_quota == "defer":
+            now = time.time()
+            delay = QUOTA_PERIOD_S - now % QUOTA_PERIOD_S
+            since = waiting_since or now
+            if not wait_exceeded(since, now, delay, jobs.max_wait):
+                return Outcome(JobStatus.QUEUED, error=error.as_dict(), retry_in_s=delay, waiting_since=since)
         if error.retryable and attempt < jobs.max_attempts:
             delay = retry_delay(attempt, jobs.retry_min_backoff, jobs.retry_max_backoff, error.retry_after)
             return Outcome(JobStatus.QUEUED, error=error.as_dict(), retry_in_s=delay)
@@ -247,10 +265,13 @@ class JobRunner:
         the callbacks queue."""
         if outcome.status is JobStatus.QUEUED:
             delay = outcome.retry_in_s or 0.0
-            hints = run_hints(fields["app"], _recorded_wait(fields))
-            state = self._durably(lambda: self.store.requeue(job_id, delay_s=delay, error=outcome.error, hints=hints))
+            since = outcome.waiting_since
+            hints = run_hints(fields["app"], since or _recorded_wait(fields))
+            state = self._durably(lambda: self.store.requeue(
+                job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
+                count_field="deferrals" if since is not None else ""))
             if state != "cancel":
-                log.info("job_retry_scheduled", delay_s=round(delay, 3))
+                log.info("job_deferred" if since is not None else "job_retry_scheduled", delay_s=round(delay, 3))
                 return
             outcome = Outcome(JobStatus.CANCELED, error=outcome.error)
         status = outcome.status

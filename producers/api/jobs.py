@@ -39,6 +39,7 @@ class JobSubmission(BaseModel):
     callback_url: str | None = Field(default=None, max_length=2048, json_schema_extra={"format": "uri"})
     metadata: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
+    workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
@@ -83,7 +84,8 @@ def build_jobs_router(runtime: Runtime, link: RedisLink) -> APIRouter:
                 raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
             raise ApiError(403, "forbidden", f"this client may not use app {body.app!r}", "app")
         job_request = JobRequest(query=body.query, inputs=body.inputs, user=body.user,
-                                 conversation_id=body.conversation_id, files=body.files, metadata=body.metadata)
+                                 conversation_id=body.conversation_id, files=body.files, metadata=body.metadata,
+                                 workflow_id=body.workflow_id)
         try:
             outcome = await submit_async(
                 runtime, link, app=body.app, source="api", request=job_request, callback_url=body.callback_url,

@@ -26,6 +26,7 @@ class JobRequest(BaseModel):
     conversation_id: str | None = Field(default=None, max_length=64)
     files: list[dict[str, Any]] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class NewJob(BaseModel):
@@ -48,6 +49,19 @@ class NewJob(BaseModel):
             default=str,
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # the base32 digits of job ids (ULIDs)
+_CROCKFORD_VALUES = {char: value for value, char in enumerate(CROCKFORD)}
+
+
+def trace_id_for(job_id: str) -> str:
+    """The job's W3C trace id (32 hex digits): the 128 bits of its ULID, so the trace is known wherever the job
+    id is, and a run in Dify's tracing leads back to the job (and the other way round)."""
+    value = 0
+    for char in job_id.removeprefix("job_").upper():
+        value = value * 32 + _CROCKFORD_VALUES.get(char, 0)
+    return format(value & (2**128 - 1), "032x")
 
 
 def iso_time(epoch: str | float | None) -> str | None:
@@ -84,4 +98,5 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "callback": {"url": fields.get(JobField.CALLBACK_URL) or None, "status": callback.status,
                      "attempts": callback.attempts, "last_status_code": callback.last_status_code,
                      "next_attempt_at": iso_time(callback.next_attempt_at)},
+        "trace_id": trace_id_for(fields[JobField.ID]),
     }

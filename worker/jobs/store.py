@@ -14,14 +14,13 @@ import redis
 from difyq.worker.config import JobsConfig
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
-from difyq.worker.jobs.model import NewJob, job_resource
+from difyq.worker.jobs.model import CROCKFORD, NewJob, job_resource
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.redis_link import RedisLink
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _LIST_FIELDS = ("id", "app", "source", "status")
 
 
@@ -30,7 +29,7 @@ def new_job_id() -> str:
     value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
     chars = []
     for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
+        chars.append(CROCKFORD[value & 31])
         value >>= 5
     return "job_" + "".join(reversed(chars))
 
@@ -358,9 +357,13 @@ class JobStore:
     def requeue(
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = "running",
         count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
+        waiting_since: float | None = None,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
-        cancel was asked meanwhile. ``hints``: see ``run_hints``."""
+        cancel was asked meanwhile. ``hints``: see ``run_hints``; ``waiting_since``: the job's first wait, kept
+        once (a job deferred by a limit or a quota)."""
+        if waiting_since is not None:
+            self.redis.hsetnx(self.job_key(job_id), "waiting_since", repr(waiting_since))
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         reply = self._requeue(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
@@ -371,9 +374,8 @@ class JobStore:
 
     def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float) -> str:
         """A queued job waits for a rate limit: a delayed message, no attempt spent, the first wait remembered."""
-        self.redis.hsetnx(self.job_key(job_id), "waiting_since", repr(waiting_since))
         return self.requeue(job_id, delay_s=delay_s, expected="queued", count_field="deferrals",
-                            hints=run_hints(app, waiting_since))
+                            hints=run_hints(app, waiting_since), waiting_since=waiting_since)
 
     def cancel(self, job_id: str) -> CancelOutcome:
         callback = self.message(CALLBACKS_QUEUE, job_id)

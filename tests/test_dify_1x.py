@@ -1,0 +1,208 @@
+"""Jobs against both Dify shapes the emulator speaks (`--dify-version 0.15` and `1.x`): real Redis, the emulator
+over HTTP, an in-process worker. Spend for every mode, a cut stream followed instead of run twice, 1.x errors,
+Dify's silent failure, a pinned workflow version and the trace each call carries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+from prometheus_client import REGISTRY
+
+from difyq.producers.submit import submit
+from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
+from difyq.worker.jobs.model import JobRequest
+from difyq.worker.runtime import Runtime
+from tests.support.stack import make_runtime, running_worker, wait_for_final
+
+EMULATED = [
+    EmulatedApp(name="chat", key="app-1x-chat-0001", mode="chat"),
+    EmulatedApp(name="chatflow", key="app-1x-chatflow-01", mode="advanced-chat"),
+    EmulatedApp(name="workflow", key="app-1x-workflow-01", mode="workflow", required_inputs=["text"]),
+    # A run that lasts about a second, so a stream cut after its start leaves it running at Dify.
+    EmulatedApp(name="long", key="app-1x-long-000001", mode="workflow", tokens_per_second=10, answer_tokens=10),
+    EmulatedApp(name="long-chatflow", key="app-1x-long-chatfl", mode="advanced-chat", tokens_per_second=10,
+                answer_tokens=10),
+    EmulatedApp(name="faulty", key="app-1x-faulty-0001", mode="workflow"),
+]
+MODES = {app.name: app.mode for app in EMULATED}
+
+
+@pytest.fixture(scope="module", params=["0.15", "1.x"])
+def emulator(request: pytest.FixtureRequest) -> Iterator[RunningEmulator]:
+    with start_emulator(EMULATED, dify_version=request.param) as running:
+        yield running
+
+
+@pytest.fixture
+def version(request: pytest.FixtureRequest) -> str:
+    """The Dify version the module's emulator speaks."""
+    return request.node.callspec.params["emulator"]
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str, emulator: RunningEmulator) -> Runtime:
+    apps = {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url, "timeout_s": 20}
+            for app in EMULATED}
+    apps["quota-defer"] = {**apps["faulty"], "on_quota": "defer"}
+    apps["pinned"] = {**apps["workflow"], "workflow_id": EMULATED[2].workflow_id}
+    return make_runtime(redis_url, namespace, apps, jobs={
+        "retry_min_backoff": "0.05s", "retry_max_backoff": "0.2s", "max_attempts": 2}, dify={
+        "connect_timeout_s": 2, "idle_read_timeout_s": 5, "first_event_timeout_s": 1, "run_poll_interval_s": 0.1})
+
+
+@pytest.fixture(autouse=True)
+def clean_faults(emulator: RunningEmulator) -> Iterator[None]:
+    yield
+    for app in EMULATED:
+        emulator.set_app(app.name, fault=None, fault_until=None)
+
+
+def enqueue(runtime: Runtime, app: str, marker: str, **request: object) -> str:
+    job_request = JobRequest(query=None if MODES.get(app, "workflow") == "workflow" else marker,
+                             inputs={"text": marker}, **request)
+    return submit(runtime, app=app, source="cli", request=job_request, scope="test").job["id"]
+
+
+def runs_of(emulator: RunningEmulator, marker: str) -> list[dict]:
+    """The generation calls that carried `marker` (reattaches and run records carry no body)."""
+    return [call for call in emulator.calls() if marker in str(call.get("body"))]
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("app", ["chat", "chatflow", "workflow"])
+def test_every_mode_succeeds_with_its_spend(runtime: Runtime, emulator: RunningEmulator, app: str) -> None:
+    marker = f"spend-{app}-{time.time_ns()}"
+    tokens_before = counter("difyq_tokens_total", app=app, type="total")
+    cost_before = counter("difyq_cost_total", app=app, currency="USD")
+    with running_worker(runtime):
+        job = wait_for_final(runtime, enqueue(runtime, app, marker))
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    usage = job["result"]["usage"]
+    assert usage["total_tokens"] > 0 and Decimal(usage["total_price"]) > 0 and usage["currency"] == "USD"
+    assert counter("difyq_cost_total", app=app, currency="USD") - cost_before == pytest.approx(
+        float(Decimal(usage["total_price"])))
+    if app == "workflow":  # no prompt/completion split: the run's tokens count as `total`
+        assert counter("difyq_tokens_total", app=app, type="total") - tokens_before == usage["total_tokens"]
+    [call] = runs_of(emulator, marker)
+    assert call["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("app", ["long", "long-chatflow"])
+def test_a_stream_cut_after_the_run_started_is_followed_not_run_twice(
+        runtime: Runtime, emulator: RunningEmulator, version: str, app: str) -> None:
+    emulator.set_app(app, fault="cut-after-start")
+    marker = f"cut-{app}-{time.time_ns()}"
+    with running_worker(runtime):
+        job = wait_for_final(runtime, enqueue(runtime, app, marker))
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    [call] = runs_of(emulator, marker)  # one run at Dify
+    assert call["outcome"] == "ok"  # and it ran to its end
+    run_id = job["result"]["workflow_run_id"]
+    followed = [c["path"] for c in emulator.calls() if run_id in c["path"]]
+    if version == "1.x":
+        assert followed == [f"/v1/workflow/{run_id}/events"]  # 1.14+: reattached
+    else:
+        # older: no reattach route (404), the run record is polled
+        assert followed[0] == f"/v1/workflow/{run_id}/events"
+        assert followed[1:] and set(followed[1:]) == {f"/v1/workflows/run/{run_id}"}
+    outputs = job["result"]["outputs"]
+    text = outputs.get("result") or outputs.get("answer")
+    assert text.startswith("FAKE-LLM says:") and marker in text
+    if app == "long-chatflow":
+        assert job["result"]["answer"] == text
+
+
+def test_a_run_that_failed_at_dify_after_a_cut_is_run_again(runtime: Runtime, emulator: RunningEmulator) -> None:
+    """The cut-stream fault: the stream breaks and Dify reports the run failed with a transient error."""
+    emulator.set_app("faulty", fault="cut-stream")
+    marker = f"cut-failed-{time.time_ns()}"
+    with running_worker(runtime):
+        job = wait_for_final(runtime, enqueue(runtime, "faulty", marker))
+    assert job["status"] == "failed" and job["attempts"] == runtime.config.jobs.max_attempts
+    assert job["error"]["code"] == "workflow_failed"
+    assert len(runs_of(emulator, marker)) == runtime.config.jobs.max_attempts
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "attempts"),
+    [
+        ("http429-quota", "rate_limit_error", 1),
+        ("http403-version", "workflow_version_execution_not_allowed", 1),
+        ("http500-too-many", "internal_server_error", None),
+        ("http429", "too_many_requests", None),
+    ],
+)
+def test_1x_errors(runtime: Runtime, emulator: RunningEmulator, fault: str, code: str, attempts: int | None) -> None:
+    emulator.set_app("faulty", fault=fault)
+    marker = f"err-{fault}-{time.time_ns()}"
+    with running_worker(runtime):
+        job = wait_for_final(runtime, enqueue(runtime, "faulty", marker))
+    expected_attempts = attempts or runtime.config.jobs.max_attempts
+    assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", code, expected_attempts), job
+    assert len(runs_of(emulator, marker)) == expected_attempts
+
+
+def test_a_quota_is_deferred_to_the_next_hour_when_the_app_says_so(
+        runtime: Runtime, emulator: RunningEmulator) -> None:
+    emulator.set_app("faulty", fault="http429-quota")
+    marker = f"quota-{time.time_ns()}"
+    with running_worker(runtime):
+        job_id = enqueue(runtime, "quota-defer", marker)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            fields = runtime.store.fields(job_id) or {}
+            if fields.get("deferrals"):
+                break
+            time.sleep(0.02)
+    job = runtime.store.get(job_id)
+    assert job["status"] == "queued" and job["error"]["code"] == "rate_limit_error", job
+    next_attempt = float(runtime.store.fields(job_id)["next_attempt_at"])
+    assert next_attempt % 3600 == pytest.approx(0, abs=0.01) or 3600 - next_attempt % 3600 < 0.01
+    assert len(runs_of(emulator, marker)) == 1
+
+
+def test_a_missing_input_fails_at_once(runtime: Runtime, emulator: RunningEmulator) -> None:
+    """0.15 answers 400 at once; 1.x fails silently (one ping, then nothing): both end after one attempt."""
+    marker = f"missing-{time.time_ns()}"
+    job_id = submit(runtime, app="workflow", source="cli", request=JobRequest(inputs={"other": marker}),
+                    scope="test").job["id"]
+    with running_worker(runtime):
+        job = wait_for_final(runtime, job_id)
+    assert job["status"] == "failed" and job["attempts"] == 1, job
+    assert job["error"]["code"] in ("invalid_param", "no_first_event")
+    [call] = runs_of(emulator, marker)
+    assert call["outcome"] in ("error", "silent", "disconnected")
+
+
+def test_every_call_carries_the_job_s_trace(runtime: Runtime, emulator: RunningEmulator) -> None:
+    marker = f"trace-{time.time_ns()}"
+    with running_worker(runtime):
+        job = wait_for_final(runtime, enqueue(runtime, "workflow", marker))
+    trace_id = job["trace_id"]
+    assert len(trace_id) == 32 and int(trace_id, 16)
+    [call] = runs_of(emulator, marker)
+    assert call["trace_id"] == trace_id
+    version, traced, span, flags = call["traceparent"].split("-")
+    assert (version, traced, len(span), flags) == ("00", trace_id, 16, "01")
+
+
+def test_a_pinned_workflow_version(runtime: Runtime, emulator: RunningEmulator, version: str) -> None:
+    """1.x runs a published version by id and refuses a draft; 0.15 has no such route (404)."""
+    app = EMULATED[2]
+    published, draft = f"pub-{time.time_ns()}", f"draft-{time.time_ns()}"
+    with running_worker(runtime):
+        pinned = wait_for_final(runtime, enqueue(runtime, "pinned", published))
+        refused = wait_for_final(runtime, enqueue(runtime, "workflow", draft, workflow_id=app.draft_workflow_id))
+    paths = [call["path"] for call in emulator.calls()]
+    assert f"/v1/workflows/{app.workflow_id}/run" in paths
+    assert refused["status"] == "failed" and refused["attempts"] == 1
+    if version == "1.x":
+        assert pinned["status"] == "succeeded" and refused["error"]["code"] == "bad_request"
+    else:
+        assert (pinned["error"]["code"], refused["error"]["code"]) == ("http_404", "http_404")
