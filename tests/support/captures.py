@@ -9,6 +9,7 @@ the Dify client tests and the emulator tests both read the fixtures through it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DIFY_0_15_8 = FIXTURES / "dify-0.15.8"
+DIFY_1_14_2 = FIXTURES / "dify-1.14.2"
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _STATUS_LINE = re.compile(r"(HTTP/[\d.]+) (\d{3})(?: (.*))?")
@@ -106,6 +108,23 @@ def parse_capture(raw: bytes, name: str = "") -> Capture:
 
 def load_capture(path: Path) -> Capture:
     return parse_capture(path.read_bytes(), name=path.name)
+
+
+def load_wire_capture(path: Path) -> Capture:
+    """A `*.raw` capture: the exact bytes a server sent, its chunked framing undone (the body as the client
+    reads it; `Transfer-Encoding: chunked` stays, so a replay frames it again)."""
+    capture = parse_capture(path.read_bytes(), name=path.name)
+    if not capture.is_chunked:
+        return capture
+    body, rest = bytearray(), capture.body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body += rest[:size]
+        rest = rest[size + 2 :]
+    return dataclasses.replace(capture, body=bytes(body))
 
 
 def iter_captures(directory: Path = DIFY_0_15_8) -> Iterator[Capture]:
