@@ -16,6 +16,7 @@ from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emula
 from difyq.worker.jobs.model import JobRequest
 from difyq.worker.runtime import Runtime
 from tests.support.stack import make_runtime, running_worker, wait_for_final
+from tests.support.waiting import wait_for
 
 EMULATED = [
     EmulatedApp(name="chat", key="app-1x-chat-0001", mode="chat"),
@@ -154,12 +155,7 @@ def test_a_quota_is_deferred_to_the_next_hour_when_the_app_says_so(
     marker = f"quota-{time.time_ns()}"
     with running_worker(runtime):
         job_id = enqueue(runtime, "quota-defer", marker)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            fields = runtime.store.fields(job_id) or {}
-            if fields.get("deferrals"):
-                break
-            time.sleep(0.02)
+        wait_for(lambda: (runtime.store.fields(job_id) or {}).get("deferrals"), what="the quota deferral")
     job = runtime.store.get(job_id)
     assert job["status"] == "queued" and job["error"]["code"] == "rate_limit_error", job
     next_attempt = float(runtime.store.fields(job_id)["next_attempt_at"])
