@@ -8,6 +8,7 @@ from difyq.producers.console.job_view import shown_url
 from difyq.producers.console.jobs_query import JobFilter, JobsQuery
 from difyq.producers.console.redact import REDACTED, Redactor
 from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobStatus
 from tests.support.stack import make_runtime
 
 APPS = {"support": {"api_key": "app-a", "mode": "chat"}, "report": {"api_key": "app-b", "mode": "workflow"}}
@@ -35,6 +36,12 @@ def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace:
     assert query.page(JobFilter(client="full")).rows and not query.page(JobFilter(client="other")).rows
     assert [row["id"] for row in query.page(JobFilter(q="key-7")).rows] == [made[7]]
     assert [row["id"] for row in query.page(JobFilter(q=made[3])).rows] == [made[3]]
+
+    runtime.store.finish(made[5], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
+                                                              "message_id": "msg-42", "usage": None})
+    for dify_id in ("conv-42", "msg-42"):
+        assert [row["id"] for row in query.page(JobFilter(q=dify_id)).rows] == [made[5]]
+    assert query.page(JobFilter(q="conv-nope")).rows == []
 
     monkeypatch.setattr(jobs_query, "EXAMINE_LIMIT", 10)
     monkeypatch.setattr(jobs_query, "_BATCH", 5)

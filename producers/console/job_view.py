@@ -13,7 +13,8 @@ from difyq.worker.jobs.model import iso_time, job_resource
 from difyq.worker.json_codec import dumps
 
 # Stored fields the job page reads besides the resource's own.
-_EXTRA_FIELDS = ("scope", "request_id", "trace_id", "waiting_since", "cancel_requested", "thread")
+_EXTRA_FIELDS = ("scope", "request_id", "trace_id", "waiting_since", "cancel_requested", "thread", "deferrals",
+                 "worker_losses")
 
 
 def shown_url(url: str | None) -> str | None:
@@ -41,7 +42,8 @@ def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str
     source, client = origin(fields)
     events = [
         _event(fields.get("created_at"), "submitted", f"by {source}" + (f" (client {client})" if client else "")),
-        _event(fields.get("waiting_since"), "deferred", "waited for the app's rate limits", "wait"),
+        _event(fields.get("waiting_since"), "deferred",
+               f"waited for the app's rate limits ({fields.get('deferrals') or 1} deferral(s))", "wait"),
         _event(fields.get("started_at"), f"attempt {job['attempts']} started" if job["attempts"] else "started"),
     ]
     error = job.get("error") or {}

@@ -23,6 +23,7 @@ EXAMINE_LIMIT = 2000
 _BATCH = 250
 ROW_FIELDS = ("id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
               "idempotency_key", "result", "callback_url", "callback")
+FILTER_FIELDS = ("id", "source", "scope", "status", "idempotency_key")
 SEARCHED_IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 
 
@@ -123,13 +124,14 @@ class JobsQuery:
         self.store = store
         self.config = config
 
-    def _rows(self, job_ids: list[str]) -> list[dict[str, str | None]]:
+    def _rows(self, job_ids: list[str], names: tuple[str, ...] = ROW_FIELDS) -> list[dict[str, str | None]]:
+        """The ``names`` fields of each job that still exists, in the order given."""
         pipe = self.store.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(self.store.job_key(job_id), *ROW_FIELDS)
+            pipe.hmget(self.store.job_key(job_id), *names)
         rows = []
         for values in pipe.execute():
-            fields = dict(zip(ROW_FIELDS, (_text(value) for value in values), strict=True))
+            fields = dict(zip(names, (_text(value) for value in values), strict=True))
             if fields["id"]:
                 rows.append(fields)
         return rows
@@ -153,14 +155,22 @@ class JobsQuery:
                 return _text(claim).partition("|")[0]
         return None
 
-    def _matches(self, row: dict[str, Any], wanted: JobFilter) -> bool:
-        if wanted.status and row["status"] != wanted.status:
+    @staticmethod
+    def _matches(fields: dict[str, str | None], wanted: JobFilter) -> bool:
+        """Whether a job's ``FILTER_FIELDS`` (and ``result`` for a search) pass the filters the index cannot."""
+        if wanted.status and fields["status"] != wanted.status:
             return False
-        if wanted.source and row["source"] != wanted.source and row["source"].partition(":")[0] != wanted.source:
+        source, client = origin(fields)
+        if wanted.source and source != wanted.source and source.partition(":")[0] != wanted.source:
             return False
-        if wanted.client and row["client"] != wanted.client:
+        if wanted.client and client != wanted.client:
             return False
-        return not wanted.q or wanted.q.strip() in row["ids"].values()
+        if not wanted.q:
+            return True
+        result = (loads(fields["result"]) if fields.get("result") else None) or {}
+        request = (loads(fields["request"]) if fields.get("request") else None) or {}
+        searched = {result.get(name) for name in SEARCHED_IDS} | {fields.get("thread"), request.get("conversation_id")}
+        return wanted.q.strip() in searched - {None, ""}
 
     def page(self, wanted: JobFilter, cursor: str = "", limit: int = PAGE_SIZE) -> JobPage:
         """One page, newest first, starting below ``cursor``; ValueError names a bad filter."""
@@ -174,6 +184,8 @@ class JobsQuery:
         index = self.store.index_key(wanted.app or None)
         upper: int | str = after[0] if after else (until if until is not None else "+inf")
         lower: int | str = since if since is not None else "-inf"
+        filtering = any((wanted.status, wanted.source, wanted.client, wanted.q))
+        names = FILTER_FIELDS + (("result", "thread", "request") if wanted.q else ())
         rows: list[dict[str, Any]] = []
         examined, offset = 0, 0
         position: tuple[int, str] | None = None
@@ -185,12 +197,15 @@ class JobsQuery:
             if after:  # ties with the cursor's millisecond sort by id, descending
                 batch = [(job_id, score) for job_id, score in batch if score < after[0] or job_id < after[1]]
             scores = dict(batch)
-            for fields in self._rows([job_id for job_id, _ in batch]):
-                row = summary(fields)
-                if self._matches(row, wanted):
-                    rows.append(row)
-                    if len(rows) >= limit:
-                        return JobPage(rows, f"{scores[row['id']]}.{row['id']}", examined + len(batch))
+            if filtering:  # read the few fields the filters need, and whole rows only for the jobs that pass
+                passed = [fields["id"] for fields in self._rows(list(scores), names) if self._matches(fields, wanted)]
+                found = self.rows_of(passed[:limit - len(rows)])
+            else:
+                found = self.rows_of(list(scores))
+            for row in found:
+                rows.append(row)
+                if len(rows) >= limit:
+                    return JobPage(rows, f"{scores[row['id']]}.{row['id']}", examined + len(batch))
             examined += len(batch)
             if len(entries) < _BATCH:
                 return JobPage(rows, None, examined)

@@ -221,9 +221,28 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         else:
             lines += ["| measure | value |", "|---|---:|"]
             lines += [f"| {key} | {value} |" for key, value in limits.items()]
+    if "console" in results:
+        lines += ["", *console_section(results["console"])]
     if figures:
         lines += ["", *[f"![{Path(name).stem}]({name})" for name in figures]]
     return "\n".join(lines) + "\n"
+
+
+def console_section(console: dict[str, Any]) -> list[str]:
+    """The console's pages over a large job store (tests/bench/bench_console.py) as a Markdown section."""
+    lines = ["## Console pages (tests/bench/bench_console.py)", ""]
+    if "error" in console:
+        return [*lines, f"Not run: {console['error']}"]
+    lines += [f"{console['jobs']:,} jobs in Redis; medians (p95) of {console['loads']} loads in headless Chromium.",
+              "", "| page | rows | server ms | HTML KiB | cold load KiB | DOMContentLoaded ms | rendered ms |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, page in console["pages"].items():
+        lines.append(
+            f"| {name} | {page['rows']} | {page['server_ms']['p50']:.0f} ({page['server_ms']['p95']:.0f}) | "
+            f"{page['html_bytes'] / 1024:.1f} | {page['cold_load_bytes'] / 1024:.1f} | "
+            f"{page['dom_content_loaded_ms']['p50']:.0f} | {page['rendered_ms']['p50']:.0f} "
+            f"({page['rendered_ms']['p95']:.0f}) |")
+    return lines
 
 
 def _save(figure: Any, machine: str, path: Path) -> str:

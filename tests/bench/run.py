@@ -32,7 +32,7 @@ from tests.bench.scenarios import BenchConfig, InflightMode
 from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape, source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits")
+SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits", "console")
 
 
 def machine() -> dict[str, Any]:
@@ -53,21 +53,31 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_limits(quick: bool) -> dict[str, Any]:
-    """The rate-limiter benchmark (tests/bench/bench_limits.py), when it exists, as an extra section."""
-    script = Path(__file__).resolve().parent / "bench_limits.py"
+def _run_script(name: str, args: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run ``tests/bench/{name}`` on its own embedded Redis; its last line of output is one JSON object."""
+    script = Path(__file__).resolve().parent / name
     if not script.exists():
-        return {"error": "tests/bench/bench_limits.py does not exist"}
-    args = [sys.executable, str(script), *(["--window", "2", "--windows", "2"] if quick else [])]
+        return {"error": f"tests/bench/{name} does not exist"}
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("REDIS_URL", None)
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env, cwd=REPO_ROOT)
     except subprocess.TimeoutExpired:
-        return {"error": "timed out after 120 s"}
+        return {"error": f"timed out after {timeout_s:.0f} s"}
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-    return json.loads(done.stdout)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_limits(quick: bool) -> dict[str, Any]:
+    """The rate-limiter benchmark (tests/bench/bench_limits.py), as an extra section."""
+    return _run_script("bench_limits.py", ["--window", "2", "--windows", "2"] if quick else [], 120)
+
+
+def run_console(quick: bool) -> dict[str, Any]:
+    """The console's page weight and time to render over 100,000 jobs (tests/bench/bench_console.py)."""
+    return _run_script("bench_console.py", ["--jobs", "5000", "--loads", "3"] if quick else [], 600)
 
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     args = parser.parse_args(argv)
 
-    chosen = set(args.scenario or ("throughput", "overhead", "inflight", "limits"))
+    chosen = set(args.scenario or ("throughput", "overhead", "inflight", "limits", "console"))
     if "cost" in chosen:
         chosen.add("overhead")
     config = build_config(args)
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
     if "limits" in chosen:
         results["limits"] = run_limits(args.quick)
+    if "console" in chosen:
+        results["console"] = run_console(args.quick)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["duration_s"] = time.time() - started
     results["other_load_cores"] = _other_load(results)
