@@ -66,8 +66,8 @@ def test_a_second_worker_on_the_host_keeps_the_first_ones_metrics(
         assert succeeded_jobs(first_port) == 1
 
         second_port = start_worker(difyq, "second")
-        assert metrics_directory(difyq, "first") != metrics_directory(difyq, "second")
         assert succeeded_jobs(first_port) == 1, "the second worker's start erased the first one's metrics"
+        assert metrics_directory(difyq, "first") != metrics_directory(difyq, "second")
         assert succeeded_jobs(second_port) == 0
 
         shared = {"PROMETHEUS_MULTIPROC_DIR": metrics_directory(difyq, "first")}
