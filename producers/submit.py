@@ -12,13 +12,13 @@ from functools import lru_cache
 from typing import TypeVar
 
 import redis
+import redis.asyncio
 import structlog
 
 from difyq.worker import metrics
 from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
 from difyq.worker.jobs.model import JobRequest, NewJob
 from difyq.worker.jobs.store import SubmitOutcome
-from difyq.worker.redis_link import RedisLink
 from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.producers")
@@ -61,7 +61,7 @@ def submit(
 
 async def submit_async(
     runtime: Runtime,
-    link: RedisLink,
+    client: redis.asyncio.Redis,
     *,
     app: str,
     source: str,
@@ -71,7 +71,7 @@ async def submit_async(
     scope: str,
     request_id: str | None = None,
 ) -> SubmitOutcome:
-    """``submit`` on an event loop over ``link`` (a ``Runtime.async_redis_link``), never blocking it: a callback
+    """``submit`` on an event loop over ``client`` (a ``Runtime.async_redis``), never blocking it: a callback
     host that is a name is resolved by the loop (off its thread), an IP literal is checked in line (and cached)."""
     new = _new_job(runtime, app, source, request, callback_url, idempotency_key, scope, request_id)
     if callback_url:
@@ -82,7 +82,7 @@ async def submit_async(
             addresses = await _resolve_on_loop(lookup.host, lookup.port)
             blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
         _reject_blocked(blocked)
-    return _counted(await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(link, new)), app, source)
+    return _counted(await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(client, new)), app, source)
 
 
 async def _within(seconds: float, call: Awaitable[T]) -> T:

@@ -275,7 +275,7 @@ def test_submit_async_judges_callback_urls_like_submit(redis_url: str, namespace
             return (exc.status, exc.code, exc.message, exc.field)
 
     async def via_event_loop() -> SubmitOutcome:
-        client = runtime.async_redis_link()
+        client = runtime.async_redis()
         try:
             return await submit_async(runtime, client, **fields)
         finally:
@@ -298,7 +298,7 @@ def test_answers_an_overloaded_loop_reads_late_are_not_503s(redis_url: str, name
             await asyncio.sleep(0)
 
     async def scenario() -> list[SubmitOutcome]:
-        client = runtime.async_redis_link()
+        client = runtime.async_redis()
         try:
             hogs = [asyncio.create_task(hog()) for _ in range(6)]
             outcomes = await asyncio.gather(*(submit_async(runtime, client, app="support", source="api",

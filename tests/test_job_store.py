@@ -82,7 +82,7 @@ def test_async_submit_is_the_same_submit(runtime) -> None:
     callback = "https://example.com/cb"
 
     async def scenario() -> tuple:
-        client = runtime.async_redis_link()
+        client = runtime.async_redis()
         try:
             created = await runtime.store.submit_async(client, new_job(key="a1", callback=callback))
             replay = await runtime.store.submit_async(client, new_job(key="a1", callback=callback))

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from difyq.worker.config import Config, load_config
 from difyq.worker.jobs.store import JobStore
-from difyq.worker.redis_link import RedisLink
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -47,12 +48,15 @@ class Runtime:
             self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
         return self._clients[kind]
 
-    def async_redis_link(self) -> RedisLink:
-        """A new asyncio link to Redis for one event loop (the API's), closed by its owner (``aclose``).
+    def async_redis(self) -> redis.asyncio.Redis:
+        """A new asyncio bytes client for one event loop (the API's), closed by its owner (``aclose``).
 
-        It has no timeouts of its own: asyncio ones would count the time an overloaded loop takes to get to an
-        answer as Redis' silence, so its caller bounds each whole call instead (``difyq.producers.submit``)."""
-        return RedisLink(self.redis_url)
+        It has no socket timeout: asyncio ones would count the time an overloaded loop takes to get to an answer as
+        Redis' silence, so its caller bounds each whole call instead (``difyq.producers.submit``), and a call given
+        up on drops its connection (redis-py's asyncio client does that for a cancelled command)."""
+        return redis.asyncio.Redis.from_url(
+            self.redis_url, socket_connect_timeout=2, socket_timeout=None, max_connections=MAX_CONNECTIONS,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1))
 
     @property
     def redis(self) -> redis.Redis:

@@ -39,12 +39,12 @@ def _native_telemetry() -> dict[str, bool]:
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    link = runtime.async_redis_link()
+    async_redis = runtime.async_redis()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        await link.aclose()
+        await async_redis.aclose()
 
     app = FastAPI(title="difyq", version="0.1.0", description="Queue-driven background workers for Dify apps.",
                   lifespan=lifespan, telemetry=_native_telemetry())
@@ -70,7 +70,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def metrics_endpoint() -> Response:
         return Response(generate_latest(REGISTRY) + generate_latest(queue_registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(build_jobs_router(runtime, link))
+    app.include_router(build_jobs_router(runtime, async_redis))
 
     def submit_hook(name: str, job: Any) -> Any:
         return submit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import redis.asyncio
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -19,7 +20,6 @@ from difyq.worker.jobs.model import JobRequest
 from difyq.worker.jobs.schema import SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.json_codec import dumps
-from difyq.worker.redis_link import RedisLink
 from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
@@ -47,8 +47,8 @@ def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | No
                     headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
 
 
-def build_jobs_router(runtime: Runtime, link: RedisLink) -> APIRouter:
-    """The /v1/jobs routes; submits go through ``link`` (a ``Runtime.async_redis_link``) on the event loop."""
+def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> APIRouter:
+    """The /v1/jobs routes; submits go through ``async_redis`` (a ``Runtime.async_redis``) on the event loop."""
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
     config = runtime.config
 
@@ -88,7 +88,7 @@ def build_jobs_router(runtime: Runtime, link: RedisLink) -> APIRouter:
                                  workflow_id=body.workflow_id)
         try:
             outcome = await submit_async(
-                runtime, link, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
+                runtime, async_redis, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
                 idempotency_key=header_key or body.idempotency_key, scope=f"client:{client_name}",
                 request_id=request.state.request_id,
             )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio
 
 from difyq.worker.config import JobsConfig
 from difyq.worker.jobs.callback_block import CallbackBlock
@@ -19,7 +20,6 @@ from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
-from difyq.worker.redis_link import RedisLink
 
 _LIST_FIELDS = ("id", "app", "source", "status")
 
@@ -178,13 +178,15 @@ class JobStore:
             return found
         return self.replayed(found, self.redis.hgetall(self.job_key(found)))
 
-    async def submit_async(self, link: RedisLink, new: NewJob) -> SubmitOutcome:
-        """``submit`` over the API's event-loop link: the same script, keys, args and outcome."""
+    async def submit_async(self, client: redis.asyncio.Redis, new: NewJob) -> SubmitOutcome:
+        """``submit`` over the API's asyncio client (``Runtime.async_redis``): the same script, keys, args and
+        outcome."""
         call = self.submit_call(new)
-        found = self.submit_reply(call, await link.run_script(self._submit, call.keys, call.args))
+        script = client.register_script(self._submit.script)
+        found = self.submit_reply(call, await script(keys=call.keys, args=call.args))
         if isinstance(found, SubmitOutcome):
             return found
-        return self.replayed(found, await link.hgetall(self.job_key(found)))
+        return self.replayed(found, await client.hgetall(self.job_key(found)))
 
     def app_of(self, job_id: str) -> str | None:
         """The app of a job, for a message that does not name it (written before messages carried hints)."""
