@@ -60,6 +60,15 @@ class Stack:
         field.submit()
         wait_until(self.browser, lambda b: b.current_url.endswith("/console/jobs"))
 
+    def usable(self) -> None:
+        """The page fits the window (only tables scroll, inside their region) and every control has a label."""
+        fits = self.browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        unlabelled = self.browser.execute_script(
+            "return [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button')]"
+            ".filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())"
+            ".map(e => e.outerHTML)")
+        assert fits and unlabelled == [], (self.browser.current_url, unlabelled)
+
     def status_on_page(self, job_id: str) -> str | None:
         rows = self.browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
         return rows[0].get_attribute("data-status") if rows else None
@@ -109,6 +118,14 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
     assert "app-console-key" not in page and OPERATOR_TOKEN not in page
     stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
+
+    stack.browser.set_window_size(390, 844)  # a phone
+    try:
+        for path in ("jobs", f"jobs/{job_id}", "dead-letters", "apps", "schedules", "hooks"):
+            stack.browser.get(f"{stack.console}/{path}")
+            stack.usable()
+    finally:
+        stack.browser.set_window_size(1440, 900)
 
 
 def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
