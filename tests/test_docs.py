@@ -328,6 +328,27 @@ def test_environment_table_lists_every_variable_the_code_reads() -> None:
                                         f"{sorted(documented - set(in_code))}")
 
 
+def _defaults_in_code() -> dict[str, str]:
+    """The literal defaults the code gives variables: ``environ.get("NAME", "default")``, ``setdefault(…)``."""
+    found: dict[str, str] = {}
+    for source in SOURCES_READING_THE_ENVIRONMENT:
+        root = ROOT / source
+        for file in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            text = file.read_text(encoding="utf-8", errors="replace")
+            for name, default in re.findall(r"(?:get|setdefault)\(\s*[\"']([A-Za-z_]+)[\"']\s*,\s*[\"']([^\"']+)[\"']",
+                                            text):
+                found[name] = default
+    return found
+
+
+def test_environment_table_defaults_are_the_code_defaults() -> None:
+    rows = {unquote(row[0]): row[2] for row in table(OPERATIONS, *ENV_COLUMNS).rows}
+    wrong = [f"`{name}`: the code's default is {default!r}, the table says {rows[name]!r}"
+             for name, default in sorted(_defaults_in_code().items())
+             if name in rows and default not in rows[name]]
+    assert not wrong, f"{relative(OPERATIONS)}: environment variables table:\n" + "\n".join(wrong)
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
