@@ -290,6 +290,23 @@ def test_the_connection_goes_to_the_checked_address_with_the_original_host_heade
         assert connects == [("getaddrinfo", "127.0.0.1"), ("connect", "127.0.0.1")]
 
 
+def test_a_checked_address_that_refuses_gives_way_to_the_next(connects: list[Any]) -> None:
+    """The name resolved to two checked addresses; nothing listens on the first, so the request goes to the
+    second. The next request tries them in the same order (the refusal is immediate) and reuses the kept-alive
+    connection to the second."""
+    with CallbackReceiver() as receiver, PinnedTransport() as transport:
+        url = f"http://callbacks.example.test:{receiver.port}/callback"
+        destination = check_destination(url, ["127.0.0.0/8"], resolver=lambda h, p: ["127.0.0.2", "127.0.0.1"])
+        assert destination.addresses == ("127.0.0.2", "127.0.0.1")
+        for _ in range(2):
+            read_and_release(transport.post(destination, b"{}", {}, timeout=5))
+
+        assert [request.host for request in receiver.requests] == [f"callbacks.example.test:{receiver.port}"] * 2
+        assert [entry for entry in connects if entry[0] == "connect"] == [("connect", "127.0.0.2"),
+                                                                         ("connect", "127.0.0.1"),
+                                                                         ("connect", "127.0.0.2")]
+
+
 def test_the_pinned_transport_refuses_requests_without_a_checked_destination(
     connects: list[Any], trap: socket.socket
 ) -> None:
@@ -303,17 +320,11 @@ def test_the_pinned_transport_refuses_requests_without_a_checked_destination(
         Destination(url, "http", "127.0.0.1", port, ()),  # no checked address
     ]
     with PinnedTransport() as transport:
-        with pytest.raises(UnpinnedRequest):
-            transport.pool_manager.request("POST", url, body=b"{}")  # the pools, used without a destination
-        with pytest.raises(UnpinnedRequest):
-            transport.pool_manager.connection_from_url(url)
         for destination in forged:
             with pytest.raises(UnpinnedRequest):
                 transport.post(destination, b"{}", {}, timeout=5)
         with pytest.raises(UnpinnedRequest):
             transport.post(url, b"{}", {}, timeout=5)  # type: ignore[arg-type]  # a URL, not a checked Destination
-
-        assert len(transport.pool_manager.pools) == 0
     assert connects == []
     assert_never_reached(trap)
 
@@ -340,8 +351,6 @@ def test_a_blocked_callback_opens_no_socket(connects: list[Any], trap: socket.so
         for url in (f"http://127.0.0.1:{port}/cb", f"http://localhost:{port}/cb", f"http://[::ffff:127.0.0.1]:{port}/"):
             attempt = deliver(url, b"{}", "job_blocked", config, session=transport)
             assert attempt.outcome == "blocked"
-
-        assert len(transport.pool_manager.pools) == 0
     assert [kind for kind, _ in connects] == ["getaddrinfo"] * 3
     assert_never_reached(trap)
 
