@@ -1,5 +1,5 @@
 """The apps page: per Dify key its limits, its use of the current window, jobs waiting for it and the oldest
-wait, an upstream cooldown, and its jobs' errors by code in the last hour."""
+wait, an upstream cooldown, and the errors of its last hour's attempts by code."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from difyq.producers.console.jobs_query import EXAMINE_LIMIT
 from difyq.producers.console.web import ConsoleWeb
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.json_codec import loads
 from difyq.worker.limits.keys import shared_limits
 from difyq.worker.limits.limiter import KeyLimiter
@@ -27,17 +28,18 @@ def build_apps_router(web: ConsoleWeb) -> APIRouter:
     limits = shared_limits(config.apps)
 
     def errors_last_hour(app: str) -> tuple[dict[str, int], int]:
-        """Failed jobs of the last hour by error code, from at most EXAMINE_LIMIT of the app's newest jobs."""
+        """Failed attempts of the last hour's jobs by error code, from at most EXAMINE_LIMIT of the app's newest
+        jobs (and how many jobs that looked at)."""
         store = runtime.store
         since_ms = int((time.time() - HOUR_S) * 1000)
         job_ids = store.redis.zrevrangebyscore(store.index_key(app), "+inf", since_ms, start=0, num=EXAMINE_LIMIT)
         pipe = store.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(store.job_key(job_id.decode() if isinstance(job_id, bytes) else job_id), "status", "error")
+            pipe.hget(store.job_key(job_id.decode() if isinstance(job_id, bytes) else job_id), JobField.ATTEMPT_ERRORS)
         counts: dict[str, int] = {}
-        for status, error in pipe.execute():
-            if error and (status or b"") in (b"failed", "failed"):
-                code = (loads(error) or {}).get("code") or "unknown"
+        for errors in pipe.execute():
+            for error in (loads(errors) if errors else None) or []:
+                code = error.get("code") or "unknown"
                 counts[code] = counts.get(code, 0) + 1
         return dict(sorted(counts.items(), key=lambda item: -item[1])), len(job_ids)
 

@@ -15,15 +15,17 @@ from typing import Any
 from difyq.worker.config import Config
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.model import iso_time
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.json_codec import loads
 
 PAGE_SIZE = 50
 EXAMINE_LIMIT = 2000
 _BATCH = 250
-ROW_FIELDS = ("id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
-              "idempotency_key", "result", "callback_url", "callback")
-FILTER_FIELDS = ("id", "source", "scope", "status", "idempotency_key")
+ROW_FIELDS = tuple(JobField(name) for name in (
+    "id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
+    "idempotency_key", "result", "callback_url", "callback"))
+FILTER_FIELDS = tuple(JobField(name) for name in ("id", "source", "scope", "status", "idempotency_key"))
 SEARCHED_IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 
 
@@ -185,7 +187,7 @@ class JobsQuery:
         upper: int | str = after[0] if after else (until if until is not None else "+inf")
         lower: int | str = since if since is not None else "-inf"
         filtering = any((wanted.status, wanted.source, wanted.client, wanted.q))
-        names = FILTER_FIELDS + (("result", "thread", "request") if wanted.q else ())
+        names = FILTER_FIELDS + ((JobField.RESULT, JobField.REQUEST, "thread") if wanted.q else ())
         rows: list[dict[str, Any]] = []
         examined, offset = 0, 0
         position: tuple[int, str] | None = None
