@@ -29,11 +29,13 @@ from difyq.worker.config import Config, parse_config
 from difyq.worker.runtime import Runtime
 from tests.support.config_reference import MAP_SEGMENT, Setting, default_text, settings
 from tests.support.doc_reference import (
+    ARCHITECTURE,
     METRIC_COLUMNS,
     METRICS,
     REDIS_COLUMNS,
     documented_metrics,
     exposed_families,
+    undocumented_redis_keys,
 )
 from tests.support.markdown import (
     DOCS,
@@ -180,6 +182,23 @@ def docs_runtime(redis_url: str) -> Iterator[Runtime]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="module")
+def ran_job(docs_runtime: Runtime) -> dict[str, Any]:
+    """A job submitted over HTTP and run by a worker (in this process) on the emulator: `GET /v1/jobs/{id}`."""
+    import requests
+
+    from tests.support.stack import running_worker, wait_for_final
+
+    headers = {"Authorization": f"Bearer {CRM_TOKEN}"}
+    with serving_api(docs_runtime) as base, running_worker(docs_runtime, threads=2):
+        submitted = requests.post(f"{base}/v1/jobs", json={"app": "support", "query": "fields"}, headers=headers,
+                                  timeout=10)
+        wait_for_final(docs_runtime, submitted.json()["id"])
+        job = requests.get(f"{base}/v1/jobs/{submitted.json()['id']}", headers=headers, timeout=10).json()
+    assert job["status"] == "succeeded", job
+    return job
 
 
 CRM_TOKEN = "docs-crm-token-5c1e7a9b"
@@ -352,10 +371,10 @@ def test_environment_table_defaults_are_the_code_defaults() -> None:
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-def test_metrics_table_names_and_types_match_the_registry(docs_runtime: Runtime) -> None:
+def test_metrics_table_names_and_types_match_the_registry(docs_runtime: Runtime, ran_job: dict[str, Any]) -> None:
     """The names and types every process registers (difyq.worker.metrics is imported by all three, the scrape-time
-    gauges come from the queue collector); the labels are compared with live scrapes in
-    tests/test_observability_e2e.py."""
+    gauges come from the queue collector), and the labels of those a job run in this process gave samples; every
+    label of every metric is compared with live scrapes in tests/test_observability_e2e.py."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from difyq.worker import metrics  # noqa: F401  (registers every difyq metric)
@@ -372,6 +391,9 @@ def test_metrics_table_names_and_types_match_the_registry(docs_runtime: Runtime)
                  for name, (kind, _) in exposed.items() if name in documented and documented[name][0] != kind]
     problems += [f"`{name}` is in the table but not registered: remove its row"
                  for name in documented if name.startswith("difyq_") and name not in exposed]
+    problems += [f"`{name}`: the table says labels {sorted(documented[name][1])}, the samples carry {sorted(labels)}"
+                 for name, (_, labels) in sorted(exposed.items())
+                 if name in documented and labels is not None and labels != documented[name][1]]
     assert not problems, f"{relative(METRICS)}:\n" + "\n".join(problems)
 
 
@@ -497,24 +519,23 @@ def _keys(document: Any, prefix: str = "") -> set[str]:
     return found
 
 
-def test_the_job_resource_example_has_the_fields_of_a_real_job(docs_runtime: Runtime) -> None:
+def test_the_job_resource_example_has_the_fields_of_a_real_job(ran_job: dict[str, Any]) -> None:
     """The example of docs/http-api.md names exactly the fields `GET /v1/jobs/{id}` returns for a job a worker
     ran on the emulator (the request, result and callback blocks included)."""
-    import requests
-
-    from tests.support.stack import running_worker, wait_for_final
-
     example = next(json.loads(block.text) for block in blocks(HTTP_API, "json") if '"callback"' in block.text)
-    with serving_api(docs_runtime) as base, running_worker(docs_runtime, threads=2):
-        submitted = requests.post(f"{base}/v1/jobs", json={"app": "support", "query": "fields"},
-                                  headers={"Authorization": f"Bearer {CRM_TOKEN}"}, timeout=10)
-        wait_for_final(docs_runtime, submitted.json()["id"])
-        job = requests.get(f"{base}/v1/jobs/{submitted.json()['id']}",
-                           headers={"Authorization": f"Bearer {CRM_TOKEN}"}, timeout=10).json()
-    assert job["status"] == "succeeded", job
-    documented, real = _keys(example), _keys(job)
+    documented, real = _keys(example), _keys(ran_job)
     assert documented == real, (f"{relative(HTTP_API)}: the job resource example lacks {sorted(real - documented)} "
                                 f"and names {sorted(documented - real)} that the API does not return")
+
+
+def test_every_redis_key_of_a_job_is_in_the_architecture_doc(ran_job: dict[str, Any], docs_runtime: Runtime) -> None:
+    """The keys a submitted, run and finished job leaves match rows of docs/architecture.md's Redis table (the
+    observability run checks hooks, schedules and limits too)."""
+    keys = sorted(key.decode() for key in docs_runtime.raw_redis.scan_iter(match=f"{docs_runtime.namespace}:*"))
+    assert len(keys) > 3, keys
+    undocumented = undocumented_redis_keys(keys, docs_runtime.namespace)
+    assert not undocumented, (f"{relative(ARCHITECTURE)}: add a row to the Redis table for these keys "
+                              f"(`{{ns}}` = {docs_runtime.namespace}):\n" + "\n".join(undocumented))
 
 
 def test_the_error_example_has_the_fields_of_the_error_body() -> None:
@@ -571,3 +592,14 @@ def test_the_check_config_sample_is_what_check_config_prints(tmp_path: Path) -> 
     assert result.returncode == 1
     assert result.stderr == sample, (
         f"{relative(CONFIGURATION)}: the check-config sample should read:\n{result.stderr}")
+
+
+def test_the_chart_schema_of_the_config_is_generated_from_the_model() -> None:
+    """helm/difyq/values.schema.json checks `config` at `helm install` with the keys, types, bounds and allowed
+    values of worker/config.py (also in tests/test_helm_chart.py, which needs helm; this one runs everywhere)."""
+    from tests.support.config_schema import CHART_SCHEMA, config_schema
+
+    chart = json.loads(CHART_SCHEMA.read_text(encoding="utf-8"))
+    assert chart["properties"]["config"] == config_schema(), (
+        f"{relative(CHART_SCHEMA)}'s `config` differs from the config model in worker/config.py: run "
+        "`.venv/bin/python -m tests.support.config_schema --write` and commit the result")
