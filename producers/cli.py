@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from difyq.worker.config import ConfigError, load_config
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
@@ -87,6 +86,8 @@ def _flag(field: str) -> str:
     top, _, rest = field.partition(".")
     if top == "inputs" and rest:
         return f"--input {rest}"
+    if top.startswith("files"):
+        return "--file"
     return "--" + top.replace("_", "-")
 
 
@@ -94,6 +95,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from difyq.producers.api.errors import field_path
+    from difyq.producers.submission import JobSubmission, remote_file
     from difyq.producers.submit import SubmitRejected, submit
     from difyq.worker.jobs.store import IdempotencyConflict
 
@@ -107,8 +109,11 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         inputs[key] = value
     try:
         outcome = submit(
-            runtime, app=args.app, source="cli", request=JobRequest(query=args.query, inputs=inputs, user=args.user),
-            callback_url=args.callback_url, idempotency_key=args.idempotency_key, scope="cli",
+            runtime,
+            JobSubmission(app=args.app, query=args.query, inputs=inputs, user=args.user,
+                          files=[remote_file(url) for url in args.file] or None, callback_url=args.callback_url,
+                          idempotency_key=args.idempotency_key),
+            source="cli", scope="cli",
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -214,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--query")
     enqueue.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     enqueue.add_argument("--user")
+    enqueue.add_argument("--file", action="append", default=[], metavar="URL",
+                         help="a file for Dify to fetch (repeatable); its type follows the name's extension")
     enqueue.add_argument("--callback-url")
     enqueue.add_argument("--idempotency-key")
     enqueue.add_argument("--wait", action="store_true", help="wait for the job to end and print it")

@@ -13,9 +13,9 @@ from typing import Any
 from prometheus_client import MetricsHandler
 
 from difyq.producers.scheduler import SubmitFire, run_scheduler
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.config import ScheduleConfig
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.runtime import Runtime
 
 DEFAULT_METRICS_PORT = 9192
@@ -39,11 +39,9 @@ class _Handler(MetricsHandler):
 
 def submit_fire_for(runtime: Runtime) -> SubmitFire:
     def submit_fire(name: str, schedule: ScheduleConfig, fire_time: datetime, rendered: dict[str, Any]) -> object:
-        request = JobRequest(query=rendered["query"], inputs=rendered["inputs"], user=rendered["user"] or None,
-                             conversation_id=rendered["conversation_id"] or None, metadata=rendered["metadata"])
-        return submit(runtime, app=rendered["app"], source="schedule", request=request,
-                      callback_url=rendered["callback_url"] or None,
-                      idempotency_key=rendered["idempotency_key"], scope="schedule")
+        fields = {name: value for name, value in rendered.items() if name != "schedule"}
+        fields.update({name: rendered[name] or None for name in ("user", "conversation_id", "callback_url")})
+        return submit(runtime, JobSubmission.model_validate(fields), source="schedule", scope="schedule")
 
     return submit_fire
 

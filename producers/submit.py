@@ -15,9 +15,10 @@ import redis
 import redis.asyncio
 import structlog
 
+from difyq.producers.submission import JobSubmission
 from difyq.worker import metrics
 from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
-from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.model import NewJob
 from difyq.worker.jobs.store import SubmitOutcome
 from difyq.worker.runtime import Runtime
 
@@ -41,39 +42,24 @@ class SubmitRejected(Exception):
     field: str | None = None
 
 
-def submit(
-    runtime: Runtime,
-    *,
-    app: str,
-    source: str,
-    request: JobRequest,
-    callback_url: str | None = None,
-    idempotency_key: str | None = None,
-    scope: str,
-    request_id: str | None = None,
-) -> SubmitOutcome:
-    """Validate, claim the idempotency key, store and enqueue; raise SubmitRejected or IdempotencyConflict."""
-    new = _new_job(runtime, app, source, request, callback_url, idempotency_key, scope, request_id)
+def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: str,
+           request_id: str | None = None) -> SubmitOutcome:
+    """Validate, claim the idempotency key, store and enqueue; raise SubmitRejected or IdempotencyConflict (or
+    pydantic's ValidationError for a request the job model refuses)."""
+    new = _new_job(runtime, submission.new_job(source=source, scope=scope, request_id=request_id))
+    callback_url = new.callback_url
     if callback_url:
         _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
-    return _counted(runtime.store.submit(new), app, source)
+    return _counted(runtime.store.submit(new), new.app, source)
 
 
-async def submit_async(
-    runtime: Runtime,
-    client: redis.asyncio.Redis,
-    *,
-    app: str,
-    source: str,
-    request: JobRequest,
-    callback_url: str | None = None,
-    idempotency_key: str | None = None,
-    scope: str,
-    request_id: str | None = None,
-) -> SubmitOutcome:
+async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission: JobSubmission, *, source: str,
+                       scope: str, request_id: str | None = None) -> SubmitOutcome:
     """``submit`` on an event loop over ``client`` (a ``Runtime.async_redis``), never blocking it: a callback
     host that is a name is resolved by the loop (off its thread), an IP literal is checked in line (and cached)."""
-    new = _new_job(runtime, app, source, request, callback_url, idempotency_key, scope, request_id)
+    new = _new_job(runtime, submission.new_job(source=source, scope=scope, request_id=request_id))
+    callback_url = new.callback_url
+    app = new.app
     if callback_url:
         allow = tuple(runtime.config.callbacks.allow_hosts)
         try:
@@ -126,19 +112,20 @@ async def _within(seconds: float, call: Awaitable[T]) -> T:
         raise redis.TimeoutError(f"no answer from Redis in {seconds:g} s") from None
 
 
-def _new_job(runtime: Runtime, app: str, source: str, request: JobRequest, callback_url: str | None,
-             idempotency_key: str | None, scope: str, request_id: str | None) -> NewJob:
-    if app not in runtime.config.apps:
-        raise SubmitRejected(404, "unknown_app", f"no app named {app!r} is configured", "app")
+def _new_job(runtime: Runtime, new: NewJob) -> NewJob:
+    """``new`` once the config allows it: a configured app, a query within ``api.max_query_chars``, a signing
+    secret for a callback."""
+    request = new.request
+    if new.app not in runtime.config.apps:
+        raise SubmitRejected(404, "unknown_app", f"no app named {new.app!r} is configured", "app")
     max_query = runtime.config.api.max_query_chars
     if max_query is not None and request.query is not None and len(request.query) > max_query:
         raise SubmitRejected(422, "query_too_long", f"the query has {len(request.query)} characters, over "
                              f"api.max_query_chars ({max_query})", "query")
-    if callback_url and not runtime.config.callbacks.signing_secrets():
+    if new.callback_url and not runtime.config.callbacks.signing_secrets():
         raise SubmitRejected(422, "callbacks_not_configured",
                              "callbacks.signing_secret is not set, so no callback can be signed", "callback_url")
-    return NewJob(app=app, source=source, request=request, callback_url=callback_url,
-                  idempotency_key=idempotency_key, scope=scope, request_id=request_id)
+    return new
 
 
 def _verdict(url: str, allow: tuple[str, ...],

@@ -18,9 +18,9 @@ import structlog
 import uvloop
 from structlog.testing import capture_logs
 
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit, submit_async
 from difyq.worker.embedded_redis import EmbeddedRedis
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.jobs.store import SubmitOutcome
 from tests.support.stack import LIMITED_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
 
@@ -266,7 +266,7 @@ def test_submit_async_judges_callback_urls_like_submit(redis_url: str, namespace
         return real_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    fields = {"app": "support", "source": "api", "request": JobRequest(query="q"), "callback_url": url, "scope": "t"}
+    submission = JobSubmission(app="support", query="q", callback_url=url)
 
     def verdict(call: Callable[[], SubmitOutcome]) -> tuple[object, ...]:
         try:
@@ -277,11 +277,12 @@ def test_submit_async_judges_callback_urls_like_submit(redis_url: str, namespace
     async def via_event_loop() -> SubmitOutcome:
         client = runtime.async_redis()
         try:
-            return await submit_async(runtime, client, **fields)
+            return await submit_async(runtime, client, submission, source="api", scope="t")
         finally:
             await client.aclose()
 
-    assert verdict(lambda: asyncio.run(via_event_loop())) == verdict(lambda: submit(runtime, **fields))
+    in_thread = verdict(lambda: submit(runtime, submission, source="api", scope="t"))
+    assert verdict(lambda: asyncio.run(via_event_loop())) == in_thread
 
 
 @pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
@@ -301,8 +302,8 @@ def test_answers_an_overloaded_loop_reads_late_are_not_503s(redis_url: str, name
         client = runtime.async_redis()
         try:
             hogs = [asyncio.create_task(hog()) for _ in range(6)]
-            outcomes = await asyncio.gather(*(submit_async(runtime, client, app="support", source="api",
-                                                           request=JobRequest(query=f"q{n}"), scope="t")
+            outcomes = await asyncio.gather(*(submit_async(runtime, client, JobSubmission(app="support", query=f"q{n}"),
+                                                           source="api", scope="t")
                                               for n in range(5)))
             await asyncio.gather(*hogs)
             return outcomes

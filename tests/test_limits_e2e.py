@@ -13,10 +13,10 @@ import pytest
 import redis
 import requests
 
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.config import AppLimits
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.limits import KeyLimiter, key_id
 from tests.support.processes import difyq_processes
 from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
@@ -130,7 +130,7 @@ def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace
         }, jobs={"max_attempts": 20, "retry_min_backoff": "0.01s", "retry_max_backoff": "0.05s"})
 
         def enqueue(app: str, index: int) -> str:
-            return submit(runtime, app=app, source="cli", request=JobRequest(query=f"{app} {index}"),
+            return submit(runtime, JobSubmission(app=app, query=f"{app} {index}"), source="cli",
                           scope="test").job["id"]
 
         cooling = KeyLimiter(runtime.raw_redis, namespace).keys(key_id("app-hot-key-000001")).cool

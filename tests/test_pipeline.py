@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker import task_ids
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis
 from difyq.worker.jobs.messages import JOBS_QUEUE
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.runtime import Runtime
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
 from tests.support.waiting import wait_for
@@ -50,8 +50,8 @@ def runtime(redis_url: str, namespace: str, emulator) -> Runtime:
 
 def enqueue(runtime: Runtime, app: str, query: str | None = "hello", inputs: dict | None = None,
             key: str | None = None) -> str:
-    outcome = submit(runtime, app=app, source="cli", request=JobRequest(query=query, inputs=inputs or {}),
-                     idempotency_key=key, scope="test")
+    outcome = submit(runtime, JobSubmission(app=app, query=query, inputs=inputs or {}, idempotency_key=key),
+                     source="cli", scope="test")
     return outcome.job["id"]
 
 

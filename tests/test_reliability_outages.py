@@ -15,10 +15,10 @@ from typing import Any
 
 import requests
 
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis, free_port
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.runtime import Runtime
 from tests.support.receiver import CallbackReceiver, _Handler, _Server
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
@@ -57,7 +57,7 @@ def calls_by_query(emulator: RunningEmulator, app: str) -> dict[str, list[float]
 
 
 def enqueue(runtime: Runtime, app: str, query: str, callback_url: str | None = None) -> str:
-    return submit(runtime, app=app, source="api", request=JobRequest(query=query), callback_url=callback_url,
+    return submit(runtime, JobSubmission(app=app, query=query, callback_url=callback_url), source="api",
                   scope="test").job["id"]
 
 

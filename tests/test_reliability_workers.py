@@ -18,12 +18,12 @@ from typing import Any
 import psutil
 import pytest
 
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import free_port
 from difyq.worker.jobs.messages import JOBS_QUEUE
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
 from difyq.worker.runtime import Runtime
@@ -98,7 +98,7 @@ class Pods:
 
 
 def enqueue(runtime: Runtime, app: str, marker: str, callback_url: str | None = None) -> str:
-    return submit(runtime, app=app, source="api", request=JobRequest(query=marker), callback_url=callback_url,
+    return submit(runtime, JobSubmission(app=app, query=marker, callback_url=callback_url), source="api",
                   scope="test").job["id"]
 
 

@@ -442,6 +442,7 @@ def test_submit_receives_the_mapping_rendered_for_the_fire(redis_client, namespa
         "inputs": {"hour": "9", "limit": 5},
         "user": f"{name}-bot",
         "conversation_id": None,
+        "files": None,
         "callback_url": "https://example.com/digest/20240701",
         "metadata": {"zone": "CEST"},
         "schedule": name,

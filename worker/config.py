@@ -117,6 +117,7 @@ class Mapping(Strict):
     inputs: dict[str, Any] = Field(default_factory=dict)
     user: str | None = None
     conversation_id: str | None = None
+    files: list[dict[str, Any]] | None = None
     callback_url: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -127,8 +128,10 @@ class Mapping(Strict):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 found[name] = value
-        for section in ("inputs", "metadata"):
-            for key, value in getattr(self, section).items():
+        sections = {"inputs": self.inputs, "metadata": self.metadata}
+        sections.update({f"files[{index}]": file for index, file in enumerate(self.files or [])})
+        for section, values in sections.items():
+            for key, value in values.items():
                 if isinstance(value, str):
                     found[f"{section}.{key}"] = value
         return found

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import asdict
 
 import structlog
 from fastapi import FastAPI, Response
@@ -18,9 +18,10 @@ from difyq.producers.api.errors import error_responses, install_error_handlers
 from difyq.producers.api.jobs import build_jobs_router
 from difyq.producers.api.middleware import RequestContext
 from difyq.producers.console import install_console
-from difyq.producers.hooks import HookDeliveries, build_hooks_router
+from difyq.producers.hooks import HookDeliveries, MappedJob, build_hooks_router
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
-from difyq.worker.jobs.model import JobRequest
+from difyq.worker.jobs.store import SubmitOutcome
 from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import Runtime
 
@@ -72,13 +73,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app.include_router(build_jobs_router(runtime, async_redis))
 
-    def submit_hook(name: str, job: Any) -> Any:
-        return submit(
-            runtime, app=job.app, source="hook",
-            request=JobRequest(query=job.query, inputs=job.inputs, user=job.user,
-                               conversation_id=job.conversation_id, metadata=job.metadata),
-            callback_url=job.callback_url, idempotency_key=job.idempotency_key, scope=f"hook:{name}",
-        )
+    def submit_hook(name: str, job: MappedJob) -> SubmitOutcome:
+        return submit(runtime, JobSubmission.model_validate(asdict(job)), source="hook", scope=f"hook:{name}")
 
     app.include_router(build_hooks_router(lambda: runtime.config, submit_hook,
                                           HookDeliveries(runtime.redis, runtime.namespace)))

@@ -8,38 +8,21 @@ import redis.asyncio
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body
 from difyq.producers.api.errors import ApiError, error_responses, invalid
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.jobs.schema import SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.json_codec import dumps
 from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
-
-
-class JobSubmission(BaseModel):
-    """The body of POST /v1/jobs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    app: str = Field(min_length=1, max_length=200)
-    query: str | None = None
-    inputs: dict[str, Any] = Field(default_factory=dict)
-    user: str | None = Field(default=None, min_length=1, max_length=256)
-    conversation_id: str | None = Field(default=None, max_length=64)
-    files: list[dict[str, Any]] | None = None
-    callback_url: str | None = Field(default=None, max_length=2048, json_schema_extra={"format": "uri"})
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
-    workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
@@ -83,15 +66,11 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
             if body.app not in config.apps:
                 raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
             raise ApiError(403, "forbidden", f"this client may not use app {body.app!r}", "app")
-        job_request = JobRequest(query=body.query, inputs=body.inputs, user=body.user,
-                                 conversation_id=body.conversation_id, files=body.files, metadata=body.metadata,
-                                 workflow_id=body.workflow_id)
+        if header_key is not None:
+            body = body.model_copy(update={"idempotency_key": header_key})
         try:
-            outcome = await submit_async(
-                runtime, async_redis, app=body.app, source="api", request=job_request, callback_url=body.callback_url,
-                idempotency_key=header_key or body.idempotency_key, scope=f"client:{client_name}",
-                request_id=request.state.request_id,
-            )
+            outcome = await submit_async(runtime, async_redis, body, source="api", scope=f"client:{client_name}",
+                                         request_id=request.state.request_id)
         except SubmitRejected as exc:
             raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
         except IdempotencyConflict as exc:

@@ -6,10 +6,10 @@ error, never an empty string), overlaid so that a JSON ``null`` prints as the em
 ``query`` (URL parameters); a field or parameter given more than once is a list of its values.
 
 Value types: ``query``, ``user``, ``conversation_id``, ``callback_url`` and ``idempotency_key`` are always
-strings, and one that renders empty is left unset (None). An ``inputs`` or ``metadata`` template that is
-exactly one expression (``"{{ body.issue.number }}"``) keeps the expression's native value when it is JSON
+strings, and one that renders empty is left unset (None). An ``inputs``, ``metadata`` or ``files`` template that
+is exactly one expression (``"{{ body.issue.number }}"``) keeps the expression's native value when it is JSON
 data other than a string (a number, a bool, null, a list, an object); every other template renders to a
-string. Non-string values in ``inputs``/``metadata`` are not templates and pass through unchanged.
+string. Non-string values in ``inputs``/``metadata``/``files`` are not templates and pass through unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class MappedJob:
     inputs: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
     conversation_id: str | None = None
+    files: list[dict[str, Any]] | None = None
     callback_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
@@ -127,6 +128,7 @@ def render_hook(hook: HookConfig, body: Any, headers: dict[str, Any], query: dic
         inputs=_render_section("inputs", hook.inputs, context),
         user=_render_text_field("user", hook.user, context),
         conversation_id=_render_text_field("conversation_id", hook.conversation_id, context),
+        files=_render_files(hook.files, context),
         callback_url=_render_text_field("callback_url", hook.callback_url, context),
         metadata=_render_section("metadata", hook.metadata, context),
         idempotency_key=_render_text_field("idempotency_key", hook.idempotency_key, context),
@@ -150,6 +152,13 @@ def _render_section(section: str, values: dict[str, Any], context: dict[str, Any
         key: _render_value(f"{section}.{key}", value, context) if isinstance(value, str) else value
         for key, value in values.items()
     }
+
+
+def _render_files(files: list[dict[str, Any]] | None, context: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Each file object with its templates rendered (``files[0].url``)."""
+    if files is None:
+        return None
+    return [_render_section(f"files[{index}]", file, context) for index, file in enumerate(files)]
 
 
 def _render_value(path: str, source: str, context: dict[str, Any]) -> Any:
