@@ -11,9 +11,9 @@ from decimal import Decimal
 import pytest
 from prometheus_client import REGISTRY
 
+from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
-from difyq.worker.jobs.model import JobRequest
 from difyq.worker.runtime import Runtime
 from tests.support.stack import make_runtime, running_worker, wait_for_final
 from tests.support.waiting import wait_for
@@ -62,9 +62,9 @@ def clean_faults(emulator: RunningEmulator) -> Iterator[None]:
 
 
 def enqueue(runtime: Runtime, app: str, marker: str, **request: object) -> str:
-    job_request = JobRequest(query=None if MODES.get(app, "workflow") == "workflow" else marker,
-                             inputs={"text": marker}, **request)
-    return submit(runtime, app=app, source="cli", request=job_request, scope="test").job["id"]
+    submission = JobSubmission(app=app, query=None if MODES.get(app, "workflow") == "workflow" else marker,
+                               inputs={"text": marker}, **request)
+    return submit(runtime, submission, source="cli", scope="test").job["id"]
 
 
 def runs_of(emulator: RunningEmulator, marker: str) -> list[dict]:
@@ -166,7 +166,7 @@ def test_a_quota_is_deferred_to_the_next_hour_when_the_app_says_so(
 def test_a_missing_input_fails_at_once(runtime: Runtime, emulator: RunningEmulator) -> None:
     """0.15 answers 400 at once; 1.x fails silently (one ping, then nothing): both end after one attempt."""
     marker = f"missing-{time.time_ns()}"
-    job_id = submit(runtime, app="workflow", source="cli", request=JobRequest(inputs={"other": marker}),
+    job_id = submit(runtime, JobSubmission(app="workflow", inputs={"other": marker}), source="cli",
                     scope="test").job["id"]
     with running_worker(runtime):
         job = wait_for_final(runtime, job_id)
