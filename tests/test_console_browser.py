@@ -21,6 +21,7 @@ from difyq.producers.scheduler import Scheduler
 from difyq.producers.scheduler_command import submit_fire_for
 from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.jobs.model import trace_id_for
 from difyq.worker.runtime import Runtime
 from tests.support.browser import By, click, headless_chromium, text_of, wait_until
 from tests.support.receiver import CallbackReceiver
@@ -117,6 +118,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     page = stack.browser.page_source
     assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
     assert "app-console-key" not in page and OPERATOR_TOKEN not in page
+    assert text_of(stack.browser, By.ID, "trace-id") == trace_id_for(job_id)
     stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
 
     stack.browser.set_window_size(390, 844)  # a phone

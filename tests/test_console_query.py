@@ -7,7 +7,7 @@ from difyq.producers.console import jobs_query
 from difyq.producers.console.job_view import shown_url
 from difyq.producers.console.jobs_query import JobFilter, JobsQuery
 from difyq.producers.console.redact import REDACTED, Redactor
-from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.model import JobRequest, NewJob, trace_id_for
 from difyq.worker.jobs.schema import JobStatus
 from tests.support.stack import make_runtime
 
@@ -36,6 +36,7 @@ def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace:
     assert query.page(JobFilter(client="full")).rows and not query.page(JobFilter(client="other")).rows
     assert [row["id"] for row in query.page(JobFilter(q="key-7")).rows] == [made[7]]
     assert [row["id"] for row in query.page(JobFilter(q=made[3])).rows] == [made[3]]
+    assert [row["id"] for row in query.page(JobFilter(q=trace_id_for(made[4]))).rows] == [made[4]]
 
     runtime.store.finish(made[5], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
                                                               "message_id": "msg-42", "usage": None})

@@ -13,7 +13,7 @@ from difyq.worker.jobs.model import iso_time, job_resource
 from difyq.worker.json_codec import dumps
 
 # Stored fields the job page reads besides the resource's own.
-_EXTRA_FIELDS = ("scope", "request_id", "trace_id", "waiting_since", "cancel_requested", "thread", "deferrals",
+_EXTRA_FIELDS = ("scope", "request_id", "waiting_since", "cancel_requested", "thread", "deferrals",
                  "worker_losses")
 
 

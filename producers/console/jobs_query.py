@@ -2,24 +2,26 @@
 
 A page never scans: it walks the index (every job, or one app's) from the cursor down, reading at most
 ``EXAMINE_LIMIT`` entries, and says how far it got when filters left the page short, so a rare status among a
-million jobs costs the same as a common one. A search for a job id or an idempotency key is a direct lookup; a
-search for a thread or a Dify id matches the jobs of the walked window.
+million jobs costs the same as a common one. A search for a job id, a trace id or an idempotency key is a direct
+lookup; a search for a thread or a Dify id matches the jobs of the walked window.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from difyq.worker.config import Config
 from difyq.worker.jobs.callback_block import CallbackBlock
-from difyq.worker.jobs.model import iso_time
+from difyq.worker.jobs.model import CROCKFORD, iso_time
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.json_codec import loads
 
 PAGE_SIZE = 50
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 EXAMINE_LIMIT = 2000
 _BATCH = 250
 ROW_FIELDS = tuple(JobField(name) for name in (
@@ -77,6 +79,15 @@ def parse_cursor(cursor: str) -> tuple[int, str] | None:
     if not score.isdigit() or not job_id.startswith("job_"):
         raise ValueError(f"cursor: not a cursor this console made: {cursor!r}")
     return int(score), job_id
+
+
+def job_id_of_trace(trace_id: str) -> str:
+    """The job whose trace id (``model.trace_id_for``: the 128 bits of its ULID) this is."""
+    value, chars = int(trace_id, 16), []
+    for _ in range(26):
+        chars.append(CROCKFORD[value & 31])
+        value >>= 5
+    return "job_" + "".join(reversed(chars))
 
 
 def _text(value: Any) -> str | None:
@@ -143,8 +154,11 @@ class JobsQuery:
         return [summary(fields) for fields in self._rows(job_ids)]
 
     def find(self, text: str) -> str | None:
-        """The job a search names directly: its id, or an idempotency key under any producer's scope."""
+        """The job a search names directly: its id, its trace id, or an idempotency key under any producer's
+        scope."""
         text = text.strip()
+        if _TRACE_ID.fullmatch(text):
+            text = job_id_of_trace(text)
         if text.startswith("job_") and self.store.redis.exists(self.store.job_key(text)):
             return text
         scopes = ([f"client:{name}" for name in self.config.clients] + [f"hook:{name}" for name in self.config.hooks]
