@@ -30,9 +30,10 @@ class ActionLog:
 
     def record(self, operator: str, action: str, outcome: str, job_id: str | None = None, **details: Any) -> None:
         """Log an action; one about a job is also kept for that job's timeline."""
-        log.info("console_action", operator=operator, action=action, outcome=outcome, job_id=job_id, **details)
         if job_id is None:
+            log.info("console_action", operator=operator, action=action, outcome=outcome, **details)
             return
+        log.info("console_action", operator=operator, action=action, outcome=outcome, job_id=job_id, **details)
         entry = dumps({"at": time.time(), "operator": operator, "action": action, "outcome": outcome})
         key = self._key(job_id)
         pipe = self.redis.pipeline()
