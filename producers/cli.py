@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from difyq.worker.config import ConfigError, load_config
 from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.logs import configure_logging
-from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
+from difyq.worker.runtime import Runtime, current_runtime
 
 
 def _print_json(document: Any) -> None:
@@ -27,11 +29,11 @@ def _runtime() -> Runtime:
         raise SystemExit(2) from None
 
 
-def _check_redis() -> None:
+def _check_redis(runtime: Runtime) -> None:
     """Refuse to start on an evicting Redis, warn about one without AOF (see worker.redis_check)."""
     from difyq.worker.redis_check import enforce_redis_settings
 
-    enforce_redis_settings(redis_url_from_env())
+    enforce_redis_settings(runtime.connector)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -55,7 +57,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     configure_logging("api")
     runtime = _runtime()
-    _check_redis()
+    _check_redis(runtime)
     # uvloop and httptools when installed (less CPU and latency per request than asyncio and h11), else those;
     # named rather than left to uvicorn's "auto" so the start log says which run.
     server = {"loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -68,7 +70,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from difyq.producers.worker_command import exec_worker
 
-    _check_redis()
+    # Loading the config loads the metrics, which write to PROMETHEUS_MULTIPROC_DIR when it is set: it must exist
+    # (exec_worker's claim of the directory then removes what this process wrote there).
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+    _check_redis(_runtime())
     return exec_worker(processes=args.processes, threads=args.threads, gevent=args.gevent)
 
 
@@ -77,7 +83,7 @@ def cmd_scheduler(_args: argparse.Namespace) -> int:
 
     configure_logging("scheduler")
     runtime = _runtime()
-    _check_redis()
+    _check_redis(runtime)
     return run_scheduler_process(runtime)
 
 

@@ -41,6 +41,7 @@ from difyq.producers.schedules.store import Claim, ScheduleState, ScheduleStore
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker import metrics
 from difyq.worker.config import Config, ScheduleConfig
+from difyq.worker.redis_connect import RedisConnector
 from difyq.worker.redis_keys import RedisKeys
 
 SubmitFire = Callable[[str, ScheduleConfig, datetime, dict[str, Any]], object]
@@ -374,9 +375,10 @@ def _missed_fires(timetable: Timetable, after: datetime, until: datetime) -> _Mi
     return _Missed(count, False, first, last)
 
 
-def run_scheduler(config: Config, redis_url: str, stop_event: threading.Event, submit_fire: SubmitFire) -> None:
+def run_scheduler(config: Config, connector: RedisConnector, stop_event: threading.Event,
+                  submit_fire: SubmitFire) -> None:
     """The ``difyq scheduler`` process body: schedule ``config.schedules`` against Redis until ``stop_event``."""
-    client = Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+    client = connector.client(socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
     try:
         Scheduler(config.schedules, client, config.redis.namespace, submit_fire).run(stop_event)
     finally:

@@ -54,7 +54,7 @@ def run_scheduler_process(runtime: Runtime) -> int:
     server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
     threading.Thread(target=server.serve_forever, name="difyq-metrics", daemon=True).start()
     try:
-        run_scheduler(runtime.config, runtime.redis_url, stop, submit_fire_for(runtime))
+        run_scheduler(runtime.config, runtime.connector, stop, submit_fire_for(runtime))
     finally:
         server.shutdown()
     return 0

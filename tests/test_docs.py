@@ -329,7 +329,7 @@ def _variables_in_code() -> dict[str, str]:
         root = ROOT / source
         for file in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
             text = file.read_text(encoding="utf-8", errors="replace")
-            names = re.findall(r"\b(DIFYQ_[A-Z0-9_]+|REDIS_URL|PROMETHEUS_MULTIPROC_DIR)\b", text)
+            names = re.findall(r"\b(DIFYQ_[A-Z0-9_]+|REDIS_URL|REDIS_SENTINEL[A-Z_]*|PROMETHEUS_MULTIPROC_DIR)\b", text)
             names += re.findall(r"setdefault\(\"(dramatiq_[a-z_]+)\"", text)
             for name in names:
                 found.setdefault(name, relative(file))

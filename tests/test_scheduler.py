@@ -25,6 +25,7 @@ from difyq.producers.scheduler import FireRecord, Scheduler, run_scheduler
 from difyq.producers.schedules.pauses import SchedulePauses
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker.config import ConfigError, ScheduleConfig, parse_config
+from difyq.worker.redis_connect import RedisConnector
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -525,7 +526,7 @@ def test_run_scheduler_runs_the_configured_schedules_until_stopped(redis_url, na
         "redis": {"namespace": namespace},
     })
     recorder, stop = Recorder(), threading.Event()
-    thread = threading.Thread(target=run_scheduler, args=(config, redis_url, stop, recorder))
+    thread = threading.Thread(target=run_scheduler, args=(config, RedisConnector(redis_url), stop, recorder))
     thread.start()
     try:
         wait_until(lambda: len(recorder.calls) >= 1, timeout_s=10)

@@ -240,8 +240,41 @@ class ConsoleConfig(Strict):
     session_ttl: Duration = 12 * 3600.0
 
 
+DEFAULT_SENTINEL_MASTER = "mymaster"
+_SENTINEL_NODE = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
+
+
+def sentinel_address(node: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for an IPv6 address) as a pair; ValueError naming the node otherwise."""
+    match = _SENTINEL_NODE.fullmatch(node.strip())
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"{node!r} is not host:port")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+class SentinelConfig(Strict):
+    """Redis Sentinel: the sentinels to ask, the name they monitor the primary by, their own password (the Redis
+    servers' password and database come from REDIS_URL)."""
+
+    master: Annotated[str, Field(min_length=1)] = DEFAULT_SENTINEL_MASTER
+    nodes: Annotated[list[str], Field(min_length=1)]
+    password: SecretStr | None = None
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes_are_addresses(cls, nodes: list[str]) -> list[str]:
+        for node in nodes:
+            sentinel_address(node)
+        return nodes
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return [sentinel_address(node) for node in self.nodes]
+
+
 class RedisConfig(Strict):
     namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "difyq"
+    sentinel: SentinelConfig | None = None
+    durable_submit: bool = False
 
 
 class Config(Strict):

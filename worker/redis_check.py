@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import redis
 import structlog
 
+from difyq.worker.redis_connect import RedisConnector
+
 log = structlog.get_logger("difyq.redis_check")
 
 ALLOW_EVICTION_ENV = "DIFYQ_ALLOW_REDIS_EVICTION"
@@ -90,9 +92,9 @@ def problems_and_warnings(settings: RedisSettings) -> tuple[list[str], list[str]
     return problems, warnings
 
 
-def enforce_redis_settings(redis_url: str, environ: Mapping[str, str] = os.environ) -> None:
+def enforce_redis_settings(connector: RedisConnector, environ: Mapping[str, str] = os.environ) -> None:
     """Log warnings; raise SystemExit(3) with a clear message for an evicting Redis unless overridden."""
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = connector.client(socket_connect_timeout=2, socket_timeout=5)
     try:
         settings = read_settings(client)
     except redis.RedisError as exc:

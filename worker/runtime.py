@@ -14,6 +14,7 @@ from redis.retry import Retry
 
 from difyq.worker.config import Config, load_config
 from difyq.worker.jobs.store import JobStore
+from difyq.worker.redis_connect import RedisConnector
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -28,11 +29,16 @@ MAX_CONNECTIONS = 4096
 
 @dataclass
 class Runtime:
-    """What every difyq process needs; Redis connections are made lazily, on first use."""
+    """What every difyq process needs; Redis connections are made lazily, on first use, by ``connector``
+    (REDIS_URL alone, or the primary that Sentinel names)."""
 
     config: Config
     redis_url: str
+    connector: RedisConnector = field(init=False)
     _clients: dict[str, redis.Redis] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.connector = RedisConnector.from_settings(self.redis_url, self.config.redis.sentinel)
 
     @property
     def namespace(self) -> str:
@@ -45,7 +51,7 @@ class Runtime:
                 "max_connections": MAX_CONNECTIONS, "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
                 **options,
             }
-            self._clients[kind] = redis.Redis.from_url(self.redis_url, **settings)
+            self._clients[kind] = self.connector.client(**settings)
         return self._clients[kind]
 
     def async_redis(self) -> redis.asyncio.Redis:
@@ -54,8 +60,8 @@ class Runtime:
         It has no socket timeout: asyncio ones would count the time an overloaded loop takes to get to an answer as
         Redis' silence, so its caller bounds each whole call instead (``difyq.producers.submit``), and a call given
         up on drops its connection (redis-py's asyncio client does that for a cancelled command)."""
-        return redis.asyncio.Redis.from_url(
-            self.redis_url, socket_connect_timeout=2, socket_timeout=None, max_connections=MAX_CONNECTIONS,
+        return self.connector.async_client(
+            socket_connect_timeout=2, socket_timeout=None, max_connections=MAX_CONNECTIONS,
             retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1))
 
     @property
@@ -75,7 +81,8 @@ class Runtime:
 
     @cached_property
     def store(self) -> JobStore:
-        return JobStore(self.raw_redis, self.namespace, self.config.jobs)
+        return JobStore(self.raw_redis, self.namespace, self.config.jobs,
+                        durable_submit=self.config.redis.durable_submit)
 
 
 _current: Runtime | None = None

@@ -34,6 +34,22 @@ def new_job_id() -> str:
     return "job_" + "".join(reversed(chars))
 
 
+# With redis.durable_submit a submit waits, at most this long, until this many replicas hold what it wrote.
+DURABLE_SUBMIT_REPLICAS = 1
+DURABLE_SUBMIT_TIMEOUT_MS = 1000
+
+
+class NotReplicated(redis.RedisError):
+    """With redis.durable_submit: no replica acknowledged the submit in time. The job is on the primary and may
+    run, but a failover now could lose it, so the producer answers 503 (a retry with the same idempotency key
+    finds the job instead of making a second one)."""
+
+
+def _check_replicated(acknowledged: int) -> None:
+    if acknowledged < DURABLE_SUBMIT_REPLICAS:
+        raise NotReplicated(f"{acknowledged} replica(s) acknowledged the submit within {DURABLE_SUBMIT_TIMEOUT_MS} ms")
+
+
 class IdempotencyConflict(Exception):
     """The idempotency key was used before for a different request."""
 
@@ -78,11 +94,12 @@ class CancelOutcome:
 class JobStore:
     """Everything the producers and the worker read or write about jobs, under the ``{namespace}:`` prefix."""
 
-    def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig):
+    def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig, durable_submit: bool = False):
         self.redis = client
         self.namespace = namespace
         self.keys = RedisKeys(namespace)
         self.config = config
+        self.durable_submit = durable_submit
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
         self._submit = client.register_script(job_script("submit"))
         self._start = client.register_script(job_script("start"))
@@ -172,8 +189,18 @@ class JobStore:
         return self.run_submit(self.submit_call(new))
 
     def run_submit(self, call: SubmitCall) -> SubmitOutcome:
-        """Run one submit call; running it again (a retry after a lost reply) answers the same and writes nothing."""
-        found = self.submit_reply(call, self._submit(keys=call.keys, args=call.args))
+        """Run one submit call; running it again (a retry after a lost reply) answers the same and writes nothing.
+        With ``durable_submit`` the script and a WAIT for a replica go in one pipeline, on one connection (WAIT
+        counts what its connection wrote); NotReplicated when no replica acknowledged in time."""
+        if not self.durable_submit:
+            found = self.submit_reply(call, self._submit(keys=call.keys, args=call.args))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            self._submit(keys=call.keys, args=call.args, client=pipe)
+            pipe.wait(DURABLE_SUBMIT_REPLICAS, DURABLE_SUBMIT_TIMEOUT_MS)
+            reply, acknowledged = pipe.execute()
+            _check_replicated(acknowledged)
+            found = self.submit_reply(call, reply)
         if isinstance(found, SubmitOutcome):
             return found
         return self.replayed(found, self.redis.hgetall(self.job_key(found)))
@@ -183,7 +210,15 @@ class JobStore:
         outcome."""
         call = self.submit_call(new)
         script = client.register_script(self._submit.script)
-        found = self.submit_reply(call, await script(keys=call.keys, args=call.args))
+        if not self.durable_submit:
+            found = self.submit_reply(call, await script(keys=call.keys, args=call.args))
+        else:
+            pipe = client.pipeline(transaction=False)
+            await script(keys=call.keys, args=call.args, client=pipe)
+            pipe.wait(DURABLE_SUBMIT_REPLICAS, DURABLE_SUBMIT_TIMEOUT_MS)
+            reply, acknowledged = await pipe.execute()
+            _check_replicated(acknowledged)
+            found = self.submit_reply(call, reply)
         if isinstance(found, SubmitOutcome):
             return found
         return self.replayed(found, await client.hgetall(self.job_key(found)))
