@@ -10,11 +10,12 @@ from urllib.parse import urlsplit, urlunsplit
 from difyq.producers.console.jobs_query import origin
 from difyq.producers.console.redact import REDACTED, Redactor
 from difyq.worker.jobs.model import iso_time, job_resource
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.json_codec import dumps
 
 # Stored fields the job page reads besides the resource's own.
-_EXTRA_FIELDS = ("scope", "request_id", "waiting_since", "cancel_requested", "thread", "deferrals",
-                 "worker_losses")
+_EXTRA_FIELDS = tuple(JobField(name) for name in (
+    "scope", "request_id", "waiting_since", "cancel_requested", "deferrals", "worker_losses"))
 
 
 def shown_url(url: str | None) -> str | None:

@@ -3,7 +3,7 @@
 A page never scans: it walks the index (every job, or one app's) from the cursor down, reading at most
 ``EXAMINE_LIMIT`` entries, and says how far it got when filters left the page short, so a rare status among a
 million jobs costs the same as a common one. A search for a job id, a trace id or an idempotency key is a direct
-lookup; a search for a thread or a Dify id matches the jobs of the walked window.
+lookup; a search for a Dify conversation, message or run id matches the jobs of the walked window.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class JobsQuery:
             return True
         result = (loads(fields["result"]) if fields.get("result") else None) or {}
         request = (loads(fields["request"]) if fields.get("request") else None) or {}
-        searched = {result.get(name) for name in SEARCHED_IDS} | {fields.get("thread"), request.get("conversation_id")}
+        searched = {result.get(name) for name in SEARCHED_IDS} | {request.get("conversation_id")}
         return wanted.q.strip() in searched - {None, ""}
 
     def page(self, wanted: JobFilter, cursor: str = "", limit: int = PAGE_SIZE) -> JobPage:
@@ -201,7 +201,7 @@ class JobsQuery:
         upper: int | str = after[0] if after else (until if until is not None else "+inf")
         lower: int | str = since if since is not None else "-inf"
         filtering = any((wanted.status, wanted.source, wanted.client, wanted.q))
-        names = FILTER_FIELDS + ((JobField.RESULT, JobField.REQUEST, "thread") if wanted.q else ())
+        names = FILTER_FIELDS + ((JobField.RESULT, JobField.REQUEST) if wanted.q else ())
         rows: list[dict[str, Any]] = []
         examined, offset = 0, 0
         position: tuple[int, str] | None = None
