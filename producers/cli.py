@@ -14,16 +14,18 @@ from typing import Any
 from difyq.worker.config import ConfigError, load_config
 from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.logs import configure_logging
-from difyq.worker.runtime import Runtime, current_runtime
+from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
 
 
 def _print_json(document: Any) -> None:
     print(json.dumps(document, indent=2, ensure_ascii=False))
 
 
-def _runtime() -> Runtime:
+def _runtime(keep: bool = True) -> Runtime:
+    """The runtime from DIFYQ_CONFIG and REDIS_URL (kept as this process's unless ``keep`` is false); a config
+    that cannot be used exits 2 with every problem listed."""
     try:
-        return current_runtime()
+        return current_runtime() if keep else Runtime(load_config(), redis_url_from_env())
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
         raise SystemExit(2) from None
@@ -74,7 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # (exec_worker's claim of the directory then removes what this process wrote there).
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
-    _check_redis(_runtime())
+    _check_redis(_runtime(keep=False))  # this process becomes Dramatiq's master, whose workers make their own
     return exec_worker(processes=args.processes, threads=args.threads, gevent=args.gevent)
 
 

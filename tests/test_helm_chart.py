@@ -449,6 +449,9 @@ def test_worker_command_hands_the_chart_settings_to_dramatiq(
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "run" / "prometheus"))
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    config = tmp_path / "difyq.yaml"  # the worker reads the config's Redis settings before it execs Dramatiq
+    config.write_text("{}\n", encoding="utf-8")
+    monkeypatch.setenv("DIFYQ_CONFIG", str(config))
     calls: list[tuple[str, list[str], dict[str, str]]] = []
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, list(argv), dict(env))))
 
