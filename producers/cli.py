@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from difyq.worker.config import ConfigError, load_config
-from difyq.worker.jobs.schema import FINAL_STATUSES
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
 from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
 
@@ -142,7 +142,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         time.sleep(0.2)
         job = runtime.store.get(job["id"]) or job
     _print_json(job)
-    return 0 if job["status"] == "succeeded" else 1
+    return 0 if job["status"] == JobStatus.SUCCEEDED else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -160,7 +160,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     state = runtime.store.rerun(args.id)
     print(f"{args.id}: {state}")
-    return 0 if state == "queued" else 1
+    return 0 if state == JobStatus.QUEUED else 1
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = jobs_commands.add_parser("show")
     show.add_argument("id")
     listing = jobs_commands.add_parser("list")
-    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    listing.add_argument("--status", choices=[status.value for status in JobStatus])
     listing.add_argument("--app")
     listing.add_argument("--limit", type=int, default=20)
     retry = jobs_commands.add_parser("retry", help="run a failed or canceled job again")

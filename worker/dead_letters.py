@@ -8,6 +8,7 @@ from typing import Any
 from dramatiq.message import Message
 
 from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 
@@ -61,7 +62,7 @@ class DeadLetters:
             if wanted("callback", candidate) and self.store.replay_callback(candidate):
                 replayed.append(candidate)
         for candidate, message_id in self._dead_job_messages().items():
-            if wanted("job", candidate) and self.store.rerun(candidate) == "queued":
+            if wanted("job", candidate) and self.store.rerun(candidate) == JobStatus.QUEUED:
                 pipe = self.redis.pipeline()
                 pipe.zrem(self.jobs_key, message_id)
                 pipe.hdel(f"{self.jobs_key}.msgs", message_id)

@@ -31,7 +31,7 @@ import structlog
 
 from difyq.worker import metrics
 from difyq.worker.durations import parse_duration
-from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.store import JobStore
 
 log = structlog.get_logger("difyq.leases")
@@ -137,7 +137,7 @@ class LeaseKeeper:
         return expired
 
     def _recover(self, job_id: str) -> None:
-        state = self.store.requeue(job_id, delay_s=0.0, count_field="worker_losses", front=True)
+        state = self.store.requeue(job_id, delay_s=0.0, count_field=JobField.WORKER_LOSSES, front=True)
         if state.startswith("queued:") and int(state.split(":")[1]) > MAX_WORKER_LOSSES:
             self._give_up(job_id)
         elif state == "cancel":

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 jobs_submitted = Counter("difyq_jobs_submitted_total", "Jobs accepted by a producer.", ["app", "source"])
@@ -79,7 +81,7 @@ http_request_duration = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
-FINISHED_STATUSES = ("succeeded", "failed", "canceled")
+FINISHED_STATUSES = tuple(status.value for status in JobStatus if status in FINAL_STATUSES)
 CALLBACK_OUTCOMES = ("delivered", "retried", "failed", "blocked")
 
 

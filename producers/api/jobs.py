@@ -17,7 +17,7 @@ from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.jobs.schema import SOURCES, JobStatus
+from difyq.worker.jobs.schema import FINAL_STATUSES, SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.json_codec import dumps
 from difyq.worker.runtime import Runtime
@@ -106,7 +106,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
         outcome = runtime.store.cancel(job_id)
-        if outcome.state == "running" and outcome.task_id:
+        if outcome.state == JobStatus.RUNNING and outcome.task_id:
             stop_dify_task(runtime, job, outcome.task_id)
         return runtime.store.get(job_id) or job
 
@@ -115,7 +115,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         job = visible(request, job_id)
         if job["callback"]["status"] == "none":
             raise ApiError(409, "no_callback", "this job has no callback_url")
-        if job["status"] not in ("succeeded", "failed", "canceled"):
+        if job["status"] not in FINAL_STATUSES:
             raise ApiError(409, "job_not_finished", "the callback is sent when the job finishes")
         runtime.store.replay_callback(job_id)
         return runtime.store.get(job_id) or job

@@ -16,7 +16,7 @@ from difyq.worker.config import JobsConfig
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from difyq.worker.jobs.model import CROCKFORD, NewJob, job_resource
-from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
@@ -366,13 +366,16 @@ class JobStore:
         ``retry_in_s``) or, for a ``failed`` block, the dead letter; free the callback lock and, with
         ``release_lease``, the job's lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
+        attempted: dict[str, Any] = {
+            "callback": block.stored(), "now": time.time(), "release_lease": release_lease,
+            "next": "retry" if message else "dead" if block.status == "failed" else "done"}
+        if message is not None:
+            attempted.update(message_id=message.redis_message_id, message_body=message.body.decode())
         self._callback_attempted(
             keys=[self.job_key(job_id), self.leases_key, self.callback_lock_key(job_id),
                   self.callback_dead_letters_key, message.queue_key if message else "",
                   message.bodies_key if message else ""],
-            args=[block.stored(), "retry" if message else "dead" if block.status == "failed" else "done",
-                  message.redis_message_id if message else "", message.body if message else b"", time.time(),
-                  "1" if release_lease else ""],
+            args=[dumps(attempted)],
         )
 
     def enqueue_callback(self, job_id: str, delay_s: float) -> None:
@@ -392,26 +395,30 @@ class JobStore:
         ))
 
     def requeue(
-        self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = "running",
+        self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = JobStatus.RUNNING,
         count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
         waiting_since: float | None = None,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
         cancel was asked meanwhile. ``hints``: see ``run_hints``; ``waiting_since``: the job's first wait, kept
         once (a job deferred by a limit or a quota)."""
-        if waiting_since is not None:
-            self.redis.hsetnx(self.job_key(job_id), "waiting_since", repr(waiting_since))
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
-        reply = self._requeue(
-            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
-            args=[expected, dumps(error) if error else "", message.redis_message_id, message.body,
-                  repr(time.time() + delay_s), count_field, "front" if front else "end"],
-        )
+        requeue: dict[str, Any] = {"expected": expected, "next_attempt_at": repr(time.time() + delay_s),
+                                   "message_id": message.redis_message_id, "message_body": message.body.decode(),
+                                   "front": front}
+        if error:
+            requeue["error"] = dumps(error).decode()
+        if count_field:
+            requeue["count"] = count_field
+        if waiting_since is not None:
+            requeue["waiting_since"] = repr(waiting_since)
+        reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
+                              args=[dumps(requeue)])
         return _text(reply)
 
     def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float) -> str:
         """A queued job waits for a rate limit: a delayed message, no attempt spent, the first wait remembered."""
-        return self.requeue(job_id, delay_s=delay_s, expected="queued", count_field="deferrals",
+        return self.requeue(job_id, delay_s=delay_s, expected=JobStatus.QUEUED, count_field=JobField.DEFERRALS,
                             hints=run_hints(app, waiting_since), waiting_since=waiting_since)
 
     def cancel(self, job_id: str) -> CancelOutcome:

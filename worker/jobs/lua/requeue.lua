@@ -1,24 +1,31 @@
--- Put a job back in the queue (a retryable error, or a lease that expired) with its next message.
+-- Put a job back in the queue (a retryable error, a limit's deferral, or a lease that expired) with its next
+-- message.
 -- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies
--- ARGV: 1 expected status ("running"), 2 error json ("" = keep), 3 redis message id, 4 message body,
---       5 next attempt at (unix seconds), 6 counter field to increment ("" = none), 7 "front" or "end" of the queue
+-- ARGV: 1 a JSON object: expected (the status the job must have), next_attempt_at (unix seconds), message_id and
+--       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
+--       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none)
+-- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), or the status the job has instead.
+local requeue = cjson.decode(ARGV[1])
 local status = redis.call('HGET', KEYS[1], FIELD.status)
-if status ~= ARGV[1] then
+if status ~= requeue.expected then
   return status or 'missing'
 end
 if redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
   return 'cancel'
 end
-redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued, FIELD.next_attempt_at, ARGV[5])
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], FIELD.error, ARGV[2])
-  remember_error(KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued, FIELD.next_attempt_at, requeue.next_attempt_at)
+if requeue.error then
+  redis.call('HSET', KEYS[1], FIELD.error, requeue.error)
+  remember_error(KEYS[1], requeue.error)
+end
+if requeue.waiting_since then
+  redis.call('HSETNX', KEYS[1], FIELD.waiting_since, requeue.waiting_since)
 end
 local count = 0
-if ARGV[6] ~= '' then
-  count = redis.call('HINCRBY', KEYS[1], ARGV[6], 1)
+if requeue.count then
+  count = redis.call('HINCRBY', KEYS[1], requeue.count, 1)
 end
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], FIELD.id))
-redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
-redis.call(ARGV[7] == 'front' and 'LPUSH' or 'RPUSH', KEYS[3], ARGV[3])
+redis.call('HSET', KEYS[4], requeue.message_id, requeue.message_body)
+redis.call(requeue.front and 'LPUSH' or 'RPUSH', KEYS[3], requeue.message_id)
 return 'queued:' .. count
