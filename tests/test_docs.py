@@ -582,6 +582,7 @@ def test_choices_listed_in_yaml_comments_are_the_allowed_values() -> None:
     assert not wrong, "YAML comments that list other choices than worker/config.py allows:\n" + "\n".join(wrong)
 
 
+@pytest.mark.e2e
 def test_the_check_config_sample_is_what_check_config_prints(tmp_path: Path) -> None:
     """The sample output of docs/configuration.md, from the config it describes."""
     sample = blocks(CONFIGURATION, "text")[0].text
