@@ -4,18 +4,21 @@ Dify's silent failure, a pinned workflow version and the trace each call carries
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
+import requests
 from prometheus_client import REGISTRY
 
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from difyq.worker.runtime import Runtime
-from tests.support.stack import make_runtime, running_worker, wait_for_final
+from tests.support.receiver import CallbackReceiver
+from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
 from tests.support.waiting import wait_for
 
 EMULATED = [
@@ -27,6 +30,9 @@ EMULATED = [
     EmulatedApp(name="long-chatflow", key="app-1x-long-chatfl", mode="advanced-chat", tokens_per_second=10,
                 answer_tokens=10),
     EmulatedApp(name="faulty", key="app-1x-faulty-0001", mode="workflow"),
+    EmulatedApp(name="review", key="app-1x-review-0001", mode="workflow", human_input=True),
+    EmulatedApp(name="review-timeout", key="app-1x-review-tmout", mode="workflow", human_input=True,
+                form_timeout_s=1),
 ]
 MODES = {app.name: app.mode for app in EMULATED}
 
@@ -202,3 +208,50 @@ def test_a_pinned_workflow_version(runtime: Runtime, emulator: RunningEmulator, 
         assert pinned["status"] == "succeeded" and refused["error"]["code"] == "bad_request"
     else:
         assert (pinned["error"]["code"], refused["error"]["code"]) == ("http_404", "http_404")
+
+
+def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
+        runtime: Runtime, emulator: RunningEmulator, version: str) -> None:
+    """Human input (Dify 1.13+): paused with the form, `job.paused`, no lease held; the answer resumes the run."""
+    if version == "0.15":
+        pytest.skip("Dify 0.15 has no human input (the node came in 1.13, its Service API in 1.14)")
+    marker = f"review-{time.time_ns()}"
+    with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        response = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, json={
+            "app": "review", "inputs": {"text": marker}, "callback_url": receiver.url})
+        job_id = response.json()["id"]
+        paused = wait_for(lambda: (job := runtime.store.get(job_id)) and job["status"] == "paused" and job,
+                          what="the paused job")
+        form = paused["form"]
+        assert form["token"] and form["expires_at"] and [a["id"] for a in form["actions"]] == ["approve", "reject"]
+        assert [field["output_variable_name"] for field in form["fields"]] == ["comment"]
+        assert runtime.store.redis.zscore(runtime.store.leases_key, job_id) is None  # no lease a sweep could misread
+        [notice] = receiver.wait_for(1)
+        assert json.loads(notice.body)["type"] == "job.paused" and notice.webhook_id != job_id
+        url = f"{base}/v1/jobs/{job_id}/input"
+        wrong = requests.post(url, headers=auth(), json={"inputs": {"comment": "x"}, "action": "maybe"}, timeout=10)
+        assert (wrong.status_code, wrong.json()["error"]["field"]) == (422, "action")
+        answered = requests.post(url, headers=auth(), json={"inputs": {"comment": "fine"}, "action": "approve"},
+                                 timeout=10)
+        assert answered.status_code == 202, answered.text
+        job = wait_for_final(runtime, job_id)
+        again = requests.post(url, headers=auth(), json={"inputs": {"comment": "x"}, "action": "approve"}, timeout=10)
+        final = receiver.wait_for(2)[-1]
+    assert job["status"] == "succeeded", job
+    assert job["result"]["outputs"] == {"comment": "fine", "action": "approve"} and job["form"] is None
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_paused")
+    assert json.loads(final.body)["type"] == "job.succeeded" and final.webhook_id == job_id
+    assert len(runs_of(emulator, marker)) == 1  # one run at Dify, paused and resumed
+
+
+def test_a_form_that_times_out_ends_the_job_as_dify_ends_the_run(
+        runtime: Runtime, emulator: RunningEmulator, version: str) -> None:
+    if version == "0.15":
+        pytest.skip("Dify 0.15 has no human input")
+    marker = f"review-timeout-{time.time_ns()}"
+    with running_worker(runtime):
+        job_id = enqueue(runtime, "review-timeout", marker)
+        wait_for(lambda: runtime.store.get(job_id)["status"] == "paused", what="the paused job")
+        job = wait_for_final(runtime, job_id, timeout=30)
+    assert job["status"] == "failed" and job["error"]["code"] == "workflow_failed", job
+    assert len(runs_of(emulator, marker)) == 1

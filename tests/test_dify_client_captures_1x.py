@@ -13,13 +13,14 @@ import urllib3
 
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.dify.models import DifyRequest
+from difyq.worker.dify.models import DifyRequest, PausedRun
 from tests.support.captures import DIFY_1_14_2, Capture, load_wire_capture
 from tests.support.loopback import RecordedRequest, ReplayServer, ScriptedServer, read_request
 
 API_KEY = "app-dj9uaZmr4L4REvHABjcDyT3n"
 W1_RUN = "59408efd-957c-4266-ab87-b02f07eb85c4"
 CUT_RUN = "348c1e5e-4069-4592-9ffc-7d6c82d1726f"
+H1_RUN = "77451fc6-a336-4006-9ab0-7637685b2264"
 
 
 def capture(name: str) -> Capture:
@@ -128,11 +129,45 @@ def test_a_run_dify_does_not_know_fails_at_once(pool: urllib3.PoolManager) -> No
     assert sum(request.method == "POST" for request in server.requests) == 1
 
 
-def test_a_paused_run_is_not_run_again(pool: urllib3.PoolManager) -> None:
-    with ReplayServer(capture("h1_stream_until_pause")) as server, pytest.raises(DifyError) as raised:
-        client_for(server.url, pool).run("workflow", workflow_request("h1"))
-    assert (raised.value.code, raised.value.retryable) == ("workflow_paused", False)
-    assert len(server.requests) == 1
+def test_a_paused_run_gives_its_form(pool: urllib3.PoolManager) -> None:
+    with ReplayServer(capture("h1_stream_until_pause")) as server:
+        result = client_for(server.url, pool).run("workflow", workflow_request("h1"))
+    assert len(server.requests) == 1 and result.paused is not None and result.outputs is None
+    assert result.paused.run_id == H1_RUN
+    [form] = result.paused.forms
+    assert (form["form_token"], form["expiration_time"]) == ("2W4J25cB59rohJKgmp2MoY", 1796508002)
+    assert [action["id"] for action in form["actions"]] == ["approve", "reject"]
+    assert form["inputs"][0]["output_variable_name"] == "comment"
+
+
+def test_a_resumed_run_is_followed_to_its_end(pool: urllib3.PoolManager) -> None:
+    paused = PausedRun(H1_RUN, [], "0.25", "USD")
+    with ReplayServer(capture("h1_events_reattach_across_submit")) as server:
+        result = client_for(server.url, pool).resume("workflow", H1_RUN, workflow_request("h1"), paused)
+    assert result.paused is None
+    assert result.outputs == {"comment": "approved by tester", "action": "approve"}
+    assert result.usage is not None and result.usage.total_price == "0.25"
+    assert server.requests[0].path == f"/v1/workflow/{H1_RUN}/events?user=h1"
+
+
+@pytest.mark.parametrize(("name", "status", "code"), [
+    ("h1_form_submit", 200, None),
+    ("h1_form_submit_again", 412, "human_input_form_submitted"),
+    ("h1_form_submit_bad_action", 400, "invalid_form_data"),
+    ("h1_form_get_unknown", 404, "not_found"),
+])
+def test_submitting_a_form(pool: urllib3.PoolManager, name: str, status: int, code: str | None) -> None:
+    with ReplayServer(capture(name)) as server:
+        client = client_for(server.url, pool)
+        if code is None:
+            client.submit_form("2W4J25cB59rohJKgmp2MoY", {"comment": "ok"}, "approve", "h1")
+        else:
+            with pytest.raises(DifyError) as raised:
+                client.submit_form("2W4J25cB59rohJKgmp2MoY", {"comment": "ok"}, "approve", "h1")
+            assert (raised.value.code, raised.value.status, raised.value.retryable) == (code, status, False)
+    sent = server.requests[0]
+    assert (sent.method, sent.path) == ("POST", "/v1/form/human_input/2W4J25cB59rohJKgmp2MoY")
+    assert sent.json() == {"inputs": {"comment": "ok"}, "action": "approve", "user": "h1"}
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,10 @@ from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
 from difyq.worker.dify.errors import DifyError
+from difyq.worker.dify.models import PausedRun
 from difyq.worker.jobs.messages import run_hints
 from difyq.worker.jobs.model import trace_id_for
-from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
 from difyq.worker.leases import LeaseKeeper
@@ -34,6 +35,10 @@ log = structlog.get_logger("difyq.worker")
 
 APP_NOT_CONFIGURED = DifyError("app_not_configured", "the app is not in the config")
 QUOTA_PERIOD_S = 3600.0  # a plan quota deferred by `on_quota: defer` is tried again at the next full hour
+# A paused job is looked at again this long after its forms expire (Dify then ends the run), or after
+# PAUSE_CHECK_DEFAULT_S when a form tells no expiry.
+PAUSE_CHECK_GRACE_S = 5.0
+PAUSE_CHECK_DEFAULT_S = 24 * 3600.0
 
 
 def retry_delay(attempt: int, min_backoff: float, max_backoff: float, retry_after: float | None = None) -> float:
@@ -73,6 +78,26 @@ class Outcome:
     error: dict[str, Any] | None = None
     retry_in_s: float | None = None
     waiting_since: float | None = None
+    pause: dict[str, Any] | None = None
+
+
+def pause_block(paused: PausedRun) -> dict[str, Any]:
+    """The record's ``pause`` field of a job whose run waits for human input."""
+    return {"workflow_run_id": paused.run_id, "forms": paused.forms, "price": paused.price,
+            "currency": paused.currency}
+
+
+def paused_run(block: dict[str, Any]) -> PausedRun:
+    return PausedRun(block["workflow_run_id"], block.get("forms") or [], block.get("price"), block.get("currency"))
+
+
+def pause_check_in(block: dict[str, Any], now: float) -> float:
+    """Seconds until the paused job is looked at again: just after its first form expires."""
+    expiries = [float(form["expiration_time"]) for form in block.get("forms") or []
+                if isinstance(form.get("expiration_time"), int | float)]
+    if not expiries:
+        return PAUSE_CHECK_DEFAULT_S
+    return max(min(expiries) - now, 0.0) + PAUSE_CHECK_GRACE_S
 
 
 class JobRunner:
@@ -157,14 +182,21 @@ class JobRunner:
             metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
         log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
+        client, request = self._client(app_name, app), self._dify_request(fields, app)
+        pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
-            result = self._stream(job_id, self._client(app_name, app), app, self._dify_request(fields, app))
+            if pause is None:
+                result = self._stream(job_id, client, app, request)
+            else:  # the run paused for human input: follow it (resumed, or ended at the form's expiry)
+                result = client.resume(app.mode, pause["workflow_run_id"], request, paused_run(pause))
         except DifyError as error:
             slot.rate_limited = error.rate_limited
             outcome = "timeout" if error.code == "timeout" else "error"
             metrics.dify_request_duration.labels(app=app_name, outcome=outcome).observe(time.monotonic() - started)
             metrics.dify_errors.labels(app=app_name, code=error.code).inc()
             return self._failed(start.attempt, error, app, _recorded_wait(fields))
+        if result.paused is not None:
+            return Outcome(JobStatus.PAUSED, pause=pause_block(result.paused))
         slot.tokens = result.usage.total_tokens if result.usage else None
         slot.succeeded = True
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
@@ -263,6 +295,16 @@ class JobRunner:
         """Store the outcome (or requeue the job for its retry), then (``callbacks.first_attempt_inline``) make
         the callback's first attempt here, under the job's lease, instead of handing it to another worker through
         the callbacks queue."""
+        if outcome.status is JobStatus.PAUSED and outcome.pause is not None:
+            block = outcome.pause
+            state = self._durably(lambda: self.store.pause(job_id, fields["app"], block,
+                                                           check_in_s=pause_check_in(block, time.time())))
+            if state != "cancel":
+                log.info("job_paused", state=state, workflow_run_id=block["workflow_run_id"])
+                if state == JobStatus.PAUSED and fields.get(JobField.CALLBACK_URL):
+                    self.sender.notify_paused(job_id)
+                return
+            outcome = Outcome(JobStatus.CANCELED)
         if outcome.status is JobStatus.QUEUED:
             delay = outcome.retry_in_s or 0.0
             since = outcome.waiting_since

@@ -31,7 +31,8 @@ class ErrorBody(BaseModel):
 _DESCRIPTIONS = {
     401: "missing or invalid client token", 403: "this client may not use the app", 404: "not found",
     409: "not possible in the job's current state", 413: "body over the size limit", 415: "unsupported content type",
-    422: "invalid request; `field` names what is wrong", 503: "Redis is unreachable; retry after `Retry-After`",
+    422: "invalid request; `field` names what is wrong", 502: "Dify refused or failed the call",
+    503: "Redis is unreachable; retry after `Retry-After`",
 }
 
 

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 import redis.asyncio
 import structlog
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body
@@ -23,6 +24,15 @@ from difyq.worker.json_codec import dumps
 from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.api")
+
+
+class FormInput(BaseModel):
+    """The body of POST /v1/jobs/{id}/input: the answer to a paused job's form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    action: str = Field(min_length=1, max_length=200)
 
 
 def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
@@ -110,6 +120,29 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
             stop_dify_task(runtime, job, outcome.task_id)
         return runtime.store.get(job_id) or job
 
+    @router.post(
+        "/{job_id}/input",
+        status_code=202,
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": FormInput.model_json_schema(ref_template="#/components/schemas/{model}")}
+        }}},
+        responses=error_responses(404, 409, 422, 502),
+    )
+    async def submit_input(request: Request, job_id: str) -> dict[str, Any]:
+        job = visible(request, job_id)
+        raw = await read_body(request, config.api.max_body_bytes)
+        try:
+            body = FormInput.model_validate(parse_json_object(raw))
+        except ValidationError as exc:
+            raise invalid(exc.errors()) from None
+        if job["status"] != JobStatus.PAUSED or not job.get("form"):
+            raise ApiError(409, "job_not_paused", f"the job is {job['status']}; only a paused job takes input")
+        await run_in_threadpool(submit_form, runtime, job, body)
+        state = runtime.store.resume(job_id, job["app"])
+        if not state.startswith("queued"):
+            raise ApiError(409, "job_not_paused", f"the job is {state}; only a paused job takes input")
+        return runtime.store.get(job_id) or job
+
     @router.post("/{job_id}/callback/retry", status_code=202, responses=error_responses(404, 409))
     def retry_callback(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
@@ -121,6 +154,24 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         return runtime.store.get(job_id) or job
 
     return router
+
+
+def submit_form(runtime: Runtime, job: dict[str, Any], answer: FormInput) -> None:
+    """Hand a paused job's answer to Dify, as the run's user (Dify accepts a form once). Dify's refusal of the
+    answer is the caller's 422 (naming the field), a form answered or expired meanwhile 409, anything else 502."""
+    app = runtime.config.apps[job["app"]]
+    client = DifyClient(runtime.config.app_base_url(job["app"]), app.api_key.get_secret_value(),
+                        connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
+    user = (job.get("request") or {}).get("user") or app.user
+    try:
+        client.submit_form(job["form"]["token"], answer.inputs, answer.action, user, trace_id=job["trace_id"])
+    except DifyError as exc:
+        if exc.code in ("invalid_form_data", "invalid_action", "invalid_param"):
+            field = "action" if "action" in exc.message.lower() else "inputs"
+            raise ApiError(422, exc.code, exc.message, field) from None
+        if exc.status == 412 or exc.code.startswith("human_input_form"):
+            raise ApiError(409, exc.code, exc.message) from None
+        raise ApiError(502, "dify_error", f"Dify refused the form: {exc}") from None
 
 
 def stop_dify_task(runtime: Runtime, job: dict[str, Any], task_id: str) -> None:

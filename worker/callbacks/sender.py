@@ -19,7 +19,7 @@ from difyq.worker.callbacks.schedule import next_delay
 from difyq.worker.callbacks.transport import PinnedTransport
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.model import job_resource
-from difyq.worker.jobs.schema import FINAL_STATUSES, JobField
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.json_codec import dumps
 from difyq.worker.logs import job_log_context
 from difyq.worker.runtime import Runtime
@@ -69,6 +69,22 @@ class CallbackSender:
             return
         with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
             self._attempt(job_id, fields, block, release_lease=False)
+
+    def notify_paused(self, job_id: str) -> str | None:
+        """The ``job.paused`` callback of a job whose run waits for human input: one signed attempt, its
+        ``webhook-id`` the job id and the form's token (a receiver that drops repeated ids still gets the final
+        callback, whose id is the job id). The job resource keeps the form whatever comes of it. Returns the
+        outcome label (None: the job is no longer paused)."""
+        fields = self.store.fields(job_id)
+        if fields is None or fields[JobField.STATUS] != JobStatus.PAUSED:
+            return None
+        job = job_resource(fields)
+        attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job),
+                          f"{job_id}_paused_{(job.get('form') or {}).get('token', '')}", self.config,
+                          session=self._transport)
+        outcome = record_outcome(attempt, retries_remain=False)
+        log.info("callback_paused", outcome=outcome, status_code=attempt.status_code, error=attempt.error)
+        return outcome
 
     def deliver_first(self, job_id: str, record: dict[str, str]) -> str:
         """The first attempt, by the job's worker, holding the lease and lock ``finish_keeping_callback`` took;

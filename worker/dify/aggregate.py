@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.dify.models import DifyResult, NodeSpend, Usage
+from difyq.worker.dify.models import DifyResult, NodeSpend, PausedRun, Usage
 from difyq.worker.json_codec import loads
 
 _IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
@@ -39,7 +39,8 @@ _IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 class StreamAggregator:
     """Accumulates one call's events; `result()` gives the `DifyResult` or raises the call's `DifyError`."""
 
-    def __init__(self, mode: str, *, started: float, on_task_id: Callable[[str], None] | None = None) -> None:
+    def __init__(self, mode: str, *, started: float, on_task_id: Callable[[str], None] | None = None,
+                 spent_before: PausedRun | None = None) -> None:
         self._mode = mode
         self._started = started
         self._on_task_id = on_task_id
@@ -50,6 +51,8 @@ class StreamAggregator:
         self._workflow_run: Mapping[str, Any] | None = None
         self._message_ended = False
         self._spend = NodeSpend()
+        if spent_before is not None:  # a resumed run: what its nodes cost before it paused
+            self._spend.add("before-pause", spent_before.price, spent_before.currency)
         self._forms: list[Mapping[str, Any]] = []
         self._paused: Mapping[str, Any] | None = None
         self.events_seen = 0
@@ -151,8 +154,6 @@ class StreamAggregator:
         run = self._workflow_run or {}
         if run.get("status") == "failed":
             raise DifyError("workflow_failed", str(run.get("error") or "the workflow run failed"))
-        if self._paused is not None:
-            raise DifyError("workflow_paused", "the run paused for human input")
         outputs = run.get("outputs")
         if self.followed:
             # The text streamed while nobody listened is lost: the outputs are the whole answer.
@@ -174,7 +175,17 @@ class StreamAggregator:
             time_to_first_token_s=(None if self._first_token_at is None else self._first_token_at - self._started),
             duration_s=time.monotonic() - self._started,
             stopped=run.get("status") == "stopped",
+            paused=self._paused_run(),
         )
+
+    def _paused_run(self) -> PausedRun | None:
+        if self._paused is None:
+            return None
+        run_id = self.workflow_run_id or str(self._paused.get("workflow_run_id") or "")
+        forms = [dict(form) for form in self._forms] or [
+            dict(reason) for reason in self._paused.get("reasons") or []
+            if isinstance(reason, Mapping) and reason.get("form_token")]
+        return PausedRun(run_id, forms, self._spend.total_price(), self._spend.currency)
 
     def _remember_ids(self, payload: Mapping[str, Any]) -> None:
         for key in _IDS:

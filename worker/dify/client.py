@@ -43,7 +43,7 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from difyq.worker.dify.aggregate import StreamAggregator
 from difyq.worker.dify.errors import DifyError
-from difyq.worker.dify.models import CHAT_MODES, WORKFLOW_MODES, DifyRequest, DifyResult, Usage
+from difyq.worker.dify.models import CHAT_MODES, WORKFLOW_MODES, DifyRequest, DifyResult, PausedRun, Usage
 from difyq.worker.dify.sse import SSEParser
 from difyq.worker.json_codec import dumps, loads
 from difyq.worker.retry_after import parse_retry_after
@@ -231,16 +231,39 @@ class DifyClient:
             _release(response)
         return aggregator.result()
 
+    def resume(self, mode: str, run_id: str, request: DifyRequest, paused: PausedRun) -> DifyResult:
+        """Follow a run that paused for human input, once its form was submitted, to its end (or its next
+        pause): a plain reattach streams the resumed run; what its nodes cost before the pause is counted."""
+        started = time.monotonic()
+        aggregator = StreamAggregator(mode, started=started, spent_before=paused)
+        self.follow(run_id, request.user, aggregator, deadline=started + self._total_timeout,
+                    headers=trace_headers(request.trace_id), snapshot=False)
+        return aggregator.result()
+
+    def submit_form(self, form_token: str, inputs: Mapping[str, Any], action: str, user: str, *,
+                    trace_id: str | None = None) -> None:
+        """Submit a human-input form (`POST /form/human_input/{token}`, Dify 1.14+; accepted once): the run
+        resumes. Raises `DifyError` (`invalid_form_data`, `human_input_form_submitted`, `not_found`…)."""
+        response = self._request("POST", f"/form/human_input/{quote(form_token, safe='')}",
+                                 {"inputs": dict(inputs), "action": action, "user": user},
+                                 accept="application/json", headers=trace_headers(trace_id))
+        try:
+            if not _is_success(response):
+                raise self._error_from(response)
+        finally:
+            _release(response)
+
     def follow(self, run_id: str, user: str, aggregator: StreamAggregator, *, deadline: float,
-               headers: Mapping[str, str]) -> None:
+               headers: Mapping[str, str], snapshot: bool = True) -> None:
         """Follow a run whose stream broke to its end: reattach to its events (`GET /workflow/{id}/events`, Dify
         1.14+, with the state so far so every node's price is counted), else (an older Dify, or the reattach
         broke too) poll its record (`GET /workflows/run/{id}`) every `run_poll_interval` until it ends, and take
-        the outputs from the record. Raises `DifyError`: `run_timeout` when the run is still going at the
-        deadline, `not_found` when Dify does not know the run."""
+        the outputs from the record. `snapshot=False` takes only what comes next (a resumed run: the replay would
+        repeat its pause). Raises `DifyError`: `run_timeout` when the run is still going at the deadline,
+        `not_found` when Dify does not know the run."""
         aggregator.followed = True
         try:
-            self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers)
+            self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers, snapshot=snapshot)
         except DifyError as error:
             if error.status != 404 and error.code not in _BROKEN_STREAM_CODES:
                 raise
@@ -264,8 +287,8 @@ class DifyClient:
         return detail
 
     def _reattach(self, run_id: str, user: str, aggregator: StreamAggregator, *, deadline: float,
-                  headers: Mapping[str, str]) -> None:
-        query = urlencode({"user": user, "include_state_snapshot": "true"})
+                  headers: Mapping[str, str], snapshot: bool) -> None:
+        query = urlencode({"user": user, **({"include_state_snapshot": "true"} if snapshot else {})})
         response = self._request("GET", f"/workflow/{quote(run_id, safe='')}/events?{query}", None,
                                  accept="text/event-stream", headers=headers)
         try:

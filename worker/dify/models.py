@@ -82,22 +82,39 @@ class NodeSpend:
         self._prices: dict[str, Decimal] = {}
         self.currency: str | None = None
 
+    def add(self, key: str, price: str | None, currency: str | None) -> None:
+        """Count `price` once under `key` (a node execution id, or what a run cost before it paused)."""
+        if price is None:
+            return
+        self._prices[key] = Decimal(price)
+        if currency:
+            self.currency = currency
+
     def add_node(self, node: Mapping[str, Any]) -> None:
         metadata = node.get("execution_metadata")
         if not isinstance(metadata, Mapping):
             return
-        price = _decimal_string(metadata.get("total_price"))
-        if price is None:
-            return
-        self._prices[str(node.get("id") or len(self._prices))] = Decimal(price)
-        if isinstance(metadata.get("currency"), str) and metadata["currency"]:
-            self.currency = metadata["currency"]
+        currency = metadata.get("currency")
+        self.add(str(node.get("id") or len(self._prices)), _decimal_string(metadata.get("total_price")),
+                 currency if isinstance(currency, str) else None)
 
     def total_price(self) -> str | None:
         """The sum as a decimal string, None when no node reported a price."""
         if not self._prices:
             return None
         return format(sum(self._prices.values(), Decimal(0)), "f")
+
+
+@dataclass(frozen=True)
+class PausedRun:
+    """A workflow run paused for human input (Dify 1.13+): its id, the forms it waits on (each
+    `human_input_required.data`: `form_token`, `form_id`, `node_id`, `node_title`, `form_content`, `inputs`,
+    `actions`, `expiration_time`…) and what its nodes cost so far (`price`, `currency`)."""
+
+    run_id: str
+    forms: list[dict[str, Any]]
+    price: str | None
+    currency: str | None
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class DifyResult:
     time_to_first_token_s: float | None
     duration_s: float
     stopped: bool
+    paused: PausedRun | None = None
 
 
 def _int(value: Any) -> int | None:

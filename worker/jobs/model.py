@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from difyq.worker.jobs.callback_block import CallbackBlock
-from difyq.worker.jobs.schema import JobField
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.json_codec import loads
 
 
@@ -64,6 +64,20 @@ def trace_id_for(job_id: str) -> str:
     return format(value & (2**128 - 1), "032x")
 
 
+def pending_form(pause: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The form a paused job waits on, as the job resource shows it (the first, when a run waits on several):
+    what to ask (``content``, ``fields``), how to answer (``actions``, ``token``) and until when."""
+    forms = (pause or {}).get("forms") or []
+    if not forms:
+        return None
+    form = forms[0]
+    expiry = form.get("expiration_time")
+    return {"token": form.get("form_token"), "form_id": form.get("form_id"), "node_id": form.get("node_id"),
+            "node_title": form.get("node_title"), "content": form.get("form_content"),
+            "fields": form.get("inputs") or [], "actions": form.get("actions") or [],
+            "expires_at": iso_time(expiry) if isinstance(expiry, int | float) else None}
+
+
 def iso_time(epoch: str | float | None) -> str | None:
     """Unix seconds as an ISO 8601 UTC string with milliseconds, or None."""
     if epoch in (None, ""):
@@ -99,4 +113,6 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
                      "attempts": callback.attempts, "last_status_code": callback.last_status_code,
                      "next_attempt_at": iso_time(callback.next_attempt_at)},
         "trace_id": trace_id_for(fields[JobField.ID]),
+        "form": (pending_form(_json_field(fields, JobField.PAUSE)) if fields[JobField.STATUS] == JobStatus.PAUSED
+                 else None),
     }

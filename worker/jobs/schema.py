@@ -9,6 +9,7 @@ from enum import StrEnum
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"  # the Dify run waits for human input (`pause` holds its forms); no worker holds the job
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
@@ -46,6 +47,7 @@ class JobField(StrEnum):
     WAITING_SINCE = "waiting_since"
     DEFERRALS = "deferrals"
     WORKER_LOSSES = "worker_losses"
+    PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
 
 
 MAX_ATTEMPT_ERRORS = 20

@@ -105,6 +105,7 @@ class JobStore:
         self._start = client.register_script(job_script("start"))
         self._finish = client.register_script(job_script("finish"))
         self._requeue = client.register_script(job_script("requeue"))
+        self._pause = client.register_script(job_script("pause"))
         self._cancel = client.register_script(job_script("cancel"))
         self._rerun = client.register_script(job_script("rerun"))
         self._replay_callback = client.register_script(job_script("replay_callback"))
@@ -415,6 +416,22 @@ class JobStore:
         reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
                               args=[dumps(requeue)])
         return _text(reply)
+
+    def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float) -> str:
+        """A running job's Dify run waits for human input: ``paused`` (returned) with its ``pause`` block and no
+        lease, and a delayed message in ``check_in_s`` (its forms' expiry) to follow the run then; ``cancel``
+        when a cancel was asked meanwhile."""
+        message = self.message(JOBS_QUEUE, job_id, check_in_s, run_hints(app, None))
+        reply = self._pause(
+            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
+            args=[dumps(pause), message.redis_message_id, message.body, repr(time.time() + check_in_s)],
+        )
+        return _text(reply)
+
+    def resume(self, job_id: str, app: str) -> str:
+        """A paused job whose form was submitted: queued at once to follow its run (``queued:…``, else the
+        status it had)."""
+        return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED, hints=run_hints(app, None))
 
     def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float) -> str:
         """A queued job waits for a rate limit: a delayed message, no attempt spent, the first wait remembered."""

@@ -57,6 +57,8 @@ def create_app(apps: list[EmulatedApp] | None = None, dify_version: str = "0.15"
         routes += [
             Route("/v1/workflows/{workflow_id}/run", api.recorded(api.workflows_run), methods=["POST"]),
             Route("/v1/workflow/{run_id}/events", api.recorded(api.workflow_events), methods=["GET"]),
+            Route("/v1/form/human_input/{token}", api.recorded(api.form_get), methods=["GET"]),
+            Route("/v1/form/human_input/{token}", api.recorded(api.form_submit), methods=["POST"]),
         ]
     middleware = [] if dify_version == "0.15" else [Middleware(_VersionHeader, version=VERSIONS[dify_version])]
     app = Starlette(routes=routes, exception_handlers={404: api.routing_error, 405: api.routing_error},

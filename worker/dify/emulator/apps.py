@@ -67,6 +67,8 @@ class EmulatedApp:
     fault_until: float | None = None
     api_enabled: bool = True
     silent_close_s: float = 300.0
+    human_input: bool = False  # a workflow app that pauses at a human-input form (Dify 1.13+; served as 1.x only)
+    form_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         self.concurrency_error = str(self.concurrency_error)  # type: ignore[assignment]  # YAML gives 429

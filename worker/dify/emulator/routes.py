@@ -12,6 +12,7 @@ Every call is recorded (see `state.CallRecord`).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from difyq.worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
 from difyq.worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse, SilentStreamResponse
 from difyq.worker.dify.emulator.runs import RunLogs
 from difyq.worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
-from difyq.worker.dify.emulator.streams import Run, events
+from difyq.worker.dify.emulator.streams import HUMAN_INPUT_ACTIONS, Run, events
 
 Handler = Callable[[Request, CallRecord], Awaitable[Response | ASGIApp]]
 
@@ -113,6 +114,7 @@ class ServiceApi:
     def __init__(self, state: EmulatorState) -> None:
         self.state = state
         self.run_logs = RunLogs()
+        self.forms: dict[str, Run] = {}  # human-input form token → its run
 
     def recorded(self, handler: Handler) -> Callable[[Request], Awaitable[Response | ASGIApp]]:
         """Record the call; an `ApiError` becomes its response. Streams end their record themselves."""
@@ -253,8 +255,10 @@ class ServiceApi:
             client_left = disconnected and not log.ended
 
         log = self.run_logs.start(run, run_ended)
+        if run.app.human_input:
+            self.forms[run.form_token] = run
         return EventStreamResponse(
-            log.follow(stop_after_first=plan.fault == "cut-after-start"),
+            log.follow(stop_after_first=plan.fault == "cut-after-start", stop_at_pause=True),
             run.app.ping_interval_s,
             stream_closed,
             ping_first=self.state.version == "1.x",
@@ -384,12 +388,47 @@ class ServiceApi:
             events_to_send = alone()
         else:
             snapshot = request.query_params.get("include_state_snapshot") == "true"
-            events_to_send = log.follow(0 if snapshot else len(log.events))
+            until_pause = snapshot and request.query_params.get("continue_on_pause") != "true"
+            events_to_send = log.follow(0 if snapshot else len(log.events), stop_at_pause=until_pause)
         return EventStreamResponse(
             events_to_send, app.ping_interval_s,
             lambda disconnected: self.state.end_call(record, 200, "disconnected" if disconnected else "ok"),
             ping_first=not log.ended,
         )
+
+    # human input (1.x): a paused run's form
+
+    def _form_run(self, app: EmulatedApp, token: str) -> Run:
+        run = self.forms.get(token)
+        if run is None or run.app.name != app.name:
+            raise wire.error(404, "not_found", "Form not found")
+        if run.form_answered:
+            raise wire.error(412, "human_input_form_submitted",
+                             f"This form has already been submitted by another user, form_id={run.form_id}")
+        if time.time() >= run.form_expires_at:
+            raise wire.error(412, "human_input_form_expired", f"This form has expired, form_id={run.form_id}")
+        return run
+
+    async def form_get(self, request: Request, record: CallRecord) -> Response:
+        app = self._authenticate(request, record)
+        form = self._form_run(app, request.path_params["token"]).form()
+        return wire.json_response({"form_content": form["form_content"], "inputs": form["inputs"],
+                                   "resolved_default_values": {}, "user_actions": form["actions"],
+                                   "expiration_time": form["expiration_time"]})
+
+    async def form_submit(self, request: Request, record: CallRecord) -> Response:
+        """Accepted once, by the run's own user: the run resumes."""
+        app = self._authenticate(request, record)
+        body = await self._json_body(request, record)
+        self._user(body)
+        run = self._form_run(app, request.path_params["token"])
+        inputs, action = body.get("inputs") or {}, str(body.get("action") or "")
+        if action not in HUMAN_INPUT_ACTIONS:
+            raise wire.error(400, "invalid_form_data", f"Invalid action: {action}")
+        if not isinstance(inputs, dict) or "comment" not in inputs:
+            raise wire.error(400, "invalid_form_data", "Missing required inputs: comment")
+        run.submit_form(inputs, action)
+        return wire.json_response({})
 
     # stop, parameters, info
 

@@ -45,15 +45,18 @@ class RunLog:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def follow(self, start: int = 0, *, stop_after_first: bool = False) -> AsyncGenerator[Event, None]:
+    async def follow(self, start: int = 0, *, stop_after_first: bool = False,
+                     stop_at_pause: bool = False) -> AsyncGenerator[Event, None]:
         """The events from index `start` on, waiting for new ones until the run ends (`stop_after_first`: only
-        the first one, for a stream the network cuts right after `workflow_started`)."""
+        the first one, for a stream the network cuts right after `workflow_started`; `stop_at_pause`: up to a
+        `workflow_paused`, where Dify closes the run's own stream and a snapshot reattach)."""
         index = start
         while True:
             while index < len(self.events):
-                yield self.events[index]
+                event = self.events[index]
+                yield event
                 index += 1
-                if stop_after_first:
+                if stop_after_first or (stop_at_pause and event["event"] == "workflow_paused"):
                     return
             if self.ended:
                 return
@@ -70,7 +73,8 @@ class RunLog:
 
     def status(self) -> str:
         if not self.ended:
-            return "running"
+            phases = [e["event"] for e in self.events if e["event"] in ("workflow_started", "workflow_paused")]
+            return "paused" if phases and phases[-1] == "workflow_paused" else "running"
         finished = next((e for e in reversed(self.events) if e["event"] == "workflow_finished"), None)
         return finished["data"]["status"] if finished else "failed"
 

@@ -14,6 +14,8 @@ pipeline does. `Run.outcome` tells the call record how the run ended.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -27,6 +29,8 @@ from difyq.worker.dify.emulator.state import RunControl
 
 Event = dict[str, Any]
 _STOPPED_BY_USER = "Stopped by user."
+HUMAN_INPUT_TIMED_OUT = "Human input form timed out."  # not captured: what a real 1.x says is unverified
+HUMAN_INPUT_ACTIONS = ("approve", "reject")
 _MODEL = {"model_provider": "openai_api_compatible", "model_name": "fake-gpt"}
 
 
@@ -84,6 +88,46 @@ class Run:
         self.outcome = "cut"
         self.answer_complete = False
         self.error_code: str | None = None
+        self.form_token = secrets.token_urlsafe(16)
+        self.form_id = _uuid()
+        self.form_expires_at = int(time.time() + app.form_timeout_s)
+        self._form_answer: asyncio.Future[tuple[dict[str, Any], str]] | None = None
+
+    def form(self) -> Event:
+        """The `human_input_required` data of the run's form (also what `GET /form/human_input/{token}` shows)."""
+        return {
+            "form_id": self.form_id, "node_id": "human-input", "node_title": "Human Input",
+            "form_content": f"Please review: {self.prompt}\n\n{{{{#$output.comment#}}}}",
+            "inputs": [{"output_variable_name": "comment", "type": "paragraph",
+                        "default": {"type": "constant", "selector": [], "value": ""}}],
+            "actions": [{"id": action, "title": action.title(), "button_style": "primary" if index == 0
+                         else "default"} for index, action in enumerate(HUMAN_INPUT_ACTIONS)],
+            "display_in_ui": True, "form_token": self.form_token, "resolved_default_values": {},
+            "expiration_time": self.form_expires_at,
+        }
+
+    @property
+    def form_answered(self) -> bool:
+        return self._form_answer is not None and self._form_answer.done()
+
+    def submit_form(self, inputs: dict[str, Any], action: str) -> None:
+        """The form's answer: the paused run resumes (accepted once; the route checks first)."""
+        if self._form_answer is None:
+            self._form_answer = asyncio.get_running_loop().create_future()
+        if not self._form_answer.done():
+            self._form_answer.set_result((inputs, action))
+
+    async def await_form(self) -> tuple[dict[str, Any], str] | None:
+        """The form's answer, or None when it expired first or the run was stopped."""
+        if self._form_answer is None:
+            self._form_answer = asyncio.get_running_loop().create_future()
+        stopped = asyncio.ensure_future(self.control.stopped.wait())
+        try:
+            done, _ = await asyncio.wait({self._form_answer, stopped}, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(self.form_expires_at - time.time(), 0.0))
+        finally:
+            stopped.cancel()
+        return self._form_answer.result() if self._form_answer in done else None
 
     @property
     def prompt(self) -> str:
@@ -162,6 +206,8 @@ async def _tokens(run: Run) -> AsyncIterator[str]:
 
 def events(run: Run) -> AsyncGenerator[Event, None]:
     """The run's events for its app's mode."""
+    if run.app.mode == "workflow" and run.app.human_input:
+        return _human_input_events(run)
     if run.app.mode == "workflow" or run.app.mode == "advanced-chat":
         return _workflow_events(run)
     if run.app.mode == "agent":
@@ -340,11 +386,8 @@ def _workflow_finished(run: Run, status: str, *, outputs: Any, error: str | None
     )
 
 
-async def _workflow_events(run: Run) -> AsyncGenerator[Event, None]:
-    """Workflow and chatflow runs: the graph start → LLM → end/answer, as the 0.15.8 captures show it."""
-    chatflow = run.app.mode == "advanced-chat"
-    system_inputs = _system_inputs(run)
-    yield run.workflow_chunk(
+def _workflow_started(run: Run, system_inputs: dict[str, Any], reason: str = "initial") -> Event:
+    return run.workflow_chunk(
         "workflow_started",
         {
             "id": run.workflow_run_id,
@@ -352,9 +395,61 @@ async def _workflow_events(run: Run) -> AsyncGenerator[Event, None]:
             "sequence_number": run.sequence_number,
             "inputs": system_inputs,
             "created_at": run.created_at,
-            **({"reason": "initial"} if run.dify_version == "1.x" else {}),
+            **({"reason": reason} if run.dify_version == "1.x" else {}),
         },
     )
+
+
+async def _human_input_events(run: Run) -> AsyncGenerator[Event, None]:
+    """A workflow app with `human_input` (Dify 1.13+, as the H1 captures show it): start → Human Input (a
+    `comment` field, actions approve and reject) → end. The run pauses at the form and resumes when it is
+    submitted (`Run.submit_form`); a form not answered within the app's `form_timeout_s` ends the run failed."""
+    system_inputs = _system_inputs(run)
+    yield _workflow_started(run, system_inputs)
+    start = _Node(run, "start", "Start", 1, None)
+    yield start.started_event()
+    yield start.finished_event(inputs=system_inputs, outputs=system_inputs)
+    node = _Node(run, "human-input", "Human Input", 2, "start")
+    yield node.started_event()
+    form = run.form()
+    yield run.workflow_chunk("human_input_required", form)
+    reason = {"TYPE": "human_input_required", **{key: form[key] for key in (
+        "form_id", "form_content", "inputs", "actions", "node_id", "node_title", "resolved_default_values",
+        "form_token", "expiration_time")}}
+    yield run.workflow_chunk("workflow_paused", {
+        "workflow_run_id": run.workflow_run_id, "paused_nodes": [node.node_type], "outputs": {}, "reasons": [reason],
+        "status": "paused", "created_at": run.created_at, "elapsed_time": run.elapsed(), "total_tokens": 0,
+        "total_steps": 2})
+    answer = await run.await_form()
+    if answer is None:
+        if run.stopped:
+            run.outcome = "stopped"
+            return
+        yield run.workflow_chunk("human_input_form_timeout", {
+            "node_id": node.node_type, "node_title": "Human Input", "expiration_time": form["expiration_time"]})
+        yield _workflow_finished(run, "failed", outputs=None, error=HUMAN_INPUT_TIMED_OUT, tokens=0, steps=2)
+        return
+    inputs, action = answer
+    comment = str(inputs.get("comment", ""))
+    yield _workflow_started(run, system_inputs, "resumption")
+    yield node.started_event()
+    yield run.workflow_chunk("human_input_form_filled", {
+        "node_id": node.node_type, "node_title": "Human Input", "rendered_content": f"Please review\n\n{comment}",
+        "action_id": action, "action_text": action.title()})
+    yield run.workflow_chunk("text_chunk", {"text": comment, "from_variable_selector": ["human-input", "comment"]})
+    yield node.finished_event(inputs={"comment": comment}, outputs={"comment": comment, "__action_id": action})
+    end = _Node(run, "end", f"End {action}", 3, "human-input")
+    outputs = {"comment": comment, "action": action}
+    yield end.started_event()
+    yield end.finished_event(inputs=outputs, outputs=outputs)
+    yield _workflow_finished(run, "succeeded", outputs=outputs, error=None, tokens=0, steps=4)
+
+
+async def _workflow_events(run: Run) -> AsyncGenerator[Event, None]:
+    """Workflow and chatflow runs: the graph start → LLM → end/answer, as the 0.15.8 captures show it."""
+    chatflow = run.app.mode == "advanced-chat"
+    system_inputs = _system_inputs(run)
+    yield _workflow_started(run, system_inputs)
     start = _Node(run, "start", "Start", 1, None)
     yield start.started_event()
     yield start.finished_event(inputs=system_inputs, outputs=system_inputs)

@@ -1,0 +1,17 @@
+-- Pause a running job whose Dify run waits for human input: paused with its pause block (the run and its forms),
+-- no lease (no worker holds it, so no sweep reads it as lost), and a delayed message for when its forms expire,
+-- so that the job then ends as Dify ended the run (a submitted form requeues it at once, see requeue.lua).
+-- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies
+-- ARGV: 1 pause block json, 2 redis message id, 3 message body, 4 check at (unix seconds)
+local status = redis.call('HGET', KEYS[1], FIELD.status)
+if status ~= STATUS.running then
+  return status or 'missing'
+end
+if redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
+  return 'cancel'
+end
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.paused, FIELD.pause, ARGV[1], FIELD.next_attempt_at, ARGV[4])
+redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], FIELD.id))
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+redis.call('RPUSH', KEYS[3], ARGV[2])
+return STATUS.paused
