@@ -604,3 +604,37 @@ def test_the_chart_schema_of_the_config_is_generated_from_the_model() -> None:
     assert chart["properties"]["config"] == config_schema(), (
         f"{relative(CHART_SCHEMA)}'s `config` differs from the config model in worker/config.py: run "
         "`.venv/bin/python -m tests.support.config_schema --write` and commit the result")
+
+
+def _keys_redis_keys_builds(namespace: str) -> list[str]:
+    """Every key ``worker/redis_keys.py`` can name (each method called with placeholder arguments, with and without
+    its optional ones), and a limiter's keys."""
+    import inspect
+
+    from difyq.worker.jobs.messages import JOBS_QUEUE
+    from difyq.worker.limits.keys import KeyNames
+    from difyq.worker.redis_keys import RedisKeys
+
+    def argument(parameter: inspect.Parameter) -> str:
+        return JOBS_QUEUE if parameter.name == "queue_name" else f"{parameter.name}0"
+
+    names = RedisKeys(namespace)
+    built: list[str] = list(KeyNames.of(namespace, "kid0").acquire())
+    for name, member in inspect.getmembers(RedisKeys):
+        if name.startswith("_"):
+            continue
+        if isinstance(member, property):
+            built.append(getattr(names, name))
+        elif inspect.isfunction(member):
+            parameters = list(inspect.signature(member).parameters.values())[1:]
+            required = [argument(p) for p in parameters if p.default is inspect.Parameter.empty]
+            built += [member(names, *required), member(names, *map(argument, parameters))]
+    return sorted({key for key in built if isinstance(key, str)})
+
+
+def test_every_key_redis_keys_names_is_in_the_architecture_doc() -> None:
+    keys = _keys_redis_keys_builds("ns0")
+    assert len(keys) > 15, keys
+    undocumented = undocumented_redis_keys(keys, "ns0")
+    assert not undocumented, (f"{relative(ARCHITECTURE)}: worker/redis_keys.py names keys the Redis table does not "
+                              "describe (`{ns}` = ns0); add a row for each:\n" + "\n".join(undocumented))

@@ -64,14 +64,27 @@ def metrics_table_problems(scrapes: dict[str, str]) -> list[str]:
     return problems
 
 
+def _placeholder(name: str) -> str:
+    """What a ``{placeholder}`` of the Redis table stands for: a queue is one of difyq's queues (or its delay or
+    dead-letter queue), a scope or a fire time may hold colons, anything else is one key segment."""
+    from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+
+    if name == "ns":
+        return "(?P<ns>[^:]+)"
+    if name == "queue":
+        return f"(?:{JOBS_QUEUE}|{CALLBACKS_QUEUE})(?:\\.DQ|\\.XQ)?"
+    if name in ("scope", "time"):
+        return ".+"
+    return "[^:]+"
+
+
 def redis_key_patterns() -> list[tuple[str, re.Pattern[str]]]:
-    """docs/architecture.md's Redis keys as (pattern, regex): `{ns}` is the namespace, any other `{…}` one or
-    more characters."""
+    """docs/architecture.md's Redis keys as (pattern, regex); see ``_placeholder`` for the ``{…}`` parts."""
     found = []
     for row in table(ARCHITECTURE, *REDIS_COLUMNS).rows:
         pattern = unquote(row[0])
-        regex = re.escape(pattern).replace(re.escape("{ns}"), "(?P<ns>[^:]+)")
-        regex = re.sub(r"\\\{[^}]*\\\}", ".+", regex)
+        parts = re.split(r"\{([^}]*)\}", pattern)
+        regex = "".join(_placeholder(part) if index % 2 else re.escape(part) for index, part in enumerate(parts))
         found.append((pattern, re.compile(regex)))
     return found
 
