@@ -29,7 +29,8 @@ def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace:
         if not page.next_cursor:
             break
         cursor = page.next_cursor
-    assert seen == sorted(made, reverse=True)
+    newest_first = [member.decode() for member in runtime.store.redis.zrevrange(runtime.store.index_key(), 0, -1)]
+    assert sorted(seen) == sorted(made) and seen == newest_first  # each once, in the index's order (ties too)
 
     report = query.page(JobFilter(app="report"))
     assert {row["app"] for row in report.rows} == {"report"} and len(report.rows) == 8
