@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,11 @@ class Block:
 
 
 def blocks(path: Path, language: str) -> list[Block]:
+    """The fenced blocks of ``language``, indented ones (inside a list item) included, dedented."""
     text = path.read_text(encoding="utf-8")
-    return [Block(path, text[:match.start()].count("\n") + 1, language, match.group(1))
-            for match in re.finditer(rf"^```{re.escape(language)}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)]
+    pattern = rf"^([ \t]*)```{re.escape(language)}\n(.*?)^\1```"
+    return [Block(path, text[:match.start()].count("\n") + 1, language, textwrap.dedent(match.group(2)))
+            for match in re.finditer(pattern, text, flags=re.MULTILINE | re.DOTALL)]
 
 
 @dataclass(frozen=True)
