@@ -640,3 +640,30 @@ def test_every_key_redis_keys_names_is_in_the_architecture_doc() -> None:
     undocumented = undocumented_redis_keys(keys, "ns0")
     assert not undocumented, (f"{relative(ARCHITECTURE)}: worker/redis_keys.py names keys the Redis table does not "
                               "describe (`{ns}` = ns0); add a row for each:\n" + "\n".join(undocumented))
+
+
+def test_every_difyq_command_the_docs_name_is_accepted_by_the_cli() -> None:
+    """`difyq emulator --dify-version 1.x`, `difyq dlq replay ID`: each command written in the docs (synopses with
+    `[…]` aside, which the CLI table test reads) parses with the real argument parser; capitals stand for values."""
+    import contextlib
+    import io
+    import shlex
+
+    from difyq.producers.cli import build_parser
+
+    known = set(_parser_commands())
+    refused = []
+    for path in documentation_files():
+        text = path.read_text(encoding="utf-8")
+        commands = [span for span in code_spans(text) if span.startswith("difyq ") and not re.search(r"[\[<]", span)
+                    and span not in known]  # naming a command (`difyq enqueue`) needs none of its options
+        commands += [line for block in blocks(path, "sh") for line in block.text.splitlines()
+                     if line.startswith("difyq ")]
+        for command in commands:
+            words = [re.sub(r"^[A-Z]+$", "x", word) for word in shlex.split(command.partition("#")[0])[1:]]
+            with contextlib.redirect_stderr(io.StringIO()) as error:
+                try:
+                    build_parser().parse_args(words)
+                except SystemExit:
+                    refused.append(f"{relative(path)}: `{command}`: {error.getvalue().strip().splitlines()[-1]}")
+    assert not refused, "commands in the docs that `difyq` refuses:\n" + "\n".join(refused)
