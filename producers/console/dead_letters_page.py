@@ -15,6 +15,7 @@ from difyq.producers.console.web import ConsoleWeb, Refused
 from difyq.worker.dead_letters import DeadLetters
 
 KINDS = ("callback", "job")
+LISTED = 1000  # the newest dead letters of each kind the page reads, groups and replays at a time
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,8 @@ class LetterFilter:
 
 
 def letters(dead: DeadLetters) -> list[dict[str, Any]]:
-    """Every dead letter as one row: kind, job, app, error code and message."""
-    listed = dead.list()
+    """The newest LISTED dead letters of each kind as rows: kind, job, app, error code and message."""
+    listed = dead.list(LISTED)
     rows = []
     for entry in listed["callbacks"]:
         callback = entry["callback"]
@@ -74,7 +75,8 @@ def build_dead_letters_router(web: ConsoleWeb) -> APIRouter:
             groups[letter["kind"], letter["code"]] = groups.get((letter["kind"], letter["code"]), 0) + 1
         shown = [letter for letter in every if wanted.matches(letter)]
         return web.render(request, "dead_letters.html", operator, letters=shown, groups=sorted(groups.items()),
-                          wanted=wanted, total=len(every), apps=sorted(web.runtime.config.apps), kinds=KINDS,
+                          wanted=wanted, counts=dead.counts(), listed=LISTED, apps=sorted(web.runtime.config.apps),
+                          kinds=KINDS,
                           confirm=request.query_params.get("confirm") == "1")
 
     @router.post("/dead-letters/replay")
