@@ -22,6 +22,7 @@ from tests.support.processes import wait_for_port
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow
 def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DIFYQ_CONFIG")}
     metrics_port = free_port()

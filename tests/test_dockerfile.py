@@ -266,6 +266,7 @@ def _dependency_site(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_final_stage_install_of_the_wheel_gives_a_working_difyq(built_wheel: Path, tmp_path: Path) -> None:
     """The final stage's ``pip install`` line, run as written against the built wheel in a fresh venv."""

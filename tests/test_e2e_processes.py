@@ -43,6 +43,7 @@ def wait_for_status(base: str, job_id: str, timeout: float = 30.0) -> dict:
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
+@pytest.mark.slow
 def test_submit_run_callback_and_read_back(tmp_path: Path, redis_url: str, namespace: str) -> None:
     emulator_port = free_port()
     with difyq_processes(tmp_path, redis_url, {}) as bootstrap:

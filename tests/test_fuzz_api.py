@@ -103,6 +103,7 @@ def fuzz_test(operation: schemathesis.APIOperation, mode: GenerationMode, job_id
     return fuzz
 
 
+@pytest.mark.slow
 def test_every_operation_answers_as_documented(api: tuple[str, list[str]]) -> None:
     base, job_ids = api
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json", config=FUZZ_CONFIG)

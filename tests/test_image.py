@@ -27,7 +27,7 @@ from tests.support.container_engine import ContainersUnavailable, ensure_base, p
 from tests.support.processes import wait_for_port
 from tests.support.stack import CLIENT_TOKEN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_UID = 10001

@@ -49,7 +49,7 @@ from tests.support.prometheus_tools import (
 )
 from tests.support.receiver import CallbackReceiver
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # Secrets of this run: distinctive, so that finding one in a log or a scrape cannot be a coincidence.
 SUPPORT_KEY = "app-obs-support-3f9c1a7e5d"

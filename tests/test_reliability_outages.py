@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 import requests
 
 from difyq.producers.submission import JobSubmission
@@ -116,6 +117,7 @@ def redis_hangs(namespace: str) -> dict[str, Any]:
         server.stop()
 
 
+@pytest.mark.slow
 def test_dify_callback_receiver_and_redis_outages_each_recover(redis_url: str, namespace: str) -> None:
     with start_emulator([FLAKY, STEADY]) as emulator:
         apps = {app.name: {"api_key": app.key, "mode": "chat", "base_url": emulator.base_url}

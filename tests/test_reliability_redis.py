@@ -179,6 +179,7 @@ class Submitter:
         return sum(1 for sent, answered, _, _ in list(self.answers) if answered == status and sent >= since)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_job(
     tmp_path: Path, namespace: str, emulator

@@ -152,6 +152,7 @@ def dead_consumer_jobs(runtime: Runtime, killed_at_ms: int) -> set[str]:
     return held
 
 
+@pytest.mark.slow
 def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
     tmp_path: Path, redis_url: str, namespace: str, emulator
 ) -> None:
@@ -281,6 +282,7 @@ def test_sigterm_finishes_running_jobs_and_hands_back_the_rest_without_a_duplica
     assert not any("worker_losses" in r for r in settled.values())
 
 
+@pytest.mark.slow
 def test_a_job_that_kills_every_worker_running_it_fails_after_a_bounded_number_of_crashes(
     tmp_path: Path, redis_url: str, namespace: str, emulator
 ) -> None:

@@ -16,7 +16,7 @@ from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 LEASE_S = 15.0
 
