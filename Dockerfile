@@ -18,9 +18,9 @@ COPY pyproject.toml README.md ./
 COPY worker/ worker/
 COPY producers/ producers/
 # The difyq wheel, built exactly as tests/test_dockerfile.py builds it; then the wheels of its dependencies and of
-# the gevent extra (`difyq worker --gevent`).
+# the gevent extra (`difyq worker --gevent`) and the otel extra (OpenTelemetry traces, off unless OTEL_* asks).
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && pip wheel --no-cache-dir --wheel-dir /wheels '.[gevent]'
+ && pip wheel --no-cache-dir --wheel-dir /wheels '.[gevent,otel]'
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG PYTHON_IMAGE
@@ -46,7 +46,7 @@ RUN groupadd --system --gid 10001 difyq \
 # from the build stage, so no wheel file stays in a layer. With --no-index, `difyq` can only be the one wheel there.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels 'difyq[gevent]'
+    pip install --no-cache-dir --no-index --find-links=/wheels 'difyq[gevent,otel]'
 WORKDIR /srv/difyq
 USER 10001:10001
 EXPOSE 8080 9191 9192

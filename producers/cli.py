@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from difyq.worker import otel
 from difyq.worker.config import ConfigError, load_config
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
 from difyq.worker.logs import configure_logging
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.command)
+    otel.configure(args.command)
     return int(args.func(args) or 0)
 
 

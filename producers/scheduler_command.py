@@ -15,6 +15,7 @@ from prometheus_client import MetricsHandler
 from difyq.producers.scheduler import SubmitFire, run_scheduler
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
+from difyq.worker import tracing
 from difyq.worker.config import ScheduleConfig
 from difyq.worker.runtime import Runtime
 
@@ -41,7 +42,9 @@ def submit_fire_for(runtime: Runtime) -> SubmitFire:
     def submit_fire(name: str, schedule: ScheduleConfig, fire_time: datetime, rendered: dict[str, Any]) -> object:
         fields = {name: value for name, value in rendered.items() if name != "schedule"}
         fields.update({name: rendered[name] or None for name in ("user", "conversation_id", "callback_url")})
-        return submit(runtime, JobSubmission.model_validate(fields), source="schedule", scope="schedule")
+        with tracing.span("difyq.schedule_fire", attributes={"difyq.schedule": name,
+                                                             "difyq.schedule.fire_time": fire_time.isoformat()}):
+            return submit(runtime, JobSubmission.model_validate(fields), source="schedule", scope="schedule")
 
     return submit_fire
 

@@ -16,9 +16,10 @@ import redis.asyncio
 import structlog
 
 from difyq.producers.submission import JobSubmission
-from difyq.worker import metrics
+from difyq.worker import metrics, tracing
 from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
-from difyq.worker.jobs.model import NewJob
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.model import NewJob, job_id_of_trace
 from difyq.worker.jobs.store import SubmitOutcome
 from difyq.worker.runtime import Runtime
 
@@ -50,7 +51,8 @@ def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: s
     callback_url = new.callback_url
     if callback_url:
         _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
-    return _counted(runtime.store.submit(new), new.app, source)
+    with tracing.submitting(_span_attributes(new.app, source)) as span:
+        return _counted(runtime.store.submit(_traced(new, span)), new.app, source, span)
 
 
 async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission: JobSubmission, *, source: str,
@@ -68,7 +70,9 @@ async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission
             addresses = await _resolve_on_loop(lookup.host, lookup.port)
             blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
         _reject_blocked(blocked)
-    return _counted(await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(client, new)), app, source)
+    with tracing.submitting(_span_attributes(app, source)) as span:
+        stored = runtime.store.submit_async(client, _traced(new, span))
+        return _counted(await _within(REDIS_REPLY_TIMEOUT_S, stored), app, source, span)
 
 
 async def _within(seconds: float, call: Awaitable[T]) -> T:
@@ -110,6 +114,20 @@ async def _within(seconds: float, call: Awaitable[T]) -> T:
                 next_quarter.cancel()
     except TimeoutError:
         raise redis.TimeoutError(f"no answer from Redis in {seconds:g} s") from None
+
+
+def _traced(new: NewJob, span: tracing.Span) -> NewJob:
+    """The job with its trace context, the submit span's; in a trace difyq started (one per request, delivery,
+    fire or enqueue, each submitting one job), the job id is the trace id, so either finds the other."""
+    trace_id = tracing.trace_id_of(span.traceparent)
+    job_id = job_id_of_trace(trace_id) if trace_id and tracing.trace_started_here() else None
+    return new.model_copy(update={"traceparent": span.traceparent, "id": job_id})
+
+
+def _span_attributes(app: str, source: str) -> dict[str, str]:
+    """The submit span's attributes: the app, the producer, and the queue the job's message goes to."""
+    return {"difyq.app": app, "difyq.source": source, "messaging.system": "dramatiq",
+            "messaging.destination.name": JOBS_QUEUE, "messaging.operation.type": "send"}
 
 
 def _new_job(runtime: Runtime, new: NewJob) -> NewJob:
@@ -178,12 +196,15 @@ def _reject_blocked(blocked: str | None) -> None:
         raise SubmitRejected(422, "callback_url_blocked", blocked, "callback_url")
 
 
-def _counted(outcome: SubmitOutcome, app: str, source: str) -> SubmitOutcome:
-    """Count and log a submit's outcome."""
+def _counted(outcome: SubmitOutcome, app: str, source: str, span: tracing.Span) -> SubmitOutcome:
+    """Count, log and trace a submit's outcome (a replay names the job, and the trace, its key already named)."""
+    job_id, trace_id = outcome.job["id"], outcome.job.get("trace_id")
+    span.set("difyq.job.id", job_id)
+    span.set("difyq.deduplicated", not outcome.created)
     if outcome.created:
         metrics.jobs_submitted.labels(app=app, source=source).inc()
-        log.info("job_submitted", job_id=outcome.job["id"], app=app, source=source)
+        log.info("job_submitted", job_id=job_id, app=app, source=source, trace_id=trace_id)
     else:
         metrics.jobs_deduplicated.labels(app=app, source=source).inc()
-        log.info("job_deduplicated", job_id=outcome.job["id"], app=app, source=source)
+        log.info("job_deduplicated", job_id=job_id, app=app, source=source, trace_id=trace_id)
     return outcome

@@ -20,6 +20,7 @@ from difyq.worker.runner import JobRunner
 from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
 from difyq.worker.throttle import Throttle
+from difyq.worker.trace_middleware import TraceContextMiddleware
 
 log = structlog.get_logger("difyq.worker")
 
@@ -65,6 +66,7 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
     broker = build_broker(runtime, leases.lease_s)
     task_ids = TaskIdRecorder(runtime.store)
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases, task_ids))
+    broker.add_middleware(TraceContextMiddleware())
     for middleware in extra_middleware or []:
         broker.add_middleware(middleware)
     throttle = Throttle(runtime, slot_lease_s=2 * leases.lease_s)

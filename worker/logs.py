@@ -11,7 +11,9 @@ from typing import Any
 
 import structlog
 
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.json_codec import dumps
+from difyq.worker.tracing import log_context
 
 _SECRET_KEYS = re.compile(r"(api_key|token|secret|authorization|password)", re.IGNORECASE)
 _SECRET_VALUES = re.compile(r"(app-[A-Za-z0-9]{8,}|whsec_[A-Za-z0-9+/=]{8,}|Bearer\s+\S+)")
@@ -84,8 +86,9 @@ def configure_logging(process: str) -> None:
 
 
 def job_log_context(job_id: str, fields: dict[str, str]) -> dict[str, str]:
-    """The fields every log line about a job carries: its id, app and the request id it was submitted with."""
+    """The fields every log line about a job carries: its id, app, the request id it was submitted with and its
+    trace id."""
     context = {"job_id": job_id, "app": fields.get("app", "")}
     if fields.get("request_id"):
         context["request_id"] = fields["request_id"]
-    return context
+    return context | log_context(fields.get(JobField.TRACEPARENT))

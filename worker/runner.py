@@ -13,14 +13,15 @@ from typing import Any
 import redis
 import structlog
 
-from difyq.worker import metrics
+from difyq.worker import metrics, tracing
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.dify.models import PausedRun
+from difyq.worker.genai_span import dify_call
 from difyq.worker.jobs.messages import run_hints
-from difyq.worker.jobs.model import trace_id_for
+from difyq.worker.jobs.model import job_trace_id
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
@@ -131,7 +132,8 @@ class JobRunner:
                 return
             fields, outcome = started
             try:
-                with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
+                with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)),
+                      tracing.job(fields.get(JobField.TRACEPARENT))):
                     self._conclude(job_id, fields, outcome)
             finally:
                 self.leases.untrack(job_id)
@@ -148,7 +150,8 @@ class JobRunner:
                 return None
             self.leases.track(job_id)
             try:
-                with structlog.contextvars.bound_contextvars(**job_log_context(job_id, start.fields)):
+                with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, start.fields)),
+                      tracing.attempt(job_id, start.fields, start.attempt)):
                     return start.fields, self._call(job_id, start.fields, start, slot)
             except BaseException:
                 self.leases.untrack(job_id)
@@ -185,10 +188,12 @@ class JobRunner:
         client, request = self._client(app_name, app), self._dify_request(fields, app)
         pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
-            if pause is None:
-                result = self._stream(job_id, client, app, request)
-            else:  # the run paused for human input: follow it (resumed, or ended at the form's expiry)
-                result = client.resume(app.mode, pause["workflow_run_id"], request, paused_run(pause))
+            with dify_call(app_name, app.mode, self.config.app_base_url(app_name), request) as call:
+                if pause is None:
+                    result = self._stream(job_id, client, app, request)
+                else:  # the run paused for human input: follow it (resumed, or ended at the form's expiry)
+                    result = client.resume(app.mode, pause["workflow_run_id"], request, paused_run(pause))
+                call.finished(result)
         except DifyError as error:
             slot.rate_limited = error.rate_limited
             outcome = "timeout" if error.code == "timeout" else "error"
@@ -239,7 +244,7 @@ class JobRunner:
             files=request.get("files"),
             auto_generate_name=app.auto_generate_name,
             workflow_id=request.get("workflow_id") or app.workflow_id,
-            trace_id=trace_id_for(fields["id"]),
+            trace_id=job_trace_id(fields),
         )
 
     def _record_usage(self, app_name: str, result: DifyResult) -> None:

@@ -3,7 +3,6 @@ operator console."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from difyq.producers.console import install_console
 from difyq.producers.hooks import HookDeliveries, MappedJob, build_hooks_router
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
+from difyq.worker import otel
 from difyq.worker.jobs.store import SubmitOutcome
 from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import Runtime
@@ -29,14 +29,12 @@ log = structlog.get_logger("difyq.api")
 
 
 def _native_telemetry() -> dict[str, bool]:
-    """FastAPI's native OpenTelemetry (FastAPI >= 0.16x; older versions ignore the setting) looks up the global
-    providers on every request. Without the OpenTelemetry SDK installed no provider can record anything, so turn
-    it off then and save that lookup; with the SDK, keep FastAPI's defaults."""
-    try:
-        sdk = importlib.util.find_spec("opentelemetry.sdk")
-    except ModuleNotFoundError:
-        sdk = None
-    return {} if sdk is not None else {"tracing": False, "metrics": False, "logs": False}
+    """FastAPI's native OpenTelemetry (FastAPI >= 0.16x; older versions ignore the setting) makes the request's
+    server span, the parent of a job's submit span, when difyq records traces (``difyq.worker.otel``); its
+    metrics and logs stay off (difyq has its own), as does all of it when traces are off."""
+    if otel.recorder() is None:
+        return {"tracing": False, "metrics": False, "logs": False}
+    return {"metrics": False, "logs": False, "operation_spans": False}
 
 
 def create_app(runtime: Runtime) -> FastAPI:

@@ -1,6 +1,6 @@
 """RequestContext: a pure ASGI middleware (no BaseHTTPMiddleware task hop per request) that gives every request
-an id (``X-Request-ID`` in and out, bound to every log line), records the HTTP metrics by route template, and
-turns an unexpected exception into the API's 500 error body."""
+an id (``X-Request-ID`` in and out, bound to every log line), hands its ``traceparent`` to the jobs it submits,
+records the HTTP metrics by route template, and turns an unexpected exception into the API's 500 error body."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from prometheus_client.metrics import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from difyq.producers.api.errors import error_response
-from difyq.worker import metrics
+from difyq.worker import metrics, tracing
 
 log = structlog.get_logger("difyq.api")
 
@@ -50,7 +50,8 @@ class RequestContext:
 
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            with tracing.IncomingTrace(_header(scope, b"traceparent")):
+                await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("request_failed", path=scope.get("path"))
             if not status["sent"]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from difyq.worker.config import Config
 from difyq.worker.jobs.callback_block import CallbackBlock
-from difyq.worker.jobs.model import CROCKFORD, iso_time
+from difyq.worker.jobs.model import iso_time, job_id_of_trace
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.json_codec import loads
@@ -79,15 +79,6 @@ def parse_cursor(cursor: str) -> tuple[int, str] | None:
     if not score.isdigit() or not job_id.startswith("job_"):
         raise ValueError(f"cursor: not a cursor this console made: {cursor!r}")
     return int(score), job_id
-
-
-def job_id_of_trace(trace_id: str) -> str:
-    """The job whose trace id (``model.trace_id_for``: the 128 bits of its ULID) this is."""
-    value, chars = int(trace_id, 16), []
-    for _ in range(26):
-        chars.append(CROCKFORD[value & 31])
-        value >>= 5
-    return "job_" + "".join(reversed(chars))
 
 
 def _text(value: Any) -> str | None:

@@ -26,6 +26,7 @@ from typing import Literal
 from urllib3 import HTTPResponse
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 
+from difyq.worker import tracing
 from difyq.worker.callbacks.signing import signature_headers
 from difyq.worker.callbacks.ssrf import BlockedDestination, Destination, UnresolvableDestination, check_destination
 from difyq.worker.callbacks.transport import PinnedTransport, post_to_destination
@@ -157,7 +158,7 @@ def deliver(
     secrets = config.signing_secrets()
     if not secrets:
         return finished("failed", error="callbacks.signing_secret is not configured; unsigned callbacks are not sent")
-    headers = signature_headers(secrets, webhook_id, clock(), body)
+    headers = signature_headers(secrets, webhook_id, clock(), body) | tracing.callback_headers()
 
     transport = PinnedTransport() if session is None else session
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from difyq.worker import tracing
 from difyq.worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
 from difyq.worker.callbacks.schedule import next_delay
 from difyq.worker.callbacks.transport import PinnedTransport
@@ -92,8 +93,12 @@ class CallbackSender:
         return self._attempt(job_id, record, CallbackBlock.of(record), release_lease=True)
 
     def _attempt(self, job_id: str, fields: dict[str, str], block: CallbackBlock, *, release_lease: bool) -> str:
-        attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job_resource(fields)), job_id, self.config,
-                          session=self._transport)
+        with tracing.callback_attempt(job_id, fields, block.attempts + 1) as span:
+            attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job_resource(fields)), job_id,
+                              self.config, session=self._transport)
+            span.set("http.response.status_code", attempt.status_code)
+            if attempt.outcome != "delivered":
+                span.fail(attempt.outcome)
         delay = None
         if attempt.outcome == "retry":
             delay = next_delay(block.attempts + 1, list(self.config.retry_schedule), attempt.retry_after_s)

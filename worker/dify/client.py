@@ -8,7 +8,7 @@ arrives (a silent peer is caught by the idle timeout, so the call ends at most `
 and, for workflow runs, `first_event_timeout` for the first event (Dify 1.x fails a streaming call with a
 missing input or an unknown conversation silently: pings and nothing else). A call is done at its terminal event.
 Once a workflow or chatflow run id is known, a stream that breaks is followed to the run's end (`follow`), so a
-cut never runs a workflow twice. Each call carries the job's trace (`trace_headers`).
+cut never runs a workflow twice. Each call carries the job's trace (`tracing.dify_headers`).
 Every failure is a `DifyError` (see `difyq.worker.dify.errors`); the API key never appears in one.
 
 Transport: plain urllib3 (requests' per-call Request/PreparedRequest, hooks and cookie jar cost CPU the worker
@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ from requests.utils import get_auth_from_url, get_environ_proxies, prepend_schem
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as TransportError
 
+from difyq.worker import tracing
 from difyq.worker.dify.aggregate import StreamAggregator
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.dify.models import CHAT_MODES, WORKFLOW_MODES, DifyRequest, DifyResult, PausedRun, Usage
@@ -156,14 +156,6 @@ def _request_body(mode: str, request: DifyRequest) -> dict[str, Any]:
     return body
 
 
-def trace_headers(trace_id: str | None) -> dict[str, str]:
-    """The headers that carry a job's trace to Dify: W3C `traceparent` (a new span id per call, sampled) and
-    `X-Trace-Id`, which Dify takes first as the external trace id of its tracing integrations."""
-    if not trace_id:
-        return {}
-    return {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", "X-Trace-Id": trace_id}
-
-
 class DifyClient:
     """Calls one Dify app with one API key. Thread- and greenlet-safe: calls share the process-wide pool, or
     `pool` when given (tests), which then serves every call whatever the environment says about proxies."""
@@ -210,7 +202,7 @@ class DifyClient:
         started = time.monotonic()
         deadline = started + self._total_timeout
         aggregator = StreamAggregator(mode, started=started, on_task_id=on_task_id)
-        headers = trace_headers(request.trace_id)
+        headers = tracing.dify_headers(request.trace_id)
         response = self._request("POST", path, _request_body(mode, request), accept="text/event-stream",
                                  headers=headers)
         try:
@@ -237,7 +229,7 @@ class DifyClient:
         started = time.monotonic()
         aggregator = StreamAggregator(mode, started=started, spent_before=paused)
         self.follow(run_id, request.user, aggregator, deadline=started + self._total_timeout,
-                    headers=trace_headers(request.trace_id), snapshot=False)
+                    headers=tracing.dify_headers(request.trace_id), snapshot=False)
         return aggregator.result()
 
     def submit_form(self, form_token: str, inputs: Mapping[str, Any], action: str, user: str, *,
@@ -246,7 +238,7 @@ class DifyClient:
         resumes. Raises `DifyError` (`invalid_form_data`, `human_input_form_submitted`, `not_found`…)."""
         response = self._request("POST", f"/form/human_input/{quote(form_token, safe='')}",
                                  {"inputs": dict(inputs), "action": action, "user": user},
-                                 accept="application/json", headers=trace_headers(trace_id))
+                                 accept="application/json", headers=tracing.dify_headers(trace_id))
         try:
             if not _is_success(response):
                 raise self._error_from(response)

@@ -16,6 +16,7 @@ from dramatiq.common import dq_name
 from dramatiq.message import Message
 
 from difyq.worker.redis_keys import RedisKeys
+from difyq.worker.tracing import message_options
 
 JOBS_QUEUE = "jobs"
 CALLBACKS_QUEUE = "callbacks"
@@ -37,7 +38,7 @@ def build_message(
 ) -> QueuedMessage:
     """A message for ``actor(job_id, **hints)`` on ``queue``, optionally delayed (Dramatiq's delay queue)."""
     redis_message_id = str(uuid.uuid4())
-    options: dict[str, object] = {"redis_message_id": redis_message_id}
+    options: dict[str, object] = {"redis_message_id": redis_message_id, **message_options()}
     queue_name = queue
     if delay_s > 0:
         queue_name = dq_name(queue)

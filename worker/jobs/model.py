@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.json_codec import loads
+from difyq.worker.tracing import trace_id_of
 
 
 class JobRequest(BaseModel):
@@ -39,6 +40,8 @@ class NewJob(BaseModel):
     idempotency_key: str | None = None
     scope: str = "anonymous"
     request_id: str | None = None
+    traceparent: str | None = None  # the job's trace context, made by the submit span (``difyq.worker.tracing``)
+    id: str | None = None  # the job id to store it under (a trace difyq started names it), else a new one
 
     def request_hash(self) -> str:
         """A digest of everything that defines the job, to tell a replay from a reused key."""
@@ -56,8 +59,8 @@ _CROCKFORD_VALUES = {char: value for value, char in enumerate(CROCKFORD)}
 
 
 def trace_id_for(job_id: str) -> str:
-    """The job's W3C trace id (32 hex digits): the 128 bits of its ULID, so the trace is known wherever the job
-    id is, and a run in Dify's tracing leads back to the job (and the other way round)."""
+    """The 128 bits of a job id (its ULID) as a W3C trace id (32 hex digits): the trace id of every job whose
+    trace difyq started (``difyq.worker.tracing``), so the trace is known wherever the job id is."""
     value = 0
     for char in job_id.removeprefix("job_").upper():
         value = value * 32 + _CROCKFORD_VALUES.get(char, 0)
@@ -76,6 +79,21 @@ def pending_form(pause: dict[str, Any] | None) -> dict[str, Any] | None:
             "node_title": form.get("node_title"), "content": form.get("form_content"),
             "fields": form.get("inputs") or [], "actions": form.get("actions") or [],
             "expires_at": iso_time(expiry) if isinstance(expiry, int | float) else None}
+
+
+def job_id_of_trace(trace_id: str) -> str:
+    """The job id whose 128 bits are ``trace_id`` (the inverse of ``trace_id_for``)."""
+    value, chars = int(trace_id, 16), []
+    for _ in range(26):
+        chars.append(CROCKFORD[value & 31])
+        value >>= 5
+    return "job_" + "".join(reversed(chars))
+
+
+def job_trace_id(fields: dict[str, str]) -> str:
+    """The job's W3C trace id: its stored trace context's (a caller's trace, or one difyq started, whose id is
+    the job id's bits), else, for a record stored without one, the job id's bits."""
+    return trace_id_of(fields.get(JobField.TRACEPARENT)) or trace_id_for(fields[JobField.ID])
 
 
 def iso_time(epoch: str | float | None) -> str | None:
@@ -112,7 +130,7 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "callback": {"url": fields.get(JobField.CALLBACK_URL) or None, "status": callback.status,
                      "attempts": callback.attempts, "last_status_code": callback.last_status_code,
                      "next_attempt_at": iso_time(callback.next_attempt_at)},
-        "trace_id": trace_id_for(fields[JobField.ID]),
+        "trace_id": job_trace_id(fields),
         "form": (pending_form(_json_field(fields, JobField.PAUSE)) if fields[JobField.STATUS] == JobStatus.PAUSED
                  else None),
     }

@@ -48,6 +48,7 @@ class JobField(StrEnum):
     DEFERRALS = "deferrals"
     WORKER_LOSSES = "worker_losses"
     PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
+    TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)
 
 
 MAX_ATTEMPT_ERRORS = 20

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,23 +14,19 @@ import redis.asyncio
 from difyq.worker.config import JobsConfig
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
-from difyq.worker.jobs.model import CROCKFORD, NewJob, job_resource
+from difyq.worker.jobs.model import NewJob, job_id_of_trace, job_resource
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
+from difyq.worker.tracing import new_trace_id
 
 _LIST_FIELDS = ("id", "app", "source", "status")
 
 
 def new_job_id() -> str:
     """``job_`` + a ULID: 48 bits of milliseconds then 80 random bits, Crockford base32, sortable by time."""
-    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
-    chars = []
-    for _ in range(26):
-        chars.append(CROCKFORD[value & 31])
-        value >>= 5
-    return "job_" + "".join(reversed(chars))
+    return job_id_of_trace(new_trace_id())
 
 
 # With redis.durable_submit a submit waits, at most this long, until this many replicas hold what it wrote.
@@ -135,7 +130,7 @@ class JobStore:
 
     def submit_call(self, new: NewJob) -> SubmitCall:
         """The submit.lua call that creates ``new`` (a fresh id and timestamp), without running it."""
-        job_id = new_job_id()
+        job_id = new.id or new_job_id()
         now = time.time()
         request_hash = new.request_hash()
         fields: dict[str, str] = {
@@ -150,6 +145,7 @@ class JobStore:
             "attempts": "0",
             "request": new.request.model_dump_json(),
             "request_id": new.request_id or "",
+            JobField.TRACEPARENT: new.traceparent or "",
         }
         if new.callback_url:
             fields["callback_url"] = new.callback_url
