@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from difyq.producers.api.errors import error_responses, install_error_handlers
 from difyq.producers.api.jobs import build_jobs_router
 from difyq.producers.api.middleware import RequestContext
+from difyq.producers.api.openapi import install_openapi
 from difyq.producers.console import install_console
 from difyq.producers.hooks import HookDeliveries, MappedJob, build_hooks_router
 from difyq.producers.submission import JobSubmission
@@ -77,4 +78,5 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(build_hooks_router(lambda: runtime.config, submit_hook,
                                           HookDeliveries(runtime.redis, runtime.namespace)))
     install_console(app, runtime)
+    install_openapi(app)
     return app
