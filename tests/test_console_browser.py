@@ -119,6 +119,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
     assert "app-console-key" not in page and OPERATOR_TOKEN not in page
     assert text_of(stack.browser, By.ID, "trace-id") == trace_id_for(job_id)
+    assert "first token" in text_of(stack.browser, By.CLASS_NAME, "timeline")
     stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
 
     stack.browser.set_window_size(390, 844)  # a phone

@@ -60,6 +60,7 @@ def result_document(result: DifyResult) -> dict[str, Any]:
         "message_id": result.message_id,
         "workflow_run_id": result.workflow_run_id,
         "usage": usage,
+        "time_to_first_token_s": result.time_to_first_token_s,
     }
 
 

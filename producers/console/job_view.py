@@ -51,6 +51,10 @@ def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str
     if error:
         detail = f"{error.get('code', '')}: {error.get('message', '')}"
         events.append(_event(fields.get("finished_at") or fields.get("started_at"), "error", detail, "bad"))
+    first_token = (job.get("result") or {}).get("time_to_first_token_s")
+    if first_token is not None and fields.get("started_at"):
+        events.append(_event(float(fields["started_at"]) + first_token, "first token",
+                             f"{first_token * 1000:.0f} ms after the attempt started"))
     events.append(_event(fields.get("finished_at"), job["status"], "", "bad" if job["status"] == "failed" else "ok"))
     callback = job["callback"]
     if callback["status"] != "none" and callback["attempts"]:
