@@ -285,7 +285,7 @@ CUSTOM_RESOURCE_SCHEMAS: dict[str, dict[str, Any]] = {
             "triggers": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
                 # KEDA's CRD types trigger metadata as a map of strings: an unquoted number is rejected.
-                "properties": {"type": {"enum": ["redis", "prometheus"]}, "metadata": _STRING_MAP}}},
+                "properties": {"type": {"enum": ["redis", "redis-sentinel", "prometheus"]}, "metadata": _STRING_MAP}}},
         }}),
 }
 
@@ -545,7 +545,7 @@ def test_rendered_config_is_accepted_by_difyq(renders: dict[str, Rendered], monk
     """The difyq.yaml the chart renders, with the env the Secret provides, passes the processes' own validation."""
     from difyq.worker.config import parse_config
 
-    for name in ("default", "all-on"):
+    for name in ("default", "all-on", "sentinel"):
         rendered = renders[name]
         for secret in rendered.of_kind("Secret"):
             for key, value in (secret.get("stringData") or {}).items():
@@ -642,6 +642,39 @@ def test_external_redis_url_lives_in_the_secret(renders: dict[str, Rendered]) ->
         assert sources == [f"{RELEASE}-difyq-env", "difyq-app-secrets"]
 
 
+def test_sentinel_settings_reach_every_difyq_container(renders: dict[str, Rendered]) -> None:
+    """With redis.sentinel.nodes each process gets the sentinels, the master name and the sentinels' password
+    (from its Secret), next to the URL that gives the servers' password and database; difyq accepts them."""
+    from difyq.worker.redis_connect import sentinel_settings
+
+    rendered = renders["sentinel"]
+    sentinel = rendered.values["redis"]["sentinel"]
+    assert not rendered.of_kind("StatefulSet")
+    for component in DIFYQ_COMPONENTS:
+        env = {item["name"]: item for item in rendered.container(component)["env"]}
+        assert env["REDIS_SENTINELS"]["value"] == ",".join(sentinel["nodes"])
+        assert env["REDIS_SENTINEL_MASTER"]["value"] == sentinel["master"]
+        assert env["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": sentinel["existingSecret"], "key": sentinel["existingSecretPasswordKey"]}
+        settings = sentinel_settings(None, {name: item.get("value", "secret") for name, item in env.items()})
+        assert settings is not None and settings.master == sentinel["master"]
+        assert [f"{host}:{port}" for host, port in settings.addresses()] == sentinel["nodes"]
+    config = yaml.safe_load(rendered.one("ConfigMap", f"{RELEASE}-difyq-config")["data"]["difyq.yaml"])
+    assert config["redis"]["durable_submit"] is True
+
+
+def test_sentinel_cannot_go_with_the_bundled_redis(helm: Helm) -> None:
+    nodes = "redis.sentinel.nodes[0]=sentinel:26379"
+    bundled = helm.template("--set", nodes)
+    both_urls = helm.template("--set", nodes, "--set", "redis.bundled.enabled=false", "--set",
+                              "redis.url=redis://:p@r:6379/0", "--set", "redis.existingSecret=redis-url")
+    for result in (bundled, both_urls):
+        assert result.returncode != 0
+        assert "redis.sentinel.nodes needs redis.bundled.enabled=false" in result.stderr
+    alone = helm.template("--set", nodes, "--set", "redis.bundled.enabled=false")
+    assert alone.returncode == 0, alone.stderr
+
+
 # ------------------------------------------------------------------------------------------------------ scaling
 
 
@@ -667,6 +700,16 @@ def test_keda_reads_an_external_redis_from_its_url(helm: Helm) -> None:
     assert trigger == {"address": "redis.example.internal:6380", "listName": "difyq-prod:jobs",
                        "listLength": "10", "activationListLength": "0", "databaseIndex": "2", "enableTLS": "true",
                        "passwordFromEnv": "REDIS_PASSWORD"}
+
+
+def test_keda_asks_the_sentinels_for_the_primary(renders: dict[str, Rendered]) -> None:
+    rendered = renders["sentinel"]
+    sentinel = rendered.values["redis"]["sentinel"]
+    trigger = rendered.one("ScaledObject", f"{RELEASE}-difyq-worker")["spec"]["triggers"][0]
+    assert trigger == {"type": "redis-sentinel", "metadata": {
+        "addresses": ",".join(sentinel["nodes"]), "sentinelMaster": sentinel["master"],
+        "sentinelPasswordFromEnv": "REDIS_SENTINEL_PASSWORD", "listName": "difyq-ha:jobs", "listLength": "10",
+        "activationListLength": "0", "databaseIndex": "3", "enableTLS": "false", "passwordFromEnv": "REDIS_PASSWORD"}}
 
 
 def test_hpa_mode_scales_the_workers_on_cpu(renders: dict[str, Rendered]) -> None:

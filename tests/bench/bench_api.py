@@ -45,13 +45,15 @@ from tests.support.processes import wait_for_port
 CALLBACK_URL = "http://127.0.0.1:9/callback"
 
 
-def start_api(src: Path, redis_url: str, log_dir: Path, extra_env: dict[str, str]) -> tuple[Service, int]:
-    """``difyq api`` from ``src`` on a free port, configured for the bench app and client."""
+def start_api(src: Path, redis_url: str, log_dir: Path, extra_env: dict[str, str],
+              redis_settings: dict[str, object] | None = None) -> tuple[Service, int]:
+    """``difyq api`` from ``src`` on a free port, configured for the bench app and client (``redis_settings``
+    added to the config's ``redis`` section)."""
     config = {
         "apps": {APP: {"api_key": DIFY_KEY, "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}},
         "clients": {"bench": {"token": CLIENT_TOKEN, "apps": ["*"]}},
         "callbacks": {"signing_secret": SIGNING_SECRET, "allow_hosts": ["127.0.0.0/8", "::1"]},
-        "redis": {"namespace": NAMESPACE},
+        "redis": {"namespace": NAMESPACE, **(redis_settings or {})},
     }
     config_path = log_dir / "difyq.yaml"
     config_path.write_text(yaml.safe_dump(config))

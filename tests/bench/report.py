@@ -223,9 +223,26 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
             lines += [f"| {key} | {value} |" for key, value in limits.items()]
     if "console" in results:
         lines += ["", *console_section(results["console"])]
+    if "durable_submit" in results:
+        lines += ["", *durable_submit_section(results["durable_submit"])]
     if figures:
         lines += ["", *[f"![{Path(name).stem}]({name})" for name in figures]]
     return "\n".join(lines) + "\n"
+
+
+def durable_submit_section(durable: dict[str, Any]) -> list[str]:
+    """What redis.durable_submit costs a submit (tests/bench/bench_durable_submit.py) as a Markdown section."""
+    lines = ["## redis.durable_submit (tests/bench/bench_durable_submit.py)", ""]
+    if "error" in durable:
+        return [*lines, f"Not run: {durable['error']}"]
+    lines += ["POST /v1/jobs on a primary with one replica on loopback, open loop; the two settings take turns.", "",
+              "| setting | offered /s | submit p50 ms | submit p99 ms | API CPU ms/submit | errors | other load |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for setting, runs in durable.items():
+        lines += [f"| {setting} | {run['rate']:.0f} | {_fmt(run['submit_ms_p50'], 2)} | "
+                  f"{_fmt(run['submit_ms_p99'], 2)} | {_fmt(run['api_cpu_ms_per_submit'], 2)} | {run['errors']} | "
+                  f"{_fmt(run['other_cores'], 2)} |" for run in runs]
+    return lines
 
 
 def console_section(console: dict[str, Any]) -> list[str]:

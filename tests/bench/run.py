@@ -32,7 +32,7 @@ from tests.bench.scenarios import BenchConfig, InflightMode
 from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape, source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits", "console")
+SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits", "console", "durable_submit")
 
 
 def machine() -> dict[str, Any]:
@@ -78,6 +78,11 @@ def run_limits(quick: bool) -> dict[str, Any]:
 def run_console(quick: bool) -> dict[str, Any]:
     """The console's page weight and time to render over 100,000 jobs (tests/bench/bench_console.py)."""
     return _run_script("bench_console.py", ["--jobs", "5000", "--loads", "3"] if quick else [], 600)
+
+
+def run_durable_submit(quick: bool) -> dict[str, Any]:
+    """Submit latency with redis.durable_submit off and on (tests/bench/bench_durable_submit.py)."""
+    return _run_script("bench_durable_submit.py", ["--rates", "100", "--seconds", "3"] if quick else [], 300)
 
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     args = parser.parse_args(argv)
 
-    chosen = set(args.scenario or ("throughput", "overhead", "inflight", "limits", "console"))
+    chosen = set(args.scenario or ("throughput", "overhead", "inflight", "limits", "console", "durable_submit"))
     if "cost" in chosen:
         chosen.add("overhead")
     config = build_config(args)
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         results["limits"] = run_limits(args.quick)
     if "console" in chosen:
         results["console"] = run_console(args.quick)
+    if "durable_submit" in chosen:
+        results["durable_submit"] = run_durable_submit(args.quick)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["duration_s"] = time.time() - started
     results["other_load_cores"] = _other_load(results)

@@ -135,6 +135,19 @@ and the dashboard expect. Call with (dict "root" $ "component" "worker"). */}}
       key: {{ . }}
 {{- end }}
 {{- end }}
+{{- with .Values.redis.sentinel.nodes }}
+- name: REDIS_SENTINELS
+  value: {{ join "," . | quote }}
+- name: REDIS_SENTINEL_MASTER
+  value: {{ $.Values.redis.sentinel.master | quote }}
+{{- with $.Values.redis.sentinel.existingSecret }}
+- name: REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.sentinel.existingSecretPasswordKey }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -295,8 +308,12 @@ Rendered from configmap.yaml, which every install renders.
 {{- if $v.redis.bundled.enabled }}{{ $modes = add1 $modes }}{{ end }}
 {{- if $v.redis.url }}{{ $modes = add1 $modes }}{{ end }}
 {{- if $v.redis.existingSecret }}{{ $modes = add1 $modes }}{{ end }}
-{{- if ne (int $modes) 1 }}
-{{- fail "choose one Redis: redis.bundled.enabled=true, or redis.bundled.enabled=false with redis.url or redis.existingSecret" }}
+{{- if $v.redis.sentinel.nodes }}
+{{- if or $v.redis.bundled.enabled (gt (int $modes) 1) }}
+{{- fail "redis.sentinel.nodes needs redis.bundled.enabled=false, and at most one of redis.url and redis.existingSecret (for the servers' password and database)" }}
+{{- end }}
+{{- else if ne (int $modes) 1 }}
+{{- fail "choose one Redis: redis.bundled.enabled=true, or redis.bundled.enabled=false with redis.url or redis.existingSecret (or redis.sentinel.nodes)" }}
 {{- end }}
 {{- range $name, $app := ($v.config.apps | default dict) }}
 {{- $timeout := get $app "timeout_s" | default 600 }}
@@ -312,7 +329,7 @@ Rendered from configmap.yaml, which every install renders.
 {{- end }}
 {{- $scaling := $v.worker.autoscaling }}
 {{- if and $scaling.enabled (eq $scaling.type "keda") }}
-{{- if and $v.redis.existingSecret (not $scaling.keda.redis.address) }}
+{{- if and $v.redis.existingSecret (not $v.redis.sentinel.nodes) (not $scaling.keda.redis.address) }}
 {{- fail "worker.autoscaling.keda.redis.address is required when the Redis URL comes from redis.existingSecret" }}
 {{- end }}
 {{- if and $scaling.keda.inFlight.enabled (not $scaling.keda.inFlight.serverAddress) }}
