@@ -157,5 +157,5 @@ class LeaseKeeper:
         error = {"code": "worker_lost", "status": None,
                  "message": f"the worker running this job died {MAX_WORKER_LOSSES + 1} times; not retried again"}
         status = self.store.finish(job_id, JobStatus.FAILED, error=error)
-        metrics.jobs_finished.labels(app=fields["app"], status=status).inc()
+        metrics.jobs_finished.labels(app=fields[JobField.APP], status=status).inc()
         log.error("job_failed_worker_lost", job_id=job_id)

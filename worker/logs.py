@@ -88,7 +88,7 @@ def configure_logging(process: str) -> None:
 def job_log_context(job_id: str, fields: dict[str, str]) -> dict[str, str]:
     """The fields every log line about a job carries: its id, app, the request id it was submitted with and its
     trace id."""
-    context = {"job_id": job_id, "app": fields.get("app", "")}
-    if fields.get("request_id"):
-        context["request_id"] = fields["request_id"]
+    context = {"job_id": job_id, "app": fields.get(JobField.APP, "")}
+    if fields.get(JobField.REQUEST_ID):
+        context["request_id"] = fields[JobField.REQUEST_ID]
     return context | log_context(fields.get(JobField.TRACEPARENT))

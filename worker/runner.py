@@ -66,7 +66,7 @@ def result_document(result: DifyResult) -> dict[str, Any]:
 
 def _recorded_wait(fields: dict[str, str]) -> float | None:
     """When the job was first deferred by a limit, from its record (None if it never waited)."""
-    return float(fields["waiting_since"]) if fields.get("waiting_since") else None
+    return float(fields[JobField.WAITING_SINCE]) if fields.get(JobField.WAITING_SINCE) else None
 
 
 @dataclass(frozen=True)
@@ -178,12 +178,13 @@ class JobRunner:
 
     def _call(self, job_id: str, fields: dict[str, str], start: AttemptStart, slot: Slot) -> Outcome:
         """Call Dify for a started attempt; what the call reports goes to ``slot`` (released by the caller)."""
-        app_name = fields["app"]
+        app_name = fields[JobField.APP]
         app = self.config.apps.get(app_name)
         if app is None:
             return self._failed(start.attempt, APP_NOT_CONFIGURED, None, None)
         if start.first:
-            metrics.job_queue_wait.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
+            waited = time.time() - float(fields[JobField.CREATED_AT])
+            metrics.job_queue_wait.labels(app=app_name).observe(max(waited, 0.0))
         log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
         client, request = self._client(app_name, app), self._dify_request(fields, app)
@@ -236,7 +237,7 @@ class JobRunner:
         return client
 
     def _dify_request(self, fields: dict[str, str], app: AppConfig) -> DifyRequest:
-        request = loads(fields["request"])
+        request = loads(fields[JobField.REQUEST])
         return DifyRequest(
             query=request.get("query"),
             inputs=request.get("inputs") or {},
@@ -314,7 +315,7 @@ class JobRunner:
         if outcome.status is JobStatus.QUEUED:
             delay = outcome.retry_in_s or 0.0
             since = outcome.waiting_since
-            hints = run_hints(fields["app"], since or _recorded_wait(fields))
+            hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields))
             state = self._durably(lambda: self.store.requeue(
                 job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
                 count_field="deferrals" if since is not None else ""))
@@ -340,9 +341,9 @@ class JobRunner:
     def _count_finished(fields: dict[str, str], status: str) -> None:
         if status.startswith("already:") or status == "missing":
             return
-        app_name = fields["app"]
+        app_name = fields[JobField.APP]
         metrics.jobs_finished.labels(app=app_name, status=status).inc()
-        metrics.job_duration.labels(app=app_name).observe(max(time.time() - float(fields["created_at"]), 0.0))
+        metrics.job_duration.labels(app=app_name).observe(max(time.time() - float(fields[JobField.CREATED_AT]), 0.0))
 
     @staticmethod
     def _log_finished(status: str, callback: str | None = None) -> None:

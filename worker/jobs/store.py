@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -117,11 +116,11 @@ class JobStore:
 
     def index_key(self, app: str | None = None) -> str:
         """The zset of job ids by creation time (ms): every job, or one app's."""
-        return f"{self.namespace}:index:app:{app}" if app else f"{self.namespace}:index:all"
+        return self.keys.index(app)
 
     def idempotency_key(self, scope: str, key: str) -> str:
         """The claim a producer scope's idempotency key holds: ``{job id}|{request hash}``."""
-        return f"{self.namespace}:idem:{scope}:{hashlib.sha256(key.encode()).hexdigest()}"
+        return self.keys.idempotency(scope, key)
 
     def message(self, queue: str, job_id: str, delay_s: float = 0.0, hints: dict[str, object] | None = None,
                 ) -> QueuedMessage:
@@ -134,31 +133,34 @@ class JobStore:
         now = time.time()
         request_hash = new.request_hash()
         fields: dict[str, str] = {
-            "id": job_id,
-            "app": new.app,
-            "source": new.source,
-            "status": JobStatus.QUEUED,
-            "scope": new.scope,
-            "idempotency_key": new.idempotency_key or "",
-            "request_hash": request_hash,
-            "created_at": repr(now),
-            "attempts": "0",
-            "request": new.request.model_dump_json(),
-            "request_id": new.request_id or "",
+            JobField.ID: job_id,
+            JobField.APP: new.app,
+            JobField.SOURCE: new.source,
+            JobField.STATUS: JobStatus.QUEUED,
+            JobField.SCOPE: new.scope,
+            JobField.IDEMPOTENCY_KEY: new.idempotency_key or "",
+            JobField.REQUEST_HASH: request_hash,
+            JobField.CREATED_AT: repr(now),
+            JobField.ATTEMPTS: "0",
+            JobField.REQUEST: new.request.model_dump_json(),
+            JobField.REQUEST_ID: new.request_id or "",
             JobField.TRACEPARENT: new.traceparent or "",
         }
         if new.callback_url:
-            fields["callback_url"] = new.callback_url
+            fields[JobField.CALLBACK_URL] = new.callback_url
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
+        header: dict[str, Any] = {"created_ms": created_ms,
+                                  "prune_before_ms": created_ms - int(self.config.result_ttl * 1000),
+                                  "message_id": message.redis_message_id, "message_body": message.body.decode()}
+        if idempotency_key:
+            header.update(claim=f"{job_id}|{request_hash}", claim_ttl_ms=int(self.config.idempotency_ttl * 1000))
         pairs = [item for pair in fields.items() for item in pair]
         return SubmitCall(
             keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self.index_key(),
                   self.index_key(new.app), message.queue_key, message.bodies_key],
-            args=[f"{job_id}|{request_hash}" if idempotency_key else "", int(self.config.idempotency_ttl * 1000),
-                  created_ms, created_ms - int(self.config.result_ttl * 1000), message.redis_message_id,
-                  message.body, *pairs],
+            args=[dumps(header), *pairs],
             fields=fields,
         )
 
@@ -170,7 +172,7 @@ class JobStore:
         if state == "created":
             return SubmitOutcome(job_resource(call.fields), created=True)
         existing_id, _, existing_hash = value.partition("|")
-        if existing_hash != call.fields["request_hash"]:
+        if existing_hash != call.fields[JobField.REQUEST_HASH]:
             raise IdempotencyConflict(existing_id)
         return existing_id
 
@@ -436,11 +438,11 @@ class JobStore:
 
     def cancel(self, job_id: str) -> CancelOutcome:
         callback = self.message(CALLBACKS_QUEUE, job_id)
-        reply = self._cancel(
-            keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key],
-            args=[repr(time.time()), int(self.config.result_ttl * 1000), callback.redis_message_id, callback.body,
-                  CallbackBlock.pending().stored()],
-        )
+        cancel = {"now": repr(time.time()), "retention_ms": int(self.config.result_ttl * 1000),
+                  "callback": CallbackBlock.pending().stored(), "message_id": callback.redis_message_id,
+                  "message_body": callback.body.decode()}
+        reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key],
+                             args=[dumps(cancel)])
         state = _text(reply[0])
         task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None
         return CancelOutcome(state, task_id)
