@@ -113,6 +113,7 @@ def _scheduled_after(api: str, moment_epoch: float) -> list[dict]:
             if datetime.fromisoformat(job["created_at"].replace("Z", "+00:00")).timestamp() > moment_epoch]
 
 
+@pytest.mark.slow
 def test_failover_503_then_reconnect_and_no_durable_job_lost(tmp_path: Path,
                                                              deployment: SentinelDeployment) -> None:
     namespace = f"difyq-failover-{uuid.uuid4().hex[:8]}"
