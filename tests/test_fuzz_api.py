@@ -31,9 +31,12 @@ from tests.support.stack import auth, make_runtime, serving_api
 EXAMPLES_PER_MODE = 60
 # Checked apart: undocumented status codes (ST103) by the xfail test at the end; schema-valid requests refused
 # (ST202) against REFUSED_BY_DESIGN: a callback URL that is not an http(s) URL or points at a private address is
-# a 422 by design (docs/http-api.md), and the schema says only "a string".
+# a 422 by design (docs/http-api.md), and the schema says only "a string"; so is a hook delivery that lacks a field
+# the hook's templates need.
 EXCLUDED_CHECKS = [status_code_conformance, positive_data_acceptance]
-REFUSED_BY_DESIGN = {"callback_url_blocked"}
+REFUSED_BY_DESIGN = {"callback_url_blocked", "mapping_failed"}
+# Hooks aimed at: one maps any body, one needs fields most bodies lack (a 422 naming the template that failed).
+AIMED_HOOKS = ("open", "mapped")
 # A body over 1 MiB is refused with 413 (docs/http-api.md), which schemathesis does not count as a refusal by default.
 FUZZ_CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {"expected-statuses": [
     400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5XX"]}}})
@@ -56,7 +59,9 @@ def api(redis_url: str, namespace: str) -> Iterator[tuple[str, list[str]]]:
                                            "base_url": "http://127.0.0.1:9/v1"}},
         hooks={"open": {"app": "support", "verify": {"scheme": "none"}, "query": "{{ body }}"},
                "guarded": {"app": "support", "verify": {"scheme": "token", "secret": "hook-secret-0123456789"},
-                           "query": "{{ body.text }}"}},
+                           "query": "{{ body.text }}"},
+               "mapped": {"app": "support", "verify": {"scheme": "none"}, "query": "{{ body.text }}",
+                          "inputs": {"repo": "{{ body.repo.name }}"}}},
     )
     queued = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"), scope="t"))
     finished = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"), scope="t",
@@ -66,14 +71,14 @@ def api(redis_url: str, namespace: str) -> Iterator[tuple[str, list[str]]]:
         yield base, [queued.job["id"], finished.job["id"]]
 
 
-def aimed(case: Case, job_id: str) -> Case:
+def aimed(case: Case, job_id: str, hook: str) -> Case:
     """The same valid request pointed at things that exist: the configured app, a configured hook, a real job.
     Its idempotency key is made unique so that it is accepted: a key reused with another body is a 422 by design
     (the IETF Idempotency-Key draft)."""
     if case.path_parameters and "job_id" in case.path_parameters:
         case.path_parameters["job_id"] = job_id
     if case.path_parameters and "name" in case.path_parameters:
-        case.path_parameters["name"] = "open"
+        case.path_parameters["name"] = hook
     if isinstance(case.body, dict) and "app" in case.body:
         case.body["app"] = "support"
     if isinstance(case.body, dict) and isinstance(case.body.get("idempotency_key"), str):
@@ -87,7 +92,8 @@ def fuzz_test(operation: schemathesis.APIOperation, mode: GenerationMode, job_id
     half of the valid ones are aimed at what exists, so the fuzzer reaches past the 404s."""
     generated = operation.as_strategy(generation_mode=mode)
     if mode is GenerationMode.POSITIVE:
-        generated = st.one_of(generated, st.builds(aimed, generated, st.sampled_from(job_ids)))
+        generated = st.one_of(generated, st.builds(aimed, generated, st.sampled_from(job_ids),
+                                                   st.sampled_from(AIMED_HOOKS)))
 
     @settings(max_examples=EXAMPLES_PER_MODE, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=generated)
