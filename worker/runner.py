@@ -304,7 +304,7 @@ class JobRunner:
         the callbacks queue."""
         if outcome.status is JobStatus.PAUSED and outcome.pause is not None:
             block = outcome.pause
-            state = self._durably(lambda: self.store.pause(job_id, fields["app"], block,
+            state = self._durably(lambda: self.store.pause(job_id, fields[JobField.APP], block,
                                                            check_in_s=pause_check_in(block, time.time())))
             if state != "cancel":
                 log.info("job_paused", state=state, workflow_run_id=block["workflow_run_id"])
@@ -318,7 +318,7 @@ class JobRunner:
             hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields))
             state = self._durably(lambda: self.store.requeue(
                 job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
-                count_field="deferrals" if since is not None else ""))
+                count_field=JobField.DEFERRALS if since is not None else ""))
             if state != "cancel":
                 log.info("job_deferred" if since is not None else "job_retry_scheduled", delay_s=round(delay, 3))
                 return
