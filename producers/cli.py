@@ -47,7 +47,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     print(f"ok: {len(config.apps)} app(s), {len(config.clients)} client(s), {len(config.hooks)} hook(s), "
           f"{len(config.schedules)} schedule(s)")
-    return 0
+    if not args.remote:
+        return 0
+    from difyq.producers.remote_check import check_remote
+
+    report = check_remote(config)
+    for note in report.notes:
+        print(note)
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if report.problems else 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -269,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate the config and list every problem")
     check.add_argument("--config", help="path (default $DIFYQ_CONFIG or ./difyq.yaml)")
+    check.add_argument("--remote", action="store_true",
+                       help="also ask each app's Dify (/info, /parameters): key, mode, required inputs, file limits")
     check.set_defaults(func=cmd_check_config)
     return parser
 

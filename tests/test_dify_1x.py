@@ -13,10 +13,12 @@ import pytest
 import requests
 from prometheus_client import REGISTRY
 
+from difyq.producers.cli import build_parser
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from difyq.worker.runtime import Runtime
+from tests.support.loopback import closed_port
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
 from tests.support.waiting import wait_for
@@ -55,6 +57,7 @@ def runtime(redis_url: str, namespace: str, emulator: RunningEmulator) -> Runtim
             for app in EMULATED}
     apps["quota-defer"] = {**apps["faulty"], "on_quota": "defer"}
     apps["pinned"] = {**apps["workflow"], "workflow_id": EMULATED[2].workflow_id}
+    apps["unreachable"] = {**apps["workflow"], "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
     return make_runtime(redis_url, namespace, apps, jobs={
         "retry_min_backoff": "0.05s", "retry_max_backoff": "0.2s", "max_attempts": 2}, dify={
         "connect_timeout_s": 2, "idle_read_timeout_s": 5, "first_event_timeout_s": 1, "run_poll_interval_s": 0.1})
@@ -255,3 +258,45 @@ def test_a_form_that_times_out_ends_the_job_as_dify_ends_the_run(
         job = wait_for_final(runtime, job_id, timeout=30)
     assert job["status"] == "failed" and job["error"]["code"] == "workflow_failed", job
     assert len(runs_of(emulator, marker)) == 1
+
+
+def test_a_job_lacking_a_required_input_is_refused_at_submit(runtime: Runtime, emulator: RunningEmulator) -> None:
+    """From the app's cached /parameters; an app whose Dify cannot be asked takes the job (Dify decides)."""
+    with serving_api(runtime) as base:
+        def submit_without_text(app: str) -> requests.Response:
+            return requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10,
+                                 json={"app": app, "inputs": {"other": "x"}})
+
+        refused = wait_for(lambda: (answer := submit_without_text("workflow")).status_code == 422 and answer.json(),
+                           what="the 422 from the cached /parameters")
+        accepted = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10,
+                                 json={"app": "workflow", "inputs": {"text": "present"}})
+        unknown = submit_without_text("unreachable")
+    assert refused["error"]["field"] == "inputs.text"
+    assert accepted.status_code == 202 and unknown.status_code == 202
+
+
+def test_check_config_remote(emulator: RunningEmulator, version: str, tmp_path, capsys) -> None:
+    config = {
+        "apps": {
+            "workflow": {"api_key": EMULATED[2].key, "mode": "workflow", "base_url": emulator.base_url},
+            "chat": {"api_key": EMULATED[0].key, "mode": "chat", "base_url": emulator.base_url},
+            "mislabeled": {"api_key": EMULATED[1].key, "mode": "chat", "base_url": emulator.base_url},
+            "bad-key": {"api_key": "app-not-a-key", "mode": "chat", "base_url": emulator.base_url},
+        },
+        "hooks": {"push": {"app": "workflow", "verify": {"scheme": "none"}, "inputs": {"other": "{{ body.x }}"}}},
+        "schedules": {"nightly": {"app": "workflow", "cron": "0 3 * * *", "inputs": {"text": "nightly run"}}},
+    }
+    path = tmp_path / "difyq.yaml"
+    path.write_text(json.dumps(config))
+    args = build_parser().parse_args(["check-config", "--config", str(path), "--remote"])
+    assert args.func(args) == 1  # (not main(): it would configure the process's logging for good)
+    out, err = capsys.readouterr()
+    problems = [line.removeprefix("problem: ") for line in err.splitlines() if line.startswith("problem: ")]
+    assert any(p.startswith("hooks.push.inputs.text: app 'workflow' requires") for p in problems), err
+    assert not any(p.startswith("schedules.nightly") for p in problems)
+    assert any(p.startswith("apps.bad-key: the API key is refused") for p in problems)
+    mislabeled = any(p.startswith("apps.mislabeled.mode: chat, but Dify says the app is advanced-chat")
+                     for p in problems)
+    assert mislabeled == (version == "1.x")  # 0.15's /info names no mode
+    assert "apps.workflow: 'workflow'" in out and "required inputs: text" in out and "file_size_limit 15" in out

@@ -54,7 +54,8 @@ def wait_all_final(base: str, ids: list[str], timeout: float) -> list[dict]:
 
 
 def call_times(emulator, app: str) -> list[float]:
-    return sorted(call["started_at"] for call in emulator.calls() if call["app"] == app)
+    """When the app's generation calls began (the API's `GET /parameters` lookups are not calls the limits pace)."""
+    return sorted(call["started_at"] for call in emulator.calls() if call["app"] == app and call["method"] == "POST")
 
 
 @pytest.mark.slow

@@ -263,17 +263,20 @@ class DifyClient:
             return
         aggregator.add_run_detail(self._await_run_end(run_id, deadline=deadline, headers=headers))
 
-    def run_detail(self, run_id: str, *, headers: Mapping[str, str] | None = None) -> Mapping[str, Any]:
-        """The run's record, `GET /workflows/run/{id}`. Dify 0.15 answers an unknown id with 200 and null fields,
-        1.x with 404: both raise `not_found`."""
-        response = self._request("GET", f"/workflows/run/{quote(run_id, safe='')}", None,
-                                 accept="application/json", headers=headers)
+    def get(self, path: str, *, headers: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+        """A JSON object from `GET path` (`/info`, `/parameters`, a run's record…). Raises `DifyError`."""
+        response = self._request("GET", path, None, accept="application/json", headers=headers)
         try:
             if not _is_success(response):
                 raise self._error_from(response)
-            detail = self._blocking_body(response)
+            return self._blocking_body(response)
         finally:
             _release(response)
+
+    def run_detail(self, run_id: str, *, headers: Mapping[str, str] | None = None) -> Mapping[str, Any]:
+        """The run's record, `GET /workflows/run/{id}`. Dify 0.15 answers an unknown id with 200 and null fields,
+        1.x with 404: both raise `not_found`."""
+        detail = self.get(f"/workflows/run/{quote(run_id, safe='')}", headers=headers)
         if detail.get("status") is None:
             raise DifyError("not_found", f"Dify has no workflow run {run_id}", 404)
         return detail

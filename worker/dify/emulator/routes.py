@@ -455,7 +455,10 @@ class ServiceApi:
 
     async def info(self, request: Request, record: CallRecord) -> Response:
         app = self._authenticate(request, record)
-        return wire.json_response({"name": app.name, "description": f"emulated {app.mode} app", "tags": []})
+        info: dict[str, Any] = {"name": app.name, "description": f"emulated {app.mode} app", "tags": []}
+        if self.state.version == "1.x":  # 1.x names the mode
+            info.update(mode=app.mode, author_name="emulator")
+        return wire.json_response(info)
 
     # routing errors: werkzeug's HTML pages, as Flask answers a URL or method no route knows
 
