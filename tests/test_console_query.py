@@ -3,8 +3,10 @@ walk bounded per page; and what a page may show of a request."""
 
 from __future__ import annotations
 
+import time
+
 from difyq.producers.console import jobs_query
-from difyq.producers.console.job_view import shown_url
+from difyq.producers.console.job_view import job_page, shown_url
 from difyq.producers.console.jobs_query import JobFilter, JobsQuery
 from difyq.producers.console.redact import REDACTED, Redactor
 from difyq.worker.jobs.model import JobRequest, NewJob, trace_id_for
@@ -72,3 +74,13 @@ def test_redaction_and_shown_urls() -> None:
     assert shown["metadata"] == {"GitHub-Token": REDACTED, "ticket": 4} and shown["query"] == "hi"
     assert shown_url("https://user:pw@hooks.example.com:8443/cb?token=s3cret") == \
         f"https://hooks.example.com:8443/cb?{REDACTED}"
+
+
+def test_the_timeline_names_the_limit_that_deferred_a_job(redis_url: str, namespace: str) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    job_id = runtime.store.submit(NewJob(app="support", source="api", scope="client:full",
+                                         request=JobRequest(query="q"))).job["id"]
+    assert runtime.store.defer(job_id, "support", delay_s=5, waiting_since=time.time(), limit="tokens") == "queued:1"
+    page = job_page(runtime.store.fields(job_id), [], Redactor([]), "http://api")
+    deferred = next(event for event in page["timeline"] if event["what"] == "deferred")
+    assert deferred["detail"] == "by the tokens limit (1 deferral(s))" and page["next_attempt"]

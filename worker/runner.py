@@ -165,7 +165,7 @@ class JobRunner:
         delay = deferral_delay(admission)
         since = waiting_since or now
         if not wait_exceeded(since, now, delay, self.config.jobs.max_wait):
-            state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since)
+            state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since, limit=admission.limit)
             log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
             return
         self.throttle.abandon(app, job_id)

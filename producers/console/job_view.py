@@ -15,7 +15,8 @@ from difyq.worker.json_codec import dumps
 
 # Stored fields the job page reads besides the resource's own.
 _EXTRA_FIELDS = tuple(JobField(name) for name in (
-    "scope", "request_id", "waiting_since", "cancel_requested", "deferrals", "worker_losses"))
+    "scope", "request_id", "waiting_since", "cancel_requested", "deferrals", "deferred_by", "worker_losses",
+    "next_attempt_at"))
 
 
 def shown_url(url: str | None) -> str | None:
@@ -44,7 +45,8 @@ def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str
     events = [
         _event(fields.get("created_at"), "submitted", f"by {source}" + (f" (client {client})" if client else "")),
         _event(fields.get("waiting_since"), "deferred",
-               f"waited for the app's rate limits ({fields.get('deferrals') or 1} deferral(s))", "wait"),
+               f"by the {fields.get('deferred_by') or 'rate'} limit ({fields.get('deferrals') or 1} deferral(s))",
+               "wait"),
         _event(fields.get("started_at"), f"attempt {job['attempts']} started" if job["attempts"] else "started"),
     ]
     error = job.get("error") or {}
@@ -99,6 +101,7 @@ def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Re
         "queue_wait_s": float(started) - float(created) if started and created else None,
         "duration_s": float(finished) - float(started) if finished and started else None,
         "timeline": timeline(fields, job, actions),
+        "next_attempt": iso_time(fields.get("next_attempt_at")),
         "curl": curl_line(api_base, job, request),
         "outputs_json": pretty_json(result["outputs"]) if result.get("outputs") else None,
     }

@@ -46,6 +46,7 @@ class JobField(StrEnum):
     TASK_ID = "task_id"
     WAITING_SINCE = "waiting_since"
     DEFERRALS = "deferrals"
+    DEFERRED_BY = "deferred_by"  # the limit that deferred the job last (requests, tokens, concurrency, upstream)
     WORKER_LOSSES = "worker_losses"
     PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
     TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)

@@ -396,11 +396,11 @@ class JobStore:
     def requeue(
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = JobStatus.RUNNING,
         count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
-        waiting_since: float | None = None,
+        waiting_since: float | None = None, deferred_by: str | None = None,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
         cancel was asked meanwhile. ``hints``: see ``run_hints``; ``waiting_since``: the job's first wait, kept
-        once (a job deferred by a limit or a quota)."""
+        once (a job deferred by a limit or a quota); ``deferred_by``: the limit that deferred it."""
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         requeue: dict[str, Any] = {"expected": expected, "next_attempt_at": repr(time.time() + delay_s),
                                    "message_id": message.redis_message_id, "message_body": message.body.decode(),
@@ -411,6 +411,8 @@ class JobStore:
             requeue["count"] = count_field
         if waiting_since is not None:
             requeue["waiting_since"] = repr(waiting_since)
+        if deferred_by:
+            requeue["deferred_by"] = deferred_by
         reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
                               args=[dumps(requeue)])
         return _text(reply)
@@ -431,10 +433,11 @@ class JobStore:
         status it had)."""
         return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED, hints=run_hints(app, None))
 
-    def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float) -> str:
-        """A queued job waits for a rate limit: a delayed message, no attempt spent, the first wait remembered."""
+    def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float, limit: str | None = None) -> str:
+        """A queued job waits for a rate limit (``limit``): a delayed message, no attempt spent, the first wait
+        remembered."""
         return self.requeue(job_id, delay_s=delay_s, expected=JobStatus.QUEUED, count_field=JobField.DEFERRALS,
-                            hints=run_hints(app, waiting_since), waiting_since=waiting_since)
+                            hints=run_hints(app, waiting_since), waiting_since=waiting_since, deferred_by=limit)
 
     def cancel(self, job_id: str) -> CancelOutcome:
         callback = self.message(CALLBACKS_QUEUE, job_id)

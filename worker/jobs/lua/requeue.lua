@@ -3,7 +3,8 @@
 -- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies
 -- ARGV: 1 a JSON object: expected (the status the job must have), next_attempt_at (unix seconds), message_id and
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
---       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none)
+--       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
+--       deferred_by (the limit that deferred the job)
 -- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), or the status the job has instead.
 local requeue = cjson.decode(ARGV[1])
 local status = redis.call('HGET', KEYS[1], FIELD.status)
@@ -20,6 +21,9 @@ if requeue.error then
 end
 if requeue.waiting_since then
   redis.call('HSETNX', KEYS[1], FIELD.waiting_since, requeue.waiting_since)
+end
+if requeue.deferred_by then
+  redis.call('HSET', KEYS[1], FIELD.deferred_by, requeue.deferred_by)
 end
 local count = 0
 if requeue.count then
