@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import structlog
@@ -33,6 +33,7 @@ from difyq.worker.task_ids import TaskIdRecorder
 from difyq.worker.throttle import Slot, Throttle
 
 log = structlog.get_logger("difyq.worker")
+T = TypeVar("T")
 
 APP_NOT_CONFIGURED = DifyError("app_not_configured", "the app is not in the config")
 QUOTA_PERIOD_S = 3600.0  # a plan quota deferred by `on_quota: defer` is tried again at the next full hour
@@ -283,7 +284,7 @@ class JobRunner:
             return Outcome(JobStatus.QUEUED, error=error.as_dict(), retry_in_s=delay)
         return Outcome(JobStatus.FAILED, error=error.as_dict())
 
-    def _durably(self, write: Callable[[], str]) -> str:
+    def _durably(self, write: Callable[[], T]) -> T:
         """A store write after a Dify call, retried through a Redis blip of up to one lease, so a finished call is
         not made again just because Redis was briefly away (the reaper waits a whole lease after an outage)."""
         deadline = time.monotonic() + self.leases.lease_s
@@ -324,15 +325,9 @@ class JobRunner:
                 return
             outcome = Outcome(JobStatus.CANCELED, error=outcome.error)
         status = outcome.status
-        if not self.config.callbacks.first_attempt_inline:
-            stored = self._durably(lambda: self.store.finish(job_id, status, result=outcome.result,
-                                                             error=outcome.error))
-            self._count_finished(fields, stored)
-            self._log_finished(stored)
-            return
+        lease_s = self.leases.lease_s if self.config.callbacks.first_attempt_inline else None
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
-            job_id, status, lease_s=self.leases.lease_s, lock_s=self.sender.lock_s, result=outcome.result,
-            error=outcome.error))
+            job_id, status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result, error=outcome.error))
         self._count_finished(fields, stored)
         callback = self.sender.deliver_first(job_id, record) if record is not None else None
         self._log_finished(stored, callback)

@@ -323,7 +323,7 @@ class JobStore:
         job_id: str,
         status: JobStatus,
         *,
-        lease_s: float,
+        lease_s: float | None,
         lock_s: float,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
@@ -331,9 +331,12 @@ class JobStore:
         """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
         takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
         attempt and records it with ``callback_attempted``. Returns the status and, when the caller owns the
-        first attempt, the stored record; else None (no callback URL, or the outcome was already stored)."""
+        first attempt, the stored record; else None (no callback URL, the outcome was already stored, or
+        ``lease_s`` None: the callback is enqueued as by ``finish``)."""
         now = time.time()
-        inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
+        inline = None
+        if lease_s is not None:
+            inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
         reply = self._run_finish(job_id, status, result, error, inline, now)
         final = _text(reply[0])
         return final, (_record(reply, 1) if len(reply) > 1 else None)
