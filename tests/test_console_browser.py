@@ -82,7 +82,9 @@ def stack(redis_url: str) -> Iterator[Stack]:
         runtime = make_runtime(
             redis_url, namespace, {"support": {"api_key": "app-console-key", "mode": "chat",
                                                "base_url": emulator.base_url,
-                                               "limits": {"requests_per_minute": 6000}}},
+                                               "limits": {"requests_per_minute": 6000}},
+                                   "revoked": {"api_key": "app-revoked-key", "mode": "chat",
+                                               "base_url": emulator.base_url}},
             console={"users": {"alice": {"token": OPERATOR_TOKEN, "role": "operator"},
                                "victor": {"token": VIEWER_TOKEN, "role": "viewer"}},
                      "sensitive_inputs": ["customer_email"]},
@@ -188,6 +190,25 @@ def test_dead_lettered_callbacks_are_replayed_by_filter(stack: Stack) -> None:
                    == "delivered")
     stack.browser.get(f"{stack.console}/jobs/{failing[0]}")
     assert "replay_dead_letter by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+
+    delivered = len(stack.receiver.requests)
+    click(stack.browser, By.XPATH, "//button[text()='Redeliver callback']")
+    stack.receiver.wait_for(delivered + 1)
+    assert "redeliver by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+
+
+def test_retry_a_failed_job_from_its_page(stack: Stack) -> None:
+    reply = requests.post(f"{stack.api}/v1/jobs", headers=auth(), timeout=10,
+                          json={"app": "revoked", "query": "the key was revoked", "user": "console-test"})
+    job_id = reply.json()["id"]
+    wait_until(stack.browser, lambda _: stack.runtime.store.get(job_id)["status"] == "failed")
+    stack.sign_in(OPERATOR_TOKEN)
+    stack.browser.get(f"{stack.console}/jobs/{job_id}")
+    assert "Failed attempts" in stack.browser.page_source
+    click(stack.browser, By.XPATH, "//button[text()='Retry job']")
+    wait_until(stack.browser, lambda _: stack.runtime.store.get(job_id)["attempts"] == 2
+               and stack.runtime.store.get(job_id)["status"] == "failed")
+    assert "retry by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
 
 
 def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
