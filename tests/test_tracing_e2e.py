@@ -1,8 +1,9 @@
-"""Traces of a job, end to end with real processes: ``difyq api`` and ``difyq worker`` export their spans over
-OTLP/HTTP (the ``OTEL_*`` variables) to a receiver on loopback, and one job's spans form one tree: the request's
-server span (under the caller's ``traceparent``), the submit, each wait in the queue, each attempt with its Dify
-call as a GenAI client span, and each callback attempt. Dify and the callback receiver get the ``traceparent`` of
-the span that called them; the job resource and the job's log lines carry its trace id."""
+"""Traces of jobs, end to end with real processes: ``difyq api``, ``difyq worker`` and ``difyq scheduler`` export
+their spans over OTLP/HTTP (the ``OTEL_*`` variables) to a receiver on loopback, and one job's spans form one
+tree: the request's server span (under the caller's ``traceparent``), the submit, each wait in the queue, each
+attempt with its Dify call as a GenAI client span, and each callback attempt. Dify and the callback receiver get
+the ``traceparent`` of the span that called them; the job resource and the job's log lines carry its trace id. A
+webhook delivery and a schedule fire start traces of their own, whose ids are their jobs' ids."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.support.receiver import CallbackReceiver
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
@@ -35,6 +36,7 @@ def config_for(namespace: str, emulator_url: str) -> dict:
         "callbacks": {"signing_secret": SIGNING_SECRET, "allow_hosts": ["127.0.0.0/8"], "retry_schedule": ["0.2s"]},
         "jobs": {"retry_min_backoff": "2s", "retry_max_backoff": "2s", "max_attempts": 5},
         "hooks": {"ping": {"app": "support", "verify": {"scheme": "none"}, "query": "hook {{ body.q }}"}},
+        "schedules": {"tick": {"cron": "* * * * * *", "app": "support", "query": "tick"}},
         "redis": {"namespace": namespace},
     }
 
@@ -82,6 +84,12 @@ def test_one_job_is_one_trace_across_api_worker_and_callback(tmp_path: Path, red
             hook_trace = trace_id_for(hook_job_id)
             hook_spans = otlp.wait_for(hook_trace, ["difyq.submit", "difyq.attempt", "chat support"])
             hook_job = requests.get(f"{base}/v1/jobs/{hook_job_id}", headers=AUTH, timeout=10).json()
+            # A schedule fire (every second) starts a trace in the scheduler process.
+            scheduler = difyq.start("scheduler", "scheduler", env={"DIFYQ_METRICS_PORT": "0"})
+            fire = wait_for(lambda: next((span for span in otlp.spans() if span.name == "difyq.schedule_fire"),
+                                         None), timeout=30, what="a schedule fire's span")
+            difyq.stop(scheduler)
+            fire_spans = otlp.wait_for(fire.trace_id, ["difyq.submit", "difyq.attempt", "chat support"])
             dify_calls = [call for call in requests.get(f"{control}/calls", timeout=5).json()
                           if call["path"].endswith("/chat-messages")]
             worker_log = difyq.logs("worker")
@@ -90,6 +98,7 @@ def test_one_job_is_one_trace_across_api_worker_and_callback(tmp_path: Path, red
     print(f"\ntrace {caller_trace} of job {job_id}:\n{printed}")
     log.info("trace of job %s:\n%s", job_id, printed)
     print(f"trace {hook_trace} of job {hook_job_id}:\n{tree(hook_spans)}")
+    print(f"trace {fire.trace_id} of a schedule fire:\n{tree(fire_spans)}")
     by_id = {span.span_id: span for span in spans}
     assert job["status"] == "succeeded" and job["trace_id"] == caller_trace
 
@@ -140,3 +149,9 @@ def test_one_job_is_one_trace_across_api_worker_and_callback(tmp_path: Path, red
     hook_submit = one(hook_spans, "difyq.submit")
     assert hook_submit.parent_span_id == hook_server.span_id and hook_submit.attributes["difyq.source"] == "hook"
     assert one(hook_spans, "difyq.attempt").parent_span_id == hook_submit.span_id
+
+    assert fire.parent_span_id is None and fire.process == "scheduler" and fire.attributes["difyq.schedule"] == "tick"
+    fire_submit = one(fire_spans, "difyq.submit")
+    assert fire_submit.parent_span_id == fire.span_id and fire_submit.attributes["difyq.source"] == "schedule"
+    assert trace_id_for(fire_submit.attributes["difyq.job.id"]) == fire.trace_id
+    assert one(fire_spans, "difyq.attempt").parent_span_id == fire_submit.span_id
