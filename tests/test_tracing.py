@@ -63,7 +63,8 @@ def test_a_job_carries_the_callers_trace_to_dify_and_the_callback(runtime: Runti
     call = next(call for call in emulator.calls() if "traced" in str(call["body"]))
     assert call["traceparent"].split("-")[1] == trace_id
     assert callback.headers["traceparent"] == call["traceparent"]
-    sent = dify_probe.wait_for(1)[0].headers
+    sent = wait_for(lambda: next((request.headers for request in dify_probe.requests
+                                  if request.path.endswith("/chat-messages")), None), what="the probe's Dify call")
     assert sent["traceparent"].split("-")[1] == sent["x-trace-id"] == probed.json()["trace_id"]
     # Without a (valid) traceparent difyq starts the trace, and its id is the job id's 128 bits.
     assert bad.status_code == 202 and bad.json()["trace_id"] == trace_id_for(bad.json()["id"])
