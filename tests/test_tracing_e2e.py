@@ -7,6 +7,7 @@ webhook delivery and a schedule fire start traces of their own, whose ids are th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import secrets
@@ -27,6 +28,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+# FastAPI makes the request's server span itself from 0.165 on (its native OpenTelemetry); before, the submit
+# span is the API's first, under the caller's traceparent.
+FASTAPI_SERVER_SPANS = importlib.util.find_spec("fastapi.telemetry") is not None
 
 
 def config_for(namespace: str, emulator_url: str) -> dict:
@@ -102,11 +106,14 @@ def test_one_job_is_one_trace_across_api_worker_and_callback(tmp_path: Path, red
     by_id = {span.span_id: span for span in spans}
     assert job["status"] == "succeeded" and job["trace_id"] == caller_trace
 
-    server = next(span for span in spans if span.kind == "server")
-    assert server.parent_span_id == caller_span and server.process == "api"
-    assert server.resource["service.name"] == "difyq-test"
     submit = one(spans, "difyq.submit")
-    assert submit.parent_span_id == server.span_id and submit.kind == "producer"
+    assert submit.kind == "producer" and submit.process == "api" and submit.resource["service.name"] == "difyq-test"
+    if FASTAPI_SERVER_SPANS:
+        server = one(spans, "POST /v1/jobs")
+        assert server.kind == "server" and server.parent_span_id == caller_span
+        assert submit.parent_span_id == server.span_id
+    else:
+        assert submit.parent_span_id == caller_span
     assert submit.attributes["difyq.job.id"] == job_id and submit.attributes["difyq.source"] == "api"
 
     attempts = sorted((span for span in spans if span.name == "difyq.attempt"),
@@ -144,10 +151,13 @@ def test_one_job_is_one_trace_across_api_worker_and_callback(tmp_path: Path, red
     assert job_lines and all(line.get("trace_id") == caller_trace for line in job_lines), job_lines
 
     assert hook_job["trace_id"] == hook_trace
-    hook_server = one(hook_spans, "POST /hooks/{name}")
-    assert hook_server.parent_span_id is None
     hook_submit = one(hook_spans, "difyq.submit")
-    assert hook_submit.parent_span_id == hook_server.span_id and hook_submit.attributes["difyq.source"] == "hook"
+    assert hook_submit.attributes["difyq.source"] == "hook"
+    if FASTAPI_SERVER_SPANS:
+        hook_server = one(hook_spans, "POST /hooks/{name}")
+        assert hook_server.parent_span_id is None and hook_submit.parent_span_id == hook_server.span_id
+    else:
+        assert hook_submit.parent_span_id is None
     assert one(hook_spans, "difyq.attempt").parent_span_id == hook_submit.span_id
 
     assert fire.parent_span_id is None and fire.process == "scheduler" and fire.attributes["difyq.schedule"] == "tick"
