@@ -53,6 +53,8 @@ def test_prefix_cookie_and_sign_in(redis_url: str, namespace: str) -> None:
         jobs = session.get(f"{base}/jobs", timeout=10)
         assert jobs.status_code == 200 and "alice" in jobs.text and TOKEN not in jobs.text
         assert session.get(f"{base}/jobs", params={"since": "last week"}, timeout=10).status_code == 400
+        too_large = session.post(f"{base}/logout", data={"csrf_token": "x" * 20_000}, timeout=10)
+        assert too_large.status_code == 413
         assert sign_in(session, base, TOKEN, next_path="/ops/console/apps").headers["location"] == \
             "/ops/console/apps"
 

@@ -9,9 +9,8 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
-from starlette.concurrency import run_in_threadpool
 
-from difyq.producers.console.web import ConsoleWeb, Refused
+from difyq.producers.console.web import ConsoleWeb, PostedForm, Refused
 from difyq.worker.dead_letters import DeadLetters
 
 KINDS = ("callback", "job")
@@ -80,16 +79,15 @@ def build_dead_letters_router(web: ConsoleWeb) -> APIRouter:
                           confirm=request.query_params.get("confirm") == "1")
 
     @router.post("/dead-letters/replay")
-    async def replay(request: Request) -> Response:
-        operator = web.operator(request)
+    def replay(request: Request, form: PostedForm) -> Response:
         try:
-            form = await web.form(request, operator)
-            wanted = wanted_from(form)
+            operator = web.acting(request, form)
+            wanted = wanted_from(form or {})
         except Refused as refusal:
-            return web.refused(request, operator, refusal)
+            return web.refused(request, web.operator(request), refusal)
         current = {(letter["kind"], letter["job"]) for letter in letters(dead) if wanted.matches(letter)}
-        replayed = await run_in_threadpool(dead.replay_matching, lambda kind, job: (kind, job) in current)
-        by = operator.name if operator else ""
+        replayed = dead.replay_matching(lambda kind, job: (kind, job) in current)
+        by = operator.name
         for job_id in replayed:
             web.actions.record(by, "replay_dead_letter", "queued", job_id)
         web.actions.record(by, "replay_dead_letters", f"{len(replayed)} replayed", filter=wanted.params())

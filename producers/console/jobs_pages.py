@@ -7,12 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from difyq.producers.api.jobs import stop_dify_task
 from difyq.producers.console.job_view import job_page
 from difyq.producers.console.jobs_query import PAGE_SIZE, JobFilter, JobsQuery
-from difyq.producers.console.web import ConsoleWeb, Refused
+from difyq.producers.console.web import ConsoleWeb, PostedForm, Refused
 from difyq.worker.config import Config
 from difyq.worker.jobs.schema import SOURCES, JobStatus
 
@@ -58,16 +57,14 @@ def build_jobs_router(web: ConsoleWeb) -> APIRouter:
 
     def action(name: str, run: Callable[[str], str]) -> None:
         @router.post(f"/jobs/{{job_id}}/{name}", name=f"console_{name}")
-        async def act(request: Request, job_id: str) -> Response:
-            operator = web.operator(request)
+        def act(request: Request, job_id: str, form: PostedForm) -> Response:
             try:
-                await web.form(request, operator)
+                operator = web.acting(request, form)
                 if not runtime.store.fields(job_id):
                     raise Refused(404, f"no job {job_id} (or it has expired)")
             except Refused as refusal:
-                return web.refused(request, operator, refusal)
-            outcome = await run_in_threadpool(run, job_id)
-            web.actions.record(operator.name if operator else "", name, outcome, job_id)
+                return web.refused(request, web.operator(request), refusal)
+            web.actions.record(operator.name, name, run(job_id), job_id)
             return RedirectResponse(f"{web.base}/jobs/{job_id}?done={name}", status_code=303)
 
     def cancel(job_id: str) -> str:

@@ -117,7 +117,6 @@ def summary(fields: dict[str, str | None]) -> dict[str, Any]:
         "duration_s": _seconds(fields.get("finished_at"), fields.get("started_at")),
         "tokens": usage.get("total_tokens"), "cost": usage.get("total_price"), "currency": usage.get("currency"),
         "callback": CallbackBlock.of({name: value for name, value in fields.items() if value is not None}).status,
-        "ids": {name: result.get(name) for name in SEARCHED_IDS if (result or {}).get(name)},
     }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
-from difyq.producers.console.web import ConsoleWeb, Refused
+from difyq.producers.console.web import ConsoleWeb, PostedForm, Refused
 from difyq.producers.schedules.fires import fire_idempotency_key
 from difyq.producers.schedules.lease import LeaderLease
 from difyq.producers.schedules.pauses import SchedulePauses
@@ -58,15 +58,14 @@ def build_schedules_router(web: ConsoleWeb) -> APIRouter:
 
     def toggle(action: str) -> None:
         @router.post(f"/schedules/{{name}}/{action}", name=f"console_schedule_{action}")
-        async def act(request: Request, name: str) -> Response:
-            operator = web.operator(request)
+        def act(request: Request, name: str, form: PostedForm) -> Response:
             try:
-                await web.form(request, operator)
+                operator = web.acting(request, form)
                 if name not in schedules:
                     raise Refused(404, f"no schedule named {name!r} is configured")
             except Refused as refusal:
-                return web.refused(request, operator, refusal)
-            by = operator.name if operator else ""
+                return web.refused(request, web.operator(request), refusal)
+            by = operator.name
             if action == "pause":
                 pauses.pause(name, by)
             else:

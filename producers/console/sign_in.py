@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import secrets
-from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from difyq.producers.console.sessions import LOGIN_COOKIE, SESSION_COOKIE, same_token
-from difyq.producers.console.web import MAX_FORM_BYTES, ConsoleWeb, Refused
+from difyq.producers.console.web import ConsoleWeb, PostedForm, Refused
 
 
 def _safe_next(web: ConsoleWeb, target: str | None) -> str:
@@ -35,10 +34,8 @@ def build_sign_in_router(web: ConsoleWeb) -> APIRouter:
         return response
 
     @router.post("/login")
-    async def login(request: Request) -> Response:
-        body = await request.body()
-        form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()} \
-            if len(body) <= MAX_FORM_BYTES else {}
+    def login(request: Request, form: PostedForm) -> Response:
+        form = form or {}
         target = _safe_next(web, form.get("next"))
         if not same_token(form.get("csrf_token", ""), request.cookies.get(LOGIN_COOKIE, "")):
             return web.refused(request, None, Refused(403, "csrf_token: the sign-in form expired; reload it"))
@@ -57,12 +54,11 @@ def build_sign_in_router(web: ConsoleWeb) -> APIRouter:
         return response
 
     @router.post("/logout")
-    async def logout(request: Request) -> Response:
-        operator = web.operator(request)
+    def logout(request: Request, form: PostedForm) -> Response:
         try:
-            await web.form(request, operator, acting=False)
+            web.acting(request, form, acting=False)
         except Refused as refusal:
-            return web.refused(request, operator, refusal)
+            return web.refused(request, web.operator(request), refusal)
         web.sessions.close(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse(f"{web.base}/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path=web.base)

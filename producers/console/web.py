@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from difyq.producers.api.body import read_body
+from difyq.producers.api.errors import ApiError
 from difyq.producers.console.audit import ActionLog
 from difyq.producers.console.job_view import pretty_json
 from difyq.producers.console.redact import Redactor
@@ -26,6 +28,19 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 TEMPLATES = Path(__file__).parent / "templates"
+
+
+async def read_form(request: Request) -> dict[str, str] | None:
+    """A POSTed url-encoded form (the last value of each name), None when over MAX_FORM_BYTES. A dependency, so
+    the handlers that use it can be plain functions that FastAPI runs off the event loop."""
+    try:
+        body = await read_body(request, MAX_FORM_BYTES)
+    except ApiError:
+        return None
+    return {name: values[-1] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+PostedForm = Annotated[dict[str, str] | None, Depends(read_form)]
 
 
 class Refused(Exception):
@@ -59,19 +74,19 @@ class ConsoleWeb:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse(f"{self.base}/login?{urlencode({'next': target})}", status_code=303)
 
-    async def form(self, request: Request, operator: Operator | None, *, acting: bool = True) -> dict[str, str]:
-        """The POSTed form of a signed-in operator (an operator, when ``acting``) with a valid CSRF token."""
+    def acting(self, request: Request, form: dict[str, str] | None, *, acting: bool = True) -> Operator:
+        """The signed-in operator (one who may act, when ``acting``) whose POSTed ``form`` carries the session's
+        CSRF token; Refused otherwise."""
+        operator = self.operator(request)
         if operator is None:
             raise Refused(401, "sign in first")
-        body = await request.body()
-        if len(body) > MAX_FORM_BYTES:
+        if form is None:
             raise Refused(413, "form too large")
-        form = {name: values[-1] for name, values in parse_qs(body.decode("utf-8", "replace")).items()}
         if not same_token(form.get("csrf_token", ""), operator.csrf):
             raise Refused(403, "csrf_token: missing or not this session's; reload the page and try again")
         if acting and not operator.may_act:
             raise Refused(403, f"{operator.name} is a viewer and may not act")
-        return form
+        return operator
 
     def render(self, request: Request, template: str, operator: Operator | None, status: int = 200,
                **context: Any) -> HTMLResponse:
