@@ -248,3 +248,12 @@ def test_expired_lease_is_swept_back_and_gives_up_after_repeated_losses(runtime)
     job = runtime.store.get(job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
     assert int(runtime.store.fields(job_id)["worker_losses"]) == MAX_WORKER_LOSSES + 1
+
+
+def test_one_callback_attempt_at_a_time(runtime) -> None:
+    """The callback lock is taken once; a second taker learns when the first one's lock lapses."""
+    job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    assert runtime.store.lock_callback(job_id, lock_s=5) is None
+    wait_s = runtime.store.lock_callback(job_id, lock_s=5)
+    assert wait_s is not None and 4 < wait_s <= 5
+    runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))

@@ -60,11 +60,10 @@ class CallbackSender:
         block = CallbackBlock.of(fields)
         if block.settled:
             return
-        lock = self.store.callback_lock_key(job_id)
-        if not self.store.redis.set(lock, "1", nx=True, px=int(self.lock_s * 1000)):
+        wait_s = self.store.lock_callback(job_id, self.lock_s)
+        if wait_s is not None:
             # Another attempt is under way, or its worker died holding the lock: look again once the lock has
             # lapsed rather than drop this message (it may be the only one left for this callback).
-            wait_s = max(self.store.redis.pttl(lock), 100) / 1000
             log.info("callback_already_in_progress", job_id=job_id, retry_in_s=round(wait_s, 3))
             self.store.enqueue_callback(job_id, wait_s)
             return

@@ -307,6 +307,14 @@ class JobStore:
         """Held while one callback attempt is under way, so two attempts for one job never overlap."""
         return self.keys.callback_lock(job_id)
 
+    def lock_callback(self, job_id: str, lock_s: float) -> float | None:
+        """Take the job's callback lock for ``lock_s``; None when taken, else the seconds until the lock that
+        another attempt holds lapses (at least 0.1)."""
+        lock = self.callback_lock_key(job_id)
+        if self.redis.set(lock, "1", nx=True, px=int(lock_s * 1000)):
+            return None
+        return max(self.redis.pttl(lock), 100) / 1000
+
     def finish(
         self,
         job_id: str,
