@@ -119,9 +119,9 @@ async def _within(seconds: float, call: Awaitable[T]) -> T:
 def _traced(new: NewJob, span: tracing.Span) -> NewJob:
     """The job with its trace context, the submit span's; in a trace difyq started (one per request, delivery,
     fire or enqueue, each submitting one job), the job id is the trace id, so either finds the other."""
-    trace_id = tracing.trace_id_of(span.traceparent)
-    job_id = job_id_of_trace(trace_id) if trace_id and tracing.trace_started_here() else None
-    return new.model_copy(update={"traceparent": span.traceparent, "id": job_id})
+    trace_id = tracing.naming_trace_id(span.traceparent)
+    return new.model_copy(update={"traceparent": span.traceparent,
+                                  "id": job_id_of_trace(trace_id) if trace_id else None})
 
 
 def _span_attributes(app: str, source: str) -> dict[str, str]:

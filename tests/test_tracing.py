@@ -120,3 +120,13 @@ def test_which_environments_turn_traces_on(environ: dict[str, str], wanted: bool
 ])
 def test_invalid_traceparents_are_ignored(value: str | None) -> None:
     assert tracing.valid_traceparent(value) is None
+
+
+def test_a_trace_names_one_job_at_most() -> None:
+    """Only a trace difyq started names a job, and only its first: a second submit in the same trace (a caller
+    submitting in a loop under one span) gets an id of its own, never the first job's."""
+    traceparent = f"00-{tracing.new_trace_id()}-{secrets.token_hex(8)}-01"
+    assert tracing.naming_trace_id(traceparent) == tracing.trace_id_of(traceparent)
+    assert tracing.naming_trace_id(traceparent) is None
+    with tracing.IncomingTrace(f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"):
+        assert tracing.naming_trace_id(f"00-{tracing.new_trace_id()}-{secrets.token_hex(8)}-01") is None

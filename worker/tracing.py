@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar, Token
@@ -38,6 +40,10 @@ SpanKind = Literal["internal", "server", "client", "producer", "consumer"]
 _job: ContextVar[str | None] = ContextVar("difyq_job_traceparent", default=None)
 # The traceparent a producer's request came with (the API's RequestContext sets it).
 _incoming: ContextVar[str | None] = ContextVar("difyq_incoming_traceparent", default=None)
+# The trace ids that named a job lately (``naming_trace_id``), oldest first.
+_named: OrderedDict[str, None] = OrderedDict()
+_naming_lock = threading.Lock()
+_NAMED_KEPT = 4096
 
 
 def valid_traceparent(value: str | None) -> str | None:
@@ -69,10 +75,20 @@ def _new_traceparent(parent: str | None) -> str:
     return f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"
 
 
-def trace_started_here() -> bool:
-    """Whether the trace of what is being submitted was started by difyq (no caller's ``traceparent``): its id
-    is then new and the job's own, so the job id is made from it."""
-    return _incoming.get() is None
+def naming_trace_id(traceparent: str | None) -> str | None:
+    """The trace id that names the job being submitted (its id is then made from it): the trace's own when difyq
+    started it (no caller's ``traceparent``: a request, delivery, fire or enqueue) and no other job of this
+    process took it first (a trace holding several submits names only its first job). None otherwise."""
+    trace_id = trace_id_of(traceparent)
+    if trace_id is None or _incoming.get() is not None:
+        return None
+    with _naming_lock:
+        if trace_id in _named:
+            return None
+        _named[trace_id] = None
+        if len(_named) > _NAMED_KEPT:
+            _named.popitem(last=False)
+    return trace_id
 
 
 def job_traceparent() -> str | None:
