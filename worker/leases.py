@@ -128,8 +128,7 @@ class LeaseKeeper:
     def sweep(self) -> list[str]:
         """Requeue jobs whose lease expired, unless another process swept in the last ``sweep_s``; returns the ids
         of the expired leases handled."""
-        lock_key = self.store.keys.reaper
-        if not self.store.redis.set(lock_key, self.store.worker_id, nx=True, px=int(self.sweep_s * 1000)):
+        if not self.store.take_reaper_turn(self.sweep_s):
             return []
         expired = self.store.expired_leases()
         for job_id in expired:
@@ -147,7 +146,7 @@ class LeaseKeeper:
             log.warning("lease_expired_callback_requeued" if resumed else "lease_expired_job_final", job_id=job_id)
             return
         elif not state.startswith("queued:"):
-            self.store.redis.zrem(self.store.leases_key, job_id)
+            self.store.drop_lease(job_id)
         log.warning("lease_expired_job_requeued", job_id=job_id, state=state)
 
     def _give_up(self, job_id: str) -> None:

@@ -493,6 +493,13 @@ class JobStore:
         now_ms = int(time.time() * 1000)
         return [_text(m) for m in self.redis.zrangebyscore(self.leases_key, "-inf", now_ms, start=0, num=limit)]
 
+    def drop_lease(self, job_id: str) -> None:
+        self.redis.zrem(self.leases_key, job_id)
+
+    def take_reaper_turn(self, turn_s: float) -> bool:
+        """Whether this process sweeps expired leases now: no other swept in the last ``turn_s``."""
+        return bool(self.redis.set(self.keys.reaper, self.worker_id, nx=True, px=int(turn_s * 1000)))
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
