@@ -37,6 +37,24 @@ class FormInput(BaseModel):
     action: str = Field(min_length=1, max_length=200)
 
 
+def _request_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written in place: a request body declared by hand has no
+    ``components`` entry for them to refer to."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inlined(node: Any) -> Any:
+        if isinstance(node, dict):
+            if isinstance(ref := node.get("$ref"), str) and ref.startswith("#/$defs/"):
+                return inlined(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inlined(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inlined(item) for item in node]
+        return node
+
+    return inlined(schema)
+
+
 def _job_response(job: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
     return Response(dumps(job), status_code=status, media_type="application/json",
                     headers={"Location": f"/v1/jobs/{job['id']}", **(headers or {})})
@@ -60,7 +78,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         "",
         status_code=202,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": JobSubmission.model_json_schema(ref_template="#/components/schemas/{model}")}
+            "application/json": {"schema": _request_body_schema(JobSubmission)}
         }}},
         responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"},
                    **error_responses(403, 404, 413, 422)},
@@ -132,7 +150,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         "/{job_id}/input",
         status_code=202,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": FormInput.model_json_schema(ref_template="#/components/schemas/{model}")}
+            "application/json": {"schema": _request_body_schema(FormInput)}
         }}},
         responses=error_responses(404, 409, 422, 502),
     )
