@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
 
-from difyq.worker.jobs.schema import JobField
+from difyq.worker.jobs.schema import CallbackStatus, JobField
 from difyq.worker.json_codec import dumps, loads
-
-CallbackStatus = Literal["none", "pending", "delivered", "failed"]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""The job record's schema, defined once: job statuses, the record's field names, and the Lua preamble that hands
-both to the scripts (``STATUS.running``, ``FIELD.callback_url``, ``is_final(status)``), so no script spells one."""
+"""The job record's schema, defined once: job statuses, the record's field names, the callback statuses, and the
+Lua preamble that hands them to the scripts (``STATUS.running``, ``FIELD.callback_url``, ``CALLBACK.pending``,
+``is_final(status)``), so no script spells one."""
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Literal, get_args
 
 
 class JobStatus(StrEnum):
@@ -52,6 +54,8 @@ class JobField(StrEnum):
     TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)
 
 
+CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's callback block
+
 MAX_ATTEMPT_ERRORS = 20
 
 
@@ -74,13 +78,15 @@ end"""
 
 
 def lua_preamble() -> str:
-    """The Lua that opens every job script: the statuses, the field names, ``is_final(status)`` and
+    """The Lua that opens every job script: the job statuses, the field names, the callback statuses,
+    ``is_final(status)`` and
     ``remember_error(job key, error json)`` (appends to the record's ``attempt_errors``)."""
     final = " or ".join(f"status == STATUS.{status.value}" for status in sorted(FINAL_STATUSES))
     return "\n".join([
         "-- Generated from difyq.worker.jobs.schema: the job statuses and record fields.",
         _lua_table("STATUS", {status.value: status.value for status in JobStatus}),
         _lua_table("FIELD", {field.value: field.value for field in JobField}),
+        _lua_table("CALLBACK", {status: status for status in get_args(CallbackStatus)}),
         f"local MAX_ATTEMPT_ERRORS = {MAX_ATTEMPT_ERRORS}",
         "local function is_final(status)",
         f"  return {final}",

@@ -8,7 +8,7 @@ if not is_final(status) then
   return 0
 end
 local callback = redis.call('HGET', KEYS[1], FIELD.callback)
-if not callback or cjson.decode(callback)['status'] ~= 'pending' then
+if not callback or cjson.decode(callback)['status'] ~= CALLBACK.pending then
   return 0
 end
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
