@@ -25,17 +25,23 @@ from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, install_runtime
 
 DEV_TOKEN = "dev-token"
+DEV_CONSOLE_TOKEN = "dev-console-token"
 LOOPBACK = ["127.0.0.0/8", "::1/128", "localhost"]
 
 
 def _dev_config(raw: dict[str, Any], emulator_url: str | None) -> dict[str, Any]:
-    """The config file's content plus what dev adds: the demo app, a dev client, loopback callbacks."""
+    """The config file's content plus what dev adds: the demo app, a dev client, a console operator, loopback
+    callbacks."""
     config = dict(raw)
     if emulator_url:
         config["apps"] = {**(config.get("apps") or {}),
                           "demo": {"api_key": "app-demo", "mode": "chat", "base_url": emulator_url}}
     if not config.get("clients"):
         config["clients"] = {"dev": {"token": DEV_TOKEN, "apps": ["*"]}}
+    console = dict(config.get("console") or {})
+    if not console.get("users"):
+        console["users"] = {"dev": {"token": DEV_CONSOLE_TOKEN, "role": "operator"}}
+        config["console"] = console
     callbacks = dict(config.get("callbacks") or {})
     callbacks["allow_hosts"] = list(callbacks.get("allow_hosts") or []) + LOOPBACK
     callbacks.setdefault("signing_secret", "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode())
@@ -98,12 +104,21 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=api_port, log_config=None,
                                            access_log=False))
 
+    console = runtime.config.console
+    dev_operator = console.users.get("dev")
+    sign_in = f"  (sign in with {DEV_CONSOLE_TOKEN})" if dev_operator and \
+        dev_operator.token.get_secret_value() == DEV_CONSOLE_TOKEN else ""
+    console_line = f"  Console    http://127.0.0.1:{api_port}{console.path_prefix}/console{sign_in}\n" \
+        if console.enabled else ""
+
     def announce() -> None:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         print(
             f"\ndifyq dev is up\n"
             f"  API        http://127.0.0.1:{api_port}  (docs: /docs, metrics: /metrics)\n"
+            + console_line
+            + f"  Redis      {os.environ['REDIS_URL']}\n"
             f"  Redis      {os.environ['REDIS_URL']}\n"
             + (f"  Emulator   {emulator.base_url} (Dify-compatible, app key app-demo)\n" if emulator else "")
             + f"  Metrics    worker http://127.0.0.1:{worker_metrics_port}/metrics, "

@@ -62,6 +62,11 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         assert job["status"] == "succeeded", job
         assert job["result"]["answer"]
         assert re.search(r"Emulator\s+http://127\.0\.0\.1:\d+/v1", "".join(lines))
+        # The console is served, and the operator token it prints is the one README.md names.
+        console = re.search(r"Console\s+(http://\S+/console)\s+\(sign in with (\S+)\)", "".join(lines))
+        assert console is not None, "".join(lines)
+        assert urllib.request.urlopen(f"{console.group(1)}/login", timeout=30).status == 200
+        assert console.group(2) == "dev-console-token" and "`dev-console-token`" in (ROOT / "README.md").read_text()
         # Without REDIS_URL dev runs its own Redis, never one that happens to listen on the default port.
         redis_url = re.search(r"Redis\s+(redis://\S+)", "".join(lines))
         assert redis_url is not None and redis_url.group(1) != DEFAULT_REDIS_URL, "".join(lines)
