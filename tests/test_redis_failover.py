@@ -151,9 +151,9 @@ def _run_failover(deployment: SentinelDeployment, durable: DifyqProcesses, plain
         wait_for(lambda: plain_submitter.accepted_after(killed_at) >= 20, 30,
                  what="the plain API accepting jobs on the new primary")
 
-        # The killed server comes back (as a restarted pod would) and the sentinels make it the new replica; only
-        # then does the durable API accept jobs again.
-        deployment.start_server(killed)
+        # The killed server comes back as the new primary's replica (as a restarted pod asks the sentinels which
+        # server to follow); only then does the durable API accept jobs again.
+        deployment.start_server(killed, replica_of=deployment.name_of(deployment.primary_port()))
         rejoined = wait_for(lambda: deployment.replicas_of(deployment.name_of(deployment.primary_port())) == 1, 60,
                             what="the restarted server joining as a replica")
         assert rejoined
