@@ -172,15 +172,22 @@ def test_a_quota_is_deferred_to_the_next_hour_when_the_app_says_so(
     assert len(runs_of(emulator, marker)) == 1
 
 
-def test_a_missing_input_fails_at_once(runtime: Runtime, emulator: RunningEmulator) -> None:
-    """0.15 answers 400 at once; 1.x fails silently (one ping, then nothing): both end after one attempt."""
-    marker = f"missing-{time.time_ns()}"
-    job_id = submit(runtime, JobSubmission(app="workflow", inputs={"other": marker}), source="cli",
-                    scope="test").job["id"]
+@pytest.mark.parametrize(("app", "submission"), [
+    ("workflow", {"inputs": {"other": "MARK"}}),
+    ("chat", {"query": "MARK", "conversation_id": "6f1c1c4e-8d55-4a57-9d0a-1f1b5f3b2a10"}),
+])
+def test_a_missing_input_or_an_unknown_conversation_fails_at_once(
+        runtime: Runtime, emulator: RunningEmulator, version: str, app: str, submission: dict) -> None:
+    """0.15 answers 400 / 404 at once; 1.x fails silently (one ping, then nothing): both end after one attempt."""
+    marker = f"silent-{app}-{time.time_ns()}"
+    fields = {key: ({"other": marker} if key == "inputs" else marker if value == "MARK" else value)
+              for key, value in submission.items()}
+    job_id = submit(runtime, JobSubmission(app=app, **fields), source="cli", scope="test").job["id"]
     with running_worker(runtime):
         job = wait_for_final(runtime, job_id)
     assert job["status"] == "failed" and job["attempts"] == 1, job
-    assert job["error"]["code"] in ("invalid_param", "no_first_event")
+    expected = "no_first_event" if version == "1.x" else "invalid_param" if app == "workflow" else "not_found"
+    assert job["error"]["code"] == expected
     [call] = runs_of(emulator, marker)
     assert call["outcome"] in ("error", "silent", "disconnected")
 

@@ -25,6 +25,7 @@ one left part-read (an error, an early return) is closed first, so it never carr
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import re
 import threading
@@ -211,7 +212,8 @@ class DifyClient:
             if response.headers.get("Content-Type", "").startswith("application/json"):
                 aggregator.add_blocking(self._blocking_body(response))
             else:
-                first_event_by = started + self._first_event_timeout if mode in WORKFLOW_MODES else None
+                # A workflow run's first event comes at once; a chat's only with its first token (pings before).
+                first_event_by = started + (self._first_event_timeout if mode in WORKFLOW_MODES else math.inf)
                 self._read_stream(response, aggregator, deadline=deadline, first_event_by=first_event_by)
         except DifyError as error:
             run_id = aggregator.workflow_run_id
@@ -356,8 +358,9 @@ class DifyClient:
         first_event_by: float | None,
     ) -> None:
         """Read events until the terminal one (the call is done there: Dify 1.x keeps the connection open about
-        a second longer). `first_event_by`: when no event but pings came by then, Dify failed silently (a
-        missing input or an unknown conversation in 1.x streaming mode: one ping, then nothing for 300 s)."""
+        a second longer). `first_event_by` (a new call; None for a reattach): Dify failed silently when only
+        pings came by then, or when the stream fell silent before any event (a missing input or an unknown
+        conversation in 1.x streaming mode: one ping, then nothing for 300 s; a live call pings every 10 s)."""
         parser = SSEParser()
         # A chunked stream (Dify's) is read chunk by chunk: one event per chunk, with less work per read than
         # read1's; anything else as it arrives.
