@@ -307,3 +307,24 @@ def test_check_config_remote(emulator: RunningEmulator, version: str, tmp_path, 
                      for p in problems)
     assert mislabeled == (version == "1.x")  # 0.15's /info names no mode
     assert "apps.workflow: 'workflow'" in out and "required inputs: text" in out and "file_size_limit 15" in out
+
+
+def test_a_lost_worker_s_run_is_followed_by_the_next_attempt(runtime: Runtime, emulator: RunningEmulator) -> None:
+    """Each call's workflow run id is recorded with its task id; an attempt that finds one (the reaper requeued a
+    job whose worker died mid-run) follows that run instead of starting another."""
+    long_app = EMULATED[3]
+    marker = f"lost-{time.time_ns()}"
+    with requests.post(f"{emulator.base_url}/workflows/run", stream=True, timeout=10,
+                       headers={"Authorization": f"Bearer {long_app.key}"},
+                       json={"inputs": {"text": marker}, "response_mode": "streaming", "user": "difyq"}) as started:
+        first = next(line for line in started.iter_lines() if line.startswith(b"data: "))
+    run_id = json.loads(first.removeprefix(b"data: "))["workflow_run_id"]  # the lost worker's run, still going
+    job_id = enqueue(runtime, "long", f"never-sent-{marker}")
+    runtime.raw_redis.hset(runtime.store.job_key(job_id), "dify_run_id", run_id)
+    recorded = enqueue(runtime, "long", f"recorded-{marker}")
+    with running_worker(runtime):
+        seen = wait_for(lambda: (runtime.store.fields(recorded) or {}).get("dify_run_id"), what="a recorded run id")
+        job, other = wait_for_final(runtime, job_id), wait_for_final(runtime, recorded)
+    assert job["status"] == "succeeded" and job["result"]["workflow_run_id"] == run_id, job
+    assert marker in job["result"]["outputs"]["result"] and not runs_of(emulator, f"never-sent-{marker}")
+    assert other["status"] == "succeeded" and other["result"]["workflow_run_id"] == seen

@@ -143,7 +143,7 @@ def test_a_paused_run_gives_its_form(pool: urllib3.PoolManager) -> None:
 def test_a_resumed_run_is_followed_to_its_end(pool: urllib3.PoolManager) -> None:
     paused = PausedRun(H1_RUN, [], "0.25", "USD")
     with ReplayServer(capture("h1_events_reattach_across_submit")) as server:
-        result = client_for(server.url, pool).resume("workflow", H1_RUN, workflow_request("h1"), paused)
+        result = client_for(server.url, pool).follow_run("workflow", H1_RUN, workflow_request("h1"), paused)
     assert result.paused is None
     assert result.outputs == {"comment": "approved by tester", "action": "approve"}
     assert result.usage is not None and result.usage.total_price == "0.25"

@@ -195,11 +195,11 @@ def test_cancel_queued_and_running(runtime) -> None:
 
     running = runtime.store.submit(new_job(query="b")).job["id"]
     runtime.store.start_attempt(running, lease_s=30)
-    assert runtime.store.record_task_ids({running: "task-1", queued: "task-0"}) == []
+    assert runtime.store.record_task_ids({running: ("task-1", "run-1"), queued: ("task-0", None)}) == []
     assert "task_id" not in runtime.store.fields(queued)
     outcome = runtime.store.cancel(running)
     assert (outcome.state, outcome.task_id) == ("running", "task-1")
-    assert runtime.store.record_task_ids({running: "task-2"}) == [running], "the cancel came first: stop it"
+    assert runtime.store.record_task_ids({running: ("task-2", None)}) == [running], "the cancel came first: stop it"
     assert runtime.store.finish(running, JobStatus.SUCCEEDED, result={"answer": "partial"}) == "canceled"
 
 

@@ -192,10 +192,12 @@ class JobRunner:
         pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
             with dify_call(app_name, app.mode, self.config.app_base_url(app_name), request) as call:
-                if pause is None:
+                if pause is not None:  # the run paused for human input: follow it (resumed, or ended at expiry)
+                    result = client.follow_run(app.mode, pause["workflow_run_id"], request, paused_run(pause))
+                elif fields.get(JobField.DIFY_RUN_ID):  # an earlier attempt's worker was lost mid-run: follow it
+                    result = client.follow_run(app.mode, fields[JobField.DIFY_RUN_ID], request)
+                else:
                     result = self._stream(job_id, client, app, request)
-                else:  # the run paused for human input: follow it (resumed, or ended at the form's expiry)
-                    result = client.resume(app.mode, pause["workflow_run_id"], request, paused_run(pause))
                 call.finished(result)
         except DifyError as error:
             slot.rate_limited = error.rate_limited
@@ -218,7 +220,8 @@ class JobRunner:
             client.stop(app.mode, task_id, request.user)
 
         try:
-            return client.run(app.mode, request, on_task_id=lambda task_id: self.task_ids.note(job_id, task_id, stop))
+            return client.run(app.mode, request, on_task_id=lambda task_id: self.task_ids.note(job_id, task_id, stop),
+                              on_run_id=lambda run_id: self.task_ids.note_run(job_id, run_id))
         finally:
             self.task_ids.forget(job_id)
 
@@ -319,7 +322,7 @@ class JobRunner:
             hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields))
             state = self._durably(lambda: self.store.requeue(
                 job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
-                count_field=JobField.DEFERRALS if since is not None else ""))
+                count_field=JobField.DEFERRALS if since is not None else "", forget_run=True))
             if state != "cancel":
                 log.info("job_deferred" if since is not None else "job_retry_scheduled", delay_s=round(delay, 3))
                 return

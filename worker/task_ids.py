@@ -33,9 +33,15 @@ class TaskIdRecorder:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self._pending: dict[str, tuple[str, StopTask]] = {}
+        self._run_ids: dict[str, str] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    def note_run(self, job_id: str, run_id: str) -> None:
+        """The call of ``job_id`` started workflow run ``run_id`` (recorded with the task id that follows)."""
+        with self._changed:
+            self._run_ids[job_id] = run_id
 
     def note(self, job_id: str, task_id: str, stop: StopTask) -> None:
         """The call of ``job_id`` runs as Dify task ``task_id``; ``stop(task_id)`` stops it."""
@@ -50,6 +56,7 @@ class TaskIdRecorder:
         """The call ended: its task id need not be written any more."""
         with self._changed:
             self._pending.pop(job_id, None)
+            self._run_ids.pop(job_id, None)
 
     def close(self) -> None:
         with self._changed:
@@ -66,15 +73,17 @@ class TaskIdRecorder:
             time.sleep(RECORD_AFTER_S)
             with self._changed:
                 batch, self._pending = self._pending, {}
+                run_ids = {job_id: self._run_ids.pop(job_id) for job_id in batch if job_id in self._run_ids}
             if batch:
                 try:
-                    self._record(batch)
+                    self._record(batch, run_ids)
                 except Exception:  # the thread must outlive any one batch, or no task id is recorded again
                     log.exception("task_ids_not_recorded", jobs=len(batch))
 
-    def _record(self, batch: dict[str, tuple[str, StopTask]]) -> None:
+    def _record(self, batch: dict[str, tuple[str, StopTask]], run_ids: dict[str, str]) -> None:
         try:
-            canceled = self.store.record_task_ids({job_id: task_id for job_id, (task_id, _) in batch.items()})
+            canceled = self.store.record_task_ids({job_id: (task_id, run_ids.get(job_id))
+                                                   for job_id, (task_id, _) in batch.items()})
         except redis.RedisError as exc:
             log.warning("task_ids_not_recorded", jobs=len(batch), error=str(exc))
             return

@@ -40,10 +40,11 @@ class StreamAggregator:
     """Accumulates one call's events; `result()` gives the `DifyResult` or raises the call's `DifyError`."""
 
     def __init__(self, mode: str, *, started: float, on_task_id: Callable[[str], None] | None = None,
-                 spent_before: PausedRun | None = None) -> None:
+                 on_run_id: Callable[[str], None] | None = None, spent_before: PausedRun | None = None) -> None:
         self._mode = mode
         self._started = started
         self._on_task_id = on_task_id
+        self._on_run_id = on_run_id
         self._answer: list[str] | None = None
         self._first_token_at: float | None = None
         self._ids: dict[str, str] = {}
@@ -69,6 +70,11 @@ class StreamAggregator:
         if self._mode == "advanced-chat":
             return run is not None and self._message_ended
         return self._message_ended
+
+    def follows(self, run_id: str) -> None:
+        """From now on the events (or the record) come from following run `run_id`, not from the call."""
+        self.followed = True
+        self._ids.setdefault("workflow_run_id", run_id)
 
     @property
     def failed(self) -> bool:
@@ -195,6 +201,8 @@ class StreamAggregator:
             self._ids[key] = value
             if key == "task_id" and self._on_task_id is not None:
                 self._on_task_id(value)
+            elif key == "workflow_run_id" and self._on_run_id is not None:
+                self._on_run_id(value)
 
     def _append(self, text: Any) -> None:
         if not isinstance(text, str):

@@ -193,16 +193,18 @@ class DifyClient:
         (looked up per call, so a forked child makes its own)."""
         return self._pool if self._pool is not None else shared_pool(self._settings)
 
-    def run(self, mode: str, request: DifyRequest, *, on_task_id: Callable[[str], None] | None = None) -> DifyResult:
-        """Run the app once and aggregate its stream; `on_task_id` gets the task id (for `stop`) as soon as
-        an event carries it. A workflow or chatflow stream that breaks once the run id is known is followed to
-        the run's end (`follow`), never run again. Raises `DifyError`."""
+    def run(self, mode: str, request: DifyRequest, *, on_task_id: Callable[[str], None] | None = None,
+            on_run_id: Callable[[str], None] | None = None) -> DifyResult:
+        """Run the app once and aggregate its stream; `on_task_id` gets the task id (for `stop`) and `on_run_id`
+        the workflow run id (to follow the run should this call be lost) as soon as an event carries them. A
+        workflow or chatflow stream that breaks once the run id is known is followed to the run's end
+        (`follow`), never run again. Raises `DifyError`."""
         path = _route(_RUN_PATHS, mode)
         if mode == "workflow" and request.workflow_id:
             path = f"/workflows/{quote(request.workflow_id, safe='')}/run"
         started = time.monotonic()
         deadline = started + self._total_timeout
-        aggregator = StreamAggregator(mode, started=started, on_task_id=on_task_id)
+        aggregator = StreamAggregator(mode, started=started, on_task_id=on_task_id, on_run_id=on_run_id)
         headers = tracing.dify_headers(request.trace_id)
         response = self._request("POST", path, _request_body(mode, request), accept="text/event-stream",
                                  headers=headers)
@@ -225,13 +227,15 @@ class DifyClient:
             _release(response)
         return aggregator.result()
 
-    def resume(self, mode: str, run_id: str, request: DifyRequest, paused: PausedRun) -> DifyResult:
-        """Follow a run that paused for human input, once its form was submitted, to its end (or its next
-        pause): a plain reattach streams the resumed run; what its nodes cost before the pause is counted."""
+    def follow_run(self, mode: str, run_id: str, request: DifyRequest, paused: PausedRun | None = None) -> DifyResult:
+        """Follow a run an earlier attempt started to its end (or its next pause), instead of running the app
+        again: a run whose worker was lost (with the state so far, so every node's price counts), or, `paused`,
+        a run that paused for human input and was resumed (a plain reattach streams the resumed run; what its
+        nodes cost before the pause is counted)."""
         started = time.monotonic()
         aggregator = StreamAggregator(mode, started=started, spent_before=paused)
         self.follow(run_id, request.user, aggregator, deadline=started + self._total_timeout,
-                    headers=tracing.dify_headers(request.trace_id), snapshot=False)
+                    headers=tracing.dify_headers(request.trace_id), snapshot=paused is None)
         return aggregator.result()
 
     def submit_form(self, form_token: str, inputs: Mapping[str, Any], action: str, user: str, *,
@@ -255,7 +259,7 @@ class DifyClient:
         the outputs from the record. `snapshot=False` takes only what comes next (a resumed run: the replay would
         repeat its pause). Raises `DifyError`: `run_timeout` when the run is still going at the deadline,
         `not_found` when Dify does not know the run."""
-        aggregator.followed = True
+        aggregator.follows(run_id)
         try:
             self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers, snapshot=snapshot)
         except DifyError as error:

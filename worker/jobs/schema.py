@@ -50,6 +50,7 @@ class JobField(StrEnum):
     DEFERRALS = "deferrals"
     DEFERRED_BY = "deferred_by"  # the limit that deferred the job last (requests, tokens, concurrency, upstream)
     WORKER_LOSSES = "worker_losses"
+    DIFY_RUN_ID = "dify_run_id"  # the attempt's workflow run: a lost worker's run is followed, not run again
     PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
     TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)
 

@@ -295,12 +295,12 @@ class JobStore:
             return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1", fields=_record(reply, 3))
         return AttemptStart(state, status=_text(reply[1]) if len(reply) > 1 else None)
 
-    def record_task_ids(self, task_ids: dict[str, str]) -> list[str]:
-        """Write the Dify task id of each running job's call (one round trip, see task_id.lua); returns the jobs
-        whose cancel was asked before their task id was there."""
+    def record_task_ids(self, task_ids: dict[str, tuple[str, str | None]]) -> list[str]:
+        """Write the Dify task id and workflow run id (if any) of each running job's call (one round trip, see
+        task_id.lua); returns the jobs whose cancel was asked before their task id was there."""
         pipe = self.redis.pipeline(transaction=False)
-        for job_id, task_id in task_ids.items():
-            self._task_id(keys=[self.job_key(job_id)], args=[task_id], client=pipe)
+        for job_id, (task_id, run_id) in task_ids.items():
+            self._task_id(keys=[self.job_key(job_id)], args=[task_id, run_id or ""], client=pipe)
         return [job_id for job_id, canceled in zip(task_ids, pipe.execute(), strict=True) if canceled]
 
     def callback_lock_key(self, job_id: str) -> str:
@@ -407,11 +407,13 @@ class JobStore:
     def requeue(
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = JobStatus.RUNNING,
         count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
-        waiting_since: float | None = None, deferred_by: str | None = None,
+        waiting_since: float | None = None, deferred_by: str | None = None, forget_run: bool = False,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
         cancel was asked meanwhile. ``hints``: see ``run_hints``; ``waiting_since``: the job's first wait, kept
-        once (a job deferred by a limit or a quota); ``deferred_by``: the limit that deferred it."""
+        once (a job deferred by a limit or a quota); ``deferred_by``: the limit that deferred it;
+        ``forget_run``: the next attempt runs the workflow anew instead of following the recorded run (a retry
+        after a failure)."""
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         requeue: dict[str, Any] = {"expected": expected, "next_attempt_at": repr(time.time() + delay_s),
                                    "message_id": message.redis_message_id, "message_body": message.body.decode(),
@@ -424,6 +426,8 @@ class JobStore:
             requeue["waiting_since"] = repr(waiting_since)
         if deferred_by:
             requeue["deferred_by"] = deferred_by
+        if forget_run:
+            requeue["forget_run"] = True
         reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
                               args=[dumps(requeue)])
         return _text(reply)

@@ -4,7 +4,8 @@
 -- ARGV: 1 a JSON object: expected (the status the job must have), next_attempt_at (unix seconds), message_id and
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
---       deferred_by (the limit that deferred the job)
+--       deferred_by (the limit that deferred the job),
+--       forget_run (true: drop the recorded workflow run id, a retry runs anew; else a lost worker's run is followed)
 -- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), or the status the job has instead.
 local requeue = cjson.decode(ARGV[1])
 local status = redis.call('HGET', KEYS[1], FIELD.status)
@@ -15,6 +16,9 @@ if redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
   return 'cancel'
 end
 redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued, FIELD.next_attempt_at, requeue.next_attempt_at)
+if requeue.forget_run then
+  redis.call('HDEL', KEYS[1], FIELD.dify_run_id)
+end
 if requeue.error then
   redis.call('HSET', KEYS[1], FIELD.error, requeue.error)
   remember_error(KEYS[1], requeue.error)
