@@ -307,17 +307,13 @@ class _Node:
         self.created_at = int(time.time())
 
     def started_event(self) -> Event:
-        return self.run.workflow_chunk(
-            "node_started",
-            {
-                **self.head,
-                "inputs": None,
-                "created_at": self.created_at,
-                "extras": {},
-                **self._NULL_PARALLEL,
-                "parallel_run_id": None,
-            },
-        )
+        if self.run.dify_version == "1.x":  # the 1.14.2 layout: truncation flags, loops, no parallel branches
+            data = {**self.head, "inputs": None, "inputs_truncated": False, "created_at": self.created_at,
+                    "extras": {}, "iteration_id": None, "loop_id": None, "agent_strategy": None}
+        else:
+            data = {**self.head, "inputs": None, "created_at": self.created_at, "extras": {}, **self._NULL_PARALLEL,
+                    "parallel_run_id": None}
+        return self.run.workflow_chunk("node_started", data)
 
     def finished_event(
         self,
@@ -328,23 +324,25 @@ class _Node:
         error: str | None = None,
         execution_metadata: Any = None,
     ) -> Event:
-        return self.run.workflow_chunk(
-            "node_finished",
-            {
-                **self.head,
-                "inputs": inputs,
-                "process_data": process_data,
-                "outputs": outputs,
-                "status": "failed" if error else "succeeded",
-                "error": error,
-                "elapsed_time": round(time.monotonic() - self.started, 6),
-                "execution_metadata": execution_metadata,
-                "created_at": self.created_at,
-                "finished_at": int(time.time()),
-                "files": [],
-                **self._NULL_PARALLEL,
-            },
-        )
+        layout_1x = self.run.dify_version == "1.x"
+        data = {
+            **self.head,
+            "inputs": inputs,
+            **({"inputs_truncated": False} if layout_1x else {}),
+            "process_data": process_data,
+            **({"process_data_truncated": False} if layout_1x else {}),
+            "outputs": outputs,
+            **({"outputs_truncated": False} if layout_1x else {}),
+            "status": "failed" if error else "succeeded",
+            "error": error,
+            "elapsed_time": round(time.monotonic() - self.started, 6),
+            "execution_metadata": execution_metadata,
+            "created_at": self.created_at,
+            "finished_at": int(time.time()),
+            "files": [],
+            **({"iteration_id": None, "loop_id": None} if layout_1x else self._NULL_PARALLEL),
+        }
+        return self.run.workflow_chunk("node_finished", data)
 
 
 def _system_inputs(run: Run) -> dict[str, Any]:
@@ -370,7 +368,7 @@ def _workflow_finished(run: Run, status: str, *, outputs: Any, error: str | None
         {
             "id": run.workflow_run_id,
             "workflow_id": run.workflow_id,
-            "sequence_number": run.sequence_number,
+            **({} if run.dify_version == "1.x" else {"sequence_number": run.sequence_number}),
             "status": status,
             "outputs": outputs,
             "error": error,
@@ -392,7 +390,7 @@ def _workflow_started(run: Run, system_inputs: dict[str, Any], reason: str = "in
         {
             "id": run.workflow_run_id,
             "workflow_id": run.workflow_id,
-            "sequence_number": run.sequence_number,
+            **({} if run.dify_version == "1.x" else {"sequence_number": run.sequence_number}),
             "inputs": system_inputs,
             "created_at": run.created_at,
             **({"reason": reason} if run.dify_version == "1.x" else {}),
