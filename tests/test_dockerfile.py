@@ -107,6 +107,15 @@ def test_hadolint_is_clean() -> None:
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+def test_no_parser_directive_pulls_a_frontend_image() -> None:
+    """A ``# syntax=`` directive makes BuildKit pull that frontend image from a registry before building: offline
+    or behind a registry mirror the build fails. Docker's built-in frontend and buildah support every instruction
+    used here (``RUN --mount`` included)."""
+    directives = [line for line in DOCKERFILE.read_text(encoding="utf-8").splitlines()
+                  if re.match(r"#\s*syntax\s*=", line, flags=re.IGNORECASE)]
+    assert directives == []
+
+
 def test_multi_stage_build_on_a_pinned_slim_python() -> None:
     base_arg = next(i for i in INSTRUCTIONS if i.keyword == "ARG" and i.arguments.startswith("PYTHON_IMAGE="))
     assert base_arg.stage == -1, "PYTHON_IMAGE must be a global ARG, declared before the first FROM"
