@@ -28,7 +28,7 @@ from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.redis_connect import RedisConnector, sentinel_settings
 from tests.support.processes import DifyqProcesses, difyq_processes
 from tests.support.sentinel import MASTER_NAME, SentinelDeployment, sentinel_deployment
-from tests.support.stack import CLIENT_TOKEN
+from tests.support.stack import CLIENT_TOKEN, make_runtime, serving_api
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -191,6 +191,32 @@ def _run_failover(deployment: SentinelDeployment, durable: DifyqProcesses, plain
           f"{lost['plain']} lost; durable API: 202 again after {durable_switch:.1f} s (a replica back), "
           f"{len(durable_submitter.unavailable)} x 503, {len(durable_submitter.accepted)} accepted, 0 lost; "
           f"slowest answer {max(s.slowest_s for s in submitters):.2f} s")
+
+
+def test_durable_submit_answers_503_until_a_replica_holds_the_job(tmp_path: Path) -> None:
+    """A primary without a replica: the durable submit stores the job but answers 503 with Retry-After (no replica
+    acknowledged it); once a replica is connected, the retry with the same key answers 200 with that same job."""
+    servers = SentinelDeployment(tmp_path)
+    try:
+        servers.start_server("a")
+        namespace = f"difyq-durable-{uuid.uuid4().hex[:8]}"
+        runtime = make_runtime(f"redis://127.0.0.1:{servers.servers['a']}/0", namespace,
+                               {"support": {"api_key": "app-durable-key-01", "mode": "chat"}},
+                               redis={"namespace": namespace, "durable_submit": True})
+        body = {"app": "support", "query": "keep me", "user": "durable"}
+        headers = {**HEADERS, "Idempotency-Key": "durable-1"}
+        with serving_api(runtime) as api:
+            refused = requests.post(f"{api}/v1/jobs", json=body, headers=headers, timeout=REQUEST_TIMEOUT_S)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "5", refused.text
+            stored = runtime.store.list(allowed_apps=None, limit=10)[0]
+            assert len(stored) == 1  # on the primary, not yet on any replica
+            servers.start_server("b", replica_of="a")
+            wait_for(lambda: servers.replicas_of("a") == 1, 10, what="the replica connecting")
+            retried = requests.post(f"{api}/v1/jobs", json=body, headers=headers, timeout=REQUEST_TIMEOUT_S)
+            assert retried.status_code == 200, retried.text
+            assert retried.json()["id"] == stored[0]["id"]
+    finally:
+        servers.stop_all()
 
 
 # ------------------------------------------------------------------------------------------------ the settings
