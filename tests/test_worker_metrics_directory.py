@@ -37,7 +37,7 @@ def succeeded_jobs(port: int) -> float:
 
 def start_worker(difyq: DifyqProcesses, name: str, env: dict[str, str] | None = None) -> int:
     port = free_port()
-    process = difyq.start(name, "worker", "--processes", "2", "--threads", "2",
+    process = difyq.start(name, "worker", "--processes", "1", "--threads", "2",
                           env={"DIFYQ_METRICS_PORT": str(port), **(env or {})})
     wait_for_port(port, process=process)
     return port
