@@ -211,3 +211,19 @@ def test_pings_and_then_silence_is_dify_s_silent_failure(pool: urllib3.PoolManag
     with ScriptedServer(ping_then_hold) as server, pytest.raises(DifyError) as raised:
         DifyClient(server.url + "/v1", API_KEY, pool=pool, idle_read_timeout=0.5).run("workflow", workflow_request())
     assert (raised.value.code, raised.value.retryable) == ("no_first_event", False)
+
+
+@pytest.mark.parametrize("dify_version", ["0.15", "1.x"])
+def test_a_stream_that_ends_at_once_keeps_its_connection(pool: urllib3.PoolManager, dify_version: str) -> None:
+    """The emulator ends each chunked stream right after its terminal event: the connection goes back to the pool
+    (a stream held open longer, as Dify 1.x does, is closed instead: test_a_call_is_done_at_its_terminal_event)."""
+    from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+
+    with start_emulator([EmulatedApp(name="w", key="app-keep-alive", mode="workflow")],
+                        dify_version=dify_version) as emulator:
+        client = DifyClient(emulator.base_url, "app-keep-alive", pool=pool)
+        for _ in range(3):
+            assert client.run("workflow", DifyRequest(query=None, inputs={"text": "hi"}, user="u")).outputs
+        host_pool = pool.connection_from_url(emulator.base_url)
+        idle = [connection for connection in host_pool.pool.queue if connection is not None]
+        assert host_pool.num_connections == 1 and [connection.is_connected for connection in idle] == [True]

@@ -6,7 +6,8 @@ answer, and the first token can be timed) and reads the event stream as it arriv
 the model is silent, so a longer gap means the peer is gone); `total_timeout` for the whole call, checked as data
 arrives (a silent peer is caught by the idle timeout, so the call ends at most `idle_read_timeout` past it);
 and, for workflow runs, `first_event_timeout` for the first event (Dify 1.x fails a streaming call with a
-missing input or an unknown conversation silently: pings and nothing else). A call is done at its terminal event.
+missing input or an unknown conversation silently: pings and nothing else). A call is done at its terminal event
+(the stream's end is read when it follows at once, keeping the connection; else the connection is dropped).
 Once a workflow or chatflow run id is known, a stream that breaks is followed to the run's end (`follow`), so a
 cut never runs a workflow twice. Each call carries the job's trace (`tracing.dify_headers`).
 Every failure is a `DifyError` (see `difyq.worker.dify.errors`); the API key never appears in one.
@@ -24,13 +25,14 @@ one left part-read (an error, an early return) is closed first, so it never carr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
@@ -64,6 +66,8 @@ _BROKEN_STREAM_CODES = frozenset({"stream_incomplete", "timeout", "connection_er
 # The run statuses of `GET /workflows/run/{id}` that end a run (`running` and `paused` do not).
 FINISHED_RUN_STATUSES = frozenset({"succeeded", "failed", "stopped", "partial-succeeded"})
 _READ_SIZE = 64 * 1024
+# How long the end of a stream is awaited after its terminal event before the connection is dropped instead.
+_END_GRACE_S = 0.02
 _ERROR_BODY_LIMIT = 64 * 1024
 _ERROR_SNIPPET_CHARS = 200
 _WHITESPACE = re.compile(r"\s+")
@@ -375,6 +379,7 @@ class DifyClient:
                 for event in parser.feed(chunk):
                     aggregator.add(_decode_event(event.data))
                 if aggregator.complete:
+                    _finish_quietly(response, chunks)
                     return
                 now = time.monotonic()
                 if first_event_by is not None and aggregator.events_seen == 0 and now > first_event_by:
@@ -434,6 +439,24 @@ class DifyClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "[api key]") if self._api_key else text
+
+
+def _finish_quietly(response: urllib3.BaseHTTPResponse, chunks: Iterator[bytes]) -> None:
+    """After the terminal event: read the stream's end if it is already on its way (`_END_GRACE_S`), so the
+    connection goes back to the pool; a server that holds the stream open (Dify 1.x, about a second) is not
+    waited for: the connection is closed instead."""
+    sock = getattr(response.connection, "sock", None)
+    if sock is None:
+        return
+    timeout = sock.gettimeout()
+    sock.settimeout(_END_GRACE_S)
+    try:
+        for _ in chunks:
+            pass
+    except (TransportError, OSError):
+        return
+    with contextlib.suppress(OSError):
+        sock.settimeout(timeout)
 
 
 def _release(response: urllib3.BaseHTTPResponse) -> None:
