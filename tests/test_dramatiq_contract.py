@@ -1,0 +1,65 @@
+"""The one place difyq depends on Dramatiq beyond its public API: the job scripts write Dramatiq's Redis layout
+(``worker/jobs/messages.py``), so a state change and its message land in one step. Read back through Dramatiq's
+public consumer, each kind of message difyq writes must arrive as written; if a Dramatiq release changes the layout
+of its queues, these tests fail before any job is lost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from dramatiq.broker import MessageProxy
+from dramatiq.common import dq_name
+
+from difyq.worker.app import build_broker
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.leases import lease_from_env
+from difyq.worker.runtime import Runtime
+from tests.support.stack import make_runtime
+
+APPS = {"support": {"api_key": "app-x", "mode": "chat"}}
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str) -> Runtime:
+    return make_runtime(redis_url, namespace, APPS)
+
+
+def consume_one(runtime: Runtime, queue: str, timeout_s: float = 5.0) -> MessageProxy:
+    """The next message of ``queue``, as a Dramatiq worker's consumer gets it."""
+    consumer = build_broker(runtime, lease_from_env()).consume(queue, prefetch=1, timeout=50)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        message = next(consumer)
+        if message is not None:
+            consumer.ack(message)
+            return message
+    raise AssertionError(f"no message on {queue} in {timeout_s} s")
+
+
+def test_a_submitted_job_is_a_run_job_message_dramatiq_consumes(runtime: Runtime) -> None:
+    job_id = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"),
+                                         scope="client:t")).job["id"]
+    message = consume_one(runtime, JOBS_QUEUE)
+    assert (message.queue_name, message.actor_name, message.args, message.kwargs) == (
+        JOBS_QUEUE, "run_job", (job_id,), {"app": "support"})
+
+
+def test_a_retry_is_a_delayed_message_with_its_eta(runtime: Runtime) -> None:
+    job_id = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"),
+                                         scope="client:t")).job["id"]
+    consume_one(runtime, JOBS_QUEUE)
+    runtime.store.start_attempt(job_id, lease_s=30)
+    before_ms = int(time.time() * 1000)
+    assert runtime.store.requeue(job_id, delay_s=30).startswith("queued")
+    message = consume_one(runtime, dq_name(JOBS_QUEUE))
+    assert (message.actor_name, message.args) == ("run_job", (job_id,))
+    assert before_ms + 29_000 <= message.options["eta"] <= before_ms + 31_000
+
+
+def test_a_callback_is_a_deliver_callback_message_dramatiq_consumes(runtime: Runtime) -> None:
+    runtime.store.enqueue_callback("job_contract", delay_s=0)
+    message = consume_one(runtime, CALLBACKS_QUEUE)
+    assert (message.queue_name, message.actor_name, message.args) == (
+        CALLBACKS_QUEUE, "deliver_callback", ("job_contract",))
