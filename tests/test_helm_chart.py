@@ -663,6 +663,27 @@ def test_sentinel_settings_reach_every_difyq_container(renders: dict[str, Render
     assert config["redis"]["durable_submit"] is True
 
 
+def test_tracing_settings_reach_every_difyq_container(renders: dict[str, Rendered]) -> None:
+    """tracing.otlpEndpoint turns traces on in every process through the standard OTEL_* variables, which difyq's
+    own switch reads; without it no process asks for traces."""
+    from difyq.worker import otel
+
+    rendered = renders["all-on"]
+    tracing = rendered.values["tracing"]
+    for component in DIFYQ_COMPONENTS:
+        env = {item["name"]: item for item in rendered.container(component)["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == tracing["otlpEndpoint"]
+        assert env["OTEL_SERVICE_NAME"]["value"] == tracing["serviceName"]
+        assert env["OTEL_TRACES_SAMPLER"]["value"] == tracing["sampler"]
+        assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == tracing["samplerArg"]
+        assert env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"] == {
+            "name": tracing["headersSecret"], "key": tracing["headersSecretKey"]}
+        assert otel.wanted({name: item.get("value", "secret") for name, item in env.items()})
+        default_env = {item["name"]: item.get("value", "") for item in renders["default"].container(component)["env"]}
+        assert not otel.wanted(default_env)
+        assert not any(name.startswith("OTEL_") for name in default_env)
+
+
 def test_sentinel_cannot_go_with_the_bundled_redis(helm: Helm) -> None:
     nodes = "redis.sentinel.nodes[0]=sentinel:26379"
     bundled = helm.template("--set", nodes)
@@ -833,6 +854,8 @@ def test_chart_copies_of_the_grafana_files_are_identical(name: str) -> None:
     (["--set", "api.readinessPath=/"], "at '/api/readinessPath'"),
     (["--set", "worker.autoscaling.type=vpa"], "at '/worker/autoscaling/type'"),
     (["--set", "worker.gevent=yes"], "at '/worker/gevent'"),
+    (["--set", "tracing.sampler=sometimes"], "at '/tracing/sampler'"),
+    (["--set", "tracing.otlpEndpoint=collector:4318"], "at '/tracing/otlpEndpoint'"),
     (["--set", "redis.url=http://redis:6379"], "at '/redis/url'"),
     (["--set", "config.apps.a.mode=chatbot", "--set", "config.apps.a.api_key=${K}"], "at '/config/apps/a/mode'"),
     (["--set", "config.jobs.result_ttl=forever"], "at '/config/jobs/result_ttl'"),
