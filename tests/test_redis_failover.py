@@ -114,6 +114,7 @@ def _scheduled_after(api: str, moment_epoch: float) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_failover_503_then_reconnect_and_no_durable_job_lost(tmp_path: Path,
                                                              deployment: SentinelDeployment) -> None:
     namespace = f"difyq-failover-{uuid.uuid4().hex[:8]}"

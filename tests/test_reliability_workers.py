@@ -247,6 +247,7 @@ def test_a_pod_whose_threads_are_busy_leaves_new_jobs_to_a_pod_with_free_ones(
     assert all(r["status"] == "running" and r["worker"] in busy_ids for r in still_running.values())
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_running_jobs_and_hands_back_the_rest_without_a_duplicate_call(
     tmp_path: Path, redis_url: str, namespace: str, emulator
 ) -> None:

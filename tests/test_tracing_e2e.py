@@ -51,6 +51,7 @@ def one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
     return found[0]
 
 
+@pytest.mark.slow
 def test_one_job_is_one_trace_across_api_worker_and_callback(tmp_path: Path, redis_url: str,
                                                               namespace: str) -> None:
     caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)

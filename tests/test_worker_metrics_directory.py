@@ -50,6 +50,7 @@ def metrics_directory(difyq: DifyqProcesses, name: str) -> str:
     raise AssertionError(f"{name} logged no worker_metrics_directory line:\n{difyq.logs(name)}")
 
 
+@pytest.mark.slow
 def test_a_second_worker_on_the_host_keeps_the_first_ones_metrics(
     tmp_path: Path, redis_url: str, namespace: str, emulator
 ) -> None:
