@@ -10,6 +10,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from difyq.worker.jobs.model import JobRequest, NewJob
 
@@ -47,14 +48,14 @@ class DifyFile(BaseModel):
     @classmethod
     def _remote_files_have_a_url(cls, url: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("transfer_method") == "remote_url" and (url is None or not re.fullmatch(_HTTP_URL, url)):
-            raise ValueError("a remote_url file needs the http(s) URL Dify fetches it from")
+            raise PydanticCustomError("file_url", "a remote_url file needs the http(s) URL Dify fetches it from")
         return url
 
     @field_validator("upload_file_id")
     @classmethod
     def _uploaded_files_have_an_id(cls, upload_file_id: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("transfer_method") == "local_file" and not upload_file_id:
-            raise ValueError("a local_file file needs the upload_file_id Dify gave it")
+            raise PydanticCustomError("file_upload_id", "a local_file file needs the upload_file_id Dify gave it")
         return upload_file_id
 
 
