@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeVar
@@ -20,7 +21,7 @@ from difyq.worker import metrics, tracing
 from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob, job_id_of_trace
-from difyq.worker.jobs.store import SubmitOutcome
+from difyq.worker.jobs.store import SubmitOutcome, TooManyPending
 from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.producers")
@@ -30,17 +31,27 @@ log = structlog.get_logger("difyq.producers")
 REDIS_REPLY_TIMEOUT_S = 2.0
 _BUSY_TURN_S = 0.05
 
+# The Retry-After of a submit refused for backpressure: a max_pending cap frees as jobs finish, Redis memory as
+# results expire or an operator acts, which takes longer.
+TOO_MANY_PENDING_RETRY_AFTER_S = 30
+MEMORY_GUARD_RETRY_AFTER_S = 60
+
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class SubmitRejected(Exception):
-    """A submission that cannot become a job; ``status`` is the HTTP status a producer answers with."""
+    """A submission that cannot become a job; ``status`` is the HTTP status a producer answers with, and
+    ``retry_after`` (seconds) its ``Retry-After`` when trying again later may succeed."""
 
     status: int
     code: str
     message: str
     field: str | None = None
+    retry_after: int | None = None
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: str,
@@ -51,7 +62,9 @@ def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: s
     callback_url = new.callback_url
     if callback_url:
         _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
-    with tracing.submitting(_span_attributes(new.app, source)) as span:
+    if runtime.memory_guard.full(runtime.redis):
+        raise _memory_guard_refusal(new.app, source)
+    with tracing.submitting(_span_attributes(new.app, source)) as span, _capped(new.app, source):
         return _counted(runtime.store.submit(_traced(new, span)), new.app, source, span)
 
 
@@ -70,9 +83,35 @@ async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission
             addresses = await _resolve_on_loop(lookup.host, lookup.port)
             blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
         _reject_blocked(blocked)
-    with tracing.submitting(_span_attributes(app, source)) as span:
+    if await _within(REDIS_REPLY_TIMEOUT_S, runtime.memory_guard.full_async(client)):
+        raise _memory_guard_refusal(app, source)
+    with tracing.submitting(_span_attributes(app, source)) as span, _capped(app, source):
         stored = runtime.store.submit_async(client, _traced(new, span))
         return _counted(await _within(REDIS_REPLY_TIMEOUT_S, stored), app, source, span)
+
+
+def _memory_guard_refusal(app: str, source: str) -> SubmitRejected:
+    """The 503 of a submit while Redis is too full for new jobs (``redis.memory_guard``), counted."""
+    metrics.submits_refused.labels(app=app, source=source, reason="memory_guard").inc()
+    log.warning("job_refused", app=app, source=source, reason="memory_guard")
+    return SubmitRejected(503, "redis_memory_full", "Redis is nearly out of memory (redis.memory_guard): new jobs "
+                          "are refused until it frees; retry after Retry-After",
+                          retry_after=MEMORY_GUARD_RETRY_AFTER_S)
+
+
+@contextmanager
+def _capped(app: str, source: str) -> Iterator[None]:
+    """A submit the job store refused for a ``max_pending`` cap becomes the 429 SubmitRejected, counted."""
+    try:
+        yield
+    except TooManyPending as exc:
+        metrics.submits_refused.labels(app=app, source=source, reason="max_pending").inc()
+        log.info("job_refused", app=app, source=source, reason="max_pending", over=exc.over)
+        setting = "apps" if exc.over == "app" else "clients"
+        raise SubmitRejected(429, "too_many_pending", f"{exc.over} {exc.name!r} has {exc.cap} unfinished jobs, "
+                             f"its {setting}.{exc.name}.max_pending; retry after Retry-After",
+                             "app" if exc.over == "app" else None,
+                             retry_after=TOO_MANY_PENDING_RETRY_AFTER_S) from None
 
 
 async def _within(seconds: float, call: Awaitable[T]) -> T:

@@ -82,11 +82,13 @@ class AppConfig(Strict):
     limits: AppLimits | None = None
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
     on_quota: Literal["fail", "defer"] = "fail"
+    max_pending: Annotated[int, Field(gt=0)] | None = None  # unfinished jobs of the app; over it a submit is 429
 
 
 class ClientConfig(Strict):
     token: SecretStr
     apps: list[str] = Field(default_factory=lambda: ["*"])
+    max_pending: Annotated[int, Field(gt=0)] | None = None  # unfinished jobs the client submitted; over it 429
 
     def may_use(self, app: str) -> bool:
         return "*" in self.apps or app in self.apps
@@ -275,6 +277,8 @@ class RedisConfig(Strict):
     namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "difyq"
     sentinel: SentinelConfig | None = None
     durable_submit: bool = False
+    # Submits answer 503 once used_memory passes this share of maxmemory (no guard without a maxmemory, or None).
+    memory_guard: Annotated[float, Field(gt=0, le=1)] | None = 0.9
 
 
 class Config(Strict):

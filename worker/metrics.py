@@ -19,6 +19,21 @@ jobs_submitted = Counter("difyq_jobs_submitted_total", "Jobs accepted by a produ
 jobs_deduplicated = Counter(
     "difyq_jobs_deduplicated_total", "Submissions answered with an existing job (idempotency).", ["app", "source"]
 )
+submits_refused = Counter(
+    "difyq_submits_refused_total",
+    "Submissions refused to protect the service (reason: max_pending, memory_guard).",
+    ["app", "source", "reason"],
+)
+redis_memory_guard_active = Gauge(
+    "difyq_redis_memory_guard_active",
+    "1 while Redis' used_memory is over redis.memory_guard of its maxmemory and submits answer 503.",
+    multiprocess_mode="max",
+)
+redis_memory_used_ratio = Gauge(
+    "difyq_redis_memory_used_ratio",
+    "Redis' used_memory / maxmemory at the last reading (0 without a maxmemory).",
+    multiprocess_mode="max",
+)
 jobs_finished = Counter("difyq_jobs_finished_total", "Jobs that reached a final status.", ["app", "status"])
 job_duration = Histogram(
     "difyq_job_duration_seconds", "Submit to finish, per job.", ["app"], buckets=LATENCY_BUCKETS

@@ -32,6 +32,15 @@ class RedisKeys:
         """The claim of an idempotency key within a client's scope (the key itself is hashed)."""
         return self._key("idem", scope, hashlib.sha256(key.encode()).hexdigest())
 
+    def pending_of_app(self, app: str) -> str:
+        """The app's unfinished jobs (queued, running, paused): job id -> creation time (ms); its ZCARD is what
+        ``apps.<name>.max_pending`` caps."""
+        return self._key("pending", "app", app)
+
+    def pending_of_client(self, client: str) -> str:
+        """The unfinished jobs an API client submitted, like ``pending_of_app``; ``clients.<name>.max_pending``."""
+        return self._key("pending", "client", client)
+
     @property
     def leases(self) -> str:
         """Running jobs (and finished ones sending their first callback) by lease expiry."""

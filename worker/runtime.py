@@ -13,7 +13,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from difyq.worker.config import Config, load_config
-from difyq.worker.jobs.store import JobStore
+from difyq.worker.jobs.store import JobStore, PendingCaps
+from difyq.worker.memory_guard import MemoryGuard
 from difyq.worker.redis_connect import RedisConnector
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -82,7 +83,12 @@ class Runtime:
     @cached_property
     def store(self) -> JobStore:
         return JobStore(self.raw_redis, self.namespace, self.config.jobs,
-                        durable_submit=self.config.redis.durable_submit)
+                        durable_submit=self.config.redis.durable_submit, max_pending=PendingCaps.of(self.config))
+
+    @cached_property
+    def memory_guard(self) -> MemoryGuard:
+        """Whether Redis is too full for new jobs (``redis.memory_guard``), shared by this process' submits."""
+        return MemoryGuard(self.config.redis.memory_guard)
 
 
 _current: Runtime | None = None

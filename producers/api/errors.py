@@ -31,8 +31,10 @@ class ErrorBody(BaseModel):
 _DESCRIPTIONS = {
     401: "missing or invalid client token", 403: "this client may not use the app", 404: "not found",
     409: "not possible in the job's current state", 413: "body over the size limit", 415: "unsupported content type",
-    422: "invalid request; `field` names what is wrong", 502: "Dify refused or failed the call",
-    503: "Redis is unreachable; retry after `Retry-After`",
+    422: "invalid request; `field` names what is wrong",
+    429: "the app or the client has `max_pending` unfinished jobs; retry after `Retry-After`",
+    502: "Dify refused or failed the call",
+    503: "Redis is unreachable or nearly out of memory; retry after `Retry-After`",
 }
 
 

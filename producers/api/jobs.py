@@ -20,6 +20,7 @@ from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.app_form import missing_inputs
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
+from difyq.worker.jobs.model import client_scope
 from difyq.worker.jobs.schema import FINAL_STATUSES, SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.json_codec import dumps
@@ -81,7 +82,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
             "application/json": {"schema": _request_body_schema(JobSubmission)}
         }}},
         responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"},
-                   **error_responses(403, 404, 413, 422)},
+                   **error_responses(403, 404, 413, 422, 429)},
     )
     async def create_job(request: Request) -> Response:
         client_name, client = authenticate(config, request)
@@ -105,10 +106,10 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         if header_key is not None:
             body = body.model_copy(update={"idempotency_key": header_key})
         try:
-            outcome = await submit_async(runtime, async_redis, body, source="api", scope=f"client:{client_name}",
+            outcome = await submit_async(runtime, async_redis, body, source="api", scope=client_scope(client_name),
                                          request_id=request.state.request_id)
         except SubmitRejected as exc:
-            raise ApiError(exc.status, exc.code, exc.message, exc.field) from None
+            raise ApiError(exc.status, exc.code, exc.message, exc.field, exc.headers()) from None
         except IdempotencyConflict as exc:
             raise ApiError(422, "idempotency_key_reused", str(exc), "idempotency_key") from None
         if outcome.created:

@@ -11,7 +11,8 @@ from difyq.worker.jobs.model import iso_time
 
 # The hook route's metric outcomes, as the page names them.
 OUTCOMES = {"accepted": "accepted", "duplicate": "duplicate", "skipped": "filtered out",
-            "unauthorized": "bad signature", "too_large": "body too large", "unavailable": "job store unreachable"}
+            "unauthorized": "bad signature", "too_large": "body too large",
+            "throttled": "too many pending jobs", "unavailable": "job store unavailable"}
 
 
 def _shown_outcome(entry: dict[str, object]) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from difyq.worker.config import Config
 from difyq.worker.jobs.callback_block import CallbackBlock
-from difyq.worker.jobs.model import iso_time, job_id_of_trace
+from difyq.worker.jobs.model import client_scope, iso_time, job_id_of_trace
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.json_codec import loads
@@ -151,7 +151,7 @@ class JobsQuery:
             text = job_id_of_trace(text)
         if text.startswith("job_") and self.store.redis.exists(self.store.job_key(text)):
             return text
-        scopes = ([f"client:{name}" for name in self.config.clients] + [f"hook:{name}" for name in self.config.hooks]
+        scopes = ([client_scope(name) for name in self.config.clients] + [f"hook:{name}" for name in self.config.hooks]
                   + ["schedule", "cli", "anonymous"])
         pipe = self.store.redis.pipeline(transaction=False)
         for scope in scopes:

@@ -4,9 +4,10 @@ Answers (docs/http-api.md): 202 ``{"id", "status": "accepted"}`` and ``Location:
 the same body shape (``"status": "duplicate"``) for a delivery id seen before, or when the job store answers
 with the job the idempotency key already names; 204 when ``when`` is false or names a missing field; 401 for a
 failed verification; 404 for an unknown hook; 413 over the body limit; 415 for a content type other than JSON
-or form fields; 422 ``{"error": {"code", "message", "field"}}`` for a body or a template that fails on it; 503
-with ``Retry-After`` when Redis is unreachable. The ``status`` word is what happened to this delivery; the job's
-own state is at ``Location``.
+or form fields; 422 ``{"error": {"code", "message", "field"}}`` for a body or a template that fails on it; 429
+with ``Retry-After`` when the app has ``max_pending`` unfinished jobs; 503 with ``Retry-After`` when Redis is
+unreachable or nearly out of memory (``redis.memory_guard``). The ``status`` word is what happened to this
+delivery; the job's own state is at ``Location``.
 
 The route owns no job storage: ``submit_hook(hook_name, mapped_job)`` creates the job (and claims its
 idempotency key: the hook's ``idempotency_key`` template, else the delivery id), ``deliveries`` remembers which
@@ -150,7 +151,8 @@ class HookReceiver:
             outcome = self.submit_hook(name, job)
             job_id, created = str(outcome.job["id"]), outcome.created
         except SubmitRejected as exc:
-            return "invalid", error_response(exc.status, exc.code, exc.message, exc.field), None
+            outcome = _REFUSED_OUTCOMES.get(exc.status, "invalid")
+            return outcome, error_response(exc.status, exc.code, exc.message, exc.field, exc.headers()), None
         except ValidationError as exc:
             error = invalid(exc.errors(), "invalid_job")
             return "invalid", error_response(error.status, error.code, error.message, error.field), None
@@ -164,6 +166,11 @@ class HookReceiver:
         if created:
             return "accepted", _job_response(job_id, duplicate=False), job_id
         return "duplicate", _job_response(job_id, duplicate=True), job_id
+
+
+_REFUSED_OUTCOMES = {429: "throttled", 503: "unavailable"}
+"""The outcome of a delivery the job store refused for backpressure (``max_pending``, the memory guard): the
+sender is told to redeliver after ``Retry-After``."""
 
 
 def build_hooks_router(
@@ -257,7 +264,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _json("The body is over the limit", _ERROR_SCHEMA),
     415: _json("A content type other than JSON or form fields", _ERROR_SCHEMA),
     422: _json("A malformed body, or a template that fails on it", _ERROR_SCHEMA),
-    503: _json("Redis is unreachable; retry after Retry-After", _ERROR_SCHEMA),
+    429: _json("The app has max_pending unfinished jobs; redeliver after Retry-After", _ERROR_SCHEMA),
+    503: _json("Redis is unreachable or nearly out of memory; redeliver after Retry-After", _ERROR_SCHEMA),
 }
 _REQUEST_BODY = {
     "requestBody": {

@@ -30,6 +30,20 @@ class JobRequest(BaseModel):
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
+CLIENT_SCOPE_PREFIX = "client:"
+
+
+def client_scope(client: str) -> str:
+    """The idempotency scope of the jobs an API client submits (other producers have ``hook:<name>``,
+    ``schedule``, ``cli``)."""
+    return CLIENT_SCOPE_PREFIX + client
+
+
+def client_of_scope(scope: str) -> str | None:
+    """The API client whose scope ``scope`` is, or None for another producer's."""
+    return scope.removeprefix(CLIENT_SCOPE_PREFIX) if scope.startswith(CLIENT_SCOPE_PREFIX) else None
+
+
 class NewJob(BaseModel):
     """A job as a producer hands it to ``submit()``."""
 

@@ -78,10 +78,21 @@ local function remember_error(job, error_json)
 end"""
 
 
+_LEAVE_PENDING = """\
+local function leave_pending(id, app_pending, client_pending)
+  redis.call('ZREM', app_pending, id)
+  if client_pending ~= '' then
+    redis.call('ZREM', client_pending, id)
+  end
+end"""
+
+
 def lua_preamble() -> str:
     """The Lua that opens every job script: the job statuses, the field names, the callback statuses,
-    ``is_final(status)`` and
-    ``remember_error(job key, error json)`` (appends to the record's ``attempt_errors``)."""
+    ``is_final(status)``,
+    ``remember_error(job key, error json)`` (appends to the record's ``attempt_errors``) and
+    ``leave_pending(id, app pending key, client pending key or '')`` (a finished job no longer counts against
+    ``max_pending``)."""
     final = " or ".join(f"status == STATUS.{status.value}" for status in sorted(FINAL_STATUSES))
     return "\n".join([
         "-- Generated from difyq.worker.jobs.schema: the job statuses and record fields.",
@@ -93,4 +104,5 @@ def lua_preamble() -> str:
         f"  return {final}",
         "end",
         _REMEMBER_ERROR,
+        _LEAVE_PENDING,
     ])

@@ -10,10 +10,10 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from difyq.worker.config import JobsConfig
+from difyq.worker.config import Config, JobsConfig
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
-from difyq.worker.jobs.model import NewJob, job_id_of_trace, job_resource
+from difyq.worker.jobs.model import NewJob, client_of_scope, job_id_of_trace, job_resource
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
@@ -53,6 +53,31 @@ class IdempotencyConflict(Exception):
 
 
 @dataclass(frozen=True)
+class PendingCaps:
+    """The ``max_pending`` caps: unfinished jobs per app and per API client (a name without one has no cap)."""
+
+    apps: dict[str, int]
+    clients: dict[str, int]
+
+    @classmethod
+    def of(cls, config: Config) -> PendingCaps:
+        return cls({name: app.max_pending for name, app in config.apps.items() if app.max_pending},
+                   {name: client.max_pending for name, client in config.clients.items() if client.max_pending})
+
+
+NO_CAPS = PendingCaps({}, {})
+
+
+class TooManyPending(Exception):
+    """The job would take its app (``over`` = ``app``) or its API client (``client``) over ``max_pending``;
+    nothing was written."""
+
+    def __init__(self, over: str, name: str, cap: int):
+        self.over, self.name, self.cap = over, name, cap
+        super().__init__(f"{over} {name!r} has {cap} unfinished jobs, its max_pending")
+
+
+@dataclass(frozen=True)
 class SubmitOutcome:
     job: dict[str, Any]
     created: bool
@@ -88,8 +113,10 @@ class CancelOutcome:
 class JobStore:
     """Everything the producers and the worker read or write about jobs, under the ``{namespace}:`` prefix."""
 
-    def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig, durable_submit: bool = False):
+    def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig, durable_submit: bool = False,
+                 max_pending: PendingCaps = NO_CAPS):
         self.redis = client
+        self.max_pending = max_pending
         self.namespace = namespace
         self.keys = RedisKeys(namespace)
         self.config = config
@@ -121,6 +148,19 @@ class JobStore:
     def idempotency_key(self, scope: str, key: str) -> str:
         """The claim a producer scope's idempotency key holds: ``{job id}|{request hash}``."""
         return self.keys.idempotency(scope, key)
+
+    def pending_keys(self, app: str, scope: str) -> list[str]:
+        """The pending-job sets a job of ``app`` submitted in ``scope`` belongs to: its app's, and its API
+        client's ('' for another producer's job)."""
+        client = client_of_scope(scope)
+        return [self.keys.pending_of_app(app), self.keys.pending_of_client(client) if client is not None else ""]
+
+    def _pending_keys_of(self, job_id: str) -> list[str]:
+        """``pending_keys`` of a stored job (its app and scope never change); an unknown job's are '' (its
+        script finds no record and writes nothing)."""
+        app, scope = (_text(v) if v is not None else None
+                      for v in self.redis.hmget(self.job_key(job_id), JobField.APP, JobField.SCOPE))
+        return self.pending_keys(app, scope or "") if app is not None else ["", ""]
 
     def message(self, queue: str, job_id: str, delay_s: float = 0.0, hints: dict[str, object] | None = None,
                 ) -> QueuedMessage:
@@ -156,10 +196,16 @@ class JobStore:
                                   "message_id": message.redis_message_id, "message_body": message.body.decode()}
         if idempotency_key:
             header.update(claim=f"{job_id}|{request_hash}", claim_ttl_ms=int(self.config.idempotency_ttl * 1000))
+        client = client_of_scope(new.scope)
+        if (app_cap := self.max_pending.apps.get(new.app)) is not None:
+            header["max_pending_app"] = app_cap
+        if client is not None and (client_cap := self.max_pending.clients.get(client)) is not None:
+            header["max_pending_client"] = client_cap
         pairs = [item for pair in fields.items() for item in pair]
         return SubmitCall(
             keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self.index_key(),
-                  self.index_key(new.app), message.queue_key, message.bodies_key],
+                  self.index_key(new.app), message.queue_key, message.bodies_key,
+                  *self.pending_keys(new.app, new.scope)],
             args=[dumps(header), *pairs],
             fields=fields,
         )
@@ -167,10 +213,16 @@ class JobStore:
     @staticmethod
     def submit_reply(call: SubmitCall, reply: list[Any]) -> SubmitOutcome | str:
         """Read submit.lua's reply: the outcome of a created job, or the id of the job the idempotency key already
-        names (the caller reads it with ``replayed``); IdempotencyConflict when that job was a different request."""
+        names (the caller reads it with ``replayed``); IdempotencyConflict when that job was a different request,
+        TooManyPending when a ``max_pending`` cap refused it."""
         state, value = _text(reply[0]), _text(reply[1])
         if state == "created":
             return SubmitOutcome(job_resource(call.fields), created=True)
+        if state == "full":
+            fields = call.fields
+            client = client_of_scope(fields[JobField.SCOPE])
+            name = fields[JobField.APP] if value == "app" or client is None else client
+            raise TooManyPending(value, name, int(reply[2]))
         existing_id, _, existing_hash = value.partition("|")
         if existing_hash != call.fields[JobField.REQUEST_HASH]:
             raise IdempotencyConflict(existing_id)
@@ -366,7 +418,7 @@ class JobStore:
             outcome["inline"] = inline
         return self._finish(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
-                  self.callback_lock_key(job_id)],
+                  self.callback_lock_key(job_id), *self._pending_keys_of(job_id)],
             args=[dumps(outcome)],
         )
 
@@ -459,7 +511,8 @@ class JobStore:
         cancel = {"now": repr(time.time()), "retention_ms": int(self.config.result_ttl * 1000),
                   "callback": CallbackBlock.pending().stored(), "message_id": callback.redis_message_id,
                   "message_body": callback.body.decode()}
-        reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key],
+        reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key,
+                                   *self._pending_keys_of(job_id)],
                              args=[dumps(cancel)])
         state = _text(reply[0])
         task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None
@@ -473,8 +526,8 @@ class JobStore:
         """A failed or canceled job runs again (its history of attempts is kept); returns ``queued`` or why not."""
         message = self.message(JOBS_QUEUE, job_id)
         reply = self._rerun(
-            keys=[self.job_key(job_id), message.queue_key, message.bodies_key],
-            args=[message.redis_message_id, message.body, CallbackBlock.pending().stored()],
+            keys=[self.job_key(job_id), message.queue_key, message.bodies_key, *self._pending_keys_of(job_id)],
+            args=[message.redis_message_id, message.body, CallbackBlock.pending().stored(), int(time.time() * 1000)],
         )
         return _text(reply)
 

@@ -1,6 +1,8 @@
 -- Cancel: a queued or paused job ends canceled now (and its callback is enqueued); a running one is flagged so the worker
 -- ends it canceled after Dify's stop; a final one is left as it is.
--- KEYS: 1 job hash, 2 callback queue, 3 callback bodies
+-- A job canceled now leaves its app's and its client's pending jobs.
+-- KEYS: 1 job hash, 2 callback queue, 3 callback bodies, 4 the app's pending jobs, 5 the client's pending jobs
+--       ('' when no API client submitted it)
 -- ARGV: 1 a JSON object: now (unix seconds), retention_ms, and for a job with a callback URL its pending block
 --       (callback, JSON) and message (message_id, message_body)
 local cancel = cjson.decode(ARGV[1])
@@ -16,6 +18,7 @@ if status == STATUS.queued or status == STATUS.paused then
     redis.call('RPUSH', KEYS[2], cancel.message_id)
   end
   redis.call('PEXPIRE', KEYS[1], cancel.retention_ms)
+  leave_pending(redis.call('HGET', KEYS[1], FIELD.id), KEYS[4], KEYS[5])
   return {'canceled'}
 end
 if status == STATUS.running then

@@ -4,7 +4,9 @@
 -- the stored record back to build the callback body from.
 -- A cancel requested while the call ran turns a success into canceled (the partial result is kept). A succeeded
 -- job has no error; the error of a failed last attempt joins the attempt errors.
--- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock
+-- The job leaves its app's and its client's pending jobs.
+-- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock, 6 the app's pending jobs,
+--       7 the client's pending jobs ('' when no API client submitted it)
 -- ARGV: 1 a JSON object: status, finished_at, retention_ms, result and error (JSON texts, absent = none),
 --       callback (the pending callback block, JSON), message_id and message_body (the callback message),
 --       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}
@@ -33,6 +35,7 @@ elseif outcome.error then
 end
 redis.call('PEXPIRE', KEYS[1], outcome.retention_ms)
 local id = redis.call('HGET', KEYS[1], FIELD.id)
+leave_pending(id, KEYS[6], KEYS[7])
 local has_callback = redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1
 if has_callback then
   redis.call('HSET', KEYS[1], FIELD.callback, outcome.callback)

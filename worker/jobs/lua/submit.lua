@@ -1,8 +1,12 @@
 -- Claim the idempotency key (if any), write the job record, index it and enqueue its message: one atomic step.
--- KEYS: 1 idempotency key, 2 job hash, 3 index, 4 app index, 5 queue list, 6 queue bodies
+-- A job over a max_pending cap (its app's unfinished jobs, or its client's) is refused before anything is written.
+-- KEYS: 1 idempotency key, 2 job hash, 3 index, 4 app index, 5 queue list, 6 queue bodies, 7 the app's pending
+--       jobs, 8 the client's pending jobs ('' for a job no API client submitted)
 -- ARGV: 1 a JSON object: created_ms, prune_before_ms (index entries older than this go), message_id and
---       message_body (the run_job message), and with an idempotency key its claim (the value to store) and
---       claim_ttl_ms; 2.. the job record's field/value pairs
+--       message_body (the run_job message), with an idempotency key its claim (the value to store) and
+--       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; 2.. the job record's
+--       field/value pairs
+-- Returns {'created', id}, {'existing', claim} (the key's job), or {'full', 'app' | 'client', cap}.
 -- The job id is new per call, so a job hash under it means this very call ran before (a retry after a lost
 -- reply): answer like that run, without writing or enqueueing twice.
 local submit = cjson.decode(ARGV[1])
@@ -14,10 +18,22 @@ if submit.claim then
   if existing then
     return {'existing', existing}
   end
+end
+if submit.max_pending_app and redis.call('ZCARD', KEYS[7]) >= submit.max_pending_app then
+  return {'full', 'app', submit.max_pending_app}
+end
+if submit.max_pending_client and redis.call('ZCARD', KEYS[8]) >= submit.max_pending_client then
+  return {'full', 'client', submit.max_pending_client}
+end
+if submit.claim then
   redis.call('SET', KEYS[1], submit.claim, 'PX', submit.claim_ttl_ms)
 end
 redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 local id = redis.call('HGET', KEYS[2], FIELD.id)
+redis.call('ZADD', KEYS[7], submit.created_ms, id)
+if KEYS[8] ~= '' then
+  redis.call('ZADD', KEYS[8], submit.created_ms, id)
+end
 redis.call('ZADD', KEYS[3], submit.created_ms, id)
 redis.call('ZADD', KEYS[4], submit.created_ms, id)
 -- Drop index entries older than the results are kept: on one submit in 8 (by its created ms), at most 100 per
