@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeVar
@@ -39,7 +38,7 @@ MEMORY_GUARD_RETRY_AFTER_S = 60
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: raising sets the exception's __traceback__
 class SubmitRejected(Exception):
     """A submission that cannot become a job; ``status`` is the HTTP status a producer answers with, and
     ``retry_after`` (seconds) its ``Retry-After`` when trying again later may succeed."""
@@ -64,8 +63,12 @@ def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: s
         _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
     if runtime.memory_guard.full(runtime.redis):
         raise _memory_guard_refusal(new.app, source)
-    with tracing.submitting(_span_attributes(new.app, source)) as span, _capped(new.app, source):
-        return _counted(runtime.store.submit(_traced(new, span)), new.app, source, span)
+    with tracing.submitting(_span_attributes(new.app, source)) as span:
+        try:
+            outcome = runtime.store.submit(_traced(new, span))
+        except TooManyPending as exc:
+            raise _pending_refusal(exc, new.app, source) from None
+        return _counted(outcome, new.app, source, span)
 
 
 async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission: JobSubmission, *, source: str,
@@ -85,9 +88,12 @@ async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission
         _reject_blocked(blocked)
     if await _within(REDIS_REPLY_TIMEOUT_S, runtime.memory_guard.full_async(client)):
         raise _memory_guard_refusal(app, source)
-    with tracing.submitting(_span_attributes(app, source)) as span, _capped(app, source):
-        stored = runtime.store.submit_async(client, _traced(new, span))
-        return _counted(await _within(REDIS_REPLY_TIMEOUT_S, stored), app, source, span)
+    with tracing.submitting(_span_attributes(app, source)) as span:
+        try:
+            outcome = await _within(REDIS_REPLY_TIMEOUT_S, runtime.store.submit_async(client, _traced(new, span)))
+        except TooManyPending as exc:
+            raise _pending_refusal(exc, app, source) from None
+        return _counted(outcome, app, source, span)
 
 
 def _memory_guard_refusal(app: str, source: str) -> SubmitRejected:
@@ -99,19 +105,14 @@ def _memory_guard_refusal(app: str, source: str) -> SubmitRejected:
                           retry_after=MEMORY_GUARD_RETRY_AFTER_S)
 
 
-@contextmanager
-def _capped(app: str, source: str) -> Iterator[None]:
-    """A submit the job store refused for a ``max_pending`` cap becomes the 429 SubmitRejected, counted."""
-    try:
-        yield
-    except TooManyPending as exc:
-        metrics.submits_refused.labels(app=app, source=source, reason="max_pending").inc()
-        log.info("job_refused", app=app, source=source, reason="max_pending", over=exc.over)
-        setting = "apps" if exc.over == "app" else "clients"
-        raise SubmitRejected(429, "too_many_pending", f"{exc.over} {exc.name!r} has {exc.cap} unfinished jobs, "
-                             f"its {setting}.{exc.name}.max_pending; retry after Retry-After",
-                             "app" if exc.over == "app" else None,
-                             retry_after=TOO_MANY_PENDING_RETRY_AFTER_S) from None
+def _pending_refusal(exc: TooManyPending, app: str, source: str) -> SubmitRejected:
+    """The 429 of a submit the job store refused for a ``max_pending`` cap, counted."""
+    metrics.submits_refused.labels(app=app, source=source, reason="max_pending").inc()
+    log.info("job_refused", app=app, source=source, reason="max_pending", over=exc.over)
+    setting = "apps" if exc.over == "app" else "clients"
+    return SubmitRejected(429, "too_many_pending", f"{exc.over} {exc.name!r} has {exc.cap} unfinished jobs, its "
+                          f"{setting}.{exc.name}.max_pending; retry after Retry-After",
+                          "app" if exc.over == "app" else None, retry_after=TOO_MANY_PENDING_RETRY_AFTER_S)
 
 
 async def _within(seconds: float, call: Awaitable[T]) -> T:

@@ -26,6 +26,7 @@ from difyq.worker.embedded_redis import free_port
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 from tests.support.processes import DifyqProcesses, difyq_processes
 from tests.support.receiver import CallbackReceiver
@@ -217,6 +218,7 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
     assert len(queries) == 200 and in_flight
     assert set(recovered_at) == held, f"not recovered within 30 s: {sorted(held - set(recovered_at))}"
     assert {r["status"] for r in settled.values()} == {"succeeded"}
+    assert runtime.raw_redis.zcard(RedisKeys(namespace).pending_of_app("stream")) == 0  # max_pending's count
     assert sorted(receiver.delivered_ids()) == sorted(queries)
     assert all(count >= 1 for count in calls.values())
     assert duplicates <= len(in_flight)
@@ -323,4 +325,7 @@ def test_a_job_that_kills_every_worker_running_it_fails_after_a_bounded_number_o
     assert crashes == MAX_WORKER_LOSSES + 1
     assert settled[poison]["worker_losses"] == str(MAX_WORKER_LOSSES + 1)
     assert poisoned["callback"]["status"] == "delivered" and receiver.delivered_ids() == [poison]
+    keys = RedisKeys(namespace)
+    assert runtime.raw_redis.zcard(keys.pending_of_app("poison")) == 0  # max_pending's count, after 4 crashes
+    assert runtime.raw_redis.zcard(keys.pending_of_app("stream")) == 0
     assert all(settled[job_id]["status"] == "succeeded" for job_id in healthy)
