@@ -21,6 +21,7 @@ from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob, job_id_of_trace
 from difyq.worker.jobs.store import SubmitOutcome, TooManyPending
+from difyq.worker.memory_guard import MemoryGuard
 from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.producers")
@@ -61,7 +62,7 @@ def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: s
     callback_url = new.callback_url
     if callback_url:
         _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
-    if runtime.memory_guard.full(runtime.redis):
+    if _observed(runtime.memory_guard, runtime.memory_guard.full(runtime.redis)):
         raise _memory_guard_refusal(new.app, source)
     with tracing.submitting(_span_attributes(new.app, source)) as span:
         try:
@@ -86,7 +87,8 @@ async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission
             addresses = await _resolve_on_loop(lookup.host, lookup.port)
             blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
         _reject_blocked(blocked)
-    if await _within(REDIS_REPLY_TIMEOUT_S, runtime.memory_guard.full_async(client)):
+    guard = runtime.memory_guard
+    if _observed(guard, await _within(REDIS_REPLY_TIMEOUT_S, guard.full_async(client))):
         raise _memory_guard_refusal(app, source)
     with tracing.submitting(_span_attributes(app, source)) as span:
         try:
@@ -94,6 +96,13 @@ async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission
         except TooManyPending as exc:
             raise _pending_refusal(exc, app, source) from None
         return _counted(outcome, app, source, span)
+
+
+def _observed(guard: MemoryGuard, full: bool) -> bool:
+    """``full``, the guard's verdict, after recording it and the reading behind it in the guard's gauges."""
+    metrics.redis_memory_guard_active.set(1 if full else 0)
+    metrics.redis_memory_used_ratio.set(guard.used_ratio)
+    return full
 
 
 def _memory_guard_refusal(app: str, source: str) -> SubmitRejected:

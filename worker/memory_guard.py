@@ -1,6 +1,8 @@
 """MemoryGuard: whether Redis is too full to take new jobs (``redis.memory_guard``): its ``used_memory`` at or over
 that share of its ``maxmemory``, read from ``INFO memory`` at most once a second per process, so submits answer
-503 before Redis starts refusing writes while running jobs still store their results."""
+503 before Redis starts refusing writes while running jobs still store their results. It records no metric
+itself (the submit path does, ``difyq.producers.submit``): ``difyq worker`` builds a runtime before its metrics
+directory exists."""
 
 from __future__ import annotations
 
@@ -13,8 +15,6 @@ import redis
 import redis.asyncio
 import structlog
 
-from difyq.worker import metrics
-
 log = structlog.get_logger("difyq.redis")
 
 READ_INTERVAL_S = 1.0
@@ -22,14 +22,16 @@ READ_INTERVAL_S = 1.0
 
 class MemoryGuard:
     """``full(client)`` / ``await full_async(client)``: the guard's verdict, from a reading at most
-    ``READ_INTERVAL_S`` old. ``share`` None (or a Redis without ``maxmemory``) never guards; a Redis that refuses
-    INFO (a managed one may rename it) turns the guard off with a warning instead of failing every submit."""
+    ``READ_INTERVAL_S`` old; ``used_ratio``: used_memory / maxmemory at that reading (0 without a maxmemory).
+    ``share`` None (or a Redis without ``maxmemory``) never guards; a Redis that refuses INFO (a managed one may
+    rename it) turns the guard off with a warning instead of failing every submit."""
 
     def __init__(self, share: float | None, clock: Callable[[], float] = time.monotonic):
         self.share = share
         self.clock = clock
         self._read_at = float("-inf")
         self._active = False
+        self.used_ratio = 0.0
         self._lock = threading.Lock()
 
     def _reading_due(self) -> bool:
@@ -47,9 +49,7 @@ class MemoryGuard:
         active = self.share is not None and limit > 0 and ratio >= self.share
         if active != self._active:
             log.warning("redis_memory_guard", active=active, used_memory=used, maxmemory=limit, share=self.share)
-        self._active = active
-        metrics.redis_memory_used_ratio.set(ratio)
-        metrics.redis_memory_guard_active.set(1 if active else 0)
+        self._active, self.used_ratio = active, ratio
         return active
 
     def _refused(self, exc: redis.ResponseError) -> bool:
