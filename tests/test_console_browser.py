@@ -78,11 +78,14 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(redis_url: str) -> Iterator[Stack]:
     namespace = f"difyq-test-{uuid.uuid4().hex[:12]}"
-    with start_emulator([EmulatedApp(name="support", key="app-console-key", mode="chat")]) as emulator:
+    # "slow" streams its answer over a minute: its task id is known at once, so a cancel stops it at Dify.
+    slow = EmulatedApp(name="slow", key="app-slow-key", mode="chat", tokens_per_second=2, answer_tokens=120)
+    with start_emulator([EmulatedApp(name="support", key="app-console-key", mode="chat"), slow]) as emulator:
         runtime = make_runtime(
             redis_url, namespace, {"support": {"api_key": "app-console-key", "mode": "chat",
                                                "base_url": emulator.base_url,
                                                "limits": {"requests_per_minute": 6000}},
+                                   "slow": {"api_key": "app-slow-key", "mode": "chat", "base_url": emulator.base_url},
                                    "revoked": {"api_key": "app-revoked-key", "mode": "chat",
                                                "base_url": emulator.base_url}},
             console={"users": {"alice": {"token": OPERATOR_TOKEN, "role": "operator"},
@@ -135,7 +138,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
 
 def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
     stack.sign_in(OPERATOR_TOKEN)
-    job_id = stack.submit("WAIT30 a question that takes long")
+    job_id = stack.submit("a question that takes long", app="slow")
     stack.browser.get(f"{stack.console}/jobs/{job_id}")
     wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "running")
     click(stack.browser, By.XPATH, "//button[text()='Cancel job']")

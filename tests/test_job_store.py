@@ -206,10 +206,10 @@ def test_cancel_queued_and_running(runtime) -> None:
 def test_list_newest_first_with_filters_and_cursor(runtime) -> None:
     ids = []
     for index in range(7):
-        submitted_ms = time.time_ns() // 1_000_000
         ids.append(runtime.store.submit(new_job(query=f"q{index}", app="support" if index % 2 else "other")).job["id"])
-        wait_for(lambda submitted_ms=submitted_ms: time.time_ns() // 1_000_000 > submitted_ms, interval=0.001,
-                 what="the next millisecond (ids order by it)")
+        created_ms = runtime.raw_redis.zscore(runtime.store.index_key(None), ids[-1])
+        wait_for(lambda created_ms=created_ms: time.time_ns() // 1_000_000 > created_ms, interval=0.001,
+                 what="the millisecond after the job's creation (the index orders by it)")
     page, cursor = runtime.store.list(allowed_apps=None, limit=3)
     assert [j["id"] for j in page] == ids[::-1][:3] and cursor
     rest, end = runtime.store.list(allowed_apps=None, limit=10, cursor=cursor)
@@ -220,6 +220,21 @@ def test_list_newest_first_with_filters_and_cursor(runtime) -> None:
     assert len(by_app) == 4
     none_failed, _ = runtime.store.list(allowed_apps=None, status="failed", limit=10)
     assert none_failed == []
+
+
+def test_pages_split_inside_one_millisecond_lose_and_repeat_no_job(runtime, monkeypatch) -> None:
+    """Jobs created in the same millisecond are ordered by id; a page that ends among them resumes after its last
+    job, so every job is listed exactly once."""
+    frozen_ms = time.time_ns() // 1_000_000
+    monkeypatch.setattr("difyq.worker.jobs.store.time", SimpleNamespace(time=lambda: (frozen_ms + 0.5) / 1000))
+    ids = {runtime.store.submit(new_job(query=f"q{index}")).job["id"] for index in range(5)}
+    listed, cursor = [], None
+    while True:
+        page, cursor = runtime.store.list(allowed_apps=None, limit=2, cursor=cursor)
+        listed += [job["id"] for job in page]
+        if cursor is None:
+            break
+    assert sorted(listed) == sorted(ids) and listed == sorted(ids, reverse=True)
 
 
 def test_rerun_failed_job(runtime) -> None:

@@ -20,6 +20,7 @@ from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.app_form import missing_inputs
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
+from difyq.worker.jobs.index_position import POSITION_PATTERN
 from difyq.worker.jobs.model import client_scope
 from difyq.worker.jobs.schema import FINAL_STATUSES, SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
@@ -123,7 +124,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         app: Annotated[str | None, Query(max_length=200)] = None,
         source: Annotated[str | None, Query(pattern="^(" + "|".join(SOURCES) + ")$")] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        cursor: Annotated[str | None, Query(pattern=r"^\d{1,20}$")] = None,
+        cursor: Annotated[str | None, Query(pattern=POSITION_PATTERN)] = None,
     ) -> dict[str, Any]:
         _, client = authenticate(config, request)
         allowed = None if "*" in client.apps else set(client.apps)

@@ -15,6 +15,7 @@ from typing import Any
 
 from difyq.worker.config import Config
 from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.model import client_scope, iso_time, job_id_of_trace
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
@@ -69,16 +70,6 @@ def parse_instant(value: str, name: str) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
-
-
-def parse_cursor(cursor: str) -> tuple[int, str] | None:
-    """``{score}.{job id}``: the last row of the previous page."""
-    if not cursor:
-        return None
-    score, _, job_id = cursor.partition(".")
-    if not score.isdigit() or not job_id.startswith("job_"):
-        raise ValueError(f"cursor: not a cursor this console made: {cursor!r}")
-    return int(score), job_id
 
 
 def _text(value: Any) -> str | None:
@@ -181,27 +172,18 @@ class JobsQuery:
     def page(self, wanted: JobFilter, cursor: str = "", limit: int = PAGE_SIZE) -> JobPage:
         """One page, newest first, starting below ``cursor``; ValueError names a bad filter."""
         since, until = parse_instant(wanted.since, "since"), parse_instant(wanted.until, "until")
-        after = parse_cursor(cursor)
+        after = IndexPosition.parse(cursor) if cursor else None
         if wanted.q:
             found = self.find(wanted.q)
             if found:
                 rows = self.rows_of([found])
                 return JobPage(rows, None, exact=rows[0] if rows else None)
-        index = self.store.index_key(wanted.app or None)
-        upper: int | str = after[0] if after else (until if until is not None else "+inf")
-        lower: int | str = since if since is not None else "-inf"
         filtering = any((wanted.status, wanted.source, wanted.client, wanted.q))
         names = FILTER_FIELDS + ((JobField.RESULT, JobField.REQUEST) if wanted.q else ())
         rows: list[dict[str, Any]] = []
-        examined, offset = 0, 0
-        position: tuple[int, str] | None = None
-        while examined < EXAMINE_LIMIT:
-            entries = self.store.redis.zrevrangebyscore(index, upper, lower, start=offset, num=_BATCH,
-                                                        withscores=True)
-            offset += len(entries)
-            batch = [(_text(member), int(score)) for member, score in entries]
-            if after:  # ties with the cursor's millisecond sort by id, descending
-                batch = [(job_id, score) for job_id, score in batch if score < after[0] or job_id < after[1]]
+        examined = 0
+        position: IndexPosition | None = None
+        for batch in self.store.walk(wanted.app or None, after=after, until_ms=until, since_ms=since, batch=_BATCH):
             scores = dict(batch)
             if filtering:  # read the few fields the filters need, and whole rows only for the jobs that pass
                 passed = [fields["id"] for fields in self._rows(list(scores), names) if self._matches(fields, wanted)]
@@ -211,11 +193,11 @@ class JobsQuery:
             for row in found:
                 rows.append(row)
                 if len(rows) >= limit:
-                    return JobPage(rows, f"{scores[row['id']]}.{row['id']}", examined + len(batch))
+                    return JobPage(rows, str(IndexPosition(scores[row["id"]], row["id"])), examined + len(batch))
             examined += len(batch)
-            if len(entries) < _BATCH:
-                return JobPage(rows, None, examined)
             if batch:
-                position = (batch[-1][1], batch[-1][0])
-        reached = iso_time(position[0] / 1000) if position else None
-        return JobPage(rows, f"{position[0]}.{position[1]}" if position else None, examined, reached=reached)
+                position = IndexPosition(batch[-1][1], batch[-1][0])
+            if examined >= EXAMINE_LIMIT:
+                reached = iso_time(position.score / 1000) if position else None
+                return JobPage(rows, str(position) if position else None, examined, reached=reached)
+        return JobPage(rows, None, examined)

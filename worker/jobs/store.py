@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import redis.asyncio
 
 from difyq.worker.config import Config, JobsConfig
 from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from difyq.worker.jobs.model import NewJob, client_of_scope, job_id_of_trace, job_resource
 from difyq.worker.jobs.schema import JobField, JobStatus
@@ -287,6 +289,29 @@ class JobStore:
         fields = self.fields(job_id)
         return job_resource(fields) if fields else None
 
+    def walk(
+        self,
+        app: str | None = None,
+        *,
+        after: IndexPosition | None = None,
+        until_ms: int | None = None,
+        since_ms: int | None = None,
+        batch: int = 100,
+    ) -> Iterator[list[tuple[str, int]]]:
+        """The index (every job's, or one app's) newest first, in batches of (job id, created ms): below
+        ``after`` (the last job of a previous page), created from ``since_ms`` up to ``until_ms``."""
+        index = self.index_key(app)
+        upper: int | str = after.score if after else (until_ms if until_ms is not None else "+inf")
+        lower: int | str = since_ms if since_ms is not None else "-inf"
+        offset = 0
+        while True:
+            entries = self.redis.zrevrangebyscore(index, upper, lower, start=offset, num=batch, withscores=True)
+            offset += len(entries)
+            found = [(_text(member), int(score)) for member, score in entries]
+            yield [entry for entry in found if after is None or after.precedes(entry[1], entry[0])]
+            if len(entries) < batch:
+                return
+
     def list(
         self,
         *,
@@ -297,43 +322,25 @@ class JobStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page."""
-        index = self.index_key(app)
-        upper = "+inf"
-        if cursor:
-            upper = f"({int(cursor)}"
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page (ValueError if it is not)."""
+        after = IndexPosition.parse(cursor) if cursor else None
         found: list[dict[str, Any]] = []
-        next_cursor: str | None = None
-        batch = max(limit * 2, 50)
-        while len(found) < limit:
-            entries = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=batch, withscores=True)
-            if not entries:
-                next_cursor = None
-                break
+        for entries in self.walk(app, after=after, batch=max(limit * 2, 50)):
             pipe = self.redis.pipeline(transaction=False)
-            for member, _score in entries:
-                pipe.hmget(self.job_key(_text(member)), *_LIST_FIELDS)
-            summaries = pipe.execute()
-            for (member, score), summary in zip(entries, summaries, strict=True):
-                upper = f"({int(score)}"
-                job_id, job_app, job_source, job_status = (_text(v) if v is not None else None for v in summary)
-                if job_id is None:
-                    continue
-                if allowed_apps is not None and job_app not in allowed_apps:
+            for job_id, _score in entries:
+                pipe.hmget(self.job_key(job_id), *_LIST_FIELDS)
+            for (job_id, score), summary in zip(entries, pipe.execute(), strict=True):
+                stored_id, job_app, job_source, job_status = (_text(v) if v is not None else None for v in summary)
+                if stored_id is None or (allowed_apps is not None and job_app not in allowed_apps):
                     continue
                 if (status and job_status != status) or (source and job_source != source):
                     continue
-                resource = self.get(_text(member))
+                resource = self.get(job_id)
                 if resource:
                     found.append(resource)
-                    next_cursor = str(int(score))
                 if len(found) >= limit:
-                    break
-            if len(entries) < batch:
-                if len(found) < limit:
-                    next_cursor = None
-                break
-        return found, next_cursor
+                    return found, str(IndexPosition(score, job_id))
+        return found, None
 
     def start_attempt(self, job_id: str, lease_s: float) -> AttemptStart:
         """Begin an attempt (see start.lua); a started attempt comes with the job's record."""
