@@ -7,20 +7,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pytest
 import requests
 from prometheus_client import REGISTRY
+from standardwebhooks import Webhook
 
 from difyq.producers.cli import build_parser
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
+from difyq.worker.dify.client import DifyClient, DifyError, DifyRequest
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from difyq.worker.runtime import Runtime
 from tests.support.loopback import closed_port
 from tests.support.receiver import CallbackReceiver
-from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
+from tests.support.stack import SIGNING_SECRET, auth, make_runtime, running_worker, serving_api, wait_for_final
 from tests.support.waiting import wait_for
 
 EMULATED = [
@@ -68,6 +71,15 @@ def clean_faults(emulator: RunningEmulator) -> Iterator[None]:
     yield
     for app in EMULATED:
         emulator.set_app(app.name, fault=None, fault_until=None)
+
+
+@contextmanager
+def restored(emulator: RunningEmulator, app: str, **settings: object) -> Iterator[None]:
+    """Set an app's ``settings`` back on the way out."""
+    try:
+        yield
+    finally:
+        emulator.set_app(app, **settings)
 
 
 def enqueue(runtime: Runtime, app: str, marker: str, **request: object) -> str:
@@ -222,11 +234,13 @@ def test_a_pinned_workflow_version(runtime: Runtime, emulator: RunningEmulator, 
 
 def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
         runtime: Runtime, emulator: RunningEmulator, version: str) -> None:
-    """Human input (Dify 1.13+): paused with the form, `job.paused`, no lease held; the answer resumes the run."""
+    """Human input (Dify 1.13+): paused with the form, `job.paused` (signed, retried on the schedule, shown in the
+    callback block), no lease held; the answer resumes the run, whose final callback follows with its own id."""
     if version == "0.15":
         pytest.skip("Dify 0.15 has no human input (the node came in 1.13, its Service API in 1.14)")
     marker = f"review-{time.time_ns()}"
     with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        receiver.script([503])  # the first job.paused attempt fails: retried on callbacks.retry_schedule
         response = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, json={
             "app": "review", "inputs": {"text": marker}, "callback_url": receiver.url})
         job_id = response.json()["id"]
@@ -236,8 +250,13 @@ def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
         assert form["token"] and form["expires_at"] and [a["id"] for a in form["actions"]] == ["approve", "reject"]
         assert [field["output_variable_name"] for field in form["fields"]] == ["comment"]
         assert runtime.store.redis.zscore(runtime.store.leases_key, job_id) is None  # no lease a sweep could misread
-        [notice] = receiver.wait_for(1)
-        assert json.loads(notice.body)["type"] == "job.paused" and notice.webhook_id != job_id
+        failed, notice = receiver.wait_for(2)
+        assert [json.loads(n.body)["type"] for n in (failed, notice)] == ["job.paused"] * 2
+        assert failed.webhook_id == notice.webhook_id == f"{job_id}_paused_{form['form_id']}"
+        Webhook(SIGNING_SECRET).verify(notice.body, notice.headers)
+        delivered = wait_for(lambda: (job := runtime.store.get(job_id))["callback"]["status"] == "delivered" and job,
+                             what="the job.paused callback delivered")
+        assert (delivered["status"], delivered["callback"]["attempts"]) == ("paused", 2)
         url = f"{base}/v1/jobs/{job_id}/input"
         wrong = requests.post(url, headers=auth(), json={"inputs": {"comment": "x"}, "action": "maybe"}, timeout=10)
         assert (wrong.status_code, wrong.json()["error"]["field"]) == (422, "action")
@@ -246,8 +265,9 @@ def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
         assert answered.status_code == 202, answered.text
         job = wait_for_final(runtime, job_id)
         again = requests.post(url, headers=auth(), json={"inputs": {"comment": "x"}, "action": "approve"}, timeout=10)
-        final = receiver.wait_for(2)[-1]
+        final = receiver.wait_for(3)[-1]
     assert job["status"] == "succeeded", job
+    assert (job["callback"]["status"], job["callback"]["attempts"]) == ("delivered", 1)  # the final event's block
     assert job["result"]["outputs"] == {"comment": "fine", "action": "approve"} and job["form"] is None
     assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_paused")
     assert json.loads(final.body)["type"] == "job.succeeded" and final.webhook_id == job_id
@@ -265,6 +285,56 @@ def test_a_form_that_times_out_ends_the_job_as_dify_ends_the_run(
         job = wait_for_final(runtime, job_id, timeout=30)
     assert job["status"] == "failed" and job["error"]["code"] == "workflow_failed", job
     assert len(runs_of(emulator, marker)) == 1
+
+
+def test_canceling_a_paused_job_stops_its_run_at_dify_even_through_an_outage(
+        runtime: Runtime, emulator: RunningEmulator, version: str) -> None:
+    """DELETE on a paused job: canceled at once (its job.canceled callback follows its job.paused), and its paused
+    run stopped at Dify as the job's user, the stop retried while Dify fails it."""
+    if version == "0.15":
+        pytest.skip("Dify 0.15 has no human input")
+    marker = f"review-cancel-{time.time_ns()}"
+    with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
+        response = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, json={
+            "app": "review", "inputs": {"text": marker}, "user": "reviewer-7", "callback_url": receiver.url})
+        job_id = response.json()["id"]
+        wait_for(lambda: runtime.store.get(job_id)["status"] == "paused", what="the paused job")
+        emulator.set_app("review", fault="http500", fault_until=time.time() + 0.5)  # Dify fails the first stop
+        canceled = requests.delete(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).json()
+        assert canceled["status"] == "canceled" and canceled["form"] is None
+        stops = wait_for(lambda: [c for c in emulator.calls() if c["path"].endswith("/stop")][1:] and
+                         [c for c in emulator.calls() if c["path"].endswith("/stop")], what="the stop retried")
+        [run] = wait_for(lambda: [c for c in runs_of(emulator, marker) if c["outcome"] == "stopped"],
+                         what="the paused run stopped")
+        notices = [json.loads(n.body)["type"] for n in receiver.wait_for(2)]
+    assert [call["status"] for call in stops] == [500, 200]
+    assert {call["path"] for call in stops} == {f"/v1/workflows/tasks/{run['task_id']}/stop"}
+    assert notices == ["job.paused", "job.canceled"]
+    assert runtime.store.get(job_id)["status"] == "canceled"
+
+
+def test_a_canceled_job_s_stopped_run_is_not_followed(
+        runtime: Runtime, emulator: RunningEmulator, version: str) -> None:
+    """A job canceled while its cut stream is followed ends canceled at once, with no further attempt, although
+    Dify 1.14.2 shows a stopped run `running` for good (the emulator's 1.x does too)."""
+    emulator.set_app("long", fault="cut-after-start", answer_tokens=100)  # a 10 s run, followed after the cut
+    marker = f"cancel-followed-{time.time_ns()}"
+    with running_worker(runtime), serving_api(runtime) as base, restored(emulator, "long", answer_tokens=10):
+        job_id = enqueue(runtime, "long", marker)
+        wait_for(lambda: runtime.store.fields(job_id).get("task_id"), what="the task id recorded")
+        requests.delete(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).raise_for_status()
+        job = wait_for_final(runtime, job_id, timeout=8)  # well before the app's 20 s timeout
+        stopped = wait_for(lambda: [c for c in runs_of(emulator, marker) if c["outcome"] == "stopped"],
+                           what="the run stopped at Dify")
+    assert (job["status"], job["attempts"], len(stopped)) == ("canceled", 1, 1), job
+    if version == "1.x":
+        client = DifyClient(emulator.base_url, EMULATED[3].key)
+        run_id = runtime.store.fields(job_id)["dify_run_id"]
+        assert client.run_detail(run_id)["status"] == "running"  # the stopped run's record, for good
+        request = DifyRequest(query=None, inputs={}, user="difyq")
+        with pytest.raises(DifyError) as refused:  # so a canceled job's run is never followed
+            client.follow_run("workflow", run_id, request, canceled=lambda: True)
+        assert refused.value.code == "canceled"
 
 
 def test_a_job_lacking_a_required_input_is_refused_at_submit(runtime: Runtime, emulator: RunningEmulator) -> None:

@@ -144,7 +144,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
     assert runtime.store.get(job_id)["status"] == "succeeded", "the outcome is kept"
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
-    runtime.store.callback_attempted(job_id, CallbackBlock("delivered", attempts=1), retry_in_s=None,
+    runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=1), retry_in_s=None,
                                      release_lease=False)
     assert runtime.store.start_attempt(job_id, lease_s=0.05).state != "started"
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None, "a finished job takes no lease"

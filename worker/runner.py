@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -17,7 +18,7 @@ from difyq.worker import metrics, tracing
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
-from difyq.worker.dify.errors import DifyError
+from difyq.worker.dify.errors import CANCELED, DifyError
 from difyq.worker.dify.models import PausedRun
 from difyq.worker.genai_span import dify_call
 from difyq.worker.jobs.messages import run_hints
@@ -87,11 +88,12 @@ class Outcome:
 def pause_block(paused: PausedRun) -> dict[str, Any]:
     """The record's ``pause`` field of a job whose run waits for human input."""
     return {"workflow_run_id": paused.run_id, "forms": paused.forms, "price": paused.price,
-            "currency": paused.currency}
+            "currency": paused.currency, "task_id": paused.task_id}
 
 
 def paused_run(block: dict[str, Any]) -> PausedRun:
-    return PausedRun(block["workflow_run_id"], block.get("forms") or [], block.get("price"), block.get("currency"))
+    return PausedRun(block["workflow_run_id"], block.get("forms") or [], block.get("price"), block.get("currency"),
+                     block.get("task_id"))
 
 
 def pause_check_in(block: dict[str, Any], now: float) -> float:
@@ -192,14 +194,18 @@ class JobRunner:
         pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
             with dify_call(app_name, app.mode, self.config.app_base_url(app_name), request) as call:
+                canceled = partial(self.store.cancel_requested, job_id)
                 if pause is not None:  # the run paused for human input: follow it (resumed, or ended at expiry)
-                    result = client.follow_run(app.mode, pause["workflow_run_id"], request, paused_run(pause))
+                    result = client.follow_run(app.mode, pause["workflow_run_id"], request, paused_run(pause),
+                                               canceled=canceled)
                 elif fields.get(JobField.DIFY_RUN_ID):  # an earlier attempt's worker was lost mid-run: follow it
-                    result = client.follow_run(app.mode, fields[JobField.DIFY_RUN_ID], request)
+                    result = client.follow_run(app.mode, fields[JobField.DIFY_RUN_ID], request, canceled=canceled)
                 else:
-                    result = self._stream(job_id, client, app, request)
+                    result = self._stream(job_id, client, app, request, canceled)
                 call.finished(result)
         except DifyError as error:
+            if error.code == CANCELED:  # difyq stopped the run: no attempt follows it
+                return Outcome(JobStatus.CANCELED)
             slot.rate_limited = error.rate_limited
             outcome = "timeout" if error.code == "timeout" else "error"
             metrics.dify_request_duration.labels(app=app_name, outcome=outcome).observe(time.monotonic() - started)
@@ -213,7 +219,8 @@ class JobRunner:
         self._record_usage(app_name, result)
         return Outcome(JobStatus.SUCCEEDED, result=result_document(result))
 
-    def _stream(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest) -> DifyResult:
+    def _stream(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest,
+                canceled: Callable[[], bool]) -> DifyResult:
         """The Dify call, its task id known to ``task_ids`` (for a cancel to stop it) while it lasts."""
 
         def stop(task_id: str) -> None:
@@ -221,7 +228,7 @@ class JobRunner:
 
         try:
             return client.run(app.mode, request, on_task_id=lambda task_id: self.task_ids.note(job_id, task_id, stop),
-                              on_run_id=lambda run_id: self.task_ids.note_run(job_id, run_id))
+                              on_run_id=lambda run_id: self.task_ids.note_run(job_id, run_id), canceled=canceled)
         finally:
             self.task_ids.forget(job_id)
 
@@ -312,8 +319,6 @@ class JobRunner:
                                                            check_in_s=pause_check_in(block, time.time())))
             if state != "cancel":
                 log.info("job_paused", state=state, workflow_run_id=block["workflow_run_id"])
-                if state == JobStatus.PAUSED and fields.get(JobField.CALLBACK_URL):
-                    self.sender.notify_paused(job_id)
                 return
             outcome = Outcome(JobStatus.CANCELED)
         if outcome.status is JobStatus.QUEUED:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body
+from difyq.producers.api.dify_stop import stop_dify_task
 from difyq.producers.api.errors import ApiError, error_responses, invalid
 from difyq.producers.api.required_inputs import RequiredInputs
 from difyq.producers.submission import JobSubmission
@@ -144,7 +145,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
         outcome = runtime.store.cancel(job_id)
-        if outcome.state == JobStatus.RUNNING and outcome.task_id:
+        if outcome.task_id:  # a running call, or a paused run: stopped at Dify (retried while it is unreachable)
             stop_dify_task(runtime, job, outcome.task_id)
         return runtime.store.get(job_id) or job
 
@@ -200,18 +201,3 @@ def submit_form(runtime: Runtime, job: dict[str, Any], answer: FormInput) -> Non
         if exc.status == 412 or exc.code.startswith("human_input_form"):
             raise ApiError(409, exc.code, exc.message) from None
         raise ApiError(502, "dify_error", f"Dify refused the form: {exc}") from None
-
-
-def stop_dify_task(runtime: Runtime, job: dict[str, Any], task_id: str) -> None:
-    """Ask Dify to stop a running job's generation; the worker then stores it as canceled."""
-    app = runtime.config.apps.get(job["app"])
-    if app is None:
-        return
-    client = DifyClient(runtime.config.app_base_url(job["app"]), app.api_key.get_secret_value(),
-                        connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
-    user = (job.get("request") or {}).get("user") or app.user
-    try:
-        client.stop(app.mode, task_id, user)
-    except DifyError as exc:
-        log.warning("dify_stop_failed", job_id=job["id"], code=exc.code)
-

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from difyq.producers.api.jobs import stop_dify_task
+from difyq.producers.api.dify_stop import stop_dify_task
 from difyq.producers.console.job_view import job_page
 from difyq.producers.console.jobs_query import PAGE_SIZE, JobFilter, JobsQuery
 from difyq.producers.console.web import ConsoleWeb, PostedForm, Refused
@@ -69,7 +69,7 @@ def build_jobs_router(web: ConsoleWeb) -> APIRouter:
 
     def cancel(job_id: str) -> str:
         outcome = runtime.store.cancel(job_id)
-        if outcome.state == "running" and outcome.task_id:
+        if outcome.task_id:
             stop_dify_task(runtime, runtime.store.get(job_id) or {"id": job_id, "app": ""}, outcome.task_id)
         return outcome.state
 

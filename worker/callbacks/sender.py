@@ -1,5 +1,5 @@
-"""CallbackSender: sign and POST a finished job, record the outcome and schedule the next attempt as a delayed
-``deliver_callback`` message (no worker thread waits, no job retry budget is spent).
+"""CallbackSender: sign and POST a finished (or paused) job, record the outcome and schedule the next attempt as a
+delayed ``deliver_callback`` message (no worker thread waits, no job retry budget is spent).
 
 The first attempt is made by the job's own worker right after the outcome is stored (``deliver_first``: no
 message, no second fetch; the job's lease covers it, so the reaper enqueues the callback if that worker dies);
@@ -27,6 +27,20 @@ from difyq.worker.runtime import Runtime
 
 log = structlog.get_logger("difyq.callbacks")
 
+# The statuses a callback announces: every final one, and ``paused`` (the job waits for human input).
+ANNOUNCED_STATUSES = FINAL_STATUSES | {JobStatus.PAUSED}
+
+
+def webhook_id(job: dict[str, Any]) -> str:
+    """The callback's ``webhook-id``, the same on every attempt of one event: the job id for the job's final event
+    (``job.succeeded``, ``job.failed``, ``job.canceled``), and ``{job id}_paused_{form id}`` for a ``job.paused``
+    (one per pause: a run that pauses at two forms sends two), so a receiver that drops repeated ids drops only
+    retries, never the final event after a pause."""
+    if job["status"] == JobStatus.PAUSED:
+        form = job.get("form") or {}
+        return f"{job['id']}_paused_{form.get('form_id') or form.get('token') or ''}"
+    return str(job["id"])
+
 
 def callback_body(job: dict[str, Any]) -> bytes:
     """The POST body of a callback (docs/http-api.md)."""
@@ -53,9 +67,11 @@ class CallbackSender:
         return self.config.timeout + 5
 
     def deliver(self, job_id: str) -> None:
-        """One ``deliver_callback`` message: an attempt unless the callback is settled or another is under way."""
+        """One ``deliver_callback`` message: an attempt unless the callback is settled or another is under way. A
+        paused job's is its ``job.paused``; one that arrives once the job has resumed (and not yet ended) is
+        dropped: the form it announced is answered, and the job's final event follows."""
         fields = self.store.fields(job_id)
-        if fields is None or fields[JobField.STATUS] not in FINAL_STATUSES:
+        if fields is None or fields[JobField.STATUS] not in ANNOUNCED_STATUSES:
             return
         block = CallbackBlock.of(fields)
         if block.settled:
@@ -70,22 +86,6 @@ class CallbackSender:
         with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
             self._attempt(job_id, fields, block, release_lease=False)
 
-    def notify_paused(self, job_id: str) -> str | None:
-        """The ``job.paused`` callback of a job whose run waits for human input: one signed attempt, its
-        ``webhook-id`` the job id and the form's token (a receiver that drops repeated ids still gets the final
-        callback, whose id is the job id). The job resource keeps the form whatever comes of it. Returns the
-        outcome label (None: the job is no longer paused)."""
-        fields = self.store.fields(job_id)
-        if fields is None or fields[JobField.STATUS] != JobStatus.PAUSED:
-            return None
-        job = job_resource(fields)
-        attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job),
-                          f"{job_id}_paused_{(job.get('form') or {}).get('token', '')}", self.config,
-                          session=self._transport)
-        outcome = record_outcome(attempt, retries_remain=False)
-        log.info("callback_paused", outcome=outcome, status_code=attempt.status_code, error=attempt.error)
-        return outcome
-
     def deliver_first(self, job_id: str, record: dict[str, str]) -> str:
         """The first attempt, by the job's worker, holding the lease and lock ``finish_keeping_callback`` took;
         ``record`` is the stored job. Returns the outcome label."""
@@ -93,8 +93,9 @@ class CallbackSender:
 
     def _attempt(self, job_id: str, fields: dict[str, str], block: CallbackBlock, *, release_lease: bool) -> str:
         with tracing.callback_attempt(job_id, fields, block.attempts + 1) as span:
-            attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job_resource(fields)), job_id,
-                              self.config, session=self._transport)
+            job = job_resource(fields)
+            attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job), webhook_id(job), self.config,
+                              session=self._transport)
             span.set("http.response.status_code", attempt.status_code)
             if attempt.outcome != "delivered":
                 span.fail(attempt.outcome)
@@ -102,7 +103,8 @@ class CallbackSender:
         if attempt.outcome == "retry":
             delay = next_delay(block.attempts + 1, list(self.config.retry_schedule), attempt.retry_after_s)
         block = block.attempted(attempt.status_code, delay, delivered=attempt.outcome == "delivered")
-        self.store.callback_attempted(job_id, block, retry_in_s=delay, release_lease=release_lease)
+        self.store.callback_attempted(job_id, fields[JobField.STATUS], block, retry_in_s=delay,
+                                      release_lease=release_lease)
         outcome = record_outcome(attempt, retries_remain=delay is not None)
         self._log(attempt, outcome, block.attempts, delay, first_inline=release_lease)
         return outcome

@@ -191,7 +191,7 @@ class StreamAggregator:
         forms = [dict(form) for form in self._forms] or [
             dict(reason) for reason in self._paused.get("reasons") or []
             if isinstance(reason, Mapping) and reason.get("form_token")]
-        return PausedRun(run_id, forms, self._spend.total_price(), self._spend.currency)
+        return PausedRun(run_id, forms, self._spend.total_price(), self._spend.currency, self._ids.get("task_id"))
 
     def _remember_ids(self, payload: Mapping[str, Any]) -> None:
         for key in _IDS:

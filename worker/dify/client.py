@@ -45,7 +45,7 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from difyq.worker import tracing
 from difyq.worker.dify.aggregate import StreamAggregator
-from difyq.worker.dify.errors import DifyError
+from difyq.worker.dify.errors import CANCELED, DifyError
 from difyq.worker.dify.models import CHAT_MODES, WORKFLOW_MODES, DifyRequest, DifyResult, PausedRun, Usage
 from difyq.worker.dify.sse import SSEParser
 from difyq.worker.json_codec import dumps, loads
@@ -198,11 +198,12 @@ class DifyClient:
         return self._pool if self._pool is not None else shared_pool(self._settings)
 
     def run(self, mode: str, request: DifyRequest, *, on_task_id: Callable[[str], None] | None = None,
-            on_run_id: Callable[[str], None] | None = None) -> DifyResult:
+            on_run_id: Callable[[str], None] | None = None, canceled: Callable[[], bool] | None = None,
+            ) -> DifyResult:
         """Run the app once and aggregate its stream; `on_task_id` gets the task id (for `stop`) and `on_run_id`
         the workflow run id (to follow the run should this call be lost) as soon as an event carries them. A
         workflow or chatflow stream that breaks once the run id is known is followed to the run's end
-        (`follow`), never run again. Raises `DifyError`."""
+        (`follow`, while `canceled()` is false), never run again. Raises `DifyError`."""
         path = _route(_RUN_PATHS, mode)
         if mode == "workflow" and request.workflow_id:
             path = f"/workflows/{quote(request.workflow_id, safe='')}/run"
@@ -226,12 +227,13 @@ class DifyClient:
             if error.code not in _BROKEN_STREAM_CODES or run_id is None:
                 raise
             _release(response)
-            self.follow(run_id, request.user, aggregator, deadline=deadline, headers=headers)
+            self.follow(run_id, request.user, aggregator, deadline=deadline, headers=headers, canceled=canceled)
         finally:
             _release(response)
         return aggregator.result()
 
-    def follow_run(self, mode: str, run_id: str, request: DifyRequest, paused: PausedRun | None = None) -> DifyResult:
+    def follow_run(self, mode: str, run_id: str, request: DifyRequest, paused: PausedRun | None = None, *,
+                   canceled: Callable[[], bool] | None = None) -> DifyResult:
         """Follow a run an earlier attempt started to its end (or its next pause), instead of running the app
         again: a run whose worker was lost (with the state so far, so every node's price counts), or, `paused`,
         a run that paused for human input and was resumed (a plain reattach streams the resumed run; what its
@@ -239,7 +241,7 @@ class DifyClient:
         started = time.monotonic()
         aggregator = StreamAggregator(mode, started=started, spent_before=paused)
         self.follow(run_id, request.user, aggregator, deadline=started + self._total_timeout,
-                    headers=tracing.dify_headers(request.trace_id), snapshot=paused is None)
+                    headers=tracing.dify_headers(request.trace_id), snapshot=paused is None, canceled=canceled)
         return aggregator.result()
 
     def submit_form(self, form_token: str, inputs: Mapping[str, Any], action: str, user: str, *,
@@ -256,14 +258,17 @@ class DifyClient:
             _release(response)
 
     def follow(self, run_id: str, user: str, aggregator: StreamAggregator, *, deadline: float,
-               headers: Mapping[str, str], snapshot: bool = True) -> None:
+               headers: Mapping[str, str], snapshot: bool = True, canceled: Callable[[], bool] | None = None) -> None:
         """Follow a run whose stream broke to its end: reattach to its events (`GET /workflow/{id}/events`, Dify
         1.14+, with the state so far so every node's price is counted), else (an older Dify, or the reattach
         broke too) poll its record (`GET /workflows/run/{id}`) every `run_poll_interval` until it ends, and take
         the outputs from the record. `snapshot=False` takes only what comes next (a resumed run: the replay would
         repeat its pause). Raises `DifyError`: `run_timeout` when the run is still going at the deadline,
-        `not_found` when Dify does not know the run."""
+        `not_found` when Dify does not know the run, `canceled` as soon as `canceled()` says the job was canceled
+        (difyq stopped the run, and Dify 1.14.2 never ends a stopped run's record: following it would wait out the
+        deadline)."""
         aggregator.follows(run_id)
+        _check_canceled(canceled)
         try:
             self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers, snapshot=snapshot)
         except DifyError as error:
@@ -271,7 +276,7 @@ class DifyClient:
                 raise
         if aggregator.complete:
             return
-        aggregator.add_run_detail(self._await_run_end(run_id, deadline=deadline, headers=headers))
+        aggregator.add_run_detail(self._await_run_end(run_id, deadline=deadline, headers=headers, canceled=canceled))
 
     def get(self, path: str, *, headers: Mapping[str, str] | None = None) -> Mapping[str, Any]:
         """A JSON object from `GET path` (`/info`, `/parameters`, a run's record…). Raises `DifyError`."""
@@ -303,9 +308,12 @@ class DifyClient:
         finally:
             _release(response)
 
-    def _await_run_end(self, run_id: str, *, deadline: float, headers: Mapping[str, str]) -> Mapping[str, Any]:
-        """Poll the run's record until it ends (or pauses); Dify being briefly unreachable is waited out."""
+    def _await_run_end(self, run_id: str, *, deadline: float, headers: Mapping[str, str],
+                       canceled: Callable[[], bool] | None) -> Mapping[str, Any]:
+        """Poll the run's record until it ends (or pauses, or the job is canceled); Dify being briefly unreachable
+        is waited out."""
         while True:
+            _check_canceled(canceled)
             try:
                 detail = self.run_detail(run_id, headers=headers)
             except DifyError as error:
@@ -439,6 +447,11 @@ class DifyClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "[api key]") if self._api_key else text
+
+
+def _check_canceled(canceled: Callable[[], bool] | None) -> None:
+    if canceled is not None and canceled():
+        raise DifyError(CANCELED, "the job was canceled and its run stopped: the run is not followed")
 
 
 def _finish_quietly(response: urllib3.BaseHTTPResponse, chunks: Iterator[bytes]) -> None:

@@ -15,7 +15,8 @@ ours for what happens below Dify's JSON layer: `timeout`, `connection_error`, `s
   `app_unavailable`, `not_*_app`, `unauthorized`, `forbidden` and the newer `app_*` 403 codes,
   `workflow_version_execution_not_allowed`, `not_found` — an unknown run or workflow id —, upload 413/415 codes,
   provider credentials/quota, `conversation_completed`, `human_input_form_*`…), and ours: `no_first_event` (Dify
-  failed silently), `run_timeout` (a followed run did not end in time), `workflow_paused`;
+  failed silently), `run_timeout` (a followed run did not end in time), `workflow_paused`, `canceled` (the job
+  was canceled while its run was followed: it ends `canceled`);
 * read the text: Dify reports a model provider's failure as `completion_request_error` (HTTP 400 or an `error`
   event), as a failed workflow (`workflow_failed`, the run's `error`), or in a chatflow as an `error` event
   `invalid_param` "Run failed: …". Those retry only when the text shows an upstream 429/5xx, a rate limit, a
@@ -30,6 +31,7 @@ import re
 from typing import NamedTuple
 
 QUOTA_CODE = "rate_limit_error"
+CANCELED = "canceled"  # ours: the job was canceled (its Dify task stopped) while its run was being followed
 _RETRY_CODES = frozenset(
     {
         "internal_server_error",

@@ -109,12 +109,14 @@ class NodeSpend:
 class PausedRun:
     """A workflow run paused for human input (Dify 1.13+): its id, the forms it waits on (each
     `human_input_required.data`: `form_token`, `form_id`, `node_id`, `node_title`, `form_content`, `inputs`,
-    `actions`, `expiration_time`…) and what its nodes cost so far (`price`, `currency`)."""
+    `actions`, `expiration_time`…), what its nodes cost so far (`price`, `currency`) and the task id of the call
+    that started it (`task_id`: what Dify's stop endpoint takes, to stop the run while it waits)."""
 
     run_id: str
     forms: list[dict[str, Any]]
     price: str | None
     currency: str | None
+    task_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,9 @@ class AttemptStart:
 
 @dataclass(frozen=True)
 class CancelOutcome:
+    """What ``cancel`` did: ``state`` (``canceled``, ``running``: the worker ends it once Dify stopped, or the
+    final status it already had) and ``task_id``, the Dify task to stop (a running call's, or a paused run's)."""
+
     state: str
     task_id: str | None = None
 
@@ -429,14 +432,15 @@ class JobStore:
             args=[dumps(outcome)],
         )
 
-    def callback_attempted(self, job_id: str, block: CallbackBlock, *, retry_in_s: float | None,
+    def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, *, retry_in_s: float | None,
                            release_lease: bool) -> None:
-        """Store the callback block after an attempt, in the same step as the next attempt (a delayed message,
-        ``retry_in_s``) or, for a ``failed`` block, the dead letter; free the callback lock and, with
+        """Store the callback block after an attempt that announced ``status``, in the same step as the next
+        attempt (a delayed message, ``retry_in_s``) or, for a ``failed`` block, the dead letter; nothing is stored
+        when the job has left ``status`` meanwhile (a paused job resumed). Free the callback lock and, with
         ``release_lease``, the job's lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         attempted: dict[str, Any] = {
-            "callback": block.stored(), "now": time.time(), "release_lease": release_lease,
+            "callback": block.stored(), "now": time.time(), "release_lease": release_lease, "status": status,
             "next": "retry" if message else "dead" if block.status == "failed" else "done"}
         if message is not None:
             attempted.update(message_id=message.redis_message_id, message_body=message.body.decode())
@@ -493,12 +497,16 @@ class JobStore:
 
     def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float) -> str:
         """A running job's Dify run waits for human input: ``paused`` (returned) with its ``pause`` block and no
-        lease, and a delayed message in ``check_in_s`` (its forms' expiry) to follow the run then; ``cancel``
-        when a cancel was asked meanwhile."""
+        lease, a delayed message in ``check_in_s`` (its forms' expiry) to follow the run then, and with a callback
+        URL its ``job.paused`` callback (a pending block and a callbacks message); ``cancel`` when a cancel was
+        asked meanwhile."""
         message = self.message(JOBS_QUEUE, job_id, check_in_s, run_hints(app, None))
+        callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._pause(
-            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
-            args=[dumps(pause), message.redis_message_id, message.body, repr(time.time() + check_in_s)],
+            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key, callback.queue_key,
+                  callback.bodies_key],
+            args=[dumps(pause), message.redis_message_id, message.body, repr(time.time() + check_in_s),
+                  CallbackBlock.pending().stored(), callback.redis_message_id, callback.body],
         )
         return _text(reply)
 
@@ -512,6 +520,10 @@ class JobStore:
         remembered."""
         return self.requeue(job_id, delay_s=delay_s, expected=JobStatus.QUEUED, count_field=JobField.DEFERRALS,
                             hints=run_hints(app, waiting_since), waiting_since=waiting_since, deferred_by=limit)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for the job (one HGET): a worker following its run stops following."""
+        return self.redis.hget(self.job_key(job_id), JobField.CANCEL_REQUESTED) in (b"1", "1")
 
     def cancel(self, job_id: str) -> CancelOutcome:
         callback = self.message(CALLBACKS_QUEUE, job_id)

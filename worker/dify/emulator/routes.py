@@ -442,10 +442,14 @@ class ServiceApi:
         return await self._stop(request, record, "workflow")
 
     async def _stop(self, request: Request, record: CallRecord, route: str) -> Response:
-        """Always `{"result": "success"}`; the run stops only if it belongs to this app and user, as in Dify."""
+        """Always `{"result": "success"}`; the run stops only if it belongs to this app and user, as in Dify. A
+        running run ends `stopped`, and so does a paused one (its form is no longer answerable). An app's
+        `http500` fault fails the stop too (Dify down for a while)."""
         app = self._authenticate(request, record)
         user = self._user(await self._json_body(request, record))
         self._check_mode(app, route)
+        if app.active_fault() == "http500":
+            raise wire.error(500, "internal_server_error", wire.INTERNAL_SERVER_ERROR)
         self.state.stop_run(request.path_params["task_id"], app.name, user)
         return wire.json_response({"result": "success"})
 

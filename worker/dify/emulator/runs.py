@@ -80,10 +80,13 @@ class RunLog:
 
     def record(self, *, version: str) -> dict[str, Any]:
         """`GET /workflows/run/{id}`: `inputs` a JSON string; 0.15.8 also encodes `outputs` and gives dates as
-        HTTP dates, 1.x gives `outputs` as an object and unix seconds."""
+        HTTP dates, 1.x gives `outputs` as an object and unix seconds; 1.x shows a stopped run as `running` for
+        good, as 1.14.2 did (`w1_stop_s20_run_detail_later`)."""
         run = self.run
         status = self.status()
         finished = next((e["data"] for e in reversed(self.events) if e["event"] == "workflow_finished"), None)
+        if version == "1.x" and status == "stopped":  # 1.14.2 never finalises a stopped run's record
+            status, finished = "running", None
         started = next((e["data"] for e in self.events if e["event"] == "workflow_started"), {})
         outputs = finished["outputs"] if finished and finished.get("outputs") is not None else {}
         error = finished["error"] if finished else (None if status == "running" else wire.STREAM_INTERNAL_ERROR)

@@ -420,12 +420,14 @@ async def _human_input_events(run: Run) -> AsyncGenerator[Event, None]:
         "total_steps": 2})
     answer = await run.await_form()
     if answer is None:
-        if run.stopped:
-            run.outcome = "stopped"
-            return
-        yield run.workflow_chunk("human_input_form_timeout", {
-            "node_id": node.node_type, "node_title": "Human Input", "expiration_time": form["expiration_time"]})
-        yield _workflow_finished(run, "failed", outputs=None, error=HUMAN_INPUT_TIMED_OUT, tokens=0, steps=2)
+        if run.shutting_down:
+            run.outcome = "shutdown"
+        elif run.stopped:
+            yield _workflow_finished(run, "stopped", outputs=None, error=_STOPPED_BY_USER, tokens=0, steps=2)
+        else:
+            yield run.workflow_chunk("human_input_form_timeout", {
+                "node_id": node.node_type, "node_title": "Human Input", "expiration_time": form["expiration_time"]})
+            yield _workflow_finished(run, "failed", outputs=None, error=HUMAN_INPUT_TIMED_OUT, tokens=0, steps=2)
         return
     inputs, action = answer
     comment = str(inputs.get("comment", ""))

@@ -1,13 +1,22 @@
 -- Record one callback attempt: the callback block, and with it the next attempt (a delayed message) or the dead
--- letter; free the callback lock and, after an attempt made by the job's own worker, the job's lease.
+-- letter; free the callback lock and, after an attempt made by the job's own worker, the job's lease. An attempt made
+-- for a status the job no longer has (a job.paused callback whose job resumed meanwhile) records nothing: the block
+-- is the next event's.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback lock, 4 callbacks dead-letter zset, 5 callback (delay) queue,
 --       6 its bodies
 -- ARGV: 1 a JSON object: callback (the block, JSON), next ("retry", "dead" or "done"), now (unix seconds),
---       release_lease (true: drop the job's lease), and for a retry message_id and message_body
+--       release_lease (true: drop the job's lease), status (the job's status the attempt announced), and for a
+--       retry message_id and message_body
 local attempted = cjson.decode(ARGV[1])
 local id = redis.call('HGET', KEYS[1], FIELD.id)
 redis.call('DEL', KEYS[3])
 if not id then
+  return 0
+end
+if attempted.release_lease then
+  redis.call('ZREM', KEYS[2], id)
+end
+if redis.call('HGET', KEYS[1], FIELD.status) ~= attempted.status then
   return 0
 end
 redis.call('HSET', KEYS[1], FIELD.callback, attempted.callback)
@@ -16,8 +25,5 @@ if attempted.next == 'retry' then
   redis.call('RPUSH', KEYS[5], attempted.message_id)
 elseif attempted.next == 'dead' then
   redis.call('ZADD', KEYS[4], attempted.now, id)
-end
-if attempted.release_lease then
-  redis.call('ZREM', KEYS[2], id)
 end
 return 1

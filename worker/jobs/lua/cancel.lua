@@ -1,5 +1,6 @@
 -- Cancel: a queued or paused job ends canceled now (and its callback is enqueued); a running one is flagged so the worker
--- ends it canceled after Dify's stop; a final one is left as it is.
+-- ends it canceled after Dify's stop; a final one is left as it is. A paused job's reply carries the task id of its
+-- paused run (the caller stops the run at Dify), a running job's the task id of its call.
 -- A job canceled now leaves its app's and its client's pending jobs.
 -- KEYS: 1 job hash, 2 callback queue, 3 callback bodies, 4 the app's pending jobs, 5 the client's pending jobs
 --       ('' when no API client submitted it)
@@ -19,6 +20,12 @@ if status == STATUS.queued or status == STATUS.paused then
   end
   redis.call('PEXPIRE', KEYS[1], cancel.retention_ms)
   leave_pending(redis.call('HGET', KEYS[1], FIELD.id), KEYS[4], KEYS[5])
+  if status == STATUS.paused then
+    local pause = cjson.decode(redis.call('HGET', KEYS[1], FIELD.pause) or '{}')
+    if type(pause.task_id) == 'string' then
+      return {'canceled', pause.task_id}
+    end
+  end
   return {'canceled'}
 end
 if status == STATUS.running then

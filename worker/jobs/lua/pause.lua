@@ -1,8 +1,10 @@
 -- Pause a running job whose Dify run waits for human input: paused with its pause block (the run and its forms),
 -- no lease (no worker holds it, so no sweep reads it as lost), and a delayed message for when its forms expire,
--- so that the job then ends as Dify ended the run (a submitted form requeues it at once, see requeue.lua).
--- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies
--- ARGV: 1 pause block json, 2 redis message id, 3 message body, 4 check at (unix seconds)
+-- so that the job then ends as Dify ended the run (a submitted form requeues it at once, see requeue.lua). A job with
+-- a callback URL gets its job.paused callback: a pending callback block and a callbacks message, in the same step.
+-- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 callback queue, 6 callback bodies
+-- ARGV: 1 pause block json, 2 redis message id, 3 message body, 4 check at (unix seconds), 5 the pending callback
+--       block (json), 6 callback redis message id, 7 callback message body
 local status = redis.call('HGET', KEYS[1], FIELD.status)
 if status ~= STATUS.running then
   return status or 'missing'
@@ -14,4 +16,9 @@ redis.call('HSET', KEYS[1], FIELD.status, STATUS.paused, FIELD.pause, ARGV[1], F
 redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], FIELD.id))
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[2])
+if redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1 then
+  redis.call('HSET', KEYS[1], FIELD.callback, ARGV[5])
+  redis.call('HSET', KEYS[6], ARGV[6], ARGV[7])
+  redis.call('RPUSH', KEYS[5], ARGV[6])
+end
 return STATUS.paused
