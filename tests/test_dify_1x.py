@@ -257,6 +257,9 @@ def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
         delivered = wait_for(lambda: (job := runtime.store.get(job_id))["callback"]["status"] == "delivered" and job,
                              what="the job.paused callback delivered")
         assert (delivered["status"], delivered["callback"]["attempts"]) == ("paused", 2)
+        listed = requests.get(f"{base}/v1/jobs", params={"status": "paused", "app": "review"}, headers=auth(),
+                              timeout=10).json()["jobs"]
+        assert job_id in [job["id"] for job in listed]
         url = f"{base}/v1/jobs/{job_id}/input"
         wrong = requests.post(url, headers=auth(), json={"inputs": {"comment": "x"}, "action": "maybe"}, timeout=10)
         assert (wrong.status_code, wrong.json()["error"]["field"]) == (422, "action")
