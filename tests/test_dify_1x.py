@@ -302,6 +302,7 @@ def test_canceling_a_paused_job_stops_its_run_at_dify_even_through_an_outage(
             "app": "review", "inputs": {"text": marker}, "user": "reviewer-7", "callback_url": receiver.url})
         job_id = response.json()["id"]
         wait_for(lambda: runtime.store.get(job_id)["status"] == "paused", what="the paused job")
+        receiver.wait_for(1)  # job.paused
         emulator.set_app("review", fault="http500", fault_until=time.time() + 0.5)  # Dify fails the first stop
         canceled = requests.delete(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).json()
         assert canceled["status"] == "canceled" and canceled["form"] is None
