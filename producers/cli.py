@@ -113,7 +113,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from difyq.producers.api.errors import field_path
-    from difyq.producers.submission import JobSubmission, remote_file
+    from difyq.producers.submission import JobSubmission
     from difyq.producers.submit import SubmitRejected, submit
     from difyq.worker.jobs.store import IdempotencyConflict
 
@@ -129,7 +129,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         outcome = submit(
             runtime,
             JobSubmission(app=args.app, query=args.query, inputs=inputs, user=args.user,
-                          files=[remote_file(url) for url in args.file] or None, callback_url=args.callback_url,
+                          files=[{"url": url} for url in args.file] or None, callback_url=args.callback_url,
                           idempotency_key=args.idempotency_key),
             source="cli", scope="cli",
         )

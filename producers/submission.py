@@ -4,14 +4,14 @@ rendered for one delivery or fire, a ``difyq enqueue`` call), validated by one m
 
 from __future__ import annotations
 
-import mimetypes
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from difyq.worker.files.references import FILE_TYPES, complete_file, is_file_object
 from difyq.worker.jobs.model import JobRequest, NewJob
 
 _HTTP_URL = r"^https?://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?([/?#]\S*)?$"
@@ -19,23 +19,27 @@ _HTTP_URL = r"^https?://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?([/?#]\S*)?$"
 
 
 def _one_of_the_two_sources(schema: dict[str, Any]) -> None:
-    """The OpenAPI schema says what the validators require: a ``remote_url`` file with its http(s) ``url``, or a
-    ``local_file`` with its ``upload_file_id``."""
+    """The OpenAPI schema says what the validators require: a ``remote_url`` file (the default with a ``url``)
+    with its http(s) ``url``, or a ``local_file`` (the default without one) with its ``upload_file_id``."""
     properties = schema["properties"]
-    schema["oneOf"] = [
+    schema["anyOf"] = [
         {"properties": {"transfer_method": {"const": "remote_url"},
                         "url": {"type": "string", "maxLength": 2048, "pattern": _HTTP_URL}},
-         "required": ["type", "transfer_method", "url"]},
+         "required": ["url"]},
         {"properties": {"transfer_method": {"const": "local_file"},
                         "upload_file_id": {"type": "string", "minLength": 1, "maxLength": 64}},
-         "required": ["type", "transfer_method", "upload_file_id"]},
+         "required": ["upload_file_id"],
+         "anyOf": [{"required": ["transfer_method"]}, {"not": {"required": ["url"]}}]},
     ]
     properties["transfer_method"] = {"type": "string", "enum": ["remote_url", "local_file"]}
+    properties["type"] = {"type": "string", "enum": list(FILE_TYPES)}
+    schema.pop("required", None)
 
 
 class DifyFile(BaseModel):
-    """A Dify file object: a ``remote_url`` file is fetched by Dify from its http(s) ``url``, a ``local_file`` is
-    one uploaded to Dify before, named by its ``upload_file_id``."""
+    """A Dify file object: a ``remote_url`` file is at its http(s) ``url`` (fetched by the worker and uploaded,
+    or by Dify, as the app's ``files.transfer`` says), a ``local_file`` is one uploaded to Dify before, named by its
+    ``upload_file_id``. ``transfer_method`` and ``type`` may be left out (``references.complete_file``)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_the_two_sources)
 
@@ -44,11 +48,16 @@ class DifyFile(BaseModel):
     url: str | None = Field(default=None, max_length=2048, validate_default=True)
     upload_file_id: str | None = Field(default=None, max_length=64, validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _completed(cls, value: Any) -> Any:
+        return complete_file(value) if isinstance(value, Mapping) else value
+
     @field_validator("url")
     @classmethod
     def _remote_files_have_a_url(cls, url: str | None, info: ValidationInfo) -> str | None:
         if info.data.get("transfer_method") == "remote_url" and (url is None or not re.fullmatch(_HTTP_URL, url)):
-            raise PydanticCustomError("file_url", "a remote_url file needs the http(s) URL Dify fetches it from")
+            raise PydanticCustomError("file_url", "a remote_url file needs the http(s) URL it is fetched from")
         return url
 
     @field_validator("upload_file_id")
@@ -57,6 +66,17 @@ class DifyFile(BaseModel):
         if info.data.get("transfer_method") == "local_file" and not upload_file_id:
             raise PydanticCustomError("file_upload_id", "a local_file file needs the upload_file_id Dify gave it")
         return upload_file_id
+
+
+def _file_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with each file-typed value (a file object, or a list holding some) validated and completed as a
+    ``DifyFile``; a wrong one is reported at ``inputs.<name>``."""
+
+    def checked(value: Any) -> Any:
+        return DifyFile.model_validate(value).model_dump(exclude_none=True) if is_file_object(value) else value
+
+    return {name: [checked(item) for item in value] if isinstance(value, list) else checked(value)
+            for name, value in inputs.items()}
 
 
 class JobSubmission(BaseModel):
@@ -76,6 +96,11 @@ class JobSubmission(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
 
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_files_completed(cls, inputs: dict[str, Any]) -> dict[str, Any]:
+        return _file_inputs(inputs)
+
     def new_job(self, *, source: str, scope: str, request_id: str | None = None) -> NewJob:
         """The job to store for this submission from ``source`` (``api``, ``hook``, ``schedule``, ``cli``)."""
         request = JobRequest(query=self.query, inputs=self.inputs, user=self.user,
@@ -85,12 +110,3 @@ class JobSubmission(BaseModel):
                              workflow_id=self.workflow_id)
         return NewJob(app=self.app, source=source, request=request, callback_url=self.callback_url,
                       idempotency_key=self.idempotency_key, scope=scope, request_id=request_id)
-
-
-def remote_file(url: str) -> dict[str, str]:
-    """The Dify file object of a file at ``url`` (``difyq enqueue --file``): its type from the name's extension
-    (``image``, ``audio``, ``video``, else ``document``), passed to Dify as ``remote_url``."""
-    media_type, _ = mimetypes.guess_type(urlsplit(url).path)
-    kind = (media_type or "").partition("/")[0]
-    return {"type": kind if kind in ("image", "audio", "video") else "document", "transfer_method": "remote_url",
-            "url": url}

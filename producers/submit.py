@@ -17,7 +17,14 @@ import structlog
 
 from difyq.producers.submission import JobSubmission
 from difyq.worker import metrics, tracing
-from difyq.worker.callbacks.ssrf import BlockedDestination, addresses_of, check_destination, resolve_host
+from difyq.worker.callbacks.ssrf import (
+    BlockedDestination,
+    UnresolvableDestination,
+    addresses_of,
+    check_destination,
+    resolve_host,
+)
+from difyq.worker.files.references import file_references
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob, job_id_of_trace
 from difyq.worker.jobs.store import SubmitOutcome, TooManyPending
@@ -59,9 +66,8 @@ def submit(runtime: Runtime, submission: JobSubmission, *, source: str, scope: s
     """Validate, claim the idempotency key, store and enqueue; raise SubmitRejected or IdempotencyConflict (or
     pydantic's ValidationError for a request the job model refuses)."""
     new = _new_job(runtime, submission.new_job(source=source, scope=scope, request_id=request_id))
-    callback_url = new.callback_url
-    if callback_url:
-        _reject_blocked(_verdict(callback_url, tuple(runtime.config.callbacks.allow_hosts)))
+    for guarded in _guarded_urls(runtime, new):
+        _reject_blocked(guarded, _verdict(guarded))
     if _observed(runtime.memory_guard, runtime.memory_guard.full(runtime.redis)):
         raise _memory_guard_refusal(new.app, source)
     with tracing.submitting(_span_attributes(new.app, source)) as span:
@@ -77,16 +83,14 @@ async def submit_async(runtime: Runtime, client: redis.asyncio.Redis, submission
     """``submit`` on an event loop over ``client`` (a ``Runtime.async_redis``), never blocking it: a callback
     host that is a name is resolved by the loop (off its thread), an IP literal is checked in line (and cached)."""
     new = _new_job(runtime, submission.new_job(source=source, scope=scope, request_id=request_id))
-    callback_url = new.callback_url
     app = new.app
-    if callback_url:
-        allow = tuple(runtime.config.callbacks.allow_hosts)
+    for guarded in _guarded_urls(runtime, new):
         try:
-            blocked = _literal_verdict(callback_url, allow)
+            blocked = _literal_verdict(guarded)
         except _NeedsLookup as lookup:
             addresses = await _resolve_on_loop(lookup.host, lookup.port)
-            blocked = _verdict(callback_url, allow, lambda _host, _port: addresses)
-        _reject_blocked(blocked)
+            blocked = _verdict(guarded, lambda _host, _port, found=addresses: found)
+        _reject_blocked(guarded, blocked)
     guard = runtime.memory_guard
     if _observed(guard, await _within(REDIS_REPLY_TIMEOUT_S, guard.full_async(client))):
         raise _memory_guard_refusal(app, source)
@@ -195,11 +199,41 @@ def _new_job(runtime: Runtime, new: NewJob) -> NewJob:
     return new
 
 
-def _verdict(url: str, allow: tuple[str, ...],
-             resolver: Callable[[str, int], Sequence[str]] = resolve_host) -> str | None:
-    """Why the callback URL is blocked (the SSRF check against ``callbacks.allow_hosts``), or None if it may be used."""
+@dataclass(frozen=True)
+class GuardedUrl:
+    """A URL of a job that the SSRF guard judges at submit: where it sits (``callback_url``, ``files[0].url``),
+    what it is for and the hosts allowed though private."""
+
+    url: str
+    field: str
+    subject: str
+    allow: tuple[str, ...]
+    setting: str
+    must_resolve: bool = True  # a file's host may fail to resolve for now: its fetch is retried
+
+
+def _guarded_urls(runtime: Runtime, new: NewJob) -> list[GuardedUrl]:
+    """The job's callback URL and the URL of each of its files."""
+    config = runtime.config
+    guarded = [GuardedUrl(new.callback_url, "callback_url", "callback", tuple(config.callbacks.allow_hosts),
+                          "callbacks.allow_hosts")] if new.callback_url else []
+    own = config.apps[new.app].files.allow_hosts is not None
+    setting = f"apps.{new.app}.files.allow_hosts" if own else "callbacks.allow_hosts"
+    allow = config.file_allow_hosts(new.app)
+    for reference in file_references({"files": new.request.files, "inputs": new.request.inputs}):
+        url = reference.file.get("url")
+        if reference.file.get("transfer_method") == "remote_url" and isinstance(url, str):
+            guarded.append(GuardedUrl(url, f"{reference.path}.url", "file", allow, setting, must_resolve=False))
+    return guarded
+
+
+def _verdict(guarded: GuardedUrl, resolver: Callable[[str, int], Sequence[str]] = resolve_host) -> str | None:
+    """Why the URL is blocked (the SSRF check against its allow list), or None if it may be used."""
     try:
-        check_destination(url, allow, resolver=resolver)
+        check_destination(guarded.url, guarded.allow, resolver=resolver, subject=guarded.subject,
+                          setting=guarded.setting)
+    except UnresolvableDestination as exc:
+        return str(exc) if guarded.must_resolve else None
     except BlockedDestination as exc:
         return str(exc)
     return None
@@ -234,15 +268,15 @@ async def _resolve_on_loop(host: str, port: int) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1024)
-def _literal_verdict(url: str, allow: tuple[str, ...]) -> str | None:
+def _literal_verdict(guarded: GuardedUrl) -> str | None:
     """``_verdict`` of a URL whose host is an IP literal: no DNS, a pure function of its arguments, so cached.
     _NeedsLookup (never cached) for a host name."""
-    return _verdict(url, allow, _resolve_literal)
+    return _verdict(guarded, _resolve_literal)
 
 
-def _reject_blocked(blocked: str | None) -> None:
+def _reject_blocked(guarded: GuardedUrl, blocked: str | None) -> None:
     if blocked is not None:
-        raise SubmitRejected(422, "callback_url_blocked", blocked, "callback_url")
+        raise SubmitRejected(422, f"{guarded.subject}_url_blocked", blocked, guarded.field)
 
 
 def _counted(outcome: SubmitOutcome, app: str, source: str, span: tracing.Span) -> SubmitOutcome:

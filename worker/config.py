@@ -72,6 +72,28 @@ class AppLimits(Strict):
         return self.burst or max(1, self.requests_per_minute // DEFAULT_BURST_SHARE)
 
 
+FileTransfer = Literal["remote_url", "upload"]
+
+
+class AppFiles(Strict):
+    """How a job's files reach the app: ``upload`` (the worker fetches each URL through the SSRF guard and uploads
+    it with ``POST /files/upload``) or ``remote_url`` (Dify fetches the URL itself)."""
+
+    transfer: FileTransfer = "upload"
+    allow_hosts: list[str] | None = None  # None: callbacks.allow_hosts
+    max_bytes: Annotated[int, Field(gt=0)] | None = None  # None: Dify's limit for the file's type (/parameters)
+    fetch_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _valid_allow_hosts(cls, value: list[str] | None) -> list[str] | None:
+        from difyq.worker.callbacks.ssrf import AllowList
+
+        if value is not None:
+            AllowList.parse(value)
+        return value
+
+
 class AppConfig(Strict):
     api_key: SecretStr
     mode: AppMode
@@ -83,6 +105,7 @@ class AppConfig(Strict):
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
     on_quota: Literal["fail", "defer"] = "fail"
     max_pending: Annotated[int, Field(gt=0)] | None = None  # unfinished jobs of the app; over it a submit is 429
+    files: AppFiles = Field(default_factory=AppFiles)
 
 
 class ClientConfig(Strict):
@@ -295,6 +318,12 @@ class Config(Strict):
 
     def app_base_url(self, app: str) -> str:
         return (self.apps[app].base_url or self.dify.base_url).rstrip("/")
+
+    def file_allow_hosts(self, app: str) -> tuple[str, ...]:
+        """The hosts an app's file URLs may be on though private: its ``files.allow_hosts`` when set, else
+        ``callbacks.allow_hosts``."""
+        own = self.apps[app].files.allow_hosts if app in self.apps else None
+        return tuple(self.callbacks.allow_hosts if own is None else own)
 
     def cross_reference_problems(self) -> list[str]:
         """Problems that span sections: names that must exist, and templates that must compile."""

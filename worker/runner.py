@@ -20,6 +20,7 @@ from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
 from difyq.worker.dify.errors import CANCELED, DifyError
 from difyq.worker.dify.models import PausedRun
+from difyq.worker.files.transfer import FileUploads
 from difyq.worker.genai_span import dify_call
 from difyq.worker.jobs.messages import run_hints
 from difyq.worker.jobs.model import job_trace_id
@@ -118,6 +119,7 @@ class JobRunner:
         self.leases = leases
         self.throttle = throttle
         self._clients: dict[str, DifyClient] = {}
+        self.files = FileUploads(runtime.config, runtime.store)
 
     def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None) -> None:
         """``app`` and ``waiting_since`` are the message's hints (``run_hints``); a message without them (written
@@ -193,6 +195,8 @@ class JobRunner:
         client, request = self._client(app_name, app), self._dify_request(fields, app)
         pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
+            if pause is None and not fields.get(JobField.DIFY_RUN_ID):
+                request = self.files.prepare(job_id, fields, app_name, app, client, request)
             with dify_call(app_name, app.mode, self.config.app_base_url(app_name), request) as call:
                 canceled = partial(self.store.cancel_requested, job_id)
                 if pause is not None:  # the run paused for human input: follow it (resumed, or ended at expiry)

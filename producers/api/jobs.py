@@ -15,12 +15,12 @@ from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body
 from difyq.producers.api.dify_stop import stop_dify_task
 from difyq.producers.api.errors import ApiError, error_responses, invalid
-from difyq.producers.api.required_inputs import RequiredInputs
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit_async
-from difyq.worker.dify.app_form import missing_inputs
+from difyq.worker.dify.app_form import missing_inputs, required_inputs
 from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
+from difyq.worker.dify.parameters import AppParameters
 from difyq.worker.jobs.index_position import POSITION_PATTERN
 from difyq.worker.jobs.model import client_scope
 from difyq.worker.jobs.schema import FINAL_STATUSES, SOURCES, JobStatus
@@ -67,8 +67,8 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     """The /v1/jobs routes; submits go through ``async_redis`` (a ``Runtime.async_redis``) on the event loop."""
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
     config = runtime.config
-    required_inputs = RequiredInputs(config)
-    required_inputs.warm()
+    parameters = AppParameters(config)
+    parameters.warm()
 
     def visible(request: Request, job_id: str) -> dict[str, Any]:
         _, client = authenticate(config, request)
@@ -101,7 +101,8 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
             if body.app not in config.apps:
                 raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
             raise ApiError(403, "forbidden", f"this client may not use app {body.app!r}", "app")
-        missing = missing_inputs(required_inputs.of(body.app) or [], body.inputs)
+        known = parameters.cached(body.app)
+        missing = missing_inputs(required_inputs(known), body.inputs) if known is not None else []
         if missing:
             raise ApiError(422, "missing_input", f"inputs.{missing[0]}: the app's input form requires it "
                            "(Dify's /parameters)", f"inputs.{missing[0]}")

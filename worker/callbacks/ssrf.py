@@ -203,29 +203,29 @@ def _is_ip_literal(host: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_url(url: str) -> tuple[str, str, str, int]:
+def _parse_url(url: str, subject: str = "callback") -> tuple[str, str, str, int]:
     """The URL as requests will send it, its scheme, host and port; BlockedDestination when it is not usable.
     Pure, so remembered: every attempt checks the URL again, but only its DNS answer can have changed."""
     prepared = requests.PreparedRequest()
     try:
         prepared.prepare_url(url, None)
     except (requests.RequestException, ValueError, UnicodeError):
-        raise BlockedDestination("the callback URL is not a valid absolute http(s) URL") from None
+        raise BlockedDestination(f"the {subject} URL is not a valid absolute http(s) URL") from None
     normalized = prepared.url or ""
     parts = urlsplit(normalized)
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         shown = scheme if scheme.isalnum() and len(scheme) <= 16 else "?"
-        raise BlockedDestination(f"the callback URL scheme {shown!r} is not allowed (use http or https)")
+        raise BlockedDestination(f"the {subject} URL scheme {shown!r} is not allowed (use http or https)")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
-        raise BlockedDestination("the callback URL has an invalid port") from None
+        raise BlockedDestination(f"the {subject} URL has an invalid port") from None
     host = (parts.hostname or "").lower()
     if not host:
-        raise BlockedDestination("the callback URL has no host")
+        raise BlockedDestination(f"the {subject} URL has no host")
     if port == 0:
-        raise BlockedDestination("the callback URL has an invalid port")
+        raise BlockedDestination(f"the {subject} URL has an invalid port")
     return normalized, scheme, host, port
 
 
@@ -253,19 +253,25 @@ def check_destination(
     allow_hosts: Iterable[str] | AllowList,
     *,
     resolver: Callable[[str, int], Sequence[str]] = resolve_host,
+    subject: str = "callback",
+    setting: str = "callbacks.allow_hosts",
 ) -> Destination:
     """Check ``url`` for SSRF and return where the callback may connect; raise BlockedDestination if it may not.
 
     The scheme must be http or https; the host is resolved with getaddrinfo and every address must be public,
     unless the host name, or the address's network, is in ``allow_hosts``. Reasons name the host and the kind of
     address, never the URL's path, query or credentials (they may hold tokens) nor the addresses a name resolved
-    to. ``resolver`` is for tests and must answer like ``resolve_host``.
+    to. ``resolver`` is for tests and must answer like ``resolve_host``. ``subject`` names what the URL is for in
+    reasons (``callback``, ``file``), ``setting`` the allow list that would let it through.
     """
     allow = allow_hosts if isinstance(allow_hosts, AllowList) else _allow_list(tuple(allow_hosts))
-    normalized, scheme, host, port = _parse_url(url)
-    addresses = tuple(resolver(host, port))
+    normalized, scheme, host, port = _parse_url(url, subject)
+    try:
+        addresses = tuple(resolver(host, port))
+    except UnresolvableDestination:
+        addresses = ()
     if not addresses:
-        raise UnresolvableDestination(f"the callback host {host!r} does not resolve")
+        raise UnresolvableDestination(f"the {subject} host {host!r} does not resolve")
     if not allow.allows_host(host):
         for text in addresses:
             address = ipaddress.ip_address(text.split("%", 1)[0])
@@ -275,6 +281,6 @@ def check_destination(
             if reason is not None:
                 verb = "is" if _is_ip_literal(host) else "resolves to"
                 raise BlockedDestination(
-                    f"the callback host {host!r} {verb} {reason}; list it in callbacks.allow_hosts to allow it"
+                    f"the {subject} host {host!r} {verb} {reason}; list it in {setting} to allow it"
                 )
     return Destination(url=normalized, scheme=scheme, host=host, port=port, addresses=addresses)

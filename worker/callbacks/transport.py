@@ -85,6 +85,11 @@ class PinnedTransport:
                     self._tls_context = tls_context(self._ca_certs)
         return self._tls_context
 
+    def get(self, destination: Destination, headers: Mapping[str, str], timeout: float) -> HTTPResponse:
+        """GET the checked ``destination`` (a file to fetch), as ``post`` sends: pinned, no retry, no redirect (a
+        3xx is the caller's to check and follow)."""
+        return self._request("GET", destination, None, headers, timeout)
+
     def post(self, destination: Destination, body: bytes, headers: Mapping[str, str], timeout: float) -> HTTPResponse:
         """POST ``body`` with ``headers`` (as given, plus the Host header) to the checked ``destination``; the
         response's body is unread.
@@ -95,6 +100,10 @@ class PinnedTransport:
         that no address accepted, the last address's); ``UnpinnedRequest`` when ``destination`` is not a checked
         Destination with addresses for its own URL.
         """
+        return self._request("POST", destination, body, headers, timeout)
+
+    def _request(self, method: str, destination: Destination, body: bytes | None, headers: Mapping[str, str],
+                 timeout: float) -> HTTPResponse:
         if not isinstance(destination, Destination) or not destination.addresses:
             raise UnpinnedRequest("request has no checked destination; not sent")
         parts = urlsplit(destination.url)
@@ -109,20 +118,20 @@ class PinnedTransport:
         *fallbacks, last = destination.addresses
         for address in fallbacks:
             try:
-                return self._send(destination, address, target, body, request_headers, timeout)
+                return self._send(method, destination, address, target, body, request_headers, timeout)
             except ConnectTimeoutError:  # not connected (refused or timed out): nothing was sent, try the next
                 continue
-        return self._send(destination, last, target, body, request_headers, timeout)
+        return self._send(method, destination, last, target, body, request_headers, timeout)
 
-    def _send(self, destination: Destination, address: str, target: str, body: bytes, headers: dict[str, str],
-              timeout: float) -> HTTPResponse:
-        """The POST over the pool made for ``address`` (and, for HTTPS, the destination's host name)."""
+    def _send(self, method: str, destination: Destination, address: str, target: str, body: bytes | None,
+              headers: dict[str, str], timeout: float) -> HTTPResponse:
+        """The request over the pool made for ``address`` (and, for HTTPS, the destination's host name)."""
         pool_kwargs: dict[str, Any] = {}
         if destination.scheme == "https":
             pool_kwargs = {"ssl_context": self._tls(), "server_hostname": destination.host}
         pool = self._pools.connection_from_host(address, destination.port, destination.scheme, pool_kwargs=pool_kwargs)
         return pool.urlopen(  # type: ignore[return-value]
-            "POST",
+            method,
             target,
             body=body,
             headers=headers,

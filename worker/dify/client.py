@@ -328,6 +328,39 @@ class DifyClient:
                 raise DifyError("run_timeout", f"the run {run_id} had not ended after {self._total_timeout} s")
             time.sleep(self._run_poll_interval)
 
+    def upload_file(self, name: str, content: bytes, mime_type: str, user: str, *,
+                    trace_id: str | None = None) -> Mapping[str, Any]:
+        """Upload one file for `user` (`POST /files/upload`, multipart `file` and `user`); Dify's answer (`id`,
+        `name`, `size`, `extension`, `mime_type`…). Only requests of the same `user` may reference it. Raises
+        `DifyError` (`file_too_large` 413, `unsupported_file_type` 415…)."""
+        body, content_type = urllib3.encode_multipart_formdata(
+            {"file": (name, content, mime_type), "user": user})
+        response = self._request("POST", "/files/upload", None, accept="application/json",
+                                 headers=tracing.dify_headers(trace_id), raw=(body, content_type))
+        try:
+            if not _is_success(response):
+                raise self._error_from(response)
+            answer = self._blocking_body(response)
+        finally:
+            _release(response)
+        if not isinstance(answer.get("id"), str):
+            raise DifyError("invalid_response", "an upload answer without the file's id")
+        return answer
+
+    def feedback(self, message_id: str, rating: str | None, content: str | None, user: str) -> None:
+        """Rate a message (`POST /messages/{id}/feedbacks`: `like`, `dislike`, or None to withdraw a rating).
+        Raises `DifyError` (`not_found` for a message Dify does not know)."""
+        body: dict[str, Any] = {"rating": rating, "user": user}
+        if content is not None:
+            body["content"] = content
+        response = self._request("POST", f"/messages/{quote(message_id, safe='')}/feedbacks", body,
+                                 accept="application/json")
+        try:
+            if not _is_success(response):
+                raise self._error_from(response)
+        finally:
+            _release(response)
+
     def stop(self, mode: str, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (Dify answers success even for an unknown or finished task)."""
         path = _route(_STOP_PATHS, mode).format(quote(task_id, safe=""))
@@ -339,20 +372,25 @@ class DifyClient:
             _release(response)
 
     def _request(self, method: str, path: str, body: Mapping[str, Any] | None, *, accept: str,
-                 headers: Mapping[str, str] | None = None) -> urllib3.BaseHTTPResponse:
+                 headers: Mapping[str, str] | None = None,
+                 raw: tuple[bytes, str] | None = None) -> urllib3.BaseHTTPResponse:
+        """One call; the body is `body` as JSON, or `raw` (bytes and their content type)."""
         sent = {
             "Authorization": f"Bearer {self._api_key}",
             "Accept": accept,
             "User-Agent": USER_AGENT,
             **(headers or {}),
         }
-        if body is not None:
-            sent["Content-Type"] = "application/json"
+        payload: bytes | None = None
+        if raw is not None:
+            payload, sent["Content-Type"] = raw
+        elif body is not None:
+            payload, sent["Content-Type"] = dumps(body), "application/json"
         try:
             return self.pool.urlopen(
                 method,
                 self._base_url + path,
-                body=None if body is None else dumps(body),
+                body=payload,
                 headers=sent,
                 retries=False,
                 redirect=False,

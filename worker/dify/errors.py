@@ -101,13 +101,16 @@ def classify_upstream_text(text: str) -> Classification:
 class DifyError(Exception):
     """One failed Dify call: Dify's `code`/`message`/`status` (or ours), classified for the worker."""
 
-    def __init__(self, code: str, message: str, status: int | None = None, *, retry_after: float | None = None):
+    def __init__(self, code: str, message: str, status: int | None = None, *, retry_after: float | None = None,
+                 retryable: bool | None = None):
         super().__init__(code, message, status)
         self.code = code
         self.message = message
         self.status = status
         self.retry_after = retry_after
         self.retryable, self.rate_limited = classify(code, message, status)
+        if retryable is not None:  # a failure beside Dify's API (a job's file) that knows whether it may pass
+            self.retryable = retryable
         self.quota = code == QUOTA_CODE  # a plan quota that only time clears (`apps.*.on_quota`)
 
     def __str__(self) -> str:
@@ -115,7 +118,8 @@ class DifyError(Exception):
         return f"{self.code}{where}: {self.message}"
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.code, self.message, self.status), {"retry_after": self.retry_after})
+        return (type(self), (self.code, self.message, self.status),
+                {"retry_after": self.retry_after, "retryable": self.retryable})
 
     def as_dict(self) -> dict[str, object]:
         """The job resource's `error` object."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from difyq.worker.files.references import job_files
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.json_codec import loads
@@ -127,6 +128,7 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
     once the job succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt
     number."""
     callback = CallbackBlock.of(fields)
+    request = _json_field(fields, JobField.REQUEST)
     return {
         "id": fields[JobField.ID],
         "app": fields[JobField.APP],
@@ -137,7 +139,8 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "started_at": iso_time(fields.get(JobField.STARTED_AT)),
         "finished_at": iso_time(fields.get(JobField.FINISHED_AT)),
         "attempts": int(fields.get(JobField.ATTEMPTS) or 0),
-        "request": _json_field(fields, JobField.REQUEST),
+        "request": request,
+        "files": job_files(request, _json_field(fields, JobField.FILES)),
         "result": _json_field(fields, JobField.RESULT),
         "error": _json_field(fields, JobField.ERROR),
         "attempt_errors": _json_field(fields, JobField.ATTEMPT_ERRORS) or [],

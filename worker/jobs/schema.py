@@ -53,6 +53,7 @@ class JobField(StrEnum):
     DIFY_RUN_ID = "dify_run_id"  # the attempt's workflow run: a lost worker's run is followed, not run again
     PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
     TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)
+    FILES = "files"  # the files the worker uploaded to Dify (``files.transfer.uploaded_file``): kept for retries
 
 
 CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's callback block

@@ -137,6 +137,7 @@ class JobStore:
         self._replay_callback = client.register_script(job_script("replay_callback"))
         self._callback_attempted = client.register_script(job_script("callback_attempted"))
         self._resume_callback = client.register_script(job_script("resume_callback"))
+        self._files = client.register_script(job_script("files"))
         self._task_id = client.register_script(job_script("task_id"))
 
     def job_key(self, job_id: str) -> str:
@@ -364,6 +365,10 @@ class JobStore:
         for job_id, (task_id, run_id) in task_ids.items():
             self._task_id(keys=[self.job_key(job_id)], args=[task_id, run_id or ""], client=pipe)
         return [job_id for job_id, canceled in zip(task_ids, pipe.execute(), strict=True) if canceled]
+
+    def record_files(self, job_id: str, files: list[dict[str, Any]]) -> bool:
+        """Keep the files a running job uploaded to Dify with the job (files.lua); False when it no longer runs."""
+        return bool(self._files(keys=[self.job_key(job_id)], args=[dumps(files)]))
 
     def callback_lock_key(self, job_id: str) -> str:
         """Held while one callback attempt is under way, so two attempts for one job never overlap."""

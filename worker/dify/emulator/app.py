@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from difyq.worker.dify.emulator.apps import VERSIONS, EmulatedApp, default_apps
 from difyq.worker.dify.emulator.control import ControlApi
 from difyq.worker.dify.emulator.routes import ServiceApi
+from difyq.worker.dify.emulator.sample_document import sample_file
 from difyq.worker.dify.emulator.state import EmulatorState
 
 
@@ -46,12 +47,15 @@ def create_app(apps: list[EmulatedApp] | None = None, dify_version: str = "0.15"
         Route("/v1/completion-messages/{task_id}/stop", api.recorded(api.completion_stop), methods=["POST"]),
         Route("/v1/workflows/tasks/{task_id}/stop", api.recorded(api.workflow_stop), methods=["POST"]),
         Route("/v1/parameters", api.recorded(api.parameters), methods=["GET"]),
+        Route("/v1/files/upload", api.recorded(api.files_upload), methods=["POST"]),
+        Route("/v1/messages/{message_id}/feedbacks", api.recorded(api.message_feedback), methods=["POST"]),
         Route("/v1/info", api.recorded(api.info), methods=["GET"]),
         Route("/v1/workflows/run/{run_id}", api.recorded(api.run_detail), methods=["GET"]),
         Route("/_emulator/calls", control.calls, methods=["GET", "DELETE"]),
         Route("/_emulator/stats", control.stats, methods=["GET"]),
         Route("/_emulator/apps", control.apps, methods=["GET"]),
         Route("/_emulator/apps/{name}", control.app, methods=["GET", "PUT"]),
+        Route("/_emulator/files/{name}", sample_file, methods=["GET"]),
     ]
     if dify_version == "1.x":
         routes += [

@@ -57,6 +57,7 @@ class EmulatedApp:
     key: str
     mode: str
     required_inputs: list[str] = field(default_factory=list)
+    file_inputs: list[str] = field(default_factory=list)  # required inputs that take a file (a workflow's)
     time_to_first_token_s: float = 0.0
     tokens_per_second: float = 0.0
     answer_tokens: int = 8
@@ -90,6 +91,8 @@ class EmulatedApp:
             raise ValueError(f"app {self.name}: ping_interval_s must be positive")
         if not isinstance(self.required_inputs, list) or not all(isinstance(v, str) for v in self.required_inputs):
             raise ValueError(f"app {self.name}: required_inputs must be a list of variable names")
+        if not set(self.file_inputs) <= set(self.required_inputs):
+            raise ValueError(f"app {self.name}: file_inputs must be among the required_inputs")
 
     @property
     def app_id(self) -> str:
@@ -135,13 +138,16 @@ class EmulatedApp:
 
 def default_apps() -> list[EmulatedApp]:
     """One demo app per mode. The chat app `demo` has key `app-demo` (what `difyq dev` uses); completion and
-    workflow need an input `text`, like the apps the reference captures came from."""
+    workflow need an input `text`, like the apps the reference captures came from; the workflow
+    `summarize-document` needs a file, its input `document`."""
     return [
         EmulatedApp(name="demo", key="app-demo", mode="chat"),
         EmulatedApp(name="demo-agent", key="app-demo-agent", mode="agent"),
         EmulatedApp(name="demo-chatflow", key="app-demo-chatflow", mode="advanced-chat"),
         EmulatedApp(name="demo-completion", key="app-demo-completion", mode="completion", required_inputs=["text"]),
         EmulatedApp(name="demo-workflow", key="app-demo-workflow", mode="workflow", required_inputs=["text"]),
+        EmulatedApp(name="summarize-document", key="app-summarize-document", mode="workflow",
+                    required_inputs=["document"], file_inputs=["document"]),
     ]
 
 

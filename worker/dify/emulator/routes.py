@@ -27,6 +27,7 @@ from difyq.worker.dify.emulator import wire
 from difyq.worker.dify.emulator.apps import CHAT_MODES, WORKFLOW_MODES, EmulatedApp
 from difyq.worker.dify.emulator.blocking import blocking_answer
 from difyq.worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
+from difyq.worker.dify.emulator.files import SIZE_LIMITS_MB, check_local_files, described_file, upload
 from difyq.worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse, SilentStreamResponse
 from difyq.worker.dify.emulator.runs import RunLogs
 from difyq.worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
@@ -294,6 +295,7 @@ class ServiceApi:
             raise wire.error(400, "invalid_param", "query is required")
         # Dify 1.x checks these two in its worker: a streaming call then gets one ping and nothing else.
         silent = streaming and self.state.version == "1.x"
+        check_local_files(self.state, body, inputs, user)
         if conversation_id and self.state.conversation(app.name, conversation_id, user) is None:
             if not silent:
                 raise wire.error(404, "not_found", wire.CONVERSATION_NOT_EXISTS)
@@ -339,7 +341,7 @@ class ServiceApi:
             if conversation is not None:
                 dialogue_count = conversation.dialogue_count
                 conversation.dialogue_count += 1
-        return Run(
+        run = Run(
             app=call.app,
             user=call.user,
             query=call.query,
@@ -352,6 +354,11 @@ class ServiceApi:
             sequence_number=self.state.next_workflow_run_number(call.app.name),
             dify_version=self.state.version,
         )
+        if route != "workflow":
+            self.state.remember_message(run.message_id, call.app.name, call.user)
+        run.files = {name: described_file(self.state, call.inputs[name], call.user) for name in call.app.file_inputs
+                     if isinstance(call.inputs.get(name), dict)}
+        return run
 
     # workflow runs: their record, and (1.x) following their events again
 
@@ -453,6 +460,27 @@ class ServiceApi:
         self.state.stop_run(request.path_params["task_id"], app.name, user)
         return wire.json_response({"result": "success"})
 
+    # files and feedback
+
+    async def files_upload(self, request: Request, record: CallRecord) -> Response:
+        """`POST /files/upload`: 201 with the file's id, name, size, extension and mime type."""
+        app = self._authenticate(request, record)
+        return wire.json_response(await upload(request, record, app, self.state), 201)
+
+    async def message_feedback(self, request: Request, record: CallRecord) -> Response:
+        """`POST /messages/{id}/feedbacks`: rate a message the user was answered (`like`, `dislike`, null)."""
+        app = self._authenticate(request, record)
+        body = await self._json_body(request, record)
+        user = self._user(body)
+        rating = body.get("rating")
+        if rating not in (None, "like", "dislike"):
+            raise wire.param_error(f"{rating} is not a valid choice", "rating")
+        message = self.state.message(request.path_params["message_id"], app.name, user)
+        if message is None:
+            raise wire.error(404, "not_found", "Message Not Exists.")
+        message.feedback = None if rating is None else {"rating": rating, "content": body.get("content")}
+        return wire.json_response({"result": "success"})
+
     async def parameters(self, request: Request, record: CallRecord) -> Response:
         app = self._authenticate(request, record)
         return wire.json_response(_parameters(app))
@@ -500,6 +528,16 @@ def _parameters(app: EmulatedApp) -> dict[str, Any]:
                     "max_length": 4000,
                     "options": [],
                 }
+            } if name not in app.file_inputs else {
+                "file": {
+                    "variable": name,
+                    "label": name,
+                    "type": "file",
+                    "required": True,
+                    "allowed_file_types": ["document"],
+                    "allowed_file_extensions": [],
+                    "allowed_file_upload_methods": ["local_file", "remote_url"],
+                }
             }
             for name in app.required_inputs
         ]
@@ -529,11 +567,5 @@ def _parameters(app: EmulatedApp) -> dict[str, Any]:
         "user_input_form": form,
         "sensitive_word_avoidance": moderation,
         "file_upload": {"image": image},
-        "system_parameters": {
-            "image_file_size_limit": 10,
-            "video_file_size_limit": 100,
-            "audio_file_size_limit": 50,
-            "file_size_limit": 15,
-            "workflow_file_upload_limit": 10,
-        },
+        "system_parameters": {**SIZE_LIMITS_MB, "workflow_file_upload_limit": 10},
     }

@@ -48,6 +48,29 @@ class CallRecord:
     trace_id: str | None = None
 
 
+@dataclass(frozen=True)
+class UploadedFile:
+    """A file uploaded with `POST /files/upload`; only requests of its `user` may reference it."""
+
+    id: str
+    app: str
+    user: str
+    name: str
+    size: int
+    extension: str
+    mime_type: str
+    created_at: int
+
+
+@dataclass
+class Message:
+    """A chat message an app answered: feedback may rate it (only its user's)."""
+
+    app: str
+    user: str
+    feedback: dict[str, Any] | None = None
+
+
 @dataclass
 class Conversation:
     user: str
@@ -104,6 +127,8 @@ class EmulatorState:
         self._conversations: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
         self._runs: dict[str, RunControl] = {}
         self._workflow_runs = {app.name: itertools.count(1) for app in apps}
+        self._uploads: OrderedDict[str, UploadedFile] = OrderedDict()
+        self._messages: OrderedDict[str, Message] = OrderedDict()
         self.shutting_down = False
 
     # apps
@@ -163,6 +188,28 @@ class EmulatorState:
         """The user's conversation; None when it does not exist or belongs to someone else (Dify says 404)."""
         conversation = self._conversations.get((app_name, conversation_id))
         return conversation if conversation is not None and conversation.user == user else None
+
+    # files and messages
+
+    def remember_upload(self, upload: UploadedFile) -> None:
+        self._uploads[upload.id] = upload
+        while len(self._uploads) > MAX_CONVERSATIONS:
+            self._uploads.popitem(last=False)
+
+    def upload(self, upload_file_id: str, user: str) -> UploadedFile | None:
+        """The user's uploaded file; None when there is none of that id for this user."""
+        upload = self._uploads.get(upload_file_id)
+        return upload if upload is not None and upload.user == user else None
+
+    def remember_message(self, message_id: str, app_name: str, user: str) -> None:
+        self._messages[message_id] = Message(app_name, user)
+        while len(self._messages) > MAX_CONVERSATIONS:
+            self._messages.popitem(last=False)
+
+    def message(self, message_id: str, app_name: str, user: str) -> Message | None:
+        """The app's message answered to `user`; None otherwise (Dify says 404 "Message Not Exists.")."""
+        message = self._messages.get(message_id)
+        return message if message is not None and message.app == app_name and message.user == user else None
 
     def next_workflow_run_number(self, app_name: str) -> int:
         """The app's next `sequence_number` (Dify numbers each app's workflow runs from 1)."""

@@ -82,6 +82,7 @@ class Run:
         self.task_id = _uuid()
         self.message_id = _uuid()
         self.workflow_run_id = _uuid()
+        self.files: dict[str, dict[str, Any]] = {}  # each file input, as the workflow's output tells of it
         self.workflow_id = app.workflow_id
         self.created_at = int(time.time())
         self.started = time.monotonic()
@@ -506,7 +507,7 @@ async def _workflow_events(run: Run) -> AsyncGenerator[Event, None]:
             },
         )
         end = _Node(run, "answer" if chatflow else "end", "Answer" if chatflow else "End", 3, "llm")
-        outputs = {"answer": text} if chatflow else {"result": text}
+        outputs = {"answer": text} if chatflow else {"result": text, **run.files}
         yield end.started_event()
         if chatflow:
             yield end.finished_event(outputs={"answer": text, "files": []})
