@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import redis.asyncio
 import structlog
@@ -38,6 +38,15 @@ class FormInput(BaseModel):
 
     inputs: dict[str, Any] = Field(default_factory=dict)
     action: str = Field(min_length=1, max_length=200)
+
+
+class Feedback(BaseModel):
+    """The body of POST /v1/jobs/{id}/feedback: a rating of the job's Dify message (null withdraws one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rating: Literal["like", "dislike"] | None
+    content: str | None = Field(default=None, max_length=10_000)
 
 
 def _request_body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -173,6 +182,27 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
             raise ApiError(409, "job_not_paused", f"the job is {state}; only a paused job takes input")
         return runtime.store.get(job_id) or job
 
+    @router.post(
+        "/{job_id}/feedback",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": _request_body_schema(Feedback)}
+        }}},
+        responses=error_responses(404, 409, 422, 502),
+    )
+    async def send_feedback(request: Request, job_id: str) -> dict[str, Any]:
+        job = visible(request, job_id)
+        raw = await read_body(request, config.api.max_body_bytes)
+        try:
+            body = Feedback.model_validate(parse_json_object(raw))
+        except ValidationError as exc:
+            raise invalid(exc.errors()) from None
+        message_id = (job.get("result") or {}).get("message_id")
+        if not message_id:
+            raise ApiError(409, "no_message", f"the job ({job['status']}) has no Dify message to rate: only a "
+                           "finished chat, agent, chatflow or completion job has one")
+        await run_in_threadpool(forward_feedback, runtime, job, message_id, body)
+        return {"id": job_id, "message_id": message_id, "rating": body.rating, "content": body.content}
+
     @router.post("/{job_id}/callback/retry", status_code=202, responses=error_responses(404, 409))
     def retry_callback(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
@@ -186,13 +216,32 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     return router
 
 
+def _client_and_user(runtime: Runtime, job: dict[str, Any]) -> tuple[DifyClient, str]:
+    """A Dify client for the job's app, for one short call, and the job's Dify ``user``."""
+    app = runtime.config.apps.get(job["app"])
+    if app is None:
+        raise ApiError(409, "app_not_configured", f"the job's app {job['app']!r} is no longer configured")
+    client = DifyClient(runtime.config.app_base_url(job["app"]), app.api_key.get_secret_value(),
+                        connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
+    return client, (job.get("request") or {}).get("user") or app.user
+
+
+def forward_feedback(runtime: Runtime, job: dict[str, Any], message_id: str, feedback: Feedback) -> None:
+    """Rate the job's message at Dify, as the job's user. A message Dify does not know (deleted with its
+    conversation) is a 409, any other failure 502."""
+    client, user = _client_and_user(runtime, job)
+    try:
+        client.feedback(message_id, feedback.rating, feedback.content, user)
+    except DifyError as exc:
+        if exc.status == 404:
+            raise ApiError(409, "message_not_found", f"Dify no longer has the job's message: {exc.message}") from None
+        raise ApiError(502, "dify_error", f"Dify refused the feedback: {exc}") from None
+
+
 def submit_form(runtime: Runtime, job: dict[str, Any], answer: FormInput) -> None:
     """Hand a paused job's answer to Dify, as the run's user (Dify accepts a form once). Dify's refusal of the
     answer is the caller's 422 (naming the field), a form answered or expired meanwhile 409, anything else 502."""
-    app = runtime.config.apps[job["app"]]
-    client = DifyClient(runtime.config.app_base_url(job["app"]), app.api_key.get_secret_value(),
-                        connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
-    user = (job.get("request") or {}).get("user") or app.user
+    client, user = _client_and_user(runtime, job)
     try:
         client.submit_form(job["form"]["token"], answer.inputs, answer.action, user, trace_id=job["trace_id"])
     except DifyError as exc:
