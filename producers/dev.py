@@ -20,6 +20,7 @@ import yaml
 
 from difyq.producers.api.app import create_app
 from difyq.worker.config import ConfigError, load_config
+from difyq.worker.dify.emulator.sample_document import SAMPLE_NAME
 from difyq.worker.embedded_redis import EmbeddedRedis
 from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, install_runtime
@@ -27,15 +28,18 @@ from difyq.worker.runtime import Runtime, install_runtime
 DEV_TOKEN = "dev-token"
 DEV_CONSOLE_TOKEN = "dev-console-token"
 LOOPBACK = ["127.0.0.0/8", "::1/128", "localhost"]
+DOCUMENT_APP = "summarize-document"
 
 
 def _dev_config(raw: dict[str, Any], emulator_url: str | None) -> dict[str, Any]:
-    """The config file's content plus what dev adds: the demo app, a dev client, a console operator, loopback
-    callbacks."""
+    """The config file's content plus what dev adds: the demo apps, a dev client, a console operator, loopback
+    callbacks (and file URLs)."""
     config = dict(raw)
     if emulator_url:
         config["apps"] = {**(config.get("apps") or {}),
-                          "demo": {"api_key": "app-demo", "mode": "chat", "base_url": emulator_url}}
+                          "demo": {"api_key": "app-demo", "mode": "chat", "base_url": emulator_url},
+                          DOCUMENT_APP: {"api_key": "app-summarize-document", "mode": "workflow",
+                                         "base_url": emulator_url}}
     if not config.get("clients"):
         config["clients"] = {"dev": {"token": DEV_TOKEN, "apps": ["*"]}}
     console = dict(config.get("console") or {})
@@ -127,7 +131,10 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
             f"Try it:\n"
             f"  curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {token}' "
             f"-H 'Content-Type: application/json' -d '{{\"app\": \"{app_name}\", \"query\": \"Hello from difyq\"}}'\n"
-            f"  curl -s http://127.0.0.1:{api_port}/v1/jobs/<id> -H 'Authorization: Bearer {token}'\n",
+            f"  curl -s http://127.0.0.1:{api_port}/v1/jobs/<id> -H 'Authorization: Bearer {token}'\n"
+            + (f"  curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {token}' "
+               f"-H 'Content-Type: application/json' -d '{{\"app\": \"{DOCUMENT_APP}\", \"inputs\": {{\"document\": "
+               f"{{\"url\": \"{emulator.file_url(SAMPLE_NAME)}\"}}}}}}'\n" if emulator else ""),
             flush=True,
         )
 

@@ -22,6 +22,29 @@ from tests.support.processes import wait_for_port
 pytestmark = pytest.mark.e2e
 
 
+def _submitted(curl: str) -> str:
+    """The id of the job a printed submit line creates (it answers 202)."""
+    submitted = subprocess.run(curl + " -w '\\n%{http_code}'", shell=True, capture_output=True, text=True,
+                               timeout=30)
+    body, status = submitted.stdout.rsplit("\n", 1)
+    assert status == "202", submitted.stdout
+    return json.loads(body)["id"]
+
+
+def _finished(read: str, job_id: str) -> dict:
+    """The job, read with the printed read line until it ends (or a minute passes)."""
+    deadline = time.monotonic() + 60
+    job: dict = {}
+    while time.monotonic() < deadline:
+        shown = subprocess.run(read.replace("<id>", job_id), shell=True, capture_output=True, text=True,
+                               timeout=30)
+        job = json.loads(shown.stdout)
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(0.2)
+    return job
+
+
 @pytest.mark.slow
 def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DIFYQ_CONFIG")}
@@ -34,33 +57,27 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     try:
         lines: list[str] = []
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len([line for line in lines if "curl" in line]) < 2:
+        while time.monotonic() < deadline and len([line for line in lines if "curl" in line]) < 3:
             line = dev.stdout.readline()
             if not line:
                 break
             lines.append(line)
         curls = [line.strip() for line in lines if line.strip().startswith("curl")]
-        assert len(curls) == 2, "".join(lines)
-        documented = [line.command for line in curl_lines(ROOT / "README.md")][:2]
-        assert [curl.replace(f":{api_port}/", ":8080/") for curl in curls] == documented, (
-            "README.md's two curl lines must be the ones `difyq dev` prints (on port 8080)")
-        submit, read = curls
-        submitted = subprocess.run(submit + " -w '\\n%{http_code}'", shell=True, capture_output=True, text=True,
-                                   timeout=30)
-        body, status = submitted.stdout.rsplit("\n", 1)
-        assert status == "202", submitted.stdout
-        job_id = json.loads(body)["id"]
-        deadline = time.monotonic() + 60
-        job = {}
-        while time.monotonic() < deadline:
-            shown = subprocess.run(read.replace("<id>", job_id), shell=True, capture_output=True, text=True,
-                                   timeout=30)
-            job = json.loads(shown.stdout)
-            if job["status"] in ("succeeded", "failed"):
-                break
-            time.sleep(0.2)
+        assert len(curls) == 3, "".join(lines)
+        documented = [line.command for line in curl_lines(ROOT / "README.md")][:3]
+        assert [curl.replace(f":{api_port}/", ":8080/").replace(f":{emulator_port}/", ":5001/")
+                for curl in curls] == documented, (
+            "README.md's three curl lines must be the ones `difyq dev` prints (on ports 8080 and 5001)")
+        submit, read, document = curls
+        job = _finished(read, _submitted(submit))
         assert job["status"] == "succeeded", job
         assert job["result"]["answer"]
+        # The document job: the PDF dev serves is fetched, uploaded to the emulator and handed to the workflow.
+        document_job = _finished(read, _submitted(document))
+        assert document_job["status"] == "succeeded", document_job
+        [uploaded] = document_job["files"]
+        assert uploaded["name"] == "sample.pdf" and uploaded["upload_file_id"], document_job
+        assert document_job["result"]["outputs"]["document"]["name"] == "sample.pdf"
         assert re.search(r"Emulator\s+http://127\.0\.0\.1:\d+/v1", "".join(lines))
         # The console is served, and the operator token it prints is the one README.md names.
         console = re.search(r"Console\s+(http://\S+/console)\s+\(sign in with (\S+)\)", "".join(lines))

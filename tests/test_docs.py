@@ -157,7 +157,8 @@ def test_config_reference_segments_name_maps() -> None:
 
 @pytest.fixture(scope="module")
 def docs_runtime(redis_url: str) -> Iterator[Runtime]:
-    """The API's config for the documented calls: the `demo` app of `difyq dev` with its `dev-token`, and the
+    """The API's config for the documented calls: the `demo` and `summarize-document` apps of `difyq dev` with its
+    `dev-token`, and the
     `support` app and `crm` client of docs/configuration.md, whose token is $DIFYQ_CRM_TOKEN; both apps on the
     emulator."""
     import uuid
@@ -168,10 +169,14 @@ def docs_runtime(redis_url: str) -> Iterator[Runtime]:
 
     namespace = f"difyq-docs-{uuid.uuid4().hex[:12]}"
     apps = [EmulatedApp(name="demo", key="app-docs-demo-0001", mode="chat", answer_tokens=3),
-            EmulatedApp(name="support", key="app-docs-support-01", mode="chat", answer_tokens=3)]
+            EmulatedApp(name="support", key="app-docs-support-01", mode="chat", answer_tokens=3),
+            EmulatedApp(name="summarize-document", key="app-docs-document-1", mode="workflow",
+                        required_inputs=["document"], file_inputs=["document"])]
+    loopback_files = {"files": {"allow_hosts": ["127.0.0.1"]}}  # as `difyq dev` allows loopback
     with start_emulator(apps) as emulator:
         config = parse_config({
-            "apps": {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url} for app in apps},
+            "apps": {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url,
+                                **(loopback_files if app.mode == "workflow" else {})} for app in apps},
             "clients": {"dev": {"token": "dev-token", "apps": ["*"]},
                         "crm": {"token": CRM_TOKEN, "apps": ["support"]}},
             "redis": {"namespace": namespace},

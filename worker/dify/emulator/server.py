@@ -64,6 +64,11 @@ class RunningEmulator:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/v1"
 
+    def file_url(self, name: str) -> str:
+        """The URL of a sample file the emulator serves (``sample_document.SAMPLE_NAME``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/_emulator/files/{name}"
+
     def calls(self) -> list[dict[str, Any]]:
         """Every call served, oldest first (see `state.CallRecord`)."""
         return self._state.calls()
