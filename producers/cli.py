@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -109,6 +110,28 @@ def _flag(field: str) -> str:
     return "--" + top.replace("_", "-")
 
 
+def _enqueued_file(runtime: Runtime, app: str, user: str | None, item: str) -> dict[str, str] | None:
+    """The file object of one ``--file``: an http(s) URL as it is, a local file uploaded to the app's Dify now
+    (None, with the reason printed, when it cannot be)."""
+    from difyq.producers.file_upload import upload_to_dify
+    from difyq.worker.dify.errors import DifyError
+
+    if re.match(r"https?://", item):
+        return {"url": item}
+    path = Path(item)
+    if not path.is_file():
+        print(f"--file {item!r}: neither an http(s) URL nor a file", file=sys.stderr)
+        return None
+    if app not in runtime.config.apps:
+        print(f"--app: no app named {app!r} is configured", file=sys.stderr)
+        return None
+    try:
+        return upload_to_dify(runtime, app, user, path.name, path.read_bytes())
+    except DifyError as exc:
+        print(f"--file {item!r}: Dify did not take the upload: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -125,11 +148,17 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             print(f"--input {item!r}: expected key=value", file=sys.stderr)
             return 2
         inputs[key] = value
+    files: list[dict[str, str]] = []
+    for item in args.file:
+        file = _enqueued_file(runtime, args.app, args.user, item)
+        if file is None:
+            return 2
+        files.append(file)
     try:
         outcome = submit(
             runtime,
             JobSubmission(app=args.app, query=args.query, inputs=inputs, user=args.user,
-                          files=[{"url": url} for url in args.file] or None, callback_url=args.callback_url,
+                          files=files or None, callback_url=args.callback_url,
                           idempotency_key=args.idempotency_key),
             source="cli", scope="cli",
         )
@@ -237,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--query")
     enqueue.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     enqueue.add_argument("--user")
-    enqueue.add_argument("--file", action="append", default=[], metavar="URL",
-                         help="a file for Dify to fetch (repeatable); its type follows the name's extension")
+    enqueue.add_argument("--file", action="append", default=[], metavar="URL|PATH",
+                         help="a file by URL, or a local file uploaded to Dify now (repeatable); its type follows "
+                              "the name's extension")
     enqueue.add_argument("--callback-url")
     enqueue.add_argument("--idempotency-key")
     enqueue.add_argument("--wait", action="store_true", help="wait for the job to end and print it")

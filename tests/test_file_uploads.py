@@ -6,14 +6,18 @@ over HTTP and an in-process worker."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+import difyq.worker.runtime as worker_runtime
+from difyq.producers.cli import main as difyq
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from difyq.worker.dify.emulator.sample_document import sample_pdf
 from difyq.worker.runtime import Runtime
@@ -194,3 +198,21 @@ def test_an_upload_of_another_user_is_refused_by_dify(stack, emulator: RunningEm
                                                     "inputs": {"document": file}}).json()["id"])
     assert mine["status"] == "succeeded", mine
     assert theirs["status"] == "failed" and theirs["error"]["message"] == "Invalid upload file", theirs
+
+
+def test_difyq_enqueue_uploads_a_local_file_before_the_job(stack, emulator: RunningEmulator, tmp_path: Path,
+                                                           capsys, monkeypatch) -> None:
+    runtime, _ = stack
+    monkeypatch.setattr(worker_runtime, "_current", runtime)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("call Acme back on Monday")
+    assert difyq(["enqueue", "--app", "support", "--query", "read it", "--user", "frank", "--file", str(notes)]) == 0
+    submitted = json.loads(capsys.readouterr().out)
+    [upload] = _calls(emulator, "/files/upload")
+    assert upload["body"]["user"] == "frank" and upload["body"]["files"][0]["name"] == "notes.txt"
+    [file] = submitted["request"]["files"]
+    assert file["transfer_method"] == "local_file" and file["type"] == "document"
+    job = wait_for_final(runtime, submitted["id"])
+    assert job["status"] == "succeeded", job
+    assert difyq(["enqueue", "--app", "support", "--query", "q", "--file", str(tmp_path / "absent.pdf")]) == 2
+    assert "neither an http(s) URL nor a file" in capsys.readouterr().err
