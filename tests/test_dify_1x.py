@@ -20,6 +20,7 @@ from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.client import DifyClient, DifyError, DifyRequest
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
+from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import Runtime
 from tests.support.loopback import closed_port
 from tests.support.receiver import CallbackReceiver
@@ -91,6 +92,13 @@ def enqueue(runtime: Runtime, app: str, marker: str, **request: object) -> str:
 def runs_of(emulator: RunningEmulator, marker: str) -> list[dict]:
     """The generation calls that carried `marker` (reattaches and run records carry no body)."""
     return [call for call in emulator.calls() if marker in str(call.get("body"))]
+
+
+def paused_gauge(runtime: Runtime, app: str = "review") -> float:
+    """``difyq_jobs_paused`` of ``app`` as a scrape reads it."""
+    collector = QueueCollector(runtime.raw_redis, runtime.namespace, [app])
+    [family] = [family for family in collector.collect() if family.name == "difyq_jobs_paused"]
+    return next(sample.value for sample in family.samples if sample.labels == {"app": app})
 
 
 def counter(name: str, **labels: str) -> float:
@@ -260,6 +268,7 @@ def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
         listed = requests.get(f"{base}/v1/jobs", params={"status": "paused", "app": "review"}, headers=auth(),
                               timeout=10).json()["jobs"]
         assert job_id in [job["id"] for job in listed]
+        assert paused_gauge(runtime) == 1.0
         url = f"{base}/v1/jobs/{job_id}/input"
         wrong = requests.post(url, headers=auth(), json={"inputs": {"comment": "x"}, "action": "maybe"}, timeout=10)
         assert (wrong.status_code, wrong.json()["error"]["field"]) == (422, "action")
@@ -277,6 +286,7 @@ def test_a_paused_run_is_a_paused_job_resumed_over_the_api(
     assert (again.status_code, again.json()["error"]["code"]) == (409, "job_not_paused")
     assert json.loads(final.body)["type"] == "job.succeeded" and final.webhook_id == job_id
     assert len(runs_of(emulator, marker)) == 1  # one run at Dify, paused and resumed
+    assert paused_gauge(runtime) == 0.0
 
 
 def test_a_form_that_times_out_ends_the_job_as_dify_ends_the_run(
@@ -317,6 +327,7 @@ def test_canceling_a_paused_job_stops_its_run_at_dify_even_through_an_outage(
     assert {call["path"] for call in stops} == {f"/v1/workflows/tasks/{run['task_id']}/stop"}
     assert notices == ["job.paused", "job.canceled"]
     assert runtime.store.get(job_id)["status"] == "canceled"
+    assert paused_gauge(runtime) == 0.0
 
 
 def test_a_canceled_job_s_stopped_run_is_not_followed(

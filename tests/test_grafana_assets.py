@@ -51,6 +51,7 @@ SCRAPE_TIME_GAUGES: dict[str, frozenset[str]] = {
     "difyq_dead_letters": frozenset({"queue"}),
     "difyq_oldest_queued_job_age_seconds": frozenset({"queue"}),
     "difyq_jobs_running": frozenset({"app"}),
+    "difyq_jobs_paused": frozenset({"app"}),
 }
 
 # Dramatiq's Prometheus middleware (dramatiq/middleware/prometheus.py, 2.2). dramatiq_message_retries_total

@@ -1,5 +1,5 @@
 """Scrape-time gauges read from Redis in one script call: queue depth, delayed and dead messages, the oldest
-waiting job's age, callback dead letters and jobs running per app."""
+waiting job's age, callback dead letters, and jobs running and paused per app."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ QUEUES = (JOBS_QUEUE, CALLBACKS_QUEUE)
 class QueueCollector(Collector):
     """A prometheus-client collector; a Redis outage yields no samples rather than a failed scrape.
 
-    ``apps`` are the configured app names: each gets a ``difyq_jobs_running`` sample, 0 when none of its jobs
-    runs, so an idle fleet reads 0 rather than no data.
+    ``apps`` are the configured app names: each gets a ``difyq_jobs_running`` and a ``difyq_jobs_paused``
+    sample, 0 when none of its jobs runs (or waits for human input), so an idle fleet reads 0 rather than no data.
     """
 
     def __init__(self, client: redis.Redis, namespace: str, apps: Iterable[str] = ()):
@@ -32,25 +32,27 @@ class QueueCollector(Collector):
         self.apps = tuple(apps)
         self._stats = client.register_script(job_script("queue_stats"))
 
-    def _read(self) -> tuple[list[Any], int, dict[str, float]]:
-        """The queue figures, the callback dead letters and the running jobs per app (two round trips)."""
+    def _read(self) -> tuple[list[Any], int, dict[str, float], dict[str, float]]:
+        """The queue figures, the callback dead letters, and the running and the paused jobs per app (two round
+        trips; a job counts only while its record says so)."""
         keys = self.keys
         queue_keys = [key for queue in QUEUES for key in (keys.queue(queue), keys.queue_bodies(queue),
                                                           keys.delayed_bodies(queue), keys.dead_letters(queue))]
-        queues, callback_dead, leased = self._stats(
-            keys=[self.keys.leases, self.keys.callback_dead_letters, *queue_keys], args=list(QUEUES))
+        queues, callback_dead, leased, paused = self._stats(
+            keys=[self.keys.leases, self.keys.callback_dead_letters, self.keys.paused, *queue_keys],
+            args=list(QUEUES))
         pipe = self.redis.pipeline(transaction=False)
-        for job_id in leased:
+        for job_id in [*leased, *paused]:
             pipe.hmget(self.keys.job(_text(job_id)), JobField.APP, JobField.STATUS)
-        running: dict[str, float] = {}
+        counts: dict[str, dict[str, float]] = {JobStatus.RUNNING: {}, JobStatus.PAUSED: {}}
         for app, status in pipe.execute():
-            if app is not None and _text(status) == JobStatus.RUNNING:
-                running[_text(app)] = running.get(_text(app), 0.0) + 1
-        return queues, int(callback_dead), running
+            if app is not None and (per_app := counts.get(_text(status))) is not None:
+                per_app[_text(app)] = per_app.get(_text(app), 0.0) + 1
+        return queues, int(callback_dead), counts[JobStatus.RUNNING], counts[JobStatus.PAUSED]
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            queues, callback_dead, running = self._read()
+            queues, callback_dead, running, paused = self._read()
         except redis.RedisError:
             return
         waiting = GaugeMetricFamily("difyq_queue_messages", "Messages waiting in a queue.", labels=["queue"])
@@ -72,7 +74,11 @@ class QueueCollector(Collector):
         in_flight = GaugeMetricFamily("difyq_jobs_running", "Jobs holding a worker lease now.", labels=["app"])
         for app, count in {**dict.fromkeys(self.apps, 0.0), **running}.items():
             in_flight.add_metric([app], count)
-        yield from (waiting, delayed, dead, oldest, in_flight)
+        awaiting = GaugeMetricFamily("difyq_jobs_paused", "Jobs whose Dify run waits for human input (status "
+                                     "paused) now.", labels=["app"])
+        for app, count in {**dict.fromkeys(self.apps, 0.0), **paused}.items():
+            awaiting.add_metric([app], count)
+        yield from (waiting, delayed, dead, oldest, in_flight, awaiting)
 
 
 def _text(value: object) -> str:

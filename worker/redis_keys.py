@@ -47,6 +47,11 @@ class RedisKeys:
         return self._key("leases")
 
     @property
+    def paused(self) -> str:
+        """Paused jobs (their Dify run waits for human input) by the time they paused (ms), for the paused gauge."""
+        return self._key("paused")
+
+    @property
     def reaper(self) -> str:
         """The lock of the process sweeping expired leases."""
         return self._key("reaper")

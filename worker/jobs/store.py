@@ -350,7 +350,7 @@ class JobStore:
         """Begin an attempt (see start.lua); a started attempt comes with the job's record."""
         now = time.time()
         reply = self._start(
-            keys=[self.job_key(job_id), self.leases_key],
+            keys=[self.job_key(job_id), self.leases_key, self.keys.paused],
             args=[repr(now), int((now + lease_s) * 1000), self.worker_id],
         )
         state = _text(reply[0])
@@ -496,8 +496,8 @@ class JobStore:
             requeue["deferred_by"] = deferred_by
         if forget_run:
             requeue["forget_run"] = True
-        reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
-                              args=[dumps(requeue)])
+        reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
+                                    self.keys.paused], args=[dumps(requeue)])
         return _text(reply)
 
     def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float) -> str:
@@ -509,9 +509,9 @@ class JobStore:
         callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._pause(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key, callback.queue_key,
-                  callback.bodies_key],
+                  callback.bodies_key, self.keys.paused],
             args=[dumps(pause), message.redis_message_id, message.body, repr(time.time() + check_in_s),
-                  CallbackBlock.pending().stored(), callback.redis_message_id, callback.body],
+                  CallbackBlock.pending().stored(), callback.redis_message_id, callback.body, int(time.time() * 1000)],
         )
         return _text(reply)
 
@@ -536,7 +536,7 @@ class JobStore:
                   "callback": CallbackBlock.pending().stored(), "message_id": callback.redis_message_id,
                   "message_body": callback.body.decode()}
         reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key,
-                                   *self._pending_keys_of(job_id)],
+                                   *self._pending_keys_of(job_id), self.keys.paused],
                              args=[dumps(cancel)])
         state = _text(reply[0])
         task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None

@@ -1,6 +1,7 @@
 -- Put a job back in the queue (a retryable error, a limit's deferral, or a lease that expired) with its next
 -- message.
--- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies
+-- A paused job requeued (its form answered) leaves the paused jobs.
+-- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 paused zset
 -- ARGV: 1 a JSON object: expected (the status the job must have), next_attempt_at (unix seconds), message_id and
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
@@ -33,7 +34,11 @@ local count = 0
 if requeue.count then
   count = redis.call('HINCRBY', KEYS[1], requeue.count, 1)
 end
-redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], FIELD.id))
+local id = redis.call('HGET', KEYS[1], FIELD.id)
+redis.call('ZREM', KEYS[2], id)
+if status == STATUS.paused then
+  redis.call('ZREM', KEYS[5], id)
+end
 redis.call('HSET', KEYS[4], requeue.message_id, requeue.message_body)
 redis.call(requeue.front and 'LPUSH' or 'RPUSH', KEYS[3], requeue.message_id)
 return 'queued:' .. count

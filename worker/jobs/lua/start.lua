@@ -2,7 +2,8 @@
 -- an expired one: the reaper requeues it and counts the worker loss (the poison-message bound), so a stale
 -- redelivery of a dead worker's message must not start it first. Running without any lease (a Redis that lost
 -- writes) is taken over.
--- KEYS: 1 job hash, 2 leases zset
+-- A paused job started (its forms' expiry came) leaves the paused jobs.
+-- KEYS: 1 job hash, 2 leases zset, 3 paused zset
 -- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id
 -- Returns {'started', attempts, first start 1|0, record field, value, ...}, or {'missing'}, {'final', status},
 -- {'busy'}.
@@ -19,6 +20,9 @@ if status == STATUS.running then
   if lease then
     return {'busy'}
   end
+end
+if status == STATUS.paused then
+  redis.call('ZREM', KEYS[3], id)
 end
 local attempts = redis.call('HINCRBY', KEYS[1], FIELD.attempts, 1)
 local first = redis.call('HSETNX', KEYS[1], FIELD.started_at, ARGV[1])
