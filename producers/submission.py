@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from difyq.worker.config import Priority, priority_level
 from difyq.worker.files.references import FILE_TYPES, complete_file, is_file_object
 from difyq.worker.jobs.model import JobRequest, NewJob
 
@@ -95,6 +96,7 @@ class JobSubmission(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
+    priority: Priority = 0
 
     @field_validator("inputs")
     @classmethod
@@ -109,4 +111,5 @@ class JobSubmission(BaseModel):
                                                                     for file in self.files],
                              workflow_id=self.workflow_id)
         return NewJob(app=self.app, source=source, request=request, callback_url=self.callback_url,
-                      idempotency_key=self.idempotency_key, scope=scope, request_id=request_id)
+                      idempotency_key=self.idempotency_key, scope=scope, request_id=request_id,
+                      priority=priority_level(self.priority))

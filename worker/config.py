@@ -44,6 +44,16 @@ class DifyDefaults(Strict):
     run_poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
 
 
+PRIORITY_NAMES = {"high": 1, "normal": 0, "low": -1}
+Priority = Annotated[int, Field(ge=-10, le=10)] | Literal["high", "normal", "low"]
+"""A job's priority: an integer from -10 to 10 (higher first), or ``high`` (1), ``normal`` (0), ``low`` (-1)."""
+
+
+def priority_level(priority: int | str) -> int:
+    """The integer level of a ``Priority``."""
+    return PRIORITY_NAMES[priority] if isinstance(priority, str) else priority
+
+
 DEFAULT_BURST_SHARE = 6
 """Without ``burst``, a sixth of ``requests_per_minute`` (the share of 10 s) is admitted at once before pacing."""
 
@@ -145,6 +155,7 @@ class Mapping(Strict):
     files: list[dict[str, Any]] | None = None
     callback_url: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = 0
 
     def templates(self) -> dict[str, str]:
         """Every template of this mapping by its field path (``inputs.repo``), for compiling and error messages."""
@@ -234,6 +245,7 @@ class JobsConfig(Strict):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
     retry_min_backoff: Duration = 1.0
     retry_max_backoff: Duration = 300.0
+    priority_step: Duration = 600.0  # one priority level moves a job this far ahead in a key's waiting line
 
 
 class ApiConfig(Strict):

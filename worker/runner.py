@@ -23,7 +23,7 @@ from difyq.worker.dify.models import PausedRun
 from difyq.worker.files.transfer import FileUploads
 from difyq.worker.genai_span import dify_call
 from difyq.worker.jobs.messages import run_hints
-from difyq.worker.jobs.model import job_trace_id
+from difyq.worker.jobs.model import job_priority, job_trace_id
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
@@ -121,17 +121,18 @@ class JobRunner:
         self._clients: dict[str, DifyClient] = {}
         self.files = FileUploads(runtime.config, runtime.store)
 
-    def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None) -> None:
-        """``app`` and ``waiting_since`` are the message's hints (``run_hints``); a message without them (written
-        by an older version) costs one read of the job's app."""
+    def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0,
+            ) -> None:
+        """``app``, ``waiting_since`` and ``priority`` are the message's hints (``run_hints``); a message without
+        them (written by an older version) costs one read of the job's app."""
         app = app or self.store.app_of(job_id)
         if app is None:
             log.warning("job_missing", job_id=job_id)
             return
         with structlog.contextvars.bound_contextvars(job_id=job_id, app=app):
-            admission = self.throttle.admit(app, job_id, waiting_since)
+            admission = self.throttle.admit(app, job_id, waiting_since, priority)
             if not admission.admitted:
-                self._defer(job_id, app, waiting_since, admission)
+                self._defer(job_id, app, waiting_since, priority, admission)
                 return
             started = self._start_and_call(job_id, app, admission)
             if started is None:
@@ -163,14 +164,16 @@ class JobRunner:
                 self.leases.untrack(job_id)
                 raise
 
-    def _defer(self, job_id: str, app: str, waiting_since: float | None, admission: Admission) -> None:
+    def _defer(self, job_id: str, app: str, waiting_since: float | None, priority: int, admission: Admission,
+               ) -> None:
         """Defer a job a limit refused (no attempt, no worker thread held); a job that would wait past
         ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
         now = time.time()
         delay = deferral_delay(admission)
         since = waiting_since or now
         if not wait_exceeded(since, now, delay, self.config.jobs.max_wait):
-            state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since, limit=admission.limit)
+            state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since, limit=admission.limit,
+                                     priority=priority)
             log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
             return
         self.throttle.abandon(app, job_id)
@@ -328,7 +331,7 @@ class JobRunner:
         if outcome.status is JobStatus.QUEUED:
             delay = outcome.retry_in_s or 0.0
             since = outcome.waiting_since
-            hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields))
+            hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields), job_priority(fields))
             state = self._durably(lambda: self.store.requeue(
                 job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
                 count_field=JobField.DEFERRALS if since is not None else "", forget_run=True))

@@ -40,21 +40,23 @@ class Throttle:
         self.slot_lease_s = slot_lease_s
         self.limiter = limiter or KeyLimiter(runtime.limits_redis, runtime.namespace)
         self.limits = shared_limits(runtime.config.apps)
+        self.priority_step = runtime.config.jobs.priority_step
         self.key_ids = {name: self.limiter.key_id(app.api_key.get_secret_value())
                         for name, app in runtime.config.apps.items()}
         self._published: dict[str, float] = {}
         self._held: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
-    def admit(self, app: str, ticket: str, waiting_since: float | None) -> Admission:
-        """Admit one Dify call for ``app`` now (one round trip), or say how long to wait. An app that is not
-        configured (any more) is admitted without a check: its attempt fails ``app_not_configured``."""
+    def admit(self, app: str, ticket: str, waiting_since: float | None, priority: int = 0) -> Admission:
+        """Admit one Dify call for ``app`` now (one round trip), or say how long to wait; a job of a higher
+        ``priority`` takes its place in the key's waiting line ``jobs.priority_step`` per level ahead. An app that
+        is not configured (any more) is admitted without a check: its attempt fails ``app_not_configured``."""
         if app not in self.key_ids:
             return ADMITTED
         key_id, limits = self.key_ids[app], self.limits[app]
         admission = self.limiter.acquire(
             key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=self.slot_lease_s,
-            ticket=ticket, waiting_since=waiting_since,
+            ticket=ticket, waiting_since=waiting_since, priority_offset_s=priority * self.priority_step,
         )
         if admission.limit != "upstream":
             record_deferral(app, admission)  # limit="upstream" counts the 429s themselves (upstream_limited)

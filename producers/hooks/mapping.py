@@ -54,6 +54,7 @@ class MappedJob:
     callback_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
+    priority: int | str = 0
 
 
 class MappingError(Exception):
@@ -132,6 +133,7 @@ def render_hook(hook: HookConfig, body: Any, headers: dict[str, Any], query: dic
         callback_url=_render_text_field("callback_url", hook.callback_url, context),
         metadata=_render_section("metadata", hook.metadata, context),
         idempotency_key=_render_text_field("idempotency_key", hook.idempotency_key, context),
+        priority=hook.priority,
     )
 
 

@@ -39,4 +39,5 @@ def render_fire(name: str, schedule: ScheduleConfig, fire_time: datetime) -> dic
         "metadata": {key: render(value) for key, value in schedule.metadata.items()},
         "schedule": name,
         "idempotency_key": fire_idempotency_key(name, fire_time),
+        "priority": schedule.priority,
     }

@@ -56,12 +56,14 @@ def build_message(
     return QueuedMessage(keys.queue(queue_name), keys.queue_bodies(queue_name), redis_message_id, message.encode())
 
 
-def run_hints(app: str, waiting_since: float | None = None) -> dict[str, object]:
+def run_hints(app: str, waiting_since: float | None = None, priority: int = 0) -> dict[str, object]:
     """What a ``run_job`` message carries besides the job id, so the worker can take the app's rate-limit admission
-    before it reads the record (which ``start.lua`` then returns): the app, and when the job waits in a limit's
-    line, the time of its first deferral. A message without them (an older one, or one the reaper wrote) still
-    works: the worker reads the record first."""
+    before it reads the record (which ``start.lua`` then returns): the app, when the job waits in a limit's
+    line the time of its first deferral, and a priority other than 0. A message without them (an older one, or
+    one the reaper wrote) still works: the worker reads the record first (and the job competes at priority 0)."""
     hints: dict[str, object] = {"app": app}
     if waiting_since is not None:
         hints["waiting_since"] = waiting_since
+    if priority:
+        hints["priority"] = priority
     return hints

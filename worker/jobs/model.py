@@ -55,6 +55,7 @@ class NewJob(BaseModel):
     idempotency_key: str | None = None
     scope: str = "anonymous"
     request_id: str | None = None
+    priority: int = 0  # higher first, where jobs compete for a key's admission (``config.Priority``)
     traceparent: str | None = None  # the job's trace context, made by the submit span (``difyq.worker.tracing``)
     id: str | None = None  # the job id to store it under (a trace difyq started names it), else a new one
 
@@ -123,6 +124,11 @@ def _json_field(fields: dict[str, str], name: str) -> Any:
     return loads(raw) if raw else None
 
 
+def job_priority(fields: dict[str, str]) -> int:
+    """The priority level of a stored job (0 for a job stored without one)."""
+    return int(fields.get(JobField.PRIORITY) or 0)
+
+
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:
     """The public job resource (docs/http-api.md) from a stored job hash. ``error`` is the last attempt's (null
     once the job succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt
@@ -139,6 +145,7 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "started_at": iso_time(fields.get(JobField.STARTED_AT)),
         "finished_at": iso_time(fields.get(JobField.FINISHED_AT)),
         "attempts": int(fields.get(JobField.ATTEMPTS) or 0),
+        "priority": job_priority(fields),
         "request": request,
         "files": job_files(request, _json_field(fields, JobField.FILES)),
         "result": _json_field(fields, JobField.RESULT),

@@ -54,6 +54,7 @@ class JobField(StrEnum):
     PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
     TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)
     FILES = "files"  # the files the worker uploaded to Dify (``files.transfer.uploaded_file``): kept for retries
+    PRIORITY = "priority"  # an integer level, higher first (``config.Priority``)
 
 
 CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's callback block

@@ -191,10 +191,11 @@ class JobStore:
             JobField.REQUEST: new.request.model_dump_json(),
             JobField.REQUEST_ID: new.request_id or "",
             JobField.TRACEPARENT: new.traceparent or "",
+            JobField.PRIORITY: str(new.priority),
         }
         if new.callback_url:
             fields[JobField.CALLBACK_URL] = new.callback_url
-        message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app))
+        message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app, priority=new.priority))
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
         header: dict[str, Any] = {"created_ms": created_ms,
@@ -520,11 +521,13 @@ class JobStore:
         status it had)."""
         return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED, hints=run_hints(app, None))
 
-    def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float, limit: str | None = None) -> str:
+    def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float, limit: str | None = None,
+              priority: int = 0) -> str:
         """A queued job waits for a rate limit (``limit``): a delayed message, no attempt spent, the first wait
         remembered."""
         return self.requeue(job_id, delay_s=delay_s, expected=JobStatus.QUEUED, count_field=JobField.DEFERRALS,
-                            hints=run_hints(app, waiting_since), waiting_since=waiting_since, deferred_by=limit)
+                            hints=run_hints(app, waiting_since, priority), waiting_since=waiting_since,
+                            deferred_by=limit)
 
     def cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was asked for the job (one HGET): a worker following its run stops following."""

@@ -110,11 +110,13 @@ class KeyLimiter:
         lease_s: float,
         ticket: str,
         waiting_since: float | None = None,
+        priority_offset_s: float = 0.0,
     ) -> Admission:
         """Admit one call on this key now (recording the request, reserving the tokens, taking a slot) or
         nothing, in one round trip. ``ticket`` identifies the job across deferrals (its message id);
         ``waiting_since`` is when it was first deferred (seconds since the epoch), passed while it waits so a
-        job whose place was dropped gets it back. Without ``limits`` only the upstream cooldown is checked."""
+        job whose place was dropped gets it back; ``priority_offset_s`` moves that place ahead (a higher priority)
+        or back (a lower one). Without ``limits`` only the upstream cooldown is checked."""
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         if not ticket:
@@ -143,6 +145,7 @@ class KeyLimiter:
                 _us(self.poll_s),
                 burst,
                 self._now(),
+                _us(priority_offset_s),
             ],
         )
         return Admission(

@@ -2,12 +2,14 @@
 --
 -- KEYS  1 req (ZSET rid -> admit time)        2 tok (ZSET rid -> time; token log)
 --       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold)
---       5 lease (ZSET reservation -> expiry)   6 line (ZSET ticket -> waiting since)
+--       5 lease (ZSET reservation -> expiry)   6 line (ZSET ticket -> place: waiting since - priority offset)
 --       7 due (ZSET ticket -> told to return at)  8 need (HASH ticket -> estimated tokens)
 --       9 cool (HASH until, streak)
 -- ARGV  1 ticket  2 rid  3 limited (1|0)  4 rpm  5 tpm  6 max concurrency (0 = none)  7 estimated tokens
 --       8 lease_us  9 window_us  10 waiting_since_us (-1 = none)  11 grace_us  12 poll_us
 --       13 burst (requests admitted at once before pacing; 0 or rpm = no pacing)  14 fake now ('' = TIME)
+--       15 priority offset_us (the job's priority level x jobs.priority_step: how far ahead of its waiting time
+--          it joins the line; negative for a low priority)
 -- Returns {admitted 1|0, wait_us, limit or '', reservation or '', 1 when the key has a 429 streak to reset on success
 -- (admitted only)}.
 
@@ -22,6 +24,7 @@ local since = tonumber(ARGV[10])
 local grace, poll = tonumber(ARGV[11]), tonumber(ARGV[12])
 local burst = tonumber(ARGV[13])
 local now = clock(ARGV[14])
+local priority_offset = tonumber(ARGV[15])
 
 -- The binding limit: the one whose earliest admission time is latest.
 local blocked_at, blocked_by = now, nil
@@ -56,7 +59,9 @@ if #gone > 0 then
   chunked('HDEL', need, gone)
 end
 
--- 3. Our place in the waiting line: the first deferral time, kept by the line or brought back by the caller.
+-- 3. Our place in the waiting line: the first deferral time moved ahead by the job's priority, kept by the line
+-- or brought back by the caller. A higher priority goes before every lower one that has waited less than the
+-- offset between them (jobs.priority_step per level): that bounds how long a low priority can be passed over.
 local mine = tonumber(redis.call('ZSCORE', line, ticket))
 local queued = mine ~= nil
 if not queued then
@@ -64,6 +69,7 @@ if not queued then
   if since >= 0 and since < now then
     mine = since
   end
+  mine = mine - priority_offset
 end
 -- Waiters ahead of us: in line order (first deferral, then ticket) if we are queued; a job joining the line
 -- goes behind everyone with the same or an earlier time.
