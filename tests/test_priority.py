@@ -32,14 +32,14 @@ def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(redis_
             high = [enqueue(runtime, f"high-{n}", "high") for n in range(3)]
             finished = [wait_for_final(runtime, job_id, timeout=30) for job_id in high]
             waited_s = time.monotonic() - started
-            order = [str(call.get("body", {}).get("query")) for call in emulator.calls()
-                     if str(call.get("body", {}).get("query", "")).startswith(("low-", "high-"))]
+            queries = [str((call.get("body") or {}).get("query")) for call in emulator.calls()]
+            order = [query for query in queries if query.startswith(("low-", "high-"))]
     assert [job["status"] for job in finished] == ["succeeded"] * 3 and finished[0]["priority"] == 1
     highs = [index for index, query in enumerate(order) if query.startswith("high-")]
     lows_before = [query for query in order[:highs[-1]] if query.startswith("low-")]
     print(f"\n3 high jobs after {BACKLOG} low ones at max_concurrency 1: done in {waited_s:.1f} s, "
           f"{len(lows_before)} low calls before the last high one")
-    # The low jobs a free slot took while the high ones' messages were still behind the backlog in the queue;
-    # first come first served would have made the high ones wait for all 200.
-    assert len(lows_before) <= 20, order[:highs[-1] + 1]
+    # The low jobs a free slot took while the high ones' messages were still behind the backlog in the queue (one
+    # or two on an idle machine, more on a loaded one); first come first served would make them wait for all 200.
+    assert len(lows_before) <= BACKLOG // 4, order[:highs[-1] + 1]
     assert [order[index] for index in highs] == ["high-0", "high-1", "high-2"]
