@@ -1,6 +1,5 @@
 """Priority at a saturated Dify key, on real Redis with the emulator over HTTP and an in-process worker: jobs
-submitted after a backlog of low-priority ones reach Dify before that backlog, and one priority keeps its
-order."""
+submitted after a backlog of low-priority ones reach Dify before that backlog."""
 
 from __future__ import annotations
 
@@ -42,4 +41,3 @@ def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(redis_
     # The low jobs a free slot took while the high ones' messages were still behind the backlog in the queue (one
     # or two on an idle machine, more on a loaded one); first come first served would make them wait for all 200.
     assert len(lows_before) <= BACKLOG // 4, order[:highs[-1] + 1]
-    assert [order[index] for index in highs] == ["high-0", "high-1", "high-2"]
