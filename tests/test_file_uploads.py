@@ -97,6 +97,7 @@ def stack(redis_url: str, namespace: str, emulator: RunningEmulator) -> Iterator
     files = {"allow_hosts": ["127.0.0.1"], "max_bytes": MAX_BYTES}
     apps = {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url, "files": files}
             for app in APPS}
+    apps["offline"] = {"api_key": "app-offline", "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}
     runtime = make_runtime(redis_url, namespace, apps,
                            jobs={"retry_min_backoff": "0.05s", "retry_max_backoff": "0.1s", "max_attempts": 3})
     emulator.reset_calls()
@@ -216,3 +217,25 @@ def test_difyq_enqueue_uploads_a_local_file_before_the_job(stack, emulator: Runn
     assert job["status"] == "succeeded", job
     assert difyq(["enqueue", "--app", "support", "--query", "q", "--file", str(tmp_path / "absent.pdf")]) == 2
     assert "neither an http(s) URL nor a file" in capsys.readouterr().err
+
+
+def test_a_multipart_submit_uploads_its_files_at_submit(stack, emulator: RunningEmulator, redis_client) -> None:
+    runtime, base = stack
+    job = {"app": "summarize-document", "user": "gina"}
+    answer = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, data={"job": json.dumps(job)},
+                           files={"inputs.document": ("contract.pdf", sample_pdf(), "application/pdf")})
+    assert answer.status_code == 202, answer.text
+    [upload] = _calls(emulator, "/files/upload")
+    assert upload["body"]["user"] == "gina" and upload["body"]["files"][0]["size"] == len(sample_pdf())
+    document = answer.json()["request"]["inputs"]["document"]
+    assert document["transfer_method"] == "local_file" and document["upload_file_id"]
+    assert sample_pdf()[:200] not in b"".join(redis_client.hvals(runtime.store.job_key(answer.json()["id"])))
+    finished = wait_for_final(runtime, answer.json()["id"])
+    assert finished["status"] == "succeeded" and finished["result"]["outputs"]["document"]["name"] == "contract.pdf"
+    offline = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=30, data={"job": json.dumps(
+        {"app": "offline", "query": "q"})}, files={"files": ("a.pdf", sample_pdf(), "application/pdf")})
+    assert offline.status_code == 503 and offline.headers["Retry-After"] == "5", offline.text
+    assert offline.json()["error"]["code"] == "dify_unavailable" and offline.json()["error"]["field"] == "files"
+    stray = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, data={"job": json.dumps(job)},
+                          files={"attachment": ("a.pdf", b"%PDF", "application/pdf")})
+    assert stray.status_code == 422 and stray.json()["error"]["field"] == "attachment", stray.text

@@ -122,6 +122,7 @@ class ClientConfig(Strict):
     token: SecretStr
     apps: list[str] = Field(default_factory=lambda: ["*"])
     max_pending: Annotated[int, Field(gt=0)] | None = None  # unfinished jobs the client submitted; over it 429
+    max_upload_bytes: Annotated[int, Field(gt=0)] | None = None  # a multipart submit's body; None: api's
 
     def may_use(self, app: str) -> bool:
         return "*" in self.apps or app in self.apps
@@ -250,6 +251,7 @@ class JobsConfig(Strict):
 
 class ApiConfig(Strict):
     max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
+    max_upload_bytes: Annotated[int, Field(gt=0)] = 16 * 1_048_576  # a multipart submit's body, files included
     max_query_chars: Annotated[int, Field(gt=0)] | None = None  # None: only the body limit bounds a query
 
 

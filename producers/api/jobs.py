@@ -15,6 +15,7 @@ from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body
 from difyq.producers.api.dify_stop import stop_dify_task
 from difyq.producers.api.errors import ApiError, error_responses, invalid
+from difyq.producers.api.multipart import FilePart, is_multipart, read_multipart, with_uploads
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.app_form import missing_inputs, required_inputs
@@ -90,16 +91,21 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         "",
         status_code=202,
         openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": _request_body_schema(JobSubmission)}
+            "application/json": {"schema": _request_body_schema(JobSubmission)},
         }}},
         responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"},
-                   **error_responses(403, 404, 413, 422, 429)},
+                   **error_responses(403, 404, 413, 415, 422, 429)},
     )
     async def create_job(request: Request) -> Response:
         client_name, client = authenticate(config, request)
-        raw = await read_body(request, config.api.max_body_bytes)
+        parts: list[FilePart] = []
+        if is_multipart(request):
+            raw = await read_body(request, client.max_upload_bytes or config.api.max_upload_bytes)
+            data, parts = await read_multipart(request, raw)
+        else:
+            data = parse_json_object(await read_body(request, config.api.max_body_bytes))
         try:
-            body = JobSubmission.model_validate(parse_json_object(raw))
+            body = JobSubmission.model_validate(data)
         except ValidationError as exc:
             raise invalid(exc.errors()) from None
         header_key = request.headers.get("idempotency-key")
@@ -111,12 +117,15 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
                 raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
             raise ApiError(403, "forbidden", f"this client may not use app {body.app!r}", "app")
         known = parameters.cached(body.app)
-        missing = missing_inputs(required_inputs(known), body.inputs) if known is not None else []
+        given = {**body.inputs, **{part.input_name: part.name for part in parts if part.input_name}}
+        missing = missing_inputs(required_inputs(known), given) if known is not None else []
         if missing:
             raise ApiError(422, "missing_input", f"inputs.{missing[0]}: the app's input form requires it "
                            "(Dify's /parameters)", f"inputs.{missing[0]}")
         if header_key is not None:
             body = body.model_copy(update={"idempotency_key": header_key})
+        if parts:
+            body = await run_in_threadpool(with_uploads, runtime, body, parts)
         try:
             outcome = await submit_async(runtime, async_redis, body, source="api", scope=client_scope(client_name),
                                          request_id=request.state.request_id)
