@@ -8,6 +8,9 @@ import time
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.json_codec import loads
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 from tests.support.stack import make_runtime, running_worker, wait_for_final
 
@@ -41,3 +44,23 @@ def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(redis_
     # The low jobs a free slot took while the high ones' messages were still behind the backlog in the queue (one
     # or two on an idle machine, more on a loaded one); first come first served would make them wait for all 200.
     assert len(lows_before) <= BACKLOG // 4, order[:highs[-1] + 1]
+
+
+def test_every_message_of_a_job_carries_its_priority(redis_url: str, namespace: str) -> None:
+    """The submit's, a pause's and a resume's messages name the priority; a message without hints (the reaper's)
+    has the worker read it from the record with the app."""
+    runtime = make_runtime(redis_url, namespace, {"slow": {"api_key": SLOW.key, "mode": "chat"}})
+    store, keys = runtime.store, RedisKeys(namespace)
+    job_id = enqueue(runtime, "q", "high")
+    assert store.hints_of(job_id) == ("slow", 1) and store.hints_of("job_missing") == (None, 0)
+
+    def hints(bodies_key: str) -> list[object]:
+        return [loads(body)["kwargs"].get("priority") for body in runtime.raw_redis.hvals(bodies_key)]
+
+    assert hints(keys.queue_bodies(JOBS_QUEUE)) == [1]
+    runtime.raw_redis.delete(keys.queue(JOBS_QUEUE), keys.queue_bodies(JOBS_QUEUE))
+    assert store.start_attempt(job_id, lease_s=30).state == "started"
+    assert store.pause(job_id, "slow", {"workflow_run_id": "run-1"}, check_in_s=60, priority=1) == "paused"
+    assert hints(keys.delayed_bodies(JOBS_QUEUE)) == [1]
+    assert store.resume(job_id, "slow", 1).startswith("queued")
+    assert hints(keys.queue_bodies(JOBS_QUEUE)) == [1]

@@ -124,8 +124,9 @@ class JobRunner:
     def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0,
             ) -> None:
         """``app``, ``waiting_since`` and ``priority`` are the message's hints (``run_hints``); a message without
-        them (written by an older version) costs one read of the job's app."""
-        app = app or self.store.app_of(job_id)
+        them (the reaper's, or one written by an older version) costs one read of the job's app and priority."""
+        if app is None:
+            app, priority = self.store.hints_of(job_id)
         if app is None:
             log.warning("job_missing", job_id=job_id)
             return
@@ -323,7 +324,8 @@ class JobRunner:
         if outcome.status is JobStatus.PAUSED and outcome.pause is not None:
             block = outcome.pause
             state = self._durably(lambda: self.store.pause(job_id, fields[JobField.APP], block,
-                                                           check_in_s=pause_check_in(block, time.time())))
+                                                           check_in_s=pause_check_in(block, time.time()),
+                                                           priority=job_priority(fields)))
             if state != "cancel":
                 log.info("job_paused", state=state, workflow_run_id=block["workflow_run_id"])
                 return

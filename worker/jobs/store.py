@@ -281,10 +281,11 @@ class JobStore:
             return found
         return self.replayed(found, await client.hgetall(self.job_key(found)))
 
-    def app_of(self, job_id: str) -> str | None:
-        """The app of a job, for a message that does not name it (written before messages carried hints)."""
-        app = self.redis.hget(self.job_key(job_id), "app")
-        return _text(app) if app is not None else None
+    def hints_of(self, job_id: str) -> tuple[str | None, int]:
+        """The app and the priority of a job, for a message that does not name them (the reaper's, or one written
+        before messages carried hints); no app for a missing job."""
+        app, priority = self.redis.hmget(self.job_key(job_id), JobField.APP, JobField.PRIORITY)
+        return (_text(app) if app is not None else None), int(_text(priority)) if priority is not None else 0
 
     def fields(self, job_id: str) -> dict[str, str] | None:
         raw = self.redis.hgetall(self.job_key(job_id))
@@ -501,12 +502,12 @@ class JobStore:
                                     self.keys.paused], args=[dumps(requeue)])
         return _text(reply)
 
-    def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float) -> str:
+    def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float, priority: int = 0) -> str:
         """A running job's Dify run waits for human input: ``paused`` (returned) with its ``pause`` block and no
         lease, a delayed message in ``check_in_s`` (its forms' expiry) to follow the run then, and with a callback
         URL its ``job.paused`` callback (a pending block and a callbacks message); ``cancel`` when a cancel was
         asked meanwhile."""
-        message = self.message(JOBS_QUEUE, job_id, check_in_s, run_hints(app, None))
+        message = self.message(JOBS_QUEUE, job_id, check_in_s, run_hints(app, None, priority))
         callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._pause(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key, callback.queue_key,
@@ -516,10 +517,10 @@ class JobStore:
         )
         return _text(reply)
 
-    def resume(self, job_id: str, app: str) -> str:
+    def resume(self, job_id: str, app: str, priority: int = 0) -> str:
         """A paused job whose form was submitted: queued at once to follow its run (``queued:…``, else the
         status it had)."""
-        return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED, hints=run_hints(app, None))
+        return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED, hints=run_hints(app, None, priority))
 
     def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float, limit: str | None = None,
               priority: int = 0) -> str:
