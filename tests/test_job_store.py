@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.model import JobRequest, NewJob
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
@@ -201,6 +202,29 @@ def test_cancel_queued_and_running(runtime) -> None:
     assert (outcome.state, outcome.task_id) == ("running", "task-1")
     assert runtime.store.record_task_ids({running: ("task-2", None)}) == [running], "the cancel came first: stop it"
     assert runtime.store.finish(running, JobStatus.SUCCEEDED, result={"answer": "partial"}) == "canceled"
+
+
+def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
+    """Pausing enqueues job.paused with a pending block and joins the paused jobs; a job.paused given up is no
+    dead letter, an attempt recorded after the job left paused stores nothing, and the cancel of a paused job
+    names its run's task id and leaves the paused jobs."""
+    job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=30)
+    block = {"workflow_run_id": "run-1", "forms": [], "price": None, "currency": None, "task_id": "task-1"}
+    assert runtime.store.pause(job_id, "support", block, check_in_s=60) == "paused"
+    assert queue_length(runtime, "callbacks") == 1 and runtime.store.get(job_id)["callback"]["status"] == "pending"
+    paused_key = runtime.store.keys.paused
+    assert runtime.raw_redis.zscore(paused_key, job_id) is not None
+    runtime.store.callback_attempted(job_id, "paused", CallbackBlock("failed", attempts=1, last_status_code=410),
+                                     retry_in_s=None, release_lease=False)
+    assert runtime.store.get(job_id)["callback"]["status"] == "failed"
+    assert runtime.raw_redis.zscore(runtime.store.callback_dead_letters_key, job_id) is None
+    outcome = runtime.store.cancel(job_id)
+    assert (outcome.state, outcome.task_id) == ("canceled", "task-1")
+    assert runtime.raw_redis.zscore(paused_key, job_id) is None
+    runtime.store.callback_attempted(job_id, "paused", CallbackBlock("delivered", attempts=2), retry_in_s=None,
+                                     release_lease=False)
+    assert runtime.store.get(job_id)["callback"]["status"] == "pending"  # job.canceled's block, left alone
 
 
 def test_list_newest_first_with_filters_and_cursor(runtime) -> None:

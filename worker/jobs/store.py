@@ -16,7 +16,7 @@ from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from difyq.worker.jobs.model import NewJob, client_of_scope, job_id_of_trace, job_resource
-from difyq.worker.jobs.schema import JobField, JobStatus
+from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
@@ -442,13 +442,15 @@ class JobStore:
     def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, *, retry_in_s: float | None,
                            release_lease: bool) -> None:
         """Store the callback block after an attempt that announced ``status``, in the same step as the next
-        attempt (a delayed message, ``retry_in_s``) or, for a ``failed`` block, the dead letter; nothing is stored
+        attempt (a delayed message, ``retry_in_s``) or, for a ``failed`` block of a final job, the dead letter (a
+        ``job.paused`` given up is not one: ``POST …/callback/retry`` takes finished jobs only); nothing is stored
         when the job has left ``status`` meanwhile (a paused job resumed). Free the callback lock and, with
         ``release_lease``, the job's lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         attempted: dict[str, Any] = {
             "callback": block.stored(), "now": time.time(), "release_lease": release_lease, "status": status,
-            "next": "retry" if message else "dead" if block.status == "failed" else "done"}
+            "next": "retry" if message else "dead" if block.status == "failed" and status in FINAL_STATUSES
+            else "done"}
         if message is not None:
             attempted.update(message_id=message.redis_message_id, message_body=message.body.decode())
         self._callback_attempted(
