@@ -314,10 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose own process sends no spans: the worker execs Dramatiq (whose processes set up their own, in
+# difyq.worker.actors), dev runs the others as processes, and the emulator and check-config trace nothing.
+UNTRACED_COMMANDS = frozenset({"worker", "dev", "emulator", "check-config"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.command)
-    otel.configure(args.command)
+    if args.command not in UNTRACED_COMMANDS:
+        otel.configure(args.command)
     return int(args.func(args) or 0)
 
 

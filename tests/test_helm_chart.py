@@ -441,6 +441,7 @@ def test_worker_command_hands_the_chart_settings_to_dramatiq(
     """Runs ``difyq worker`` with the rendered args and env up to its exec of Dramatiq, and reads what Dramatiq
     would get: processes, threads, gevent, the shutdown timeout and the metrics port the probes use."""
     from difyq.producers import cli
+    from difyq.worker import otel
 
     rendered = renders[render_name]
     container = rendered.container("worker")
@@ -456,6 +457,7 @@ def test_worker_command_hands_the_chart_settings_to_dramatiq(
     monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append((path, list(argv), dict(env))))
 
     assert cli.main(container["args"]) == 0
+    assert otel.recorder() is None, "the worker's master execs Dramatiq: its processes set up their own traces"
     assert len(calls) == 1
     _path, argv, env = calls[0]
 
