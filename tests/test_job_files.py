@@ -26,7 +26,9 @@ def runtime(redis_url: str, namespace: str) -> Runtime:
     return make_runtime(
         redis_url, namespace, {"support": app},
         hooks={"shots": {"app": "support", "verify": {"scheme": "none"}, "query": "{{ body.text }}",
-                         "files": [FILE_TEMPLATE]}},
+                         "files": [FILE_TEMPLATE]},
+               "mail": {"app": "support", "verify": {"scheme": "none"}, "query": "{{ body.subject }}",
+                        "files": [{"url": "{{ body.attachment }}"}]}},
         schedules={"daily": {"app": "support", "cron": "0 9 * * *", "query": "digest",
                              "files": [{"type": "document", "transfer_method": "remote_url",
                                         "url": "https://files.example.com/{{ fire_time.date() }}.pdf"}]}})
@@ -41,6 +43,15 @@ def test_the_api_and_a_hook_give_a_job_files(runtime: Runtime) -> None:
     assert by_api.status_code == 202 and by_hook.status_code == 202, (by_api.text, by_hook.text)
     for answer in (by_api, by_hook):
         assert runtime.store.get(answer.json()["id"])["request"]["files"] == [IMAGE]
+
+
+def test_a_hook_maps_an_attachment_url_alone_to_a_file(runtime: Runtime) -> None:
+    with serving_api(runtime) as base:
+        delivered = requests.post(f"{base}/hooks/mail", timeout=10, json={
+            "subject": "contract", "attachment": "https://files.example.com/mail/contract.pdf"})
+    assert delivered.status_code == 202, delivered.text
+    assert runtime.store.get(delivered.json()["id"])["request"]["files"] == [
+        {"type": "document", "transfer_method": "remote_url", "url": "https://files.example.com/mail/contract.pdf"}]
 
 
 def test_a_schedule_s_fire_gives_its_job_files(runtime: Runtime) -> None:
