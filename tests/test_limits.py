@@ -736,3 +736,50 @@ def test_deferrals_are_counted_by_limit() -> None:
     record_deferral("limits-test", Admission(False, 1.0, "tokens", None))
     record_deferral("limits-test", Admission(True, 0.0, None, "r.1.0"))
     assert deferrals() == before + 1
+
+
+def test_a_higher_priority_goes_ahead_of_waiters_by_its_offset(limiter: KeyLimiter, kid: str, clock: FakeClock,
+                                                              ) -> None:
+    """A job's place in line is its first wait moved ahead by its priority offset: a later high-priority job is
+    admitted before an earlier normal one, and a low-priority one (a negative offset) is passed over by normal
+    ones only while it has waited less than the offset."""
+    limits = AppLimits(max_concurrency=1)
+
+    def ask(ticket: str, since: float | None = None, offset: float = 0.0) -> Admission:
+        return limiter.acquire(kid, limits, estimated_tokens=0, lease_s=3000.0, ticket=ticket,
+                               waiting_since=since, priority_offset_s=offset)
+
+    holder = ask("holder")
+    assert holder.admitted
+    clock.at(1.0)
+    assert not ask("normal").admitted
+    clock.at(2.0)
+    assert not ask("high", offset=600.0).admitted
+    limiter.release(kid, holder.reservation, None)
+    clock.at(3.0)
+    assert not ask("normal", since=EPOCH + 1.0).admitted, "the high-priority waiter holds the free slot"
+    clock.at(4.0)
+    high = ask("high", since=EPOCH + 2.0, offset=600.0)
+    assert high.admitted
+    clock.at(10.0)
+    assert not ask("low", offset=-600.0).admitted  # its place: 610 s
+    limiter.release(kid, high.reservation, None)
+    clock.at(11.0)
+    normal = ask("normal", since=EPOCH + 1.0)
+    assert normal.admitted
+    clock.at(20.0)
+    assert not ask("newer", offset=0.0).admitted  # place 20 s: ahead of the low one
+    limiter.release(kid, normal.reservation, None)
+    clock.at(21.0)
+    assert not ask("low", since=EPOCH + 10.0, offset=-600.0).admitted
+    newer = ask("newer", since=EPOCH + 20.0)
+    assert newer.admitted
+    clock.at(690.0)
+    assert not ask("low", since=EPOCH + 10.0, offset=-600.0).admitted  # back in line at 610 s, the slot is held
+    clock.at(695.0)
+    assert not ask("latest").admitted
+    limiter.release(kid, newer.reservation, None)
+    clock.at(697.0)
+    assert not ask("latest", since=EPOCH + 695.0).admitted, "a job newer than the low one's place goes behind it"
+    clock.at(698.0)
+    assert ask("low", since=EPOCH + 10.0, offset=-600.0).admitted
