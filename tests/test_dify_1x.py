@@ -354,6 +354,25 @@ def test_a_canceled_job_s_stopped_run_is_not_followed(
         assert refused.value.code == "canceled"
 
 
+def test_a_reattached_run_is_left_once_its_job_is_canceled(emulator: RunningEmulator, version: str) -> None:
+    """A reattached stream (which a stopped 1.14.2 run may never end) asks whether its job was canceled as data
+    arrives, and stops reading then instead of waiting for the run's end."""
+    if version == "0.15":
+        pytest.skip("Dify 0.15 has no reattach")
+    client = DifyClient(emulator.base_url, EMULATED[3].key)
+    request = DifyRequest(query=None, inputs={"text": f"reattach-{time.time_ns()}"}, user="difyq")
+    emulator.set_app("long", fault="cut-after-start", answer_tokens=100)  # a 10 s run, its stream cut at once
+    asked: list[float] = []
+
+    def canceled() -> bool:  # the job is canceled after the first look
+        asked.append(time.monotonic())
+        return len(asked) > 1
+
+    with restored(emulator, "long", answer_tokens=10), pytest.raises(DifyError) as left:
+        client.run("workflow", request, canceled=canceled)
+    assert left.value.code == "canceled" and len(asked) == 2
+
+
 def test_a_job_lacking_a_required_input_is_refused_at_submit(runtime: Runtime, emulator: RunningEmulator) -> None:
     """From the app's cached /parameters; an app whose Dify cannot be asked takes the job (Dify decides)."""
     with serving_api(runtime) as base:

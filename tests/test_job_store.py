@@ -13,7 +13,7 @@ import pytest
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.model import JobRequest, NewJob
 from difyq.worker.jobs.schema import JobStatus
-from difyq.worker.jobs.store import IdempotencyConflict
+from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
 from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
 from tests.support.stack import make_runtime
 from tests.support.waiting import wait_for
@@ -225,6 +225,14 @@ def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
     runtime.store.callback_attempted(job_id, "paused", CallbackBlock("delivered", attempts=2), retry_in_s=None,
                                      release_lease=False)
     assert runtime.store.get(job_id)["callback"]["status"] == "pending"  # job.canceled's block, left alone
+
+    resumed = runtime.store.submit(new_job(query="resumed")).job["id"]
+    runtime.store.start_attempt(resumed, lease_s=30)
+    runtime.store.pause(resumed, "support", block, check_in_s=60)
+    assert runtime.store.resume(resumed, "support").startswith("queued")
+    assert runtime.raw_redis.zscore(paused_key, resumed) is None
+    runtime.store.start_attempt(resumed, lease_s=30)
+    assert runtime.store.cancel(resumed) == CancelOutcome("running", "task-1")  # the resumed run's task
 
 
 def test_list_newest_first_with_filters_and_cursor(runtime) -> None:

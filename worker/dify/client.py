@@ -66,6 +66,8 @@ _BROKEN_STREAM_CODES = frozenset({"stream_incomplete", "timeout", "connection_er
 # The run statuses of `GET /workflows/run/{id}` that end a run (`running` and `paused` do not).
 FINISHED_RUN_STATUSES = frozenset({"succeeded", "failed", "stopped", "partial-succeeded"})
 _READ_SIZE = 64 * 1024
+# How often a reattached stream asks whether its job was canceled (as data, pings included, arrives).
+_CANCELED_CHECK_S = 1.0
 # How long the end of a stream is awaited after its terminal event before the connection is dropped instead.
 _END_GRACE_S = 0.02
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -270,7 +272,8 @@ class DifyClient:
         aggregator.follows(run_id)
         _check_canceled(canceled)
         try:
-            self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers, snapshot=snapshot)
+            self._reattach(run_id, user, aggregator, deadline=deadline, headers=headers, snapshot=snapshot,
+                           canceled=canceled)
         except DifyError as error:
             if error.status != 404 and error.code not in _BROKEN_STREAM_CODES:
                 raise
@@ -297,14 +300,14 @@ class DifyClient:
         return detail
 
     def _reattach(self, run_id: str, user: str, aggregator: StreamAggregator, *, deadline: float,
-                  headers: Mapping[str, str], snapshot: bool) -> None:
+                  headers: Mapping[str, str], snapshot: bool, canceled: Callable[[], bool] | None) -> None:
         query = urlencode({"user": user, **({"include_state_snapshot": "true"} if snapshot else {})})
         response = self._request("GET", f"/workflow/{quote(run_id, safe='')}/events?{query}", None,
                                  accept="text/event-stream", headers=headers)
         try:
             if not _is_success(response):
                 raise self._error_from(response)
-            self._read_stream(response, aggregator, deadline=deadline, first_event_by=None)
+            self._read_stream(response, aggregator, deadline=deadline, first_event_by=None, canceled=canceled)
         finally:
             _release(response)
 
@@ -409,12 +412,15 @@ class DifyClient:
 
     def _read_stream(
         self, response: urllib3.BaseHTTPResponse, aggregator: StreamAggregator, *, deadline: float,
-        first_event_by: float | None,
+        first_event_by: float | None, canceled: Callable[[], bool] | None = None,
     ) -> None:
         """Read events until the terminal one (the call is done there: Dify 1.x keeps the connection open about
         a second longer). `first_event_by` (a new call; None for a reattach): Dify failed silently when only
         pings came by then, or when the stream fell silent before any event (a missing input or an unknown
-        conversation in 1.x streaming mode: one ping, then nothing for 300 s; a live call pings every 10 s)."""
+        conversation in 1.x streaming mode: one ping, then nothing for 300 s; a live call pings every 10 s).
+        `canceled` (a reattach): asked at most every `_CANCELED_CHECK_S` as data (pings included) arrives; a
+        canceled job stops reading (a run difyq stopped may never end its stream)."""
+        canceled_check_at = time.monotonic() + _CANCELED_CHECK_S
         parser = SSEParser()
         # A chunked stream (Dify's) is read chunk by chunk: one event per chunk, with less work per read than
         # read1's; anything else as it arrives.
@@ -428,6 +434,9 @@ class DifyClient:
                     _finish_quietly(response, chunks)
                     return
                 now = time.monotonic()
+                if canceled is not None and now > canceled_check_at:
+                    _check_canceled(canceled)
+                    canceled_check_at = now + _CANCELED_CHECK_S
                 if first_event_by is not None and aggregator.events_seen == 0 and now > first_event_by:
                     raise self._silent_failure()
                 if now > deadline:

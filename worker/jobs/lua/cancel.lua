@@ -1,12 +1,19 @@
 -- Cancel: a queued or paused job ends canceled now (and its callback is enqueued); a running one is flagged so the worker
 -- ends it canceled after Dify's stop; a final one is left as it is. A paused job's reply carries the task id of its
--- paused run (the caller stops the run at Dify), a running job's the task id of its call.
+-- paused run (the caller stops the run at Dify), a running job's the task id of its call (or, following a resumed run,
+-- of that run's first call).
 -- A job canceled now leaves its app's and its client's pending jobs, and the paused jobs.
 -- KEYS: 1 job hash, 2 callback queue, 3 callback bodies, 4 the app's pending jobs, 5 the client's pending jobs
 --       ('' when no API client submitted it), 6 paused zset
 -- ARGV: 1 a JSON object: now (unix seconds), retention_ms, and for a job with a callback URL its pending block
 --       (callback, JSON) and message (message_id, message_body)
 local cancel = cjson.decode(ARGV[1])
+
+-- The task id of the job's paused run ('' when the job never paused).
+local function paused_task_id()
+  local pause = cjson.decode(redis.call('HGET', KEYS[1], FIELD.pause) or '{}')
+  return type(pause.task_id) == 'string' and pause.task_id or ''
+end
 local status = redis.call('HGET', KEYS[1], FIELD.status)
 if not status then
   return {'missing'}
@@ -22,15 +29,12 @@ if status == STATUS.queued or status == STATUS.paused then
   leave_pending(redis.call('HGET', KEYS[1], FIELD.id), KEYS[4], KEYS[5])
   if status == STATUS.paused then
     redis.call('ZREM', KEYS[6], redis.call('HGET', KEYS[1], FIELD.id))
-    local pause = cjson.decode(redis.call('HGET', KEYS[1], FIELD.pause) or '{}')
-    if type(pause.task_id) == 'string' then
-      return {'canceled', pause.task_id}
-    end
+    return {'canceled', paused_task_id()}
   end
   return {'canceled'}
 end
 if status == STATUS.running then
   redis.call('HSET', KEYS[1], FIELD.cancel_requested, '1')
-  return {'running', redis.call('HGET', KEYS[1], FIELD.task_id) or ''}
+  return {'running', redis.call('HGET', KEYS[1], FIELD.task_id) or paused_task_id()}
 end
 return {status}
