@@ -86,6 +86,7 @@ def test_twenty_concurrent_submissions_make_one_job(api) -> None:
         ({"app": "support", "files": [{"type": "image", "transfer_method": "remote_url", "url": "https://x.test/a"},
                                       "not an object"]}, 422, "files[1]"),
         ({"app": "support", "files": [{"type": "image", "transfer_method": "remote_url"}]}, 422, "files[0].url"),
+        ({"app": "support", "files": [{"type": "image", "url": "https://x.test/a\n"}]}, 422, "files[0].url"),
         ({"app": "support", "files": [{"type": "image", "transfer_method": "local_file"}]}, 422,
          "files[0].upload_file_id"),
         ({"app": "support", "metadata": []}, 422, "metadata"),
