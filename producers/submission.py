@@ -16,7 +16,7 @@ from difyq.worker.files.references import FILE_TYPES, complete_file, is_file_obj
 from difyq.worker.jobs.model import JobRequest, NewJob
 
 _HTTP_URL = r"^https?://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?([/?#]\S*)?(?![\s\S])"
-"""An http(s) URL with a host name or IPv4 address (what a ``remote_url`` file's ``url`` must be). It ends with
+r"""An http(s) URL with a host name or IPv4 address (what a ``remote_url`` file's ``url`` must be). It ends with
 ``(?![\s\S])`` rather than ``$``, which in Python's regexes also matches before a final newline: the OpenAPI
 pattern and the validator then accept the same strings."""
 
