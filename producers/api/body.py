@@ -1,13 +1,16 @@
-"""Reading request bodies with a size cap, without buffering more than the cap."""
+"""Reading request bodies with a size cap, without buffering more than the cap, and into their models."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
-from difyq.producers.api.errors import WHOLE_BODY, ApiError
+from difyq.producers.api.errors import WHOLE_BODY, ApiError, invalid
 from difyq.worker.json_codec import loads
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -34,3 +37,11 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_request", "the body must be a JSON object", WHOLE_BODY)
     return data
+
+
+async def read_model(request: Request, model: type[Model], limit: int) -> Model:
+    """The body as ``model``: 413 past ``limit`` bytes, 422 naming the field that is wrong."""
+    try:
+        return model.model_validate(parse_json_object(await read_body(request, limit)))
+    except ValidationError as exc:
+        raise invalid(exc.errors()) from None

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from difyq.producers.api.auth import authenticate
-from difyq.producers.api.body import parse_json_object, read_body
+from difyq.producers.api.body import parse_json_object, read_body, read_model
 from difyq.producers.api.dify_stop import stop_dify_task
 from difyq.producers.api.errors import ApiError, error_responses, invalid
 from difyq.producers.api.multipart import FilePart, is_multipart, read_multipart, with_uploads
@@ -178,11 +178,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     )
     async def submit_input(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
-        raw = await read_body(request, config.api.max_body_bytes)
-        try:
-            body = FormInput.model_validate(parse_json_object(raw))
-        except ValidationError as exc:
-            raise invalid(exc.errors()) from None
+        body = await read_model(request, FormInput, config.api.max_body_bytes)
         if job["status"] != JobStatus.PAUSED or not job.get("form"):
             raise ApiError(409, "job_not_paused", f"the job is {job['status']}; only a paused job takes input")
         await run_in_threadpool(submit_form, runtime, job, body)
@@ -200,11 +196,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     )
     async def send_feedback(request: Request, job_id: str) -> dict[str, Any]:
         job = visible(request, job_id)
-        raw = await read_body(request, config.api.max_body_bytes)
-        try:
-            body = Feedback.model_validate(parse_json_object(raw))
-        except ValidationError as exc:
-            raise invalid(exc.errors()) from None
+        body = await read_model(request, Feedback, config.api.max_body_bytes)
         message_id = (job.get("result") or {}).get("message_id")
         if not message_id:
             raise ApiError(409, "no_message", f"the job ({job['status']}) has no Dify message to rate: only a "
