@@ -42,29 +42,32 @@ def _event(at: float | str | None, what: str, detail: str = "", kind: str = "") 
 def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The job's events in time order, from its record and the operators' actions."""
     source, client = origin(fields)
+    submitter = f"by {source}" + (f" (client {client})" if client else "")
+    limit, deferrals = fields.get(JobField.DEFERRED_BY) or "rate", fields.get(JobField.DEFERRALS) or 1
     events = [
-        _event(fields.get("created_at"), "submitted", f"by {source}" + (f" (client {client})" if client else "")),
-        _event(fields.get("waiting_since"), "deferred",
-               f"by the {fields.get('deferred_by') or 'rate'} limit ({fields.get('deferrals') or 1} deferral(s))",
+        _event(fields.get(JobField.CREATED_AT), "submitted", submitter),
+        _event(fields.get(JobField.WAITING_SINCE), "deferred", f"by the {limit} limit ({deferrals} deferral(s))",
                "wait"),
-        _event(fields.get("started_at"), f"attempt {job['attempts']} started" if job["attempts"] else "started"),
+        _event(fields.get(JobField.STARTED_AT), f"attempt {job['attempts']} started" if job["attempts"] else "started"),
     ]
     error = job.get("error") or {}
     if error:
         detail = f"{error.get('code', '')}: {error.get('message', '')}"
-        events.append(_event(fields.get("finished_at") or fields.get("started_at"), "error", detail, "bad"))
+        ended = fields.get(JobField.FINISHED_AT) or fields.get(JobField.STARTED_AT)
+        events.append(_event(ended, "error", detail, "bad"))
     first_token = (job.get("result") or {}).get("time_to_first_token_s")
-    if first_token is not None and fields.get("started_at"):
-        events.append(_event(float(fields["started_at"]) + first_token, "first token",
+    if first_token is not None and fields.get(JobField.STARTED_AT):
+        events.append(_event(float(fields[JobField.STARTED_AT]) + first_token, "first token",
                              f"{first_token * 1000:.0f} ms after the attempt started"))
-    events.append(_event(fields.get("finished_at"), job["status"], "", "bad" if job["status"] == "failed" else "ok"))
+    outcome = "bad" if job["status"] == "failed" else "ok"
+    events.append(_event(fields.get(JobField.FINISHED_AT), job["status"], "", outcome))
     callback = job["callback"]
     if callback["status"] != "none" and callback["attempts"]:
         code = callback.get("last_status_code")
         detail = f"{callback['attempts']} attempt(s), last answer {code or 'none'}"
         if callback.get("next_attempt_at"):
             detail += f", next at {callback['next_attempt_at']}"
-        events.append(_event(fields.get("finished_at"), f"callback {callback['status']}", detail))
+        events.append(_event(fields.get(JobField.FINISHED_AT), f"callback {callback['status']}", detail))
     for action in actions:
         events.append(_event(action["at"], f"{action['action']} by {action['operator']}", action["outcome"], "op"))
     return sorted((event for event in events if event), key=lambda event: event["at"])
@@ -92,7 +95,8 @@ def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Re
     job["callback"] = {**job["callback"], "url": shown_url(job["callback"].get("url"))}
     source, client = origin(fields)
     extra = {name: fields.get(name) or None for name in _EXTRA_FIELDS}
-    started, created, finished = (fields.get(name) for name in ("started_at", "created_at", "finished_at"))
+    started, created, finished = (fields.get(name) for name in (
+        JobField.STARTED_AT, JobField.CREATED_AT, JobField.FINISHED_AT))
     return {
         "job": job, "submitted": request, "result": result, "usage": result.get("usage") or {},
         "source": source, "client": client, "extra": extra,
@@ -101,7 +105,7 @@ def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Re
         "queue_wait_s": float(started) - float(created) if started and created else None,
         "duration_s": float(finished) - float(started) if finished and started else None,
         "timeline": timeline(fields, job, actions),
-        "next_attempt": iso_time(fields.get("next_attempt_at")),
+        "next_attempt": iso_time(fields.get(JobField.NEXT_ATTEMPT_AT)),
         "curl": curl_line(api_base, job, request),
         "outputs_json": pretty_json(result["outputs"]) if result.get("outputs") else None,
     }

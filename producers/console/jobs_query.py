@@ -78,14 +78,14 @@ def _text(value: Any) -> str | None:
 
 def origin(fields: dict[str, str | None]) -> tuple[str, str]:
     """(source label, client) of a job: ``hook:<name>``, ``schedule:<name>``, ``api``, ``cli``; the API client."""
-    source, scope = fields.get("source") or "", fields.get("scope") or ""
+    source, scope = fields.get(JobField.SOURCE) or "", fields.get(JobField.SCOPE) or ""
     kind, _, name = scope.partition(":")
     if kind == "client":
         return source, name
     if kind == "hook":
         return f"hook:{name}", ""
     if source == "schedule":
-        schedule = (fields.get("idempotency_key") or "").split(":")
+        schedule = (fields.get(JobField.IDEMPOTENCY_KEY) or "").split(":")
         return (f"schedule:{schedule[1]}" if len(schedule) > 2 else "schedule"), ""
     return source, ""
 
@@ -98,14 +98,15 @@ def _seconds(later: str | None, earlier: str | None) -> float | None:
 
 def summary(fields: dict[str, str | None]) -> dict[str, Any]:
     """One row of the list from the stored fields ``ROW_FIELDS``."""
-    result = loads(fields["result"]) if fields.get("result") else {}
+    result = loads(fields[JobField.RESULT]) if fields.get(JobField.RESULT) else {}
     usage = (result or {}).get("usage") or {}
     source, client = origin(fields)
     return {
-        "id": fields["id"], "app": fields["app"], "source": source, "client": client, "status": fields["status"],
-        "attempts": int(fields.get("attempts") or 0), "created_at": iso_time(fields.get("created_at")),
-        "queue_wait_s": _seconds(fields.get("started_at"), fields.get("created_at")),
-        "duration_s": _seconds(fields.get("finished_at"), fields.get("started_at")),
+        "id": fields[JobField.ID], "app": fields[JobField.APP], "source": source, "client": client,
+        "status": fields[JobField.STATUS],
+        "attempts": int(fields.get(JobField.ATTEMPTS) or 0), "created_at": iso_time(fields.get(JobField.CREATED_AT)),
+        "queue_wait_s": _seconds(fields.get(JobField.STARTED_AT), fields.get(JobField.CREATED_AT)),
+        "duration_s": _seconds(fields.get(JobField.FINISHED_AT), fields.get(JobField.STARTED_AT)),
         "tokens": usage.get("total_tokens"), "cost": usage.get("total_price"), "currency": usage.get("currency"),
         "callback": CallbackBlock.of({name: value for name, value in fields.items() if value is not None}).status,
     }
@@ -126,7 +127,7 @@ class JobsQuery:
         rows = []
         for values in pipe.execute():
             fields = dict(zip(names, (_text(value) for value in values), strict=True))
-            if fields["id"]:
+            if fields[JobField.ID]:
                 rows.append(fields)
         return rows
 
@@ -155,7 +156,7 @@ class JobsQuery:
     @staticmethod
     def _matches(fields: dict[str, str | None], wanted: JobFilter) -> bool:
         """Whether a job's ``FILTER_FIELDS`` (and ``result`` for a search) pass the filters the index cannot."""
-        if wanted.status and fields["status"] != wanted.status:
+        if wanted.status and fields[JobField.STATUS] != wanted.status:
             return False
         source, client = origin(fields)
         if wanted.source and source != wanted.source and source.partition(":")[0] != wanted.source:
@@ -164,8 +165,8 @@ class JobsQuery:
             return False
         if not wanted.q:
             return True
-        result = (loads(fields["result"]) if fields.get("result") else None) or {}
-        request = (loads(fields["request"]) if fields.get("request") else None) or {}
+        result = (loads(fields[JobField.RESULT]) if fields.get(JobField.RESULT) else None) or {}
+        request = (loads(fields[JobField.REQUEST]) if fields.get(JobField.REQUEST) else None) or {}
         searched = {result.get(name) for name in SEARCHED_IDS} | {request.get("conversation_id")}
         return wanted.q.strip() in searched - {None, ""}
 
@@ -186,7 +187,8 @@ class JobsQuery:
         for batch in self.store.walk(wanted.app or None, after=after, until_ms=until, since_ms=since, batch=_BATCH):
             scores = dict(batch)
             if filtering:  # read the few fields the filters need, and whole rows only for the jobs that pass
-                passed = [fields["id"] for fields in self._rows(list(scores), names) if self._matches(fields, wanted)]
+                passed = [fields[JobField.ID] for fields in self._rows(list(scores), names)
+                          if self._matches(fields, wanted)]
                 found = self.rows_of(passed[:limit - len(rows)])
             else:
                 found = self.rows_of(list(scores))
