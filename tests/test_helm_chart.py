@@ -47,6 +47,8 @@ SECRET_FIELD_PATHS = (
     "config.clients.crm.token",
     "config.hooks.gh.verify.secret",
     "config.callbacks.signing_secret",
+    "config.console.users.alice.token",
+    "config.redis.sentinel.password",
 )
 
 
@@ -563,6 +565,8 @@ def test_a_literal_secret_in_the_config_is_refused_without_echoing_it(helm: Helm
     options = ["--set", "config.apps.support.api_key=${KEY}", "--set", "config.apps.support.mode=chat",
                "--set", "config.hooks.gh.app=support", "--set", "config.hooks.gh.verify.scheme=github",
                "--set", "config.hooks.gh.verify.secret=${KEY}", "--set", "config.clients.crm.token=${KEY}",
+               "--set", "config.console.users.alice.token=${KEY}", "--set", "config.console.users.alice.role=operator",
+               "--set", "config.redis.sentinel.nodes[0]=sentinel:26379",
                "--set", "secrets.env.KEY=value-of-key", "--set", f"{field_path}={literal}"]
     result = helm.template(*options)
     assert result.returncode != 0

@@ -299,6 +299,14 @@ Rendered from configmap.yaml, which every install renders.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- range $name, $user := ((($v.config.console | default dict).users) | default dict) }}
+{{- $secretFields = append $secretFields (list (printf "config.console.users.%s.token" $name) (get $user "token")) }}
+{{- end }}
+{{- with ((($v.config.redis | default dict).sentinel) | default dict) }}
+{{- if hasKey . "password" }}
+{{- $secretFields = append $secretFields (list "config.redis.sentinel.password" (get . "password")) }}
+{{- end }}
+{{- end }}
 {{- range $secretFields }}
 {{- if not (regexMatch $ref (toString (index . 1))) }}
 {{- fail (printf "%s must be a ${ENV_NAME} reference (put the value itself in secrets.env or secrets.existingSecret): secrets never go into the ConfigMap" (index . 0)) }}
