@@ -197,7 +197,7 @@ def test_a_job_that_succeeds_after_failed_attempts_has_no_error(redis_url: str, 
     try:
         with CallbackReceiver() as receiver, running_worker(runtime), serving_api(runtime) as base:
             job_id = submit_with_callback(base, receiver.url, f"recovers-{time.time_ns()}")
-            wait_for(lambda: runtime.store.get(job_id)["attempts"] >= 2, what="two failed attempts")
+            wait_for(lambda: len(runtime.store.get(job_id)["attempt_errors"]) >= 2, what="two failed attempts")
             emulator.set_app("chat", fault=None)
             job = wait_for_callback(runtime, job_id)
             fetched = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).json()
