@@ -15,7 +15,10 @@ from difyq.worker.config import Priority, priority_level
 from difyq.worker.files.references import FILE_TYPES, complete_file, is_file_object
 from difyq.worker.jobs.model import JobRequest, NewJob
 
-_HTTP_URL = r"^https?://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?([/?#]\S*)?(?![\s\S])"
+# What may follow the host: anything but control characters and white space, spelt out rather than as ``\S``, which
+# Python's regexes and the ECMAScript ones that OpenAPI patterns follow define differently (\x1c-\x1f, \x85).
+_URL_REST = r"[^\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*"
+_HTTP_URL = r"^https?://[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?([/?#]" + _URL_REST + r")?(?![\s\S])"
 r"""An http(s) URL with a host name or IPv4 address (what a ``remote_url`` file's ``url`` must be). It ends with
 ``(?![\s\S])`` rather than ``$``, which in Python's regexes also matches before a final newline: the OpenAPI
 pattern and the validator then accept the same strings."""
