@@ -73,9 +73,12 @@ class SentinelDeployment:
             return False
 
     def _knows_everyone(self, port: int) -> bool:
-        with redis.Redis(port=port, socket_timeout=0.5, decode_responses=True) as sentinel:
-            replicas = sentinel.execute_command("SENTINEL", "REPLICAS", MASTER_NAME)
-            peers = sentinel.execute_command("SENTINEL", "SENTINELS", MASTER_NAME)
+        try:  # a sentinel still starting refuses connections: not yet, rather than an error
+            with redis.Redis(port=port, socket_timeout=0.5, decode_responses=True) as sentinel:
+                replicas = sentinel.execute_command("SENTINEL", "REPLICAS", MASTER_NAME)
+                peers = sentinel.execute_command("SENTINEL", "SENTINELS", MASTER_NAME)
+        except redis.ConnectionError:
+            return False
         return len(replicas) >= 1 and len(peers) == SENTINELS - 1
 
     def primary_port(self) -> int:
