@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from difyq.worker import otel
 from difyq.worker.config import ConfigError, load_config
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobStatus
 from difyq.worker.logs import configure_logging
+from difyq.worker.redis_check import EXIT_UNUSABLE_REDIS
 from difyq.worker.runtime import Runtime, current_runtime, redis_url_from_env
 
 
@@ -324,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.command)
     if args.command not in UNTRACED_COMMANDS:
         otel.configure(args.command)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        print(f"difyq {args.command}: Redis is unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE_REDIS
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV
 from difyq.worker.redis_check import (
     ALLOW_EVICTION_ENV,
-    EXIT_UNSAFE_REDIS,
+    EXIT_UNUSABLE_REDIS,
     RedisSettings,
     problems_and_warnings,
     read_settings,
@@ -100,11 +100,25 @@ def test_an_evicting_redis_is_refused_at_start_unless_overridden(tmp_path: Path,
         overridden = difyq.start("api-overridden", "api", "--port", str(port), env={ALLOW_EVICTION_ENV: "1"})
         wait_for_port(port, process=overridden)
         logs = {name: difyq.logs(name) for name in [*refused, "api-overridden"]}
-    assert codes == dict.fromkeys(refused, EXIT_UNSAFE_REDIS)
+    assert codes == dict.fromkeys(refused, EXIT_UNUSABLE_REDIS)
     for name in refused:
         assert "refusing to start: Redis maxmemory-policy is 'allkeys-lru'" in logs[name], logs[name]
         assert "redis_settings_unsafe" in logs[name] and "appendonly is off" in logs[name]
     assert "redis_settings_unsafe_overridden" in logs["api-overridden"]
+
+
+@pytest.mark.e2e
+def test_commands_on_an_unreachable_redis_exit_3_with_one_clear_line(tmp_path: Path, namespace: str) -> None:
+    """One-shot commands; the services (api, worker, scheduler) start anyway and wait for Redis to come back."""
+    unreachable = f"redis://:s3cret-password@127.0.0.1:{free_port()}/0"
+    with difyq_processes(tmp_path, unreachable, config_for(namespace, "http://x")) as difyq:
+        commands = {"enqueue": ["enqueue", "--app", "support", "--query", "hi"], "jobs": ["jobs", "list"]}
+        codes = {name: difyq.start(name, *argv).wait(timeout=60) for name, argv in commands.items()}
+        logs = {name: difyq.logs(name) for name in commands}
+    assert codes == dict.fromkeys(commands, EXIT_UNUSABLE_REDIS), logs
+    for name, log in logs.items():
+        assert f"difyq {name}: Redis is unreachable" in log, log
+        assert "Traceback" not in log and "s3cret-password" not in log, log
 
 
 def unread_by_the_server(port: int) -> int:

@@ -29,7 +29,7 @@ from difyq.worker.redis_connect import RedisConnector
 log = structlog.get_logger("difyq.redis_check")
 
 ALLOW_EVICTION_ENV = "DIFYQ_ALLOW_REDIS_EVICTION"
-EXIT_UNSAFE_REDIS = 3
+EXIT_UNUSABLE_REDIS = 3
 SAFE_EVICTION_POLICY = "noeviction"
 
 
@@ -113,7 +113,7 @@ def enforce_redis_settings(connector: RedisConnector, environ: Mapping[str, str]
         return
     for problem in problems:
         print(f"difyq: refusing to start: {problem}", file=sys.stderr)
-    raise SystemExit(EXIT_UNSAFE_REDIS)
+    raise SystemExit(EXIT_UNUSABLE_REDIS)
 
 
 def _text(value: object) -> str:
