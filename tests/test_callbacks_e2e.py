@@ -63,8 +63,14 @@ def test_retried_until_accepted_with_one_webhook_id(runtime: Runtime, emulator) 
         receiver.script([500, 503, Reply(429, headers={"Retry-After": "0"}), 200])
         job_id = submit_with_callback(base, receiver.url, marker)
         job = wait_for_callback(runtime, job_id)
+        fetched = requests.get(f"{base}/v1/jobs/{job_id}", headers=auth(), timeout=10).json()
     assert job["status"] == "succeeded"
     assert job["callback"] == {**job["callback"], "status": "delivered", "attempts": 4, "last_status_code": 200}
+    history = fetched["callback"]["history"]
+    assert [(a["status_code"], a["outcome"], a["error"]) for a in history] == [
+        (500, "retry", "HTTP 500"), (503, "retry", "HTTP 503"), (429, "retry", "HTTP 429"), (200, "delivered", None)]
+    assert all(a["event"] == "job.succeeded" and a["duration_s"] >= 0 for a in history)
+    assert [a["at"] for a in history] == sorted(a["at"] for a in history)
     assert [r.webhook_id for r in receiver.requests] == [job_id] * 4
     assert receiver.verify(SIGNING_SECRET)
     assert len([c for c in emulator.calls() if marker in str(c["body"])]) == 1
@@ -207,6 +213,9 @@ def test_a_job_that_succeeds_after_failed_attempts_has_no_error(redis_url: str, 
     errors = fetched["attempt_errors"]
     assert [error["attempt"] for error in errors] == list(range(1, fetched["attempts"]))
     assert {error["code"] for error in errors} == {"internal_server_error"} and all(e["message"] for e in errors)
+    assert all(error["status"] == 500 and error["duration_s"] >= 0 for error in errors)
+    assert [error["started_at"] for error in errors] == sorted(error["started_at"] for error in errors)
+    assert errors[0]["started_at"] == fetched["started_at"]
     data = json.loads(receiver.requests[-1].body)["data"]
     assert data["error"] is None and data["attempt_errors"] == errors
     assert job["callback"]["status"] == "delivered"

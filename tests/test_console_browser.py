@@ -124,7 +124,10 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
     assert "app-console-key" not in page and OPERATOR_TOKEN not in page
     assert text_of(stack.browser, By.ID, "trace-id") == trace_id_for(job_id)
-    assert "first token" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+    timeline = text_of(stack.browser, By.CLASS_NAME, "timeline")
+    assert "first token" in timeline and "attempt 1 succeeded after" in timeline
+    first = attempt_cells(stack, 1)
+    assert first["Outcome"] == "succeeded" and first["Duration"] != "\u2013" and first["First token"] != "\u2013"
     stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
 
     stack.browser.set_window_size(390, 844)  # a phone
@@ -181,6 +184,9 @@ def test_dead_lettered_callbacks_are_replayed_by_filter(stack: Stack) -> None:
                    == "failed")
     stack.receiver.set_default(200)
     stack.sign_in(OPERATOR_TOKEN)
+    stack.browser.get(f"{stack.console}/jobs/{failing[0]}")
+    sent = callback_rows(stack)
+    assert sent and {row["Answer"] for row in sent} == {"HTTP 500"} and sent[-1]["Outcome"] == "retry"
     stack.browser.get(f"{stack.console}/dead-letters?kind=callback&code=callback_http_500")
     assert {row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-job]")} \
         == set(failing)
@@ -193,6 +199,8 @@ def test_dead_lettered_callbacks_are_replayed_by_filter(stack: Stack) -> None:
                    == "delivered")
     stack.browser.get(f"{stack.console}/jobs/{failing[0]}")
     assert "replay_dead_letter by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+    last = callback_rows(stack)[-1]
+    assert (last["Event"], last["Answer"], last["Outcome"]) == ("job.succeeded", "HTTP 200", "delivered")
 
     delivered = len(stack.receiver.requests)
     click(stack.browser, By.XPATH, "//button[text()='Redeliver callback']")
@@ -207,11 +215,16 @@ def test_retry_a_failed_job_from_its_page(stack: Stack) -> None:
     wait_until(stack.browser, lambda _: stack.runtime.store.get(job_id)["status"] == "failed")
     stack.sign_in(OPERATOR_TOKEN)
     stack.browser.get(f"{stack.console}/jobs/{job_id}")
-    assert "Failed attempts" in stack.browser.page_source
     click(stack.browser, By.XPATH, "//button[text()='Retry job']")
     wait_until(stack.browser, lambda _: stack.runtime.store.get(job_id)["attempts"] == 2
                and stack.runtime.store.get(job_id)["status"] == "failed")
-    assert "retry by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
+    timeline = wait_until(stack.browser, lambda b: (t := b.find_element(By.CLASS_NAME, "timeline").text)
+                          and "attempt 2 " in t and t)
+    assert "retry by alice" in timeline and "attempt 1 failed after" in timeline
+    for attempt in (1, 2):  # each attempt with Dify's status, code and message, and its own duration
+        cells = attempt_cells(stack, attempt)
+        assert cells["Dify status"] == "401" and cells["Outcome"] and cells["Message"]
+        assert cells["Duration"] != "\u2013" and cells["Started (UTC)"] != "\u2013"
 
 
 def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
@@ -242,6 +255,23 @@ def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def table_rows(stack: Stack, table_id: str) -> list[dict[str, str]]:
+    """The rows of a table on the page as {column header: cell text}."""
+    return wait_until(stack.browser, lambda b: (b.execute_script(
+        "const t = document.getElementById(arguments[0]); if (!t) return null;"
+        "const heads = [...t.querySelectorAll('thead th')].map(h => h.textContent.trim());"
+        "return [...t.querySelectorAll('tbody tr')].map(r => Object.fromEntries("
+        "[...r.cells].map((c, i) => [heads[i], c.textContent.trim()])));", table_id),))[0] or []
+
+
+def attempt_cells(stack: Stack, attempt: int) -> dict[str, str]:
+    return next(row for row in table_rows(stack, "attempts") if row["Attempt"] == str(attempt))
+
+
+def callback_rows(stack: Stack) -> list[dict[str, str]]:
+    return table_rows(stack, "callback-attempts")
 
 
 def schedule_jobs(stack: Stack) -> int:

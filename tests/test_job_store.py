@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from difyq.worker.jobs.callback_block import CallbackBlock
-from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.model import JobRequest, NewJob, iso_time
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
 from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
@@ -164,6 +164,20 @@ def test_requeue_then_second_attempt(runtime) -> None:
     assert runtime.raw_redis.hlen(f"{runtime.namespace}:jobs.DQ.msgs") == 1
     second = runtime.store.start_attempt(job_id, lease_s=30)
     assert (second.attempt, second.first) == (2, False)
+    assert runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "http_502"}) == "failed"
+    fields = runtime.store.fields(job_id)
+    first_error, second_error = runtime.store.get(job_id)["attempt_errors"]
+    assert (first_error["attempt"], second_error["attempt"]) == (1, 2)
+    assert float(fields["attempt_started_at"]) > float(fields["started_at"]), "each attempt keeps its own start"
+    assert second_error["started_at"] == iso_time(fields["attempt_started_at"])
+    assert 0 <= second_error["duration_s"] <= float(fields["finished_at"]) - float(fields["attempt_started_at"]) + 0.001
+    assert first_error["started_at"] == iso_time(fields["started_at"]) and first_error["duration_s"] >= 0
+
+
+def test_an_error_before_any_attempt_ran_has_no_timing(runtime) -> None:
+    job_id = runtime.store.submit(new_job()).job["id"]
+    assert runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "rate_limit_wait_exceeded"}) == "failed"
+    assert runtime.store.get(job_id)["attempt_errors"] == [{"code": "rate_limit_wait_exceeded", "attempt": 0}]
 
 
 def test_a_started_attempt_returns_the_record(runtime) -> None:
@@ -215,16 +229,23 @@ def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
     assert queue_length(runtime, "callbacks") == 1 and runtime.store.get(job_id)["callback"]["status"] == "pending"
     paused_key = runtime.store.keys.paused
     assert runtime.raw_redis.zscore(paused_key, job_id) is not None
+    gone = CallbackAttempt(time.time(), "job.paused", 410, "HTTP 410: the receiver asked to stop", 0.0123, "gone")
     runtime.store.callback_attempted(job_id, "paused", CallbackBlock("failed", attempts=1, last_status_code=410),
-                                     retry_in_s=None, release_lease=False)
+                                     gone, retry_in_s=None, release_lease=False)
     assert runtime.store.get(job_id)["callback"]["status"] == "failed"
     assert runtime.raw_redis.zscore(runtime.store.callback_dead_letters_key, job_id) is None
     outcome = runtime.store.cancel(job_id)
     assert (outcome.state, outcome.task_id) == ("canceled", "task-1")
     assert runtime.raw_redis.zscore(paused_key, job_id) is None
-    runtime.store.callback_attempted(job_id, "paused", CallbackBlock("delivered", attempts=2), retry_in_s=None,
+    late = CallbackAttempt(time.time(), "job.paused", 200, None, 0.002, "delivered")
+    runtime.store.callback_attempted(job_id, "paused", CallbackBlock("delivered", attempts=2), late, retry_in_s=None,
                                      release_lease=False)
-    assert runtime.store.get(job_id)["callback"]["status"] == "pending"  # job.canceled's block, left alone
+    callback = runtime.store.get(job_id)["callback"]
+    assert callback["status"] == "pending"  # job.canceled's block, left alone
+    assert [(entry["event"], entry["status_code"], entry["outcome"], entry["duration_s"])
+            for entry in callback["history"]] == [("job.paused", 410, "gone", 0.012), ("job.paused", 200, "delivered",
+                                                                                       0.002)]
+    assert callback["history"][0]["error"] == "HTTP 410: the receiver asked to stop"
 
     resumed = runtime.store.submit(new_job(query="resumed")).job["id"]
     runtime.store.start_attempt(resumed, lease_s=30)

@@ -19,7 +19,7 @@ from dramatiq.middleware import Middleware
 from difyq.worker.app import build_broker
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis
-from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
 from difyq.worker.jobs.schema import JobStatus
@@ -144,8 +144,9 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
     assert runtime.store.get(job_id)["status"] == "succeeded", "the outcome is kept"
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
-    runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=1), retry_in_s=None,
-                                     release_lease=False)
+    runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=1),
+                                     CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
+                                     retry_in_s=None, release_lease=False)
     assert runtime.store.start_attempt(job_id, lease_s=0.05).state != "started"
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None, "a finished job takes no lease"
     keeper.sweep()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,8 +40,35 @@ def _event(at: float | str | None, what: str, detail: str = "", kind: str = "") 
     return {"at": float(at), "time": iso_time(at), "what": what, "detail": detail, "kind": kind}
 
 
-def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The job's events in time order, from its record and the operators' actions."""
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def attempts(fields: dict[str, str], job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every attempt the record knows, oldest first: each failed one (with Dify's status, code and message) and
+    the latest one when it did not fail; each with its start, duration and time to first token where known."""
+    rows = [{"attempt": error.get("attempt"), "started_at": error.get("started_at"),
+             "duration_s": error.get("duration_s"), "outcome": "error", "code": error.get("code"),
+             "status": error.get("status"), "message": error.get("message"), "first_token_s": None}
+            for error in job["attempt_errors"]]
+    failed = {row["attempt"] for row in rows}
+    latest = fields.get(JobField.ATTEMPT_STARTED_AT) or (fields.get(JobField.STARTED_AT) if job["attempts"] == 1
+                                                         else None)
+    if job["attempts"] and job["attempts"] not in failed and latest:
+        finished = fields.get(JobField.FINISHED_AT)
+        result = job.get("result") or {}
+        rows.append({"attempt": job["attempts"], "started_at": iso_time(latest),
+                     "duration_s": max(float(finished) - float(latest), 0.0) if finished else None,
+                     "outcome": job["status"], "code": None, "status": None, "message": None,
+                     "first_token_s": result.get("time_to_first_token_s")})
+    return rows
+
+
+def timeline(fields: dict[str, str], job: dict[str, Any], attempt_rows: list[dict[str, Any]],
+             actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's events in time order, from its record, its callback attempts and the operators' actions."""
     source, client = origin(fields)
     submitter = f"by {source}" + (f" (client {client})" if client else "")
     limit, deferrals = fields.get(JobField.DEFERRED_BY) or "rate", fields.get(JobField.DEFERRALS) or 1
@@ -48,29 +76,45 @@ def timeline(fields: dict[str, str], job: dict[str, Any], actions: list[dict[str
         _event(fields.get(JobField.CREATED_AT), "submitted", submitter),
         _event(fields.get(JobField.WAITING_SINCE), "deferred", f"by the {limit} limit ({deferrals} deferral(s))",
                "wait"),
-        _event(fields.get(JobField.STARTED_AT), f"attempt {job['attempts']} started" if job["attempts"] else "started"),
     ]
+    for row in attempt_rows:
+        if not row["started_at"]:
+            continue
+        at = _epoch(row["started_at"])
+        if row["outcome"] == "error":
+            status = f" (Dify HTTP {row['status']})" if row["status"] else ""
+            detail = f"failed after {_duration(row['duration_s'])}: {row['code']}{status}: {row['message'] or ''}"
+            events.append(_event(at, f"attempt {row['attempt']}", detail, "bad"))
+            continue
+        ended = f"{row['outcome']} after {_duration(row['duration_s'])}" if row["duration_s"] is not None \
+            else row["outcome"]
+        events.append(_event(at, f"attempt {row['attempt']}", ended))
+        if row["first_token_s"] is not None:
+            events.append(_event(at + row["first_token_s"], "first token",
+                                 f"{row['first_token_s'] * 1000:.0f} ms after attempt {row['attempt']} started"))
     error = job.get("error") or {}
-    if error:
-        detail = f"{error.get('code', '')}: {error.get('message', '')}"
-        ended = fields.get(JobField.FINISHED_AT) or fields.get(JobField.STARTED_AT)
-        events.append(_event(ended, "error", detail, "bad"))
-    first_token = (job.get("result") or {}).get("time_to_first_token_s")
-    if first_token is not None and fields.get(JobField.STARTED_AT):
-        events.append(_event(float(fields[JobField.STARTED_AT]) + first_token, "first token",
-                             f"{first_token * 1000:.0f} ms after the attempt started"))
+    last = attempt_rows[-1] if attempt_rows else {}
+    if error and not (last.get("outcome") == "error" and last.get("started_at")):  # no attempt ran into it
+        ended = fields.get(JobField.FINISHED_AT) or fields.get(JobField.CREATED_AT)
+        events.append(_event(ended, "error", f"{error.get('code', '')}: {error.get('message', '')}", "bad"))
     outcome = "bad" if job["status"] == "failed" else "ok"
     events.append(_event(fields.get(JobField.FINISHED_AT), job["status"], "", outcome))
+    for sent in job["callback"]["history"]:
+        answer = f"HTTP {sent['status_code']}" if sent["status_code"] is not None else sent["error"] or "no answer"
+        detail = f"{sent['event']}: {answer} in {_duration(sent['duration_s'])}"
+        kind = "ok" if sent["outcome"] == "delivered" else "bad"
+        events.append(_event(_epoch(sent["at"]), f"callback {sent['outcome']}", detail, kind))
     callback = job["callback"]
-    if callback["status"] != "none" and callback["attempts"]:
-        code = callback.get("last_status_code")
-        detail = f"{callback['attempts']} attempt(s), last answer {code or 'none'}"
-        if callback.get("next_attempt_at"):
-            detail += f", next at {callback['next_attempt_at']}"
-        events.append(_event(fields.get(JobField.FINISHED_AT), f"callback {callback['status']}", detail))
+    if callback.get("next_attempt_at"):
+        events.append(_event(_epoch(callback["next_attempt_at"]), "callback retry due",
+                             f"attempt {callback['attempts'] + 1}", "wait"))
     for action in actions:
         events.append(_event(action["at"], f"{action['action']} by {action['operator']}", action["outcome"], "op"))
     return sorted((event for event in events if event), key=lambda event: event["at"])
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def curl_line(api_base: str, job: dict[str, Any], request: dict[str, Any]) -> str:
@@ -90,6 +134,7 @@ def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Re
              api_base: str) -> dict[str, Any]:
     """Everything the job template renders; nothing secret (see ``Redactor`` and ``shown_url``)."""
     job = job_resource(fields)
+    attempt_rows = attempts(fields, job)
     request = redactor.request(job.get("request"))
     result = job.get("result") or {}
     job["callback"] = {**job["callback"], "url": shown_url(job["callback"].get("url"))}
@@ -104,7 +149,8 @@ def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Re
                 if result.get(name)},
         "queue_wait_s": float(started) - float(created) if started and created else None,
         "duration_s": float(finished) - float(started) if finished and started else None,
-        "timeline": timeline(fields, job, actions),
+        "attempts": attempt_rows,
+        "timeline": timeline(fields, job, attempt_rows, actions),
         "next_attempt": iso_time(fields.get(JobField.NEXT_ATTEMPT_AT)),
         "curl": curl_line(api_base, job, request),
         "outputs_json": pretty_json(result["outputs"]) if result.get("outputs") else None,

@@ -9,6 +9,7 @@ later attempts, replays and the first attempt when ``callbacks.first_attempt_inl
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from difyq.worker import tracing
 from difyq.worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
 from difyq.worker.callbacks.schedule import next_delay
 from difyq.worker.callbacks.transport import PinnedTransport
-from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.model import job_resource
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.json_codec import dumps
@@ -42,10 +43,15 @@ def webhook_id(job: dict[str, Any]) -> str:
     return str(job["id"])
 
 
+def event_type(job: dict[str, Any]) -> str:
+    """The callback's ``type``: ``job.`` and the status it announces."""
+    return f"job.{job['status']}"
+
+
 def callback_body(job: dict[str, Any]) -> bytes:
     """The POST body of a callback (docs/http-api.md)."""
     document = {
-        "type": f"job.{job['status']}",
+        "type": event_type(job),
         "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "data": job,
     }
@@ -94,6 +100,7 @@ class CallbackSender:
     def _attempt(self, job_id: str, fields: dict[str, str], block: CallbackBlock, *, release_lease: bool) -> str:
         with tracing.callback_attempt(job_id, fields, block.attempts + 1) as span:
             job = job_resource(fields)
+            sent_at = time.time()
             attempt = deliver(fields[JobField.CALLBACK_URL], callback_body(job), webhook_id(job), self.config,
                               session=self._transport)
             span.set("http.response.status_code", attempt.status_code)
@@ -103,7 +110,9 @@ class CallbackSender:
         if attempt.outcome == "retry":
             delay = next_delay(block.attempts + 1, list(self.config.retry_schedule), attempt.retry_after_s)
         block = block.attempted(attempt.status_code, delay, delivered=attempt.outcome == "delivered")
-        self.store.callback_attempted(job_id, fields[JobField.STATUS], block, retry_in_s=delay,
+        kept = CallbackAttempt(at=sent_at, event=event_type(job), status_code=attempt.status_code,
+                               error=attempt.error, duration_s=attempt.duration_s, outcome=attempt.outcome)
+        self.store.callback_attempted(job_id, fields[JobField.STATUS], block, kept, retry_in_s=delay,
                                       release_lease=release_lease)
         outcome = record_outcome(attempt, retries_remain=delay is not None)
         self._log(attempt, outcome, block.attempts, delay, first_inline=release_lease)

@@ -2,7 +2,8 @@
 delivery attempt changes.
 
 The record keeps the block as JSON in its ``callback`` field (without the URL, which is the record's
-``callback_url``); a job without a callback URL has no block and shows ``status: none``.
+``callback_url``); a job without a callback URL has no block and shows ``status: none``. Its last attempts
+(``CallbackAttempt``, the newest ``MAX_CALLBACK_ATTEMPTS``) are a JSON list in its ``callback_attempts`` field.
 """
 
 from __future__ import annotations
@@ -12,6 +13,23 @@ from dataclasses import asdict, dataclass, replace
 
 from difyq.worker.jobs.schema import CallbackStatus, JobField
 from difyq.worker.json_codec import dumps, loads
+
+
+@dataclass(frozen=True)
+class CallbackAttempt:
+    """One callback attempt as the job keeps it: when it was made (Unix seconds), the event it announced
+    (``job.succeeded``, ``job.paused``, …), the receiver's HTTP status (None without an answer), the error (a short
+    secret-free text, None once delivered), how long it took and its outcome (``delivery.AttemptOutcome``)."""
+
+    at: float
+    event: str
+    status_code: int | None
+    error: str | None
+    duration_s: float
+    outcome: str
+
+    def stored(self) -> str:
+        return dumps(asdict(self)).decode()
 
 
 @dataclass(frozen=True)

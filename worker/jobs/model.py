@@ -129,10 +129,24 @@ def job_priority(fields: dict[str, str]) -> int:
     return int(fields.get(JobField.PRIORITY) or 0)
 
 
+def attempt_errors(fields: dict[str, str]) -> list[dict[str, Any]]:
+    """The record's failed attempts, oldest first: each error with its ``attempt`` number and, for an attempt that
+    ran, its ``started_at`` (ISO) and ``duration_s``."""
+    entries = _json_field(fields, JobField.ATTEMPT_ERRORS) or []
+    return [{**entry, "started_at": iso_time(entry["started_at"]), "duration_s": round(entry["duration_s"], 3)}
+            if entry.get("started_at") is not None else entry for entry in entries]
+
+
+def callback_attempts(fields: dict[str, str]) -> list[dict[str, Any]]:
+    """The job's last callback attempts, oldest first (``callback_block.CallbackAttempt``, ``at`` in ISO)."""
+    entries = _json_field(fields, JobField.CALLBACK_ATTEMPTS) or []
+    return [{**entry, "at": iso_time(entry["at"]), "duration_s": round(entry["duration_s"], 3)} for entry in entries]
+
+
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:
     """The public job resource (docs/http-api.md) from a stored job hash. ``error`` is the last attempt's (null
     once the job succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt
-    number."""
+    number and timing (``attempt_errors``)."""
     callback = CallbackBlock.of(fields)
     request = _json_field(fields, JobField.REQUEST)
     return {
@@ -150,10 +164,11 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "files": job_files(request, _json_field(fields, JobField.FILES)),
         "result": _json_field(fields, JobField.RESULT),
         "error": _json_field(fields, JobField.ERROR),
-        "attempt_errors": _json_field(fields, JobField.ATTEMPT_ERRORS) or [],
+        "attempt_errors": attempt_errors(fields),
         "callback": {"url": fields.get(JobField.CALLBACK_URL) or None, "status": callback.status,
                      "attempts": callback.attempts, "last_status_code": callback.last_status_code,
-                     "next_attempt_at": iso_time(callback.next_attempt_at)},
+                     "next_attempt_at": iso_time(callback.next_attempt_at),
+                     "history": callback_attempts(fields)},
         "trace_id": job_trace_id(fields),
         "form": (pending_form(_json_field(fields, JobField.PAUSE)) if fields[JobField.STATUS] == JobStatus.PAUSED
                  else None),

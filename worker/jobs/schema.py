@@ -35,7 +35,8 @@ class JobField(StrEnum):
     REQUEST_ID = "request_id"
     CALLBACK_URL = "callback_url"
     CREATED_AT = "created_at"
-    STARTED_AT = "started_at"
+    STARTED_AT = "started_at"  # the first attempt's start
+    ATTEMPT_STARTED_AT = "attempt_started_at"  # the latest attempt's start
     FINISHED_AT = "finished_at"
     NEXT_ATTEMPT_AT = "next_attempt_at"
     ATTEMPTS = "attempts"
@@ -44,6 +45,7 @@ class JobField(StrEnum):
     ERROR = "error"
     ATTEMPT_ERRORS = "attempt_errors"  # every failed attempt's error, oldest first, with its attempt number
     CALLBACK = "callback"  # the callback block (``callback_block.CallbackBlock``)
+    CALLBACK_ATTEMPTS = "callback_attempts"  # the last callback attempts, oldest first (``CallbackAttempt``)
     CANCEL_REQUESTED = "cancel_requested"
     TASK_ID = "task_id"
     WAITING_SINCE = "waiting_since"
@@ -60,6 +62,7 @@ class JobField(StrEnum):
 CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's callback block
 
 MAX_ATTEMPT_ERRORS = 20
+MAX_CALLBACK_ATTEMPTS = 20
 
 
 def _lua_table(name: str, values: dict[str, str]) -> str:
@@ -68,10 +71,15 @@ def _lua_table(name: str, values: dict[str, str]) -> str:
 
 
 _REMEMBER_ERROR = """\
-local function remember_error(job, error_json)
+local function remember_error(job, error_json, ran, now)
   local errors = cjson.decode(redis.call('HGET', job, FIELD.attempt_errors) or '[]')
   local entry = cjson.decode(error_json)
   entry.attempt = tonumber(redis.call('HGET', job, FIELD.attempts) or '0')
+  local started = tonumber(redis.call('HGET', job, FIELD.attempt_started_at) or '')
+  if ran and started then
+    entry.started_at = started
+    entry.duration_s = math.max(tonumber(now) - started, 0)
+  end
   table.insert(errors, entry)
   while #errors > MAX_ATTEMPT_ERRORS do
     table.remove(errors, 1)
@@ -92,7 +100,8 @@ end"""
 def lua_preamble() -> str:
     """The Lua that opens every job script: the job statuses, the field names, the callback statuses,
     ``is_final(status)``,
-    ``remember_error(job key, error json)`` (appends to the record's ``attempt_errors``) and
+    ``remember_error(job key, error json, ran, now)`` (appends to the record's ``attempt_errors``; with ``ran``,
+    the error ended the attempt under way, whose start and duration up to ``now`` it keeps) and
     ``leave_pending(id, app pending key, client pending key or '')`` (a finished job no longer counts against
     ``max_pending``)."""
     final = " or ".join(f"status == STATUS.{status.value}" for status in sorted(FINAL_STATUSES))
@@ -102,6 +111,7 @@ def lua_preamble() -> str:
         _lua_table("FIELD", {field.value: field.value for field in JobField}),
         _lua_table("CALLBACK", {status: status for status in get_args(CallbackStatus)}),
         f"local MAX_ATTEMPT_ERRORS = {MAX_ATTEMPT_ERRORS}",
+        f"local MAX_CALLBACK_ATTEMPTS = {MAX_CALLBACK_ATTEMPTS}",
         "local function is_final(status)",
         f"  return {final}",
         "end",

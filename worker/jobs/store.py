@@ -12,7 +12,7 @@ import redis
 import redis.asyncio
 
 from difyq.worker.config import Config, JobsConfig
-from difyq.worker.jobs.callback_block import CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from difyq.worker.jobs.model import NewJob, client_of_scope, job_id_of_trace, job_resource
@@ -439,16 +439,18 @@ class JobStore:
             args=[dumps(outcome)],
         )
 
-    def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, *, retry_in_s: float | None,
-                           release_lease: bool) -> None:
-        """Store the callback block after an attempt that announced ``status``, in the same step as the next
+    def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, attempt: CallbackAttempt, *,
+                           retry_in_s: float | None, release_lease: bool) -> None:
+        """Keep ``attempt`` among the job's last callback attempts and store the callback block after an attempt
+        that announced ``status``, in the same step as the next
         attempt (a delayed message, ``retry_in_s``) or, for a ``failed`` block of a final job, the dead letter (a
         ``job.paused`` given up is not one: ``POST …/callback/retry`` takes finished jobs only); nothing is stored
         when the job has left ``status`` meanwhile (a paused job resumed). Free the callback lock and, with
         ``release_lease``, the job's lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         attempted: dict[str, Any] = {
-            "callback": block.stored(), "now": time.time(), "release_lease": release_lease, "status": status,
+            "callback": block.stored(), "attempt": attempt.stored(), "now": time.time(),
+            "release_lease": release_lease, "status": status,
             "next": "retry" if message else "dead" if block.status == "failed" and status in FINAL_STATUSES
             else "done"}
         if message is not None:
@@ -487,7 +489,8 @@ class JobStore:
         ``forget_run``: the next attempt runs the workflow anew instead of following the recorded run (a retry
         after a failure)."""
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
-        requeue: dict[str, Any] = {"expected": expected, "next_attempt_at": repr(time.time() + delay_s),
+        now = time.time()
+        requeue: dict[str, Any] = {"expected": expected, "now": now, "next_attempt_at": repr(now + delay_s),
                                    "message_id": message.redis_message_id, "message_body": message.body.decode(),
                                    "front": front}
         if error:

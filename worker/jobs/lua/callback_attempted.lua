@@ -1,10 +1,11 @@
--- Record one callback attempt: the callback block, and with it the next attempt (a delayed message) or the dead
--- letter; free the callback lock and, after an attempt made by the job's own worker, the job's lease. An attempt made
--- for a status the job no longer has (a job.paused callback whose job resumed meanwhile) records nothing: the block
--- is the next event's.
+-- Record one callback attempt: the attempt in the job's last MAX_CALLBACK_ATTEMPTS, the callback block, and with it
+-- the next attempt (a delayed message) or the dead letter; free the callback lock and, after an attempt made by the
+-- job's own worker, the job's lease. An attempt made for a status the job no longer has (a job.paused callback whose
+-- job resumed meanwhile) is kept among the attempts but changes nothing else: the block is the next event's.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback lock, 4 callbacks dead-letter zset, 5 callback (delay) queue,
 --       6 its bodies
--- ARGV: 1 a JSON object: callback (the block, JSON), next ("retry", "dead" or "done"), now (unix seconds),
+-- ARGV: 1 a JSON object: callback (the block, JSON), attempt (the attempt, JSON), next ("retry", "dead" or "done"),
+--       now (unix seconds),
 --       release_lease (true: drop the job's lease), status (the job's status the attempt announced), and for a
 --       retry message_id and message_body
 local attempted = cjson.decode(ARGV[1])
@@ -13,6 +14,12 @@ redis.call('DEL', KEYS[3])
 if not id then
   return 0
 end
+local attempts = cjson.decode(redis.call('HGET', KEYS[1], FIELD.callback_attempts) or '[]')
+table.insert(attempts, cjson.decode(attempted.attempt))
+while #attempts > MAX_CALLBACK_ATTEMPTS do
+  table.remove(attempts, 1)
+end
+redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts))
 if attempted.release_lease then
   redis.call('ZREM', KEYS[2], id)
 end

@@ -31,7 +31,7 @@ if outcome.status == STATUS.succeeded then
   redis.call('HDEL', KEYS[1], FIELD.error)
 elseif outcome.error then
   redis.call('HSET', KEYS[1], FIELD.error, outcome.error)
-  remember_error(KEYS[1], outcome.error)
+  remember_error(KEYS[1], outcome.error, status == STATUS.running, outcome.finished_at)
 end
 redis.call('PEXPIRE', KEYS[1], outcome.retention_ms)
 local id = redis.call('HGET', KEYS[1], FIELD.id)

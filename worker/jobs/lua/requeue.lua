@@ -2,7 +2,7 @@
 -- message.
 -- A paused job requeued (its form answered) leaves the paused jobs.
 -- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 paused zset
--- ARGV: 1 a JSON object: expected (the status the job must have), next_attempt_at (unix seconds), message_id and
+-- ARGV: 1 a JSON object: expected (the status the job must have), now and next_attempt_at (unix seconds), message_id and
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
 --       deferred_by (the limit that deferred the job),
@@ -22,7 +22,7 @@ if requeue.forget_run then
 end
 if requeue.error then
   redis.call('HSET', KEYS[1], FIELD.error, requeue.error)
-  remember_error(KEYS[1], requeue.error)
+  remember_error(KEYS[1], requeue.error, status == STATUS.running, requeue.now)
 end
 if requeue.waiting_since then
   redis.call('HSETNX', KEYS[1], FIELD.waiting_since, requeue.waiting_since)

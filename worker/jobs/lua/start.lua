@@ -26,7 +26,7 @@ if status == STATUS.paused then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], FIELD.attempts, 1)
 local first = redis.call('HSETNX', KEYS[1], FIELD.started_at, ARGV[1])
-redis.call('HSET', KEYS[1], FIELD.status, STATUS.running, FIELD.worker, ARGV[3])
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.running, FIELD.worker, ARGV[3], FIELD.attempt_started_at, ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], id)
 local reply = {'started', tostring(attempts), tostring(first)}
 for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do
