@@ -75,10 +75,10 @@ local function remember_error(job, error_json, ran, now)
   local errors = cjson.decode(redis.call('HGET', job, FIELD.attempt_errors) or '[]')
   local entry = cjson.decode(error_json)
   entry.attempt = tonumber(redis.call('HGET', job, FIELD.attempts) or '0')
-  local started = tonumber(redis.call('HGET', job, FIELD.attempt_started_at) or '')
+  local started = redis.call('HGET', job, FIELD.attempt_started_at)
   if ran and started then
     entry.started_at = started
-    entry.duration_s = math.max(tonumber(now) - started, 0)
+    entry.duration_s = math.max(tonumber(now) - tonumber(started), 0)
   end
   table.insert(errors, entry)
   while #errors > MAX_ATTEMPT_ERRORS do
