@@ -41,16 +41,35 @@ def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace:
     assert [row["id"] for row in query.page(JobFilter(q=made[3])).rows] == [made[3]]
     assert [row["id"] for row in query.page(JobFilter(q=trace_id_for(made[4]))).rows] == [made[4]]
 
-    runtime.store.finish(made[5], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
-                                                              "message_id": "msg-42", "usage": None})
-    for dify_id in ("conv-42", "msg-42"):
-        assert [row["id"] for row in query.page(JobFilter(q=dify_id)).rows] == [made[5]]
-    assert query.page(JobFilter(q="conv-nope")).rows == []
-
     monkeypatch.setattr(jobs_query, "EXAMINE_LIMIT", 10)
     monkeypatch.setattr(jobs_query, "_BATCH", 5)
     short = query.page(JobFilter(status="failed"))
     assert short.rows == [] and short.examined == 10 and short.reached and short.next_cursor
+
+
+def test_a_dify_id_names_its_jobs_however_old(redis_url: str, namespace: str, monkeypatch) -> None:
+    """A search by Dify id is a lookup, not a match among the jobs a page looks at: it finds the oldest of many
+    jobs, a conversation's jobs newest first, a running call's task and run ids; its entries expire like jobs."""
+    runtime = make_runtime(redis_url, namespace, APPS)
+    made = [runtime.store.submit(NewJob(app="support", source="api", scope="client:full",
+                                        request=JobRequest(query=f"q{n}"))).job["id"] for n in range(30)]
+    monkeypatch.setattr(jobs_query, "EXAMINE_LIMIT", 10)
+    monkeypatch.setattr(jobs_query, "_BATCH", 5)
+    query = JobsQuery(runtime.store, runtime.config)
+    runtime.store.start_attempt(made[0], lease_s=30)
+    assert runtime.store.record_task_ids({made[0]: ("task-0", "run-0")}) == []
+    for dify_id in ("task-0", "run-0"):
+        assert [row["id"] for row in query.page(JobFilter(q=dify_id)).rows] == [made[0]], dify_id
+    runtime.store.finish(made[0], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
+                                                              "message_id": "msg-0", "usage": None})
+    runtime.store.finish(made[1], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
+                                                              "message_id": "msg-1", "workflow_run_id": "run-1"})
+    for dify_id, expected in (("msg-0", [made[0]]), ("run-1", [made[1]]), (" conv-42 ", [made[1], made[0]])):
+        page = query.page(JobFilter(q=dify_id, status="failed"))
+        assert page.searched and [row["id"] for row in page.rows] == expected, dify_id
+    assert query.page(JobFilter(q="conv-nope")).rows == []
+    ttl_ms = runtime.store.redis.pttl(runtime.store.keys.dify_id("msg-0"))
+    assert 0 < ttl_ms <= runtime.config.jobs.result_ttl * 1000
 
 
 def test_bad_filters_name_the_field(redis_url: str, namespace: str) -> None:

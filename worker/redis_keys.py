@@ -32,6 +32,11 @@ class RedisKeys:
         """The claim of an idempotency key within a client's scope (the key itself is hashed)."""
         return self._key("idem", scope, hashlib.sha256(key.encode()).hexdigest())
 
+    def dify_id(self, dify_id: str) -> str:
+        """The jobs a Dify conversation, message, workflow run or task id names: job id -> when it was recorded
+        (ms); expires ``jobs.result_ttl`` after its last write, as the jobs it names do."""
+        return self._key("difyid", dify_id)
+
     def pending_of_app(self, app: str) -> str:
         """The app's unfinished jobs (queued, running, paused): job id -> creation time (ms); its ZCARD is what
         ``apps.<name>.max_pending`` caps."""

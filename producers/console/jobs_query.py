@@ -2,14 +2,14 @@
 
 A page never scans: it walks the index (every job, or one app's) from the cursor down, reading at most
 ``EXAMINE_LIMIT`` entries, and says how far it got when filters left the page short, so a rare status among a
-million jobs costs the same as a common one. A search for a job id, a trace id or an idempotency key is a direct
-lookup; a search for a Dify conversation, message or run id matches the jobs of the walked window.
+million jobs costs the same as a common one. A search is a direct lookup: a job id, a trace id, an idempotency key,
+or a Dify conversation, message, workflow run or task id (``RedisKeys.dify_id``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +29,6 @@ ROW_FIELDS = tuple(JobField(name) for name in (
     "id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
     "idempotency_key", "result", "callback_url", "callback"))
 FILTER_FIELDS = tuple(JobField(name) for name in ("id", "source", "scope", "status", "idempotency_key"))
-SEARCHED_IDS = ("conversation_id", "message_id", "workflow_run_id", "task_id")
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class JobPage:
     next_cursor: str | None  # where the next (older) page starts; None at the end of the index
     examined: int = 0
     reached: str | None = None  # the creation time the walk reached when it stopped short of a full page
-    exact: dict[str, Any] | None = field(default=None)  # the job a search named directly
+    searched: bool = False  # the rows are what a search found (no filter applies)
 
 
 def parse_instant(value: str, name: str) -> int | None:
@@ -135,14 +134,14 @@ class JobsQuery:
         """The list rows of these jobs (those that still exist), in the order given."""
         return [summary(fields) for fields in self._rows(job_ids)]
 
-    def find(self, text: str) -> str | None:
-        """The job a search names directly: its id, its trace id, or an idempotency key under any producer's
-        scope."""
+    def find(self, text: str, limit: int = PAGE_SIZE) -> list[str]:
+        """The jobs a search names: the one of a job id, a trace id or an idempotency key (under any producer's
+        scope), else the newest ``limit`` a Dify id names."""
         text = text.strip()
         if _TRACE_ID.fullmatch(text):
             text = job_id_of_trace(text)
         if text.startswith("job_") and self.store.redis.exists(self.store.job_key(text)):
-            return text
+            return [text]
         scopes = ([client_scope(name) for name in self.config.clients] + [f"hook:{name}" for name in self.config.hooks]
                   + ["schedule", "cli", "anonymous"])
         pipe = self.store.redis.pipeline(transaction=False)
@@ -150,44 +149,33 @@ class JobsQuery:
             pipe.get(self.store.idempotency_key(scope, text))
         for claim in pipe.execute():
             if claim:
-                return _text(claim).partition("|")[0]
-        return None
+                return [_text(claim).partition("|")[0]]
+        return self.store.jobs_of_dify_id(text, limit)
 
     @staticmethod
     def _matches(fields: dict[str, str | None], wanted: JobFilter) -> bool:
-        """Whether a job's ``FILTER_FIELDS`` (and ``result`` for a search) pass the filters the index cannot."""
+        """Whether a job's ``FILTER_FIELDS`` pass the filters the index cannot."""
         if wanted.status and fields[JobField.STATUS] != wanted.status:
             return False
         source, client = origin(fields)
         if wanted.source and source != wanted.source and source.partition(":")[0] != wanted.source:
             return False
-        if wanted.client and client != wanted.client:
-            return False
-        if not wanted.q:
-            return True
-        result = (loads(fields[JobField.RESULT]) if fields.get(JobField.RESULT) else None) or {}
-        request = (loads(fields[JobField.REQUEST]) if fields.get(JobField.REQUEST) else None) or {}
-        searched = {result.get(name) for name in SEARCHED_IDS} | {request.get("conversation_id")}
-        return wanted.q.strip() in searched - {None, ""}
+        return not wanted.client or client == wanted.client
 
     def page(self, wanted: JobFilter, cursor: str = "", limit: int = PAGE_SIZE) -> JobPage:
         """One page, newest first, starting below ``cursor``; ValueError names a bad filter."""
         since, until = parse_instant(wanted.since, "since"), parse_instant(wanted.until, "until")
         after = IndexPosition.parse(cursor) if cursor else None
         if wanted.q:
-            found = self.find(wanted.q)
-            if found:
-                rows = self.rows_of([found])
-                return JobPage(rows, None, exact=rows[0] if rows else None)
-        filtering = any((wanted.status, wanted.source, wanted.client, wanted.q))
-        names = FILTER_FIELDS + ((JobField.RESULT, JobField.REQUEST) if wanted.q else ())
+            return JobPage(self.rows_of(self.find(wanted.q, limit)), None, searched=True)
+        filtering = any((wanted.status, wanted.source, wanted.client))
         rows: list[dict[str, Any]] = []
         examined = 0
         position: IndexPosition | None = None
         for batch in self.store.walk(wanted.app or None, after=after, until_ms=until, since_ms=since, batch=_BATCH):
             scores = dict(batch)
             if filtering:  # read the few fields the filters need, and whole rows only for the jobs that pass
-                passed = [fields[JobField.ID] for fields in self._rows(list(scores), names)
+                passed = [fields[JobField.ID] for fields in self._rows(list(scores), FILTER_FIELDS)
                           if self._matches(fields, wanted)]
                 found = self.rows_of(passed[:limit - len(rows)])
             else:

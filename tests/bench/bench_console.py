@@ -7,7 +7,8 @@ on loopback; Debian's Chromium signs in and loads each page ``--loads`` times. P
 included on a cold load), and Chromium's timing from navigation start: DOMContentLoaded and rendered (the first
 frame painted after the load event), median and p95 of warm loads.
 Pages: the jobs list, the list filtered to a status no job has (the walk stops at its per-page bound), the tenth
-page by cursor, and a job's page.
+page by cursor, a search by the Dify message id of the oldest finished job (a lookup of ``RedisKeys.dify_id``),
+and a job's page.
 
 Run standalone (not part of ``make test``)::
 
@@ -49,8 +50,9 @@ requestAnimationFrame(() => requestAnimationFrame(() => {
 """
 
 
-def fill(runtime: Any, count: int) -> tuple[list[str], float]:
-    """``count`` jobs through the store's submit; the newest FINISHED get a result. Returns ids and seconds."""
+def fill(runtime: Any, count: int) -> tuple[list[str], list[str], float]:
+    """``count`` jobs through the store's submit; the newest FINISHED get a result. Returns ids, the finished
+    jobs' message ids (oldest first) and seconds."""
     started = time.perf_counter()
     ids = []
     for n in range(count):
@@ -59,11 +61,13 @@ def fill(runtime: Any, count: int) -> tuple[list[str], float]:
         ids.append(runtime.store.submit(new).job["id"])
     usage = {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200, "total_price": "0.0004",
              "currency": "USD", "latency": 1.2}
+    message_ids = []
     for job_id in ids[-FINISHED:]:
+        message_ids.append(str(uuid.uuid4()))
         runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={
             "answer": "An answer of a typical length. " * 8, "outputs": None, "conversation_id": str(uuid.uuid4()),
-            "message_id": str(uuid.uuid4()), "workflow_run_id": None, "usage": usage})
-    return ids, time.perf_counter() - started
+            "message_id": message_ids[-1], "workflow_run_id": None, "usage": usage})
+    return ids, message_ids, time.perf_counter() - started
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     with EmbeddedRedis() as server:
         runtime = make_runtime(server.url, "bench", {"support": {"api_key": "app-bench", "mode": "chat"}},
                                console={"users": {"bench": {"token": TOKEN, "role": "operator"}}})
-        ids, fill_s = fill(runtime, args.jobs)
+        ids, message_ids, fill_s = fill(runtime, args.jobs)
         with serving_api(runtime) as api, headless_chromium(1440, 900) as browser:
             console = f"{api}/console"
             browser.get(f"{console}/login")
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 tenth = browser.find_element(By.CSS_SELECTOR, "a[rel=next]").get_attribute("href")
                 browser.get(tenth)
             pages = {"jobs list": f"{console}/jobs", "filtered, no match": f"{console}/jobs?status=canceled",
-                     "tenth page": tenth, "job page": f"{console}/jobs/{ids[-1]}"}
+                     "tenth page": tenth, "search by Dify message id": f"{console}/jobs?q={message_ids[0]}",
+                     "job page": f"{console}/jobs/{ids[-1]}"}
             results = {name: measure(browser, session, url, args.loads) for name, url in pages.items()}
     print(json.dumps({"jobs": args.jobs, "fill_s": round(fill_s, 1), "loads": args.loads, "pages": results}))
     return 0

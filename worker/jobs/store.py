@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
 
 _LIST_FIELDS = ("id", "app", "source", "status")
+# The Dify ids of a job's result that name it in ``RedisKeys.dify_id`` (with its call's task id).
+INDEXED_RESULT_IDS = ("conversation_id", "message_id", "workflow_run_id")
 
 
 def new_job_id() -> str:
@@ -366,7 +368,24 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id, (task_id, run_id) in task_ids.items():
             self._task_id(keys=[self.job_key(job_id)], args=[task_id, run_id or ""], client=pipe)
-        return [job_id for job_id, canceled in zip(task_ids, pipe.execute(), strict=True) if canceled]
+        for job_id, ids in task_ids.items():
+            self._index_dify_ids(pipe, job_id, ids)
+        replies = pipe.execute()[:len(task_ids)]
+        return [job_id for job_id, canceled in zip(task_ids, replies, strict=True) if canceled]
+
+    def _index_dify_ids(self, pipe: redis.client.Pipeline, job_id: str, ids: Iterable[str | None]) -> None:
+        """Add to ``pipe`` the writes that make each Dify id name the job (``RedisKeys.dify_id``), for a search
+        by Dify id among any number of jobs; entries older than ``jobs.result_ttl`` are dropped as they go."""
+        now_ms, ttl_ms = int(time.time() * 1000), int(self.config.result_ttl * 1000)
+        for dify_id in dict.fromkeys(dify_id for dify_id in ids if dify_id):
+            key = self.keys.dify_id(dify_id)
+            pipe.zadd(key, {job_id: now_ms})
+            pipe.zremrangebyscore(key, "-inf", now_ms - ttl_ms)
+            pipe.pexpire(key, ttl_ms)
+
+    def jobs_of_dify_id(self, dify_id: str, limit: int) -> list[str]:
+        """The newest ``limit`` jobs a Dify id names (most recently recorded first)."""
+        return [_text(job_id) for job_id in self.redis.zrevrange(self.keys.dify_id(dify_id), 0, limit - 1)]
 
     def record_files(self, job_id: str, files: list[dict[str, Any]]) -> bool:
         """Keep the files a running job uploaded to Dify with the job (files.lua); False when it no longer runs."""
@@ -433,11 +452,14 @@ class JobStore:
             outcome["error"] = dumps(error).decode()
         if inline is not None:
             outcome["inline"] = inline
-        return self._finish(
+        pipe = self.redis.pipeline(transaction=True)
+        self._finish(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
                   self.callback_lock_key(job_id), *self._pending_keys_of(job_id)],
-            args=[dumps(outcome)],
+            args=[dumps(outcome)], client=pipe,
         )
+        self._index_dify_ids(pipe, job_id, ((result or {}).get(name) for name in INDEXED_RESULT_IDS))
+        return pipe.execute()[0]
 
     def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, attempt: CallbackAttempt, *,
                            retry_in_s: float | None, release_lease: bool) -> None:
