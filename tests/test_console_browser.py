@@ -148,6 +148,16 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
         stack.browser.set_window_size(1440, 900)
 
 
+def test_the_list_shows_a_new_row_and_its_status_changes_without_a_reload(stack: Stack) -> None:
+    stack.sign_in(OPERATOR_TOKEN)
+    stack.browser.execute_script("window.loadedOnce = true")  # a reload would drop it
+    job_id = stack.submit("WAIT3 silent for three seconds, then an answer")
+    first_seen = wait_until(stack.browser, lambda _: stack.status_on_page(job_id))
+    assert first_seen in ("queued", "running")
+    wait_until(stack.browser, lambda _: stack.status_on_page(job_id) == "succeeded", timeout=40)
+    assert stack.browser.execute_script("return window.loadedOnce === true"), "the page was reloaded"
+
+
 def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
     stack.sign_in(OPERATOR_TOKEN)
     job_id = stack.submit("a question that takes long", app="slow")
@@ -307,7 +317,12 @@ def test_hook_deliveries_and_app_limits_are_shown(stack: Stack) -> None:
     assert stack.browser.find_element(By.LINK_TEXT, accepted.json()["id"])
     assert HOOK_TOKEN not in stack.browser.page_source
 
+    revoked = stack.submit("a key Dify no longer knows", app="revoked")
+    wait_until(stack.browser, lambda _: stack.runtime.store.get(revoked)["status"] == "failed")
+    code = stack.runtime.store.get(revoked)["error"]["code"]
     stack.browser.get(f"{stack.console}/apps")
     row = text_of(stack.browser, By.CSS_SELECTOR, 'tr[data-app="support"]')
     assert "/ 6000" in row and "127.0.0.1" in row
+    errors = text_of(stack.browser, By.CSS_SELECTOR, 'tr[data-app="revoked"] td:last-child')
+    assert code in errors and errors != "none"
     assert "app-console-key" not in stack.browser.page_source

@@ -174,6 +174,19 @@ def test_requeue_then_second_attempt(runtime) -> None:
     assert first_error["started_at"] == iso_time(fields["started_at"]) and first_error["duration_s"] >= 0
 
 
+def test_failed_attempts_are_counted_by_app_and_code_for_the_last_hour(runtime) -> None:
+    job_id = runtime.store.submit(new_job()).job["id"]
+    for code in ("http_500", "http_500"):
+        runtime.store.start_attempt(job_id, lease_s=30)
+        assert runtime.store.requeue(job_id, delay_s=0, error={"code": code}).startswith("queued")
+    assert runtime.store.requeue(job_id, delay_s=0, error={"code": "not_running"}) == "queued", "not recorded"
+    runtime.store.start_attempt(job_id, lease_s=30)
+    runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "invalid_api_key"})
+    runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "already_final"})
+    assert runtime.store.error_counts.last_hour("support") == {"http_500": 2, "invalid_api_key": 1}
+    assert runtime.store.error_counts.last_hour("other") == {}
+
+
 def test_an_error_before_any_attempt_ran_has_no_timing(runtime) -> None:
     job_id = runtime.store.submit(new_job()).job["id"]
     assert runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "rate_limit_wait_exceeded"}) == "failed"

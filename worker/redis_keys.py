@@ -37,6 +37,10 @@ class RedisKeys:
         (ms); expires ``jobs.result_ttl`` after its last write, as the jobs it names do."""
         return self._key("difyid", dify_id)
 
+    def app_errors(self, app: str, minute: int) -> str:
+        """An app's failed attempts of one minute (Unix time // 60) by error code, for the console's last hour."""
+        return self._key("errors", "app", app, str(minute))
+
     def pending_of_app(self, app: str) -> str:
         """The app's unfinished jobs (queued, running, paused): job id -> creation time (ms); its ZCARD is what
         ``apps.<name>.max_pending`` caps."""

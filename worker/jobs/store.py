@@ -13,6 +13,7 @@ import redis.asyncio
 
 from difyq.worker.config import Config, JobsConfig
 from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.error_counts import ErrorCounts
 from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
 from difyq.worker.jobs.model import NewJob, client_of_scope, job_id_of_trace, job_resource
@@ -129,6 +130,7 @@ class JobStore:
         self.config = config
         self.durable_submit = durable_submit
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.error_counts = ErrorCounts(client, self.keys)
         self._submit = client.register_script(job_script("submit"))
         self._start = client.register_script(job_script("start"))
         self._finish = client.register_script(job_script("finish"))
@@ -459,7 +461,16 @@ class JobStore:
             args=[dumps(outcome)], client=pipe,
         )
         self._index_dify_ids(pipe, job_id, ((result or {}).get(name) for name in INDEXED_RESULT_IDS))
-        return pipe.execute()[0]
+        reply = pipe.execute()[0]
+        if error is not None and status != JobStatus.SUCCEEDED and _text(reply[0]) in FINAL_STATUSES:
+            self._count_error(job_id, error)
+        return reply
+
+    def _count_error(self, job_id: str, error: dict[str, Any]) -> None:
+        """Count an error the record took among its app's failed attempts (``ErrorCounts``)."""
+        app = self.redis.hget(self.job_key(job_id), JobField.APP)
+        if app is not None:
+            self.error_counts.record(_text(app), str(error.get("code") or "unknown"))
 
     def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, attempt: CallbackAttempt, *,
                            retry_in_s: float | None, release_lease: bool) -> None:
@@ -525,9 +536,11 @@ class JobStore:
             requeue["deferred_by"] = deferred_by
         if forget_run:
             requeue["forget_run"] = True
-        reply = self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
-                                    self.keys.paused], args=[dumps(requeue)])
-        return _text(reply)
+        reply = _text(self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key,
+                                          message.bodies_key, self.keys.paused], args=[dumps(requeue)]))
+        if error and reply.startswith("queued:"):
+            self._count_error(job_id, error)
+        return reply
 
     def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float, priority: int = 0) -> str:
         """A running job's Dify run waits for human input: ``paused`` (returned) with its ``pause`` block and no
