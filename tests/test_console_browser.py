@@ -124,6 +124,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
     assert "app-console-key" not in page and OPERATOR_TOKEN not in page
     assert text_of(stack.browser, By.ID, "trace-id") == trace_id_for(job_id)
+    assert stack.runtime.store.get(job_id)["result"]["message_id"] in text_of(stack.browser, By.ID, "dify-ids")
     timeline = text_of(stack.browser, By.CLASS_NAME, "timeline")
     assert "first token" in timeline and "attempt 1 succeeded after" in timeline
     first = attempt_cells(stack, 1)
@@ -163,6 +164,8 @@ def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
     job_id = stack.submit("a question that takes long", app="slow")
     stack.browser.get(f"{stack.console}/jobs/{job_id}")
     wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "running")
+    task_id = wait_until(stack.browser, lambda _: stack.runtime.store.fields(job_id).get("task_id"))
+    wait_until(stack.browser, lambda b: task_id in b.find_element(By.ID, "dify-ids").text)  # shown while it runs
     click(stack.browser, By.XPATH, "//button[text()='Cancel job']")
     wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "canceled")
     assert "cancel by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")

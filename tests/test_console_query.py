@@ -95,11 +95,15 @@ def test_redaction_and_shown_urls() -> None:
         f"https://hooks.example.com:8443/cb?{REDACTED}"
 
 
-def test_the_timeline_names_the_limit_that_deferred_a_job(redis_url: str, namespace: str) -> None:
+def test_the_timeline_names_the_limit_of_each_deferral(redis_url: str, namespace: str) -> None:
     runtime = make_runtime(redis_url, namespace, APPS)
     job_id = runtime.store.submit(NewJob(app="support", source="api", scope="client:full",
                                          request=JobRequest(query="q"))).job["id"]
-    assert runtime.store.defer(job_id, "support", delay_s=5, waiting_since=time.time(), limit="tokens") == "queued:1"
+    since = time.time()
+    for n, limit in enumerate(("tokens", "tokens", "tokens", "concurrency", "tokens"), start=1):
+        assert runtime.store.defer(job_id, "support", delay_s=5, waiting_since=since, limit=limit) == f"queued:{n}"
     page = job_page(runtime.store.fields(job_id), [], Redactor([]), "http://api")
-    deferred = next(event for event in page["timeline"] if event["what"] == "deferred")
-    assert deferred["detail"] == "by the tokens limit (1 deferral(s))" and page["next_attempt"]
+    deferred = [event["detail"] for event in page["timeline"] if event["what"] == "deferred"]
+    assert [detail.partition(" times until")[0] for detail in deferred] == [
+        "by the tokens limit, 3", "by the concurrency limit", "by the tokens limit"]
+    assert page["next_attempt"]

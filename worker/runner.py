@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 APP_NOT_CONFIGURED = DifyError("app_not_configured", "the app is not in the config")
 QUOTA_PERIOD_S = 3600.0  # a plan quota deferred by `on_quota: defer` is tried again at the next full hour
+QUOTA_LIMIT = "quota"  # what deferred a job waiting out a plan quota (the record's ``deferred_by``)
 # A paused job is looked at again this long after its forms expire (Dify then ends the run), or after
 # PAUSE_CHECK_DEFAULT_S when a form tells no expiry.
 PAUSE_CHECK_GRACE_S = 5.0
@@ -336,7 +337,8 @@ class JobRunner:
             hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields), job_priority(fields))
             state = self._durably(lambda: self.store.requeue(
                 job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
-                count_field=JobField.DEFERRALS if since is not None else "", forget_run=True))
+                count_field=JobField.DEFERRALS if since is not None else "",
+                deferred_by=QUOTA_LIMIT if since is not None else None, forget_run=True))
             if state != "cancel":
                 log.info("job_deferred" if since is not None else "job_retry_scheduled", delay_s=round(delay, 3))
                 return

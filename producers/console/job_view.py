@@ -12,7 +12,8 @@ from difyq.producers.console.jobs_query import origin
 from difyq.producers.console.redact import REDACTED, Redactor
 from difyq.worker.jobs.model import iso_time, job_resource
 from difyq.worker.jobs.schema import JobField
-from difyq.worker.json_codec import dumps
+from difyq.worker.jobs.store import INDEXED_RESULT_IDS
+from difyq.worker.json_codec import dumps, loads
 
 # Stored fields the job page reads besides the resource's own.
 _EXTRA_FIELDS = tuple(JobField(name) for name in (
@@ -46,6 +47,23 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
+def deferrals(fields: dict[str, str]) -> list[dict[str, Any] | None]:
+    """The timeline's deferrals: each run of consecutive ones by one limit (of a record that keeps its deferral
+    history), else one event for them all with the limit that deferred the job last."""
+    runs = loads(fields[JobField.DEFERRAL_HISTORY]) if fields.get(JobField.DEFERRAL_HISTORY) else []
+    if not runs:
+        limit, count = fields.get(JobField.DEFERRED_BY) or "rate", fields.get(JobField.DEFERRALS) or 1
+        return [_event(fields.get(JobField.WAITING_SINCE), "deferred", f"by the {limit} limit ({count} deferral(s))",
+                       "wait")]
+    shown = []
+    for run in runs:
+        detail = f"by the {run['limit']} limit"
+        if run["count"] > 1:
+            detail += f", {run['count']} times until {iso_time(run['last_at'])[11:23]}"
+        shown.append(_event(run["first_at"], "deferred", detail, "wait"))
+    return shown
+
+
 def attempts(fields: dict[str, str], job: dict[str, Any]) -> list[dict[str, Any]]:
     """Every attempt the record knows, oldest first: each failed one (with Dify's status, code and message) and
     the latest one when it did not fail; each with its start, duration and time to first token where known."""
@@ -71,12 +89,7 @@ def timeline(fields: dict[str, str], job: dict[str, Any], attempt_rows: list[dic
     """The job's events in time order, from its record, its callback attempts and the operators' actions."""
     source, client = origin(fields)
     submitter = f"by {source}" + (f" (client {client})" if client else "")
-    limit, deferrals = fields.get(JobField.DEFERRED_BY) or "rate", fields.get(JobField.DEFERRALS) or 1
-    events = [
-        _event(fields.get(JobField.CREATED_AT), "submitted", submitter),
-        _event(fields.get(JobField.WAITING_SINCE), "deferred", f"by the {limit} limit ({deferrals} deferral(s))",
-               "wait"),
-    ]
+    events = [_event(fields.get(JobField.CREATED_AT), "submitted", submitter), *deferrals(fields)]
     for row in attempt_rows:
         if not row["started_at"]:
             continue
@@ -130,6 +143,15 @@ def curl_line(api_base: str, job: dict[str, Any], request: dict[str, Any]) -> st
     ])
 
 
+def dify_ids(fields: dict[str, str], result: dict[str, Any]) -> dict[str, str]:
+    """The job's Dify ids: its result's, and while it has none, the running call's workflow run; the call's
+    task id."""
+    ids = {name: result.get(name) or None for name in INDEXED_RESULT_IDS}
+    ids["workflow_run_id"] = ids["workflow_run_id"] or fields.get(JobField.DIFY_RUN_ID)
+    ids["task_id"] = fields.get(JobField.TASK_ID)
+    return {name: value for name, value in ids.items() if value}
+
+
 def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Redactor,
              api_base: str) -> dict[str, Any]:
     """Everything the job template renders; nothing secret (see ``Redactor`` and ``shown_url``)."""
@@ -145,8 +167,7 @@ def job_page(fields: dict[str, str], actions: list[dict[str, Any]], redactor: Re
     return {
         "job": job, "submitted": request, "result": result, "usage": result.get("usage") or {},
         "source": source, "client": client, "extra": extra,
-        "ids": {name: result.get(name) for name in ("conversation_id", "message_id", "workflow_run_id", "task_id")
-                if result.get(name)},
+        "ids": dify_ids(fields, result),
         "queue_wait_s": float(started) - float(created) if started and created else None,
         "duration_s": float(finished) - float(started) if finished and started else None,
         "attempts": attempt_rows,

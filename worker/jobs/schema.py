@@ -50,7 +50,10 @@ class JobField(StrEnum):
     TASK_ID = "task_id"
     WAITING_SINCE = "waiting_since"
     DEFERRALS = "deferrals"
-    DEFERRED_BY = "deferred_by"  # the limit that deferred the job last (requests, tokens, concurrency, upstream)
+    DEFERRED_BY = "deferred_by"  # what deferred the job last (requests, tokens, concurrency, upstream, quota)
+    # The job's deferrals, the last MAX_DEFERRAL_RUNS runs of consecutive ones by one limit: [{limit, first_at,
+    # last_at, count}], oldest first.
+    DEFERRAL_HISTORY = "deferral_history"
     WORKER_LOSSES = "worker_losses"
     DIFY_RUN_ID = "dify_run_id"  # the attempt's workflow run: a lost worker's run is followed, not run again
     PAUSE = "pause"  # the paused Dify run: its id, forms and cost so far (``runner.pause_block``); kept once resumed
@@ -63,6 +66,7 @@ CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's
 
 MAX_ATTEMPT_ERRORS = 20
 MAX_CALLBACK_ATTEMPTS = 20
+MAX_DEFERRAL_RUNS = 20
 
 
 def _lua_table(name: str, values: dict[str, str]) -> str:
@@ -112,6 +116,7 @@ def lua_preamble() -> str:
         _lua_table("CALLBACK", {status: status for status in get_args(CallbackStatus)}),
         f"local MAX_ATTEMPT_ERRORS = {MAX_ATTEMPT_ERRORS}",
         f"local MAX_CALLBACK_ATTEMPTS = {MAX_CALLBACK_ATTEMPTS}",
+        f"local MAX_DEFERRAL_RUNS = {MAX_DEFERRAL_RUNS}",
         "local function is_final(status)",
         f"  return {final}",
         "end",

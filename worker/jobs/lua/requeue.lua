@@ -5,7 +5,7 @@
 -- ARGV: 1 a JSON object: expected (the status the job must have), now and next_attempt_at (unix seconds), message_id and
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
---       deferred_by (the limit that deferred the job),
+--       deferred_by (the limit that deferred the job: kept in its deferral history),
 --       forget_run (true: drop the recorded workflow run id, a retry runs anew; else a lost worker's run is followed)
 -- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), or the status the job has instead.
 local requeue = cjson.decode(ARGV[1])
@@ -29,6 +29,18 @@ if requeue.waiting_since then
 end
 if requeue.deferred_by then
   redis.call('HSET', KEYS[1], FIELD.deferred_by, requeue.deferred_by)
+  local runs = cjson.decode(redis.call('HGET', KEYS[1], FIELD.deferral_history) or '[]')
+  local last = runs[#runs]
+  if last and last.limit == requeue.deferred_by then
+    last.last_at = requeue.now
+    last.count = last.count + 1
+  else
+    table.insert(runs, {limit = requeue.deferred_by, first_at = requeue.now, last_at = requeue.now, count = 1})
+  end
+  while #runs > MAX_DEFERRAL_RUNS do
+    table.remove(runs, 1)
+  end
+  redis.call('HSET', KEYS[1], FIELD.deferral_history, cjson.encode(runs))
 end
 local count = 0
 if requeue.count then
