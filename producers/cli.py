@@ -135,6 +135,11 @@ def _enqueued_file(runtime: Runtime, app: str, user: str | None, item: str) -> d
         return None
 
 
+def _priority(value: str) -> int | str:
+    """``--priority`` as the submission takes it: a level name, or an integer."""
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -162,7 +167,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             runtime,
             JobSubmission(app=args.app, query=args.query, inputs=inputs, user=args.user,
                           files=files or None, callback_url=args.callback_url,
-                          idempotency_key=args.idempotency_key),
+                          idempotency_key=args.idempotency_key, priority=_priority(args.priority),
+                          tenant=args.tenant),
             source="cli", scope="cli",
         )
     except ValidationError as exc:
@@ -274,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the name's extension")
     enqueue.add_argument("--callback-url")
     enqueue.add_argument("--idempotency-key")
+    enqueue.add_argument("--priority", default="normal", help="high, normal, low or an integer from -10 to 10")
+    enqueue.add_argument("--tenant", help="whose job it is (fair shares, tenant limits); default: cli")
     enqueue.add_argument("--wait", action="store_true", help="wait for the job to end and print it")
     enqueue.add_argument("--timeout", type=float, default=600.0)
     enqueue.set_defaults(func=cmd_enqueue)

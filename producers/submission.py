@@ -13,7 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from difyq.worker.config import Priority, priority_level
 from difyq.worker.files.references import FILE_TYPES, complete_file, is_file_object
-from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.model import TENANT_MAX_CHARS, JobRequest, NewJob, default_tenant
 
 # What may follow the host: anything but control characters and white space, spelt out rather than as ``\S``, which
 # Python's regexes and the ECMAScript ones that OpenAPI patterns follow define differently (\x1c-\x1f, \x85).
@@ -102,6 +102,7 @@ class JobSubmission(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=512)
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
     priority: Priority = 0
+    tenant: str | None = Field(default=None, min_length=1, max_length=TENANT_MAX_CHARS)
 
     @field_validator("inputs")
     @classmethod
@@ -117,4 +118,4 @@ class JobSubmission(BaseModel):
                              workflow_id=self.workflow_id)
         return NewJob(app=self.app, source=source, request=request, callback_url=self.callback_url,
                       idempotency_key=self.idempotency_key, scope=scope, request_id=request_id,
-                      priority=priority_level(self.priority))
+                      priority=priority_level(self.priority), tenant=self.tenant or default_tenant(scope))

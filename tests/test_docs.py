@@ -634,7 +634,7 @@ def _keys_redis_keys_builds(namespace: str) -> list[str]:
         return JOBS_QUEUE if parameter.name == "queue_name" else f"{parameter.name}0"
 
     names = RedisKeys(namespace)
-    built: list[str] = list(KeyNames.of(namespace, "kid0").acquire())
+    built: list[str] = list(KeyNames.of(namespace, "kid0").acquire("tenant0"))
     for name, member in inspect.getmembers(RedisKeys):
         if name.startswith("_"):
             continue

@@ -43,7 +43,7 @@ def test_a_submitted_job_is_a_run_job_message_dramatiq_consumes(runtime: Runtime
                                          scope="client:t")).job["id"]
     message = consume_one(runtime, JOBS_QUEUE)
     assert (message.queue_name, message.actor_name, message.args, message.kwargs) == (
-        JOBS_QUEUE, "run_job", (job_id,), {"app": "support"})
+        JOBS_QUEUE, "run_job", (job_id,), {"app": "support", "tenant": "t"})
 
 
 def test_a_retry_is_a_delayed_message_with_its_eta(runtime: Runtime) -> None:

@@ -283,3 +283,10 @@ def test_any_bytes_parse_or_fail_with_a_body_error(content_type, body):
         parse_body(content_type, body)
     except BodyError as exc:
         assert exc.status in (415, 422)
+
+
+def test_a_hooks_tenant_is_a_template_of_the_delivery() -> None:
+    """``tenant: "{{ body.customer_id }}"`` names each delivery's tenant; an empty result leaves the default."""
+    tenanted = hook(query="{{ body.text }}", tenant="{{ body.customer_id }}")
+    assert render_hook(tenanted, {"text": "q", "customer_id": "cus_42"}, {}, {}).tenant == "cus_42"
+    assert render_hook(tenanted, {"text": "q", "customer_id": ""}, {}, {}).tenant is None

@@ -103,11 +103,11 @@ def test_async_submit_is_the_same_submit(runtime) -> None:
     assert stored(runtime, job_id) == stored(runtime, sync.job["id"])
     assert runtime.store.submit(new_job(key="a1", callback=callback)).job == created.job
     assert queued_messages(runtime) == [{"queue_name": "jobs", "actor_name": "run_job", "args": [job_id],
-                                         "kwargs": {"app": "support"}},
+                                         "kwargs": {"app": "support", "tenant": "t"}},
                                         {"queue_name": "jobs", "actor_name": "run_job", "args": [plain.job["id"]],
-                                         "kwargs": {"app": "support"}},
+                                         "kwargs": {"app": "support", "tenant": "t"}},
                                         {"queue_name": "jobs", "actor_name": "run_job", "args": [sync.job["id"]],
-                                         "kwargs": {"app": "support"}}]
+                                         "kwargs": {"app": "support", "tenant": "t"}}]
 
 
 def test_a_submit_call_run_again_answers_like_its_first_run(runtime) -> None:

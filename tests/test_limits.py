@@ -783,3 +783,78 @@ def test_a_higher_priority_goes_ahead_of_waiters_by_its_offset(limiter: KeyLimit
     assert not ask("latest", since=EPOCH + 695.0).admitted, "a job newer than the low one's place goes behind it"
     clock.at(698.0)
     assert ask("low", since=EPOCH + 10.0, offset=-600.0).admitted
+
+
+def test_a_fair_line_serves_a_tenant_with_one_job_within_one_slot_of_a_backlog(limiter: KeyLimiter, kid: str,
+                                                                                clock: FakeClock) -> None:
+    """With fairness, a key's line is round-robin across tenants: tenant B's one job, joining behind 1,000 of
+    tenant A's, is admitted at the next free slot or the one after, not after A's backlog."""
+    limits = AppLimits(max_concurrency=1)
+
+    def ask(ticket: str, tenant: str, since: float | None = None) -> Admission:
+        return limiter.acquire(kid, limits, estimated_tokens=0, lease_s=3000.0, ticket=ticket, waiting_since=since,
+                               tenant=tenant, fair=True)
+
+    holder = ask("a-holder", "A")
+    assert holder.admitted
+    backlog = [f"a-{n:04d}" for n in range(1000)]
+    for ticket in backlog:
+        assert not ask(ticket, "A").admitted
+    clock.at(1.0)
+    b = ask("b-1", "B")
+    assert not b.admitted
+    assert b.wait_s <= ask("a-0001", "A").wait_s, "B is told a turn no later than A's second waiter"
+    served: list[str] = []
+    reservation = holder.reservation
+    for step in range(3):
+        limiter.release(kid, reservation, None)
+        clock.at(2.0 + step)
+        for ticket in ["b-1", *backlog[:3]]:
+            if ticket in served:
+                continue
+            answer = ask(ticket, "B" if ticket.startswith("b") else "A", since=EPOCH)
+            if answer.admitted:
+                served.append(ticket)
+                reservation = answer.reservation
+                break
+    assert "b-1" in served[:2], served
+
+
+def test_a_tenant_limit_holds_its_tenant_back_without_holding_the_key(limiter: KeyLimiter, kid: str,
+                                                                      clock: FakeClock) -> None:
+    """A tenant at its own limit waits in its own line: the key's capacity goes to other tenants meanwhile, and
+    the tenant's slot is freed with the key's on release."""
+    from difyq.worker.config import TenantLimits
+
+    limits, own = AppLimits(max_concurrency=3), TenantLimits(max_concurrency=1)
+
+    def ask(ticket: str, tenant: str) -> Admission:
+        return limiter.acquire(kid, limits, estimated_tokens=0, lease_s=3000.0, ticket=ticket, tenant=tenant,
+                               tenant_limits=own)
+
+    first = ask("a-1", "A")
+    assert first.admitted and first.tenant == "A"
+    second = ask("a-2", "A")
+    assert not second.admitted and second.limit == "tenant_concurrency"
+    assert ask("b-1", "B").admitted and ask("c-1", "C").admitted, "A's waiter holds none of the key's slots"
+    limiter.release(kid, first.reservation, None, tenant="A")
+    clock.at(1.0)
+    assert ask("a-2", "A").admitted
+    assert limiter.redis.zcard(limiter.keys(kid).tenant("A").lease) == 1
+
+
+def test_a_tenant_request_limit_tells_each_waiter_its_own_turn(limiter: KeyLimiter, kid: str,
+                                                              clock: FakeClock) -> None:
+    """A tenant's waiters are told successive moments by their place in its line (no herd at each free slot)."""
+    from difyq.worker.config import TenantLimits
+
+    limits, own = AppLimits(requests_per_minute=600), TenantLimits(requests_per_minute=2)
+    waits = []
+    for n in range(6):
+        answer = limiter.acquire(kid, limits, estimated_tokens=0, lease_s=60.0, ticket=f"t-{n}", tenant="A",
+                                 tenant_limits=own)
+        waits.append(None if answer.admitted else (answer.limit, answer.wait_s))
+    assert waits[:2] == [None, None]
+    assert [limit for limit, _ in waits[2:]] == ["tenant_requests"] * 4
+    assert [wait for _, wait in waits[2:]] == sorted(wait for _, wait in waits[2:])
+    assert waits[2][1] == pytest.approx(60.0) and waits[4][1] == pytest.approx(120.0)

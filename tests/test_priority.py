@@ -8,7 +8,7 @@ import time
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
-from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.messages import JOBS_QUEUE, RunHints
 from difyq.worker.json_codec import loads
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
@@ -52,7 +52,7 @@ def test_every_message_of_a_job_carries_its_priority(redis_url: str, namespace: 
     runtime = make_runtime(redis_url, namespace, {"slow": {"api_key": SLOW.key, "mode": "chat"}})
     store, keys = runtime.store, RedisKeys(namespace)
     job_id = enqueue(runtime, "q", "high")
-    assert store.hints_of(job_id) == ("slow", 1) and store.hints_of("job_missing") == (None, 0)
+    assert store.hints_of(job_id) == RunHints("slow", 1, "cli") and store.hints_of("job_missing").app is None
 
     def hints(bodies_key: str) -> list[object]:
         return [loads(body)["kwargs"].get("priority") for body in runtime.raw_redis.hvals(bodies_key)]

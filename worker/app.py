@@ -75,9 +75,10 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
     runner = JobRunner(runtime, leases, throttle, sender, task_ids)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 
-    def run_job(job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0) -> None:
+    def run_job(job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0,
+                tenant: str | None = None) -> None:
         """Call Dify for one job; retries of Dify errors are the job's own (see JobRunner), not Dramatiq's."""
-        runner.run(job_id, app, waiting_since, priority)
+        runner.run(job_id, app, waiting_since, priority, tenant)
 
     def deliver_callback(job_id: str) -> None:
         """POST the finished job to its callback URL; never calls Dify."""

@@ -82,6 +82,19 @@ class AppLimits(Strict):
         return self.burst or max(1, self.requests_per_minute // DEFAULT_BURST_SHARE)
 
 
+class TenantLimits(Strict):
+    """What one tenant may use of its app's Dify key (within the key's own limits), shared by every worker."""
+
+    requests_per_minute: Annotated[int, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[int, Field(gt=0)] | None = None
+    max_concurrency: Annotated[int, Field(gt=0)] | None = None
+
+
+Fairness = Literal["none", "tenant"]
+"""How a Dify key's waiting line is ordered: ``none``, by first wait (moved by priority); ``tenant``, round-robin
+across the tenants with jobs waiting."""
+
+
 FileTransfer = Literal["remote_url", "upload"]
 
 
@@ -112,6 +125,8 @@ class AppConfig(Strict):
     user: str = "difyq"
     auto_generate_name: bool = False
     limits: AppLimits | None = None
+    fairness: Fairness = "none"
+    tenant_limits: TenantLimits | None = None
     workflow_id: str | None = Field(default=None, min_length=1, max_length=64)
     on_quota: Literal["fail", "defer"] = "fail"
     max_pending: Annotated[int, Field(gt=0)] | None = None  # unfinished jobs of the app; over it a submit is 429
@@ -157,11 +172,12 @@ class Mapping(Strict):
     callback_url: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: Priority = 0
+    tenant: str | None = None
 
     def templates(self) -> dict[str, str]:
         """Every template of this mapping by its field path (``inputs.repo``), for compiling and error messages."""
         found: dict[str, str] = {}
-        for name in ("query", "user", "conversation_id", "callback_url", "idempotency_key", "when"):
+        for name in ("query", "user", "conversation_id", "callback_url", "idempotency_key", "when", "tenant"):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 found[name] = value

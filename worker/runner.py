@@ -23,7 +23,7 @@ from difyq.worker.dify.models import PausedRun
 from difyq.worker.files.transfer import FileUploads
 from difyq.worker.genai_span import dify_call
 from difyq.worker.jobs.messages import run_hints
-from difyq.worker.jobs.model import job_priority, job_trace_id
+from difyq.worker.jobs.model import job_priority, job_tenant, job_trace_id
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.store import AttemptStart
 from difyq.worker.json_codec import loads
@@ -123,18 +123,19 @@ class JobRunner:
         self.files = FileUploads(runtime.config, runtime.store)
 
     def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0,
-            ) -> None:
-        """``app``, ``waiting_since`` and ``priority`` are the message's hints (``run_hints``); a message without
-        them (the reaper's, or one written by an older version) costs one read of the job's app and priority."""
-        if app is None:
-            app, priority = self.store.hints_of(job_id)
+            tenant: str | None = None) -> None:
+        """``app``, ``waiting_since``, ``priority`` and ``tenant`` are the message's hints (``run_hints``); a message
+        without them (the reaper's, or one written by an older version) costs one read of the job's record."""
+        if app is None or tenant is None:
+            hints = self.store.hints_of(job_id)
+            app, priority, tenant = hints.app, hints.priority, hints.tenant
         if app is None:
             log.warning("job_missing", job_id=job_id)
             return
         with structlog.contextvars.bound_contextvars(job_id=job_id, app=app):
-            admission = self.throttle.admit(app, job_id, waiting_since, priority)
+            admission = self.throttle.admit(app, job_id, waiting_since, priority, tenant)
             if not admission.admitted:
-                self._defer(job_id, app, waiting_since, priority, admission)
+                self._defer(job_id, app, waiting_since, priority, tenant, admission)
                 return
             started = self._start_and_call(job_id, app, admission)
             if started is None:
@@ -166,8 +167,8 @@ class JobRunner:
                 self.leases.untrack(job_id)
                 raise
 
-    def _defer(self, job_id: str, app: str, waiting_since: float | None, priority: int, admission: Admission,
-               ) -> None:
+    def _defer(self, job_id: str, app: str, waiting_since: float | None, priority: int, tenant: str,
+               admission: Admission) -> None:
         """Defer a job a limit refused (no attempt, no worker thread held); a job that would wait past
         ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
         now = time.time()
@@ -175,10 +176,10 @@ class JobRunner:
         since = waiting_since or now
         if not wait_exceeded(since, now, delay, self.config.jobs.max_wait):
             state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since, limit=admission.limit,
-                                     priority=priority)
+                                     priority=priority, tenant=tenant)
             log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
             return
-        self.throttle.abandon(app, job_id)
+        self.throttle.abandon(app, job_id, tenant)
         fields = self.store.fields(job_id)
         if fields is not None:
             self._conclude(job_id, fields, Outcome(JobStatus.FAILED, error={
@@ -326,7 +327,8 @@ class JobRunner:
             block = outcome.pause
             state = self._durably(lambda: self.store.pause(job_id, fields[JobField.APP], block,
                                                            check_in_s=pause_check_in(block, time.time()),
-                                                           priority=job_priority(fields)))
+                                                           priority=job_priority(fields),
+                                                           tenant=job_tenant(fields)))
             if state != "cancel":
                 log.info("job_paused", state=state, workflow_run_id=block["workflow_run_id"])
                 return
@@ -334,7 +336,8 @@ class JobRunner:
         if outcome.status is JobStatus.QUEUED:
             delay = outcome.retry_in_s or 0.0
             since = outcome.waiting_since
-            hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields), job_priority(fields))
+            hints = run_hints(fields[JobField.APP], since or _recorded_wait(fields), job_priority(fields),
+                              job_tenant(fields))
             state = self._durably(lambda: self.store.requeue(
                 job_id, delay_s=delay, error=outcome.error, hints=hints, waiting_since=since,
                 count_field=JobField.DEFERRALS if since is not None else "",

@@ -41,22 +41,26 @@ class Throttle:
         self.limiter = limiter or KeyLimiter(runtime.limits_redis, runtime.namespace)
         self.limits = shared_limits(runtime.config.apps)
         self.priority_step = runtime.config.jobs.priority_step
+        self.apps = runtime.config.apps
         self.key_ids = {name: self.limiter.key_id(app.api_key.get_secret_value())
                         for name, app in runtime.config.apps.items()}
         self._published: dict[str, float] = {}
-        self._held: dict[str, tuple[str, str]] = {}
+        self._held: dict[str, tuple[str, str, str | None]] = {}
         self._lock = threading.Lock()
 
-    def admit(self, app: str, ticket: str, waiting_since: float | None, priority: int = 0) -> Admission:
+    def admit(self, app: str, ticket: str, waiting_since: float | None, priority: int = 0, tenant: str = "",
+              ) -> Admission:
         """Admit one Dify call for ``app`` now (one round trip), or say how long to wait; a job of a higher
-        ``priority`` takes its place in the key's waiting line ``jobs.priority_step`` per level ahead. An app that
-        is not configured (any more) is admitted without a check: its attempt fails ``app_not_configured``."""
+        ``priority`` takes its place in the key's waiting line ``jobs.priority_step`` per level ahead; the app's
+        ``fairness`` and ``tenant_limits`` apply to its ``tenant``. An app that is not configured (any more) is
+        admitted without a check: its attempt fails ``app_not_configured``."""
         if app not in self.key_ids:
             return ADMITTED
-        key_id, limits = self.key_ids[app], self.limits[app]
+        key_id, limits, config = self.key_ids[app], self.limits[app], self.apps[app]
         admission = self.limiter.acquire(
             key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=self.slot_lease_s,
             ticket=ticket, waiting_since=waiting_since, priority_offset_s=priority * self.priority_step,
+            tenant=tenant, fair=config.fairness == "tenant", tenant_limits=config.tenant_limits,
         )
         if admission.limit != "upstream":
             record_deferral(app, admission)  # limit="upstream" counts the 429s themselves (upstream_limited)
@@ -70,7 +74,7 @@ class Throttle:
         slot = Slot()
         if admission.reservation:
             with self._lock:
-                self._held[admission.reservation] = (self.key_ids[app], admission.reservation)
+                self._held[admission.reservation] = (self.key_ids[app], admission.reservation, admission.tenant)
         try:
             yield slot
         finally:
@@ -80,8 +84,8 @@ class Throttle:
         """Renew the slot lease of every call this process runs; a dead process's slots lapse in slot_lease_s."""
         with self._lock:
             held = list(self._held.values())
-        for key_id, reservation in held:
-            self.limiter.renew(key_id, reservation, self.slot_lease_s)
+        for key_id, reservation, tenant in held:
+            self.limiter.renew(key_id, reservation, self.slot_lease_s, tenant)
 
     def _release(self, app: str, admission: Admission, slot: Slot) -> None:
         key_id = self.key_ids.get(app)
@@ -90,7 +94,8 @@ class Throttle:
         if admission.reservation:
             with self._lock:
                 self._held.pop(admission.reservation, None)
-            self.limiter.release(key_id, admission.reservation, 0 if slot.rate_limited else slot.tokens)
+            self.limiter.release(key_id, admission.reservation, 0 if slot.rate_limited else slot.tokens,
+                                 admission.tenant)
         elif slot.tokens:
             self.limiter.tokens.observe(key_id, slot.tokens)
         if slot.rate_limited:
@@ -99,8 +104,8 @@ class Throttle:
         elif slot.succeeded and admission.upstream_streak:
             self.limiter.report_success(key_id)
 
-    def abandon(self, app: str, ticket: str) -> None:
-        self.limiter.abandon(self.key_ids[app], ticket)
+    def abandon(self, app: str, ticket: str, tenant: str | None = None) -> None:
+        self.limiter.abandon(self.key_ids[app], ticket, tenant if self.apps[app].tenant_limits else None)
 
     def _publish(self, app: str) -> None:
         limits = self.limits[app]

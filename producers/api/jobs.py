@@ -182,7 +182,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         if job["status"] != JobStatus.PAUSED or not job.get("form"):
             raise ApiError(409, "job_not_paused", f"the job is {job['status']}; only a paused job takes input")
         await run_in_threadpool(submit_form, runtime, job, body)
-        state = runtime.store.resume(job_id, job["app"], job["priority"])
+        state = runtime.store.resume(job_id, job["app"], job["priority"], job["tenant"])
         if not state.startswith("queued"):
             raise ApiError(409, "job_not_paused", f"the job is {state}; only a paused job takes input")
         return runtime.store.get(job_id) or job

@@ -55,6 +55,7 @@ class MappedJob:
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
     priority: int | str = 0
+    tenant: str | None = None
 
 
 class MappingError(Exception):
@@ -134,6 +135,7 @@ def render_hook(hook: HookConfig, body: Any, headers: dict[str, Any], query: dic
         metadata=_render_section("metadata", hook.metadata, context),
         idempotency_key=_render_text_field("idempotency_key", hook.idempotency_key, context),
         priority=hook.priority,
+        tenant=_render_text_field("tenant", hook.tenant, context),
     )
 
 

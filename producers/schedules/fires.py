@@ -40,4 +40,5 @@ def render_fire(name: str, schedule: ScheduleConfig, fire_time: datetime) -> dic
         "schedule": name,
         "idempotency_key": fire_idempotency_key(name, fire_time),
         "priority": schedule.priority,
+        "tenant": render(schedule.tenant) or None,
     }

@@ -56,14 +56,27 @@ def build_message(
     return QueuedMessage(keys.queue(queue_name), keys.queue_bodies(queue_name), redis_message_id, message.encode())
 
 
-def run_hints(app: str, waiting_since: float | None = None, priority: int = 0) -> dict[str, object]:
+@dataclass(frozen=True)
+class RunHints:
+    """What the worker reads from a job's record when its message carries no hints: its app (None for a missing
+    job), priority and tenant."""
+
+    app: str | None
+    priority: int
+    tenant: str
+
+
+def run_hints(app: str, waiting_since: float | None = None, priority: int = 0, tenant: str | None = None,
+              ) -> dict[str, object]:
     """What a ``run_job`` message carries besides the job id, so the worker can take the app's rate-limit admission
     before it reads the record (which ``start.lua`` then returns): the app, when the job waits in a limit's
-    line the time of its first deferral, and a priority other than 0. A message without them (an older one, or
-    one the reaper wrote) still works: the worker reads the record first (and the job competes at priority 0)."""
+    line the time of its first deferral, a priority other than 0, and the job's tenant. A message without them (an
+    older one, or one the reaper wrote) still works: the worker reads them from the record first."""
     hints: dict[str, object] = {"app": app}
     if waiting_since is not None:
         hints["waiting_since"] = waiting_since
     if priority:
         hints["priority"] = priority
+    if tenant:
+        hints["tenant"] = tenant
     return hints

@@ -32,6 +32,7 @@ class JobRequest(BaseModel):
 
 
 CLIENT_SCOPE_PREFIX = "client:"
+TENANT_MAX_CHARS = 128
 
 
 def client_scope(client: str) -> str:
@@ -45,6 +46,12 @@ def client_of_scope(scope: str) -> str | None:
     return scope.removeprefix(CLIENT_SCOPE_PREFIX) if scope.startswith(CLIENT_SCOPE_PREFIX) else None
 
 
+def default_tenant(scope: str) -> str:
+    """The tenant of a job submitted without one: its API client's name, else its producer's scope
+    (``hook:<name>``, ``schedule``, ``cli``)."""
+    return client_of_scope(scope) or scope
+
+
 class NewJob(BaseModel):
     """A job as a producer hands it to ``submit()``."""
 
@@ -56,6 +63,7 @@ class NewJob(BaseModel):
     scope: str = "anonymous"
     request_id: str | None = None
     priority: int = 0  # higher first, where jobs compete for a key's admission (``config.Priority``)
+    tenant: str = ""  # whose job it is (fair shares, tenant limits); empty: ``default_tenant(scope)``
     traceparent: str | None = None  # the job's trace context, made by the submit span (``difyq.worker.tracing``)
     id: str | None = None  # the job id to store it under (a trace difyq started names it), else a new one
 
@@ -143,6 +151,11 @@ def callback_attempts(fields: dict[str, str]) -> list[dict[str, Any]]:
     return [{**entry, "at": iso_time(entry["at"]), "duration_s": round(entry["duration_s"], 3)} for entry in entries]
 
 
+def job_tenant(fields: dict[str, str]) -> str:
+    """The tenant of a stored job (its scope's default for a job stored without one)."""
+    return fields.get(JobField.TENANT) or default_tenant(fields.get(JobField.SCOPE) or "anonymous")
+
+
 def job_resource(fields: dict[str, str]) -> dict[str, Any]:
     """The public job resource (docs/http-api.md) from a stored job hash. ``error`` is the last attempt's (null
     once the job succeeded); ``attempt_errors`` keeps every failed attempt's error, oldest first, with its attempt
@@ -160,6 +173,7 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "finished_at": iso_time(fields.get(JobField.FINISHED_AT)),
         "attempts": int(fields.get(JobField.ATTEMPTS) or 0),
         "priority": job_priority(fields),
+        "tenant": job_tenant(fields),
         "request": request,
         "files": job_files(request, _json_field(fields, JobField.FILES)),
         "result": _json_field(fields, JobField.RESULT),

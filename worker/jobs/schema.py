@@ -60,6 +60,7 @@ class JobField(StrEnum):
     TRACEPARENT = "traceparent"  # the job's W3C trace context (``difyq.worker.tracing``)
     FILES = "files"  # the files the worker uploaded to Dify (``files.transfer.uploaded_file``): kept for retries
     PRIORITY = "priority"  # an integer level, higher first (``config.Priority``)
+    TENANT = "tenant"  # whose job it is, for fair shares and tenant limits of an app (``model.default_tenant``)
 
 
 CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's callback block

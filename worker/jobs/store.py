@@ -15,8 +15,15 @@ from difyq.worker.config import Config, JobsConfig
 from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.error_counts import ErrorCounts
 from difyq.worker.jobs.index_position import IndexPosition
-from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE, QueuedMessage, build_message, run_hints
-from difyq.worker.jobs.model import NewJob, client_of_scope, job_id_of_trace, job_resource
+from difyq.worker.jobs.messages import (
+    CALLBACKS_QUEUE,
+    JOBS_QUEUE,
+    QueuedMessage,
+    RunHints,
+    build_message,
+    run_hints,
+)
+from difyq.worker.jobs.model import NewJob, client_of_scope, default_tenant, job_id_of_trace, job_resource
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.json_codec import dumps
@@ -196,10 +203,12 @@ class JobStore:
             JobField.REQUEST_ID: new.request_id or "",
             JobField.TRACEPARENT: new.traceparent or "",
             JobField.PRIORITY: str(new.priority),
+            JobField.TENANT: new.tenant or default_tenant(new.scope),
         }
         if new.callback_url:
             fields[JobField.CALLBACK_URL] = new.callback_url
-        message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app, priority=new.priority))
+        message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app, priority=new.priority,
+                                                                     tenant=fields[JobField.TENANT]))
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
         header: dict[str, Any] = {"created_ms": created_ms,
@@ -285,11 +294,13 @@ class JobStore:
             return found
         return self.replayed(found, await client.hgetall(self.job_key(found)))
 
-    def hints_of(self, job_id: str) -> tuple[str | None, int]:
-        """The app and the priority of a job, for a message that does not name them (the reaper's, or one written
-        before messages carried hints); no app for a missing job."""
-        app, priority = self.redis.hmget(self.job_key(job_id), JobField.APP, JobField.PRIORITY)
-        return (_text(app) if app is not None else None), int(_text(priority)) if priority is not None else 0
+    def hints_of(self, job_id: str) -> RunHints:
+        """The app, the priority and the tenant of a job, for a message that does not name them (the reaper's, or
+        one written before messages carried hints); no app for a missing job."""
+        values = self.redis.hmget(self.job_key(job_id), JobField.APP, JobField.PRIORITY, JobField.TENANT,
+                                  JobField.SCOPE)
+        app, priority, tenant, scope = (_text(value) if value is not None else None for value in values)
+        return RunHints(app, int(priority or 0), tenant or default_tenant(scope or "anonymous"))
 
     def fields(self, job_id: str) -> dict[str, str] | None:
         raw = self.redis.hgetall(self.job_key(job_id))
@@ -542,12 +553,13 @@ class JobStore:
             self._count_error(job_id, error)
         return reply
 
-    def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float, priority: int = 0) -> str:
+    def pause(self, job_id: str, app: str, pause: dict[str, Any], *, check_in_s: float, priority: int = 0,
+              tenant: str | None = None) -> str:
         """A running job's Dify run waits for human input: ``paused`` (returned) with its ``pause`` block and no
         lease, a delayed message in ``check_in_s`` (its forms' expiry) to follow the run then, and with a callback
         URL its ``job.paused`` callback (a pending block and a callbacks message); ``cancel`` when a cancel was
         asked meanwhile."""
-        message = self.message(JOBS_QUEUE, job_id, check_in_s, run_hints(app, None, priority))
+        message = self.message(JOBS_QUEUE, job_id, check_in_s, run_hints(app, None, priority, tenant))
         callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._pause(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key, callback.queue_key,
@@ -557,17 +569,18 @@ class JobStore:
         )
         return _text(reply)
 
-    def resume(self, job_id: str, app: str, priority: int = 0) -> str:
+    def resume(self, job_id: str, app: str, priority: int = 0, tenant: str | None = None) -> str:
         """A paused job whose form was submitted: queued at once to follow its run (``queued:…``, else the
         status it had)."""
-        return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED, hints=run_hints(app, None, priority))
+        return self.requeue(job_id, delay_s=0.0, expected=JobStatus.PAUSED,
+                            hints=run_hints(app, None, priority, tenant))
 
     def defer(self, job_id: str, app: str, *, delay_s: float, waiting_since: float, limit: str | None = None,
-              priority: int = 0) -> str:
+              priority: int = 0, tenant: str | None = None) -> str:
         """A queued job waits for a rate limit (``limit``): a delayed message, no attempt spent, the first wait
         remembered."""
         return self.requeue(job_id, delay_s=delay_s, expected=JobStatus.QUEUED, count_field=JobField.DEFERRALS,
-                            hints=run_hints(app, waiting_since, priority), waiting_since=waiting_since,
+                            hints=run_hints(app, waiting_since, priority, tenant), waiting_since=waiting_since,
                             deferred_by=limit)
 
     def cancel_requested(self, job_id: str) -> bool:

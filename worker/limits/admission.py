@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Limit = Literal["requests", "tokens", "concurrency", "upstream"]
-LIMITS: tuple[Limit, ...] = ("requests", "tokens", "concurrency", "upstream")
+Limit = Literal["requests", "tokens", "concurrency", "upstream", "tenant_requests", "tenant_tokens",
+                "tenant_concurrency"]
+LIMITS: tuple[Limit, ...] = ("requests", "tokens", "concurrency", "upstream", "tenant_requests", "tenant_tokens",
+                             "tenant_concurrency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +19,8 @@ class Admission:
     released. Otherwise ``wait_s`` is the earliest moment every limit could admit this job, computed from the
     shared state, and ``limit`` is the one that binds (``requests|tokens|concurrency|upstream``).
     ``upstream_streak``: the key had a run of upstream 429s when this call was admitted, so its success should
-    reset the cooldown escalation (``report_success``); without one the success needs no write.
+    reset the cooldown escalation (``report_success``); without one the success needs no write. ``tenant``: the
+    tenant whose own limits (``tenant_limits``) the reservation also holds, to release with it.
     """
 
     admitted: bool
@@ -25,6 +28,7 @@ class Admission:
     limit: str | None
     reservation: str | None
     upstream_streak: bool = False
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ from difyq.worker.limits.admission import Admission
 
 # Waits for requests and tokens are positional (each waiter is told the moment *its* turn comes), so they
 # only need a little jitter; waiters of a cooldown or of busy slots are told the same moment and get more.
-_SPREAD = {"requests": 0.01, "tokens": 0.01, "concurrency": 0.1, "upstream": 0.2}
+_SPREAD = {"requests": 0.01, "tokens": 0.01, "concurrency": 0.1, "upstream": 0.2,
+           "tenant_requests": 0.01, "tenant_tokens": 0.01, "tenant_concurrency": 0.1}
 
 
 def deferral_delay(admission: Admission, rng: random.Random | None = None) -> float:

@@ -15,26 +15,45 @@ def key_id(api_key: str) -> str:
 
 
 @dataclass(frozen=True)
-class KeyNames:
-    """Every Redis key of one Dify key's limiter, all under ``{namespace}:limits:{key_id}:``."""
+class LimitNames:
+    """The Redis keys of one set of limits with its waiting line: a Dify key's, or one tenant's on that key."""
 
     req: str  # ZSET reservation id -> admission time: the sliding request log
     tok: str  # ZSET reservation id -> time: the sliding token log
     amt: str  # HASH reservation id -> tokens counted for it
-    state: str  # HASH tok (tokens in the window), hold (mean slot hold time, µs)
+    state: str  # HASH tok (tokens in the window), hold (mean slot hold time, µs), tat (pacing), vt (fair round)
     lease: str  # ZSET reservation -> lease expiry: the concurrency slots
-    line: str  # ZSET ticket -> waiting since: the waiting line
+    line: str  # ZSET ticket -> place: the waiting line
     due: str  # ZSET ticket -> when the waiter was told to come back
     need: str  # HASH ticket -> the waiter's token estimate
-    cool: str  # HASH until, streak: the upstream (429) cooldown
+
+    @classmethod
+    def under(cls, prefix: str) -> LimitNames:
+        return cls(**{name: prefix + name for name in LimitNames.__dataclass_fields__})
+
+    def all(self) -> list[str]:
+        return [self.req, self.tok, self.amt, self.state, self.lease, self.line, self.due, self.need]
+
+
+@dataclass(frozen=True)
+class KeyNames(LimitNames):
+    """Every Redis key of one Dify key's limiter, all under ``{namespace}:limits:{key_id}:``; a tenant's limits
+    and line (``tenant_limits``) are under ``{namespace}:limits:{key_id}:t:{tenant}:``."""
+
+    cool: str = ""  # HASH until, streak: the upstream (429) cooldown
+    rounds: str = ""  # ZSET tenant -> the round of its last job in the fair line (``fairness: tenant``)
 
     @classmethod
     def of(cls, namespace: str, kid: str) -> KeyNames:
         prefix = f"{namespace}:limits:{kid}:"
         return cls(**{name: prefix + name for name in cls.__dataclass_fields__})
 
-    def acquire(self) -> list[str]:
-        return [self.req, self.tok, self.amt, self.state, self.lease, self.line, self.due, self.need, self.cool]
+    def tenant(self, tenant: str) -> LimitNames:
+        """The keys of ``tenant``'s own limits and line on this Dify key."""
+        return LimitNames.under(self.req.removesuffix("req") + f"t:{tenant}:")
+
+    def acquire(self, tenant: str) -> list[str]:
+        return [*self.all(), self.cool, self.rounds, *self.tenant(tenant).all()]
 
 
 def shared_limits(apps: Mapping[str, AppConfig]) -> dict[str, AppLimits | None]:

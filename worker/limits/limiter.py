@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import redis
 
-from difyq.worker.config import AppLimits
+from difyq.worker.config import AppLimits, TenantLimits
 from difyq.worker.limits.admission import Admission, Reservation
 from difyq.worker.limits.estimate import TokenEstimator
 from difyq.worker.limits.keys import KeyNames, key_id
@@ -111,12 +111,17 @@ class KeyLimiter:
         ticket: str,
         waiting_since: float | None = None,
         priority_offset_s: float = 0.0,
+        tenant: str = "",
+        fair: bool = False,
+        tenant_limits: TenantLimits | None = None,
     ) -> Admission:
         """Admit one call on this key now (recording the request, reserving the tokens, taking a slot) or
         nothing, in one round trip. ``ticket`` identifies the job across deferrals (its message id);
         ``waiting_since`` is when it was first deferred (seconds since the epoch), passed while it waits so a
         job whose place was dropped gets it back; ``priority_offset_s`` moves that place ahead (a higher priority)
-        or back (a lower one). Without ``limits`` only the upstream cooldown is checked."""
+        or back (a lower one). ``fair``: the key's line is round-robin across tenants; ``tenant_limits``: the
+        ``tenant``'s own limits within the key's, in the same admission (the admission then holds the tenant's
+        slot too: release it with ``tenant``). Without ``limits`` only the upstream cooldown is checked."""
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         if not ticket:
@@ -127,13 +132,18 @@ class KeyLimiter:
             burst = limits.request_burst
             tpm = limits.tokens_per_minute or 0
             conc = limits.max_concurrency or 0
+        trpm = ttpm = tconc = 0
+        if tenant_limits is not None:
+            trpm = tenant_limits.requests_per_minute or 0
+            ttpm = tenant_limits.tokens_per_minute or 0
+            tconc = tenant_limits.max_concurrency or 0
         names = self.keys(key_id)
         admitted, wait_us, limit, reservation, *streak = self._scripts.acquire(
-            keys=names.acquire(),
+            keys=names.acquire(tenant),
             args=[
                 ticket,
                 secrets.token_hex(8),
-                1 if limits is not None else 0,
+                1 if limits is not None or trpm or ttpm or tconc else 0,
                 rpm,
                 tpm,
                 conc,
@@ -146,6 +156,11 @@ class KeyLimiter:
                 burst,
                 self._now(),
                 _us(priority_offset_s),
+                1 if fair else 0,
+                tenant,
+                trpm,
+                ttpm,
+                tconc,
             ],
         )
         return Admission(
@@ -154,36 +169,45 @@ class KeyLimiter:
             limit=_text(limit) or None,
             reservation=_text(reservation) or None,
             upstream_streak=bool(streak and int(streak[0])),
+            tenant=tenant if reservation and (trpm or ttpm or tconc) else None,
         )
 
-    def renew(self, key_id: str, reservation: str | None, lease_s: float) -> bool:
-        """Extend the slot lease of a call still running; False when it was released or had lapsed."""
+    def renew(self, key_id: str, reservation: str | None, lease_s: float, tenant: str | None = None) -> bool:
+        """Extend the slot lease of a call still running (and of its tenant's slot, when it holds one); False when
+        it was released or had lapsed."""
         if reservation is None:
             return True
         names = self.keys(key_id)
-        return bool(self._scripts.renew(keys=[names.lease], args=[reservation, _us(lease_s), self._now()]))
+        leases = [names.lease] + ([names.tenant(tenant).lease] if tenant is not None else [])
+        return bool(self._scripts.renew(keys=leases, args=[reservation, _us(lease_s), self._now()]))
 
-    def release(self, key_id: str, reservation: str | None, actual_tokens: int | None) -> bool:
-        """Free the slot and, when Dify reported usage, make the reserved tokens the real ``actual_tokens``
-        (down or up) in the window, in one round trip. Call it on success, failure, time limit and
-        cancellation; calling it twice is harmless. Returns whether the slot was still held."""
+    def release(self, key_id: str, reservation: str | None, actual_tokens: int | None,
+                tenant: str | None = None) -> bool:
+        """Free the slot (and the ``tenant``'s, for an admission under tenant limits) and, when Dify reported
+        usage, make the reserved tokens the real ``actual_tokens`` (down or up) in the window, in one round trip.
+        Call it on success, failure, time limit and cancellation; calling it twice is harmless. Returns whether
+        the slot was still held."""
         if reservation is None:
             return False
         names = self.keys(key_id)
         actual = -1 if actual_tokens is None else max(0, int(actual_tokens))
-        held = self._scripts.release(
-            keys=[names.tok, names.amt, names.state, names.lease],
-            args=[reservation, actual, _us(self.window_s), self._now()],
-        )
+        keys = [names.tok, names.amt, names.state, names.lease]
+        if tenant is not None:
+            own = names.tenant(tenant)
+            keys += [own.tok, own.amt, own.state, own.lease]
+        held = self._scripts.release(keys=keys, args=[reservation, actual, _us(self.window_s), self._now()])
         if actual_tokens is not None:
             self.tokens.observe(key_id, actual)
         return bool(held)
 
-    def abandon(self, key_id: str, ticket: str) -> None:
-        """Take a waiting job out of the line at once (canceled, or failed for waiting too long)."""
+    def abandon(self, key_id: str, ticket: str, tenant: str | None = None) -> None:
+        """Take a waiting job out of the line (and its tenant's) at once (canceled, or failed for waiting too
+        long)."""
         names = self.keys(key_id)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(names.line, ticket).zrem(names.due, ticket).hdel(names.need, ticket).execute()
+            for line in [names] + ([names.tenant(tenant)] if tenant is not None else []):
+                pipe.zrem(line.line, ticket).zrem(line.due, ticket).hdel(line.need, ticket)
+            pipe.execute()
 
     def report_upstream_limited(self, key_id: str) -> float:
         """Dify said 429 / ``too_many_requests``: cool the key down for every worker. The cooldown is 1 s,

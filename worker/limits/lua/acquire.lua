@@ -1,20 +1,29 @@
--- acquire: check cooldown, requests, tokens and concurrency of one Dify key and admit all or nothing.
+-- acquire: check cooldown, requests, tokens and concurrency of one Dify key (and of the job's tenant, when the app
+-- sets tenant_limits) and admit all or nothing.
 --
 -- KEYS  1 req (ZSET rid -> admit time)        2 tok (ZSET rid -> time; token log)
---       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold)
---       5 lease (ZSET reservation -> expiry)   6 line (ZSET ticket -> place: waiting since - priority offset)
+--       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold,
+--                                                 tat = pacing, vt = the fair line's round now being admitted)
+--       5 lease (ZSET reservation -> expiry)   6 line (ZSET ticket -> place: waiting since - priority offset, or
+--                                                 with fairness the job's round - priority offset)
 --       7 due (ZSET ticket -> told to return at)  8 need (HASH ticket -> estimated tokens)
---       9 cool (HASH until, streak)
+--       9 cool (HASH until, streak)            10 rounds (ZSET tenant -> the round of its last job in the fair line)
+--       11-18 the tenant's req, tok, amt, state, lease, line, due, need (its own limits and waiting line)
 -- ARGV  1 ticket  2 rid  3 limited (1|0)  4 rpm  5 tpm  6 max concurrency (0 = none)  7 estimated tokens
 --       8 lease_us  9 window_us  10 waiting_since_us (-1 = none)  11 grace_us  12 poll_us
 --       13 burst (requests admitted at once before pacing; 0 or rpm = no pacing)  14 fake now ('' = TIME)
 --       15 priority offset_us (the job's priority level x jobs.priority_step: how far ahead of its waiting time
 --          it joins the line; negative for a low priority)
+--       16 fairness (1 = round-robin across tenants)  17 tenant
+--       18 tenant rpm  19 tenant tpm  20 tenant max concurrency (0 = none each)
 -- Returns {admitted 1|0, wait_us, limit or '', reservation or '', 1 when the key has a 429 streak to reset on success
 -- (admitted only)}.
 
-local req, tok, amt, state, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local line, due, need, cool = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K = {req = KEYS[1], tok = KEYS[2], amt = KEYS[3], state = KEYS[4], lease = KEYS[5], line = KEYS[6],
+           due = KEYS[7], need = KEYS[8]}
+local cool, rounds = KEYS[9], KEYS[10]
+local T = {req = KEYS[11], tok = KEYS[12], amt = KEYS[13], state = KEYS[14], lease = KEYS[15], line = KEYS[16],
+           due = KEYS[17], need = KEYS[18]}
 local ticket, rid = ARGV[1], ARGV[2]
 local limited = ARGV[3] == '1'
 local rpm, tpm, conc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -25,217 +34,302 @@ local grace, poll = tonumber(ARGV[11]), tonumber(ARGV[12])
 local burst = tonumber(ARGV[13])
 local now = clock(ARGV[14])
 local priority_offset = tonumber(ARGV[15])
+local fair, tenant = ARGV[16] == '1', ARGV[17]
+local trpm, ttpm, tconc = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
+local tenant_limited = trpm > 0 or ttpm > 0 or tconc > 0
+local ROUND = 1000000  -- one round of the fair line, in the units of a place (so a priority offset is in rounds)
 
--- The binding limit: the one whose earliest admission time is latest.
-local blocked_at, blocked_by = now, nil
-local function block(at, name)
-  at = math.max(at, now + 1)
-  if blocked_by == nil or at > blocked_at then
-    blocked_at, blocked_by = at, name
+-- The job's place when it joins a line by its wait: the first deferral time (or now) moved by its priority.
+local function waited_place()
+  local place = now
+  if since >= 0 and since < now then
+    place = since
   end
+  return place - priority_offset
+end
+
+-- Forget what has left the window of one set of limits, reclaim lapsed leases, drop waiters that never came back.
+local function tidy(L)
+  local cutoff = now - window
+  redis.call('ZREMRANGEBYSCORE', L.req, '-inf', cutoff)
+  trim_tokens(L.tok, L.amt, L.state, cutoff)
+  redis.call('ZREMRANGEBYSCORE', L.lease, '-inf', now)
+  local gone = redis.call('ZRANGEBYSCORE', L.due, '-inf', now - grace)
+  if #gone > 0 then
+    chunked('ZREM', L.line, gone)
+    chunked('ZREM', L.due, gone)
+    chunked('HDEL', L.need, gone)
+  end
+end
+
+-- When one set of limits (a key's or a tenant's, each with its own waiting line) could admit the job, from its
+-- place `mine` in that line (`queued`: the line holds it). Returns the earliest moment every limit of the set
+-- admits it and the limit that binds (nil: it may go now), and the pacing state to write on admission.
+local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix)
+  local blocked_at, blocked_by = now, nil
+  local function block(at, name)
+    at = math.max(at, now + 1)
+    if blocked_by == nil or at > blocked_at then
+      blocked_at, blocked_by = at, prefix .. name
+    end
+  end
+
+
+  -- Waiters ahead of us: in line order (place, then ticket) if we are queued; a job joining the line goes behind
+  -- everyone with the same or an earlier place.
+  local older
+  if queued then
+    older = redis.call('ZRANK', L.line, ticket)
+  else
+    older = redis.call('ZCOUNT', L.line, '-inf', fmt(mine))
+  end
+  local function ahead_of_us(score, waiter)
+    if score < mine then return true end
+    if score > mine then return false end
+    return not queued or waiter < ticket
+  end
+
+  -- Holds: the first waiter always holds one unit of every limit (so it cannot starve), and every waiter ahead
+  -- of us that is due back now holds one too (so the capacity computed for it is not taken by a newcomer).
+  local hold_n, hold_tok = 0, 0
+  if older > 0 then
+    local head = redis.call('ZRANGE', L.line, 0, 0)[1]
+    hold_n = 1
+    hold_tok = tonumber(redis.call('HGET', L.need, head) or 0)
+    local returning = redis.call('ZRANGEBYSCORE', L.due, '-inf', now, 'LIMIT', 0, 256)
+    for _, waiter in ipairs(returning) do
+      if waiter ~= head and waiter ~= ticket then
+        local score = tonumber(redis.call('ZSCORE', L.line, waiter))
+        if score and ahead_of_us(score, waiter) then
+          hold_n = hold_n + 1
+          hold_tok = hold_tok + tonumber(redis.call('HGET', L.need, waiter) or 0)
+        end
+      end
+    end
+  end
+
+  -- Requests: an exact sliding log. Admit when fewer than rpm requests (plus holds) are in the window.
+  local count = redis.call('ZCARD', L.req)
+  if rpm > 0 and count + hold_n + 1 > rpm then
+    -- Earliest time for position `older` in line: replay the log with every older waiter admitted as early as
+    -- possible; request j may start once request j - rpm is a full window old.
+    local j, steps = count + older + 1, 0
+    while j > count do
+      j = j - rpm
+      steps = steps + 1
+    end
+    local at = nil
+    if j >= 1 then
+      at = tonumber(redis.call('ZRANGE', L.req, j - 1, j - 1, 'WITHSCORES')[2])
+    end
+    for _ = 1, steps do
+      if at then at = math.max(now, at + window) else at = now end
+    end
+    block(at, 'requests')
+  end
+  -- Pacing (GCRA): after a burst, requests are spaced window/rpm apart, so a saturated key does not replay its
+  -- first burst every window (the log alone would) and providers that enforce per-second shares see a steady
+  -- rate. A burst of the full limit never binds before the log does (GCRA would allow burst + rpm per window).
+  local interval, tat = 0, now
+  if rpm > 0 and burst > 0 and burst < rpm then
+    interval = window / rpm
+    tat = math.max(now, tonumber(redis.call('HGET', L.state, 'tat') or 0))
+    local tolerance = (burst - 1) * interval
+    if tat + hold_n * interval - tolerance > now then
+      block(tat + older * interval - tolerance, 'requests')
+    end
+  end
+
+  -- Tokens: reserved estimates (reconciled on release) in the same sliding window.
+  local total = token_total(L.tok, L.state)
+  if tpm > 0 and total + hold_tok + est > tpm and not (total == 0 and hold_n == 0) then
+    -- Tokens every older waiter will reserve first (exact for the first 512, extrapolated beyond).
+    local ahead = 0
+    if older > 0 then
+      local sample = redis.call('ZRANGE', L.line, 0, math.min(older, 512) - 1)
+      local amounts = redis.call('HMGET', L.need, unpack(sample))
+      for _, amount in ipairs(amounts) do
+        ahead = ahead + (tonumber(amount) or est)
+      end
+      ahead = ahead * older / #sample
+    end
+    local wanted = ahead + est
+    local at = nil
+    if wanted > tpm then
+      -- Cannot share a window with today's log: wait for the log to empty, then whole windows for those ahead.
+      local last = redis.call('ZRANGE', L.tok, -1, -1, 'WITHSCORES')
+      at = now
+      if #last > 0 then at = math.max(now, tonumber(last[2]) + window) end
+      at = at + window * math.floor(ahead / tpm)
+    else
+      -- Walk the log oldest first until enough tokens have left the window.
+      local excess, freed, start, latest = total + wanted - tpm, 0, 0, now - window
+      while at == nil do
+        local chunk = redis.call('ZRANGE', L.tok, start, start + 127, 'WITHSCORES')
+        if #chunk == 0 then
+          at = latest + window  -- the whole log has left by then (and an empty log counts as zero)
+          break
+        end
+        latest = tonumber(chunk[#chunk])
+        local members = {}
+        for i = 1, #chunk, 2 do members[#members + 1] = chunk[i] end
+        local amounts = redis.call('HMGET', L.amt, unpack(members))
+        for i, amount in ipairs(amounts) do
+          freed = freed + (tonumber(amount) or 0)
+          if freed >= excess then
+            at = tonumber(chunk[2 * i]) + window
+            break
+          end
+        end
+        start = start + 128
+      end
+    end
+    block(at, 'tokens')
+  end
+
+  -- Concurrency: live leases (expired ones were reclaimed above).
+  local in_use = redis.call('ZCARD', L.lease)
+  if conc > 0 and in_use + hold_n + 1 > conc then
+    -- Slots that must free before our turn; each holder is expected to finish after the mean hold time seen on
+    -- these limits (or to be polled every poll_us while nothing is known), and surely by its lease expiry.
+    local wanted = in_use + older + 1 - conc
+    local mean = tonumber(redis.call('HGET', L.state, 'hold') or 0)
+    local typical = mean > 0 and mean or poll
+    local soonest = now + math.max(poll / 10, mean / 4)
+    local ends = {}
+    local holders = redis.call('ZRANGE', L.lease, 0, -1, 'WITHSCORES')
+    for i = 1, #holders, 2 do
+      local expiry = tonumber(holders[i + 1])
+      local started = tonumber(string.match(holders[i], '^[^.]*%.(%d+)%.')) or now
+      local expected = now + poll
+      if mean > 0 then expected = math.max(started + mean, soonest) end
+      ends[#ends + 1] = math.min(expiry, expected)
+    end
+    table.sort(ends)
+    local at
+    if wanted <= #ends then
+      at = ends[wanted]
+    else
+      at = (ends[#ends] or now) + typical * math.ceil((wanted - #ends) / conc)
+    end
+    block(at, 'concurrency')
+  end
+  return blocked_at, blocked_by, interval, tat
+end
+
+-- Record an admission against one set of limits and take the job out of its line.
+local function charge(L, reservation, interval, tat)
+  redis.call('ZADD', L.req, now, rid)
+  if interval > 0 then
+    redis.call('HSET', L.state, 'tat', tat + interval)
+  end
+  if est > 0 then
+    redis.call('ZADD', L.tok, now, rid)
+    redis.call('HSET', L.amt, rid, est)
+    redis.call('HINCRBY', L.state, 'tok', est)
+  end
+  redis.call('ZADD', L.lease, now + lease_us, reservation)
+  redis.call('ZREM', L.line, ticket)
+  redis.call('ZREM', L.due, ticket)
+  redis.call('HDEL', L.need, ticket)
+  for _, key in ipairs({L.req, L.tok, L.amt, L.state}) do keep(key, window) end
+  keep(L.lease, lease_us)
+end
+
+-- Wait (or keep waiting) in one line, told to come back at `at`.
+local function wait_in(L, place, at)
+  redis.call('ZADD', L.line, 'NX', place, ticket)
+  redis.call('ZADD', L.due, at, ticket)
+  redis.call('HSET', L.need, ticket, est)
+  for _, key in ipairs({L.line, L.due, L.need}) do keep(key, at - now + grace) end
+end
+
+-- The fair line's clock when none is kept: the place of its first waiter (now for an empty line).
+local function head_round()
+  local head = redis.call('ZRANGE', K.line, 0, 0, 'WITHSCORES')
+  return #head > 0 and tonumber(head[2]) or now
 end
 
 -- 1. Upstream cooldown (a Dify 429): applies whether or not the app has limits.
 local cool_until = tonumber(redis.call('HGET', cool, 'until') or 0)
-if cool_until > now then
-  block(cool_until, 'upstream')
+if cool_until > now and not limited then
+  return {0, math.ceil(cool_until - now), 'upstream', ''}
 end
 if not limited then
-  if blocked_by then
-    return {0, math.ceil(blocked_at - now), blocked_by, ''}
-  end
   return {1, 0, '', '', redis.call('HEXISTS', cool, 'streak')}
 end
 
--- 2. Forget what has left the window, reclaim lapsed leases, drop waiters that never came back.
-local cutoff = now - window
-redis.call('ZREMRANGEBYSCORE', req, '-inf', cutoff)
-trim_tokens(tok, amt, state, cutoff)
-redis.call('ZREMRANGEBYSCORE', lease, '-inf', now)
-local gone = redis.call('ZRANGEBYSCORE', due, '-inf', now - grace)
-if #gone > 0 then
-  chunked('ZREM', line, gone)
-  chunked('ZREM', due, gone)
-  chunked('HDEL', need, gone)
+-- 2. The tenant's own limits, in its own line (first wait, moved by priority): a job its tenant's limits hold
+-- back does not wait in the key's line, so it holds none of the key's capacity from other tenants.
+local t_at, t_by, t_place = now, nil, nil
+if tenant_limited then
+  tidy(T)
+  t_place = tonumber(redis.call('ZSCORE', T.line, ticket))
+  local t_queued = t_place ~= nil
+  if not t_queued then t_place = waited_place() end
+  t_at, t_by = assess(T, trpm, ttpm, tconc, 0, t_place, t_queued, 'tenant_')
 end
 
--- 3. Our place in the waiting line: the first deferral time moved ahead by the job's priority, kept by the line
--- or brought back by the caller. A higher priority goes before every lower one that has waited less than the
--- offset between them (jobs.priority_step per level): that bounds how long a low priority can be passed over.
-local mine = tonumber(redis.call('ZSCORE', line, ticket))
+-- 3. Our place in the key's line. By wait: the first deferral time moved ahead by the job's priority, kept by the
+-- line or brought back by the caller; a higher priority goes before every lower one that has waited less than the
+-- offset between them (jobs.priority_step per level). With fairness, by round (start-time fair queueing): a
+-- tenant's next job joins one round after its previous one, and never before the round now being admitted, so a
+-- tenant arriving with one job goes ahead of every later round of a tenant with a backlog; priority moves a job
+-- a round per second of its offset.
+tidy(K)
+local mine = tonumber(redis.call('ZSCORE', K.line, ticket))
 local queued = mine ~= nil
-if not queued then
-  mine = now
-  if since >= 0 and since < now then
-    mine = since
-  end
-  mine = mine - priority_offset
-end
--- Waiters ahead of us: in line order (first deferral, then ticket) if we are queued; a job joining the line
--- goes behind everyone with the same or an earlier time.
-local older
-if queued then
-  older = redis.call('ZRANK', line, ticket)
-else
-  older = redis.call('ZCOUNT', line, '-inf', fmt(mine))
-end
-local function ahead_of_us(score, waiter)
-  if score < mine then return true end
-  if score > mine then return false end
-  return not queued or waiter < ticket
-end
-
--- Holds: the oldest waiter always holds one unit of every limit (so it cannot starve), and every older
--- waiter that is due back now holds one too (so the capacity computed for it is not taken by a newcomer).
-local hold_n, hold_tok = 0, 0
-if older > 0 then
-  local head = redis.call('ZRANGE', line, 0, 0)[1]
-  hold_n = 1
-  hold_tok = tonumber(redis.call('HGET', need, head) or 0)
-  local returning = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, 256)
-  for _, waiter in ipairs(returning) do
-    if waiter ~= head and waiter ~= ticket then
-      local score = tonumber(redis.call('ZSCORE', line, waiter))
-      if score and ahead_of_us(score, waiter) then
-        hold_n = hold_n + 1
-        hold_tok = hold_tok + tonumber(redis.call('HGET', need, waiter) or 0)
-      end
-    end
-  end
-end
-
--- 4. Requests: an exact sliding log. Admit when fewer than rpm requests (plus holds) are in the window.
-local count = redis.call('ZCARD', req)
-if rpm > 0 and count + hold_n + 1 > rpm then
-  -- Earliest time for position `older` in line: replay the log with every older waiter admitted as early as
-  -- possible; request j may start once request j - rpm is a full window old.
-  local j, steps = count + older + 1, 0
-  while j > count do
-    j = j - rpm
-    steps = steps + 1
-  end
-  local at = nil
-  if j >= 1 then
-    at = tonumber(redis.call('ZRANGE', req, j - 1, j - 1, 'WITHSCORES')[2])
-  end
-  for _ = 1, steps do
-    if at then at = math.max(now, at + window) else at = now end
-  end
-  block(at, 'requests')
-end
--- Pacing (GCRA): after a burst, requests are spaced window/rpm apart, so a saturated key does not replay its
--- first burst every window (the log alone would) and providers that enforce per-second shares see a steady rate.
--- A burst of the full limit never binds before the log does (GCRA would allow burst + rpm per window): skipped.
-local interval, tat = 0, now
-if rpm > 0 and burst > 0 and burst < rpm then
-  interval = window / rpm
-  tat = math.max(now, tonumber(redis.call('HGET', state, 'tat') or 0))
-  local tolerance = (burst - 1) * interval
-  if tat + hold_n * interval - tolerance > now then
-    block(tat + older * interval - tolerance, 'requests')
-  end
-end
-
--- 5. Tokens: reserved estimates (reconciled on release) in the same sliding window.
-local total = token_total(tok, state)
-if tpm > 0 and total + hold_tok + est > tpm and not (total == 0 and hold_n == 0) then
-  -- Tokens every older waiter will reserve first (exact for the first 512, extrapolated beyond).
-  local ahead = 0
-  if older > 0 then
-    local sample = redis.call('ZRANGE', line, 0, math.min(older, 512) - 1)
-    local amounts = redis.call('HMGET', need, unpack(sample))
-    for _, amount in ipairs(amounts) do
-      ahead = ahead + (tonumber(amount) or est)
-    end
-    ahead = ahead * older / #sample
-  end
-  local wanted = ahead + est
-  local at = nil
-  if wanted > tpm then
-    -- Cannot share a window with today's log: wait for the log to empty, then whole windows for those ahead.
-    local last = redis.call('ZRANGE', tok, -1, -1, 'WITHSCORES')
-    at = now
-    if #last > 0 then at = math.max(now, tonumber(last[2]) + window) end
-    at = at + window * math.floor(ahead / tpm)
+local round = nil
+if fair then
+  if queued then
+    round = mine + priority_offset
   else
-    -- Walk the log oldest first until enough tokens have left the window.
-    local excess, freed, start, latest = total + wanted - tpm, 0, 0, now - window
-    while at == nil do
-      local chunk = redis.call('ZRANGE', tok, start, start + 127, 'WITHSCORES')
-      if #chunk == 0 then
-        at = latest + window  -- the whole log has left by then (and an empty log counts as zero)
-        break
-      end
-      latest = tonumber(chunk[#chunk])
-      local members = {}
-      for i = 1, #chunk, 2 do members[#members + 1] = chunk[i] end
-      local amounts = redis.call('HMGET', amt, unpack(members))
-      for i, amount in ipairs(amounts) do
-        freed = freed + (tonumber(amount) or 0)
-        if freed >= excess then
-          at = tonumber(chunk[2 * i]) + window
-          break
-        end
-      end
-      start = start + 128
-    end
+    local vt = tonumber(redis.call('HGET', K.state, 'vt') or head_round())
+    round = math.max(vt, tonumber(redis.call('ZSCORE', rounds, tenant) or vt - ROUND) + ROUND)
+    mine = round - priority_offset
   end
-  block(at, 'tokens')
+elseif not queued then
+  mine = waited_place()
 end
 
--- 6. Concurrency: live leases (expired ones were reclaimed above).
-local in_use = redis.call('ZCARD', lease)
-if conc > 0 and in_use + hold_n + 1 > conc then
-  -- Slots that must free before our turn; each holder is expected to finish after the mean hold time seen on
-  -- this key (or to be polled every poll_us while nothing is known), and surely by its lease expiry.
-  local wanted = in_use + older + 1 - conc
-  local mean = tonumber(redis.call('HGET', state, 'hold') or 0)
-  local typical = mean > 0 and mean or poll
-  local soonest = now + math.max(poll / 10, mean / 4)
-  local ends = {}
-  local holders = redis.call('ZRANGE', lease, 0, -1, 'WITHSCORES')
-  for i = 1, #holders, 2 do
-    local expiry = tonumber(holders[i + 1])
-    local started = tonumber(string.match(holders[i], '^[^.]*%.(%d+)%.')) or now
-    local expected = now + poll
-    if mean > 0 then expected = math.max(started + mean, soonest) end
-    ends[#ends + 1] = math.min(expiry, expected)
-  end
-  table.sort(ends)
-  local at
-  if wanted <= #ends then
-    at = ends[wanted]
-  else
-    at = (ends[#ends] or now) + typical * math.ceil((wanted - #ends) / conc)
-  end
-  block(at, 'concurrency')
+local blocked_at, blocked_by = now, nil
+if cool_until > now then
+  blocked_at, blocked_by = cool_until, 'upstream'
 end
+local k_at, k_by, interval, tat = assess(K, rpm, tpm, conc, burst, mine, queued, '')
+if k_by and (blocked_by == nil or k_at > blocked_at) then blocked_at, blocked_by = k_at, k_by end
+if t_by and (blocked_by == nil or t_at > blocked_at) then blocked_at, blocked_by = t_at, t_by end
 
--- 7. Admit all at once, or nothing.
+-- 4. Admit all at once, or nothing.
 if blocked_by == nil then
   local reservation = rid .. '.' .. fmt(now) .. '.' .. fmt(est)
-  redis.call('ZADD', req, now, rid)
-  if interval > 0 then
-    redis.call('HSET', state, 'tat', tat + interval)
+  if fair and (queued or redis.call('ZCARD', K.line) > 0) then
+    -- The round this job was served in: the fair line's clock, and the tenant's last round (rounds behind the
+    -- clock are forgotten: a tenant without a later round joins at the clock anyway).
+    local vt = math.max(round, tonumber(redis.call('HGET', K.state, 'vt') or round))
+    redis.call('HSET', K.state, 'vt', vt)
+    if not queued then redis.call('ZADD', rounds, round, tenant) end
+    redis.call('ZREMRANGEBYSCORE', rounds, '-inf', '(' .. fmt(vt - ROUND))
   end
-  if est > 0 then
-    redis.call('ZADD', tok, now, rid)
-    redis.call('HSET', amt, rid, est)
-    redis.call('HINCRBY', state, 'tok', est)
-  end
-  redis.call('ZADD', lease, now + lease_us, reservation)
-  if queued then
-    redis.call('ZREM', line, ticket)
-    redis.call('ZREM', due, ticket)
-    redis.call('HDEL', need, ticket)
-  end
-  for _, key in ipairs({req, tok, amt, state}) do keep(key, window) end
-  keep(lease, lease_us)
+  charge(K, reservation, interval, tat)
+  if tenant_limited then charge(T, reservation, 0, now) end
   return {1, 0, '', reservation, redis.call('HEXISTS', cool, 'streak')}
 end
 
-redis.call('ZADD', line, 'NX', mine, ticket)
-redis.call('ZADD', due, blocked_at, ticket)
-redis.call('HSET', need, ticket, est)
-for _, key in ipairs({line, due, need}) do keep(key, blocked_at - now + grace) end
+if tenant_limited then
+  wait_in(T, t_place, blocked_at)
+end
+if t_by then
+  if queued then
+    redis.call('ZREM', K.line, ticket)
+    redis.call('ZREM', K.due, ticket)
+    redis.call('HDEL', K.need, ticket)
+  end
+else
+  if fair and not queued then
+    redis.call('ZADD', rounds, round, tenant)
+    keep(rounds, blocked_at - now + grace)
+  end
+  wait_in(K, mine, blocked_at)
+end
 return {0, math.ceil(blocked_at - now), blocked_by, ''}  -- rounded up: never back a microsecond early

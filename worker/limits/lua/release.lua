@@ -1,11 +1,11 @@
--- release: free the slot of a reservation and reconcile its reserved tokens with the real usage.
+-- release: free the slot of a reservation and reconcile its reserved tokens with the real usage, on the key's
+-- limits and, when the admission was also a tenant's (tenant_limits), on the tenant's.
 --
--- KEYS  1 tok  2 amt  3 state  4 lease (as in acquire.lua)
+-- KEYS  1 tok  2 amt  3 state  4 lease (as in acquire.lua); optionally 5-8 the same of the tenant
 -- ARGV  1 reservation ("rid.admitted_us.reserved_tokens")  2 actual tokens (-1 = unknown, keep the estimate)
 --       3 window_us  4 fake now ('' = TIME)
--- Returns 1 when the slot was still held, 0 when it was already released or had lapsed.
+-- Returns 1 when the key's slot was still held, 0 when it was already released or had lapsed.
 
-local tok, amt, state, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local reservation = ARGV[1]
 local actual, window = tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = clock(ARGV[4])
@@ -15,40 +15,48 @@ if not rid then
 end
 admitted, reserved = tonumber(admitted), tonumber(reserved)
 
--- The slot: free it, and feed the mean hold time used to estimate when slots free up.
-local held = redis.call('ZREM', lease, reservation)
-if held == 1 then
-  local took = math.max(0, now - admitted)
-  local mean = tonumber(redis.call('HGET', state, 'hold') or 0)
-  if mean > 0 then mean = mean + 0.2 * (took - mean) else mean = took end
-  redis.call('HSET', state, 'hold', math.max(1, math.floor(mean)))
+local function settle(tok, amt, state, lease)
+  -- The slot: free it, and feed the mean hold time used to estimate when slots free up.
+  local held = redis.call('ZREM', lease, reservation)
+  if held == 1 then
+    local took = math.max(0, now - admitted)
+    local mean = tonumber(redis.call('HGET', state, 'hold') or 0)
+    if mean > 0 then mean = mean + 0.2 * (took - mean) else mean = took end
+    redis.call('HSET', state, 'hold', math.max(1, math.floor(mean)))
+  end
+
+  -- The tokens: while the reservation is in the window, its amount becomes the real one (down or up);
+  -- once it has left the window, only tokens beyond the estimate are still owed, and are charged now.
+  if actual >= 0 then
+    local cutoff = now - window
+    trim_tokens(tok, amt, state, cutoff)
+    local current = tonumber(redis.call('HGET', amt, rid))
+    if current == nil and admitted > cutoff then
+      current = 0  -- reserved nothing (or the entry was dropped): account at the admission time
+      redis.call('ZADD', tok, admitted, rid)
+      redis.call('HSET', amt, rid, 0)
+    end
+    if current ~= nil then
+      if actual ~= current then
+        redis.call('HSET', amt, rid, actual)
+        redis.call('HINCRBY', state, 'tok', actual - current)
+      end
+    elseif actual > reserved then
+      local extra = rid .. '+'
+      if redis.call('HEXISTS', amt, extra) == 0 then
+        redis.call('ZADD', tok, now, extra)
+        redis.call('HSET', amt, extra, actual - reserved)
+        redis.call('HINCRBY', state, 'tok', actual - reserved)
+      end
+    end
+    for _, key in ipairs({tok, amt}) do keep(key, window) end
+  end
+  keep(state, window)
+  return held
 end
 
--- The tokens: while the reservation is in the window, its amount becomes the real one (down or up);
--- once it has left the window, only tokens beyond the estimate are still owed, and are charged now.
-if actual >= 0 then
-  local cutoff = now - window
-  trim_tokens(tok, amt, state, cutoff)
-  local current = tonumber(redis.call('HGET', amt, rid))
-  if current == nil and admitted > cutoff then
-    current = 0  -- reserved nothing (or the entry was dropped): account at the admission time
-    redis.call('ZADD', tok, admitted, rid)
-    redis.call('HSET', amt, rid, 0)
-  end
-  if current ~= nil then
-    if actual ~= current then
-      redis.call('HSET', amt, rid, actual)
-      redis.call('HINCRBY', state, 'tok', actual - current)
-    end
-  elseif actual > reserved then
-    local extra = rid .. '+'
-    if redis.call('HEXISTS', amt, extra) == 0 then
-      redis.call('ZADD', tok, now, extra)
-      redis.call('HSET', amt, extra, actual - reserved)
-      redis.call('HINCRBY', state, 'tok', actual - reserved)
-    end
-  end
-  for _, key in ipairs({tok, amt}) do keep(key, window) end
+local held = settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+if #KEYS >= 8 then
+  settle(KEYS[5], KEYS[6], KEYS[7], KEYS[8])
 end
-keep(state, window)
 return held
