@@ -15,6 +15,8 @@ import pytest
 import redis
 import requests
 from prometheus_client import REGISTRY
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from difyq.producers.scheduler import Scheduler
@@ -69,6 +71,28 @@ class Stack:
             ".filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim())"
             ".map(e => e.outerHTML)")
         assert fits and unlabelled == [], (self.browser.current_url, unlabelled)
+
+    def focused_text(self) -> str:
+        return self.browser.execute_script("return document.activeElement.textContent.trim()")
+
+    def tab_to(self, text: str, presses: int = 120) -> None:
+        """Press Tab from the top of the page until the focused element's text is ``text``."""
+        self.browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+        for _ in range(presses):
+            ActionChains(self.browser).send_keys(Keys.TAB).perform()
+            if self.focused_text() == text:
+                return
+        raise AssertionError(f"{presses} presses of Tab never reached {text!r}")
+
+    def press(self, key: str) -> None:
+        """Press a key in whatever has the focus."""
+        ActionChains(self.browser).send_keys(key).perform()
+
+    def wait_for_live_update(self, element_id: str) -> None:
+        """Wait until a live update has replaced the element with this id."""
+        self.browser.execute_script(f"document.getElementById('{element_id}').dataset.old = '1'")
+        wait_until(self.browser, lambda b: b.execute_script(
+            f"const e = document.getElementById('{element_id}'); return e && !e.dataset.old"))
 
     def status_on_page(self, job_id: str) -> str | None:
         rows = self.browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
@@ -157,6 +181,25 @@ def test_the_list_shows_a_new_row_and_its_status_changes_without_a_reload(stack:
     assert first_seen in ("queued", "running")
     wait_until(stack.browser, lambda _: stack.status_on_page(job_id) == "succeeded", timeout=40)
     assert stack.browser.execute_script("return window.loadedOnce === true"), "the page was reloaded"
+
+
+def test_keyboard_only_through_live_updates(stack: Stack) -> None:
+    """Tab reaches a job's link in the live list and the cancel button on its live page, and focus stays there
+    while the live updates replace them; Enter follows the link and presses the button."""
+    stack.sign_in(OPERATOR_TOKEN)
+    job_id = stack.submit("a question that takes long, answered by keyboard", app="slow")
+    wait_until(stack.browser, lambda _: stack.status_on_page(job_id))
+    stack.tab_to(job_id)
+    stack.wait_for_live_update("rows")
+    assert stack.focused_text() == job_id, "a live update took the focus away"
+    stack.press(Keys.ENTER)
+    wait_until(stack.browser, lambda b: b.current_url.endswith(f"/jobs/{job_id}"))
+    wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "running")
+    stack.tab_to("Cancel job")
+    stack.wait_for_live_update("live")
+    assert stack.focused_text() == "Cancel job", "a live update took the focus away"
+    stack.press(Keys.ENTER)
+    wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "canceled")
 
 
 def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
