@@ -21,6 +21,7 @@ from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
 from difyq.worker.throttle import Throttle
 from difyq.worker.trace_middleware import TraceContextMiddleware
+from difyq.worker.wakeup import WakingRedisBroker
 
 log = structlog.get_logger("difyq.worker")
 
@@ -56,9 +57,11 @@ class DifyqWorkerMiddleware(Middleware):
 def build_broker(runtime: Runtime, lease_s: float) -> RedisBroker:
     """Dramatiq's broker with only the middleware difyq's actors use (time limits, retries of a crashed
     delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message.
-    Its recovery of a dead worker process's messages follows the job lease (``dramatiq_recovery``)."""
-    return RedisBroker(client=runtime.raw_redis, namespace=runtime.namespace, dead_message_ttl=7 * 86_400_000,
-                       middleware=[TimeLimit(), ShutdownNotifications(), Retries()], **dramatiq_recovery(lease_s))
+    Its recovery of a dead worker process's messages follows the job lease (``dramatiq_recovery``); an idle
+    consumer of the jobs queue is woken by a new job (``WakingRedisBroker``) instead of polling."""
+    return WakingRedisBroker(client=runtime.raw_redis, namespace=runtime.namespace, woken_queues=[JOBS_QUEUE],
+                             dead_message_ttl=7 * 86_400_000,
+                             middleware=[TimeLimit(), ShutdownNotifications(), Retries()], **dramatiq_recovery(lease_s))
 
 
 def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:

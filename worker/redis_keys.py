@@ -108,6 +108,10 @@ class RedisKeys:
         return self._key("console", "actions", job_id)
 
     # Dramatiq's queues
+    def wake(self, queue_name: str) -> str:
+        """The token that wakes an idle consumer of a queue (``worker.wakeup``): one element at most."""
+        return self._key("wake", queue_name)
+
     def queue(self, queue_name: str) -> str:
         """A queue's list of message ids (``queue_name`` may be a delay queue's, ``jobs.DQ``)."""
         return self._key(queue_name)

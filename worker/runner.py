@@ -349,7 +349,8 @@ class JobRunner:
         status = outcome.status
         lease_s = self.leases.lease_s if self.config.callbacks.first_attempt_inline else None
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
-            job_id, status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result, error=outcome.error))
+            job_id, status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result, error=outcome.error,
+            record=fields))
         self._count_finished(fields, stored)
         callback = self.sender.deliver_first(job_id, record) if record is not None else None
         self._log_finished(stored, callback)

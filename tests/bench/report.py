@@ -13,8 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from tests.bench.scenarios import PACE_FLOOR
+from tests.bench.stack import LIMITED
 
-COLORS = {"difyq": "#1f77b4", "bare": "#7f7f7f", "celery": "#2ca02c"}
+COLORS = {"difyq": "#1f77b4", LIMITED: "#17becf", "bare": "#7f7f7f", "celery": "#2ca02c"}
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -67,13 +68,62 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"goal": f"4. {label}", "target": "vs bare", "unit": "", "difyq": values.get("difyq"),
                          "bare": values.get("bare"), "celery": values.get("celery"),
                          "ratio": _ratio(values.get("difyq"), values.get("bare")), "ok": None})
+        rows.extend(_redis_ceiling_goals(scenarios["overhead"]))
         trips = {name: p["trace"]["round_trips_per_job"] for name, p in pipelines.items()}
         rows.append({"goal": "4. Redis client commands per job (MONITOR; pipelined ones count each)",
                      "target": "vs bare", "unit": "", "difyq": trips.get("difyq"), "bare": trips.get("bare"),
                      "celery": trips.get("celery"), "ratio": _ratio(trips.get("difyq"), trips.get("bare")),
                      "ok": None})
+    if "latency" in scenarios:
+        rows.extend(_latency_goals(scenarios["latency"]))
     if "inflight" in scenarios:
         rows.extend(_inflight_goals(scenarios["inflight"]))
+    return rows
+
+
+def _redis_ceiling_goals(overhead: dict[str, Any]) -> list[dict[str, Any]]:
+    """Redis's own CPU per job (its process's user+sys over the measured step), difyq with and without limits,
+    and the jobs/s one Redis core carries at that cost."""
+    pipelines = overhead["pipelines"]
+    cpu = {name: p["cost"]["redis_cpu_ms_per_job"] for name, p in pipelines.items()}
+    bare, celery = cpu.get("bare"), cpu.get("celery")
+    where = f"{overhead['rate']:.0f} jobs/s, {overhead['profile']['name']} Dify"
+    rows: list[dict[str, Any]] = []
+    for name, label, target, limit in (
+        (LIMITED, "app with limits", "≤ 1.3 x bare", 1.3), ("difyq", "app without limits", "vs bare", None),
+    ):
+        if name not in cpu:
+            continue
+        ratio = _ratio(cpu[name], bare)
+        rows.append({"goal": f"Redis ceiling: Redis CPU ms per job, {label} ({where})", "target": target,
+                     "unit": "ms", "difyq": cpu[name], "bare": bare, "celery": celery, "ratio": ratio,
+                     "ok": None if limit is None or ratio is None else ratio <= limit})
+    per_core = {name: 1000 / value for name, value in cpu.items() if value}
+    if LIMITED in per_core:
+        rows.append({"goal": "Redis ceiling: jobs/s per Redis core (1000 / Redis CPU ms per job), app with limits",
+                     "target": "report", "unit": "jobs/s", "difyq": per_core[LIMITED], "bare": per_core.get("bare"),
+                     "celery": per_core.get("celery"), "ratio": _ratio(per_core[LIMITED], per_core.get("bare")),
+                     "ok": None})
+    return rows
+
+
+def _latency_goals(latency: dict[str, Any]) -> list[dict[str, Any]]:
+    """Added latency and submit latency at a realistic load: below the targets and, at p99, below both baselines."""
+    pipelines = latency["pipelines"]
+    where = f"{latency['rate']:.0f} jobs/s, {latency['profile']['name']} Dify"
+    rows: list[dict[str, Any]] = []
+    for key, label, target, limit in (
+        ("overhead_ms", "p50", "≤ 5 ms", 5.0), ("overhead_ms", "p99", "≤ 25 ms, < bare, < celery", 25.0),
+        ("submit_ms", "p99", "≤ 10 ms", 10.0),
+    ):
+        values = {name: p[key][label] for name, p in pipelines.items()}
+        difyq, bare, celery = values.get("difyq"), values.get("bare"), values.get("celery")
+        ok = None if difyq is None else difyq <= limit
+        if ok and key == "overhead_ms" and label == "p99":
+            ok = all(base is None or difyq < base for base in (bare, celery))
+        what = "added latency (e2e - Dify's own time)" if key == "overhead_ms" else "submit latency (202)"
+        rows.append({"goal": f"Realistic latency: {what} {label} at {where}", "target": target, "unit": "ms",
+                     "difyq": difyq, "bare": bare, "celery": celery, "ratio": _ratio(difyq, bare), "ok": ok})
     return rows
 
 
@@ -192,6 +242,9 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         if trace:
             top = ", ".join(f"{name} {count}" for name, count in list(trace["round_trips"].items())[:8])
             lines += ["", f"difyq round trips per job by command: {top}."]
+        lines += ["", *script_times_section(s2)]
+    if "latency" in scenarios:
+        lines += ["", *latency_section(scenarios["latency"])]
     if "inflight" in scenarios:
         s3 = scenarios["inflight"]
         lines += ["", "## 3. In flight (10 s streamed answers)", ""]
@@ -228,6 +281,50 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     if figures:
         lines += ["", *[f"![{Path(name).stem}]({name})" for name in figures]]
     return "\n".join(lines) + "\n"
+
+
+def script_times_section(overhead: dict[str, Any]) -> list[str]:
+    """Where Redis's time goes per job, by script and command (the slow log at threshold 0, a window after the
+    measured step), for each pipeline."""
+    lines = ["Redis's time per job by script or command (µs of execution, network I/O not included; "
+             "`INFO commandstats` lumps every script into `evalsha`):", "",
+             "| pipeline | script or command | calls/job | µs/call | µs/job |", "|---|---|---:|---:|---:|"]
+    for name, data in overhead["pipelines"].items():
+        times = data.get("script_times")
+        if not times:
+            continue
+        for script, figures in times["by_name"].items():
+            if figures["usec_per_job"] < 0.5:
+                continue
+            lines.append(f"| {name} | {script} | {figures['calls_per_job']:.2f} | {figures['usec_per_call']:.1f} | "
+                         f"{figures['usec_per_job']:.1f} |")
+        lines.append(f"| {name} | **total** | | | **{times['usec_per_job']:.1f}** |")
+    return lines
+
+
+def latency_section(latency: dict[str, Any]) -> list[str]:
+    """The realistic-latency scenario: each pipeline's added and submit latency, difyq's phases."""
+    lines = [f"## Realistic latency at {latency['rate']:.0f} jobs/s ({latency['profile']['name']} Dify, half of "
+             f"the workers' {latency['shape']} capacity)", "",
+             "| pipeline | e2e p50/p99 ms | added p50/p99/p99.9 ms | submit p50/p99 ms | generator late p50/p99 ms "
+             "| CPU ms/job | Redis CPU ms/job | other load | idle: Redis CPU ms/s | idle: Redis commands/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, data in latency["pipelines"].items():
+        e2e, over, sub, cost = data["e2e_ms"], data["overhead_ms"], data["submit_ms"], data["cost"]
+        late = data.get("generator_late_ms") or {"p50": None, "p99": None}
+        idle = data.get("idle") or {}
+        lines.append(
+            f"| {name} | {_fmt(e2e['p50'])} / {_fmt(e2e['p99'])} | {_fmt(over['p50'])} / {_fmt(over['p99'])} / "
+            f"{_fmt(over['p99.9'])} | {_fmt(sub['p50'], 2)} / {_fmt(sub['p99'], 2)} | "
+            f"{_fmt(late['p50'], 2)} / {_fmt(late['p99'], 2)} | {_fmt(cost['cpu_ms_per_job'], 2)} | "
+            f"{_fmt(cost['redis_cpu_ms_per_job'], 3)} | {_fmt(cost['other_load_cores'], 2)} | "
+            f"{_fmt(idle.get('redis_cpu_ms_per_s'), 2)} | {_fmt(idle.get('redis_commands_per_s'))} |")
+    phases = latency["pipelines"].get("difyq", {}).get("phases_ms")
+    if phases:
+        lines += ["", "Where difyq's added time goes:", "", "| phase | p50 ms | p99 ms |", "|---|---:|---:|"]
+        lines += [f"| {phase} | {_fmt(values['p50'], 2)} | {_fmt(values['p99'], 2)} |"
+                  for phase, values in phases.items() if phase != "dify"]
+    return lines
 
 
 def durable_submit_section(durable: dict[str, Any]) -> list[str]:
@@ -296,20 +393,22 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
         right.axhline(1000, color="red", linestyle="--", linewidth=0.8, label="1 s goal")
         right.set(xlabel="offered jobs/s", ylabel="p99 end-to-end, ms", yscale="log", title="p99 vs offered load")
         written.append(_save(figure, machine, directory / "throughput.png"))
-    if "overhead" in scenarios:
+    for scenario, file in (("overhead", "latency.png"), ("latency", "latency-realistic.png")):
+        if scenario not in scenarios:
+            continue
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for name, data in scenarios["overhead"]["pipelines"].items():
+        for name, data in scenarios[scenario]["pipelines"].items():
             for axis, key in ((left, "overhead_ms"), (right, "submit_ms")):
                 cdf = data.get(f"{key}_cdf")
                 if cdf:
                     axis.plot(cdf["ms"], cdf["fraction"], color=COLORS.get(name), label=name)
-        rate = scenarios["overhead"]["rate"]
+        rate = scenarios[scenario]["rate"]
         left.axvline(5, color="red", linestyle="--", linewidth=0.8, label="p50 goal 5 ms")
         left.axvline(25, color="red", linestyle=":", linewidth=0.8, label="p99 goal 25 ms")
         left.set(xscale="log", xlabel="e2e - Dify's own time, ms", ylabel="fraction of jobs",
-                 title=f"Added latency, CDF ({rate:.0f} jobs/s, {scenarios['overhead']['profile']['name']} Dify)")
+                 title=f"Added latency, CDF ({rate:.0f} jobs/s, {scenarios[scenario]['profile']['name']} Dify)")
         right.set(xscale="log", xlabel="submit latency, ms", ylabel="fraction of jobs", title="Submit latency, CDF")
-        written.append(_save(figure, machine, directory / "latency.png"))
+        written.append(_save(figure, machine, directory / file))
     if "inflight" in scenarios:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
         for mode in scenarios["inflight"]["modes"]:

@@ -32,7 +32,7 @@ from tests.bench.scenarios import BenchConfig, InflightMode
 from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape, source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("throughput", "overhead", "inflight", "cost", "limits", "console", "durable_submit")
+SCENARIOS = ("throughput", "overhead", "latency", "inflight", "cost", "limits", "console", "durable_submit")
 
 
 def machine() -> dict[str, Any]:
@@ -101,6 +101,10 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         config.overhead_profile = scenarios.fixed_latency(args.dify_latency)
     if args.overhead_seconds:
         config.overhead_duration_s = args.overhead_seconds
+    if args.latency_rate:
+        config.latency_rate = args.latency_rate
+    if args.latency_seconds:
+        config.latency_duration_s = args.latency_seconds
     if args.inflight_levels:
         levels = [int(level) for level in args.inflight_levels.split(",")]
         config.inflight_modes = [InflightMode(mode.pipeline, mode.shape, levels if index == 0 else levels[-1:])
@@ -158,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dify-latency", type=float, metavar="SECONDS",
                         help="the emulator's answer time in scenario 2 (default 0.2)")
     parser.add_argument("--overhead-seconds", type=float, help="length of scenario 2's measured step")
+    parser.add_argument("--latency-rate", type=float,
+                        help="jobs/s of the realistic-latency scenario (default: half of the workers' capacity)")
+    parser.add_argument("--latency-seconds", type=float, help="length of the realistic-latency scenario's step")
     parser.add_argument("--inflight-levels", help="comma-separated concurrency levels for scenario 3")
     parser.add_argument("--inflight-threads", type=int, help="threads (greenlets) per worker process in scenario 3")
     parser.add_argument("--difyq-src", type=Path, default=REPO_ROOT,
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     args = parser.parse_args(argv)
 
-    chosen = set(args.scenario or ("throughput", "overhead", "inflight", "limits", "console", "durable_submit"))
+    chosen = set(args.scenario or ("throughput", "overhead", "latency", "inflight", "limits", "console",
+                                   "durable_submit"))
     if "cost" in chosen:
         chosen.add("overhead")
     config = build_config(args)
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = results["scenarios"].get("throughput", {}).get("pipelines", {}).get("difyq", {})
                 rate = best.get("max_sustained_rate", 0) / 2 or config.overhead_default_rate
             results["scenarios"]["overhead"] = scenarios.overhead(bench, config, rate)
+        if "latency" in chosen:
+            results["scenarios"]["latency"] = scenarios.realistic_latency(bench, config)
         if "inflight" in chosen:
             results["scenarios"]["inflight"] = scenarios.inflight(bench, config)
     finally:

@@ -20,20 +20,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from tests.bench.loadgen import emulator_alone
 from tests.bench.measure import StepData, cdf, in_flight, phase_breakdown, run_step, summary
-from tests.bench.redis_trace import CommandTrace
+from tests.bench.redis_trace import CommandTrace, ScriptTimes
 from tests.bench.stack import (
     DIFY_KEY,
+    LIMITED,
     BenchEnvironment,
     DifyqPipeline,
     Pipeline,
     Profile,
     WorkerShape,
+    cost_between,
     tree_memory,
 )
 
@@ -79,6 +82,13 @@ class BenchConfig:
     overhead_default_rate: float = 50.0
     overhead_duration_s: float = 25.0
     overhead_profile: Profile = FIXED_200MS
+    # Scenario 2 also runs difyq on an app with every limit set (none binding), the Redis ceiling with limits.
+    overhead_limits: bool = True
+    # The realistic latency scenario: a 2 s Dify at half of the workers' capacity (unless a rate is given).
+    latency_dify_s: float = 2.0
+    latency_rate: float | None = None
+    latency_duration_s: float = 30.0
+    idle_seconds: float = 10.0
     trace_jobs: int = 150
     inflight_modes: list[InflightMode] = field(default_factory=lambda: [
         InflightMode("difyq", WorkerShape(2, INFLIGHT_SLOTS, gevent=True), [500, 1000, 2000]),
@@ -95,7 +105,7 @@ class BenchConfig:
     def quick(cls) -> BenchConfig:
         return cls(
             throughput_start=100.0, throughput_factor=1.6, throughput_step_s=2.5, throughput_max_steps=4,
-            throughput_refine_steps=0, overhead_duration_s=4.0,
+            throughput_refine_steps=0, overhead_duration_s=4.0, latency_duration_s=6.0, idle_seconds=3.0,
             trace_jobs=40,
             inflight_modes=[InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [200]),
                             InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
@@ -109,7 +119,7 @@ def fixed_latency(seconds: float) -> Profile:
 
 
 def _pipeline_options(config: BenchConfig, name: str) -> dict[str, Any]:
-    return {"extra_env": config.difyq_env} if name == "difyq" and config.difyq_env else {}
+    return {"extra_env": config.difyq_env} if name in ("difyq", LIMITED) and config.difyq_env else {}
 
 
 def warm_up(bench: BenchEnvironment, pipeline: Pipeline, rate: float) -> None:
@@ -225,34 +235,73 @@ def _drain(bench: BenchEnvironment, step: StepData, timeout: float = 30.0) -> bo
     return ids.issubset(bench.sink.wait_for(ids, timeout=timeout).keys())
 
 
-def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float) -> dict[str, Any]:
+def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float, profile: Profile | None = None,
+             cost: bool = True, duration: float | None = None) -> dict[str, Any]:
     """Scenarios 2 and 4: what each pipeline adds to a Dify call (200 ms unless the config says otherwise) at
-    ``rate`` jobs/s, and what a job costs."""
-    profile = config.overhead_profile
+    ``rate`` jobs/s, and (``cost``) what a job costs: CPU, Redis CPU and commands, the time Redis spends in each
+    script (``ScriptTimes``), round trips (``CommandTrace``), for difyq also on an app with limits."""
+    profile = profile or config.overhead_profile
     results: dict[str, Any] = {"profile": vars(profile), "shape": config.shape.label(), "rate": rate,
                                "pipelines": {}}
+    names = [*config.pipelines]
+    if cost and config.overhead_limits and "difyq" in names:
+        names.insert(names.index("difyq") + 1, LIMITED)
     with bench.emulating(profile):
-        for name in config.pipelines:
+        for name in names:
             with bench.pipeline(name, config.shape, **_pipeline_options(config, name)) as pipeline:
                 warm_up(bench, pipeline, config.warmup_jobs_rate)
-                step = run_step(bench, pipeline, rate, config.overhead_duration_s, grace=30.0, seed=config.seed)
+                step = run_step(bench, pipeline, rate, duration or config.overhead_duration_s, grace=30.0,
+                                seed=config.seed)
                 record = step.describe()
                 record["overhead_ms_cdf"] = cdf(step.overhead())
                 record["submit_ms_cdf"] = cdf(step.submit_latency())
                 if isinstance(pipeline, DifyqPipeline):
                     record["phases_ms"] = phase_breakdown(step, pipeline)
-                trace_seconds = config.trace_jobs / rate
-                with CommandTrace(bench.redis.url) as trace:
-                    traced = run_step(bench, pipeline, rate, trace_seconds, grace=30.0, seed=config.seed + 99)
-                record["trace"] = trace.per_job(traced.completed())
+                if cost:
+                    _measure_cost(bench, pipeline, rate, config, record)
+                else:
+                    record["idle"] = _idle_cost(bench, pipeline, config.idle_seconds)
                 _note_commit(record, pipeline)
                 results["pipelines"][name] = record
-                print(f"  [overhead] {name} at {rate:.1f}/s: overhead p50 {record['overhead_ms']['p50']:.1f} ms "
-                      f"p99 {record['overhead_ms']['p99']:.1f} ms, submit p50 {record['submit_ms']['p50']:.1f} ms, "
-                      f"cpu {record['cost']['cpu_ms_per_job']:.2f} ms/job, "
-                      f"redis {record['cost']['redis_commands_per_job']:.1f} cmd/job "
-                      f"({record['trace']['round_trips_per_job']:.1f} round trips)", flush=True)
+                print(f"  [{'overhead' if cost else 'latency'}] {name} at {rate:.1f}/s: overhead p50 "
+                      f"{record['overhead_ms']['p50']:.1f} ms p99 {record['overhead_ms']['p99']:.1f} ms, submit p50 "
+                      f"{record['submit_ms']['p50']:.1f} ms p99 {record['submit_ms']['p99']:.1f} ms, cpu "
+                      f"{record['cost']['cpu_ms_per_job']:.2f} ms/job, redis cpu "
+                      f"{record['cost']['redis_cpu_ms_per_job']:.3f} ms/job", flush=True)
     return results
+
+
+def _measure_cost(bench: BenchEnvironment, pipeline: Pipeline, rate: float, config: BenchConfig,
+                  record: dict[str, Any]) -> None:
+    """Two short windows after the measured step: Redis's time per script (the slow log) and the round trips
+    (MONITOR); each costs Redis a little per command, so neither runs during the measured step."""
+    seconds = config.trace_jobs / rate
+    with ScriptTimes(bench.redis.url) as times:
+        timed = run_step(bench, pipeline, rate, seconds, grace=30.0, seed=config.seed + 98)
+    record["script_times"] = times.per_job(timed.completed())
+    with CommandTrace(bench.redis.url) as trace:
+        traced = run_step(bench, pipeline, rate, seconds, grace=30.0, seed=config.seed + 99)
+    record["trace"] = trace.per_job(traced.completed())
+
+
+def _idle_cost(bench: BenchEnvironment, pipeline: Pipeline, seconds: float) -> dict[str, Any]:
+    """What the pipeline's workers cost Redis with nothing to do, per second: the price of their waiting for work
+    (polls, or blocked waits), which every idle worker process of a fleet pays."""
+    before = bench.snapshot(pipeline)
+    time.sleep(seconds)
+    idle = cost_between(before, bench.snapshot(pipeline), 0)
+    per_s = {name: count / idle["seconds"] for name, count in idle["redis_commands"].items()}
+    return {"seconds": idle["seconds"], "redis_cpu_ms_per_s": 1000 * idle["redis_cores"],
+            "redis_commands_per_s": sum(per_s.values()), "redis_commands": per_s,
+            "pipeline_cpu_ms_per_s": 1000 * idle["pipeline_cores"]}
+
+
+def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
+    """What each pipeline adds to a 2 s Dify answer offered at half of the workers' capacity (their slots / 2 s):
+    the load real apps put on a worker, where an idle consumer's wait for work shows."""
+    profile = fixed_latency(config.latency_dify_s)
+    rate = config.latency_rate or config.shape.processes * config.shape.threads / config.latency_dify_s / 2
+    return overhead(bench, config, rate, profile, cost=False, duration=config.latency_duration_s)
 
 
 def inflight(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:

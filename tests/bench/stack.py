@@ -36,6 +36,10 @@ DIFY_KEY = "app-benchkey0000000000"
 CLIENT_TOKEN = "bench-client-token-0123456789"
 SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 APP = "bench"
+# The app of the ``difyq+limits`` pipeline: every limit set, none binding at the bench's rates (requests, tokens and
+# concurrency are checked, recorded and released on every job).
+LIMITED_APP_LIMITS = {"requests_per_minute": 1_000_000, "tokens_per_minute": 1_000_000_000, "max_concurrency": 10_000}
+LIMITED = "difyq+limits"
 NAMESPACE = "difyqbench"
 
 
@@ -260,13 +264,18 @@ class DifyqPipeline(Pipeline):
     """``difyq api`` + ``difyq worker`` from the bench's difyq source tree (the repo, or a scratch copy to try a
     change), with ``extra_env`` added to both processes' environment."""
 
+    name = "difyq"
+    limits: dict[str, int] | None = None
+
     def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator,
                  extra_env: dict[str, str] | None = None) -> None:
-        super().__init__("difyq", shape, f"{NAMESPACE}:jobs")
+        super().__init__(self.name, shape, f"{NAMESPACE}:jobs")
         self.bench = bench
         self.commit = source_commit(bench.difyq_src)
+        app = {"api_key": DIFY_KEY, "mode": "chat", "base_url": emulator.base_url,
+               **({"limits": self.limits} if self.limits else {})}
         config = {
-            "apps": {APP: {"api_key": DIFY_KEY, "mode": "chat", "base_url": emulator.base_url}},
+            "apps": {APP: app},
             "clients": {"bench": {"token": CLIENT_TOKEN, "apps": ["*"]}},
             "callbacks": {"signing_secret": SIGNING_SECRET, "allow_hosts": ["127.0.0.0/8"]},
             "redis": {"namespace": NAMESPACE},
@@ -308,6 +317,13 @@ class DifyqPipeline(Pipeline):
                 created, started, finished = (float(value) for value in values)
                 times[job_id] = (created, started, finished)
         return times
+
+
+class LimitedDifyqPipeline(DifyqPipeline):
+    """``difyq`` on an app with requests, tokens and concurrency limits (``LIMITED_APP_LIMITS``)."""
+
+    name = LIMITED
+    limits = LIMITED_APP_LIMITS
 
 
 class BarePipeline(Pipeline):
@@ -352,7 +368,7 @@ class CeleryPipeline(Pipeline):
         return celery_submitter(self.bench.redis.url, self.bench.sink.url)
 
 
-PIPELINES = {"difyq": DifyqPipeline, "bare": BarePipeline, "celery": CeleryPipeline}
+PIPELINES = {"difyq": DifyqPipeline, LIMITED: LimitedDifyqPipeline, "bare": BarePipeline, "celery": CeleryPipeline}
 
 
 @dataclass

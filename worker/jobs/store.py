@@ -211,7 +211,7 @@ class JobStore:
                                                                      tenant=fields[JobField.TENANT]))
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
-        header: dict[str, Any] = {"created_ms": created_ms,
+        header: dict[str, Any] = {"id": job_id, "created_ms": created_ms,
                                   "prune_before_ms": created_ms - int(self.config.result_ttl * 1000),
                                   "message_id": message.redis_message_id, "message_body": message.body.decode()}
         if idempotency_key:
@@ -225,7 +225,7 @@ class JobStore:
         return SubmitCall(
             keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self.index_key(),
                   self.index_key(new.app), message.queue_key, message.bodies_key,
-                  *self.pending_keys(new.app, new.scope)],
+                  *self.pending_keys(new.app, new.scope), self.keys.wake(JOBS_QUEUE)],
             args=[dumps(header), *pairs],
             fields=fields,
         )
@@ -368,7 +368,7 @@ class JobStore:
         now = time.time()
         reply = self._start(
             keys=[self.job_key(job_id), self.leases_key, self.keys.paused],
-            args=[repr(now), int((now + lease_s) * 1000), self.worker_id],
+            args=[repr(now), int((now + lease_s) * 1000), self.worker_id, job_id],
         )
         state = _text(reply[0])
         if state == "started":
@@ -436,26 +436,31 @@ class JobStore:
         lock_s: float,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
+        record: dict[str, str] | None = None,
     ) -> tuple[str, dict[str, str] | None]:
         """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
         takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
         attempt and records it with ``callback_attempted``. Returns the status and, when the caller owns the
         first attempt, the stored record; else None (no callback URL, the outcome was already stored, or
-        ``lease_s`` None: the callback is enqueued as by ``finish``)."""
+        ``lease_s`` None: the callback is enqueued as by ``finish``). ``record``: the job's record as its attempt
+        started, which names its app and scope (they never change), so they need no read."""
         now = time.time()
         inline = None
         if lease_s is not None:
             inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
-        reply = self._run_finish(job_id, status, result, error, inline, now)
+        reply = self._run_finish(job_id, status, result, error, inline, now, record)
         final = _text(reply[0])
         return final, (_record(reply, 1) if len(reply) > 1 else None)
 
     def _run_finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None,
-                    error: dict[str, Any] | None, inline: dict[str, int] | None, now: float | None = None) -> list[Any]:
+                    error: dict[str, Any] | None, inline: dict[str, int] | None, now: float | None = None,
+                    record: dict[str, str] | None = None) -> list[Any]:
         """One finish.lua call; its arguments are one JSON object (see the script)."""
         message = self.message(CALLBACKS_QUEUE, job_id)
+        pending = (self.pending_keys(record[JobField.APP], record.get(JobField.SCOPE, "")) if record
+                   else self._pending_keys_of(job_id))
         outcome: dict[str, Any] = {
-            "status": status.value, "finished_at": repr(time.time() if now is None else now),
+            "id": job_id, "status": status.value, "finished_at": repr(time.time() if now is None else now),
             "retention_ms": int(self.config.result_ttl * 1000), "callback": CallbackBlock.pending().stored(),
             "message_id": message.redis_message_id, "message_body": message.body.decode(),
         }
@@ -468,7 +473,7 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=True)
         self._finish(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
-                  self.callback_lock_key(job_id), *self._pending_keys_of(job_id)],
+                  self.callback_lock_key(job_id), *pending],
             args=[dumps(outcome)], client=pipe,
         )
         self._index_dify_ids(pipe, job_id, ((result or {}).get(name) for name in INDEXED_RESULT_IDS))
@@ -493,7 +498,7 @@ class JobStore:
         ``release_lease``, the job's lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         attempted: dict[str, Any] = {
-            "callback": block.stored(), "attempt": attempt.stored(), "now": time.time(),
+            "id": job_id, "callback": block.stored(), "attempt": attempt.stored(), "now": time.time(),
             "release_lease": release_lease, "status": status,
             "next": "retry" if message else "dead" if block.status == "failed" and status in FINAL_STATUSES
             else "done"}

@@ -7,30 +7,31 @@
 -- ARGV: 1 a JSON object: callback (the block, JSON), attempt (the attempt, JSON), next ("retry", "dead" or "done"),
 --       now (unix seconds),
 --       release_lease (true: drop the job's lease), status (the job's status the attempt announced), and for a
---       retry message_id and message_body
+--       retry message_id and message_body, id (the job's)
 local attempted = cjson.decode(ARGV[1])
-local id = redis.call('HGET', KEYS[1], FIELD.id)
+local current = redis.call('HMGET', KEYS[1], FIELD.status, FIELD.callback_attempts)
+local status = current[1]
 redis.call('DEL', KEYS[3])
-if not id then
+if not status then
   return 0
 end
-local attempts = cjson.decode(redis.call('HGET', KEYS[1], FIELD.callback_attempts) or '[]')
+local attempts = cjson.decode(current[2] or '[]')
 table.insert(attempts, cjson.decode(attempted.attempt))
 while #attempts > MAX_CALLBACK_ATTEMPTS do
   table.remove(attempts, 1)
 end
-redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts))
 if attempted.release_lease then
-  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[2], attempted.id)
 end
-if redis.call('HGET', KEYS[1], FIELD.status) ~= attempted.status then
+if status ~= attempted.status then
+  redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts))
   return 0
 end
-redis.call('HSET', KEYS[1], FIELD.callback, attempted.callback)
+redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts), FIELD.callback, attempted.callback)
 if attempted.next == 'retry' then
   redis.call('HSET', KEYS[6], attempted.message_id, attempted.message_body)
   redis.call('RPUSH', KEYS[5], attempted.message_id)
 elseif attempted.next == 'dead' then
-  redis.call('ZADD', KEYS[4], attempted.now, id)
+  redis.call('ZADD', KEYS[4], attempted.now, attempted.id)
 end
 return 1

@@ -7,12 +7,13 @@
 -- The job leaves its app's and its client's pending jobs.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock, 6 the app's pending jobs,
 --       7 the client's pending jobs ('' when no API client submitted it)
--- ARGV: 1 a JSON object: status, finished_at, retention_ms, result and error (JSON texts, absent = none),
---       callback (the pending callback block, JSON), message_id and message_body (the callback message),
+-- ARGV: 1 a JSON object: id (the job's), status, finished_at, retention_ms, result and error (JSON texts, absent =
+--       none), callback (the pending callback block, JSON), message_id and message_body (the callback message),
 --       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
 local outcome = cjson.decode(ARGV[1])
-local status = redis.call('HGET', KEYS[1], FIELD.status)
+local current = redis.call('HMGET', KEYS[1], FIELD.status, FIELD.cancel_requested, FIELD.callback_url, FIELD.error)
+local status = current[1]
 if not status then
   return {'missing'}
 end
@@ -20,26 +21,34 @@ if is_final(status) then
   return {'already:' .. status}
 end
 local final = outcome.status
-if final == STATUS.succeeded and redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
+if final == STATUS.succeeded and current[2] == '1' then
   final = STATUS.canceled
 end
-redis.call('HSET', KEYS[1], FIELD.status, final, FIELD.finished_at, outcome.finished_at)
+local changes = {FIELD.status, final, FIELD.finished_at, outcome.finished_at}
 if outcome.result then
-  redis.call('HSET', KEYS[1], FIELD.result, outcome.result)
+  changes[#changes + 1] = FIELD.result
+  changes[#changes + 1] = outcome.result
 end
+local has_callback = current[3] ~= false
+if has_callback then
+  changes[#changes + 1] = FIELD.callback
+  changes[#changes + 1] = outcome.callback
+end
+if outcome.status ~= STATUS.succeeded and outcome.error then
+  changes[#changes + 1] = FIELD.error
+  changes[#changes + 1] = outcome.error
+end
+redis.call('HSET', KEYS[1], unpack(changes))
 if outcome.status == STATUS.succeeded then
-  redis.call('HDEL', KEYS[1], FIELD.error)
+  if current[4] then
+    redis.call('HDEL', KEYS[1], FIELD.error)
+  end
 elseif outcome.error then
-  redis.call('HSET', KEYS[1], FIELD.error, outcome.error)
   remember_error(KEYS[1], outcome.error, status == STATUS.running, outcome.finished_at)
 end
 redis.call('PEXPIRE', KEYS[1], outcome.retention_ms)
-local id = redis.call('HGET', KEYS[1], FIELD.id)
+local id = outcome.id
 leave_pending(id, KEYS[6], KEYS[7])
-local has_callback = redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1
-if has_callback then
-  redis.call('HSET', KEYS[1], FIELD.callback, outcome.callback)
-end
 if has_callback and outcome.inline then
   redis.call('ZADD', KEYS[2], outcome.inline.lease_expiry_ms, id)
   redis.call('SET', KEYS[5], '1', 'PX', outcome.inline.lock_ms)

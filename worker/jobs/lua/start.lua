@@ -3,33 +3,46 @@
 -- redelivery of a dead worker's message must not start it first. Running without any lease (a Redis that lost
 -- writes) is taken over.
 -- A paused job started (its forms' expiry came) leaves the paused jobs.
+-- The record is read once (HGETALL) and written once: the reply is that record with this attempt's changes.
 -- KEYS: 1 job hash, 2 leases zset, 3 paused zset
--- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id
+-- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id, 4 job id
 -- Returns {'started', attempts, first start 1|0, record field, value, ...}, or {'missing'}, {'final', status},
 -- {'busy'}.
-local status = redis.call('HGET', KEYS[1], FIELD.status)
+local record = redis.call('HGETALL', KEYS[1])
+local at = {}
+for i = 1, #record, 2 do
+  at[record[i]] = i + 1
+end
+local status = at[FIELD.status] and record[at[FIELD.status]]
 if not status then
   return {'missing'}
 end
 if is_final(status) then
   return {'final', status}
 end
-local id = redis.call('HGET', KEYS[1], FIELD.id)
-if status == STATUS.running then
-  local lease = redis.call('ZSCORE', KEYS[2], id)
-  if lease then
-    return {'busy'}
-  end
+local id = ARGV[4]
+if status == STATUS.running and redis.call('ZSCORE', KEYS[2], id) then
+  return {'busy'}
 end
 if status == STATUS.paused then
   redis.call('ZREM', KEYS[3], id)
 end
-local attempts = redis.call('HINCRBY', KEYS[1], FIELD.attempts, 1)
-local first = redis.call('HSETNX', KEYS[1], FIELD.started_at, ARGV[1])
-redis.call('HSET', KEYS[1], FIELD.status, STATUS.running, FIELD.worker, ARGV[3], FIELD.attempt_started_at, ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[2], id)
-local reply = {'started', tostring(attempts), tostring(first)}
-for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do
-  reply[#reply + 1] = item
+local changes = {FIELD.attempts, tostring(tonumber(at[FIELD.attempts] and record[at[FIELD.attempts]] or '0') + 1),
+                 FIELD.status, STATUS.running, FIELD.worker, ARGV[3], FIELD.attempt_started_at, ARGV[1]}
+local first = at[FIELD.started_at] == nil
+if first then
+  changes[#changes + 1] = FIELD.started_at
+  changes[#changes + 1] = ARGV[1]
 end
-return reply
+redis.call('HSET', KEYS[1], unpack(changes))
+redis.call('ZADD', KEYS[2], ARGV[2], id)
+for i = 1, #changes, 2 do
+  local index = at[changes[i]]
+  if index then
+    record[index] = changes[i + 1]
+  else
+    record[#record + 1] = changes[i]
+    record[#record + 1] = changes[i + 1]
+  end
+end
+return {'started', changes[2], first and '1' or '0', unpack(record)}

@@ -1,8 +1,9 @@
 -- Claim the idempotency key (if any), write the job record, index it and enqueue its message: one atomic step.
 -- A job over a max_pending cap (its app's unfinished jobs, or its client's) is refused before anything is written.
 -- KEYS: 1 idempotency key, 2 job hash, 3 index, 4 app index, 5 queue list, 6 queue bodies, 7 the app's pending
---       jobs, 8 the client's pending jobs ('' for a job no API client submitted)
--- ARGV: 1 a JSON object: created_ms, prune_before_ms (index entries older than this go), message_id and
+--       jobs, 8 the client's pending jobs ('' for a job no API client submitted), 9 the queue's wake token (one at
+--       most: it wakes an idle consumer, worker/wakeup.py)
+-- ARGV: 1 a JSON object: id (the job's), created_ms, prune_before_ms (index entries older than this go), message_id and
 --       message_body (the run_job message), with an idempotency key its claim (the value to store) and
 --       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; 2.. the job record's
 --       field/value pairs
@@ -11,7 +12,7 @@
 -- reply): answer like that run, without writing or enqueueing twice.
 local submit = cjson.decode(ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  return {'created', redis.call('HGET', KEYS[2], FIELD.id)}
+  return {'created', submit.id}
 end
 if submit.claim then
   local existing = redis.call('GET', KEYS[1])
@@ -29,7 +30,7 @@ if submit.claim then
   redis.call('SET', KEYS[1], submit.claim, 'PX', submit.claim_ttl_ms)
 end
 redis.call('HSET', KEYS[2], unpack(ARGV, 2))
-local id = redis.call('HGET', KEYS[2], FIELD.id)
+local id = submit.id
 redis.call('ZADD', KEYS[7], submit.created_ms, id)
 if KEYS[8] ~= '' then
   redis.call('ZADD', KEYS[8], submit.created_ms, id)
@@ -49,4 +50,7 @@ if submit.created_ms % 8 == 0 then
 end
 redis.call('HSET', KEYS[6], submit.message_id, submit.message_body)
 redis.call('RPUSH', KEYS[5], submit.message_id)
+if redis.call('LLEN', KEYS[9]) == 0 then
+  redis.call('RPUSH', KEYS[9], '1')
+end
 return {'created', id}

@@ -1,0 +1,100 @@
+"""An idle worker's consumer of the jobs queue is woken by the token a new job leaves (``worker/wakeup.py``):
+one token at most waits, a consumer takes it only when it could take a job, and every message still goes through
+Dramatiq's own fetch and ack."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from dramatiq import Message
+from dramatiq.errors import ConnectionClosed
+
+from difyq.worker.app import build_broker
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.leases import lease_from_env
+from difyq.worker.redis_keys import RedisKeys
+from difyq.worker.runtime import Runtime
+from difyq.worker.wakeup import WakingConsumer
+from tests.support.stack import make_runtime
+from tests.support.waiting import wait_for
+
+APPS = {"support": {"api_key": "app-x", "mode": "chat"}}
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str) -> Runtime:
+    return make_runtime(redis_url, namespace, APPS)
+
+
+def submit(runtime: Runtime) -> str:
+    return runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"),
+                                       scope="client:t")).job["id"]
+
+
+def tokens(runtime: Runtime) -> int:
+    return int(runtime.raw_redis.llen(RedisKeys(runtime.namespace).wake(JOBS_QUEUE)))
+
+
+def test_submits_leave_one_token_at_most(runtime: Runtime) -> None:
+    submit(runtime)
+    submit(runtime)
+    assert tokens(runtime) == 1
+
+
+def test_only_the_jobs_queue_has_a_waking_consumer(runtime: Runtime) -> None:
+    broker = build_broker(runtime, lease_from_env())
+    assert isinstance(broker.consume(JOBS_QUEUE, prefetch=1, timeout=50), WakingConsumer)
+    assert not isinstance(broker.consume(CALLBACKS_QUEUE, prefetch=1, timeout=50), WakingConsumer)
+
+
+def test_an_idle_consumer_waits_on_the_token_and_a_submit_wakes_it(runtime: Runtime) -> None:
+    consumer = build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=4, timeout=1000)
+    job_id = submit(runtime)
+    message = wait_for(lambda: next(consumer), timeout=10, what="the submitted job's message")
+    assert message.args == (job_id,)
+    consumer.ack(message)
+    wait_for(lambda: next(consumer) is None and tokens(runtime) == 0, timeout=10,
+             what="the empty queue's consumer takes the token")
+    woken = threading.Event()
+
+    def wait_once() -> None:
+        assert next(consumer) is None  # the token woke it; the job comes with the next fetch
+        woken.set()
+
+    waiter = threading.Thread(target=wait_once)
+    waiter.start()
+    second = submit(runtime)
+    waiter.join(timeout=10)
+    assert woken.is_set()
+    assert tokens(runtime) == 0
+    message = wait_for(lambda: next(consumer), timeout=10, what="the second job's message")
+    assert message.args == (second,)
+    consumer.ack(message)
+
+
+def test_a_consumer_holding_its_prefetch_leaves_the_token_to_others(runtime: Runtime) -> None:
+    consumer = build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=1, timeout=50)
+    submit(runtime)
+    held = wait_for(lambda: next(consumer), timeout=10, what="the first job's message")
+    submit(runtime)
+    assert next(consumer) is None
+    assert tokens(runtime) == 1
+    consumer.ack(held)
+    assert wait_for(lambda: next(consumer), timeout=10, what="the second job after the ack") is not None
+
+
+def test_a_delayed_message_whose_time_came_leaves_a_token(runtime: Runtime) -> None:
+    broker = build_broker(runtime, lease_from_env())
+    broker.enqueue(Message(queue_name=JOBS_QUEUE, actor_name="run_job", args=("job_x",), kwargs={}, options={}))
+    assert tokens(runtime) == 1
+
+
+def test_a_lost_connection_is_dramatiqs_connection_closed(runtime: Runtime) -> None:
+    dead = make_runtime("redis://127.0.0.1:1", runtime.namespace, APPS)
+    consumer = WakingConsumer(build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=1, timeout=0),
+                              dead.raw_redis, RedisKeys(runtime.namespace).wake(JOBS_QUEUE), 1, 50)
+    with pytest.raises(ConnectionClosed):
+        while True:
+            next(consumer)

@@ -1,0 +1,111 @@
+"""Wake-ups of idle consumers: a job put on the ``jobs`` queue wakes one idle worker process at once, instead of
+waiting for the next poll of Dramatiq's consumer (an idle one backs off up to ``dramatiq_worker_timeout``, 1 s,
+so a job arriving at an idle worker waited up to that long).
+
+A producer that enqueues a job also leaves a token in ``{ns}:wake:{queue}`` (at most one waits there; submit.lua,
+and ``WakingRedisBroker.enqueue`` for what Dramatiq itself moves from the delay queue). ``WakingConsumer`` wraps
+the consumer Dramatiq's ``RedisBroker.consume`` returns, through its public interface only: it fetches without
+back-off, and when the queue is empty it blocks on the token (``BLPOP``, up to the worker timeout) instead of
+sleeping, so an idle worker costs Redis one command per worker timeout, as Dramatiq's own back-off does, and a
+busy one no empty polls at all. A consumer holding as many messages as it may prefetch waits for an ack instead
+(it could not take another message). Messages are still fetched and acked by Dramatiq: its delivery, ack and
+recovery guarantees are unchanged; a token only says when to look.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import redis
+from dramatiq import Message
+from dramatiq.broker import Consumer, MessageProxy
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.errors import ConnectionClosed
+
+from difyq.worker.redis_keys import RedisKeys
+
+# The longest a consumer blocks on its token: under the Redis clients' 2 s socket timeout (``worker.runtime``).
+MAX_BLOCK_S = 1.0
+
+
+def wake(client: redis.Redis, key: str) -> None:
+    """Leave the token (one at most) that wakes an idle consumer of the queue whose wake key is ``key``."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.rpush(key, 1).ltrim(key, 0, 0).execute()
+
+
+class WakingConsumer(Consumer):
+    """Dramatiq's consumer of one queue (``inner``, made with no back-off), woken by the queue's token."""
+
+    def __init__(self, inner: Consumer, client: redis.Redis, wake_key: str, prefetch: int, timeout_ms: int):
+        self.inner = inner
+        self.client = client
+        self.wake_key = wake_key
+        self.prefetch = prefetch
+        self.block_s = min(max(timeout_ms, 1) / 1000, MAX_BLOCK_S)
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self._freed = threading.Event()
+
+    def __next__(self) -> MessageProxy | None:
+        message = next(self.inner)
+        if message is not None:
+            with self._lock:
+                self._outstanding += 1
+            return message
+        if self._outstanding >= self.prefetch:
+            self._freed.wait(self.block_s)
+            self._freed.clear()
+            return None
+        try:
+            self.client.blpop([self.wake_key], timeout=self.block_s)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+        return None
+
+    def _settled(self) -> None:
+        with self._lock:
+            self._outstanding = max(self._outstanding - 1, 0)
+        self._freed.set()
+
+    def ack(self, message: MessageProxy) -> None:
+        try:
+            self.inner.ack(message)
+        finally:
+            self._settled()
+
+    def nack(self, message: MessageProxy) -> None:
+        try:
+            self.inner.nack(message)
+        finally:
+            self._settled()
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        self.inner.requeue(messages)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WakingRedisBroker(RedisBroker):
+    """Dramatiq's RedisBroker whose consumers of ``woken_queues`` are ``WakingConsumer``s, and whose enqueues to
+    them (a delayed message whose time came) leave the wake token."""
+
+    def __init__(self, *, client: redis.Redis, namespace: str, woken_queues: Iterable[str], **options: object):
+        super().__init__(client=client, namespace=namespace, **options)  # type: ignore[arg-type]
+        self.wake_client = client
+        self.keys = RedisKeys(namespace)
+        self.woken_queues = frozenset(woken_queues)
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        if queue_name not in self.woken_queues:
+            return super().consume(queue_name, prefetch, timeout)
+        inner = super().consume(queue_name, prefetch, timeout=0)
+        return WakingConsumer(inner, self.wake_client, self.keys.wake(queue_name), prefetch, timeout)
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        enqueued = super().enqueue(message, delay=delay)
+        if enqueued.queue_name in self.woken_queues:
+            wake(self.wake_client, self.keys.wake(enqueued.queue_name))
+        return enqueued
