@@ -858,3 +858,41 @@ def test_a_tenant_request_limit_tells_each_waiter_its_own_turn(limiter: KeyLimit
     assert [limit for limit, _ in waits[2:]] == ["tenant_requests"] * 4
     assert [wait for _, wait in waits[2:]] == sorted(wait for _, wait in waits[2:])
     assert waits[2][1] == pytest.approx(60.0) and waits[4][1] == pytest.approx(120.0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.25])
+def test_low_priority_gets_its_minimum_share_under_a_flood_of_high(redis_client: redis.Redis, namespace: str,
+                                                                   kid: str, share: float) -> None:
+    """While low-priority jobs wait behind a flood of high ones, every admission adds the share to what low is
+    owed: one low job in about 1/share is admitted, in line order; with no share, none is while high ones wait."""
+    clock = FakeClock()
+    limiter = KeyLimiter(redis_client, namespace, window_s=60.0, grace_s=30.0, clock=clock)
+    limits = AppLimits(max_concurrency=1)
+    offsets = {**{f"high-{n:03d}": 600.0 for n in range(120)}, **{f"low-{n:02d}": -600.0 for n in range(40)}}
+
+    def ask(ticket: str) -> Admission:
+        return limiter.acquire(kid, limits, estimated_tokens=0, lease_s=3000.0, ticket=ticket, waiting_since=EPOCH,
+                               priority_offset_s=offsets[ticket], low_share=share)
+
+    holder = ask("high-000")
+    admitted = ["high-000"]
+    waiting = [ticket for ticket in offsets if ticket != "high-000"]
+    for ticket in waiting:
+        assert not ask(ticket).admitted
+    rng = random.Random(7)
+    for step in range(60):
+        limiter.release(kid, holder.reservation, None)
+        clock.at(1.0 + step)
+        rng.shuffle(waiting)  # every waiter asks, in any order: the owed low job takes the slot however it comes
+        for ticket in list(waiting):
+            answer = ask(ticket)
+            if answer.admitted:
+                holder, admitted = answer, [*admitted, ticket]
+                waiting.remove(ticket)
+                break
+        else:
+            raise AssertionError(f"nobody admitted at step {step}")
+    lows = [ticket for ticket in admitted if ticket.startswith("low")]
+    print(f"share {share}: {len(lows)} low of {len(admitted)} admissions")
+    assert len(lows) >= int(share * len(admitted)) - 1 and len(lows) <= int(share * len(admitted)) + 2
+    assert lows == sorted(lows), "low jobs keep their order"

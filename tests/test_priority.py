@@ -4,6 +4,9 @@ submitted after a backlog of low-priority ones reach Dify before that backlog.""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import pytest
 
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
@@ -12,7 +15,9 @@ from difyq.worker.jobs.messages import JOBS_QUEUE, RunHints
 from difyq.worker.json_codec import loads
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
+from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime, running_worker, wait_for_final
+from tests.support.waiting import wait_for
 
 SLOW = EmulatedApp(name="slow", key="app-priority-key-01", mode="chat", tokens_per_second=40, answer_tokens=8)
 BACKLOG = 200
@@ -64,3 +69,35 @@ def test_every_message_of_a_job_carries_its_priority(redis_url: str, namespace: 
     assert hints(keys.delayed_bodies(JOBS_QUEUE)) == [1]
     assert store.resume(job_id, "slow", 1).startswith("queued")
     assert hints(keys.queue_bodies(JOBS_QUEUE)) == [1]
+
+
+@pytest.mark.e2e
+def test_low_priority_keeps_its_minimum_share_under_a_flood_of_high(tmp_path: Path, redis_url: str,
+                                                                     namespace: str) -> None:
+    """A worker process on a key at max_concurrency 1, 30 low jobs waiting and 120 high ones arriving after them:
+    with jobs.low_priority_min_share 0.2, about one call in five after the flood began is a low job's."""
+    share = 0.2
+    with start_emulator([SLOW]) as emulator:
+        apps = {"slow": {"api_key": SLOW.key, "mode": "chat", "base_url": emulator.base_url,
+                         "limits": {"max_concurrency": 1}}}
+        jobs = {"low_priority_min_share": share}
+        runtime = make_runtime(redis_url, namespace, apps, jobs=jobs)
+        with difyq_processes(tmp_path, redis_url, {"apps": apps, "jobs": jobs,
+                                                   "redis": {"namespace": namespace}}) as difyq:
+            difyq.start_worker(processes=1, threads=8)
+            for n in range(30):
+                enqueue(runtime, f"low-{n}", "low")
+            for n in range(120):
+                enqueue(runtime, f"high-{n}", "high")
+
+            def flood_calls() -> list[str]:
+                queries = [str((call.get("body") or {}).get("query")) for call in sorted(
+                    emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+                first_high = next((index for index, query in enumerate(queries) if query.startswith("high-")), None)
+                return queries[first_high:] if first_high is not None else []
+
+            calls = wait_for(lambda: (found if len(found := flood_calls()) >= 50 else None), timeout=120,
+                             what="50 calls since the first high job's")[:50]
+    lows = [query for query in calls if query.startswith("low-")]
+    print(f"\n{len(lows)} of the first 50 calls after a flood of high jobs began were low jobs' (share {share})")
+    assert int(share * 50) - 2 <= len(lows) <= int(share * 50) + 2, calls

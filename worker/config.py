@@ -263,6 +263,8 @@ class JobsConfig(Strict):
     retry_min_backoff: Duration = 1.0
     retry_max_backoff: Duration = 300.0
     priority_step: Duration = 600.0  # one priority level moves a job this far ahead in a key's waiting line
+    # The share of a saturated key's admissions that jobs below normal priority get while they wait (0: none).
+    low_priority_min_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1
 
 
 class ApiConfig(Strict):

@@ -41,6 +41,7 @@ class Throttle:
         self.limiter = limiter or KeyLimiter(runtime.limits_redis, runtime.namespace)
         self.limits = shared_limits(runtime.config.apps)
         self.priority_step = runtime.config.jobs.priority_step
+        self.low_share = runtime.config.jobs.low_priority_min_share
         self.apps = runtime.config.apps
         self.key_ids = {name: self.limiter.key_id(app.api_key.get_secret_value())
                         for name, app in runtime.config.apps.items()}
@@ -61,6 +62,7 @@ class Throttle:
             key_id, limits, estimated_tokens=self.limiter.tokens.estimate(key_id, limits), lease_s=self.slot_lease_s,
             ticket=ticket, waiting_since=waiting_since, priority_offset_s=priority * self.priority_step,
             tenant=tenant, fair=config.fairness == "tenant", tenant_limits=config.tenant_limits,
+            low_share=self.low_share,
         )
         if admission.limit != "upstream":
             record_deferral(app, admission)  # limit="upstream" counts the 429s themselves (upstream_limited)

@@ -42,6 +42,7 @@ class KeyNames(LimitNames):
 
     cool: str = ""  # HASH until, streak: the upstream (429) cooldown
     rounds: str = ""  # ZSET tenant -> the round of its last job in the fair line (``fairness: tenant``)
+    low: str = ""  # ZSET ticket -> place: the waiters below normal priority (``jobs.low_priority_min_share``)
 
     @classmethod
     def of(cls, namespace: str, kid: str) -> KeyNames:
@@ -53,7 +54,7 @@ class KeyNames(LimitNames):
         return LimitNames.under(self.req.removesuffix("req") + f"t:{tenant}:")
 
     def acquire(self, tenant: str) -> list[str]:
-        return [*self.all(), self.cool, self.rounds, *self.tenant(tenant).all()]
+        return [*self.all(), self.cool, self.rounds, self.low, *self.tenant(tenant).all()]
 
 
 def shared_limits(apps: Mapping[str, AppConfig]) -> dict[str, AppLimits | None]:

@@ -114,6 +114,7 @@ class KeyLimiter:
         tenant: str = "",
         fair: bool = False,
         tenant_limits: TenantLimits | None = None,
+        low_share: float = 0.0,
     ) -> Admission:
         """Admit one call on this key now (recording the request, reserving the tokens, taking a slot) or
         nothing, in one round trip. ``ticket`` identifies the job across deferrals (its message id);
@@ -121,7 +122,9 @@ class KeyLimiter:
         job whose place was dropped gets it back; ``priority_offset_s`` moves that place ahead (a higher priority)
         or back (a lower one). ``fair``: the key's line is round-robin across tenants; ``tenant_limits``: the
         ``tenant``'s own limits within the key's, in the same admission (the admission then holds the tenant's
-        slot too: release it with ``tenant``). Without ``limits`` only the upstream cooldown is checked."""
+        slot too: release it with ``tenant``). ``low_share``: the share of the key's admissions that jobs below
+        normal priority (a negative offset) get while they wait, however many higher ones wait with them.
+        Without ``limits`` only the upstream cooldown is checked."""
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         if not ticket:
@@ -161,6 +164,7 @@ class KeyLimiter:
                 trpm,
                 ttpm,
                 tconc,
+                repr(low_share),
             ],
         )
         return Admission(
@@ -207,7 +211,7 @@ class KeyLimiter:
         with self.redis.pipeline(transaction=True) as pipe:
             for line in [names] + ([names.tenant(tenant)] if tenant is not None else []):
                 pipe.zrem(line.line, ticket).zrem(line.due, ticket).hdel(line.need, ticket)
-            pipe.execute()
+            pipe.zrem(names.low, ticket).execute()
 
     def report_upstream_limited(self, key_id: str) -> float:
         """Dify said 429 / ``too_many_requests``: cool the key down for every worker. The cooldown is 1 s,

@@ -8,7 +8,8 @@
 --                                                 with fairness the job's round - priority offset)
 --       7 due (ZSET ticket -> told to return at)  8 need (HASH ticket -> estimated tokens)
 --       9 cool (HASH until, streak)            10 rounds (ZSET tenant -> the round of its last job in the fair line)
---       11-18 the tenant's req, tok, amt, state, lease, line, due, need (its own limits and waiting line)
+--       11 low (ZSET ticket -> place: the waiters of a priority below normal, with a minimum share)
+--       12-19 the tenant's req, tok, amt, state, lease, line, due, need (its own limits and waiting line)
 -- ARGV  1 ticket  2 rid  3 limited (1|0)  4 rpm  5 tpm  6 max concurrency (0 = none)  7 estimated tokens
 --       8 lease_us  9 window_us  10 waiting_since_us (-1 = none)  11 grace_us  12 poll_us
 --       13 burst (requests admitted at once before pacing; 0 or rpm = no pacing)  14 fake now ('' = TIME)
@@ -16,14 +17,16 @@
 --          it joins the line; negative for a low priority)
 --       16 fairness (1 = round-robin across tenants)  17 tenant
 --       18 tenant rpm  19 tenant tpm  20 tenant max concurrency (0 = none each)
+--       21 the minimum share of the key's admissions that goes to jobs below normal priority while they wait
+--          (jobs.low_priority_min_share; 0 = none)
 -- Returns {admitted 1|0, wait_us, limit or '', reservation or '', 1 when the key has a 429 streak to reset on success
 -- (admitted only)}.
 
 local K = {req = KEYS[1], tok = KEYS[2], amt = KEYS[3], state = KEYS[4], lease = KEYS[5], line = KEYS[6],
-           due = KEYS[7], need = KEYS[8]}
+           due = KEYS[7], need = KEYS[8], low = KEYS[11]}
 local cool, rounds = KEYS[9], KEYS[10]
-local T = {req = KEYS[11], tok = KEYS[12], amt = KEYS[13], state = KEYS[14], lease = KEYS[15], line = KEYS[16],
-           due = KEYS[17], need = KEYS[18]}
+local T = {req = KEYS[12], tok = KEYS[13], amt = KEYS[14], state = KEYS[15], lease = KEYS[16], line = KEYS[17],
+           due = KEYS[18], need = KEYS[19]}
 local ticket, rid = ARGV[1], ARGV[2]
 local limited = ARGV[3] == '1'
 local rpm, tpm, conc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -37,6 +40,8 @@ local priority_offset = tonumber(ARGV[15])
 local fair, tenant = ARGV[16] == '1', ARGV[17]
 local trpm, ttpm, tconc = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
 local tenant_limited = trpm > 0 or ttpm > 0 or tconc > 0
+local low_share = tonumber(ARGV[21])
+local is_low = priority_offset < 0 and low_share > 0
 local ROUND = 1000000  -- one round of the fair line, in the units of a place (so a priority offset is in rounds)
 
 -- The job's place when it joins a line by its wait: the first deferral time (or now) moved by its priority.
@@ -59,13 +64,16 @@ local function tidy(L)
     chunked('ZREM', L.line, gone)
     chunked('ZREM', L.due, gone)
     chunked('HDEL', L.need, gone)
+    if L.low then chunked('ZREM', L.low, gone) end
   end
 end
 
 -- When one set of limits (a key's or a tenant's, each with its own waiting line) could admit the job, from its
 -- place `mine` in that line (`queued`: the line holds it). Returns the earliest moment every limit of the set
 -- admits it and the limit that binds (nil: it may go now), and the pacing state to write on admission.
-local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix)
+-- `favored`: the low-priority waiter owed its minimum share ({ticket, score}), which goes before everyone.
+-- `low_turn`: for a low-priority job, how many admissions its share lets pass before its turn comes.
+local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, low_turn)
   local blocked_at, blocked_by = now, nil
   local function block(at, name)
     at = math.max(at, now + 1)
@@ -88,19 +96,31 @@ local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix)
     if score > mine then return false end
     return not queued or waiter < ticket
   end
+  if favored then
+    if favored.ticket == ticket then
+      older = 0
+    elseif not ahead_of_us(favored.score, favored.ticket) then
+      older = older + 1
+    end
+  end
+  if low_turn and low_turn < older then
+    older = low_turn
+  end
 
   -- Holds: the first waiter always holds one unit of every limit (so it cannot starve), and every waiter ahead
   -- of us that is due back now holds one too (so the capacity computed for it is not taken by a newcomer).
   local hold_n, hold_tok = 0, 0
   if older > 0 then
     local head = redis.call('ZRANGE', L.line, 0, 0)[1]
-    hold_n = 1
-    hold_tok = tonumber(redis.call('HGET', L.need, head) or 0)
+    if head ~= ticket then
+      hold_n = 1
+      hold_tok = tonumber(redis.call('HGET', L.need, head) or 0)
+    end
     local returning = redis.call('ZRANGEBYSCORE', L.due, '-inf', now, 'LIMIT', 0, 256)
     for _, waiter in ipairs(returning) do
       if waiter ~= head and waiter ~= ticket then
         local score = tonumber(redis.call('ZSCORE', L.line, waiter))
-        if score and ahead_of_us(score, waiter) then
+        if score and (ahead_of_us(score, waiter) or (favored and favored.ticket == waiter)) then
           hold_n = hold_n + 1
           hold_tok = hold_tok + tonumber(redis.call('HGET', L.need, waiter) or 0)
         end
@@ -232,6 +252,7 @@ local function charge(L, reservation, interval, tat)
   redis.call('ZREM', L.line, ticket)
   redis.call('ZREM', L.due, ticket)
   redis.call('HDEL', L.need, ticket)
+  if L.low then redis.call('ZREM', L.low, ticket) end
   for _, key in ipairs({L.req, L.tok, L.amt, L.state}) do keep(key, window) end
   keep(L.lease, lease_us)
 end
@@ -292,11 +313,30 @@ elseif not queued then
   mine = waited_place()
 end
 
+-- The minimum share of jobs below normal priority: `owed` (state lowdebt) grows by the share at each admission
+-- while such jobs wait and drops by one at each of theirs; while it is positive the first of them (in line order)
+-- goes before everyone. A low job is told its turn by that share: its rank among them times one over the share.
+local favored, low_turn, owed = nil, nil, 0
+if low_share > 0 then
+  owed = tonumber(redis.call('HGET', K.state, 'lowdebt') or 0)
+  local first = redis.call('ZRANGE', K.low, 0, 0, 'WITHSCORES')
+  if owed > 0 and #first > 0 then
+    favored = {ticket = first[1], score = tonumber(first[2])}
+  elseif owed > 0 and is_low then
+    favored = {ticket = ticket, score = mine}
+  end
+  if is_low then
+    local rank = redis.call('ZRANK', K.low, ticket) or redis.call('ZCOUNT', K.low, '-inf', fmt(mine))
+    local wait_for_share = owed > 0 and 0 or math.floor(-owed / low_share) + 1
+    low_turn = wait_for_share + rank * math.ceil(1 / low_share)
+  end
+end
+
 local blocked_at, blocked_by = now, nil
 if cool_until > now then
   blocked_at, blocked_by = cool_until, 'upstream'
 end
-local k_at, k_by, interval, tat = assess(K, rpm, tpm, conc, burst, mine, queued, '')
+local k_at, k_by, interval, tat = assess(K, rpm, tpm, conc, burst, mine, queued, '', favored, low_turn)
 if k_by and (blocked_by == nil or k_at > blocked_at) then blocked_at, blocked_by = k_at, k_by end
 if t_by and (blocked_by == nil or t_at > blocked_at) then blocked_at, blocked_by = t_at, t_by end
 
@@ -311,6 +351,10 @@ if blocked_by == nil then
     if not queued then redis.call('ZADD', rounds, round, tenant) end
     redis.call('ZREMRANGEBYSCORE', rounds, '-inf', '(' .. fmt(vt - ROUND))
   end
+  if low_share > 0 and (is_low or redis.call('ZCARD', K.low) > 0) then
+    owed = math.max(-1, math.min(1, owed + low_share - (is_low and 1 or 0)))
+    redis.call('HSET', K.state, 'lowdebt', owed)
+  end
   charge(K, reservation, interval, tat)
   if tenant_limited then charge(T, reservation, 0, now) end
   return {1, 0, '', reservation, redis.call('HEXISTS', cool, 'streak')}
@@ -324,6 +368,7 @@ if t_by then
     redis.call('ZREM', K.line, ticket)
     redis.call('ZREM', K.due, ticket)
     redis.call('HDEL', K.need, ticket)
+    redis.call('ZREM', K.low, ticket)
   end
 else
   if fair and not queued then
@@ -331,5 +376,9 @@ else
     keep(rounds, blocked_at - now + grace)
   end
   wait_in(K, mine, blocked_at)
+  if is_low then
+    redis.call('ZADD', K.low, 'NX', mine, ticket)
+    keep(K.low, blocked_at - now + grace)
+  end
 end
 return {0, math.ceil(blocked_at - now), blocked_by, ''}  -- rounded up: never back a microsecond early
