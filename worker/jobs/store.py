@@ -390,11 +390,14 @@ class JobStore:
         """Add to ``pipe`` the writes that make each Dify id name the job (``RedisKeys.dify_id``), for a search
         by Dify id among any number of jobs; entries older than ``jobs.result_ttl`` are dropped as they go."""
         now_ms, ttl_ms = int(time.time() * 1000), int(self.config.result_ttl * 1000)
-        for dify_id in dict.fromkeys(dify_id for dify_id in ids if dify_id):
-            key = self.keys.dify_id(dify_id)
+        for key in self._dify_id_keys(ids):
             pipe.zadd(key, {job_id: now_ms})
             pipe.zremrangebyscore(key, "-inf", now_ms - ttl_ms)
             pipe.pexpire(key, ttl_ms)
+
+    def _dify_id_keys(self, ids: Iterable[str | None]) -> list[str]:
+        """The index keys (``RedisKeys.dify_id``) of the given Dify ids, each once, none for a missing id."""
+        return [self.keys.dify_id(dify_id) for dify_id in dict.fromkeys(dify_id for dify_id in ids if dify_id)]
 
     def jobs_of_dify_id(self, dify_id: str, limit: int) -> list[str]:
         """The newest ``limit`` jobs a Dify id names (most recently recorded first)."""
@@ -470,14 +473,13 @@ class JobStore:
             outcome["error"] = dumps(error).decode()
         if inline is not None:
             outcome["inline"] = inline
-        pipe = self.redis.pipeline(transaction=True)
-        self._finish(
+        outcome["indexed_ms"] = int(time.time() * 1000)
+        reply = self._finish(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
-                  self.callback_lock_key(job_id), *pending],
-            args=[dumps(outcome)], client=pipe,
+                  self.callback_lock_key(job_id), *pending,
+                  *self._dify_id_keys((result or {}).get(name) for name in INDEXED_RESULT_IDS)],
+            args=[dumps(outcome)],
         )
-        self._index_dify_ids(pipe, job_id, ((result or {}).get(name) for name in INDEXED_RESULT_IDS))
-        reply = pipe.execute()[0]
         if error is not None and status != JobStatus.SUCCEEDED and _text(reply[0]) in FINAL_STATUSES:
             self._count_error(job_id, error)
         return reply

@@ -5,11 +5,14 @@
 -- A cancel requested while the call ran turns a success into canceled (the partial result is kept). A succeeded
 -- job has no error; the error of a failed last attempt joins the attempt errors.
 -- The job leaves its app's and its client's pending jobs.
+-- The result's Dify ids come to name the job (a search by Dify id), entries older than the retention dropped.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock, 6 the app's pending jobs,
---       7 the client's pending jobs ('' when no API client submitted it)
+--       7 the client's pending jobs ('' when no API client submitted it), 8.. the index of each of the result's
+--       Dify ids
 -- ARGV: 1 a JSON object: id (the job's), status, finished_at, retention_ms, result and error (JSON texts, absent =
 --       none), callback (the pending callback block, JSON), message_id and message_body (the callback message),
---       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}
+--       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}, indexed_ms (now, for the Dify id
+--       indexes)
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
 local outcome = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', KEYS[1], FIELD.status, FIELD.cancel_requested, FIELD.callback_url, FIELD.error)
@@ -49,6 +52,11 @@ end
 redis.call('PEXPIRE', KEYS[1], outcome.retention_ms)
 local id = outcome.id
 leave_pending(id, KEYS[6], KEYS[7])
+for index = 8, #KEYS do
+  redis.call('ZADD', KEYS[index], outcome.indexed_ms, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[index], '-inf', outcome.indexed_ms - outcome.retention_ms)
+  redis.call('PEXPIRE', KEYS[index], outcome.retention_ms)
+end
 if has_callback and outcome.inline then
   redis.call('ZADD', KEYS[2], outcome.inline.lease_expiry_ms, id)
   redis.call('SET', KEYS[5], '1', 'PX', outcome.inline.lock_ms)
