@@ -896,3 +896,22 @@ def test_low_priority_gets_its_minimum_share_under_a_flood_of_high(redis_client:
     print(f"share {share}: {len(lows)} low of {len(admitted)} admissions")
     assert len(lows) >= int(share * len(admitted)) - 1 and len(lows) <= int(share * len(admitted)) + 2
     assert lows == sorted(lows), "low jobs keep their order"
+
+
+def test_a_fair_lines_tenants_and_largest_backlog(limiter: KeyLimiter, kid: str, clock: FakeClock) -> None:
+    """The fair line's gauges: how many tenants wait, and the rounds the busiest one still holds."""
+    from difyq.worker.limits.limiter import FairLine
+
+    limits = AppLimits(max_concurrency=1)
+
+    def ask(ticket: str, tenant: str) -> Admission:
+        return limiter.acquire(kid, limits, estimated_tokens=0, lease_s=3000.0, ticket=ticket, tenant=tenant,
+                               fair=True)
+
+    assert limiter.fair_line(kid) == FairLine(tenants=0, largest_backlog=0)
+    assert ask("holder", "A").admitted
+    for n in range(5):
+        ask(f"a-{n}", "A")
+    ask("b-0", "B")
+    ask("c-0", "C")
+    assert limiter.fair_line(kid) == FairLine(tenants=3, largest_backlog=5)

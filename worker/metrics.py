@@ -56,6 +56,18 @@ cost = Counter("difyq_cost_total", "Dify's total_price, summed.", ["app", "curre
 rate_limited = Counter(
     "difyq_rate_limited_total", "Jobs deferred by a limit (upstream = a Dify or provider 429).", ["app", "limit"]
 )
+fair_tenants_waiting = Gauge(
+    "difyq_fair_tenants_waiting",
+    "Tenants with jobs waiting in the fair line of an app's key (fairness: tenant).",
+    ["app"],
+    multiprocess_mode="mostrecent",
+)
+fair_largest_backlog = Gauge(
+    "difyq_fair_largest_backlog",
+    "Rounds of an app's fair line the tenant with the most jobs waiting still holds (fairness: tenant).",
+    ["app"],
+    multiprocess_mode="mostrecent",
+)
 rate_limit_remaining = Gauge(
     "difyq_rate_limit_remaining",
     "What is left of each limit of an app's key in the current 60 s window.",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from difyq.worker.limits import (
     Admission,
     KeyLimiter,
+    publish_fair_line,
     publish_remaining,
     record_deferral,
     record_upstream_limited,
@@ -116,3 +117,5 @@ class Throttle:
             return
         self._published[app] = now
         publish_remaining(app, self.limiter.remaining(self.key_ids[app], limits))
+        if self.apps[app].fairness == "tenant":
+            publish_fair_line(app, self.limiter.fair_line(self.key_ids[app]))

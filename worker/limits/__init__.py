@@ -22,7 +22,7 @@ from difyq.worker.limits.deferral import deferral_delay, wait_exceeded
 from difyq.worker.limits.estimate import TokenEstimator
 from difyq.worker.limits.keys import KeyNames, key_id, shared_limits
 from difyq.worker.limits.limiter import KeyLimiter
-from difyq.worker.limits.observe import publish_remaining, record_deferral, record_upstream_limited
+from difyq.worker.limits.observe import publish_fair_line, publish_remaining, record_deferral, record_upstream_limited
 
 __all__ = [
     "LIMITS",
@@ -33,6 +33,7 @@ __all__ = [
     "TokenEstimator",
     "deferral_delay",
     "key_id",
+    "publish_fair_line",
     "publish_remaining",
     "record_deferral",
     "record_upstream_limited",

@@ -55,6 +55,15 @@ class KeyUsage:
     cooldown_s: float
 
 
+@dataclass(frozen=True)
+class FairLine:
+    """A fair line's spread over tenants: how many have jobs waiting, and how many rounds the one with the most
+    waiting still holds (its backlog, in jobs, as its jobs join one round apart)."""
+
+    tenants: int
+    largest_backlog: int
+
+
 class KeyLimiter:
     """The limits of Dify API keys, by hashed key id, under ``{namespace}:limits:{key_id}:*``.
 
@@ -266,6 +275,21 @@ class KeyLimiter:
         return KeyUsage(requests=int(requests), tokens=int(tokens), in_use=int(in_use), waiting=int(waiting),
                         oldest_wait_s=max(0.0, (now_us - oldest[0][1]) / US) if oldest else None,
                         cooldown_s=int(cooldown_us) / US)
+
+    def fair_line(self, key_id: str) -> FairLine:
+        """The tenants waiting in the key's fair line (``fairness: tenant``) and the largest tenant backlog, from
+        the round each tenant's last job joined at and the round being served (three reads, no Lua)."""
+        names = self.keys(key_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(names.state, "vt")
+        pipe.zrange(names.rounds, 0, 0, withscores=True)
+        pipe.zrevrange(names.rounds, 0, 0, withscores=True)
+        served, first, last = pipe.execute()
+        if not last:
+            return FairLine(tenants=0, largest_backlog=0)
+        current = float(served) if served is not None else first[0][1]
+        waiting = self.redis.zcount(names.rounds, current, "+inf")
+        return FairLine(tenants=int(waiting), largest_backlog=max(0, round((last[0][1] - current) / US) + 1))
 
     def cooldown_left(self, key_id: str) -> float:
         """Seconds of upstream cooldown left on this key (0 when none)."""
