@@ -33,6 +33,7 @@ import redis
 from difyq.worker.config import AppLimits
 from difyq.worker.embedded_redis import EmbeddedRedis
 from difyq.worker.limits import KeyLimiter, Reservation, deferral_delay, key_id
+from tests.bench.ratelimit import most_in_span
 
 
 class DelayQueue:
@@ -64,16 +65,6 @@ class DelayQueue:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
-
-
-def max_in_span(times: list[float], span: float) -> int:
-    """The most timestamps inside any half-open span (t - span, t]."""
-    best, start = 0, 0
-    for end, t in enumerate(times):
-        while times[start] <= t - span:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 def run(args: argparse.Namespace, url: str) -> dict:
@@ -162,9 +153,9 @@ def run(args: argparse.Namespace, url: str) -> dict:
         "measured_windows": args.windows,
         "admitted_in_measured_windows": len(measured),
         "admitted_over_limit": round(len(measured) / (args.limit * args.windows), 4),
-        "max_in_any_window": max_in_span(times, args.window),
-        "largest_burst_1s": max_in_span(times, 1.0),
-        "largest_burst_1s_after_warmup": max_in_span(steady, 1.0) if steady else 0,
+        "max_in_any_window": int(most_in_span(times, args.window)),
+        "largest_burst_1s": int(most_in_span(times, 1.0)),
+        "largest_burst_1s_after_warmup": int(most_in_span(steady, 1.0)) if steady else 0,
         "limit_rate_per_s": args.limit / args.window,
         "acquires_per_admission": round(totals["acquires"] / max(1, len(times)), 3),
         "deferrals": totals["deferrals"],

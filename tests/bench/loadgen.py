@@ -117,18 +117,22 @@ class HttpClient:
 
 
 class HttpSubmitter:
-    """``POST /v1/jobs`` to difyq's API with a callback to the sink; the job id comes from the 202."""
+    """``POST /v1/jobs`` to difyq's API with a callback to the sink; the job id comes from the 202. ``query`` and
+    ``callback`` choose a job's query text and callback URL from its token (default: ``query_for`` and
+    ``callback_url``)."""
 
-    def __init__(self, host: str, port: int, token: str, app: str, callback_url: str) -> None:
+    def __init__(self, host: str, port: int, token: str, app: str, callback_url: str, *,
+                 query: Callable[[str], str] = query_for, callback: Callable[[str], str] | None = None) -> None:
         self.client = HttpClient(host, port)
         self._head = (f"POST /v1/jobs HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
                       "Content-Type: application/json\r\n").encode()
         self._app = app
-        self._callback_url = callback_url
+        self._query = query
+        self._callback = callback or (lambda _token: callback_url)
 
     async def submit(self, token: str) -> str:
-        body = json.dumps({"app": self._app, "query": query_for(token), "user": "bench",
-                           "callback_url": self._callback_url}).encode()
+        body = json.dumps({"app": self._app, "query": self._query(token), "user": "bench",
+                           "callback_url": self._callback(token)}).encode()
         status, answer = await self.client.request(
             self._head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         if status != 202:

@@ -1,6 +1,6 @@
 """Profile difyq under steady open-loop load with py-spy: where the API's and the workers' CPU goes.
 
-    .venv/bin/pip install py-spy        # not a project dependency; needs ptrace (root, or CAP_SYS_PTRACE)
+    # py-spy comes with the bench extra; it needs ptrace (root, or CAP_SYS_PTRACE)
     .venv/bin/python -m tests.bench.profile_run --rate 100 --seconds 20 --latency-ms 0 --out /tmp/difyq-profile
 
 It starts the same stack as the bench (private Redis, emulator, sink, ``difyq api`` and ``difyq worker``), offers
@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.bench.loadgen import open_loop
 from tests.bench.scenarios import warm_up
@@ -38,12 +40,27 @@ def _frame_package(frame: str) -> str:
     return "other"
 
 
-def summarize(raw: Path, jobs: int, top: int = 25) -> str:
-    """Package shares and the top inclusive/self functions of one py-spy raw file, in CPU ms per job."""
-    samples = 0
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    packages: Counter[str] = Counter()
+@dataclass
+class Tally:
+    """One py-spy raw file's samples: per frame inclusive and self counts, self counts per package."""
+
+    samples: int = 0
+    inclusive: Counter[str] = field(default_factory=Counter)
+    own: Counter[str] = field(default_factory=Counter)
+    packages: Counter[str] = field(default_factory=Counter)
+
+    def shares(self, top: int = 12) -> dict[str, Any]:
+        """The JSON-ready shares (% of samples): by package, and the top frames by self and inclusive time."""
+        def percent(counter: Counter[str], limit: int) -> list[tuple[str, float]]:
+            return [(name, round(100 * count / self.samples, 1)) for name, count in counter.most_common(limit)]
+
+        return {"samples": self.samples, "self_by_package": percent(self.packages, 14),
+                "top_self": percent(self.own, top), "top_inclusive": percent(self.inclusive, top)}
+
+
+def tally(raw: Path) -> Tally:
+    """Count the samples of a ``py-spy record --format raw`` file."""
+    counts = Tally()
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -52,24 +69,36 @@ def summarize(raw: Path, jobs: int, top: int = 25) -> str:
         frames = [frame for frame in stack.split(";") if not frame.startswith(("process ", "thread "))]
         if not frames:
             continue
-        samples += count
+        counts.samples += count
         for frame in set(frames):
-            inclusive[frame] += count
-        own[frames[-1]] += count
-        packages[_frame_package(frames[-1])] += count
+            counts.inclusive[frame] += count
+        counts.own[frames[-1]] += count
+        counts.packages[_frame_package(frames[-1])] += count
+    return counts
+
+
+def summarize(raw: Path, jobs: int, top: int = 25) -> str:
+    """Package shares and the top inclusive/self functions of one py-spy raw file."""
+    counts = tally(raw)
+    samples = counts.samples
     if not samples:
         return f"{raw.name}: no samples\n"
     return "\n".join([
         f"== {raw.name}: {samples} samples",
         "self time by package (% of samples): " + ", ".join(
-            f"{name} {100 * count / samples:.1f}" for name, count in packages.most_common(14)),
+            f"{name} {100 * count / samples:.1f}" for name, count in counts.packages.most_common(14)),
         "top inclusive (% of samples):",
-        *[f"  {100 * count / samples:5.1f}  {frame}" for frame, count in inclusive.most_common(top)],
+        *[f"  {100 * count / samples:5.1f}  {frame}" for frame, count in counts.inclusive.most_common(top)],
         "top self (% of samples):",
-        *[f"  {100 * count / samples:5.1f}  {frame}" for frame, count in own.most_common(top)],
+        *[f"  {100 * count / samples:5.1f}  {frame}" for frame, count in counts.own.most_common(top)],
         f"(jobs in the window: {jobs})",
         "",
     ])
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (the bench extra installs it), or None."""
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 
 
 def main() -> int:
@@ -86,9 +115,9 @@ def main() -> int:
     parser.add_argument("--difyq-env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "difyq-profile")
     args = parser.parse_args()
-    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-    if py_spy is None:
-        print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
+    spy = py_spy()
+    if spy is None:
+        print("py-spy is not installed: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="difyq-profile-"))
@@ -104,7 +133,7 @@ def main() -> int:
             for service in pipeline.services:
                 output = args.out / f"{service.name}.txt"
                 recorders.append((output, subprocess.Popen(
-                    [py_spy, "record", "--pid", str(service.pid), "--subprocesses", "--rate", "250",
+                    [spy, "record", "--pid", str(service.pid), "--subprocesses", "--rate", "250",
                      "--duration", str(int(args.seconds)), "--format", "raw", "--gil",
                      "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
             time.sleep(1.0)

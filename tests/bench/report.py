@@ -43,11 +43,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "throughput" in scenarios:
         rates = {name: p["max_sustained_rate"] for name, p in scenarios["throughput"]["pipelines"].items()}
         difyq, bare, celery = rates.get("difyq"), rates.get("bare"), rates.get("celery")
-        ratio = _ratio(difyq, bare)
-        ok = None if difyq is None or ratio is None else ratio >= 0.8 and (celery is None or difyq > celery)
-        rows.append({"goal": f"1. max sustained jobs/s: p99 e2e < 1 s, pace ≥ {PACE_FLOOR} (0 ms Dify)",
-                     "target": "≥ 0.8 x bare, > celery", "unit": "jobs/s", "difyq": difyq, "bare": bare,
-                     "celery": celery, "ratio": ratio, "ok": ok})
+        rows.append({"goal": f"Regression guard: max sustained jobs/s: p99 e2e < 1 s, pace ≥ {PACE_FLOOR} (0 ms Dify)",
+                     "target": "report (regression guard)", "unit": "jobs/s", "difyq": difyq, "bare": bare,
+                     "celery": celery, "ratio": _ratio(difyq, bare), "ok": None})
     if "overhead" in scenarios:
         pipelines = scenarios["overhead"]["pipelines"]
         for key, label, target, limit in (
@@ -78,6 +76,10 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.extend(_latency_goals(scenarios["latency"]))
     if "inflight" in scenarios:
         rows.extend(_inflight_goals(scenarios["inflight"]))
+    if "scaleout" in scenarios:
+        rows.extend(_scaleout_goals(scenarios["scaleout"]))
+    if "ratelimit" in scenarios:
+        rows.extend(_ratelimit_goals(scenarios["ratelimit"]))
     return rows
 
 
@@ -127,32 +129,85 @@ def _latency_goals(latency: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _inflight_goals(inflight: dict[str, Any]) -> list[dict[str, Any]]:
-    def top(pipeline: str, gevent: bool) -> dict[str, Any] | None:
-        for mode in inflight["modes"]:
-            if mode["pipeline"] == pipeline and ("gevent" in mode["shape"]) == gevent and mode["levels"]:
-                return max(mode["levels"], key=lambda level: level["concurrency"])
-        return None
+def _row(goal: str, target: str, unit: str, difyq: float | None, bare: float | None, ok: bool | None,
+         ) -> dict[str, Any]:
+    return {"goal": goal, "target": target, "unit": unit, "difyq": difyq, "bare": bare, "celery": None,
+            "ratio": _ratio(difyq, bare), "ok": ok}
 
+
+def _inflight_goals(inflight: dict[str, Any]) -> list[dict[str, Any]]:
+    """In flight: per answer length, the most jobs held at the goal ratio, the ratio and memory at the top level."""
+    goal = inflight["goal"]
     rows: list[dict[str, Any]] = []
-    bare = top("bare", True)
-    for gevent in (True, False):
-        difyq = top("difyq", gevent)
-        if difyq is None:
+    alone = inflight.get("source_alone")
+    if alone:
+        rows.append(_row(f"In flight: stream source alone: streams open at once (C={alone['concurrency']:,}, 10 s)",
+                         f"≥ {goal['concurrency']:,}", "streams", alone["max_open"], None,
+                         alone["max_open"] >= goal["concurrency"]))
+    for run in inflight["runs"]:
+        answer = f"{run['answer_s']:.0f} s streams"
+        tops = {mode["pipeline"]: mode["levels"][-1] for mode in run["modes"] if mode["levels"]}
+        held = {mode["pipeline"]: max((level["concurrency"] for level in mode["levels"]
+                                       if level["ratio"] >= goal["ratio"] and not level["lost"]), default=0)
+                for mode in run["modes"]}
+        if "difyq" not in tops:
             continue
-        mode = "gevent" if gevent else "threads"
-        base = bare if bare is not None and bare["concurrency"] == difyq["concurrency"] else None
-        rows.append({"goal": f"3. {difyq['concurrency']} in flight, 10 s streams ({mode}): throughput ÷ Little bound",
-                     "target": "≥ 0.9", "unit": "", "difyq": difyq["ratio"],
-                     "bare": base["ratio"] if base else None, "celery": None,
-                     "ratio": _ratio(difyq["ratio"], base["ratio"] if base else None),
-                     "ok": difyq["ratio"] >= 0.9 and difyq["lost"] == 0})
-        rows.append({"goal": f"3. worker memory at {difyq['concurrency']} in flight ({mode}), PSS total",
-                     "target": "≤ 1024 MiB", "unit": "MiB", "difyq": difyq["worker_memory"]["pss_mib"],
-                     "bare": base["worker_memory"]["pss_mib"] if base else None, "celery": None,
-                     "ratio": _ratio(difyq["worker_memory"]["pss_mib"],
-                                     base["worker_memory"]["pss_mib"] if base else None),
-                     "ok": difyq["worker_memory"]["pss_mib"] <= 1024})
+        difyq, bare = tops["difyq"], tops.get("bare")
+        same = bare if bare is not None and bare["concurrency"] == difyq["concurrency"] else None
+        rows.append(_row(f"In flight: jobs in flight at ≥ {goal['ratio']} of Little's bound, {answer} (gevent)",
+                         f"≥ {goal['concurrency']:,}", "jobs", held["difyq"], held.get("bare"),
+                         held["difyq"] >= goal["concurrency"]))
+        rows.append(_row(f"In flight: throughput ÷ Little's bound at C={difyq['concurrency']:,}, {answer}",
+                         f"≥ {goal['ratio']}", "", difyq["ratio"], same["ratio"] if same else None,
+                         difyq["ratio"] >= goal["ratio"] and not difyq["lost"]))
+        rows.append(_row(f"In flight: worker PSS at C={difyq['concurrency']:,}, {answer}",
+                         f"≤ {goal['pss_mib']:,.0f} MiB", "MiB", difyq["worker_memory"]["pss_mib"],
+                         same["worker_memory"]["pss_mib"] if same else None,
+                         difyq["worker_memory"]["pss_mib"] <= goal["pss_mib"]))
+        rows.append(_row(f"In flight: worker PSS per job in flight at C={difyq['concurrency']:,}, {answer}", "report",
+                         "KiB", difyq.get("pss_kib_per_job"), same.get("pss_kib_per_job") if same else None, None))
+    return rows
+
+
+def _scaleout_goals(scaleout: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scale-out: jobs/s per process at each process count against one process's, and what stops the line."""
+    pipelines = scaleout["pipelines"]
+    if "difyq" not in pipelines:
+        return []
+    bare_steps = {step["processes"]: step for step in pipelines.get("bare", {}).get("steps", [])}
+    steps = pipelines["difyq"]["steps"]
+    single = steps[0]["per_process"]
+    rows = []
+    for step in steps:
+        within = abs(step["per_process"] / single - 1) <= scaleout["goal_spread"] if single else False
+        bare = bare_steps.get(step["processes"])
+        rows.append(_row(f"Scale-out: jobs/s per process, {step['processes']} process(es) x {scaleout['threads']} "
+                         "threads, 1 s Dify", f"within {scaleout['goal_spread']:.0%} of 1 process's", "jobs/s",
+                         step["per_process"], bare["per_process"] if bare else None, within))
+    limit = pipelines["difyq"]["limit"]
+    bare_limit = pipelines.get("bare", {}).get("limit", {})
+    rows.append(_row(f"Scale-out: what stops the line first: {limit['first']}; host ceiling "
+                     f"({limit['host_cores']} cores ÷ CPU per job)", "report", "jobs/s", limit["host_jobs_per_s"],
+                     bare_limit.get("host_jobs_per_s"), None))
+    rows.append(_row("Scale-out: jobs/s per Redis core (1 ÷ Redis CPU per job)", "report", "jobs/s",
+                     limit["redis_core_jobs_per_s"], bare_limit.get("redis_core_jobs_per_s"), None))
+    return rows
+
+
+def _ratelimit_goals(ratelimit: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rate limits: admitted ÷ limit per key at twice the demand, and the most in any 60 s."""
+    low, high = ratelimit["goal"]
+    rows = []
+    for name, label in (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute")):
+        key = ratelimit["keys"].get(name)
+        if key is None:
+            continue
+        ratios = key.get("window_ratios", [])
+        rows.append(_row(f"Rate limits: admitted ÷ {label} at {ratelimit['demand_x_limit']:.0f}x demand, "
+                         f"{ratelimit['minutes']} min (each minute {low}-{high})", f"{low}-{high}", "",
+                         key["ratio"], None, bool(ratios) and all(low <= ratio <= high for ratio in ratios)))
+        rows.append(_row(f"Rate limits: most admitted in any 60 s ÷ {label}", f"≤ {high}", "", key.get("max_ratio"),
+                         None, key.get("max_ratio") is not None and key["max_ratio"] <= high))
     return rows
 
 
@@ -193,7 +248,7 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     ]
     for row in results["goals"]:
         unit = f" {row['unit']}" if row["unit"] else ""
-        digits = 2 if row["unit"] in ("", "ms") else 1
+        digits = 2 if row["unit"] in ("", "ms") else 0 if row["unit"] in ("jobs", "streams") else 1
         lines.append(f"| {row['goal']} | {row['target']} | {_fmt(row['difyq'], digits)}{unit} | "
                      f"{_fmt(row['bare'], digits)} | {_fmt(row['celery'], digits)} | {_fmt(row['ratio'], 2)} | "
                      f"{_verdict(row['ok'])} |")
@@ -246,26 +301,11 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
     if "latency" in scenarios:
         lines += ["", *latency_section(scenarios["latency"])]
     if "inflight" in scenarios:
-        s3 = scenarios["inflight"]
-        lines += ["", "## 3. In flight (10 s streamed answers)", ""]
-        alone = s3.get("emulator_alone")
-        if alone:
-            lines += [f"The emulator alone (a near-free asyncio client, no pipeline) at C={alone['concurrency']}: "
-                      f"answer p50 {alone['answer_ms']['p50'] / 1000:.2f} s, "
-                      f"p99 {alone['answer_ms']['p99'] / 1000:.2f} s, so the best ratio this emulator allows there is "
-                      f"about {alone['best_ratio']:.2f}.", ""]
-        lines += ["| workers | C | offered /s | throughput /s | ÷ Little bound | at Dify (mean) | e2e p99 s | "
-                  "worker RSS / PSS MiB | CPU ms/job | queued max | lost |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for mode in s3["modes"]:
-            for level in mode["levels"]:
-                memory = level["worker_memory"]
-                lines.append(
-                    f"| {mode['label']} | {level['concurrency']} | {level['offered_rate']:.0f} | "
-                    f"{level['throughput']:.1f} | {level['ratio']:.2f} | {level['dify_in_flight']['mean']:.0f} | "
-                    f"{_fmt(level['e2e_ms']['p99'] / 1000 if level['e2e_ms']['p99'] else None, 2)} | "
-                    f"{memory['rss_mib']:.0f} / {memory['pss_mib']:.0f} | {level['cost']['cpu_ms_per_job']:.2f} | "
-                    f"{level.get('queued_max', '-')} | {level['lost']} |")
+        lines += ["", *inflight_section(scenarios["inflight"])]
+    if "scaleout" in scenarios:
+        lines += ["", *scaleout_section(scenarios["scaleout"])]
+    if "ratelimit" in scenarios:
+        lines += ["", *ratelimit_section(scenarios["ratelimit"])]
     if "limits" in results:
         limits = results["limits"]
         lines += ["", "## Rate limiter (tests/bench/bench_limits.py)", ""]
@@ -324,6 +364,79 @@ def latency_section(latency: dict[str, Any]) -> list[str]:
         lines += ["", "Where difyq's added time goes:", "", "| phase | p50 ms | p99 ms |", "|---|---:|---:|"]
         lines += [f"| {phase} | {_fmt(values['p50'], 2)} | {_fmt(values['p99'], 2)} |"
                   for phase, values in phases.items() if phase != "dify"]
+    return lines
+
+
+def inflight_section(inflight: dict[str, Any]) -> list[str]:
+    """The in-flight levels as a Markdown section."""
+    lines = ["## In flight per host (streamed answers from tests/bench/stream_source.py)", ""]
+    alone = inflight.get("source_alone")
+    if alone:
+        lines += [f"The stream source alone (a near-free asyncio client, no pipeline) at C={alone['concurrency']:,} "
+                  f"10 s streams: {alone['max_open']:,} open at most, answer p50 {alone['answer_s']['p50']:.2f} s, "
+                  f"p99 {alone['answer_s']['p99']:.2f} s (best ratio it allows: {alone['best_ratio']:.2f}).", ""]
+    lines += ["| answer | workers | C | offered /s | throughput /s | ÷ Little bound | at Dify (mean) | e2e p99 s | "
+              "queue wait p99 s | worker RSS / PSS MiB | PSS KiB/job | CPU ms/job | other load | lost |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in inflight["runs"]:
+        for mode in run["modes"]:
+            for level in mode["levels"]:
+                memory = level["worker_memory"]
+                wait = level.get("phases_ms", {}).get("queue_wait", {}).get("p99")
+                lines.append(
+                    f"| {run['answer_s']:.0f} s | {mode['label']} | {level['concurrency']:,} | "
+                    f"{level['offered_rate']:.0f} | {level['throughput']:.1f} | {level['ratio']:.2f} | "
+                    f"{level['dify_in_flight']['mean']:,.0f} | "
+                    f"{_fmt(level['e2e_ms']['p99'] / 1000 if level['e2e_ms']['p99'] else None, 2)} | "
+                    f"{_fmt(wait / 1000 if wait is not None else None, 2)} | "
+                    f"{memory['rss_mib']:.0f} / {memory['pss_mib']:.0f} | {_fmt(level.get('pss_kib_per_job'), 0)} | "
+                    f"{level['cost']['cpu_ms_per_job']:.2f} | {level['cost']['other_load_cores']:.2f} | "
+                    f"{level['lost']} |")
+    for run in inflight["runs"]:
+        for mode in run["modes"]:
+            profile = mode["levels"][-1].get("worker_profile") if mode["levels"] else None
+            if profile:
+                top = mode["levels"][-1]
+                lines += ["", f"Where {mode['label']}'s CPU went at C={top['concurrency']:,} ({run['answer_s']:.0f} s; "
+                          f"py-spy, {profile['samples']:,} samples, % of samples): by package "
+                          + ", ".join(f"{name} {share}" for name, share in profile["self_by_package"][:8])
+                          + "; most self time: "
+                          + "; ".join(f"`{name}` {share}" for name, share in profile["top_self"][:6]) + "."]
+    return lines
+
+
+def scaleout_section(scaleout: dict[str, Any]) -> list[str]:
+    """The scale-out steps as a Markdown section."""
+    lines = [f"## Scale-out (1 s Dify, {scaleout['threads']} threads per process, offered "
+             f"{scaleout['overload']}x the slots)", "",
+             "| pipeline | processes | throughput /s | per process /s | CPU ms/job | Redis CPU ms/job | other load |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, data in scaleout["pipelines"].items():
+        for step in data["steps"]:
+            cost = step["cost"]
+            lines.append(f"| {name} | {step['processes']} | {step['throughput']:.1f} | {step['per_process']:.1f} | "
+                         f"{cost['cpu_ms_per_job']:.2f} | {cost['redis_cpu_ms_per_job']:.3f} | "
+                         f"{cost['other_load_cores']:.2f} |")
+        limit = data["limit"]
+        lines.append("")
+        lines.append(f"{name}: per-process spread {_fmt((data['spread'] or 0) * 100, 1)} %; the line stops first at "
+                     f"{limit['first']}: this host's {limit['host_cores']} cores carry "
+                     f"{_fmt(limit['host_jobs_per_s'], 0)} jobs/s of this pipeline, one Redis core "
+                     f"{_fmt(limit['redis_core_jobs_per_s'], 0)} jobs/s.")
+        lines.append("")
+    return lines
+
+
+def ratelimit_section(ratelimit: dict[str, Any]) -> list[str]:
+    """The rate-limit keys as a Markdown section."""
+    lines = [f"## Rate-limit efficiency ({ratelimit['demand_x_limit']:.0f}x demand, {ratelimit['minutes']} min, "
+             "counted at the stream source)", "",
+             "| key | limit / min | used per minute | ÷ limit per minute | most in any 60 s | submitted | errors |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for name, key in ratelimit["keys"].items():
+        lines.append(f"| {name} | {key['limit']:,} | {', '.join(f'{used:,.0f}' for used in key['windows'])} | "
+                     f"{', '.join(f'{ratio:.3f}' for ratio in key.get('window_ratios', []))} | "
+                     f"{key['max_in_any_60s']:,.0f} | {key.get('submitted', 0):,} | {key.get('submit_errors', 0)} |")
     return lines
 
 
@@ -411,17 +524,19 @@ def plots(results: dict[str, Any], directory: Path) -> list[str]:
         written.append(_save(figure, machine, directory / file))
     if "inflight" in scenarios:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for mode in scenarios["inflight"]["modes"]:
-            levels = mode["levels"]
-            xs = [level["concurrency"] for level in levels]
-            left.plot(xs, [level["throughput"] for level in levels], "o-", label=mode["label"])
-            right.plot(xs, [level["worker_memory"]["pss_mib"] for level in levels], "o-", label=mode["label"])
-        bound = max((lv["concurrency"] for m in scenarios["inflight"]["modes"] for lv in m["levels"]), default=0)
-        answer_s = scenarios["inflight"]["answer_s"]
-        left.plot([0, bound], [0, bound / answer_s], ":", color="black", linewidth=0.8,
-                  label=f"Little's law (C / {answer_s:.0f} s)")
-        right.axhline(1024, color="red", linestyle="--", linewidth=0.8, label="1 GiB goal")
-        left.set(xlabel="jobs in flight (C)", ylabel="jobs/s", title="Throughput vs in-flight jobs (10 s streams)")
+        goal = scenarios["inflight"]["goal"]
+        for run in scenarios["inflight"]["runs"]:
+            for mode in run["modes"]:
+                levels = mode["levels"]
+                label = f"{mode['label']}, {run['answer_s']:.0f} s"
+                xs = [level["concurrency"] for level in levels]
+                left.plot(xs, [level["ratio"] for level in levels], "o-", label=label)
+                right.plot(xs, [level["worker_memory"]["pss_mib"] for level in levels], "o-", label=label)
+        left.axhline(goal["ratio"], color="red", linestyle="--", linewidth=0.8, label=f"goal {goal['ratio']}")
+        left.axvline(goal["concurrency"], color="red", linestyle=":", linewidth=0.8, label="10,000 in flight")
+        right.axhline(goal["pss_mib"], color="red", linestyle="--", linewidth=0.8, label="2 GiB goal")
+        left.set(xlabel="jobs in flight (C)", ylabel="throughput ÷ Little's-law bound", ylim=(0, 1.1),
+                 title="Streams held vs offered in-flight jobs")
         right.set(xlabel="jobs in flight (C)", ylabel="worker PSS, MiB", title="Worker memory")
         written.append(_save(figure, machine, directory / "inflight.png"))
     return written

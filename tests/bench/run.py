@@ -27,12 +27,16 @@ from typing import Any
 
 import psutil
 
-from tests.bench import report, scenarios
-from tests.bench.scenarios import BenchConfig, InflightMode
+from tests.bench import inflight, ratelimit, report, scaleout, scenarios
+from tests.bench.scenarios import BenchConfig
 from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape, source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("throughput", "overhead", "latency", "inflight", "cost", "limits", "console", "durable_submit")
+SCENARIOS = ("throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit", "cost", "limits", "console",
+             "durable_submit")
+# ``make bench`` measures the rate limits over 2 minutes (20 minutes in all would not hold 2 x 5); ``make soak``
+# over the full 5.
+RATELIMIT_MINUTES = 2
 
 
 def machine() -> dict[str, Any]:
@@ -105,13 +109,6 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         config.latency_rate = args.latency_rate
     if args.latency_seconds:
         config.latency_duration_s = args.latency_seconds
-    if args.inflight_levels:
-        levels = [int(level) for level in args.inflight_levels.split(",")]
-        config.inflight_modes = [InflightMode(mode.pipeline, mode.shape, levels if index == 0 else levels[-1:])
-                                 for index, mode in enumerate(config.inflight_modes)]
-    if args.inflight_threads:
-        for mode in config.inflight_modes:
-            mode.shape = WorkerShape(mode.shape.processes, args.inflight_threads, mode.shape.gevent)
     for item in args.difyq_env:
         name, _, value = item.partition("=")
         config.difyq_env[name] = value
@@ -165,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rate", type=float,
                         help="jobs/s of the realistic-latency scenario (default: half of the workers' capacity)")
     parser.add_argument("--latency-seconds", type=float, help="length of the realistic-latency scenario's step")
-    parser.add_argument("--inflight-levels", help="comma-separated concurrency levels for scenario 3")
-    parser.add_argument("--inflight-threads", type=int, help="threads (greenlets) per worker process in scenario 3")
+    parser.add_argument("--ratelimit-minutes", type=int, help=f"minutes of the rate-limit scenario (default "
+                        f"{RATELIMIT_MINUTES}, 1 with --quick)")
     parser.add_argument("--difyq-src", type=Path, default=REPO_ROOT,
                         help="run difyq from this source tree (a scratch copy with a change to try)")
     parser.add_argument("--difyq-env", action="append", default=[], metavar="NAME=VALUE",
@@ -175,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
     args = parser.parse_args(argv)
 
-    chosen = set(args.scenario or ("throughput", "overhead", "latency", "inflight", "limits", "console",
+    chosen = set(args.scenario or ("throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit", "limits",
+                                   "console",
                                    "durable_submit"))
     if "cost" in chosen:
         chosen.add("overhead")
     config = build_config(args)
-    full = not args.quick and chosen >= {"throughput", "overhead", "inflight"}
+    full = not args.quick and chosen >= {"throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit"}
     out = args.out or RESULTS
     stem = "latest" if full or args.out else "partial"
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         if "latency" in chosen:
             results["scenarios"]["latency"] = scenarios.realistic_latency(bench, config)
         if "inflight" in chosen:
-            results["scenarios"]["inflight"] = scenarios.inflight(bench, config)
+            setup = inflight.InflightConfig.quick() if args.quick else inflight.InflightConfig()
+            results["scenarios"]["inflight"] = inflight.run(bench, config, setup)
+        if "scaleout" in chosen:
+            shapes = scaleout.ScaleoutConfig.quick() if args.quick else scaleout.ScaleoutConfig()
+            results["scenarios"]["scaleout"] = scaleout.run(bench, config, shapes)
+        if "ratelimit" in chosen:
+            minutes = args.ratelimit_minutes or (1 if args.quick else RATELIMIT_MINUTES)
+            results["scenarios"]["ratelimit"] = ratelimit.run(bench, config, minutes)
     finally:
         bench.close()
     if "limits" in chosen:

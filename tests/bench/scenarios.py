@@ -1,4 +1,5 @@
-"""The four scenarios of the benchmark, each run on every pipeline against the same emulator and sink.
+"""The benchmark's scenarios on the emulator, each run on every pipeline against the same emulator and sink (the
+in-flight, scale-out and rate-limit scenarios have their own modules: ``inflight``, ``scaleout``, ``ratelimit``).
 
 1. ``throughput``: a 0-latency emulator; offered load rises step by step (x ``factor``) until a step fails
    (p99 end-to-end >= 1 s, a callback missing, or completions falling behind), then bisects between the last pass
@@ -7,9 +8,6 @@
 2. ``overhead``: a 200 ms emulator (``--dify-latency`` sets another) at one fixed rate (half of difyq's throughput
    result when that ran): e2e minus the emulator's own time per job, the submit latency, and for difyq the
    per-phase breakdown from its records.
-3. ``inflight``: 10 s streamed answers; open-loop rate = C / 10 s for each concurrency level C, so Little's law
-   says C jobs are in flight; the steady-state throughput divided by that bound (C / the answer's nominal 10 s:
-   an emulator slowed down by a saturated machine does not lower the bar), worker memory (RSS and PSS).
 4. ``cost`` (measured inside ``overhead``'s step): CPU seconds of the pipeline's processes and Redis commands
    (INFO commandstats, which counts commands inside Lua scripts too) per job, plus a MONITOR window that splits
    them into round trips and in-script commands.
@@ -17,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -25,11 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.bench.loadgen import emulator_alone
-from tests.bench.measure import StepData, cdf, in_flight, phase_breakdown, run_step, summary
+from tests.bench.measure import StepData, cdf, phase_breakdown, run_step, summary
 from tests.bench.redis_trace import CommandTrace, ScriptTimes
 from tests.bench.stack import (
-    DIFY_KEY,
     LIMITED,
     BenchEnvironment,
     DifyqPipeline,
@@ -37,33 +32,15 @@ from tests.bench.stack import (
     Profile,
     WorkerShape,
     cost_between,
-    tree_memory,
 )
 
 ZERO_LATENCY = Profile("0ms", ttft_s=0.0, tokens_per_second=0.0, answer_tokens=16)
 FIXED_200MS = Profile("200ms", ttft_s=0.2, tokens_per_second=0.0, answer_tokens=16)
-STREAM_10S = Profile("10s-stream", ttft_s=1.0, tokens_per_second=1.0, answer_tokens=10)
 P99_GOAL_S = 1.0
 # A throughput step passes only if its completions kept pace with its arrivals (``StepData.pace``). Just past a
 # pipeline's capacity an 8 s step can still end with p99 under 1 s while its backlog grows; such steps measured a
 # pace of 0.89-0.96, steps below capacity 0.98-1.01.
 PACE_FLOOR = 0.97
-# Worker slots per process in the in-flight scenario, for every pipeline: 10 % above 1,000. On a loaded 2-core box
-# the emulator's own 10 s answers take 10.4-10.8 s, and Little's law with W = 10.5 s needs 2,100 slots to keep
-# C = 2,000 at the bound; with exactly 2 x 1,000 the slots, not the pipeline, cap the throughput near 0.95.
-INFLIGHT_SLOTS = 1100
-
-
-@dataclass
-class InflightMode:
-    """One worker setup for the in-flight scenario and the concurrency levels to try on it."""
-
-    pipeline: str
-    shape: WorkerShape
-    levels: list[int]
-
-    def label(self) -> str:
-        return f"{self.pipeline} {self.shape.label()}"
 
 
 @dataclass
@@ -90,13 +67,6 @@ class BenchConfig:
     latency_duration_s: float = 30.0
     idle_seconds: float = 10.0
     trace_jobs: int = 150
-    inflight_modes: list[InflightMode] = field(default_factory=lambda: [
-        InflightMode("difyq", WorkerShape(2, INFLIGHT_SLOTS, gevent=True), [500, 1000, 2000]),
-        InflightMode("difyq", WorkerShape(2, INFLIGHT_SLOTS, gevent=False), [2000]),
-        InflightMode("bare", WorkerShape(2, INFLIGHT_SLOTS, gevent=True), [2000]),
-    ])
-    inflight_measure_s: float = 15.0
-    inflight_calibrate: bool = True
     warmup_jobs_rate: float = 20.0
     seed: int = 1
     difyq_env: dict[str, str] = field(default_factory=dict)
@@ -107,9 +77,6 @@ class BenchConfig:
             throughput_start=100.0, throughput_factor=1.6, throughput_step_s=2.5, throughput_max_steps=4,
             throughput_refine_steps=0, overhead_duration_s=4.0, latency_duration_s=6.0, idle_seconds=3.0,
             trace_jobs=40,
-            inflight_modes=[InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [200]),
-                            InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
-            inflight_measure_s=3.0, inflight_calibrate=False,
         )
 
 
@@ -118,7 +85,7 @@ def fixed_latency(seconds: float) -> Profile:
     return Profile(f"{seconds * 1000:.0f}ms", ttft_s=seconds, tokens_per_second=0.0, answer_tokens=16)
 
 
-def _pipeline_options(config: BenchConfig, name: str) -> dict[str, Any]:
+def pipeline_options(config: BenchConfig, name: str) -> dict[str, Any]:
     return {"extra_env": config.difyq_env} if name in ("difyq", LIMITED) and config.difyq_env else {}
 
 
@@ -131,13 +98,13 @@ def warm_up(bench: BenchEnvironment, pipeline: Pipeline, rate: float) -> None:
                            f"({[s.error for s in step.submissions if s.error][:3]})\n{logs}")
 
 
-def _note_commit(record: dict[str, Any], pipeline: Pipeline) -> None:
+def note_commit(record: dict[str, Any], pipeline: Pipeline) -> None:
     """The difyq source this pipeline ran (a run can span commits when others commit meanwhile)."""
     if isinstance(pipeline, DifyqPipeline):
         record["difyq_commit"] = pipeline.commit
 
 
-def _slim(step: dict[str, Any]) -> dict[str, Any]:
+def slim(step: dict[str, Any]) -> dict[str, Any]:
     """A step record without the per-command breakdowns (kept only where they are the point)."""
     cost = {key: value for key, value in step["cost"].items() if not isinstance(value, dict)}
     return {**step, "cost": cost}
@@ -159,7 +126,7 @@ def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
     with bench.emulating(ZERO_LATENCY), contextlib.ExitStack() as running:
         bench.client.flushall()
         pipelines = [running.enter_context(bench.pipeline(name, config.shape, flush=False,
-                                                          **_pipeline_options(config, name)))
+                                                          **pipeline_options(config, name)))
                      for name in config.pipelines]
         searches = []
         for pipeline in pipelines:
@@ -170,7 +137,7 @@ def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
             turns = [turn for turn in turns if next(turn, None) is not None]
         for search in searches:
             results["pipelines"][search.pipeline.name] = search.result()
-            _note_commit(results["pipelines"][search.pipeline.name], search.pipeline)
+            note_commit(results["pipelines"][search.pipeline.name], search.pipeline)
     return results
 
 
@@ -191,7 +158,7 @@ class ThroughputSearch:
         step = run_step(self.bench, self.pipeline, rate, config.throughput_step_s,
                         grace=max(10.0, config.throughput_step_s), seed=config.seed + len(self.steps))
         ok = _passed(step)
-        record = _slim(step.describe())
+        record = slim(step.describe())
         record["passed"] = ok
         self.steps.append(record)
         print(f"  [throughput] {self.pipeline.name} {rate:7.1f}/s -> {record['achieved_rate']:7.1f}/s "
@@ -248,7 +215,7 @@ def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float, profile:
         names.insert(names.index("difyq") + 1, LIMITED)
     with bench.emulating(profile):
         for name in names:
-            with bench.pipeline(name, config.shape, **_pipeline_options(config, name)) as pipeline:
+            with bench.pipeline(name, config.shape, **pipeline_options(config, name)) as pipeline:
                 warm_up(bench, pipeline, config.warmup_jobs_rate)
                 step = run_step(bench, pipeline, rate, duration or config.overhead_duration_s, grace=30.0,
                                 seed=config.seed)
@@ -261,7 +228,7 @@ def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float, profile:
                     _measure_cost(bench, pipeline, rate, config, record)
                 else:
                     record["idle"] = _idle_cost(bench, pipeline, config.idle_seconds)
-                _note_commit(record, pipeline)
+                note_commit(record, pipeline)
                 results["pipelines"][name] = record
                 print(f"  [{'overhead' if cost else 'latency'}] {name} at {rate:.1f}/s: overhead p50 "
                       f"{record['overhead_ms']['p50']:.1f} ms p99 {record['overhead_ms']['p99']:.1f} ms, submit p50 "
@@ -302,81 +269,3 @@ def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str,
     profile = fixed_latency(config.latency_dify_s)
     rate = config.latency_rate or config.shape.processes * config.shape.threads / config.latency_dify_s / 2
     return overhead(bench, config, rate, profile, cost=False, duration=config.latency_duration_s)
-
-
-def inflight(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
-    """Scenario 3: C jobs in flight on 10 s streams, throughput against Little's-law bound, memory."""
-    answer_s = STREAM_10S.nominal_s
-    results: dict[str, Any] = {"profile": vars(STREAM_10S), "answer_s": answer_s, "modes": []}
-    with bench.emulating(STREAM_10S) as emulator:
-        top = max((level for mode in config.inflight_modes for level in mode.levels), default=0)
-        if top and config.inflight_calibrate:
-            alone = asyncio.run(emulator_alone("127.0.0.1", emulator.port, DIFY_KEY, top / answer_s,
-                                               answer_s + config.inflight_measure_s))
-            emulator.take_calls()
-            results["emulator_alone"] = {"concurrency": top, "answer_ms": summary(alone),
-                                         "best_ratio": answer_s / (summary(alone, 1.0)["p50"] or answer_s)}
-            print(f"  [inflight] emulator alone at C={top}: answer p50 {summary(alone, 1.0)['p50']:.2f} s", flush=True)
-        for mode in config.inflight_modes:
-            if mode.pipeline not in config.pipelines:
-                continue
-            levels: list[dict[str, Any]] = []
-            with bench.pipeline(mode.pipeline, mode.shape, **_pipeline_options(config, mode.pipeline)) as pipeline:
-                warm_up(bench, pipeline, config.warmup_jobs_rate)
-                commit = getattr(pipeline, "commit", None)
-                idle_memory = tree_memory(pipeline.worker_pids())
-                for concurrency in mode.levels:
-                    levels.append(_inflight_level(bench, pipeline, concurrency, answer_s, config))
-                    level = levels[-1]
-                    print(f"  [inflight] {mode.label()} C={concurrency}: {level['throughput']:.1f}/s of "
-                          f"{level['little_bound']:.1f}/s ({level['ratio']:.2f}), at Dify "
-                          f"{level['dify_in_flight']['mean']:.0f}, PSS {level['worker_memory']['pss_mib']:.0f} MiB, "
-                          f"lost {level['lost']}", flush=True)
-            results["modes"].append({"pipeline": mode.pipeline, "shape": mode.shape.label(), "label": mode.label(),
-                                     "idle_worker_memory": idle_memory, "levels": levels,
-                                     **({"difyq_commit": commit} if commit else {})})
-    return results
-
-
-def _inflight_level(bench: BenchEnvironment, pipeline: Pipeline, concurrency: int, answer_s: float,
-                    config: BenchConfig) -> dict[str, Any]:
-    rate = concurrency / answer_s
-    duration = answer_s + config.inflight_measure_s
-    peak: dict[str, float] = {"rss_mib": 0.0, "pss_mib": 0.0, "processes": 0}
-    depths: list[int] = []
-
-    async def sample_memory() -> None:
-        await asyncio.sleep(answer_s * 0.8)
-        while True:
-            now = await asyncio.to_thread(tree_memory, pipeline.worker_pids())
-            for key in ("rss_mib", "pss_mib", "processes"):
-                peak[key] = max(peak[key], now[key])
-            depths.append(await asyncio.to_thread(bench.queue_depth, pipeline))
-            await asyncio.sleep(2.0)
-
-    step = run_step(bench, pipeline, rate, duration, grace=answer_s + 40.0, seed=config.seed, poisson=False,
-                    during=sample_memory)
-    start = min(s.intended for s in step.submissions) + answer_s + 1.0
-    end = max(s.intended for s in step.submissions)
-    window = max(end - start, 1e-9)
-    done = sum(1 for t in step.arrivals.values() if start <= t < end)
-    calls = list(step.dify_calls.values())
-    measured_answer = summary([e - b for b, e in calls], scale=1.0)["p50"]
-    throughput = done / window
-    bound = concurrency / answer_s
-    in_system = [(s.intended, step.arrivals.get(s.job_id or "", math.inf)) for s in step.submissions]
-    record = _slim(step.describe())
-    record.update({
-        "concurrency": concurrency,
-        "window_s": round(window, 2),
-        "throughput": throughput,
-        "little_bound": bound,
-        "ratio": throughput / bound if bound else 0.0,
-        "answer_s": answer_s,
-        "answer_s_measured_p50": measured_answer,
-        "dify_in_flight": in_flight(calls, start, end),
-        "in_system": in_flight(in_system, start, end),
-        "worker_memory": peak,
-        "queued_max": max(depths, default=0),
-    })
-    return record

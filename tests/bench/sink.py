@@ -5,6 +5,8 @@ It must cost next to nothing per request, so it is a bare asyncio protocol (no f
 (difyq's job id; the baselines send one too) and its arrival time (``time.time()``, comparable across processes
 on one machine) are kept, first arrival per id.
 
+A request to a path under ``/fail`` is a receiver that is down: it answers 500 and counts for nothing.
+
 Control routes: ``GET /_sink/arrivals?from=N`` answers ``{"arrivals": [[id, t], ...], "next": M}`` (arrivals N..M-1
 in arrival order); ``GET /_sink/health`` answers ``ok``.
 
@@ -21,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 _BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_FAILED = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+FAILING_PATH = "/fail"
 _MAX_HEAD = 64 * 1024
 
 
@@ -96,6 +100,8 @@ class SinkProtocol(asyncio.Protocol):
             if url.path == "/_sink/health":
                 return _response(b"ok", "text/plain")
             return _BAD
+        if target.startswith(FAILING_PATH):
+            return _FAILED
         webhook_id = headers.get("webhook-id")
         if webhook_id:
             self.arrivals.record(webhook_id, time.time())

@@ -219,6 +219,38 @@ class Emulator:
         return [call for call in calls if call.get("path") == "/v1/chat-messages"]
 
 
+class StreamSource:
+    """``tests.bench.stream_source`` answering chat streams at a profile's pace, with the ``Emulator``'s interface
+    (``base_url``, ``take_calls``, ``service``): the in-flight scenario's Dify, light enough for 10,000 streams."""
+
+    def __init__(self, profile: Profile, log_dir: Path, keys: tuple[str, ...] = (DIFY_KEY,)) -> None:
+        self.profile = profile
+        self.port = free_port()
+        self.service = Service(f"stream-source-{profile.name}", [
+            sys.executable, "-m", "tests.bench.stream_source", "--port", str(self.port),
+            *(argument for key in keys for argument in ("--key", key)),
+            "--ttft", str(profile.ttft_s), "--tokens-per-second", str(profile.tokens_per_second),
+            "--answer-tokens", str(profile.answer_tokens)], log_dir, cwd=REPO_ROOT)
+        wait_for_port(self.port, process=self.service.process)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def take_calls(self) -> list[dict[str, Any]]:
+        """The calls that ended since the last take (then forgotten)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_source/calls", timeout=60) as reply:
+            calls = json.loads(reply.read())
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/_source/calls", method="DELETE")
+        urllib.request.urlopen(request, timeout=30).close()
+        return calls
+
+    def stats(self) -> dict[str, int]:
+        """Streams open now, the most open at once, and calls served."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_source/stats", timeout=30) as reply:
+            return json.loads(reply.read())
+
+
 @dataclass
 class WorkerShape:
     """How a pipeline's workers run: processes x threads, or greenlets with ``gevent``."""
@@ -262,27 +294,30 @@ class Pipeline:
 
 class DifyqPipeline(Pipeline):
     """``difyq api`` + ``difyq worker`` from the bench's difyq source tree (the repo, or a scratch copy to try a
-    change), with ``extra_env`` added to both processes' environment."""
+    change), with ``extra_env`` added to both processes' environment. ``config`` adds to the bench's difyq config
+    section by section (its ``apps`` beside the ``bench`` app, its ``jobs`` settings, ...)."""
 
     name = "difyq"
     limits: dict[str, int] | None = None
 
-    def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator | StreamSource,
+                 extra_env: dict[str, str] | None = None, config: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__(self.name, shape, f"{NAMESPACE}:jobs")
         self.bench = bench
         self.commit = source_commit(bench.difyq_src)
         app = {"api_key": DIFY_KEY, "mode": "chat", "base_url": emulator.base_url,
                **({"limits": self.limits} if self.limits else {})}
-        config = {
+        settings: dict[str, dict[str, Any]] = {
             "apps": {APP: app},
             "clients": {"bench": {"token": CLIENT_TOKEN, "apps": ["*"]}},
             "callbacks": {"signing_secret": SIGNING_SECRET, "allow_hosts": ["127.0.0.0/8"]},
             "redis": {"namespace": NAMESPACE},
         }
+        for section, values in (config or {}).items():
+            settings[section] = {**settings.get(section, {}), **values}
         directory = Path(tempfile.mkdtemp(prefix="difyq-", dir=bench.log_dir))
         config_path = directory / "difyq.yaml"
-        config_path.write_text(yaml.safe_dump(config))
+        config_path.write_text(yaml.safe_dump(settings))
         env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": bench.redis.url,
                "PYTHONPATH": str(bench.difyq_src), "PYTHONUNBUFFERED": "1",
                "DIFYQ_WORKER_SHUTDOWN_TIMEOUT_MS": "5000", **(extra_env or {})}
@@ -292,15 +327,27 @@ class DifyqPipeline(Pipeline):
                       cwd=bench.difyq_src)
         self.services.append(api)
         wait_for_port(self.api_port, process=api.process)
+        self._worker_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(directory / "prometheus")}
+        self._worker_args = [*command, "worker", "--processes", str(shape.processes), "--threads", str(shape.threads),
+                             *(["--gevent"] if shape.gevent else [])]
+        self.start_worker()
+
+    def start_worker(self) -> None:
+        """Start ``difyq worker`` and wait for its metrics port (the processes are up)."""
         metrics_port = free_port()
-        worker_args = [*command, "worker", "--processes", str(shape.processes), "--threads", str(shape.threads)]
-        worker = Service("difyq-worker", [*worker_args, *(["--gevent"] if shape.gevent else [])], bench.log_dir,
-                         {**env, "DIFYQ_METRICS_PORT": str(metrics_port),
-                          "PROMETHEUS_MULTIPROC_DIR": str(directory / "prometheus")},
-                         cwd=bench.difyq_src)
+        worker = Service("difyq-worker", self._worker_args, self.bench.log_dir,
+                         {**self._worker_env, "DIFYQ_METRICS_PORT": str(metrics_port)}, cwd=self.bench.difyq_src)
         self.services.append(worker)
         self.worker_services.append(worker)
         wait_for_port(metrics_port, timeout=60, process=worker.process)
+
+    def restart_worker(self) -> None:
+        """Stop the worker (SIGTERM, as a deploy does) and start a new one."""
+        for worker in self.worker_services:
+            worker.stop()
+            self.services.remove(worker)
+        self.worker_services.clear()
+        self.start_worker()
 
     def submitter(self) -> Submitter:
         return HttpSubmitter("127.0.0.1", self.api_port, CLIENT_TOKEN, APP, self.bench.sink.url)
@@ -329,7 +376,7 @@ class LimitedDifyqPipeline(DifyqPipeline):
 class BarePipeline(Pipeline):
     """The ``bare`` baseline: ``dramatiq tests.bench.baseline_bare`` (``dramatiq-gevent`` with gevent)."""
 
-    def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator) -> None:
+    def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator | StreamSource) -> None:
         super().__init__("bare", shape, "bare:jobs")
         self.bench = bench
         program = "dramatiq-gevent" if shape.gevent else "dramatiq"
@@ -349,7 +396,7 @@ class BarePipeline(Pipeline):
 class CeleryPipeline(Pipeline):
     """The ``celery`` baseline: one ``celery worker`` per process, each with a pool of ``threads`` (or gevent)."""
 
-    def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator) -> None:
+    def __init__(self, shape: WorkerShape, bench: BenchEnvironment, emulator: Emulator | StreamSource) -> None:
         super().__init__("celery", shape, "celery")
         self.bench = bench
         env = {**os.environ, "REDIS_URL": bench.redis.url, "BENCH_DIFY_URL": emulator.base_url,
@@ -400,15 +447,25 @@ class BenchEnvironment:
         except BaseException:
             self.redis.stop()
             raise
-        self.emulator: Emulator | None = None
+        self.emulator: Emulator | StreamSource | None = None
 
     @contextlib.contextmanager
     def emulating(self, profile: Profile) -> Iterator[Emulator]:
-        self.emulator = Emulator(profile, self.log_dir)
+        emulator = self.emulator = Emulator(profile, self.log_dir)
         try:
-            yield self.emulator
+            yield emulator
         finally:
-            self.emulator.service.stop()
+            emulator.service.stop()
+            self.emulator = None
+
+    @contextlib.contextmanager
+    def streaming(self, profile: Profile, keys: tuple[str, ...] = (DIFY_KEY,)) -> Iterator[StreamSource]:
+        """Like ``emulating``, with the light stream source (answering ``keys``) in the emulator's place."""
+        source = self.emulator = StreamSource(profile, self.log_dir, keys)
+        try:
+            yield source
+        finally:
+            source.service.stop()
             self.emulator = None
 
     @contextlib.contextmanager

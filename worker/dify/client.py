@@ -74,8 +74,9 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _ERROR_SNIPPET_CHARS = 200
 _WHITESPACE = re.compile(r"\s+")
 
-# Connections kept per host: above `difyq worker --gevent`'s 1000 greenlets, so none is closed for lack of room.
-_POOL_MAXSIZE = 1024
+# Connections kept per host: above the greenlets one `difyq worker --gevent` process runs (5,000 each for 10,000
+# streams on a two-process host), so none is closed for lack of room and reopened by the next job.
+_POOL_MAXSIZE = 16384
 # Host pools kept per manager (apps may sit on different hosts); the least recently used one beyond is closed.
 _POOL_HOSTS = 64
 

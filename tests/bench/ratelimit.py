@@ -1,0 +1,107 @@
+"""Rate-limit efficiency: how fully difyq uses a Dify key's limits when twice as much work waits for it.
+
+Two apps on two keys run side by side through the whole stack (API, workers, Redis, the light stream source):
+one with ``limits.requests_per_minute`` (``REQUESTS_PER_MINUTE``), one with ``limits.tokens_per_minute``
+(``TOKENS_PER_MINUTE``; every answer reports ``TOKENS_PER_CALL`` total tokens, so the limit is worth
+``TOKENS_PER_MINUTE / TOKENS_PER_CALL`` calls a minute). Each is offered twice its limit, open loop, for
+``minutes`` minutes. What Dify sees is counted at the source: the calls (and their tokens) that start in each whole
+minute from the key's first call, divided by the limit (goal 0.98-1.00), and the most that start in any 60 s
+span, which must not exceed the limit. The jobs still waiting when the load ends are dropped with the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from tests.bench.loadgen import HttpSubmitter, Submission, open_loop
+from tests.bench.scenarios import BenchConfig, note_commit, warm_up
+from tests.bench.stack import CLIENT_TOKEN, BenchEnvironment, DifyqPipeline, Profile, WorkerShape, cost_between
+
+REQUESTS_PER_MINUTE = 600
+TOKENS_PER_MINUTE = 12_000
+ANSWER_TOKENS = 12
+# What the stream source reports per call: "bench job <token>" is 3 words, + 5 prompt tokens, + the answer.
+TOKENS_PER_CALL = 3 + 5 + ANSWER_TOKENS
+DEMAND = 2.0
+GOAL = (0.98, 1.00)
+WINDOW_S = 60.0
+ANSWER = Profile("ratelimit", ttft_s=0.2, tokens_per_second=0.0, answer_tokens=ANSWER_TOKENS)
+APPS = {
+    "rpm": ("app-benchrpm00000000000", {"requests_per_minute": REQUESTS_PER_MINUTE}, REQUESTS_PER_MINUTE),
+    "tpm": ("app-benchtpm00000000000", {"tokens_per_minute": TOKENS_PER_MINUTE,
+                                        "estimated_tokens_per_call": TOKENS_PER_CALL}, TOKENS_PER_MINUTE),
+}
+
+
+def most_in_span(times: Sequence[float], span: float, weights: Sequence[float] | None = None) -> float:
+    """The largest total weight (count, without ``weights``) of sorted ``times`` inside any span (t - span, t]."""
+    best = total = 0.0
+    start = 0
+    for end, at in enumerate(times):
+        total += weights[end] if weights is not None else 1
+        while times[start] <= at - span:
+            total -= weights[start] if weights is not None else 1
+            start += 1
+        best = max(best, total)
+    return best
+
+
+def _usage(calls: list[dict[str, Any]], limit: int, weighted: bool, minutes: int) -> dict[str, Any]:
+    calls = sorted(calls, key=lambda call: call["started_at"])
+    times = [call["started_at"] for call in calls]
+    weights = [float(call["total_tokens"]) for call in calls] if weighted else [1.0] * len(calls)
+    if not times:
+        return {"limit": limit, "windows": [], "ratio": 0.0, "max_in_any_60s": 0, "ok": False}
+    first = times[0]
+    windows = [sum(w for t, w in zip(times, weights, strict=True) if first + WINDOW_S * k <= t
+                   < first + WINDOW_S * (k + 1)) for k in range(minutes)]
+    peak = most_in_span(times, WINDOW_S, weights)
+    ratio = sum(windows) / (limit * minutes)
+    ok = all(GOAL[0] <= used / limit <= GOAL[1] for used in windows) and peak <= limit
+    return {"limit": limit, "windows": windows, "window_ratios": [used / limit for used in windows],
+            "ratio": ratio, "max_in_any_60s": peak, "max_ratio": peak / limit, "ok": ok}
+
+
+def run(bench: BenchEnvironment, config: BenchConfig, minutes: int) -> dict[str, Any]:
+    """Both keys at twice their limits for ``minutes`` minutes."""
+    keys = tuple(key for key, _, _ in APPS.values())
+    with bench.streaming(ANSWER, keys) as source:
+        apps = {name: {"api_key": key, "mode": "chat", "base_url": source.base_url, "limits": limits}
+                for name, (key, limits, _) in APPS.items()}
+        with bench.pipeline("difyq", WorkerShape(), config={"apps": apps}) as pipeline:
+            assert isinstance(pipeline, DifyqPipeline)
+            warm_up(bench, pipeline, config.warmup_jobs_rate)
+            source.take_calls()
+            before = bench.snapshot(pipeline)
+            duration = minutes * WINDOW_S + 5.0
+            submitted = asyncio.run(_offer(pipeline, duration))
+            after = bench.snapshot(pipeline)
+            calls = source.take_calls()
+            record: dict[str, Any] = {"minutes": minutes, "demand_x_limit": DEMAND, "answer": vars(ANSWER),
+                                      "tokens_per_call": TOKENS_PER_CALL, "goal": list(GOAL), "keys": {}}
+            note_commit(record, pipeline)
+            for name, (key, _, limit) in APPS.items():
+                mine = [call for call in calls if call["key"] == key]
+                usage = _usage(mine, limit, name == "tpm", minutes)
+                usage["submitted"] = len(submitted[name])
+                usage["submit_errors"] = sum(1 for s in submitted[name] if s.error)
+                record["keys"][name] = usage
+                print(f"  [ratelimit] {name}: {usage['ratio']:.3f} of the limit over {minutes} min "
+                      f"(per minute {', '.join(f'{r:.3f}' for r in usage.get('window_ratios', []))}), most in "
+                      f"any 60 s {usage['max_in_any_60s']:.0f} of {limit}, submit errors {usage['submit_errors']}",
+                      flush=True)
+            record["cost"] = cost_between(before, after, len(calls))
+    return record
+
+
+async def _offer(pipeline: DifyqPipeline, duration: float) -> dict[str, list[Submission]]:
+    """Both apps at ``DEMAND`` times their limit (in calls per second) at once."""
+    def submitter(app: str) -> HttpSubmitter:
+        return HttpSubmitter("127.0.0.1", pipeline.api_port, CLIENT_TOKEN, app, pipeline.bench.sink.url)
+
+    per_minute = {"rpm": REQUESTS_PER_MINUTE, "tpm": TOKENS_PER_MINUTE / TOKENS_PER_CALL}
+    runs = [open_loop(lambda app=app: submitter(app), DEMAND * per_minute[app] / WINDOW_S, duration, poisson=False,
+                      seed=index) for index, app in enumerate(APPS)]
+    return dict(zip(APPS, await asyncio.gather(*runs), strict=True))
