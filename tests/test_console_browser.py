@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+import structlog
 from prometheus_client import REGISTRY
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
+from structlog.testing import capture_logs
 
 from difyq.producers.scheduler import Scheduler
 from difyq.producers.scheduler_command import submit_fire_for
@@ -115,7 +117,9 @@ def stack(redis_url: str) -> Iterator[Stack]:
             console={"users": {"alice": {"token": OPERATOR_TOKEN, "role": "operator"},
                                "victor": {"token": VIEWER_TOKEN, "role": "viewer"}},
                      "sensitive_inputs": ["customer_email"]},
-            schedules={"every-second": {"cron": "* * * * * *", "app": "support", "query": "tick {{ fire_time }}"}},
+            schedules={"every-second": {"cron": "* * * * * *", "app": "support", "query": "tick {{ fire_time }}"},
+                       "tokyo-morning": {"cron": "0 9 * * *", "timezone": "Asia/Tokyo", "app": "support",
+                                         "query": "good morning"}},
             hooks={"tickets": {"app": "support", "verify": {"scheme": "token", "secret": HOOK_TOKEN},
                                "when": "{{ body.action == 'opened' }}", "query": "{{ body.title }}"}})
         with running_worker(runtime, threads=4), serving_api(runtime) as api, \
@@ -209,8 +213,12 @@ def test_cancel_a_slow_job_from_its_page(stack: Stack) -> None:
     wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "running")
     task_id = wait_until(stack.browser, lambda _: stack.runtime.store.fields(job_id).get("task_id"))
     wait_until(stack.browser, lambda b: task_id in b.find_element(By.ID, "dify-ids").text)  # shown while it runs
-    click(stack.browser, By.XPATH, "//button[text()='Cancel job']")
-    wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "canceled")
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        click(stack.browser, By.XPATH, "//button[text()='Cancel job']")
+        wait_until(stack.browser, lambda b: b.find_element(By.ID, "job-status").text == "canceled")
+    logged = [line for line in logs if line["event"] == "console_action"]
+    assert [(line["operator"], line["action"], line["job_id"]) for line in logged] == [("alice", "cancel", job_id)]
+    assert OPERATOR_TOKEN not in str(logs)
     assert "cancel by alice" in text_of(stack.browser, By.CLASS_NAME, "timeline")
     assert stack.runtime.store.get(job_id)["status"] == "canceled"
 
@@ -284,7 +292,7 @@ def test_retry_a_failed_job_from_its_page(stack: Stack) -> None:
     wait_until(stack.browser, lambda _: stack.runtime.store.get(job_id)["attempts"] == 2
                and stack.runtime.store.get(job_id)["status"] == "failed")
     timeline = wait_until(stack.browser, lambda b: (t := b.find_element(By.CLASS_NAME, "timeline").text)
-                          and "attempt 2 " in t and t)
+                          and "attempt 2 failed after" in t and t)  # the page, too, has caught up
     assert "retry by alice" in timeline and "attempt 1 failed after" in timeline
     for attempt in (1, 2):  # each attempt with Dify's status, code and message, and its own duration
         cells = attempt_cells(stack, attempt)
@@ -303,6 +311,8 @@ def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
         wait_until(stack.browser, lambda _: schedule_jobs(stack) > 0)
         stack.browser.get(f"{stack.console}/schedules")
         assert stack.browser.find_element(By.CSS_SELECTOR, '[data-schedule="every-second"] td a')  # its last job
+        next_fire = text_of(stack.browser, By.CSS_SELECTOR, '[data-schedule="tokyo-morning"] td:nth-child(5)')
+        assert next_fire.endswith("T09:00:00+09:00"), next_fire  # in the schedule's zone
         click(stack.browser, By.CSS_SELECTOR, 'button[aria-label="Pause every-second"]')
         wait_until(stack.browser, lambda b: b.find_element(By.CSS_SELECTOR, '[data-schedule="every-second"]')
                    .get_attribute("data-state") == "paused")
