@@ -165,7 +165,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     try:
         outcome = submit(
             runtime,
-            JobSubmission(app=args.app, query=args.query, inputs=inputs, user=args.user,
+            JobSubmission(app=args.app, query=args.query, inputs=inputs, user=args.user, thread=args.thread,
                           files=files or None, callback_url=args.callback_url,
                           idempotency_key=args.idempotency_key, priority=_priority(args.priority),
                           tenant=args.tenant),
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--query")
     enqueue.add_argument("--input", action="append", default=[], metavar="KEY=VALUE")
     enqueue.add_argument("--user")
+    enqueue.add_argument("--thread", help="continue the app's conversation thread of this name (its jobs run one "
+                                          "at a time, in submit order)")
     enqueue.add_argument("--file", action="append", default=[], metavar="URL|PATH",
                          help="a file by URL, or a local file uploaded to Dify now (repeatable); its type follows "
                               "the name's extension")

@@ -29,6 +29,7 @@ DEV_TOKEN = "dev-token"
 DEV_CONSOLE_TOKEN = "dev-console-token"
 LOOPBACK = ["127.0.0.0/8", "::1/128", "localhost"]
 DOCUMENT_APP = "summarize-document"
+SUPPORT_APP = "support"  # a chat app whose answers show the conversation so far (for threads)
 
 
 def _dev_config(raw: dict[str, Any], emulator_url: str | None) -> dict[str, Any]:
@@ -39,7 +40,8 @@ def _dev_config(raw: dict[str, Any], emulator_url: str | None) -> dict[str, Any]
         config["apps"] = {**(config.get("apps") or {}),
                           "demo": {"api_key": "app-demo", "mode": "chat", "base_url": emulator_url},
                           DOCUMENT_APP: {"api_key": "app-summarize-document", "mode": "workflow",
-                                         "base_url": emulator_url}}
+                                         "base_url": emulator_url},
+                          SUPPORT_APP: {"api_key": "app-support", "mode": "chat", "base_url": emulator_url}}
     if not config.get("clients"):
         config["clients"] = {"dev": {"token": DEV_TOKEN, "apps": ["*"]}}
     console = dict(config.get("console") or {})

@@ -14,6 +14,10 @@ from pydantic_core import PydanticCustomError
 from difyq.worker.config import Priority, priority_level
 from difyq.worker.files.references import FILE_TYPES, complete_file, is_file_object
 from difyq.worker.jobs.model import TENANT_MAX_CHARS, JobRequest, NewJob, default_tenant
+from difyq.worker.jobs.threads import MAX_THREAD_NAME
+
+THREAD_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+"""A thread name: any text without control characters (``github:acme/app#123``, ``slack:T01/C02:1700000000.1``)."""
 
 # What may follow the host: anything but control characters and white space, spelt out rather than as ``\S``, which
 # Python's regexes and the ECMAScript ones that OpenAPI patterns follow define differently (\x1c-\x1f, \x85).
@@ -96,6 +100,7 @@ class JobSubmission(BaseModel):
     inputs: dict[str, Any] = Field(default_factory=dict)
     user: str | None = Field(default=None, min_length=1, max_length=256)
     conversation_id: str | None = Field(default=None, max_length=64)
+    thread: str | None = Field(default=None, min_length=1, max_length=MAX_THREAD_NAME, pattern=THREAD_NAME_PATTERN)
     files: list[DifyFile] | None = None
     callback_url: str | None = Field(default=None, max_length=2048, json_schema_extra={"format": "uri"})
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -118,4 +123,5 @@ class JobSubmission(BaseModel):
                              workflow_id=self.workflow_id)
         return NewJob(app=self.app, source=source, request=request, callback_url=self.callback_url,
                       idempotency_key=self.idempotency_key, scope=scope, request_id=request_id,
-                      priority=priority_level(self.priority), tenant=self.tenant or default_tenant(scope))
+                      priority=priority_level(self.priority), tenant=self.tenant or default_tenant(scope),
+                      thread=self.thread)

@@ -24,6 +24,7 @@ from difyq.worker.callbacks.ssrf import (
     check_destination,
     resolve_host,
 )
+from difyq.worker.dify.models import CHAT_MODES
 from difyq.worker.files.references import file_references
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob, job_id_of_trace
@@ -193,6 +194,15 @@ def _new_job(runtime: Runtime, new: NewJob) -> NewJob:
     if max_query is not None and request.query is not None and len(request.query) > max_query:
         raise SubmitRejected(422, "query_too_long", f"the query has {len(request.query)} characters, over "
                              f"api.max_query_chars ({max_query})", "query")
+    if new.thread and request.conversation_id:
+        raise SubmitRejected(422, "thread_with_conversation_id", "a thread job continues its thread's conversation: "
+                             "give a thread or a conversation_id, not both", "thread")
+    if new.thread:
+        app = runtime.config.apps[new.app]
+        if app.mode not in CHAT_MODES:
+            raise SubmitRejected(422, "thread_needs_chat_app", f"app {new.app!r} is a {app.mode} app: only chat, "
+                                 "agent and advanced-chat apps have conversations to continue", "thread")
+        new = new.model_copy(update={"thread_user": request.user or app.user})
     if new.callback_url and not runtime.config.callbacks.signing_secrets():
         raise SubmitRejected(422, "callbacks_not_configured",
                              "callbacks.signing_secret is not set, so no callback can be signed", "callback_url")

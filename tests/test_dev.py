@@ -78,6 +78,17 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         [uploaded] = document_job["files"]
         assert uploaded["name"] == "sample.pdf" and uploaded["upload_file_id"], document_job
         assert document_job["result"]["outputs"]["document"]["name"] == "sample.pdf"
+        # README's thread lines: the second job of the thread continues the first one's conversation.
+        first_turn, second_turn, history = [line.command.replace(":8080/", f":{api_port}/")
+                                            for line in curl_lines(ROOT / "README.md")][3:6]
+        asked = json.loads(re.search(r"-d '(.*)'", first_turn).group(1))["query"]
+        _finished(read, _submitted(first_turn))
+        second_job = _finished(read, _submitted(second_turn))
+        assert second_job["status"] == "succeeded", second_job
+        assert f"(turn 2; you asked before: {asked!r})" in second_job["result"]["answer"], second_job
+        pages = subprocess.run(history, shell=True, capture_output=True, text=True, timeout=30)
+        turns = json.loads(pages.stdout)["messages"]
+        assert [turn["answer"] for turn in turns][1] == second_job["result"]["answer"], turns
         assert re.search(r"Emulator\s+http://127\.0\.0\.1:\d+/v1", "".join(lines))
         # The console is served, and the operator token it prints is the one README.md names.
         console = re.search(r"Console\s+(http://\S+/console)\s+\(sign in with (\S+)\)", "".join(lines))

@@ -253,6 +253,7 @@ def _route_of(command: str) -> tuple[str, str]:
     url = re.search(r"https?://[^/\s']+(/[^\s'?]*)", command)
     assert url, command
     path = re.sub(r"/job_[A-Za-z0-9_]+|/<id>", "/{job_id}", url.group(1))
+    path = re.sub(r"^/v1/threads/[^/]+", "/v1/threads/{thread}", path)  # a thread name, percent-encoded
     return (method.group(1) if method else "GET"), path
 
 

@@ -168,6 +168,7 @@ class Mapping(Strict):
     inputs: dict[str, Any] = Field(default_factory=dict)
     user: str | None = None
     conversation_id: str | None = None
+    thread: str | None = None
     files: list[dict[str, Any]] | None = None
     callback_url: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -177,7 +178,8 @@ class Mapping(Strict):
     def templates(self) -> dict[str, str]:
         """Every template of this mapping by its field path (``inputs.repo``), for compiling and error messages."""
         found: dict[str, str] = {}
-        for name in ("query", "user", "conversation_id", "callback_url", "idempotency_key", "when", "tenant"):
+        for name in ("query", "user", "conversation_id", "thread", "callback_url", "idempotency_key", "when",
+                     "tenant"):
             value = getattr(self, name, None)
             if isinstance(value, str):
                 found[name] = value
@@ -267,6 +269,10 @@ class JobsConfig(Strict):
     low_priority_min_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1
 
 
+class ThreadsConfig(Strict):
+    ttl: Duration = 30 * 86400.0  # a thread idle this long since its last job is forgotten (its Redis keys expire)
+
+
 class ApiConfig(Strict):
     max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
     max_upload_bytes: Annotated[int, Field(gt=0)] = 16 * 1_048_576  # a multipart submit's body, files included
@@ -344,6 +350,7 @@ class Config(Strict):
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    threads: ThreadsConfig = Field(default_factory=ThreadsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)

@@ -30,7 +30,7 @@ class RedisKeys:
 
     def idempotency(self, scope: str, key: str) -> str:
         """The claim of an idempotency key within a client's scope (the key itself is hashed)."""
-        return self._key("idem", scope, hashlib.sha256(key.encode()).hexdigest())
+        return self._key("idem", scope, _digest(key))
 
     def dify_id(self, dify_id: str) -> str:
         """The jobs a Dify conversation, message, workflow run or task id names: job id -> when it was recorded
@@ -49,6 +49,21 @@ class RedisKeys:
     def pending_of_client(self, client: str) -> str:
         """The unfinished jobs an API client submitted, like ``pending_of_app``; ``clients.<name>.max_pending``."""
         return self._key("pending", "client", client)
+
+    # Conversation threads (named by a hash of the thread's name, which may hold any character)
+    def thread(self, app: str, thread: str) -> str:
+        """A thread's state (a hash of ``jobs.schema.ThreadField``: its Dify conversation and user); expires
+        ``threads.ttl`` after its last job."""
+        return self._key("thread", app, _digest(thread))
+
+    def thread_line(self, app: str, thread: str) -> str:
+        """A thread's unfinished jobs in submit order: the first is the one that runs (or waits to), the others
+        hold their message until it finishes."""
+        return self._key("thread-line", app, _digest(thread))
+
+    def thread_jobs(self, app: str, thread: str) -> str:
+        """A thread's jobs by creation time (ms), for ``GET /v1/threads/{thread}``; expires with the thread."""
+        return self._key("thread-jobs", app, _digest(thread))
 
     @property
     def leases(self) -> str:
@@ -126,3 +141,8 @@ class RedisKeys:
     def dead_letters(self, queue_name: str) -> str:
         """Dramatiq's dead letters of a queue (a sorted set; bodies in its own ``.msgs``)."""
         return self.queue(xq_name(queue_name))
+
+
+def _digest(text: str) -> str:
+    """A fixed-length, separator-free stand-in for a caller's name in a key."""
+    return hashlib.sha256(text.encode()).hexdigest()

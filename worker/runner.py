@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -23,9 +23,10 @@ from difyq.worker.dify.models import PausedRun
 from difyq.worker.files.transfer import FileUploads
 from difyq.worker.genai_span import dify_call
 from difyq.worker.jobs.messages import run_hints
-from difyq.worker.jobs.model import job_priority, job_tenant, job_trace_id
+from difyq.worker.jobs.model import iso_time, job_priority, job_tenant, job_trace_id
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.jobs.store import AttemptStart
+from difyq.worker.jobs.threads import ThreadConversation
 from difyq.worker.json_codec import loads
 from difyq.worker.leases import LeaseKeeper
 from difyq.worker.limits import Admission, deferral_delay, wait_exceeded
@@ -85,6 +86,7 @@ class Outcome:
     retry_in_s: float | None = None
     waiting_since: float | None = None
     pause: dict[str, Any] | None = None
+    conversation: ThreadConversation | None = None  # a thread job's: what the thread records with the outcome
 
 
 def pause_block(paused: PausedRun) -> dict[str, Any]:
@@ -121,6 +123,7 @@ class JobRunner:
         self.throttle = throttle
         self._clients: dict[str, DifyClient] = {}
         self.files = FileUploads(runtime.config, runtime.store)
+        self.threads = runtime.threads
 
     def run(self, job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0,
             tenant: str | None = None) -> None:
@@ -199,6 +202,10 @@ class JobRunner:
         log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
         client, request = self._client(app_name, app), self._dify_request(fields, app)
+        thread = self.threads.open(app_name, fields[JobField.THREAD], request.user) if fields.get(JobField.THREAD) \
+            else None
+        if thread is not None:
+            request = replace(request, user=thread.user, conversation_id=thread.conversation_id)
         pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
             if pause is None and not fields.get(JobField.DIFY_RUN_ID):
@@ -210,6 +217,8 @@ class JobRunner:
                                                canceled=canceled)
                 elif fields.get(JobField.DIFY_RUN_ID):  # an earlier attempt's worker was lost mid-run: follow it
                     result = client.follow_run(app.mode, fields[JobField.DIFY_RUN_ID], request, canceled=canceled)
+                elif thread is not None:
+                    result = self._continue(job_id, client, app, request, canceled)
                 else:
                     result = self._stream(job_id, client, app, request, canceled)
                 call.finished(result)
@@ -227,7 +236,33 @@ class JobRunner:
         slot.succeeded = True
         metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         self._record_usage(app_name, result)
-        return Outcome(JobStatus.SUCCEEDED, result=result_document(result))
+        conversation = None if thread is None else ThreadConversation(thread.conversation_id or "",
+                                                                      result.conversation_id)
+        return Outcome(JobStatus.SUCCEEDED, result=result_document(result), conversation=conversation)
+
+    def _continue(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest,
+                  canceled: Callable[[], bool]) -> DifyResult:
+        """A thread job's call: its thread's conversation continued, or a new one begun when Dify no longer has
+        it (deleted, or expired). Whether it does is asked first (``GET /messages``, which answers 404 at once):
+        Dify 1.x answers a streaming call to a missing conversation with one ping and then silence for minutes.
+        A 404 ``Conversation Not Exists.`` of the call itself (0.15, or a conversation deleted since the question)
+        begins a new one too. A job that begins a new conversation notes it (``conversation_restarted``)."""
+        gone = request.conversation_id
+        if gone and client.conversation_exists(gone, request.user):
+            try:
+                return self._stream(job_id, client, app, request, canceled)
+            except DifyError as error:
+                if error.status != 404 or error.code != "not_found":
+                    raise
+                detected_by = "call"
+        elif gone:
+            detected_by = "messages_check"
+        else:
+            return self._stream(job_id, client, app, request, canceled)
+        restart = {"previous_conversation_id": gone, "detected_by": detected_by, "at": iso_time(time.time())}
+        self._durably(lambda: self.store.record_conversation_restart(job_id, restart))
+        log.info("thread_conversation_restarted", previous_conversation_id=gone, detected_by=detected_by)
+        return self._stream(job_id, client, app, replace(request, conversation_id=None), canceled)
 
     def _stream(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest,
                 canceled: Callable[[], bool]) -> DifyResult:
@@ -350,7 +385,7 @@ class JobRunner:
         lease_s = self.leases.lease_s if self.config.callbacks.first_attempt_inline else None
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
             job_id, status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result, error=outcome.error,
-            record=fields))
+            record=fields, conversation=outcome.conversation))
         self._count_finished(fields, stored)
         callback = self.sender.deliver_first(job_id, record) if record is not None else None
         self._log_finished(stored, callback)

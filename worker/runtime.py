@@ -14,6 +14,7 @@ from redis.retry import Retry
 
 from difyq.worker.config import Config, load_config
 from difyq.worker.jobs.store import JobStore, PendingCaps
+from difyq.worker.jobs.threads import Threads
 from difyq.worker.memory_guard import MemoryGuard
 from difyq.worker.redis_connect import RedisConnector
 
@@ -83,7 +84,12 @@ class Runtime:
     @cached_property
     def store(self) -> JobStore:
         return JobStore(self.raw_redis, self.namespace, self.config.jobs,
-                        durable_submit=self.config.redis.durable_submit, max_pending=PendingCaps.of(self.config))
+                        durable_submit=self.config.redis.durable_submit, max_pending=PendingCaps.of(self.config),
+                        thread_ttl=self.config.threads.ttl)
+
+    @cached_property
+    def threads(self) -> Threads:
+        return Threads(self.raw_redis, self.namespace, self.config.threads.ttl)
 
     @cached_property
     def memory_guard(self) -> MemoryGuard:

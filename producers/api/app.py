@@ -17,6 +17,7 @@ from difyq.producers.api.errors import error_responses, install_error_handlers
 from difyq.producers.api.jobs import build_jobs_router
 from difyq.producers.api.middleware import RequestContext
 from difyq.producers.api.openapi import install_openapi
+from difyq.producers.api.threads import build_threads_router
 from difyq.producers.console import install_console
 from difyq.producers.hooks import HookDeliveries, MappedJob, build_hooks_router
 from difyq.producers.submission import JobSubmission
@@ -71,6 +72,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return Response(generate_latest(REGISTRY) + generate_latest(queue_registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(build_jobs_router(runtime, async_redis))
+    app.include_router(build_threads_router(runtime))
 
     def submit_hook(name: str, job: MappedJob) -> SubmitOutcome:
         return submit(runtime, JobSubmission.model_validate(asdict(job)), source="hook", scope=f"hook:{name}")

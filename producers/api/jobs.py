@@ -217,14 +217,19 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
     return router
 
 
+def short_call_client(runtime: Runtime, app_name: str) -> DifyClient:
+    """A Dify client for the app, for one short call the API makes while its caller waits."""
+    app = runtime.config.apps[app_name]
+    return DifyClient(runtime.config.app_base_url(app_name), app.api_key.get_secret_value(),
+                      connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
+
+
 def _client_and_user(runtime: Runtime, job: dict[str, Any]) -> tuple[DifyClient, str]:
     """A Dify client for the job's app, for one short call, and the job's Dify ``user``."""
     app = runtime.config.apps.get(job["app"])
     if app is None:
         raise ApiError(409, "app_not_configured", f"the job's app {job['app']!r} is no longer configured")
-    client = DifyClient(runtime.config.app_base_url(job["app"]), app.api_key.get_secret_value(),
-                        connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=15.0)
-    return client, (job.get("request") or {}).get("user") or app.user
+    return short_call_client(runtime, job["app"]), (job.get("request") or {}).get("user") or app.user
 
 
 def forward_feedback(runtime: Runtime, job: dict[str, Any], message_id: str, feedback: Feedback) -> None:

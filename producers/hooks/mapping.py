@@ -5,8 +5,8 @@ error, never an empty string), overlaid so that a JSON ``null`` prints as the em
 ``None``. The context is ``body`` (parsed JSON, or the form fields), ``headers`` (lower-cased names) and
 ``query`` (URL parameters); a field or parameter given more than once is a list of its values.
 
-Value types: ``query``, ``user``, ``conversation_id``, ``callback_url`` and ``idempotency_key`` are always
-strings, and one that renders empty is left unset (None). An ``inputs``, ``metadata`` or ``files`` template that
+Value types: ``query``, ``user``, ``conversation_id``, ``thread``, ``callback_url`` and ``idempotency_key`` are
+always strings, and one that renders empty is left unset (None). An ``inputs``, ``metadata`` or ``files`` template that
 is exactly one expression (``"{{ body.issue.number }}"``) keeps the expression's native value when it is JSON
 data other than a string (a number, a bool, null, a list, an object); every other template renders to a
 string. Non-string values in ``inputs``/``metadata``/``files`` are not templates and pass through unchanged.
@@ -50,6 +50,7 @@ class MappedJob:
     inputs: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
     conversation_id: str | None = None
+    thread: str | None = None
     files: list[dict[str, Any]] | None = None
     callback_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +131,7 @@ def render_hook(hook: HookConfig, body: Any, headers: dict[str, Any], query: dic
         inputs=_render_section("inputs", hook.inputs, context),
         user=_render_text_field("user", hook.user, context),
         conversation_id=_render_text_field("conversation_id", hook.conversation_id, context),
+        thread=_render_text_field("thread", hook.thread, context),
         files=_render_files(hook.files, context),
         callback_url=_render_text_field("callback_url", hook.callback_url, context),
         metadata=_render_section("metadata", hook.metadata, context),

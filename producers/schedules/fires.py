@@ -33,6 +33,7 @@ def render_fire(name: str, schedule: ScheduleConfig, fire_time: datetime) -> dic
         "inputs": {key: render(value) for key, value in schedule.inputs.items()},
         "user": render(schedule.user),
         "conversation_id": render(schedule.conversation_id),
+        "thread": render(schedule.thread) or None,
         "files": [{key: render(value) for key, value in file.items()} for file in schedule.files]
         if schedule.files is not None else None,
         "callback_url": render(schedule.callback_url),

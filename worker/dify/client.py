@@ -365,6 +365,42 @@ class DifyClient:
         finally:
             _release(response)
 
+    def messages(self, conversation_id: str, user: str, *, first_id: str | None = None, limit: int = 20,
+                 ) -> Mapping[str, Any]:
+        """A page of a conversation's history (`GET /messages`): `{limit, has_more, data}`, the newest `limit`
+        messages older than `first_id` (all, without it), oldest first. Raises `DifyError` (`not_found` 404 for a
+        conversation Dify does not have for this user: deleted, expired or another user's)."""
+        query: dict[str, Any] = {"conversation_id": conversation_id, "user": user, "limit": limit}
+        if first_id:
+            query["first_id"] = first_id
+        return self.get(f"/messages?{urlencode(query)}")
+
+    def conversation_exists(self, conversation_id: str, user: str) -> bool:
+        """Whether Dify still has the user's conversation (one `GET /messages` of one message). Asked before
+        continuing a thread: a 1.x streaming call to a missing conversation fails silently (a ping, then nothing
+        for minutes), where this answers 404 at once. Raises `DifyError` for any other failure."""
+        try:
+            self.messages(conversation_id, user, limit=1)
+        except DifyError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    def delete_conversation(self, conversation_id: str, user: str) -> bool:
+        """Delete the user's conversation (`DELETE /conversations/{id}`; 204, or 200 from an older Dify); False
+        when Dify does not have it (404). Raises `DifyError` for any other failure."""
+        response = self._request("DELETE", f"/conversations/{quote(conversation_id, safe='')}", {"user": user},
+                                 accept="application/json")
+        try:
+            if response.status == 404:
+                return False
+            if not _is_success(response):
+                raise self._error_from(response)
+            return True
+        finally:
+            _release(response)
+
     def stop(self, mode: str, task_id: str, user: str) -> None:
         """Ask Dify to stop a running task (Dify answers success even for an unknown or finished task)."""
         path = _route(_STOP_PATHS, mode).format(quote(task_id, safe=""))

@@ -64,13 +64,16 @@ class NewJob(BaseModel):
     request_id: str | None = None
     priority: int = 0  # higher first, where jobs compete for a key's admission (``config.Priority``)
     tenant: str = ""  # whose job it is (fair shares, tenant limits); empty: ``default_tenant(scope)``
+    thread: str | None = None  # the conversation thread: its jobs run one at a time, in submit order
+    thread_user: str | None = None  # the Dify user a new thread's conversation belongs to (the job's, or the app's)
     traceparent: str | None = None  # the job's trace context, made by the submit span (``difyq.worker.tracing``)
     id: str | None = None  # the job id to store it under (a trace difyq started names it), else a new one
 
     def request_hash(self) -> str:
         """A digest of everything that defines the job, to tell a replay from a reused key."""
         canonical = json.dumps(
-            {"app": self.app, "request": self.request.model_dump(), "callback_url": self.callback_url},
+            {"app": self.app, "request": self.request.model_dump(), "callback_url": self.callback_url,
+             **({"thread": self.thread} if self.thread else {})},
             sort_keys=True,
             separators=(",", ":"),
             default=str,
@@ -174,6 +177,8 @@ def job_resource(fields: dict[str, str]) -> dict[str, Any]:
         "attempts": int(fields.get(JobField.ATTEMPTS) or 0),
         "priority": job_priority(fields),
         "tenant": job_tenant(fields),
+        "thread": fields.get(JobField.THREAD) or None,
+        "conversation_restarted": _json_field(fields, JobField.CONVERSATION_RESTARTED),
         "request": request,
         "files": job_files(request, _json_field(fields, JobField.FILES)),
         "result": _json_field(fields, JobField.RESULT),

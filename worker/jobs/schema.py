@@ -61,6 +61,20 @@ class JobField(StrEnum):
     FILES = "files"  # the files the worker uploaded to Dify (``files.transfer.uploaded_file``): kept for retries
     PRIORITY = "priority"  # an integer level, higher first (``config.Priority``)
     TENANT = "tenant"  # whose job it is, for fair shares and tenant limits of an app (``model.default_tenant``)
+    THREAD = "thread"  # the conversation thread the job belongs to (``worker.threads``)
+    HELD_MESSAGE = "held_message"  # a thread job's run_job message while an earlier job of its thread is unfinished
+    CONVERSATION_RESTARTED = "conversation_restarted"  # the thread's conversation was gone: this job began a new one
+
+
+class ThreadField(StrEnum):
+    """The fields of a thread's state (a Redis hash, ``RedisKeys.thread``)."""
+
+    NAME = "name"
+    APP = "app"
+    USER = "user"  # the Dify user the thread's conversation belongs to: its first job's
+    CONVERSATION_ID = "conversation_id"
+    CREATED_AT = "created_at"
+    LAST_JOB_AT = "last_job_at"
 
 
 CallbackStatus = Literal["none", "pending", "delivered", "failed"]  # of a job's callback block
@@ -102,18 +116,56 @@ local function leave_pending(id, app_pending, client_pending)
 end"""
 
 
+_LEAVE_THREAD = """\
+local function leave_thread(id, line, job_prefix, queue, bodies, wake)
+  if line == '' then
+    return
+  end
+  local was_first = redis.call('LINDEX', line, 0) == id
+  redis.call('LREM', line, 1, id)
+  if not was_first then
+    return
+  end
+  while true do
+    local next_id = redis.call('LINDEX', line, 0)
+    if not next_id then
+      return
+    end
+    local next_job = job_prefix .. next_id
+    local next_status = redis.call('HGET', next_job, FIELD.status)
+    if next_status and not is_final(next_status) then
+      local held = redis.call('HGET', next_job, FIELD.held_message)
+      if held then
+        local message = cjson.decode(held)
+        redis.call('HSET', bodies, message.id, message.body)
+        redis.call('RPUSH', queue, message.id)
+        if redis.call('LLEN', wake) == 0 then
+          redis.call('RPUSH', wake, '1')
+        end
+        redis.call('HDEL', next_job, FIELD.held_message)
+      end
+      return
+    end
+    redis.call('LPOP', line)
+  end
+end"""
+
+
 def lua_preamble() -> str:
     """The Lua that opens every job script: the job statuses, the field names, the callback statuses,
     ``is_final(status)``,
     ``remember_error(job key, error json, ran, now)`` (appends to the record's ``attempt_errors``; with ``ran``,
     the error ended the attempt under way, whose start and duration up to ``now`` it keeps) and
     ``leave_pending(id, app pending key, client pending key or '')`` (a finished job no longer counts against
-    ``max_pending``)."""
+    ``max_pending``) and
+    ``leave_thread(id, thread line key or '', job key prefix, jobs queue key, jobs bodies key, wake token key)`` (a
+    thread job leaves its thread's line; when it was the first, the next unfinished one gets its held message)."""
     final = " or ".join(f"status == STATUS.{status.value}" for status in sorted(FINAL_STATUSES))
     return "\n".join([
         "-- Generated from difyq.worker.jobs.schema: the job statuses and record fields.",
         _lua_table("STATUS", {status.value: status.value for status in JobStatus}),
         _lua_table("FIELD", {field.value: field.value for field in JobField}),
+        _lua_table("THREAD", {field.value: field.value for field in ThreadField}),
         _lua_table("CALLBACK", {status: status for status in get_args(CallbackStatus)}),
         f"local MAX_ATTEMPT_ERRORS = {MAX_ATTEMPT_ERRORS}",
         f"local MAX_CALLBACK_ATTEMPTS = {MAX_CALLBACK_ATTEMPTS}",
@@ -123,4 +175,5 @@ def lua_preamble() -> str:
         "end",
         _REMEMBER_ERROR,
         _LEAVE_PENDING,
+        _LEAVE_THREAD,
     ])

@@ -26,6 +26,7 @@ from difyq.worker.jobs.messages import (
 from difyq.worker.jobs.model import NewJob, client_of_scope, default_tenant, job_id_of_trace, job_resource
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
+from difyq.worker.jobs.threads import DEFAULT_THREAD_TTL_S, NO_THREAD, ThreadConversation, ThreadKeys
 from difyq.worker.json_codec import dumps
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
@@ -129,8 +130,9 @@ class JobStore:
     """Everything the producers and the worker read or write about jobs, under the ``{namespace}:`` prefix."""
 
     def __init__(self, client: redis.Redis, namespace: str, config: JobsConfig, durable_submit: bool = False,
-                 max_pending: PendingCaps = NO_CAPS):
+                 max_pending: PendingCaps = NO_CAPS, thread_ttl: float = DEFAULT_THREAD_TTL_S):
         self.redis = client
+        self.thread_ttl = thread_ttl
         self.max_pending = max_pending
         self.namespace = namespace
         self.keys = RedisKeys(namespace)
@@ -150,6 +152,7 @@ class JobStore:
         self._resume_callback = client.register_script(job_script("resume_callback"))
         self._files = client.register_script(job_script("files"))
         self._task_id = client.register_script(job_script("task_id"))
+        self._conversation_restarted = client.register_script(job_script("conversation_restarted"))
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -172,12 +175,38 @@ class JobStore:
         client = client_of_scope(scope)
         return [self.keys.pending_of_app(app), self.keys.pending_of_client(client) if client is not None else ""]
 
-    def _pending_keys_of(self, job_id: str) -> list[str]:
-        """``pending_keys`` of a stored job (its app and scope never change); an unknown job's are '' (its
-        script finds no record and writes nothing)."""
-        app, scope = (_text(v) if v is not None else None
-                      for v in self.redis.hmget(self.job_key(job_id), JobField.APP, JobField.SCOPE))
-        return self.pending_keys(app, scope or "") if app is not None else ["", ""]
+    def thread_keys(self, app: str, thread: str | None) -> ThreadKeys:
+        """The keys of ``app``'s thread ``thread`` (all '' for a job of no thread)."""
+        if not thread:
+            return NO_THREAD
+        return ThreadKeys(self.keys.thread(app, thread), self.keys.thread_line(app, thread),
+                          self.keys.thread_jobs(app, thread))
+
+    def _placement_of(self, job_id: str, record: dict[str, str] | None = None) -> tuple[list[str], ThreadKeys]:
+        """``pending_keys`` and ``thread_keys`` of a stored job (its app, scope and thread never change), from
+        ``record`` when the caller holds it, else read; an unknown job's are '' (its script finds no record and
+        writes nothing)."""
+        if record is not None:
+            app, scope, thread = record[JobField.APP], record.get(JobField.SCOPE), record.get(JobField.THREAD)
+        else:
+            app, scope, thread = (_text(v) if v is not None else None for v in self.redis.hmget(
+                self.job_key(job_id), JobField.APP, JobField.SCOPE, JobField.THREAD))
+        if app is None:
+            return ["", ""], NO_THREAD
+        return self.pending_keys(app, scope or ""), self.thread_keys(app, thread)
+
+    @property
+    def _jobs_queue_keys(self) -> list[str]:
+        """The run_job queue's list, bodies and wake token: where a thread's next job gets its held message."""
+        return [self.keys.queue(JOBS_QUEUE), self.keys.queue_bodies(JOBS_QUEUE), self.keys.wake(JOBS_QUEUE)]
+
+    def _thread_outcome(self, conversation: ThreadConversation | None, now: float) -> dict[str, Any]:
+        """The ``thread`` argument of finish.lua: how to hand the thread on and what conversation to record."""
+        block: dict[str, Any] = {"job_prefix": self.keys.job(""), "now": repr(now),
+                                 "ttl_ms": int(self.thread_ttl * 1000)}
+        if conversation is not None and conversation.conversation_id:
+            block.update(conversation_id=conversation.conversation_id, started_from=conversation.started_from)
+        return block
 
     def message(self, queue: str, job_id: str, delay_s: float = 0.0, hints: dict[str, object] | None = None,
                 ) -> QueuedMessage:
@@ -207,6 +236,8 @@ class JobStore:
         }
         if new.callback_url:
             fields[JobField.CALLBACK_URL] = new.callback_url
+        if new.thread:
+            fields[JobField.THREAD] = new.thread
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app, priority=new.priority,
                                                                      tenant=fields[JobField.TENANT]))
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
@@ -221,11 +252,16 @@ class JobStore:
             header["max_pending_app"] = app_cap
         if client is not None and (client_cap := self.max_pending.clients.get(client)) is not None:
             header["max_pending_client"] = client_cap
+        if new.thread:
+            header["thread"] = {"name": new.thread, "app": new.app, "user": new.thread_user or "",
+                                "now": repr(now), "ttl_ms": int(self.thread_ttl * 1000)}
+        thread = self.thread_keys(new.app, new.thread)
         pairs = [item for pair in fields.items() for item in pair]
         return SubmitCall(
             keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self.index_key(),
                   self.index_key(new.app), message.queue_key, message.bodies_key,
-                  *self.pending_keys(new.app, new.scope), self.keys.wake(JOBS_QUEUE)],
+                  *self.pending_keys(new.app, new.scope), self.keys.wake(JOBS_QUEUE), thread.state,
+                  thread.line, thread.jobs],
             args=[dumps(header), *pairs],
             fields=fields,
         )
@@ -403,6 +439,11 @@ class JobStore:
         """The newest ``limit`` jobs a Dify id names (most recently recorded first)."""
         return [_text(job_id) for job_id in self.redis.zrevrange(self.keys.dify_id(dify_id), 0, limit - 1)]
 
+    def record_conversation_restart(self, job_id: str, restart: dict[str, Any]) -> bool:
+        """Note on a running thread job that its thread's conversation was gone and the job began a new one
+        (conversation_restarted.lua); False when the job no longer runs."""
+        return bool(self._conversation_restarted(keys=[self.job_key(job_id)], args=[dumps(restart)]))
+
     def record_files(self, job_id: str, files: list[dict[str, Any]]) -> bool:
         """Keep the files a running job uploaded to Dify with the job (files.lua); False when it no longer runs."""
         return bool(self._files(keys=[self.job_key(job_id)], args=[dumps(files)]))
@@ -428,7 +469,7 @@ class JobStore:
         error: dict[str, Any] | None = None,
     ) -> str:
         """Record the outcome (once) and enqueue the callback; returns the status the job ended with."""
-        return _text(self._run_finish(job_id, status, result, error, None)[0])
+        return _text(self._run_finish(job_id, status, result, error, None, None)[0])
 
     def finish_keeping_callback(
         self,
@@ -440,30 +481,33 @@ class JobStore:
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         record: dict[str, str] | None = None,
+        conversation: ThreadConversation | None = None,
     ) -> tuple[str, dict[str, str] | None]:
         """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
         takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
         attempt and records it with ``callback_attempted``. Returns the status and, when the caller owns the
         first attempt, the stored record; else None (no callback URL, the outcome was already stored, or
         ``lease_s`` None: the callback is enqueued as by ``finish``). ``record``: the job's record as its attempt
-        started, which names its app and scope (they never change), so they need no read."""
+        started, which names its app, scope and thread (they never change), so they need no read. ``conversation``:
+        what a thread job's attempt did with its thread's conversation, recorded with the outcome."""
         now = time.time()
         inline = None
         if lease_s is not None:
             inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
-        reply = self._run_finish(job_id, status, result, error, inline, now, record)
+        reply = self._run_finish(job_id, status, result, error, inline, now, record, conversation)
         final = _text(reply[0])
         return final, (_record(reply, 1) if len(reply) > 1 else None)
 
     def _run_finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None,
                     error: dict[str, Any] | None, inline: dict[str, int] | None, now: float | None = None,
-                    record: dict[str, str] | None = None) -> list[Any]:
+                    record: dict[str, str] | None = None, conversation: ThreadConversation | None = None,
+                    ) -> list[Any]:
         """One finish.lua call; its arguments are one JSON object (see the script)."""
         message = self.message(CALLBACKS_QUEUE, job_id)
-        pending = (self.pending_keys(record[JobField.APP], record.get(JobField.SCOPE, "")) if record
-                   else self._pending_keys_of(job_id))
+        now = time.time() if now is None else now
+        pending, thread = self._placement_of(job_id, record)
         outcome: dict[str, Any] = {
-            "id": job_id, "status": status.value, "finished_at": repr(time.time() if now is None else now),
+            "id": job_id, "status": status.value, "finished_at": repr(now),
             "retention_ms": int(self.config.result_ttl * 1000), "callback": CallbackBlock.pending().stored(),
             "message_id": message.redis_message_id, "message_body": message.body.decode(),
         }
@@ -474,9 +518,11 @@ class JobStore:
         if inline is not None:
             outcome["inline"] = inline
         outcome["indexed_ms"] = int(time.time() * 1000)
+        if thread.line:
+            outcome["thread"] = self._thread_outcome(conversation, now)
         reply = self._finish(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
-                  self.callback_lock_key(job_id), *pending,
+                  self.callback_lock_key(job_id), *pending, thread.state, thread.line, *self._jobs_queue_keys,
                   *self._dify_id_keys((result or {}).get(name) for name in INDEXED_RESULT_IDS)],
             args=[dumps(outcome)],
         )
@@ -598,9 +644,10 @@ class JobStore:
         callback = self.message(CALLBACKS_QUEUE, job_id)
         cancel = {"now": repr(time.time()), "retention_ms": int(self.config.result_ttl * 1000),
                   "callback": CallbackBlock.pending().stored(), "message_id": callback.redis_message_id,
-                  "message_body": callback.body.decode()}
-        reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key,
-                                   *self._pending_keys_of(job_id), self.keys.paused],
+                  "message_body": callback.body.decode(), "job_prefix": self.keys.job("")}
+        pending, thread = self._placement_of(job_id)
+        reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key, *pending,
+                                   self.keys.paused, thread.line, *self._jobs_queue_keys],
                              args=[dumps(cancel)])
         state = _text(reply[0])
         task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None
@@ -613,8 +660,9 @@ class JobStore:
     def rerun(self, job_id: str) -> str:
         """A failed or canceled job runs again (its history of attempts is kept); returns ``queued`` or why not."""
         message = self.message(JOBS_QUEUE, job_id)
+        pending, thread = self._placement_of(job_id)
         reply = self._rerun(
-            keys=[self.job_key(job_id), message.queue_key, message.bodies_key, *self._pending_keys_of(job_id)],
+            keys=[self.job_key(job_id), message.queue_key, message.bodies_key, *pending, thread.line],
             args=[message.redis_message_id, message.body, CallbackBlock.pending().stored(), int(time.time() * 1000)],
         )
         return _text(reply)

@@ -50,6 +50,8 @@ def create_app(apps: list[EmulatedApp] | None = None, dify_version: str = "0.15"
         Route("/v1/files/upload", api.recorded(api.files_upload), methods=["POST"]),
         Route("/v1/messages/{message_id}/feedbacks", api.recorded(api.message_feedback), methods=["POST"]),
         Route("/v1/info", api.recorded(api.info), methods=["GET"]),
+        Route("/v1/messages", api.recorded(api.messages), methods=["GET"]),
+        Route("/v1/conversations/{conversation_id}", api.recorded(api.delete_conversation), methods=["DELETE"]),
         Route("/v1/workflows/run/{run_id}", api.recorded(api.run_detail), methods=["GET"]),
         Route("/_emulator/calls", control.calls, methods=["GET", "DELETE"]),
         Route("/_emulator/stats", control.stats, methods=["GET"]),

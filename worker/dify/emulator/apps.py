@@ -69,6 +69,7 @@ class EmulatedApp:
     api_enabled: bool = True
     silent_close_s: float = 300.0
     human_input: bool = False  # a workflow app that pauses at a human-input form (Dify 1.13+; served as 1.x only)
+    recalls: bool = False  # a chat app whose answer in a continued conversation tells its turn and the last query
     form_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -139,7 +140,8 @@ class EmulatedApp:
 def default_apps() -> list[EmulatedApp]:
     """One demo app per mode. The chat app `demo` has key `app-demo` (what `difyq dev` uses); completion and
     workflow need an input `text`, like the apps the reference captures came from; the workflow
-    `summarize-document` needs a file, its input `document`."""
+    `summarize-document` needs a file, its input `document`; the chat app `support` recalls the conversation so
+    far in its answers."""
     return [
         EmulatedApp(name="demo", key="app-demo", mode="chat"),
         EmulatedApp(name="demo-agent", key="app-demo-agent", mode="agent"),
@@ -148,6 +150,7 @@ def default_apps() -> list[EmulatedApp]:
         EmulatedApp(name="demo-workflow", key="app-demo-workflow", mode="workflow", required_inputs=["text"]),
         EmulatedApp(name="summarize-document", key="app-summarize-document", mode="workflow",
                     required_inputs=["document"], file_inputs=["document"]),
+        EmulatedApp(name="support", key="app-support", mode="chat", recalls=True),
     ]
 
 

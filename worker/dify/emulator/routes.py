@@ -30,7 +30,7 @@ from difyq.worker.dify.emulator.faults import FAULT_HEADER, Plan, plan_for
 from difyq.worker.dify.emulator.files import SIZE_LIMITS_MB, check_local_files, described_file, upload
 from difyq.worker.dify.emulator.responses import CutResponse, EventStreamResponse, HangResponse, SilentStreamResponse
 from difyq.worker.dify.emulator.runs import RunLogs
-from difyq.worker.dify.emulator.state import CallRecord, EmulatorState, RunControl
+from difyq.worker.dify.emulator.state import CallRecord, Conversation, ConversationMessage, EmulatorState, RunControl
 from difyq.worker.dify.emulator.streams import HUMAN_INPUT_ACTIONS, Run, events
 
 Handler = Callable[[Request, CallRecord], Awaitable[Response | ASGIApp]]
@@ -334,6 +334,7 @@ class ServiceApi:
     def _start_run(self, call: _GenerationCall, route: str) -> Run:
         """The run of an admitted call; a chat call without a conversation starts one."""
         conversation_id: str | None = None
+        conversation: Conversation | None = None
         dialogue_count = 0
         if route == "chat":
             conversation_id = call.conversation_id or self.state.start_conversation(call.app.name, call.user)
@@ -353,7 +354,11 @@ class ServiceApi:
             dialogue_count=dialogue_count,
             sequence_number=self.state.next_workflow_run_number(call.app.name),
             dify_version=self.state.version,
+            previous_query=conversation.previous_query if conversation is not None else None,
         )
+        if conversation is not None:
+            conversation.remember(ConversationMessage(run.message_id, call.query, run.answer_text(), call.inputs,
+                                                      run.created_at))
         if route != "workflow":
             self.state.remember_message(run.message_id, call.app.name, call.user)
         run.files = {name: described_file(self.state, call.inputs[name], call.user) for name in call.app.file_inputs
@@ -479,6 +484,61 @@ class ServiceApi:
         if message is None:
             raise wire.error(404, "not_found", "Message Not Exists.")
         message.feedback = None if rating is None else {"rating": rating, "content": body.get("content")}
+        return wire.json_response({"result": "success"})
+
+    # conversations
+
+    async def messages(self, request: Request, record: CallRecord) -> Response:
+        """`GET /messages?conversation_id=&user=&first_id=&limit=`: a page of the user's conversation, the newest
+        `limit` (1..100, 20) messages older than `first_id`, oldest first; 404 for a conversation (or a first
+        message) the user does not have."""
+        app = self._authenticate(request, record)
+        self._check_mode(app, "chat")
+        params = request.query_params
+        user = params.get("user") or ""
+        if not user:
+            raise wire.error(400, "invalid_param", wire.USER_REQUIRED)
+        try:
+            limit = int(params.get("limit") or 20)
+        except ValueError:
+            raise wire.param_error("invalid literal for int() with base 10", "limit") from None
+        if not 1 <= limit <= 100:
+            raise wire.param_error(f"Invalid limit: {limit}, must be between 1 and 100", "limit")
+        conversation = self.state.conversation(app.name, params.get("conversation_id") or "", user)
+        if conversation is None:
+            raise wire.error(404, "not_found", wire.CONVERSATION_NOT_EXISTS)
+        page = conversation.page(params.get("first_id") or None, limit)
+        if page is None:
+            raise wire.error(404, "not_found", "First Message Not Exists.")
+        messages, has_more = page
+        return wire.json_response({"limit": limit, "has_more": has_more,
+                                   "data": [self._message_item(app, params["conversation_id"], message, user)
+                                            for message in messages]})
+
+    def _message_item(self, app: EmulatedApp, conversation_id: str, message: ConversationMessage, user: str,
+                      ) -> dict[str, Any]:
+        rated = self.state.message(message.id, app.name, user)
+        feedback = rated.feedback if rated is not None else None
+        item: dict[str, Any] = {
+            "id": message.id, "conversation_id": conversation_id,
+            "parent_message_id": "00000000-0000-0000-0000-000000000000", "inputs": message.inputs,
+            "query": message.query, "answer": message.answer, "message_files": [],
+            "feedback": {"rating": feedback["rating"]} if feedback else None, "retriever_resources": [],
+            "created_at": message.created_at, "agent_thoughts": [], "status": "normal", "error": None}
+        if self.state.version == "1.x":
+            item["extra_contents"] = []
+        return item
+
+    async def delete_conversation(self, request: Request, record: CallRecord) -> Response:
+        """`DELETE /conversations/{id}` with `{"user"}`: 0.15 answers 200 `{"result": "success"}`, 1.x 204; 404
+        for a conversation the user does not have."""
+        app = self._authenticate(request, record)
+        self._check_mode(app, "chat")
+        user = self._user(await self._json_body(request, record))
+        if not self.state.delete_conversation(app.name, request.path_params["conversation_id"], user):
+            raise wire.error(404, "not_found", wire.CONVERSATION_NOT_EXISTS)
+        if self.state.version == "1.x":
+            return Response(status_code=204)
         return wire.json_response({"result": "success"})
 
     async def parameters(self, request: Request, record: CallRecord) -> Response:

@@ -14,13 +14,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from difyq.worker.dify.emulator.apps import VERSIONS, EmulatedApp
 
 MAX_RECORDS = 100_000
 MAX_CONVERSATIONS = 100_000
+MAX_CONVERSATION_MESSAGES = 1000  # a conversation keeps its newest turns
 
 
 @dataclass
@@ -72,9 +73,40 @@ class Message:
 
 
 @dataclass
+class ConversationMessage:
+    """One turn of a conversation, as `GET /messages` lists it."""
+
+    id: str
+    query: str
+    answer: str
+    inputs: dict[str, Any]
+    created_at: int
+
+
+@dataclass
 class Conversation:
     user: str
     dialogue_count: int = 0
+    messages: list[ConversationMessage] = field(default_factory=list)
+
+    def remember(self, message: ConversationMessage) -> None:
+        self.messages.append(message)
+        del self.messages[:-MAX_CONVERSATION_MESSAGES]
+
+    @property
+    def previous_query(self) -> str | None:
+        return self.messages[-1].query if self.messages else None
+
+    def page(self, first_id: str | None, limit: int) -> tuple[list[ConversationMessage], bool] | None:
+        """The newest `limit` messages older than `first_id` (all, without it), oldest first, and whether older
+        ones remain; None when `first_id` is not a message of this conversation."""
+        end = len(self.messages)
+        if first_id is not None:
+            end = next((index for index, message in enumerate(self.messages) if message.id == first_id), -1)
+            if end < 0:
+                return None
+        start = max(end - limit, 0)
+        return self.messages[start:end], start > 0
 
 
 class RunControl:
@@ -188,6 +220,13 @@ class EmulatorState:
         """The user's conversation; None when it does not exist or belongs to someone else (Dify says 404)."""
         conversation = self._conversations.get((app_name, conversation_id))
         return conversation if conversation is not None and conversation.user == user else None
+
+    def delete_conversation(self, app_name: str, conversation_id: str, user: str) -> bool:
+        """Delete the user's conversation; False when there is none of that id for this user."""
+        if self.conversation(app_name, conversation_id, user) is None:
+            return False
+        del self._conversations[(app_name, conversation_id)]
+        return True
 
     # files and messages
 

@@ -67,6 +67,7 @@ class Run:
         dialogue_count: int,
         sequence_number: int,
         dify_version: str = "0.15",
+        previous_query: str | None = None,
     ) -> None:
         self.app = app
         self.user = user
@@ -77,6 +78,7 @@ class Run:
         self.control = control
         self.conversation_id = conversation_id
         self.dialogue_count = dialogue_count
+        self.previous_query = previous_query
         self.sequence_number = sequence_number
         self.dify_version = dify_version
         self.task_id = _uuid()
@@ -152,7 +154,17 @@ class Run:
     def answer_tokens(self) -> list[str]:
         words = [f" {word}" for word in self.prompt.split()]
         filler = (f" word{index}" for index in range(self.app.answer_tokens))
-        return (["FAKE-LLM", " says:", *words, *filler])[: self.app.answer_tokens]
+        recall = self._recall()
+        return (["FAKE-LLM", " says:", *recall, *words, *filler])[: self.app.answer_tokens + len(recall)]
+
+    def _recall(self) -> list[str]:
+        """What a `recalls` app's answer in a continued conversation says of it first: one token."""
+        if not self.app.recalls or self.previous_query is None:
+            return []
+        return [f" (turn {self.dialogue_count + 1}; you asked before: {self.previous_query!r})"]
+
+    def answer_text(self) -> str:
+        return "".join(self.answer_tokens())
 
     def message_envelope(self, event: str) -> Event:
         """The chat/completion chunk envelope: completion streams carry no conversation_id."""

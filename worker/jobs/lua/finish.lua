@@ -4,15 +4,19 @@
 -- the stored record back to build the callback body from.
 -- A cancel requested while the call ran turns a success into canceled (the partial result is kept). A succeeded
 -- job has no error; the error of a failed last attempt joins the attempt errors.
--- The job leaves its app's and its client's pending jobs.
+-- The job leaves its app's and its client's pending jobs, and a thread job its thread's line, in the same step as
+-- the thread's next job gets its message (leave_thread) and the thread records the conversation the job had (when
+-- the thread still has the conversation the job started from: a thread forgotten meanwhile is left forgotten).
 -- The result's Dify ids come to name the job (a search by Dify id), entries older than the retention dropped.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock, 6 the app's pending jobs,
---       7 the client's pending jobs ('' when no API client submitted it), 8.. the index of each of the result's
---       Dify ids
+--       7 the client's pending jobs ('' when no API client submitted it), 8 the thread's state, 9 its line ('' for
+--       a job of no thread), 10 jobs queue, 11 jobs queue bodies, 12 the jobs queue's wake token, 13.. the index
+--       of each of the result's Dify ids
 -- ARGV: 1 a JSON object: id (the job's), status, finished_at, retention_ms, result and error (JSON texts, absent =
 --       none), callback (the pending callback block, JSON), message_id and message_body (the callback message),
 --       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}, indexed_ms (now, for the Dify id
---       indexes)
+--       indexes), thread (a thread job's): {job_prefix, now, ttl_ms, conversation_id (absent = none to record),
+--       started_from (the conversation the attempt continued, '' for none)}
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
 local outcome = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', KEYS[1], FIELD.status, FIELD.cancel_requested, FIELD.callback_url, FIELD.error)
@@ -52,7 +56,19 @@ end
 redis.call('PEXPIRE', KEYS[1], outcome.retention_ms)
 local id = outcome.id
 leave_pending(id, KEYS[6], KEYS[7])
-for index = 8, #KEYS do
+if KEYS[9] ~= '' then
+  local thread = outcome.thread
+  if redis.call('EXISTS', KEYS[8]) == 1 then
+    local recorded = redis.call('HGET', KEYS[8], THREAD.conversation_id) or ''
+    if thread.conversation_id and recorded == thread.started_from then
+      redis.call('HSET', KEYS[8], THREAD.conversation_id, thread.conversation_id)
+    end
+    redis.call('HSET', KEYS[8], THREAD.last_job_at, thread.now)
+    redis.call('PEXPIRE', KEYS[8], thread.ttl_ms)
+  end
+  leave_thread(id, KEYS[9], thread.job_prefix, KEYS[10], KEYS[11], KEYS[12])
+end
+for index = 13, #KEYS do
   redis.call('ZADD', KEYS[index], outcome.indexed_ms, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[index], '-inf', outcome.indexed_ms - outcome.retention_ms)
   redis.call('PEXPIRE', KEYS[index], outcome.retention_ms)

@@ -2,11 +2,14 @@
 -- A job over a max_pending cap (its app's unfinished jobs, or its client's) is refused before anything is written.
 -- KEYS: 1 idempotency key, 2 job hash, 3 index, 4 app index, 5 queue list, 6 queue bodies, 7 the app's pending
 --       jobs, 8 the client's pending jobs ('' for a job no API client submitted), 9 the queue's wake token (one at
---       most: it wakes an idle consumer, worker/wakeup.py)
+--       most: it wakes an idle consumer, worker/wakeup.py), 10 the thread's state, 11 its line, 12 its jobs (all
+--       three '' for a job of no thread)
 -- ARGV: 1 a JSON object: id (the job's), created_ms, prune_before_ms (index entries older than this go), message_id and
 --       message_body (the run_job message), with an idempotency key its claim (the value to store) and
---       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; 2.. the job record's
---       field/value pairs
+--       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; a thread job's thread:
+--       {name, app, user, now, ttl_ms}; 2.. the job record's field/value pairs
+-- A thread job joins the end of its thread's line; when an earlier job of the thread is unfinished it keeps its
+-- message in its record (held_message) instead of enqueueing it: the earlier job's end hands it on (leave_thread).
 -- Returns {'created', id}, {'existing', claim} (the key's job), or {'full', 'app' | 'client', cap}.
 -- The job id is new per call, so a job hash under it means this very call ran before (a retry after a lost
 -- reply): answer like that run, without writing or enqueueing twice.
@@ -46,6 +49,22 @@ if submit.created_ms % 8 == 0 then
     if #old > 0 then
       redis.call('ZREM', KEYS[index], unpack(old))
     end
+  end
+end
+if KEYS[11] ~= '' then
+  local thread = submit.thread
+  redis.call('HSETNX', KEYS[10], THREAD.name, thread.name)
+  redis.call('HSETNX', KEYS[10], THREAD.app, thread.app)
+  redis.call('HSETNX', KEYS[10], THREAD.user, thread.user)
+  redis.call('HSETNX', KEYS[10], THREAD.created_at, thread.now)
+  redis.call('HSET', KEYS[10], THREAD.last_job_at, thread.now)
+  redis.call('PEXPIRE', KEYS[10], thread.ttl_ms)
+  redis.call('ZADD', KEYS[12], submit.created_ms, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', submit.prune_before_ms)
+  redis.call('PEXPIRE', KEYS[12], thread.ttl_ms)
+  if redis.call('RPUSH', KEYS[11], id) > 1 then
+    redis.call('HSET', KEYS[2], FIELD.held_message, cjson.encode({id = submit.message_id, body = submit.message_body}))
+    return {'created', id}
   end
 end
 redis.call('HSET', KEYS[6], submit.message_id, submit.message_body)
