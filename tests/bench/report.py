@@ -314,6 +314,8 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         else:
             lines += ["| measure | value |", "|---|---:|"]
             lines += [f"| {key} | {value} |" for key, value in limits.items()]
+    if "fairness" in results:
+        lines += ["", *fairness_section(results["fairness"])]
     if "console" in results:
         lines += ["", *console_section(results["console"])]
     if "durable_submit" in results:
@@ -437,6 +439,24 @@ def ratelimit_section(ratelimit: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {key['limit']:,} | {', '.join(f'{used:,.0f}' for used in key['windows'])} | "
                      f"{', '.join(f'{ratio:.3f}' for ratio in key.get('window_ratios', []))} | "
                      f"{key['max_in_any_60s']:,.0f} | {key.get('submitted', 0):,} | {key.get('submit_errors', 0)} |")
+    return lines
+
+
+def fairness_section(fairness: dict[str, Any]) -> list[str]:
+    """Tenant B's wait behind tenant A's backlog, with and without fair shares, as a Markdown section."""
+    lines = ["## Fair shares (tests/bench/bench_fairness.py)", ""]
+    if "error" in fairness:
+        return [*lines, f"Not run: {fairness['error']}"]
+    lines += [f"Tenant A enqueues {fairness['backlog']} jobs at once on a key admitting {fairness['limit_per_window']} "
+              f"per {fairness['window_s']} s (one slot = {fairness['slot_s'] * 1000:.0f} ms); tenant B then enqueues "
+              "one job at a time. Goal with `fairness: tenant`: B waits about one slot, not A's backlog.", "",
+              "| line | B's jobs admitted | B's wait p50 (s) | B's wait max (s) | A's admissions before B's, max |",
+              "|---|---:|---:|---:|---:|"]
+    for mode in ("fair", "first_come_first_served"):
+        run = fairness[mode]
+        admitted = f"{run['b_jobs_admitted']} (+{run['b_jobs_still_waiting']} waiting)"
+        lines.append(f"| {mode.replace('_', ' ')} | {admitted} | {_fmt(run['b_wait_s_p50'], 3)} | "
+                     f"{_fmt(run['b_wait_s_max'], 3)} | {run['b_wait_slots_max']} |")
     return lines
 
 

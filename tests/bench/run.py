@@ -32,8 +32,8 @@ from tests.bench.scenarios import BenchConfig
 from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape, source_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit", "cost", "limits", "console",
-             "durable_submit")
+SCENARIOS = ("throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit", "cost", "limits", "fairness",
+             "console", "durable_submit")
 # ``make bench`` measures the rate limits over 2 minutes (20 minutes in all would not hold 2 x 5); ``make soak``
 # over the full 5.
 RATELIMIT_MINUTES = 2
@@ -77,6 +77,11 @@ def _run_script(name: str, args: list[str], timeout_s: float) -> dict[str, Any]:
 def run_limits(quick: bool) -> dict[str, Any]:
     """The rate-limiter benchmark (tests/bench/bench_limits.py), as an extra section."""
     return _run_script("bench_limits.py", ["--window", "2", "--windows", "2"] if quick else [], 120)
+
+
+def run_fairness(quick: bool) -> dict[str, Any]:
+    """Tenant B's wait at a saturated key while tenant A has a backlog, fair and not (tests/bench/bench_fairness.py)."""
+    return _run_script("bench_fairness.py", ["--backlog", "300", "--b-jobs", "4"] if quick else [], 120)
 
 
 def run_console(quick: bool) -> dict[str, Any]:
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     chosen = set(args.scenario or ("throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit", "limits",
-                                   "console",
+                                   "fairness", "console",
                                    "durable_submit"))
     if "cost" in chosen:
         chosen.add("overhead")
@@ -219,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
     if "limits" in chosen:
         results["limits"] = run_limits(args.quick)
+    if "fairness" in chosen:
+        results["fairness"] = run_fairness(args.quick)
     if "console" in chosen:
         results["console"] = run_console(args.quick)
     if "durable_submit" in chosen:
