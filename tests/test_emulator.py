@@ -574,3 +574,53 @@ def test_stop_ends_open_streams_and_hung_calls() -> None:
         waiter.join()
     assert "error" not in hung
     assert sorted(record["outcome"] for record in emulator.calls()) == ["shutdown", "shutdown"]
+
+
+def test_a_conversation_s_history_pages_back_and_deletes(client: httpx.Client) -> None:
+    """`GET /messages` pages back from the newest turns (oldest first within a page, `first_id` for the page
+    before); `DELETE /conversations/{id}` is the user's only, and a deleted conversation is 404 everywhere."""
+    first = call(client, "chat", "turn one").json()
+    conversation = first["conversation_id"]
+    for query in ("turn two", "turn three"):
+        assert call(client, "chat", query, conversation_id=conversation).status_code == 200
+    newest = client.get("/messages", headers=auth("chat"),
+                        params={"conversation_id": conversation, "user": USER, "limit": 2}).json()
+    assert (newest["limit"], newest["has_more"]) == (2, True)
+    assert [message["query"] for message in newest["data"]] == ["turn two", "turn three"]
+    assert newest["data"][0]["answer"].startswith("FAKE-LLM says: turn two")
+    older = client.get("/messages", headers=auth("chat"), params={
+        "conversation_id": conversation, "user": USER, "limit": 2, "first_id": newest["data"][0]["id"]}).json()
+    assert ([message["query"] for message in older["data"]], older["has_more"]) == (["turn one"], False)
+    assert older["data"][0]["id"] == first["message_id"]
+    for params, status, message in [
+        ({"conversation_id": conversation, "user": "someone-else"}, 404, "Conversation Not Exists."),
+        ({"conversation_id": conversation, "user": USER, "first_id": "nope"}, 404, "First Message Not Exists."),
+        ({"conversation_id": conversation, "user": USER, "limit": 101}, 400, None),
+        ({"conversation_id": conversation}, 400, None),
+    ]:
+        answer = client.get("/messages", headers=auth("chat"), params=params)
+        assert answer.status_code == status, (params, answer.text)
+        assert message is None or answer.json()["message"] == message
+    assert client.get("/messages", headers=auth("workflow"), params={"conversation_id": conversation,
+                                                                     "user": USER}).status_code == 400
+    stranger = client.request("DELETE", f"/conversations/{conversation}", headers=auth("chat"),
+                              json={"user": "someone-else"})
+    assert stranger.status_code == 404
+    deleted = client.request("DELETE", f"/conversations/{conversation}", headers=auth("chat"), json={"user": USER})
+    assert (deleted.status_code, deleted.json()) == (200, {"result": "success"})
+    assert client.get("/messages", headers=auth("chat"),
+                      params={"conversation_id": conversation, "user": USER}).status_code == 404
+    gone = call(client, "chat", "turn four", conversation_id=conversation)
+    assert (gone.status_code, gone.json()["message"]) == (404, "Conversation Not Exists.")
+
+
+def test_a_recalling_app_answers_with_the_turn_and_the_last_question(client: httpx.Client,
+                                                                     emulator: RunningEmulator) -> None:
+    emulator.set_app("short", recalls=True)
+    try:
+        first = call(client, "short", "where is my parcel").json()
+        assert first["answer"] == "FAKE-LLM says: where"
+        follow_up = call(client, "short", "it was due monday", conversation_id=first["conversation_id"]).json()
+        assert follow_up["answer"] == "FAKE-LLM says: (turn 2; you asked before: 'where is my parcel') it"
+    finally:
+        emulator.set_app("short", recalls=False)

@@ -134,3 +134,24 @@ def test_pinned_versions(client: httpx.Client) -> None:
     assert (unknown.status_code, unknown.json()) == (404, captured_json("w1_run_by_unknown_id"))
     not_uuid = client.post("/workflows/not-a-uuid/run", headers=auth, json=body)
     assert (not_uuid.status_code, not_uuid.json()) == (400, captured_json("w1_run_by_bad_id"))
+
+
+def test_a_missing_conversation_is_silent_when_streamed_and_404_for_its_history(client: httpx.Client) -> None:
+    """1.14.2 streams one ping for a chat call to a conversation it does not have (c1_unknown_conversation_streaming)
+    and then nothing; `GET /messages` of it answers 404 at once, and `DELETE /conversations/{id}` answers 204."""
+    headers = {"Authorization": "Bearer app-1x-c"}
+    started = client.post("/chat-messages", headers=headers, json={"inputs": {}, "query": "hi", "user": "u1",
+                                                                   "response_mode": "blocking"}).json()
+    conversation = started["conversation_id"]
+    history = client.get("/messages", headers=headers, params={"conversation_id": conversation, "user": "u1"})
+    assert history.status_code == 200 and history.json()["data"][0]["extra_contents"] == []
+    assert set(history.json()["data"][0]) == set(captured_json("c1_messages")["data"][0])
+    deleted = client.request("DELETE", f"/conversations/{conversation}", headers=headers, json={"user": "u1"})
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    missing = client.get("/messages", headers=headers, params={"conversation_id": conversation, "user": "u1"})
+    assert (missing.status_code, missing.json()["message"]) == (404, "Conversation Not Exists.")
+    with client.stream("POST", "/chat-messages", headers=headers, json={
+            "inputs": {}, "query": "x", "user": "u1", "response_mode": "streaming",
+            "conversation_id": conversation}) as silent:
+        assert silent.status_code == 200
+        assert next(silent.iter_raw()) == b"event: ping\n\n"

@@ -25,7 +25,8 @@ KEYS = {
     "CHATFLOW": "app-cap-chatflow",
     "BAD": "app-not-a-key",
 }
-EMULATED_PATHS = ("/chat-messages", "/completion-messages", "/workflows/run", "/parameters", "/info", "/no-such-")
+EMULATED_PATHS = ("/chat-messages", "/completion-messages", "/workflows/run", "/parameters", "/info", "/no-such-",
+                  "/messages?")
 # Replayed by the dedicated tests at the end: they need a running stream or a ping-length silence.
 DEDICATED = {"chat_stop_response.txt", "chat_streaming_slow_stopped.txt", "chat_streaming_with_ping.txt"}
 DELTA_EVENTS = {"message": "answer", "agent_message": "answer", "text_chunk": "text"}
@@ -76,7 +77,8 @@ def send(client: httpx.Client, request: CaptureRequest, conversation: str) -> ht
     elif request.file == "err_auth_not_bearer.txt":
         headers["Authorization"] = KEYS["CHAT"]
     body = request.body.replace(CAPTURED_CONVERSATION, conversation)
-    return client.request(request.method, request.path, content=body.encode() if body else None, headers=headers)
+    return client.request(request.method, request.path.replace(CAPTURED_CONVERSATION, conversation),
+                          content=body.encode() if body else None, headers=headers)
 
 
 # -- what is compared ---------------------------------------------------------------------------------------------
