@@ -387,15 +387,17 @@ def test_environment_table_defaults_are_the_code_defaults() -> None:
 
 def test_metrics_table_names_and_types_match_the_registry(docs_runtime: Runtime, ran_job: dict[str, Any]) -> None:
     """The names and types every process registers (difyq.worker.metrics is imported by all three, the scrape-time
-    gauges come from the queue collector), and the labels of those a job run in this process gave samples; every
-    label of every metric is compared with live scrapes in tests/test_observability_e2e.py."""
+    gauges come from the queue and the budget collectors), and the labels of those a job run in this process gave
+    samples; every label of every metric is compared with live scrapes in tests/test_observability_e2e.py."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from difyq.worker import metrics  # noqa: F401  (registers every difyq metric)
+    from difyq.worker.budgets import BudgetCollector, BudgetLedger
     from difyq.worker.queue_metrics import QueueCollector
 
     queue_registry = CollectorRegistry()
     queue_registry.register(QueueCollector(docs_runtime.raw_redis, docs_runtime.namespace, ["demo"]))
+    queue_registry.register(BudgetCollector(BudgetLedger(docs_runtime.redis, docs_runtime.namespace), []))
     scrape = generate_latest(REGISTRY).decode() + generate_latest(queue_registry).decode()
     documented = documented_metrics()
     exposed = exposed_families(scrape)

@@ -52,6 +52,10 @@ SCRAPE_TIME_GAUGES: dict[str, frozenset[str]] = {
     "difyq_oldest_queued_job_age_seconds": frozenset({"queue"}),
     "difyq_jobs_running": frozenset({"app"}),
     "difyq_jobs_paused": frozenset({"app"}),
+    "difyq_budget_spent": frozenset({"budget", "subject", "unit"}),
+    "difyq_budget_reserved": frozenset({"budget", "subject", "unit"}),
+    "difyq_budget_remaining": frozenset({"budget", "subject", "unit"}),
+    "difyq_budget_limit": frozenset({"budget", "subject", "unit", "threshold"}),
 }
 
 # Dramatiq's Prometheus middleware (dramatiq/middleware/prometheus.py, 2.2). dramatiq_message_retries_total
@@ -68,7 +72,8 @@ DRAMATIQ_SERIES: dict[str, frozenset[str]] = {
     "dramatiq_message_duration_milliseconds_count": _DRAMATIQ_LABELS,
 }
 
-EXPECTED_ROWS = {"Overview", "Latency", "Tokens and spend", "Rate limiting", "Errors", "Callbacks", "Schedules", "API"}
+EXPECTED_ROWS = {"Overview", "Latency", "Tokens and spend", "Budgets", "Rate limiting", "Errors", "Callbacks",
+                 "Schedules", "API"}
 SEVERITIES = {"critical", "warning", "info"}
 
 

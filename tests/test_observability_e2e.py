@@ -56,6 +56,7 @@ SUPPORT_KEY = "app-obs-support-3f9c1a7e5d"
 LIMITED_KEY = "app-obs-limited-8b2d4c6091"
 HOT_KEY = "app-obs-hot-5e7a1f93c2b4"
 STRANGER_KEY = "app-obs-stranger-c41d9b2a77"  # configured in difyq, unknown to the emulator: Dify answers 401
+CAPPED_KEY = "app-obs-capped-0d8e2f4b61"  # a token budget smaller than one job: of two jobs, one is refused
 CLIENT_TOKEN = "obs-client-token-6a1f0c9e2b7d4e58"
 SIGNING_KEY = base64.b64encode(b"difyq observability e2e key 32b!").decode()
 SIGNING_SECRET = f"whsec_{SIGNING_KEY}"
@@ -65,6 +66,7 @@ SECRETS = {
     "apps.limited.api_key": LIMITED_KEY,
     "apps.hot.api_key": HOT_KEY,
     "apps.stranger.api_key": STRANGER_KEY,
+    "apps.capped.api_key": CAPPED_KEY,
     "clients.obs.token": CLIENT_TOKEN,
     "callbacks.signing_secret": SIGNING_SECRET,
     "callbacks.signing_secret (key material)": SIGNING_KEY,
@@ -112,8 +114,9 @@ class LiveRun:
 
 
 def difyq_config(namespace: str, emulator_url: str) -> dict[str, Any]:
-    """Four apps (one fine, one paced to 2 calls a minute, one Dify answers 429, one whose key Dify does not know),
-    two hooks, a schedule firing every second, one retry step for callbacks."""
+    """Five apps (one fine, one paced to 2 calls a minute, one Dify answers 429, one whose key Dify does not know,
+    one whose token budget fails every job after the first of the day), a USD budget of the client, two hooks, a
+    schedule firing every second, one retry step for callbacks."""
 
     def app(key: str, **extra: Any) -> dict[str, Any]:
         return {"api_key": key, "mode": "chat", "base_url": emulator_url, "timeout_s": 10, **extra}
@@ -124,6 +127,11 @@ def difyq_config(namespace: str, emulator_url: str) -> dict[str, Any]:
             "limited": app(LIMITED_KEY, limits={"requests_per_minute": LIMITED_RPM}),
             "hot": app(HOT_KEY),
             "stranger": app(STRANGER_KEY),
+            "capped": app(CAPPED_KEY),
+        },
+        "budgets": {
+            "capped-daily": {"by": "app", "of": "capped", "unit": "tokens", "limit": 1, "on_exhausted": "fail"},
+            "client-usd": {"by": "client", "limit": 100, "currency": "USD"},
         },
         "clients": {"obs": {"token": CLIENT_TOKEN, "apps": ["*"]}},
         "hooks": {
@@ -146,6 +154,7 @@ def emulated_apps() -> list[EmulatedApp]:
         EmulatedApp(name="support", key=SUPPORT_KEY, mode="chat"),
         EmulatedApp(name="limited", key=LIMITED_KEY, mode="chat"),
         EmulatedApp(name="hot", key=HOT_KEY, mode="chat", fault="http429"),
+        EmulatedApp(name="capped", key=CAPPED_KEY, mode="chat"),
     ]
 
 
@@ -190,6 +199,8 @@ def drive_traffic(base: str, flaky: CallbackReceiver, dead: CallbackReceiver) ->
         submit(f"limited_{index}", {"app": "limited", "query": f"paced {index}"})
     for index in range(2):
         submit(f"upstream_{index}", {"app": "hot", "query": f"too many {index}"})
+    for index in range(2):
+        submit(f"capped_{index}", {"app": "capped", "query": f"over budget {index}"})
 
     def hook(label: str, name: str, headers: dict[str, str] | None = None) -> None:
         response = requests.post(f"{base}/hooks/{name}", json={"text": f"from {label}"}, headers=headers, timeout=10)

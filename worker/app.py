@@ -12,10 +12,12 @@ import structlog
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, Retries, ShutdownNotifications, TimeLimit
 
+from difyq.worker.budgets import BudgetGate, BudgetLedger
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.leases import LeaseKeeper, dramatiq_recovery, lease_from_env
+from difyq.worker.redis_retry import through_blips
 from difyq.worker.runner import JobRunner
 from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
@@ -74,8 +76,11 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
         broker.add_middleware(middleware)
     throttle = Throttle(runtime, slot_lease_s=2 * leases.lease_s)
     leases.also_renew(throttle.renew_held)
+    budgets = BudgetGate(runtime.config, BudgetLedger(runtime.limits_redis, runtime.namespace), runtime.store,
+                         hold_s=2 * leases.lease_s, durably=lambda write: through_blips(write, leases.lease_s))
+    leases.also_renew(budgets.renew_held)
     sender = CallbackSender(runtime)
-    runner = JobRunner(runtime, leases, throttle, sender, task_ids)
+    runner = JobRunner(runtime, leases, throttle, sender, task_ids, budgets)
     longest_call_s = max((app.timeout_s for app in runtime.config.apps.values()), default=600.0)
 
     def run_job(job_id: str, app: str | None = None, waiting_since: float | None = None, priority: int = 0,

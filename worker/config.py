@@ -199,6 +199,15 @@ class HookConfig(Mapping):
     max_body_bytes: Annotated[int, Field(gt=0)] | None = None
 
 
+def iana_zone(value: str) -> str:
+    """``value`` when it names an IANA time zone; ValueError naming it otherwise."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"is not an IANA time zone: {value!r}") from exc
+    return value
+
+
 class ScheduleConfig(Mapping):
     cron: str
     timezone: str = "UTC"
@@ -216,11 +225,7 @@ class ScheduleConfig(Mapping):
     @field_validator("timezone")
     @classmethod
     def _valid_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"is not an IANA time zone: {value!r}") from exc
-        return value
+        return iana_zone(value)
 
 
 class CallbacksConfig(Strict):
@@ -342,6 +347,50 @@ class RedisConfig(Strict):
     memory_guard: Annotated[float, Field(gt=0, le=1)] | None = 0.9
 
 
+BUDGET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+BudgetPeriod = Literal["minute", "hour", "day", "month"]
+BudgetSubject = Literal["app", "client", "tenant"]
+DEFAULT_SOFT_SHARE = 0.8
+"""Without ``soft``, a budget warns once this share of its limit is spent."""
+
+
+class BudgetConfig(Strict):
+    """A spend budget: what one app, API client or tenant (``of``; each one its own budget without it) may spend
+    per period, in tokens or in Dify's ``total_price`` of one currency."""
+
+    by: BudgetSubject
+    of: str | None = Field(default=None, min_length=1)
+    unit: Literal["price", "tokens"] = "price"
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+    limit: Annotated[float, Field(gt=0)]
+    soft: Annotated[float, Field(gt=0)] | None = None
+    period: BudgetPeriod = "day"
+    timezone: str | None = None
+    on_exhausted: Literal["defer", "fail"] = "defer"
+    estimate: Annotated[float, Field(ge=0)] | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str | None) -> str | None:
+        return None if value is None else iana_zone(value)
+
+    @model_validator(mode="after")
+    def _soft_below_limit(self) -> BudgetConfig:
+        if self.soft is not None and self.soft > self.limit:
+            raise ValueError(f"soft ({self.soft:g}) is over limit ({self.limit:g})")
+        return self
+
+    @property
+    def soft_limit(self) -> float:
+        """The soft threshold: ``soft``, else ``DEFAULT_SOFT_SHARE`` of the limit."""
+        return self.soft if self.soft is not None else self.limit * DEFAULT_SOFT_SHARE
+
+    @property
+    def unit_label(self) -> str:
+        """What the budget counts in: ``tokens``, or its currency (``USD``)."""
+        return "tokens" if self.unit == "tokens" else self.currency
+
+
 class Config(Strict):
     dify: DifyDefaults = Field(default_factory=DifyDefaults)
     apps: dict[str, AppConfig] = Field(default_factory=dict)
@@ -354,6 +403,17 @@ class Config(Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    budgets: dict[str, BudgetConfig] = Field(default_factory=dict)
+    budgets_timezone: str = "UTC"
+
+    @field_validator("budgets_timezone")
+    @classmethod
+    def _valid_budgets_timezone(cls, value: str) -> str:
+        return iana_zone(value)
+
+    def budget_timezone(self, name: str) -> str:
+        """The zone a budget's periods follow: its own ``timezone``, else ``budgets_timezone``."""
+        return self.budgets[name].timezone or self.budgets_timezone
 
     def app_base_url(self, app: str) -> str:
         return (self.apps[app].base_url or self.dify.base_url).rstrip("/")
@@ -373,6 +433,12 @@ class Config(Strict):
                 for app in client.apps
                 if app != "*" and app not in self.apps
             ]
+        for name, budget in self.budgets.items():
+            if not BUDGET_NAME.fullmatch(name):
+                problems.append(f"budgets.{name}: a budget name is letters, digits, '_', '.' and '-' only")
+            known = {"app": self.apps, "client": self.clients}.get(budget.by)
+            if budget.of is not None and known is not None and budget.of not in known:
+                problems.append(f"budgets.{name}.of: unknown {budget.by} {budget.of!r}")
         for section, mappings in (("hooks", self.hooks), ("schedules", self.schedules)):
             for name, mapping in mappings.items():
                 if mapping.app not in self.apps:

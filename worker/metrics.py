@@ -74,6 +74,11 @@ rate_limit_remaining = Gauge(
     ["app", "limit"],
     multiprocess_mode="mostrecent",
 )
+budget_refused = Counter(
+    "difyq_budget_refused_total",
+    "Jobs a spend budget had no room for, by what became of them (outcome: deferred, failed).",
+    ["budget", "outcome"],
+)
 callback_deliveries = Counter(
     "difyq_callback_deliveries_total", "Callback attempts by outcome.", ["outcome"]
 )

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from difyq.worker import metrics
+from difyq.worker.budgets import BudgetCollector, BudgetLedger, configured_budgets
 from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import current_runtime
 
@@ -76,6 +77,8 @@ def serve_worker_metrics() -> int:
     registry = CollectorRegistry()
     registry.register(BaseUnits(MultiProcessCollector(None)))
     registry.register(QueueCollector(runtime.raw_redis, runtime.namespace, runtime.config.apps))
+    registry.register(BudgetCollector(BudgetLedger(runtime.redis, runtime.namespace),
+                                      configured_budgets(runtime.config)))
     address = (os.environ.get("dramatiq_prom_host", "0.0.0.0"), int(os.environ.get("dramatiq_prom_port", "9191")))
     server = ThreadingHTTPServer(address, _handler(registry))
     try:

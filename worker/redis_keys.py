@@ -89,6 +89,27 @@ class RedisKeys:
         """Job ids whose callback ended ``failed``, by time."""
         return self._key("dlq", "callbacks")
 
+    # Budgets
+    def budget_spent(self, budget: str, period: str) -> str:
+        """What each subject (app, client or tenant) of a budget spent in one period: subject -> amount (tokens, or
+        1e-7 of the currency); expires a period after the period ends."""
+        return self._key("budget", budget, "spent", period)
+
+    def budget_reserved(self, budget: str) -> str:
+        """A budget's live reservations summed by ``{period}|{subject}``."""
+        return self._key("budget", budget, "reserved")
+
+    def budget_reservations(self, budget: str) -> str:
+        """A budget's live reservations (``{rid}|{amount}|{period}|{subject}``) by deadline (ms): a reservation
+        its worker stopped renewing is reclaimed past its deadline."""
+        return self._key("budget", budget, "reservations")
+
+    @property
+    def budget_estimates(self) -> str:
+        """The mean real cost of a job per ``{app}|{unit}`` (tokens, or a currency's 1e-7 units), what a budget
+        reserves before a call."""
+        return self._key("budget-estimates")
+
     # Producers
     def hook_delivery(self, hook: str, delivery_id: str) -> str:
         """The job a webhook delivery created, to answer a redelivery with it."""

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
-import redis
 import structlog
 
 from difyq.worker import metrics, tracing
+from difyq.worker.budgets import BudgetGate, Hold, record_over_budget
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
@@ -31,6 +31,7 @@ from difyq.worker.json_codec import loads
 from difyq.worker.leases import LeaseKeeper
 from difyq.worker.limits import Admission, deferral_delay, wait_exceeded
 from difyq.worker.logs import job_log_context
+from difyq.worker.redis_retry import through_blips
 from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
 from difyq.worker.throttle import Slot, Throttle
@@ -113,7 +114,7 @@ class JobRunner:
     """Runs jobs for one worker process; safe to call from many threads."""
 
     def __init__(self, runtime: Runtime, leases: LeaseKeeper, throttle: Throttle, sender: CallbackSender,
-                 task_ids: TaskIdRecorder):
+                 task_ids: TaskIdRecorder, budgets: BudgetGate):
         self.runtime = runtime
         self.task_ids = task_ids
         self.sender = sender
@@ -121,6 +122,7 @@ class JobRunner:
         self.config = runtime.config
         self.leases = leases
         self.throttle = throttle
+        self.budgets = budgets
         self._clients: dict[str, DifyClient] = {}
         self.files = FileUploads(runtime.config, runtime.store)
         self.threads = runtime.threads
@@ -140,7 +142,12 @@ class JobRunner:
             if not admission.admitted:
                 self._defer(job_id, app, waiting_since, priority, tenant, admission)
                 return
-            started = self._start_and_call(job_id, app, admission)
+            hold = self.budgets.reserve(job_id, app, tenant)
+            if not hold.admitted:
+                self.throttle.give_back(app, admission)
+                self._over_budget(job_id, app, waiting_since, priority, tenant, hold)
+                return
+            started = self._start_and_call(job_id, app, admission, hold)
             if started is None:
                 return
             fields, outcome = started
@@ -151,11 +158,12 @@ class JobRunner:
             finally:
                 self.leases.untrack(job_id)
 
-    def _start_and_call(self, job_id: str, app: str, admission: Admission) -> tuple[dict[str, str], Outcome] | None:
-        """The attempt's start and its Dify call, holding the admission until the call ends (None: the job did
-        not start: it is final, missing, or runs elsewhere). A started job's lease stays tracked (renewed) until
-        the caller has stored its outcome."""
-        with self.throttle.slot(app, admission) as slot:
+    def _start_and_call(self, job_id: str, app: str, admission: Admission, hold: Hold,
+                        ) -> tuple[dict[str, str], Outcome] | None:
+        """The attempt's start and its Dify call, holding the admission and the budget reservations until the call
+        ends, then charging the usage it reported (None: the job did not start: it is final, missing, or runs
+        elsewhere). A started job's lease stays tracked (renewed) until the caller has stored its outcome."""
+        with self.throttle.slot(app, admission) as slot, self.budgets.spending(hold) as spend:
             start = self.store.start_attempt(job_id, self.leases.lease_s)
             if start.fields is None:
                 slot.tokens = 0
@@ -165,7 +173,9 @@ class JobRunner:
             try:
                 with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, start.fields)),
                       tracing.attempt(job_id, start.fields, start.attempt)):
-                    return start.fields, self._call(job_id, start.fields, start, slot)
+                    outcome = self._call(job_id, start.fields, start, slot)
+                    spend.usage = (outcome.result or {}).get("usage")
+                    return start.fields, outcome
             except BaseException:
                 self.leases.untrack(job_id)
                 raise
@@ -175,20 +185,50 @@ class JobRunner:
         """Defer a job a limit refused (no attempt, no worker thread held); a job that would wait past
         ``jobs.max_wait`` fails ``rate_limit_wait_exceeded``."""
         now = time.time()
-        delay = deferral_delay(admission)
         since = waiting_since or now
-        if not wait_exceeded(since, now, delay, self.config.jobs.max_wait):
-            state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since, limit=admission.limit,
-                                     priority=priority, tenant=tenant)
-            log.info("job_deferred", limit=admission.limit, delay_s=round(delay, 3), state=state)
+        if self._deferred(job_id, app, since, priority, tenant, admission):
             return
         self.throttle.abandon(app, job_id, tenant)
+        self._fail_unstarted(job_id, {
+            "code": "rate_limit_wait_exceeded", "status": None,
+            "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
+                       f"{self.config.jobs.max_wait:.0f}s"})
+
+    def _over_budget(self, job_id: str, app: str, waiting_since: float | None, priority: int, tenant: str,
+                     hold: Hold) -> None:
+        """A job a budget has no room for: deferred to the budget's next period like a job a limit refused
+        (``on_exhausted: defer``, while that is within ``jobs.max_wait`` of its first wait), else failed
+        ``budget_exhausted``."""
+        now = time.time()
+        since = waiting_since or now
+        refusal = Admission(admitted=False, wait_s=hold.wait_s(now), limit="budget", reservation=None)
+        deferred = hold.deferrable and self._deferred(job_id, app, since, priority, tenant, refusal)
+        record_over_budget(hold, "deferred" if deferred else "failed")
+        if deferred:
+            return
+        reason = hold.describe()
+        if hold.deferrable:
+            reason += f"; jobs.max_wait ({self.config.jobs.max_wait:.0f}s) ends before that"
+        self._fail_unstarted(job_id, {"code": "budget_exhausted", "status": None, "message": reason})
+
+    def _deferred(self, job_id: str, app: str, since: float, priority: int, tenant: str, refusal: Admission,
+                  ) -> bool:
+        """Defer a job by ``refusal.wait_s`` (and a little jitter) with no attempt spent and no worker thread held,
+        unless that takes it past ``jobs.max_wait`` from its first wait (``since``): False then."""
+        now = time.time()
+        delay = deferral_delay(refusal)
+        if wait_exceeded(since, now, delay, self.config.jobs.max_wait):
+            return False
+        state = self.store.defer(job_id, app, delay_s=delay, waiting_since=since, limit=refusal.limit,
+                                 priority=priority, tenant=tenant)
+        log.info("job_deferred", limit=refusal.limit, delay_s=round(delay, 3), state=state)
+        return True
+
+    def _fail_unstarted(self, job_id: str, error: dict[str, Any]) -> None:
+        """End a job that never started this attempt as failed with ``error``."""
         fields = self.store.fields(job_id)
         if fields is not None:
-            self._conclude(job_id, fields, Outcome(JobStatus.FAILED, error={
-                "code": "rate_limit_wait_exceeded", "status": None,
-                "message": f"waited {now - since:.0f}s for the {admission.limit} limit; jobs.max_wait is "
-                           f"{self.config.jobs.max_wait:.0f}s"}))
+            self._conclude(job_id, fields, Outcome(JobStatus.FAILED, error=error))
 
     def _call(self, job_id: str, fields: dict[str, str], start: AttemptStart, slot: Slot) -> Outcome:
         """Call Dify for a started attempt; what the call reports goes to ``slot`` (released by the caller)."""
@@ -342,17 +382,7 @@ class JobRunner:
     def _durably(self, write: Callable[[], T]) -> T:
         """A store write after a Dify call, retried through a Redis blip of up to one lease, so a finished call is
         not made again just because Redis was briefly away (the reaper waits a whole lease after an outage)."""
-        deadline = time.monotonic() + self.leases.lease_s
-        pause = 0.1
-        while True:
-            try:
-                return write()
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + pause > deadline:
-                    raise
-                log.warning("store_write_retrying", pause_s=pause)
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+        return through_blips(write, self.leases.lease_s)
 
     def _conclude(self, job_id: str, fields: dict[str, str], outcome: Outcome) -> None:
         """Store the outcome (or requeue the job for its retry), then (``callbacks.first_attempt_inline``) make

@@ -110,6 +110,10 @@ class Throttle:
     def abandon(self, app: str, ticket: str, tenant: str | None = None) -> None:
         self.limiter.abandon(self.key_ids[app], ticket, tenant if self.apps[app].tenant_limits else None)
 
+    def give_back(self, app: str, admission: Admission) -> None:
+        """Release an admission whose call will not be made (a budget refused the job): its slot, no tokens."""
+        self._release(app, admission, Slot(tokens=0))
+
     def _publish(self, app: str) -> None:
         limits = self.limits[app]
         now = time.monotonic()

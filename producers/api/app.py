@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from difyq.producers.api.budgets import build_budgets_router
 from difyq.producers.api.errors import error_responses, install_error_handlers
 from difyq.producers.api.jobs import build_jobs_router
 from difyq.producers.api.middleware import RequestContext
@@ -23,6 +24,7 @@ from difyq.producers.hooks import HookDeliveries, MappedJob, build_hooks_router
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker import otel
+from difyq.worker.budgets import BudgetCollector, BudgetLedger, configured_budgets
 from difyq.worker.jobs.store import SubmitOutcome
 from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.runtime import Runtime
@@ -53,6 +55,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.add_middleware(RequestContext)
     queue_registry = CollectorRegistry()
     queue_registry.register(QueueCollector(runtime.raw_redis, runtime.namespace, runtime.config.apps))
+    queue_registry.register(BudgetCollector(BudgetLedger(runtime.redis, runtime.namespace),
+                                            configured_budgets(runtime.config)))
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -73,6 +77,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app.include_router(build_jobs_router(runtime, async_redis))
     app.include_router(build_threads_router(runtime))
+    app.include_router(build_budgets_router(runtime))
 
     def submit_hook(name: str, job: MappedJob) -> SubmitOutcome:
         return submit(runtime, JobSubmission.model_validate(asdict(job)), source="hook", scope=f"hook:{name}")
