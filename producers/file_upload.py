@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import mimetypes
 
+from difyq.worker import metrics
 from difyq.worker.dify.client import DifyClient
+from difyq.worker.dify.errors import DifyError
 from difyq.worker.files.references import type_of_name
 from difyq.worker.runtime import Runtime
 
@@ -21,5 +23,11 @@ def upload_to_dify(runtime: Runtime, app_name: str, user: str | None, name: str,
     client = DifyClient(runtime.config.app_base_url(app_name), app.api_key.get_secret_value(),
                         connect_timeout=runtime.config.dify.connect_timeout_s, total_timeout=UPLOAD_TIMEOUT_S)
     mime_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    answer = client.upload_file(name, content, mime_type, user or app.user)
+    try:
+        answer = client.upload_file(name, content, mime_type, user or app.user)
+    except DifyError as error:
+        metrics.files_transferred.labels(app=app_name, transfer="submit", outcome=error.code).inc()
+        raise
+    metrics.files_transferred.labels(app=app_name, transfer="submit", outcome="ok").inc()
+    metrics.file_bytes.labels(app=app_name, transfer="submit").inc(len(content))
     return {"type": type_of_name(name), "transfer_method": "local_file", "upload_file_id": str(answer["id"])}

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 import difyq.worker.runtime as worker_runtime
 from difyq.producers.cli import main as difyq
@@ -98,6 +99,7 @@ def stack(redis_url: str, namespace: str, emulator: RunningEmulator) -> Iterator
     apps = {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url, "files": files}
             for app in APPS}
     apps["offline"] = {"api_key": "app-offline", "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}
+    apps["by-url"] = {**apps["support"], "files": {**files, "transfer": "remote_url"}}
     runtime = make_runtime(redis_url, namespace, apps,
                            jobs={"retry_min_backoff": "0.05s", "retry_max_backoff": "0.1s", "max_attempts": 3})
     emulator.reset_calls()
@@ -109,6 +111,16 @@ def _submit(base: str, body: dict[str, Any]) -> requests.Response:
     return requests.post(f"{base}/v1/jobs", json=body, headers=auth(), timeout=10)
 
 
+def _transferred(app: str, transfer: str, outcome: str = "ok") -> float:
+    """``difyq_files_transferred_total`` of this process (the worker and the API run in it)."""
+    return REGISTRY.get_sample_value("difyq_files_transferred_total",
+                                     {"app": app, "transfer": transfer, "outcome": outcome}) or 0.0
+
+
+def _bytes(app: str, transfer: str) -> float:
+    return REGISTRY.get_sample_value("difyq_file_bytes_total", {"app": app, "transfer": transfer}) or 0.0
+
+
 def _calls(emulator: RunningEmulator, path: str) -> list[dict[str, Any]]:
     return [call for call in emulator.calls() if call["path"] == f"/v1{path}"]
 
@@ -116,11 +128,14 @@ def _calls(emulator: RunningEmulator, path: str) -> list[dict[str, Any]]:
 def test_a_pdf_is_fetched_uploaded_and_passed_to_the_workflow(stack, files: FileServer,
                                                               emulator: RunningEmulator) -> None:
     runtime, base = stack
+    uploaded, sent = _transferred("summarize-document", "upload"), _bytes("summarize-document", "upload")
     answer = _submit(base, {"app": "summarize-document", "user": "alice",
                             "inputs": {"document": {"url": f"{files.base}/contract.pdf"}}})
     assert answer.status_code == 202, answer.text
     job = wait_for_final(runtime, answer.json()["id"])
     assert job["status"] == "succeeded", job
+    assert _transferred("summarize-document", "upload") == uploaded + 1
+    assert _bytes("summarize-document", "upload") == sent + len(sample_pdf())
     [upload] = _calls(emulator, "/files/upload")
     assert upload["status"] == 201 and upload["body"]["user"] == "alice"
     assert upload["body"]["files"] == [{"name": "contract.pdf", "content_type": "application/pdf",
@@ -161,15 +176,31 @@ def test_a_fetch_that_fails_for_now_is_retried_and_a_retry_does_not_upload_again
 def test_a_file_that_cannot_be_had_fails_the_job_and_dify_runs_nothing(
         stack, files: FileServer, emulator: RunningEmulator, path: str, code: str) -> None:
     runtime, base = stack
+    failed = _transferred("summarize-document", "upload", code)
     answer = _submit(base, {"app": "summarize-document", "inputs": {"document": {"url": f"{files.base}{path}"}}})
     assert answer.status_code == 202, answer.text
     job = wait_for_final(runtime, answer.json()["id"])
     assert job["status"] == "failed" and job["error"]["code"] == code and job["attempts"] == 1, job
+    assert _transferred("summarize-document", "upload", code) == failed + 1
     assert job["error"]["message"].startswith("inputs.document: ")
     assert emulator.calls() == [call for call in emulator.calls() if call["path"] == "/v1/parameters"]
     if path == "/inside.pdf":
         assert "'127.0.0.2' is a loopback address" in job["error"]["message"]
         assert "/contract.pdf" not in files.requests[-1]
+
+
+def test_a_remote_url_app_hands_the_url_to_dify_and_counts_it(stack, files: FileServer,
+                                                               emulator: RunningEmulator) -> None:
+    runtime, base = stack
+    handed = _transferred("by-url", "remote_url")
+    url = f"{files.base}/contract.pdf"
+    job = wait_for_final(runtime, _submit(base, {"app": "by-url", "query": "read it",
+                                                 "files": [{"url": url, "type": "document"}]}).json()["id"])
+    assert job["status"] == "succeeded", job
+    assert _transferred("by-url", "remote_url") == handed + 1
+    [call] = _calls(emulator, "/chat-messages")
+    assert call["body"]["files"] == [{"type": "document", "transfer_method": "remote_url", "url": url}]
+    assert _calls(emulator, "/files/upload") == []
 
 
 def test_a_private_file_url_is_refused_at_submit(stack) -> None:
@@ -222,9 +253,11 @@ def test_difyq_enqueue_uploads_a_local_file_before_the_job(stack, emulator: Runn
 def test_a_multipart_submit_uploads_its_files_at_submit(stack, emulator: RunningEmulator, redis_client) -> None:
     runtime, base = stack
     job = {"app": "summarize-document", "user": "gina"}
+    at_submit = _transferred("summarize-document", "submit")
     answer = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, data={"job": json.dumps(job)},
                            files={"inputs.document": ("contract.pdf", sample_pdf(), "application/pdf")})
     assert answer.status_code == 202, answer.text
+    assert _transferred("summarize-document", "submit") == at_submit + 1
     [upload] = _calls(emulator, "/files/upload")
     assert upload["body"]["user"] == "gina" and upload["body"]["files"][0]["size"] == len(sample_pdf())
     document = answer.json()["request"]["inputs"]["document"]
@@ -236,6 +269,7 @@ def test_a_multipart_submit_uploads_its_files_at_submit(stack, emulator: Running
         {"app": "offline", "query": "q"})}, files={"files": ("a.pdf", sample_pdf(), "application/pdf")})
     assert offline.status_code == 503 and offline.headers["Retry-After"] == "5", offline.text
     assert offline.json()["error"]["code"] == "dify_unavailable" and offline.json()["error"]["field"] == "files"
+    assert _transferred("offline", "submit", "connection_error") >= 1
     stray = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, data={"job": json.dumps(job)},
                           files={"attachment": ("a.pdf", b"%PDF", "application/pdf")})
     assert stray.status_code == 422 and stray.json()["error"]["field"] == "attachment", stray.text

@@ -50,6 +50,12 @@ dify_request_duration = Histogram(
 dify_time_to_first_token = Histogram(
     "difyq_dify_time_to_first_token_seconds", "Request to first answer delta.", ["app"], buckets=LATENCY_BUCKETS
 )
+files_transferred = Counter(
+    "difyq_files_transferred_total",
+    "Job files passed to Dify, by how (transfer) and how it went (outcome: ok or the failure's code).",
+    ["app", "transfer", "outcome"],
+)
+file_bytes = Counter("difyq_file_bytes_total", "Bytes of job files uploaded to Dify.", ["app", "transfer"])
 dify_errors = Counter("difyq_dify_errors_total", "Failed Dify calls by Dify's error code.", ["app", "code"])
 tokens = Counter("difyq_tokens_total", "Tokens Dify reported, by type.", ["app", "type"])
 cost = Counter("difyq_cost_total", "Dify's total_price, summed.", ["app", "currency"])

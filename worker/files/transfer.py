@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from difyq.worker import metrics
 from difyq.worker.config import AppConfig, Config
 from difyq.worker.dify.client import DifyClient, DifyRequest
 from difyq.worker.dify.errors import DifyError
@@ -64,11 +65,11 @@ class FileUploads:
                 request: DifyRequest) -> DifyRequest:
         """``request`` with every ``remote_url`` file uploaded and named by its ``upload_file_id`` (the request
         as it is for an app with ``files.transfer: remote_url``, or without such files). Raises DifyError."""
-        if app.files.transfer != "upload":
-            return request
         pending = [reference for reference in file_references({"files": request.files, "inputs": request.inputs})
                    if reference.file.get("transfer_method") == "remote_url"]
-        if not pending:
+        if app.files.transfer != "upload" or not pending:
+            if pending:
+                metrics.files_transferred.labels(app=app_name, transfer="remote_url", outcome="ok").inc(len(pending))
             return request
         uploaded = loads(fields[JobField.FILES]) if fields.get(JobField.FILES) else []
         ids = {entry["source"]: entry["upload_file_id"] for entry in uploaded}
@@ -90,6 +91,7 @@ class FileUploads:
                 setting=f"apps.{app_name}.files.allow_hosts" if own else "callbacks.allow_hosts",
                 max_bytes=self._max_bytes(app_name, app, file_type), timeout=app.files.fetch_timeout_s)
         except FileFailure as failure:
+            metrics.files_transferred.labels(app=app_name, transfer="upload", outcome=failure.code).inc()
             raise DifyError(failure.code, f"{reference.path}: {failure.message}", failure.status,
                             retryable=failure.retryable) from None
         try:
@@ -97,11 +99,14 @@ class FileUploads:
                                         trace_id=request.trace_id)
         except DifyError as error:
             code = _UPLOAD_REFUSALS.get(error.code)
+            metrics.files_transferred.labels(app=app_name, transfer="upload", outcome=code or error.code).inc()
             if code is None:
                 raise
             raise DifyError(code, f"{reference.path}: Dify refused the upload: {error.message}", error.status,
                             retryable=False) from None
         log.info("file_uploaded", source=reference.path, size=len(fetched.content), mime_type=fetched.mime_type)
+        metrics.files_transferred.labels(app=app_name, transfer="upload", outcome="ok").inc()
+        metrics.file_bytes.labels(app=app_name, transfer="upload").inc(len(fetched.content))
         return uploaded_file(reference.path, file_type, dict(answer))
 
     def _max_bytes(self, app_name: str, app: AppConfig, file_type: str) -> int:
