@@ -113,10 +113,11 @@ def _flag(field: str) -> str:
     return "--" + top.replace("_", "-")
 
 
-def _enqueued_file(runtime: Runtime, app: str, user: str | None, item: str) -> dict[str, str] | None:
+def _enqueued_file(runtime: Runtime, app: str, user: str | None, thread: str | None, item: str,
+                   ) -> dict[str, str] | None:
     """The file object of one ``--file``: an http(s) URL as it is, a local file uploaded to the app's Dify now
     (None, with the reason printed, when it cannot be)."""
-    from difyq.producers.file_upload import upload_to_dify
+    from difyq.producers.file_upload import upload_to_dify, uploader
     from difyq.worker.dify.errors import DifyError
 
     if re.match(r"https?://", item):
@@ -129,7 +130,7 @@ def _enqueued_file(runtime: Runtime, app: str, user: str | None, item: str) -> d
         print(f"--app: no app named {app!r} is configured", file=sys.stderr)
         return None
     try:
-        return upload_to_dify(runtime, app, user, path.name, path.read_bytes())
+        return upload_to_dify(runtime, app, uploader(runtime, app, user, thread), path.name, path.read_bytes())
     except DifyError as exc:
         print(f"--file {item!r}: Dify did not take the upload: {exc}", file=sys.stderr)
         return None
@@ -158,7 +159,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         inputs[key] = value
     files: list[dict[str, str]] = []
     for item in args.file:
-        file = _enqueued_file(runtime, args.app, args.user, item)
+        file = _enqueued_file(runtime, args.app, args.user, args.thread, item)
         if file is None:
             return 2
         files.append(file)

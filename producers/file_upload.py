@@ -15,6 +15,12 @@ from difyq.worker.runtime import Runtime
 UPLOAD_TIMEOUT_S = 60.0
 
 
+def uploader(runtime: Runtime, app_name: str, user: str | None, thread: str | None) -> str | None:
+    """The Dify user a job's files are uploaded as: the job's ``user``, but for a job of a known thread the
+    thread's, whom its Dify calls run as (Dify lets only the uploading user reference a file)."""
+    return (runtime.threads.user(app_name, thread) if thread else None) or user
+
+
 def upload_to_dify(runtime: Runtime, app_name: str, user: str | None, name: str, content: bytes) -> dict[str, str]:
     """Upload ``content`` (a file called ``name``) to the app's Dify for ``user`` (the app's ``user`` when None);
     the file object a job names it by. Raises KeyError for an app that is not configured, DifyError when Dify

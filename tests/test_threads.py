@@ -5,6 +5,7 @@ conversation's history page by page; a canceled waiting job does not hold its th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -187,3 +188,22 @@ def test_hooks_and_schedules_name_the_thread_with_a_template(stack) -> None:
         fires.append(wait_for_final(runtime, outcome.job["id"]))
     assert [job["thread"] for job in fires] == ["standup:2026-12", "standup:2026-12"]
     assert fires[1]["result"]["conversation_id"] == fires[0]["result"]["conversation_id"]
+
+
+def test_a_file_sent_with_a_thread_job_is_uploaded_as_the_thread_s_user(stack) -> None:
+    """Dify lets only the user who uploaded a file reference it, and a thread's calls run as the thread's user: a
+    multipart submit of a later job of the thread uploads its file as that user, whoever the job names."""
+    runtime, base, emulator = stack
+    opening = _submit(base, {"app": "support", "query": "opening", "thread": "files", "user": "ann"})
+    wait_for_final(runtime, opening["id"])
+    answer = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, files={
+        "files": ("notes.txt", b"the printer model is X-100", "text/plain")},
+        data={"job": json.dumps({"app": "support", "query": "see the notes", "thread": "files", "user": "bob"})})
+    assert answer.status_code == 202, answer.text
+    job = wait_for_final(runtime, answer.json()["id"])
+    assert job["status"] == "succeeded", job
+    [upload] = [call for call in emulator.calls() if call["path"] == "/v1/files/upload"]
+    assert upload["body"]["user"] == "ann"
+    [call] = [call for call in emulator.calls() if call["path"] == "/v1/chat-messages"
+              and call["body"]["query"] == "see the notes"]
+    assert call["body"]["user"] == "ann" and call["body"]["files"][0]["transfer_method"] == "local_file"

@@ -16,7 +16,7 @@ from starlette.types import Message
 
 from difyq.producers.api.body import parse_json_object
 from difyq.producers.api.errors import WHOLE_BODY, ApiError
-from difyq.producers.file_upload import upload_to_dify
+from difyq.producers.file_upload import upload_to_dify, uploader
 from difyq.producers.submission import DifyFile, JobSubmission
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.runtime import Runtime
@@ -84,9 +84,10 @@ def with_uploads(runtime: Runtime, submission: JobSubmission, parts: list[FilePa
     """``submission`` with each file part uploaded to the app's Dify and named by its ``upload_file_id``."""
     files = [file.model_dump(exclude_none=True) for file in submission.files or []]
     inputs = dict(submission.inputs)
+    user = uploader(runtime, submission.app, submission.user, submission.thread)
     for part in parts:
         try:
-            file = upload_to_dify(runtime, submission.app, submission.user, part.name, part.content)
+            file = upload_to_dify(runtime, submission.app, user, part.name, part.content)
         except DifyError as exc:
             refusal = _REFUSALS.get(exc.code)
             if refusal is not None:

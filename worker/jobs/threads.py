@@ -78,6 +78,11 @@ class Threads:
         return OpenThread(_text(stored_user) if stored_user else user,
                           _text(conversation_id) if conversation_id else None)
 
+    def user(self, app: str, thread: str) -> str | None:
+        """The Dify user the thread's conversation belongs to; None for a thread difyq does not know."""
+        user = self.redis.hget(self.keys.thread(app, thread), ThreadField.USER)
+        return _text(user) if user else None
+
     def get(self, app: str, thread: str, *, limit: int = 100) -> dict[str, Any] | None:
         """The thread resource (docs/http-api.md): its conversation, its user, its line of unfinished jobs and its
         newest ``limit`` jobs; None when difyq knows no such thread."""
