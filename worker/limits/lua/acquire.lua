@@ -237,8 +237,8 @@ local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, l
   return blocked_at, blocked_by, interval, tat
 end
 
--- Record an admission against one set of limits and take the job out of its line.
-local function charge(L, reservation, interval, tat)
+-- Record an admission against one set of limits and take the job out of its line (`queued`: it was in it).
+local function charge(L, reservation, interval, tat, queued)
   redis.call('ZADD', L.req, now, rid)
   if interval > 0 then
     redis.call('HSET', L.state, 'tat', tat + interval)
@@ -249,10 +249,12 @@ local function charge(L, reservation, interval, tat)
     redis.call('HINCRBY', L.state, 'tok', est)
   end
   redis.call('ZADD', L.lease, now + lease_us, reservation)
-  redis.call('ZREM', L.line, ticket)
-  redis.call('ZREM', L.due, ticket)
-  redis.call('HDEL', L.need, ticket)
-  if L.low then redis.call('ZREM', L.low, ticket) end
+  if queued then
+    redis.call('ZREM', L.line, ticket)
+    redis.call('ZREM', L.due, ticket)
+    redis.call('HDEL', L.need, ticket)
+    if L.low and is_low then redis.call('ZREM', L.low, ticket) end
+  end
   for _, key in ipairs({L.req, L.tok, L.amt, L.state}) do keep(key, window) end
   keep(L.lease, lease_us)
 end
@@ -282,11 +284,11 @@ end
 
 -- 2. The tenant's own limits, in its own line (first wait, moved by priority): a job its tenant's limits hold
 -- back does not wait in the key's line, so it holds none of the key's capacity from other tenants.
-local t_at, t_by, t_place = now, nil, nil
+local t_at, t_by, t_place, t_queued = now, nil, nil, false
 if tenant_limited then
   tidy(T)
   t_place = tonumber(redis.call('ZSCORE', T.line, ticket))
-  local t_queued = t_place ~= nil
+  t_queued = t_place ~= nil
   if not t_queued then t_place = waited_place() end
   t_at, t_by = assess(T, trpm, ttpm, tconc, 0, t_place, t_queued, 'tenant_')
 end
@@ -316,11 +318,14 @@ end
 -- The minimum share of jobs below normal priority: `owed` (state lowdebt) grows by the share at each admission
 -- while such jobs wait and drops by one at each of theirs; while it is positive the first of them (in line order)
 -- goes before everyone. A low job is told its turn by that share: its rank among them times one over the share.
-local favored, low_turn, owed = nil, nil, 0
+local favored, low_turn, owed, lows_waiting = nil, nil, 0, false
 if low_share > 0 then
-  owed = tonumber(redis.call('HGET', K.state, 'lowdebt') or 0)
   local first = redis.call('ZRANGE', K.low, 0, 0, 'WITHSCORES')
-  if owed > 0 and #first > 0 then
+  lows_waiting = #first > 0
+  if lows_waiting or is_low then
+    owed = tonumber(redis.call('HGET', K.state, 'lowdebt') or 0)
+  end
+  if owed > 0 and lows_waiting then
     favored = {ticket = first[1], score = tonumber(first[2])}
   elseif owed > 0 and is_low then
     favored = {ticket = ticket, score = mine}
@@ -351,12 +356,12 @@ if blocked_by == nil then
     if not queued then redis.call('ZADD', rounds, round, tenant) end
     redis.call('ZREMRANGEBYSCORE', rounds, '-inf', '(' .. fmt(vt - ROUND))
   end
-  if low_share > 0 and (is_low or redis.call('ZCARD', K.low) > 0) then
+  if is_low or lows_waiting then
     owed = math.max(-1, math.min(1, owed + low_share - (is_low and 1 or 0)))
     redis.call('HSET', K.state, 'lowdebt', owed)
   end
-  charge(K, reservation, interval, tat)
-  if tenant_limited then charge(T, reservation, 0, now) end
+  charge(K, reservation, interval, tat, queued)
+  if tenant_limited then charge(T, reservation, 0, now, t_queued) end
   return {1, 0, '', reservation, redis.call('HEXISTS', cool, 'streak')}
 end
 
@@ -368,7 +373,7 @@ if t_by then
     redis.call('ZREM', K.line, ticket)
     redis.call('ZREM', K.due, ticket)
     redis.call('HDEL', K.need, ticket)
-    redis.call('ZREM', K.low, ticket)
+    if is_low then redis.call('ZREM', K.low, ticket) end
   end
 else
   if fair and not queued then
