@@ -152,6 +152,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert "jane@example.com" not in page and "hunter2" not in page and "billing" in page
     assert "app-console-key" not in page and OPERATOR_TOKEN not in page
     assert text_of(stack.browser, By.ID, "trace-id") == trace_id_for(job_id)
+    assert text_of(stack.browser, By.ID, "tenant") == stack.runtime.store.get(job_id)["tenant"]
     assert stack.runtime.store.get(job_id)["result"]["message_id"] in text_of(stack.browser, By.ID, "dify-ids")
     timeline = text_of(stack.browser, By.CLASS_NAME, "timeline")
     assert "first token" in timeline and "attempt 1 succeeded after" in timeline
