@@ -187,3 +187,16 @@ def test_a_tenant_budget_counts_each_tenant_and_lists_those_that_spent(ledger: B
     assert figures == [("acme", 30, 0), ("globex", 0, 60)]
     [tenant_of] = budgets_of({"one": {"by": "tenant", "of": "acme", "limit": 1}})
     assert tenant_of.subject(JobSubjects("support", None, "globex")) is None
+
+
+def test_concurrent_reservations_never_take_a_budget_past_its_limit(ledger: BudgetLedger) -> None:
+    """Twenty workers reserving 100 at once on a limit of 1,000: exactly ten are admitted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    [budget] = budgets_of({"tokens": {"by": "app", "of": "support", "unit": "tokens", "limit": 1000}})
+    now = time.time()
+    job = claims([budget], JobSubjects("support", None, "acme"), now, first_estimate=100)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda _: ledger.reserve("support", job, time.time(), hold_s=60), range(20)))
+    assert sum(1 for reservations, _ in answers if reservations) == 10
+    assert ledger.status([budget], time.time())[0][2][0].reserved == 1000

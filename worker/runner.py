@@ -42,6 +42,7 @@ T = TypeVar("T")
 APP_NOT_CONFIGURED = DifyError("app_not_configured", "the app is not in the config")
 QUOTA_PERIOD_S = 3600.0  # a plan quota deferred by `on_quota: defer` is tried again at the next full hour
 QUOTA_LIMIT = "quota"  # what deferred a job waiting out a plan quota (the record's ``deferred_by``)
+BUDGET_LIMIT = "budget"  # what deferred a job waiting for a spend budget's next period
 # A paused job is looked at again this long after its forms expire (Dify then ends the run), or after
 # PAUSE_CHECK_DEFAULT_S when a form tells no expiry.
 PAUSE_CHECK_GRACE_S = 5.0
@@ -142,7 +143,11 @@ class JobRunner:
             if not admission.admitted:
                 self._defer(job_id, app, waiting_since, priority, tenant, admission)
                 return
-            hold = self.budgets.reserve(job_id, app, tenant)
+            try:
+                hold = self.budgets.reserve(job_id, app, tenant)
+            except BaseException:
+                self.throttle.give_back(app, admission)
+                raise
             if not hold.admitted:
                 self.throttle.give_back(app, admission)
                 self._over_budget(job_id, app, waiting_since, priority, tenant, hold)
@@ -201,7 +206,7 @@ class JobRunner:
         ``budget_exhausted``."""
         now = time.time()
         since = waiting_since or now
-        refusal = Admission(admitted=False, wait_s=hold.wait_s(now), limit="budget", reservation=None)
+        refusal = Admission(admitted=False, wait_s=hold.wait_s(now), limit=BUDGET_LIMIT, reservation=None)
         deferred = hold.deferrable and self._deferred(job_id, app, since, priority, tenant, refusal)
         record_over_budget(hold, "deferred" if deferred else "failed")
         if deferred:

@@ -50,7 +50,7 @@ class JobField(StrEnum):
     TASK_ID = "task_id"
     WAITING_SINCE = "waiting_since"
     DEFERRALS = "deferrals"
-    DEFERRED_BY = "deferred_by"  # what deferred the job last (requests, tokens, concurrency, upstream, quota)
+    DEFERRED_BY = "deferred_by"  # what deferred the job last (requests, tokens, concurrency, upstream, quota, budget)
     # The job's deferrals, the last MAX_DEFERRAL_RUNS runs of consecutive ones by one limit: [{limit, first_at,
     # last_at, count}], oldest first.
     DEFERRAL_HISTORY = "deferral_history"
