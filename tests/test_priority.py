@@ -16,7 +16,7 @@ from difyq.worker.json_codec import loads
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 from tests.support.processes import difyq_processes
-from tests.support.stack import make_runtime, running_worker, wait_for_final
+from tests.support.stack import make_runtime, wait_for_final
 from tests.support.waiting import wait_for
 
 SLOW = EmulatedApp(name="slow", key="app-priority-key-01", mode="chat", tokens_per_second=40, answer_tokens=8)
@@ -28,18 +28,29 @@ def enqueue(runtime: Runtime, query: str, priority: str) -> str:
     return submit(runtime, submission, source="cli", scope="cli").job["id"]
 
 
-def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(redis_url: str, namespace: str) -> None:
+@pytest.mark.e2e
+def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(tmp_path: Path, redis_url: str,
+                                                                         namespace: str) -> None:
+    """A worker process on a saturated key (max_concurrency 1): 3 high jobs submitted after 200 low ones are all
+    called before most of the backlog; the low share is off here, so only the calls admitted before the high jobs'
+    first look at the line are low ones."""
     with start_emulator([SLOW]) as emulator:
-        runtime = make_runtime(redis_url, namespace, {"slow": {
-            "api_key": SLOW.key, "mode": "chat", "base_url": emulator.base_url, "limits": {"max_concurrency": 1}}})
+        apps = {"slow": {"api_key": SLOW.key, "mode": "chat", "base_url": emulator.base_url,
+                         "limits": {"max_concurrency": 1}}}
+        jobs = {"low_priority_min_share": 0}
+        runtime = make_runtime(redis_url, namespace, apps, jobs=jobs)
         for n in range(BACKLOG):
             enqueue(runtime, f"low-{n}", "low")
-        with running_worker(runtime, threads=8):
+        with difyq_processes(tmp_path, redis_url, {"apps": apps, "jobs": jobs,
+                                                   "redis": {"namespace": namespace}}) as difyq:
+            difyq.start_worker(processes=1, threads=8)
+            wait_for(lambda: len(emulator.calls()) >= 1, timeout=60, what="the backlog's first call")
             started = time.monotonic()
             high = [enqueue(runtime, f"high-{n}", "high") for n in range(3)]
-            finished = [wait_for_final(runtime, job_id, timeout=30) for job_id in high]
+            finished = [wait_for_final(runtime, job_id, timeout=60) for job_id in high]
             waited_s = time.monotonic() - started
-            queries = [str((call.get("body") or {}).get("query")) for call in emulator.calls()]
+            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
+                emulator.calls(), key=lambda call: call["started_at"])]
             order = [query for query in queries if query.startswith(("low-", "high-"))]
     assert [job["status"] for job in finished] == ["succeeded"] * 3 and finished[0]["priority"] == 1
     highs = [index for index, query in enumerate(order) if query.startswith("high-")]
