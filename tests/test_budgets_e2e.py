@@ -41,13 +41,13 @@ def quiet_day_zone() -> str:
 
 def config_for(emulator_url: str, namespace: str) -> dict[str, Any]:
     apps = {name: {"api_key": f"app-{name}-budget-key", "mode": "chat", "base_url": emulator_url}
-            for name in ("metered", "strict", "slow")}
+            for name in ("metered", "strict", "slow", "bounded")}
     return {
         "apps": apps,
         "clients": {"full": {"token": CLIENT_TOKEN, "apps": ["*"]},
                     "strict-only": {"token": "strict-only-token-0123456789", "apps": ["strict"]}},
         "redis": {"namespace": namespace},
-        "jobs": {"retry_min_backoff": "0.05s", "retry_max_backoff": "0.2s", "max_attempts": 2},
+        "jobs": {"retry_min_backoff": "0.05s", "retry_max_backoff": "0.2s", "max_attempts": 2, "max_wait": "10m"},
         "budgets_timezone": quiet_day_zone(),
         "budgets": {
             "metered-minute": {"by": "app", "of": "metered", "unit": "tokens", "limit": 1000, "period": "minute",
@@ -55,6 +55,7 @@ def config_for(emulator_url: str, namespace: str) -> dict[str, Any]:
             "strict-daily": {"by": "app", "of": "strict", "unit": "tokens", "limit": 100, "soft": 50,
                              "estimate": 20, "on_exhausted": "fail"},
             "slow-daily": {"by": "app", "of": "slow", "unit": "tokens", "limit": 1000, "estimate": 500},
+            "bounded-daily": {"by": "app", "of": "bounded", "unit": "tokens", "limit": 100, "estimate": 20},
             "per-client-usd": {"by": "client", "limit": 5, "currency": "USD"},
             "per-tenant-tokens": {"by": "tenant", "unit": "tokens", "limit": 100000},
         },
@@ -92,8 +93,8 @@ def finished(base: str, job_id: str, timeout: float) -> dict[str, Any]:
 
 def test_hard_budgets_defer_or_fail_the_job_that_would_cross_them(tmp_path: Path, redis_url: str,
                                                                   namespace: str) -> None:
-    apps = [EmulatedApp(name=name, key=f"app-{name}-budget-key", mode="chat") for name in ("metered", "strict",
-                                                                                         "slow")]
+    apps = [EmulatedApp(name=name, key=f"app-{name}-budget-key", mode="chat")
+            for name in ("metered", "strict", "slow", "bounded")]
     store = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = RedisKeys(namespace)
     with start_emulator(apps) as emulator, \
@@ -121,6 +122,13 @@ def test_hard_budgets_defer_or_fail_the_job_that_would_cross_them(tmp_path: Path
                        if '"budgets"' in block.text)["budgets"][0]
         assert (set(example), set(example["period"])) == (set(strict), set(strict["period"])), (
             "docs/http-api.md's budgets example names the fields GET /v1/budgets returns")
+
+        # on_exhausted: defer, but the day's end is further off than jobs.max_wait (10 minutes): failed at once.
+        bounded = budgets(base)[("bounded-daily", "bounded")]
+        store.hset(keys.budget_spent("bounded-daily", bounded["period"]["id"]), "bounded", 100)
+        too_far = finished(base, submit(base, "bounded"), timeout=60)
+        assert too_far["status"] == "failed" and too_far["error"]["code"] == "budget_exhausted", too_far
+        assert "jobs.max_wait (600s) ends before that" in too_far["error"]["message"]
 
         # on_exhausted: defer, on a minute budget (in a zone 5:45 off UTC): the job waits, holding no worker
         # thread, until the next minute begins, and runs then.
@@ -174,8 +182,7 @@ def test_hard_budgets_defer_or_fail_the_job_that_would_cross_them(tmp_path: Path
 
 
 def test_the_reservation_of_a_killed_worker_is_reclaimed(tmp_path: Path, redis_url: str, namespace: str) -> None:
-    apps = [EmulatedApp(name="slow", key="app-slow-budget-key", mode="chat", time_to_first_token_s=120),
-            *(EmulatedApp(name=name, key=f"app-{name}-budget-key", mode="chat") for name in ("metered", "strict"))]
+    apps = [EmulatedApp(name="slow", key="app-slow-budget-key", mode="chat", time_to_first_token_s=120)]
     with start_emulator(apps) as emulator, \
             difyq_processes(tmp_path, redis_url, config_for(emulator.base_url, namespace)) as difyq:
         base = difyq.start_api()
