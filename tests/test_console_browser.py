@@ -160,14 +160,23 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert first["Outcome"] == "succeeded" and first["Duration"] != "\u2013" and first["First token"] != "\u2013"
     stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
 
-    message_id = stack.runtime.store.get(job_id)["result"]["message_id"]
-    stack.browser.get(f"{stack.console}/jobs")
-    search = stack.browser.find_element(By.ID, "q")
-    search.send_keys(message_id)
-    search.submit()
-    wait_until(stack.browser, lambda b: f"q={message_id}" in b.current_url and b.find_elements(By.ID, "search-notice"))
-    assert [row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-job]")] \
-        == [job_id]
+    for searched in (stack.runtime.store.get(job_id)["result"]["message_id"], job_id):
+        stack.browser.get(f"{stack.console}/jobs")
+        search = stack.browser.find_element(By.ID, "q")
+        search.send_keys(searched)
+        search.submit()
+        wait_until(stack.browser, lambda b, searched=searched: f"q={searched}" in b.current_url
+                   and b.find_elements(By.ID, "search-notice"))
+        assert [row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR,
+                                                                                      "tr[data-job]")] == [job_id]
+
+    thread = "ticket #7 / console"
+    turns = [stack.submit(f"turn {n} of a thread", thread=thread) for n in range(2)]
+    stack.browser.get(f"{stack.console}/jobs/{turns[0]}")
+    click(stack.browser, By.ID, "thread")  # the job page links to its thread's jobs
+    wait_until(stack.browser, lambda b: [row.get_attribute("data-job") for row in b.find_elements(
+        By.CSS_SELECTOR, "tr[data-job]")] == turns[::-1])
+    assert stack.browser.find_element(By.ID, "q").get_attribute("value") == thread
 
     stack.browser.set_window_size(390, 844)  # a phone
     try:

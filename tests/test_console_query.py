@@ -23,7 +23,7 @@ def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace:
         new = NewJob(app="support" if n % 3 else "report", source="api", scope="client:full",
                      idempotency_key=f"key-{n}", request=JobRequest(query=f"q{n}"))
         made.append(runtime.store.submit(new).job["id"])
-    query = JobsQuery(runtime.store, runtime.config)
+    query = JobsQuery(runtime.store, runtime.threads, runtime.config)
     seen, cursor = [], ""
     while True:
         page = query.page(JobFilter(), cursor, limit=5)
@@ -55,7 +55,7 @@ def test_a_dify_id_names_its_jobs_however_old(redis_url: str, namespace: str, mo
                                         request=JobRequest(query=f"q{n}"))).job["id"] for n in range(30)]
     monkeypatch.setattr(jobs_query, "EXAMINE_LIMIT", 10)
     monkeypatch.setattr(jobs_query, "_BATCH", 5)
-    query = JobsQuery(runtime.store, runtime.config)
+    query = JobsQuery(runtime.store, runtime.threads, runtime.config)
     runtime.store.start_attempt(made[0], lease_s=30)
     assert runtime.store.record_task_ids({made[0]: ("task-0", "run-0")}) == []
     for dify_id in ("task-0", "run-0"):
@@ -72,9 +72,22 @@ def test_a_dify_id_names_its_jobs_however_old(redis_url: str, namespace: str, mo
     assert 0 < ttl_ms <= runtime.config.jobs.result_ttl * 1000
 
 
+def test_a_thread_names_its_jobs_in_every_app(redis_url: str, namespace: str) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    made = [runtime.store.submit(NewJob(app=app, source="api", scope="client:full", thread=thread,
+                                        request=JobRequest(query=f"q{n}"))).job["id"]
+            for n, (app, thread) in enumerate((("support", "ticket 42/#a"), ("support", "other"),
+                                               ("report", "ticket 42/#a"), ("support", "ticket 42/#a")))]
+    query = JobsQuery(runtime.store, runtime.threads, runtime.config)
+    page = query.page(JobFilter(q="ticket 42/#a"))
+    assert page.searched and [row["id"] for row in page.rows] == [made[3], made[2], made[0]]
+    assert [row["id"] for row in query.page(JobFilter(q="ticket 42/#a"), limit=2).rows] == [made[3], made[2]]
+    assert query.page(JobFilter(q="ticket 43")).rows == []
+
+
 def test_bad_filters_name_the_field(redis_url: str, namespace: str) -> None:
     runtime = make_runtime(redis_url, namespace, APPS)
-    query = JobsQuery(runtime.store, runtime.config)
+    query = JobsQuery(runtime.store, runtime.threads, runtime.config)
     for wanted, cursor, field in ((JobFilter(since="yesterday"), "", "since"), (JobFilter(), "12x", "cursor")):
         try:
             query.page(wanted, cursor)

@@ -22,7 +22,7 @@ _FILTER = Annotated[str, Query(max_length=200)]
 def build_jobs_router(web: ConsoleWeb) -> APIRouter:
     router = APIRouter()
     runtime = web.runtime
-    query = JobsQuery(runtime.store, runtime.config)
+    query = JobsQuery(runtime.store, runtime.threads, runtime.config)
 
     @router.get("/jobs")
     def jobs(request: Request, status: _FILTER = "", app: _FILTER = "", source: _FILTER = "", client: _FILTER = "",

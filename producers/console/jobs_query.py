@@ -3,7 +3,8 @@
 A page never scans: it walks the index (every job, or one app's) from the cursor down, reading at most
 ``EXAMINE_LIMIT`` entries, and says how far it got when filters left the page short, so a rare status among a
 million jobs costs the same as a common one. A search is a direct lookup: a job id, a trace id, an idempotency key,
-or a Dify conversation, message, workflow run or task id (``RedisKeys.dify_id``).
+a thread (``RedisKeys.thread_jobs`` of each app), or a Dify conversation, message, workflow run or task id
+(``RedisKeys.dify_id``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.model import client_scope, iso_time, job_id_of_trace
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
+from difyq.worker.jobs.threads import Threads
 from difyq.worker.json_codec import loads
 
 PAGE_SIZE = 50
@@ -114,8 +116,9 @@ def summary(fields: dict[str, str | None]) -> dict[str, Any]:
 class JobsQuery:
     """Reads pages of the job list for the console."""
 
-    def __init__(self, store: JobStore, config: Config):
+    def __init__(self, store: JobStore, threads: Threads, config: Config):
         self.store = store
+        self.threads = threads
         self.config = config
 
     def _rows(self, job_ids: list[str], names: tuple[str, ...] = ROW_FIELDS) -> list[dict[str, str | None]]:
@@ -136,7 +139,7 @@ class JobsQuery:
 
     def find(self, text: str, limit: int = PAGE_SIZE) -> list[str]:
         """The jobs a search names: the one of a job id, a trace id or an idempotency key (under any producer's
-        scope), else the newest ``limit`` a Dify id names."""
+        scope), else the newest ``limit`` of a thread of that name (in any app), then those a Dify id names."""
         text = text.strip()
         if _TRACE_ID.fullmatch(text):
             text = job_id_of_trace(text)
@@ -150,7 +153,8 @@ class JobsQuery:
         for claim in pipe.execute():
             if claim:
                 return [_text(claim).partition("|")[0]]
-        return self.store.jobs_of_dify_id(text, limit)
+        named = self.threads.job_ids(self.config.apps, text, limit) + self.store.jobs_of_dify_id(text, limit)
+        return list(dict.fromkeys(named))[:limit]
 
     @staticmethod
     def _matches(fields: dict[str, str | None], wanted: JobFilter) -> bool:

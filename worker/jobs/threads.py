@@ -6,6 +6,7 @@ reads a thread, opens it for an attempt and forgets it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,16 @@ class Threads:
             "line": waiting,
             "jobs": jobs,
         }
+
+    def job_ids(self, apps: Iterable[str], thread: str, limit: int) -> list[str]:
+        """The newest ``limit`` jobs of the threads named ``thread`` in any of ``apps`` (one round trip), newest
+        first."""
+        apps = list(apps)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for app in apps:
+                pipe.zrevrange(self.keys.thread_jobs(app, thread), 0, limit - 1, withscores=True)
+            found = [entry for entries in pipe.execute() for entry in entries]
+        return [_text(job_id) for job_id, _ in sorted(found, key=lambda entry: -entry[1])[:limit]]
 
     def forget(self, app: str, thread: str) -> None:
         """Forget the thread's conversation and job list; its unfinished jobs still run in order (the next one
