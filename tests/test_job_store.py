@@ -63,9 +63,9 @@ def test_reused_key_with_a_different_body_is_a_conflict(runtime) -> None:
 
 
 def stored(runtime, job_id: str) -> dict[str, str]:
-    """A job hash without what differs between two submits of one request (id, time, key)."""
+    """A job hash without what differs between two submits of one request (id, time, key, message id)."""
     fields = runtime.store.fields(job_id) or {}
-    return {k: v for k, v in fields.items() if k not in ("id", "created_at", "idempotency_key")}
+    return {k: v for k, v in fields.items() if k not in ("id", "created_at", "idempotency_key", "message")}
 
 
 def queued_messages(runtime) -> list[dict]:

@@ -114,7 +114,6 @@ def _scheduled_after(api: str, moment_epoch: float) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_failover_503_then_reconnect_and_no_durable_job_lost(tmp_path: Path,
                                                              deployment: SentinelDeployment) -> None:
     namespace = f"difyq-failover-{uuid.uuid4().hex[:8]}"
@@ -171,20 +170,17 @@ def _run_failover(deployment: SentinelDeployment, durable: DifyqProcesses, plain
         assert submitter.unavailable, f"{submitter.name} API never answered 503 during the switch"
         assert submitter.retry_after == {"5"}, submitter.retry_after
 
-    # Every accepted job is run by the worker, which found the new primary by itself; none is lost. A job whose
-    # attempt the switch cut off comes back like a dead worker's: within the 90 s of docs/guarantees.md.
+    # Every accepted job is run by the worker, which found the new primary by itself; none is lost. A delivery the
+    # switch cut off is retried once the new primary answers; a job whose attempt it cut off comes back like a
+    # dead worker's, and one left without a message is found by the orphan sweep: each within the bounds of
+    # docs/guarantees.md (three leases, 90 s, for the sweep; with margin here).
     outcomes: dict[str, dict[str, str]] = {}
-    stuck: list[str] = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 150
     for submitter in submitters:
-        outcomes[submitter.name] = {}
-        for job_id in submitter.accepted:
-            try:
-                outcomes[submitter.name][job_id] = wait_for(
-                    lambda job_id=job_id: _final_status(plain_api, job_id), max(1.0, deadline - time.monotonic()),
-                    what=f"job {job_id} finishing")
-            except AssertionError:
-                stuck.append(f"{submitter.name}:{job_id}")
+        outcomes[submitter.name] = {
+            job_id: wait_for(lambda job_id=job_id: _final_status(plain_api, job_id),
+                             max(1.0, deadline - time.monotonic()), what=f"{submitter.name} job {job_id} finishing")
+            for job_id in submitter.accepted}
     lost = {name: sum(1 for status in found.values() if status == "lost") for name, found in outcomes.items()}
     assert lost["durable"] == 0, outcomes["durable"]
     assert {status for status in outcomes["durable"].values()} == {"succeeded"}
@@ -194,15 +190,14 @@ def _run_failover(deployment: SentinelDeployment, durable: DifyqProcesses, plain
              what="a scheduled job created and run after the switch")
 
     plain_switch, durable_switch = plain_submitter.back_after(killed_at), durable_submitter.back_after(killed_at)
+    worker_log = plain.logs("worker")
     print(f"\nfailover: replica promoted {promoted_after:.1f} s after the kill; plain API: 202 again after "
           f"{plain_switch:.1f} s, {len(plain_submitter.unavailable)} x 503, {len(plain_submitter.accepted)} accepted, "
           f"{lost['plain']} lost; durable API: 202 again after {durable_switch:.1f} s (a replica back), "
           f"{len(durable_submitter.unavailable)} x 503, {len(durable_submitter.accepted)} accepted, 0 lost; "
-          f"slowest answer {max(s.slowest_s for s in submitters):.2f} s")
-    if stuck:
-        # A known defect, left open: a job whose first attempt the switch cut off (its run_job raised a connection
-        # error as the primary died) can stay queued after the failover, durable submit or not.
-        pytest.xfail(f"accepted jobs that never finished after the failover: {stuck}")
+          f"slowest answer {max(s.slowest_s for s in submitters):.2f} s; worker: "
+          f"{worker_log.count('enqueue_waiting_for_redis')} enqueue(s) waited for the new primary, "
+          f"{worker_log.count('queued_job_orphaned')} orphaned job(s) queued again")
 
 
 def test_durable_submit_answers_503_until_a_replica_holds_the_job(tmp_path: Path) -> None:

@@ -8,31 +8,42 @@ tests call it with a runtime of their own to run an in-process worker on a priva
 from __future__ import annotations
 
 import dramatiq
+import redis
 import structlog
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, Retries, ShutdownNotifications, TimeLimit
 
+from difyq.worker.broker import PatientRedisBroker
 from difyq.worker.budgets import BudgetGate, BudgetLedger
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.leases import LeaseKeeper, dramatiq_recovery, lease_from_env
+from difyq.worker.orphans import OrphanSweep
 from difyq.worker.redis_retry import through_blips
 from difyq.worker.runner import JobRunner
 from difyq.worker.runtime import Runtime
 from difyq.worker.task_ids import TaskIdRecorder
 from difyq.worker.throttle import Throttle
 from difyq.worker.trace_middleware import TraceContextMiddleware
-from difyq.worker.wakeup import WakingRedisBroker
 
 log = structlog.get_logger("difyq.worker")
 
+MAX_DELIVERY_RETRIES = 3
+
+
+def retry_delivery(retries: int, exception: BaseException) -> bool:
+    """Dramatiq's retry policy for both actors (``retries``: the delivery's retries so far): a delivery that Redis
+    cut off (connection lost, or no answer) is retried however often that happens, the message being in no way at
+    fault; one that raised anything else up to ``MAX_DELIVERY_RETRIES`` times, then dead-lettered."""
+    return isinstance(exception, redis.ConnectionError | redis.TimeoutError) or retries < MAX_DELIVERY_RETRIES
+
 
 class DifyqWorkerMiddleware(Middleware):
-    """Keeps leases for the whole life of each worker process and marks jobs whose message Dramatiq dead-lettered
-    failed. Lease upkeep stops only after the worker shut down: on SIGTERM the jobs still running finish first,
-    and a lease that lapsed meanwhile would let another worker call Dify for them a second time. The task-id
-    recorder's thread ends with the worker too."""
+    """Keeps leases for the whole life of each worker process, marks jobs whose message Dramatiq dead-lettered
+    failed, and records each ``run_job`` message Dramatiq enqueues itself (a retry, a delayed message moved to the
+    queue) as its job's message, which the orphan sweep looks for. Lease upkeep stops only after the worker shut
+    down: on SIGTERM the jobs still running finish first, and a lease that lapsed meanwhile would let another worker
+    call Dify for them a second time. The task-id recorder's thread ends with the worker too."""
 
     def __init__(self, runtime: Runtime, leases: LeaseKeeper, task_ids: TaskIdRecorder):
         self.runtime = runtime
@@ -46,6 +57,10 @@ class DifyqWorkerMiddleware(Middleware):
         self.leases.stop()
         self.task_ids.close()
 
+    def after_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message, delay: int | None) -> None:
+        if message.actor_name == "run_job" and message.args:
+            self.runtime.store.note_message(str(message.args[0]), message.options["redis_message_id"])
+
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         if message.actor_name != "run_job" or not message.args:
             return
@@ -56,18 +71,22 @@ class DifyqWorkerMiddleware(Middleware):
             log.error("job_dead_lettered", job_id=job_id)
 
 
-def build_broker(runtime: Runtime, lease_s: float) -> RedisBroker:
+def build_broker(runtime: Runtime, lease_s: float) -> PatientRedisBroker:
     """Dramatiq's broker with only the middleware difyq's actors use (time limits, retries of a crashed
     delivery, shutdown notices); message age limits, callbacks and pipelines would only cost hooks per message.
     Its recovery of a dead worker process's messages follows the job lease (``dramatiq_recovery``); an idle
-    consumer of the jobs queue is woken by a new job (``WakingRedisBroker``) instead of polling."""
-    return WakingRedisBroker(client=runtime.raw_redis, namespace=runtime.namespace, woken_queues=[JOBS_QUEUE],
-                             dead_message_ttl=7 * 86_400_000,
-                             middleware=[TimeLimit(), ShutdownNotifications(), Retries()], **dramatiq_recovery(lease_s))
+    consumer of the jobs queue is woken by a new job instead of polling, and enqueues wait out a Redis outage
+    (``PatientRedisBroker``, a ``WakingRedisBroker``)."""
+    return PatientRedisBroker(client=runtime.raw_redis, namespace=runtime.namespace, woken_queues=[JOBS_QUEUE],
+                              dead_message_ttl=7 * 86_400_000,
+                              middleware=[TimeLimit(), ShutdownNotifications(), Retries()],
+                              **dramatiq_recovery(lease_s))
 
 
-def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> RedisBroker:
-    leases = LeaseKeeper(runtime.store, lease_s=lease_from_env())
+def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | None = None) -> PatientRedisBroker:
+    lease_s = lease_from_env()
+    orphans = OrphanSweep(runtime.store, list(runtime.config.apps), overdue_s=2 * lease_s)
+    leases = LeaseKeeper(runtime.store, lease_s=lease_s, orphans=orphans)
     broker = build_broker(runtime, leases.lease_s)
     task_ids = TaskIdRecorder(runtime.store)
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases, task_ids))
@@ -92,8 +111,9 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
         """POST the finished job to its callback URL; never calls Dify."""
         sender.deliver(job_id)
 
-    dramatiq.actor(run_job, broker=broker, queue_name=JOBS_QUEUE, max_retries=3, min_backoff=1_000,
+    dramatiq.actor(run_job, broker=broker, queue_name=JOBS_QUEUE, retry_when=retry_delivery, min_backoff=1_000,
                    max_backoff=60_000, time_limit=int((longest_call_s + 60) * 1000))
-    dramatiq.actor(deliver_callback, broker=broker, queue_name=CALLBACKS_QUEUE, max_retries=3, min_backoff=1_000,
-                   max_backoff=60_000, time_limit=int((runtime.config.callbacks.timeout + 60) * 1000))
+    dramatiq.actor(deliver_callback, broker=broker, queue_name=CALLBACKS_QUEUE, retry_when=retry_delivery,
+                   min_backoff=1_000, max_backoff=60_000,
+                   time_limit=int((runtime.config.callbacks.timeout + 60) * 1000))
     return broker

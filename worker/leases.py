@@ -16,7 +16,8 @@ recovered job may come back as well; it calls Dify only if the job record says n
 (``start.lua``). With the default 30 s lease a killed worker's running jobs are queued again within 40 s.
 
 Leases keep their meaning across a Redis outage: renewals fail while Redis is away, so the reaper sweeps only
-after Redis has answered for one whole lease, time enough for every live worker to renew.
+after Redis has answered for one whole lease, time enough for every live worker to renew. The orphan sweep
+(``orphans``: queued jobs left without a message) runs on the same rounds, in one process at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from difyq.worker import metrics
 from difyq.worker.durations import parse_duration
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.store import JobStore
+from difyq.worker.orphans import OrphanSweep
 
 log = structlog.get_logger("difyq.leases")
 
@@ -65,10 +67,13 @@ def lease_from_env(environ: Mapping[str, str] = os.environ) -> float:
 
 
 class LeaseKeeper:
-    """Renews this process's leases every ``lease_s / 3`` and runs the reaper every ``sweep_s`` (``lease_s / 3``)."""
+    """Renews this process's leases every ``lease_s / 3`` and runs the reaper every ``sweep_s`` (``lease_s / 3``),
+    and with it ``orphans`` (which takes its own turns)."""
 
-    def __init__(self, store: JobStore, lease_s: float = DEFAULT_LEASE_S, sweep_s: float | None = None):
+    def __init__(self, store: JobStore, lease_s: float = DEFAULT_LEASE_S, sweep_s: float | None = None,
+                 orphans: OrphanSweep | None = None):
         self.store = store
+        self.orphans = orphans
         self.lease_s = lease_s
         self.sweep_s = lease_s / 3 if sweep_s is None else sweep_s
         self._running: set[str] = set()
@@ -124,6 +129,8 @@ class LeaseKeeper:
             self._connected_since = now
         if now - self._connected_since >= self.lease_s:
             self.sweep()
+            if self.orphans is not None:
+                self.orphans.take_turn()
 
     def sweep(self) -> list[str]:
         """Requeue jobs whose lease expired, unless another process swept in the last ``sweep_s``; returns the ids

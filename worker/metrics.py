@@ -34,6 +34,11 @@ redis_memory_used_ratio = Gauge(
     "Redis' used_memory / maxmemory at the last reading (0 without a maxmemory).",
     multiprocess_mode="max",
 )
+orphaned_jobs_requeued = Counter(
+    "difyq_orphaned_jobs_requeued_total",
+    "Queued jobs found without a message that would run them, and queued again by the orphan sweep.",
+    ["app"],
+)
 jobs_finished = Counter("difyq_jobs_finished_total", "Jobs that reached a final status.", ["app", "status"])
 job_duration = Histogram(
     "difyq_job_duration_seconds", "Submit to finish, per job.", ["app"], buckets=LATENCY_BUCKETS

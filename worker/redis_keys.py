@@ -80,6 +80,11 @@ class RedisKeys:
         """The lock of the process sweeping expired leases."""
         return self._key("reaper")
 
+    @property
+    def orphan_sweep(self) -> str:
+        """The lock of the process looking for queued jobs without a message (``worker/orphans.py``)."""
+        return self._key("orphan-sweep")
+
     def callback_lock(self, job_id: str) -> str:
         """Held while one callback attempt for the job is under way."""
         return self._key("callback-lock", job_id)

@@ -64,6 +64,7 @@ class JobField(StrEnum):
     THREAD = "thread"  # the conversation thread the job belongs to (``worker.threads``)
     HELD_MESSAGE = "held_message"  # a thread job's run_job message while an earlier job of its thread is unfinished
     CONVERSATION_RESTARTED = "conversation_restarted"  # the thread's conversation was gone: this job began a new one
+    MESSAGE = "message"  # the Redis id of the job's latest run_job message, which the orphan sweep looks for
 
 
 class ThreadField(StrEnum):

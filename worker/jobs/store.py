@@ -153,6 +153,8 @@ class JobStore:
         self._files = client.register_script(job_script("files"))
         self._task_id = client.register_script(job_script("task_id"))
         self._conversation_restarted = client.register_script(job_script("conversation_restarted"))
+        self._note_message = client.register_script(job_script("note_message"))
+        self._orphans = client.register_script(job_script("orphans"))
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -240,6 +242,7 @@ class JobStore:
             fields[JobField.THREAD] = new.thread
         message = self.message(JOBS_QUEUE, job_id, hints=run_hints(new.app, priority=new.priority,
                                                                      tenant=fields[JobField.TENANT]))
+        fields[JobField.MESSAGE] = message.redis_message_id
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
         created_ms = int(now * 1000)
         header: dict[str, Any] = {"id": job_id, "created_ms": created_ms,
@@ -579,12 +582,14 @@ class JobStore:
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = JobStatus.RUNNING,
         count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
         waiting_since: float | None = None, deferred_by: str | None = None, forget_run: bool = False,
+        message_was: str | None = None,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
         cancel was asked meanwhile. ``hints``: see ``run_hints``; ``waiting_since``: the job's first wait, kept
         once (a job deferred by a limit or a quota); ``deferred_by``: the limit that deferred it;
         ``forget_run``: the next attempt runs the workflow anew instead of following the recorded run (a retry
-        after a failure)."""
+        after a failure); ``message_was``: the job's message as read before, ``changed`` (nothing done) when
+        another one was written since."""
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         now = time.time()
         requeue: dict[str, Any] = {"expected": expected, "now": now, "next_attempt_at": repr(now + delay_s),
@@ -600,6 +605,8 @@ class JobStore:
             requeue["deferred_by"] = deferred_by
         if forget_run:
             requeue["forget_run"] = True
+        if message_was is not None:
+            requeue["message_was"] = message_was
         reply = _text(self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key,
                                           message.bodies_key, self.keys.paused], args=[dumps(requeue)]))
         if error and reply.startswith("queued:"):
@@ -688,6 +695,29 @@ class JobStore:
 
     def drop_lease(self, job_id: str) -> None:
         self.redis.zrem(self.leases_key, job_id)
+
+    def note_message(self, job_id: str, message_id: str) -> None:
+        """Record a ``run_job`` message Dramatiq enqueued itself as the job's message (note_message.lua)."""
+        self._note_message(keys=[self.job_key(job_id)], args=[message_id])
+
+    def orphans(self, apps: list[str], due_before: float, batch: int = 200) -> list[tuple[str, str, str]]:
+        """The queued jobs of ``apps`` due before ``due_before`` (unix seconds) whose message is gone (see
+        orphans.lua), judged among the apps' unfinished jobs created before then: (job id, app, its message)."""
+        found: list[tuple[str, str, str]] = []
+        bodies = [self.keys.queue_bodies(JOBS_QUEUE), self.keys.delayed_bodies(JOBS_QUEUE)]
+        for app in apps:
+            job_ids = [_text(member) for member in self.redis.zrangebyscore(
+                self.keys.pending_of_app(app), "-inf", int(due_before * 1000))]
+            for start in range(0, len(job_ids), batch):
+                chunk = job_ids[start:start + batch]
+                reply = [_text(item) for item in self._orphans(
+                    keys=[*bodies, *(self.job_key(job_id) for job_id in chunk)], args=[int(due_before * 1000)])]
+                found += [(job_id, app, message) for job_id, message in zip(reply[::2], reply[1::2], strict=True)]
+        return found
+
+    def take_orphan_turn(self, turn_s: float) -> bool:
+        """Whether this process looks for orphaned queued jobs now: no other did in the last ``turn_s``."""
+        return bool(self.redis.set(self.keys.orphan_sweep, self.worker_id, nx=True, px=int(turn_s * 1000)))
 
     def take_reaper_turn(self, turn_s: float) -> bool:
         """Whether this process sweeps expired leases now: no other swept in the last ``turn_s``."""

@@ -13,7 +13,8 @@ end
 if redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
   return 'cancel'
 end
-redis.call('HSET', KEYS[1], FIELD.status, STATUS.paused, FIELD.pause, ARGV[1], FIELD.next_attempt_at, ARGV[4])
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.paused, FIELD.pause, ARGV[1], FIELD.next_attempt_at, ARGV[4],
+  FIELD.message, ARGV[2])
 local id = redis.call('HGET', KEYS[1], FIELD.id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZADD', KEYS[7], ARGV[8], id)

@@ -6,17 +6,23 @@
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
 --       deferred_by (the limit that deferred the job: kept in its deferral history),
---       forget_run (true: drop the recorded workflow run id, a retry runs anew; else a lost worker's run is followed)
--- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), or the status the job has instead.
+--       forget_run (true: drop the recorded workflow run id, a retry runs anew; else a lost worker's run is followed),
+--       message_was (the job's message as the caller read it: nothing is done when another one was written since)
+-- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), 'changed' (message_was no longer holds), or
+-- the status the job has instead.
 local requeue = cjson.decode(ARGV[1])
 local status = redis.call('HGET', KEYS[1], FIELD.status)
 if status ~= requeue.expected then
   return status or 'missing'
 end
+if requeue.message_was and redis.call('HGET', KEYS[1], FIELD.message) ~= requeue.message_was then
+  return 'changed'
+end
 if redis.call('HGET', KEYS[1], FIELD.cancel_requested) == '1' then
   return 'cancel'
 end
-redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued, FIELD.next_attempt_at, requeue.next_attempt_at)
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued, FIELD.next_attempt_at, requeue.next_attempt_at,
+  FIELD.message, requeue.message_id)
 if requeue.forget_run then
   redis.call('HDEL', KEYS[1], FIELD.dify_run_id)
 end

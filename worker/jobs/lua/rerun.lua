@@ -9,7 +9,7 @@ local status = redis.call('HGET', KEYS[1], FIELD.status)
 if status ~= STATUS.failed and status ~= STATUS.canceled then
   return status or 'missing'
 end
-redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued)
+redis.call('HSET', KEYS[1], FIELD.status, STATUS.queued, FIELD.message, ARGV[1])
 redis.call('HDEL', KEYS[1], FIELD.finished_at, FIELD.cancel_requested, FIELD.worker_losses, FIELD.pause, FIELD.dify_run_id)
 redis.call('PERSIST', KEYS[1])
 if redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1 then

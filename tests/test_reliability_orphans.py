@@ -1,0 +1,204 @@
+"""No queued job is left without a message: a delivery cut off by Redis dying between its fetch and its first call
+is run again once Redis is back (its retry waits for Redis instead of being dropped), and the orphan sweep queues
+again a queued job whose message was lost anyway (none at all, or a delayed one that its consumer dropped)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+import redis
+from dramatiq.middleware import Middleware
+
+from difyq.worker import metrics
+from difyq.worker.app import MAX_DELIVERY_RETRIES, build_broker, build_worker_broker, retry_delivery
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobField
+from difyq.worker.leases import LeaseKeeper
+from difyq.worker.orphans import OrphanSweep
+from difyq.worker.runtime import Runtime
+from tests.support.stack import make_runtime, running_worker, wait_for_final
+from tests.support.waiting import wait_for
+
+CHAT = EmulatedApp(name="chat", key="app-chat-key-0001", mode="chat", tokens_per_second=0, answer_tokens=3)
+
+
+def _fetch(consumer: Any, count: int) -> list[Any]:
+    """``count`` messages from a Dramatiq consumer (it answers None while it polls)."""
+    fetched: list[Any] = []
+
+    def more() -> bool:
+        message = next(consumer)
+        if message is not None:
+            fetched.append(message)
+        return len(fetched) >= count
+
+    wait_for(more, 10, what=f"{count} messages fetched")
+    return fetched
+
+
+def new_job(app: str = "chat", thread: str | None = None) -> NewJob:
+    return NewJob(app=app, source="api", request=JobRequest(query="hello"), scope="client:t", thread=thread)
+
+
+@pytest.fixture
+def emulator() -> Iterator[Any]:
+    with start_emulator([CHAT]) as running:
+        yield running
+
+
+class RedisDiesOnFetch(Middleware):
+    """SIGKILLs the Redis server as the first ``run_job`` message is about to run (it was fetched just before),
+    keeps the error that delivery ended with, and tells when the worker has tried and failed to hand it back: the
+    retry's enqueue tried a second time, or the message about to be acknowledged (the retry given up)."""
+
+    def __init__(self, server: EmbeddedRedis) -> None:
+        self.server = server
+        self.killed = False
+        self.cut_off: BaseException | None = None
+        self.ended = threading.Event()
+        self.enqueue_tries = 0
+        self.handing_back_failed = threading.Event()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if message.actor_name == "run_job" and not self.killed:
+            self.killed = True
+            assert self.server.process is not None
+            self.server.process.kill()
+            self.server.process.wait()
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        if self.killed and not self.ended.is_set():
+            self.cut_off = exception
+            self.ended.set()
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message, delay: int | None) -> None:
+        if self.ended.is_set() and message.actor_name == "run_job":
+            self.enqueue_tries += 1
+            if self.enqueue_tries >= 2:
+                self.handing_back_failed.set()
+
+    def before_ack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        if self.ended.is_set():
+            self.handing_back_failed.set()
+
+
+def test_a_delivery_cut_off_by_redis_dying_before_its_first_call_runs_once_redis_is_back(
+    tmp_path, namespace: str, emulator
+) -> None:
+    """The worker fetched the message, then Redis died: the job's first Redis call fails, before any attempt (no
+    lease). Redis comes back only once the worker's first try to enqueue Dramatiq's retry of that delivery has
+    failed: the retry is enqueued once Redis answers (it used to be logged and dropped, and the message was then
+    acknowledged: the job stayed queued for ever)."""
+    server = EmbeddedRedis(appendonly=True, appendfsync="always", directory=str(tmp_path)).start()
+    restarted = EmbeddedRedis(port=server.port, appendonly=True, appendfsync="always", directory=str(tmp_path))
+    try:
+        apps = {"chat": {"api_key": CHAT.key, "mode": "chat", "base_url": emulator.base_url}}
+        runtime = make_runtime(server.url, namespace, apps)
+        job_id = runtime.store.submit(new_job()).job["id"]
+        cutter = RedisDiesOnFetch(server)
+        with running_worker(runtime, middleware=[cutter]):
+            wait_for(cutter.ended.is_set, 30, what="the cut-off delivery ending")
+            assert cutter.cut_off is not None, "the delivery ran although Redis was gone"
+            wait_for(cutter.handing_back_failed.is_set, 30, what="a first try to hand the delivery back failing")
+            restarted.start()
+            job = wait_for_final(runtime, job_id, timeout=60)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 1, "the cut-off delivery started no attempt"
+    finally:
+        server.stop()
+        restarted.stop()
+
+
+def test_a_delivery_cut_off_by_redis_is_retried_however_often_and_any_other_failure_three_times() -> None:
+    """Dramatiq's retries of a delivery (not the job's attempts at Dify, which are its own): Redis going away
+    under a delivery never uses them up, so it never dead-letters (and fails) a job."""
+    for cut_off in (redis.ConnectionError("gone"), redis.TimeoutError("no answer")):
+        assert retry_delivery(MAX_DELIVERY_RETRIES + 10, cut_off)
+    assert [retry_delivery(retries, ValueError("a bug")) for retries in range(MAX_DELIVERY_RETRIES + 1)] == \
+        [True] * MAX_DELIVERY_RETRIES + [False]
+
+
+# ------------------------------------------------------------------------------------------------ the orphan sweep
+
+
+@pytest.fixture
+def runtime(redis_url: str, namespace: str) -> Runtime:
+    return make_runtime(redis_url, namespace, {"chat": {"api_key": CHAT.key, "mode": "chat"}})
+
+
+def _requeued(app: str) -> float:
+    return metrics.orphaned_jobs_requeued.labels(app=app)._value.get()
+
+
+def _messages_of(runtime: Runtime, queue: str, job_id: str) -> int:
+    bodies = runtime.raw_redis.hgetall(runtime.store.keys.queue_bodies(queue))
+    return sum(1 for body in bodies.values() if dramatiq.Message.decode(body).args[0] == job_id)
+
+
+def test_the_orphan_sweep_requeues_a_queued_job_whose_message_is_gone(runtime: Runtime) -> None:
+    store = runtime.store
+    orphan = store.submit(new_job()).job["id"]
+    waiting = store.submit(new_job()).job["id"]
+    first_of_thread = store.submit(new_job(thread="t1")).job["id"]
+    held = store.submit(new_job(thread="t1")).job["id"]  # its message waits in its record for the first one's end
+    keys = store.keys
+    orphan_message = next(message_id for message_id, body in runtime.raw_redis.hgetall(
+        keys.queue_bodies(JOBS_QUEUE)).items() if dramatiq.Message.decode(body).args[0] == orphan)
+    runtime.raw_redis.hdel(keys.queue_bodies(JOBS_QUEUE), orphan_message)
+    runtime.raw_redis.lrem(keys.queue(JOBS_QUEUE), 0, orphan_message)
+    sweep = OrphanSweep(store, ["chat"], overdue_s=0.2)
+
+    assert sweep.sweep() == [], "not overdue yet: nothing is judged before the bound"
+    before = _requeued("chat")
+    found = wait_for(lambda: sweep.sweep(), 10, what="the orphan overdue")
+    assert found == [orphan], "the jobs whose message waits (on the queue, or held by the thread) are left alone"
+    assert _messages_of(runtime, JOBS_QUEUE, orphan) == 1 and _messages_of(runtime, JOBS_QUEUE, waiting) == 1
+    assert _messages_of(runtime, JOBS_QUEUE, first_of_thread) == 1 and _messages_of(runtime, JOBS_QUEUE, held) == 0
+    assert runtime.raw_redis.lindex(keys.queue(JOBS_QUEUE), 0) != orphan_message
+    assert store.get(orphan)["status"] == "queued"
+    assert _requeued("chat") == before + 1
+    assert sweep.sweep() == [], "an orphan is queued again once"
+    assert store.requeue(orphan, delay_s=0.0, expected="queued", message_was=orphan_message.decode()) == "changed", \
+        "the sweep's requeue does nothing to a job given another message since it was judged"
+
+
+def test_the_orphan_sweep_requeues_a_delayed_message_its_consumer_dropped(runtime: Runtime) -> None:
+    """A consumer that loses its Redis connection forgets the delayed messages it fetched, while their ids stay
+    in its live process's acknowledgement set: Dramatiq never hands them back. A delayed message still held past
+    its time by more than the bound counts as lost; one not yet due does not, nor one that the worker moved to
+    the queue when due (Dramatiq enqueues a copy, which the job record then names)."""
+    store = runtime.store
+    dropped, later, moved = (store.submit(new_job()).job["id"] for _ in range(3))
+    consumer = build_broker(runtime, 30.0).consume(JOBS_QUEUE, prefetch=3, timeout=50)
+    for message in _fetch(consumer, 3):  # each runs, and ends with a retry in a while
+        job_id = message.args[0]
+        assert store.start_attempt(job_id, lease_s=30).state == "started"
+        assert store.requeue(job_id, delay_s=3600 if job_id == later else 0.1).startswith("queued:")
+        consumer.ack(message)
+    delayed = build_broker(runtime, 30.0).consume(f"{JOBS_QUEUE}.DQ", prefetch=3, timeout=50)
+    held = {message.args[0]: message for message in _fetch(delayed, 3)}
+    assert set(held) == {dropped, later, moved}  # fetched into memory; only one is moved when due, as Dramatiq does
+    due = held[moved].copy(queue_name=JOBS_QUEUE)
+    del due.options["eta"]
+    worker_broker = build_worker_broker(runtime)
+    copy = worker_broker.enqueue(due)
+    delayed.ack(held[moved])
+    assert store.fields(moved)[JobField.MESSAGE] == copy.options["redis_message_id"]
+    keeper = LeaseKeeper(store, lease_s=0.1, orphans=OrphanSweep(store, ["chat"], overdue_s=0.3))
+
+    def handed_back() -> bool:  # the worker's upkeep rounds run the sweep, once Redis answered for a lease
+        keeper.upkeep()
+        return _messages_of(runtime, JOBS_QUEUE, dropped) == 1
+
+    wait_for(handed_back, 10, what="the dropped delayed message queued again")
+    assert _messages_of(runtime, JOBS_QUEUE, later) == 0 and _messages_of(runtime, JOBS_QUEUE, moved) == 1
+    assert store.fields(later)[JobField.STATUS] == "queued"
+    worker_broker.close()

@@ -1,0 +1,66 @@
+"""The orphan sweep: a job left ``queued`` without a message that would run it is queued again.
+
+Every state change of a job writes its next message in the same Lua script, so difyq itself never leaves a queued
+job without one; Dramatiq can, when Redis goes away under it. A consumer whose connection breaks forgets the
+delayed messages it had fetched (retries, deferrals) while their ids stay in its process's acknowledgement set,
+which Dramatiq hands back only once that process is dead; and a delivery whose retry could not be enqueued is
+acknowledged all the same (``PatientRedisBroker`` waits for Redis there, but a time limit can still end the
+wait). The sweep is the bound on all of these.
+
+One worker process at a time (a Redis lock held for ``turn_s``, a third of ``overdue_s``), once Redis has answered
+for a whole lease (see ``leases``), looks at the jobs ``queued`` and due for longer than ``overdue_s`` (two
+leases), so an orphan is queued again at most three leases after it was due (two, a turn, and an upkeep round).
+Each job record names its latest ``run_job`` message (``JobField.MESSAGE``: written with the message by difyq's
+scripts, and by ``DifyqWorkerMiddleware`` for the messages Dramatiq enqueues itself). A job is an orphan when that
+message is neither on the jobs queue (waiting, or fetched by a worker: its body stays until it is acknowledged)
+nor a delayed message due within the bound (``orphans.lua``). Unless another message was written for it
+meanwhile, it gets a new one at the front of the queue (naming only the job, like the reaper's), and
+``difyq_orphaned_jobs_requeued_total`` counts it. A misjudged message (a delayed one still held by a worker far
+past its time, or one whose recording was cut off by Redis) only means a second delivery, which the job record
+turns away.
+
+Its cost: one Lua call per 200 unfinished jobs created before the bound (each a hash read and one or two
+existence checks), every turn.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from difyq.worker import metrics
+from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.jobs.store import JobStore
+
+log = structlog.get_logger("difyq.orphans")
+
+
+class OrphanSweep:
+    """Queues again the overdue queued jobs of ``apps`` that have no message; see the module docstring."""
+
+    def __init__(self, store: JobStore, apps: list[str], overdue_s: float, turn_s: float | None = None):
+        self.store = store
+        self.apps = apps
+        self.overdue_s = overdue_s
+        self.turn_s = overdue_s / 3 if turn_s is None else turn_s
+
+    def take_turn(self) -> list[str]:
+        """Sweep unless another process did in the last ``turn_s``; the ids of the jobs queued again."""
+        if not self.store.take_orphan_turn(self.turn_s):
+            return []
+        return self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Queue again every orphan (see the module docstring); returns their ids."""
+        requeued = []
+        for job_id, app, message in self.store.orphans(self.apps, time.time() - self.overdue_s):
+            state = self.store.requeue(job_id, delay_s=0.0, expected=JobStatus.QUEUED, front=True,
+                                       message_was=message)
+            if state == "cancel":
+                self.store.finish(job_id, JobStatus.CANCELED)
+            elif state.startswith("queued:"):
+                log.warning("queued_job_orphaned", job_id=job_id, app=app)
+                metrics.orphaned_jobs_requeued.labels(app=app).inc()
+                requeued.append(job_id)
+        return requeued
