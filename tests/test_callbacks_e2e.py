@@ -142,6 +142,9 @@ def test_receiver_down_ends_in_dead_letters_and_replay_delivers(runtime: Runtime
         job_id = submit_with_callback(base, url, "down")
         job = wait_for_callback(runtime, job_id)
         assert job["callback"]["status"] == "failed" and job["callback"]["attempts"] == 5
+        history = job["callback"]["history"]
+        assert [(a["status_code"], a["outcome"]) for a in history] == [(None, "retry")] * 4 + [(None, "failed")]
+        assert all(a["error"].startswith("connection failed") for a in history), history
         capsys.readouterr()
         assert difyq(["dlq", "list"]) == 0
         listed = json.loads(capsys.readouterr().out)

@@ -110,8 +110,10 @@ class CallbackSender:
         if attempt.outcome == "retry":
             delay = next_delay(block.attempts + 1, list(self.config.retry_schedule), attempt.retry_after_s)
         block = block.attempted(attempt.status_code, delay, delivered=attempt.outcome == "delivered")
+        given_up = attempt.outcome == "retry" and delay is None  # the retry schedule ran out
         kept = CallbackAttempt(at=sent_at, event=event_type(job), status_code=attempt.status_code,
-                               error=attempt.error, duration_s=attempt.duration_s, outcome=attempt.outcome)
+                               error=attempt.error, duration_s=attempt.duration_s,
+                               outcome="failed" if given_up else attempt.outcome)
         self.store.callback_attempted(job_id, fields[JobField.STATUS], block, kept, retry_in_s=delay,
                                       release_lease=release_lease)
         outcome = record_outcome(attempt, retries_remain=delay is not None)

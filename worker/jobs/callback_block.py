@@ -19,7 +19,8 @@ from difyq.worker.json_codec import dumps, loads
 class CallbackAttempt:
     """One callback attempt as the job keeps it: when it was made (Unix seconds), the event it announced
     (``job.succeeded``, ``job.paused``, …), the receiver's HTTP status (None without an answer), the error (a short
-    secret-free text, None once delivered), how long it took and its outcome (``delivery.AttemptOutcome``)."""
+    secret-free text, None once delivered), how long it took and its outcome (``delivery.AttemptOutcome``; ``failed``
+    also for a ``retry`` that the retry schedule had no step left for)."""
 
     at: float
     event: str
