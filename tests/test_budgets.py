@@ -200,3 +200,34 @@ def test_concurrent_reservations_never_take_a_budget_past_its_limit(ledger: Budg
         answers = list(pool.map(lambda _: ledger.reserve("support", job, time.time(), hold_s=60), range(20)))
     assert sum(1 for reservations, _ in answers if reservations) == 10
     assert ledger.status([budget], time.time())[0][2][0].reserved == 1000
+
+
+def test_the_console_apps_page_shows_each_budget_in_its_period(redis_url: str, namespace: str) -> None:
+    """Over real HTTP: an operator signed in to the console sees the budget's figures that Redis holds."""
+    import re
+
+    import requests
+
+    from difyq.worker.redis_keys import RedisKeys
+    from tests.support.stack import make_runtime, serving_api
+
+    token = "operator-token-budgets-0123456789"
+    runtime = make_runtime(redis_url, namespace, APPS, console={"users": {"alice": {"token": token,
+                                                                                    "role": "viewer"}}},
+                           budgets={"support-tokens": {"by": "app", "of": "support", "unit": "tokens",
+                                                       "limit": 1000, "soft": 500}})
+    [budget] = configured_budgets(runtime.config)
+    period = budget.period(time.time())
+    runtime.redis.hset(RedisKeys(namespace).budget_spent("support-tokens", period.id), "support", 640)
+    with serving_api(runtime) as api:
+        session = requests.Session()
+        form = session.get(f"{api}/console/login", timeout=10)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        session.post(f"{api}/console/login", data={"csrf_token": csrf, "token": token}, timeout=10)
+        page = session.get(f"{api}/console/apps", timeout=10)
+    assert page.status_code == 200
+    row = re.search(r'<tr data-budget="support-tokens" data-subject="support">(.*?)</tr>', page.text, re.S)
+    assert row, page.text
+    cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)]
+    assert cells[3:8] == ["640 tokens", "0", "360", "500 / 1000", "soft"], cells
+    assert period.id in cells[2]

@@ -1,8 +1,10 @@
 """The apps page: per Dify key its limits, its use of the current window, jobs waiting for it and the oldest
-wait, an upstream cooldown, and its failed attempts of the last hour by error code (``ErrorCounts``)."""
+wait, an upstream cooldown, and its failed attempts of the last hour by error code (``ErrorCounts``); below, every
+spend budget's figures in its current period (as ``GET /v1/budgets`` shows them)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -10,6 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from difyq.producers.console.web import ConsoleWeb
+from difyq.worker.budgets import BudgetLedger, configured_budgets
+from difyq.worker.budgets.report import budget_report
 from difyq.worker.limits.keys import shared_limits
 from difyq.worker.limits.limiter import KeyLimiter
 
@@ -20,6 +24,8 @@ def build_apps_router(web: ConsoleWeb) -> APIRouter:
     config = runtime.config
     limiter = KeyLimiter(runtime.limits_redis, runtime.namespace)
     limits = shared_limits(config.apps)
+    ledger = BudgetLedger(runtime.redis, runtime.namespace)
+    budgets = configured_budgets(config)
 
     def rows() -> list[dict[str, Any]]:
         shown = []
@@ -35,6 +41,7 @@ def build_apps_router(web: ConsoleWeb) -> APIRouter:
         operator = web.operator(request)
         if operator is None:
             return web.sign_in_redirect(request)
-        return web.render(request, "apps.html", operator, apps=rows())
+        shown = budget_report(ledger, budgets, time.time(), lambda _budget, _subject: True).budgets
+        return web.render(request, "apps.html", operator, apps=rows(), budgets=shown)
 
     return router
