@@ -85,6 +85,32 @@ def test_a_thread_names_its_jobs_in_every_app(redis_url: str, namespace: str) ->
     assert query.page(JobFilter(q="ticket 43")).rows == []
 
 
+def test_source_status_and_time_range_filters(redis_url: str, namespace: str) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    origins = [("api", "client:full", None), ("hook", "hook:tickets", None),
+               ("schedule", "schedule", "sched:nightly:x"), ("cli", "cli", None), ("api", "client:full", None)]
+    made = []
+    for source, scope, key in origins:
+        made.append(runtime.store.submit(NewJob(app="support", source=source, scope=scope, idempotency_key=key,
+                                                request=JobRequest(query="q"))).job)
+    query = JobsQuery(runtime.store, runtime.threads, runtime.config)
+
+    def ids(wanted: JobFilter) -> list[str]:
+        return [row["id"] for row in query.page(wanted).rows]
+
+    assert ids(JobFilter(source="hook")) == ids(JobFilter(source="hook:tickets")) == [made[1]["id"]]
+    assert ids(JobFilter(source="schedule:nightly")) == [made[2]["id"]]
+    assert ids(JobFilter(source="cli")) == [made[3]["id"]] and ids(JobFilter(source="hook:other")) == []
+    runtime.store.finish(made[0]["id"], JobStatus.FAILED, error={"code": "x"})
+    assert ids(JobFilter(status="failed")) == [made[0]["id"]]
+    since, until = made[1]["created_at"], made[3]["created_at"]
+    within = {job["id"] for job in made if since <= job["created_at"] <= until}  # and jobs of the same ms
+    assert {made[1]["id"], made[3]["id"]} <= within
+    assert set(ids(JobFilter(since=since, until=until))) == within
+    assert set(ids(JobFilter(until=made[0]["created_at"]))) == {job["id"] for job in made
+                                                                if job["created_at"] == made[0]["created_at"]}
+
+
 def test_bad_filters_name_the_field(redis_url: str, namespace: str) -> None:
     runtime = make_runtime(redis_url, namespace, APPS)
     query = JobsQuery(runtime.store, runtime.threads, runtime.config)
