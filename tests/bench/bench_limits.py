@@ -181,7 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     with ExitStack() as stack:
         url = os.environ.get("REDIS_URL") or stack.enter_context(EmbeddedRedis()).url
-        print(json.dumps(run(args, url), indent=2))
+        print(json.dumps(run(args, url)))
 
 
 if __name__ == "__main__":

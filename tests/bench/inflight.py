@@ -71,7 +71,7 @@ class InflightConfig:
     profile_s: float = 15.0
     runs: list[InflightRun] = field(default_factory=lambda: [
         InflightRun(STREAM_10S, [InflightMode("difyq", GOAL_SHAPE, [1000, 2000, 3000, 4000]),
-                                 InflightMode("bare", GOAL_SHAPE, [1000, 2000, 3000, 4000])], measure_s=10.0),
+                                 InflightMode("bare", GOAL_SHAPE, [2000])], measure_s=10.0),
         InflightRun(STREAM_60S, [InflightMode("difyq", GOAL_SHAPE, [GOAL_CONCURRENCY])], measure_s=20.0),
     ])
     source_alone_concurrency: int = GOAL_CONCURRENCY

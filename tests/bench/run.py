@@ -71,7 +71,10 @@ def _run_script(name: str, args: list[str], timeout_s: float) -> dict[str, Any]:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:300]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return json.loads((done.stdout.strip().splitlines() or ["no output"])[-1])
+    except ValueError:
+        return {"error": f"tests/bench/{name} did not end its output with one line of JSON"}
 
 
 def run_limits(quick: bool) -> dict[str, Any]:

@@ -32,7 +32,7 @@ class ScaleoutConfig:
 
     processes: list[int] = field(default_factory=lambda: [1, 2, 4])
     pipelines: list[str] = field(default_factory=lambda: ["difyq", "bare"])
-    step_s: float = 15.0
+    step_s: float = 10.0
 
     @classmethod
     def quick(cls) -> ScaleoutConfig:

@@ -5,10 +5,12 @@ It must cost next to nothing per request, so it is a bare asyncio protocol (no f
 (difyq's job id; the baselines send one too) and its arrival time (``time.time()``, comparable across processes
 on one machine) are kept, first arrival per id.
 
-A request to a path under ``/fail`` is a receiver that is down: it answers 500 and counts for nothing.
+A request to a path under ``/fail`` is a receiver that is down: it answers 500, and its ``webhook-id`` is kept
+apart (first attempt per id), so a job whose callbacks all fail still shows that it ended.
 
 Control routes: ``GET /_sink/arrivals?from=N`` answers ``{"arrivals": [[id, t], ...], "next": M}`` (arrivals N..M-1
-in arrival order); ``GET /_sink/health`` answers ``ok``.
+in arrival order); ``GET /_sink/failures?from=N`` the same for the attempts the ``/fail`` path refused;
+``GET /_sink/health`` answers ``ok``.
 
     python -m tests.bench.sink --port 8999
 """
@@ -56,8 +58,9 @@ def _response(body: bytes, content_type: str = "application/json") -> bytes:
 class SinkProtocol(asyncio.Protocol):
     """One connection: parse pipelined requests out of the buffer and answer each at once."""
 
-    def __init__(self, arrivals: Arrivals) -> None:
+    def __init__(self, arrivals: Arrivals, failures: Arrivals) -> None:
         self.arrivals = arrivals
+        self.failures = failures
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
@@ -94,15 +97,18 @@ class SinkProtocol(asyncio.Protocol):
         method, target = (parts[0], parts[1]) if len(parts) >= 2 else ("", "/")
         if target.startswith("/_sink/"):
             url = urlsplit(target)
-            if url.path == "/_sink/arrivals" and method == "GET":
+            if url.path in ("/_sink/arrivals", "/_sink/failures") and method == "GET":
                 start = int(parse_qs(url.query).get("from", ["0"])[0])
-                return _response(self.arrivals.page(start))
+                kept = self.arrivals if url.path == "/_sink/arrivals" else self.failures
+                return _response(kept.page(start))
             if url.path == "/_sink/health":
                 return _response(b"ok", "text/plain")
             return _BAD
-        if target.startswith(FAILING_PATH):
-            return _FAILED
         webhook_id = headers.get("webhook-id")
+        if target.startswith(FAILING_PATH):
+            if webhook_id:
+                self.failures.record(webhook_id, time.time())
+            return _FAILED
         if webhook_id:
             self.arrivals.record(webhook_id, time.time())
         return _OK
@@ -118,9 +124,10 @@ class SinkProtocol(asyncio.Protocol):
 
 
 async def serve(host: str, port: int) -> None:
-    arrivals = Arrivals()
+    arrivals, failures = Arrivals(), Arrivals()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SinkProtocol(arrivals), host, port, backlog=4096, reuse_address=True)
+    server = await loop.create_server(lambda: SinkProtocol(arrivals, failures), host, port, backlog=4096,
+                                      reuse_address=True)
     async with server:
         await server.serve_forever()
 

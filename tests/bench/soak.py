@@ -12,11 +12,12 @@ soak waits for every job to end and for the TTLs to pass.
 
 Every 10 s it samples the API's and the worker's RSS, Redis's ``used_memory``, the queue depth and the number of
 Redis keys per kind (namespace and first segment). The verdicts: no job lost or stuck (each accepted job's
-callback arrived, or, for a receiver that is down, its record ended final), API RSS and each worker generation's
-RSS growth after warm-up ≤ 5 %, Redis memory back to its baseline (before the load, 5 % or 1 MiB of slack) once the
-TTLs have passed, and no key kind left above its count before the load. Writes ``tests/bench/results/soak.json``,
-``soak.md`` and ``soak.png`` (memory and queue depth over time); ``SOAK_RATELIMIT_MINUTES`` (default 5, 0 to skip)
-runs ``ratelimit`` at its full length first.
+callback arrived, or, for a receiver that is down, was attempted: the job ended), API RSS and each worker
+generation's RSS growth after warm-up (the first fifth) ≤ 5 %, Redis memory back to its baseline (before the
+load, 5 % or 1 MiB of slack) once the TTLs have passed, and no key kind with more keys that never expire than
+before the load (the bytes per kind before and after say where memory stayed). Writes
+``tests/bench/results/soak.json``, ``soak.md`` and ``soak.png`` (memory and queue depth over time);
+``SOAK_RATELIMIT_MINUTES`` (default 5, 0 to skip) runs ``ratelimit`` at its full length first.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from difyq.worker.jobs.schema import FINAL_STATUSES, JobField
 from tests.bench import ratelimit
 from tests.bench.loadgen import HttpSubmitter, Submission, open_loop, query_for
 from tests.bench.run import RESULTS, machine
@@ -50,7 +50,6 @@ from tests.bench.sink import FAILING_PATH
 from tests.bench.stack import (
     APP,
     CLIENT_TOKEN,
-    NAMESPACE,
     REPO_ROOT,
     BenchEnvironment,
     DifyqPipeline,
@@ -90,7 +89,6 @@ class Soak:
         self.samples: list[dict[str, Any]] = []
         self.restarts: list[float] = []
         self.failing: set[str] = set()
-        self.final: set[str] = set()
         self.started = time.time()
         self.rng = random.Random(7)
 
@@ -103,9 +101,19 @@ class Soak:
             return f"http://127.0.0.1:{self.bench.sink.port}{FAILING_PATH}/{token}"
         return self.bench.sink.url
 
-    def sample(self) -> dict[str, Any]:
+    def sample(self, sizes: bool = False) -> dict[str, Any]:
+        """One sample; with ``sizes``, also the bytes (``MEMORY USAGE``) of each key kind and how many of its keys
+        have no expiry."""
         client = self.bench.client
-        kinds: Counter[str] = Counter(":".join(key.split(":")[:2]) for key in client.scan_iter(count=1000))
+        kinds: Counter[str] = Counter()
+        kind_bytes: Counter[str] = Counter()
+        persistent: Counter[str] = Counter()
+        for key in client.scan_iter(count=1000):
+            kind = ":".join(key.split(":")[:2])
+            kinds[kind] += 1
+            if sizes:
+                kind_bytes[kind] += client.memory_usage(key) or 0
+                persistent[kind] += client.ttl(key) == -1
         api = [service.pid for service in self.pipeline.services if service not in self.pipeline.worker_services]
         record = {
             "t": time.time() - self.started,
@@ -115,6 +123,7 @@ class Soak:
             "redis_used_bytes": int(client.info("memory")["used_memory"]),
             "queued": self.bench.queue_depth(self.pipeline),
             "keys": dict(kinds),
+            **({"key_bytes": dict(kind_bytes), "persistent_keys": dict(persistent)} if sizes else {}),
         }
         self.samples.append(record)
         return record
@@ -126,18 +135,6 @@ class Soak:
         request = urllib.request.Request(f"http://127.0.0.1:{self.bench.emulator.port}/_emulator/apps/{APP}",
                                          data=body, method="PUT", headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=30).close()
-
-    def check_failing(self, submissions: list[Submission]) -> None:
-        """Note the jobs with a down receiver whose record is final (before their record expires)."""
-        waiting = [s.job_id for s in submissions if s.token in self.failing and s.job_id and s.job_id not in self.final]
-        if not waiting:
-            return
-        pipe = self.bench.client.pipeline(transaction=False)
-        for job_id in waiting:
-            pipe.hget(f"{NAMESPACE}:job:{job_id}", JobField.STATUS)
-        for job_id, status in zip(waiting, pipe.execute(), strict=True):
-            if status in FINAL_STATUSES:
-                self.final.add(job_id)
 
     def run(self) -> list[Submission]:
         submissions: list[Submission] = []
@@ -174,20 +171,20 @@ class Soak:
     def settle(self, submissions: list[Submission]) -> dict[str, float]:
         """Wait for every job to end, then for the TTLs to pass; sample all along. Returns the arrivals."""
         ids = {s.job_id for s in submissions if s.job_id and s.token not in self.failing}
+        failing = {s.job_id for s in submissions if s.job_id and s.token in self.failing}
         deadline = time.time() + 600
         arrivals: dict[str, float] = {}
         while time.time() < deadline:
             arrivals = self.bench.sink.wait_for(ids, timeout=SAMPLE_EVERY_S)
-            self.check_failing(submissions)
             self.sample()
-            failing = {s.job_id for s in submissions if s.token in self.failing and s.job_id}
-            if len(arrivals) == len(ids) and failing <= self.final:
+            if len(arrivals) == len(ids) and failing <= self.bench.sink.failures().keys():
                 break
         self.ended = time.time() - self.started
         expire_at = time.time() + self.ttl_s + 30
         while time.time() < expire_at:
             self.sample()
             time.sleep(min(SAMPLE_EVERY_S, max(0.0, expire_at - time.time())))
+        self.sample(sizes=True)
         return arrivals
 
 
@@ -204,17 +201,20 @@ def _growth(samples: list[dict[str, Any]], key: str, start: float, end: float) -
 def verdicts(soak: Soak, submissions: list[Submission], arrivals: dict[str, float]) -> dict[str, Any]:
     accepted = [s for s in submissions if s.job_id]
     missing = [s.job_id for s in accepted if s.token not in soak.failing and s.job_id not in arrivals]
-    stuck = [s.job_id for s in accepted if s.token in soak.failing and s.job_id not in soak.final]
-    warmup = min(soak.load_s * 0.2, 600.0)
+    attempted = soak.bench.sink.failures()
+    stuck = [s.job_id for s in accepted if s.token in soak.failing and s.job_id not in attempted]
+    # Warm-up: the first fifth of the load (at most 10 minutes) for the API, of each generation for the worker.
+    warmup = min(soak.load_s / 5, 600.0)
     api_growth = _growth(soak.samples, "api_rss_mib", warmup, soak.load_s)
     generations = [0.0, *soak.restarts, soak.load_s]
     worker_growth = [growth for begin, end in itertools.pairwise(generations)
-                     if end - begin >= 2 * warmup
-                     and (growth := _growth(soak.samples, "worker_rss_mib", begin + warmup, end)) is not None]
+                     if (growth := _growth(soak.samples, "worker_rss_mib", begin + (end - begin) / 5, end))
+                     is not None]
     before = soak.samples[0]
     after = soak.samples[-1]
-    grown = {kind: (before["keys"].get(kind, 0), count) for kind, count in after["keys"].items()
-             if count > before["keys"].get(kind, 0)}
+    # A kind whose keys all expire is bounded by its TTL; one with more keys that never expire than before is not.
+    grown = {kind: (before["persistent_keys"].get(kind, 0), count) for kind, count in after["persistent_keys"].items()
+             if count > before["persistent_keys"].get(kind, 0)}
     memory_back = after["redis_used_bytes"] <= max(before["redis_used_bytes"] * (1 + GROWTH_GOAL),
                                                    before["redis_used_bytes"] + MEMORY_SLACK_BYTES)
     return {
@@ -225,6 +225,8 @@ def verdicts(soak: Soak, submissions: list[Submission], arrivals: dict[str, floa
         "api_rss_growth": api_growth, "worker_rss_growth": worker_growth, "warmup_s": warmup,
         "redis_used_before": before["redis_used_bytes"], "redis_used_after": after["redis_used_bytes"],
         "redis_memory_back": memory_back, "keys_grown": grown,
+        "key_bytes_grown": {kind: (before["key_bytes"].get(kind, 0), size) for kind, size in after["key_bytes"].items()
+                            if size > before["key_bytes"].get(kind, 0)},
         "ok": {
             "no_job_lost_or_stuck": not missing and not stuck and len(accepted) == len(submissions),
             "api_rss_growth": api_growth is not None and api_growth <= GROWTH_GOAL,
@@ -257,9 +259,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"| Redis used_memory after the TTLs vs before the load | back to baseline | "
         f"{v['redis_used_after'] / 2**20:.2f} MiB vs {v['redis_used_before'] / 2**20:.2f} MiB | "
         f"{mark[v['ok']['redis_memory_back']]} |",
-        f"| Redis key kinds above their count before the load | none | "
+        f"| Redis key kinds with more keys without expiry than before the load | none | "
         f"{', '.join(f'{k} {a}→{b}' for k, (a, b) in v['keys_grown'].items()) or 'none'} | "
         f"{mark[v['ok']['bounded_keys']]} |",
+        "", "Key kinds whose bytes (MEMORY USAGE) grew from before the load to after the TTLs: "
+        + (", ".join(f"`{k}` {a:,} → {b:,}" for k, (a, b) in v["key_bytes_grown"].items()) or "none") + ".",
     ]
     limits = results.get("ratelimit")
     if limits:
@@ -314,7 +318,7 @@ def main() -> int:
             assert isinstance(pipeline, DifyqPipeline)
             warm_up(bench, pipeline, 5.0)
             soak = Soak(bench, pipeline, minutes, restart_minutes, ttl_s)
-            soak.sample()
+            soak.sample(sizes=True)
             submissions = soak.run()
             arrivals = soak.settle(submissions)
         results.update({"rate": soak.rate, "restarts": soak.restarts, "load_s": soak.load_s,

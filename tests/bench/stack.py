@@ -177,6 +177,11 @@ class Sink:
         self.duplicates = page["duplicates"]
         return self.arrivals
 
+    def failures(self) -> dict[str, float]:
+        """Every id whose callback the ``/fail`` path refused (id to the first attempt's unix time)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_sink/failures?from=0", timeout=30) as reply:
+            return dict(json.loads(reply.read())["arrivals"])
+
     def wait_for(self, ids: set[str], timeout: float, settle: float = 0.0) -> dict[str, float]:
         """Poll until every id has arrived or ``timeout`` passes; then wait ``settle`` s for stragglers."""
         deadline = time.monotonic() + timeout
