@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from difyq.producers.console import jobs_query
+from difyq.producers.console.dead_letters_page import letter_rows
 from difyq.producers.console.job_view import job_page, shown_url
 from difyq.producers.console.jobs_query import JobFilter, JobsQuery
 from difyq.producers.console.redact import REDACTED, Redactor
@@ -121,6 +122,21 @@ def test_bad_filters_name_the_field(redis_url: str, namespace: str) -> None:
             assert str(exc).startswith(f"{field}:")
         else:
             raise AssertionError(f"{field} accepted")
+
+
+def test_dead_callbacks_are_grouped_by_their_last_answer() -> None:
+    def dead(status_code: int | None, outcome: str, error: str) -> dict[str, object]:
+        history = [{"status_code": status_code, "outcome": outcome, "error": error}]
+        return {"job_id": f"job_{outcome}", "app": "support", "callback": {
+            "url": "https://hooks.example.com/cb?token=s3cret", "attempts": 5, "last_status_code": status_code,
+            "history": history}}
+
+    rows = letter_rows({"jobs": [], "callbacks": [dead(503, "failed", "HTTP 503"),
+                                                  dead(None, "failed", "connection failed: Connection refused"),
+                                                  dead(None, "blocked", "resolves to a private address")]})
+    assert [row["code"] for row in rows] == ["callback_http_503", "callback_no_answer", "callback_blocked"]
+    assert rows[1]["message"] == "5 attempt(s) to hooks.example.com; the last: connection failed: Connection refused"
+    assert "s3cret" not in str(rows)
 
 
 def test_redaction_and_shown_urls() -> None:

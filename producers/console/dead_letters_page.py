@@ -33,15 +33,29 @@ class LetterFilter:
 
 
 def letters(dead: DeadLetters) -> list[dict[str, Any]]:
-    """The newest LISTED dead letters of each kind as rows: kind, job, app, error code and message."""
-    listed = dead.list(LISTED)
+    """The newest LISTED dead letters of each kind as rows (``letter_rows``)."""
+    return letter_rows(dead.list(LISTED))
+
+
+def callback_code(callback: dict[str, Any]) -> str:
+    """The error code a failed callback is grouped by: ``callback_http_<status>`` of the last answer, else
+    ``callback_blocked`` (the SSRF guard refused the address) or ``callback_no_answer``."""
+    if callback.get("last_status_code"):
+        return f"callback_http_{callback['last_status_code']}"
+    last = (callback.get("history") or [{}])[-1]
+    return "callback_blocked" if last.get("outcome") == "blocked" else "callback_no_answer"
+
+
+def letter_rows(listed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Dead letters (``DeadLetters.list``) as rows: kind, job, app, error code and message (for a callback, its
+    attempts, its host and the last attempt's error)."""
     rows = []
     for entry in listed["callbacks"]:
         callback = entry["callback"]
-        code = f"callback_http_{callback['last_status_code']}" if callback.get("last_status_code") else \
-            "callback_no_answer"
-        rows.append({"kind": "callback", "job": entry["job_id"], "app": entry["app"], "code": code,
-                     "message": f"{callback['attempts']} attempt(s) to {urlsplit(callback.get('url') or '').hostname}"})
+        last_error = (callback.get("history") or [{}])[-1].get("error")
+        message = f"{callback['attempts']} attempt(s) to {urlsplit(callback.get('url') or '').hostname}"
+        rows.append({"kind": "callback", "job": entry["job_id"], "app": entry["app"], "code": callback_code(callback),
+                     "message": message + (f"; the last: {last_error}" if last_error else "")})
     for entry in listed["jobs"]:
         error = entry.get("error") or {}
         rows.append({"kind": "job", "job": entry["job_id"], "app": entry.get("app") or "",
