@@ -84,7 +84,7 @@ class Cost:
 @dataclass
 class BudgetGate:
     """``hold_s``: how long a reservation outlives its worker's last renewal. ``durably`` runs a Redis write through
-    a short outage (the runner's), so a finished call's charge is not lost to a blip."""
+    a short outage (``redis_retry.through_blips``), so a finished call's charge is not lost to a blip."""
 
     config: Config
     ledger: BudgetLedger
