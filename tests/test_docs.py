@@ -423,10 +423,11 @@ def test_dashboard_table_has_one_row_per_dashboard_row() -> None:
     assert documented == rows, f"{relative(METRICS)}: the dashboard table's rows must be grafana/difyq.json's {rows}"
 
 
-def test_benchmark_table_is_the_latest_run() -> None:
+@pytest.mark.parametrize("page", [BENCHMARK, README], ids=relative)
+def test_benchmark_table_is_the_latest_run(page: Path) -> None:
     latest = ROOT / "tests" / "bench" / "results" / "latest.md"
-    assert table(BENCHMARK, *BENCH_COLUMNS).rows == table(latest, *BENCH_COLUMNS).rows, (
-        f"{relative(BENCHMARK)}: copy the summary table of {relative(latest)}")
+    assert table(page, *BENCH_COLUMNS).rows == table(latest, *BENCH_COLUMNS).rows, (
+        f"{relative(page)}: copy the summary table of {relative(latest)}")
 
 
 def test_readme_indexes_every_page_of_docs() -> None:
@@ -446,6 +447,7 @@ CHECKED_TABLES: dict[tuple[Path, tuple[str, ...]], str] = {  # (file, columns) -
     (METRICS, METRIC_COLUMNS): "test_metrics_table_* and tests/test_observability_e2e.py",
     (METRICS, DASHBOARD_COLUMNS): "test_dashboard_table_has_one_row_per_dashboard_row",
     (BENCHMARK, BENCH_COLUMNS): "test_benchmark_table_is_the_latest_run",
+    (README, BENCH_COLUMNS): "test_benchmark_table_is_the_latest_run",
     (README, INDEX_COLUMNS): "test_readme_indexes_every_page_of_docs",
     (ARCHITECTURE, REDIS_COLUMNS): "test_every_*redis_key* and tests/test_observability_e2e.py",
 }

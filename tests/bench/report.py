@@ -229,6 +229,16 @@ def _commit_note(results: dict[str, Any]) -> list[str]:
             "see `difyq_commit` per pipeline in latest.json.", ""]
 
 
+def _runs_note(results: dict[str, Any]) -> list[str]:
+    """Which run each scenario came from, when a results file merges runs (``run.py --merge``)."""
+    runs = {name: scenario["run"] for name, scenario in results["scenarios"].items() if "run" in scenario}
+    if len({run["started_at"] for run in runs.values()}) <= 1:
+        return []
+    return ["Scenarios measured in different runs: " + "; ".join(
+        f"{name} {run['started_at'][:16].replace('T', ' ')} UTC (load average before {run['load_before']}, difyq "
+        f"`{run['difyq_commit']}`)" for name, run in runs.items()) + ".", ""]
+
+
 def markdown(results: dict[str, Any], figures: list[str]) -> str:
     """The Markdown report: machine, goal table, then one table per scenario."""
     machine = results["machine"]
@@ -243,6 +253,7 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         f"{results['duration_s']:.0f} s.",
         "",
         *_commit_note(results),
+        *_runs_note(results),
         "| goal | target | difyq | bare | celery | difyq ÷ bare | verdict |",
         "|---|---|---:|---:|---:|---:|---|",
     ]

@@ -153,6 +153,21 @@ def _finite(node: Any) -> Any:
     return node
 
 
+def merged(previous: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` (a latest.json) with the scenarios and sections ``fresh`` measured again in their place; each
+    scenario keeps the run it came from (``run``: when, the load before it, difyq's commit)."""
+    earlier = {"started_at": previous["started_at"], "load_before": previous["machine"]["load_before"],
+               "difyq_commit": previous["difyq_commit"]}
+    scenarios = {name: {"run": earlier, **scenario} for name, scenario in previous["scenarios"].items()}
+    scenarios.update(fresh["scenarios"])
+    again = ", ".join(sorted(fresh["scenarios"]) + [name for name in ("limits", "console", "durable_submit")
+                                                    if name in fresh])
+    result = {**previous, **{key: fresh[key] for key in ("limits", "console", "durable_submit") if key in fresh},
+              "scenarios": scenarios, "finished_at": fresh["finished_at"],
+              "mode": f"{previous['mode']}; {again} measured again {fresh['started_at'][:16]}"}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=SCENARIOS,
@@ -178,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra environment for difyq's API and worker, e.g. dramatiq_worker_timeout=10")
     parser.add_argument("--out", type=Path, help="results directory (default tests/bench/results)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (printed path)")
+    parser.add_argument("--merge", action="store_true",
+                        help="measure the chosen scenarios again into the results directory's latest.* (the other "
+                             "scenarios stay as measured; each notes its own run)")
     args = parser.parse_args(argv)
 
     chosen = set(args.scenario or ("throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit", "limits",
@@ -188,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     config = build_config(args)
     full = not args.quick and chosen >= {"throughput", "overhead", "latency", "inflight", "scaleout", "ratelimit"}
     out = args.out or RESULTS
-    stem = "latest" if full or args.out else "partial"
+    previous = json.loads((out / "latest.json").read_text()) if args.merge else None
+    stem = "latest" if full or args.out or args.merge else "partial"
     out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="difyq-bench-"))
     started = time.time()
@@ -209,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead" in chosen:
             rate = config.overhead_rate
             if rate is None:
-                best = results["scenarios"].get("throughput", {}).get("pipelines", {}).get("difyq", {})
+                measured = results["scenarios"].get("throughput") or (previous or {}).get("scenarios", {}).get(
+                    "throughput", {})
+                best = measured.get("pipelines", {}).get("difyq", {})
                 rate = best.get("max_sustained_rate", 0) / 2 or config.overhead_default_rate
             results["scenarios"]["overhead"] = scenarios.overhead(bench, config, rate)
         if "latency" in chosen:
@@ -235,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         results["durable_submit"] = run_durable_submit(args.quick)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["duration_s"] = time.time() - started
+    run = {"started_at": results["started_at"], "load_before": results["machine"]["load_before"],
+           "difyq_commit": results["difyq_commit"]}
+    for scenario in results["scenarios"].values():
+        scenario.setdefault("run", run)
+    if previous is not None:
+        results = merged(previous, results)
     results["other_load_cores"] = _other_load(results)
     results["goals"] = report.goals(results)
     figures = report.plots(results, out) if stem == "latest" else []

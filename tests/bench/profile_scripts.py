@@ -1,0 +1,83 @@
+"""Redis's time per script for one job's hot path, without the bench's load: each job goes submit → Dramatiq's
+fetch → admission → start → release → finish → callback recorded → ack, one after another through difyq's own
+store, throttle and broker, on a private Redis, with the slow log at threshold 0 (``redis_trace.ScriptTimes``).
+
+    .venv/bin/python -m tests.bench.profile_scripts --jobs 500             # an app without limits
+    .venv/bin/python -m tests.bench.profile_scripts --jobs 500 --limits    # requests, tokens and concurrency
+
+Under the bench's concurrent load the slow log's durations include the Redis process's waits for a core; here
+each command runs alone, so the per-call times are the scripts' own. Prints one JSON object (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from typing import Any
+
+from difyq.worker.app import build_broker
+from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.throttle import Throttle
+from tests.bench.redis_trace import ScriptTimes
+from tests.bench.stack import LIMITED_APP_LIMITS
+from tests.support.stack import make_runtime
+
+RESULT = {"answer": "x" * 64, "outputs": None, "conversation_id": "c" * 36, "message_id": "m" * 36,
+          "workflow_run_id": None, "time_to_first_token_s": 0.2,
+          "usage": {"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40, "total_price": "0.0001",
+                    "currency": "USD", "latency": 0.2}}
+
+
+def profile(jobs: int, limits: bool) -> dict[str, Any]:
+    app: dict[str, Any] = {"api_key": "app-profile", "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}
+    if limits:
+        app["limits"] = LIMITED_APP_LIMITS
+    server = EmbeddedRedis(directory=tempfile.mkdtemp(prefix="difyq-profile-")).start()
+    try:
+        runtime = make_runtime(server.url, "profile", {"bench": app})
+        store, throttle = runtime.store, Throttle(runtime, slot_lease_s=60)
+        consumer = build_broker(runtime, 30).consume(JOBS_QUEUE, prefetch=1, timeout=0)
+        with ScriptTimes(server.url) as times:
+            for _ in range(jobs):
+                job_id = store.submit(NewJob(app="bench", source="api", request=JobRequest(query="profile job"),
+                                             scope="client:full", callback_url="http://127.0.0.1:9/cb")).job["id"]
+                message = next(consumer)
+                while message is None:
+                    message = next(consumer)
+                admission = throttle.admit("bench", job_id, None, 0)
+                with throttle.slot("bench", admission) as slot:
+                    start = store.start_attempt(job_id, 30)
+                    slot.tokens, slot.succeeded = 40, True
+                final, record = store.finish_keeping_callback(job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
+                                                              result=RESULT, record=start.fields)
+                assert record is not None
+                store.callback_attempted(
+                    job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
+                    CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
+                    retry_in_s=None, release_lease=True)
+                consumer.ack(message)
+        return {"limits": limits, **times.per_job(jobs)}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.profile_scripts", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--limits", action="store_true", help="the app has every limit (none binding)")
+    args = parser.parse_args()
+    result = profile(args.jobs, args.limits)
+    for name, figures in result["by_name"].items():
+        print(f"{name:28} {figures['calls_per_job']:5.2f}/job {figures['usec_per_call']:7.1f} µs/call "
+              f"{figures['usec_per_job']:7.1f} µs/job")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
