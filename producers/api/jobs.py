@@ -15,7 +15,14 @@ from difyq.producers.api.auth import authenticate
 from difyq.producers.api.body import parse_json_object, read_body, read_model
 from difyq.producers.api.dify_stop import stop_dify_task
 from difyq.producers.api.errors import ApiError, error_responses, invalid
-from difyq.producers.api.multipart import FilePart, is_multipart, read_multipart, with_uploads
+from difyq.producers.api.multipart import (
+    MULTIPART,
+    FilePart,
+    is_multipart,
+    multipart_body_schema,
+    read_multipart,
+    with_uploads,
+)
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit_async
 from difyq.worker.dify.app_form import missing_inputs, required_inputs
@@ -92,6 +99,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         status_code=202,
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": _request_body_schema(JobSubmission)},
+            MULTIPART: multipart_body_schema(_request_body_schema(JobSubmission)),
         }}},
         responses={200: {"description": "idempotent replay"}, 202: {"description": "accepted"},
                    **error_responses(403, 404, 413, 415, 422, 429)},
@@ -112,9 +120,9 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         if header_key is not None and body.idempotency_key is not None and header_key != body.idempotency_key:
             raise ApiError(422, "idempotency_key_mismatch",
                            "the Idempotency-Key header and the body's idempotency_key differ", "idempotency_key")
+        if body.app not in config.apps:  # before any file part goes to its Dify
+            raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
         if not client.may_use(body.app):
-            if body.app not in config.apps:
-                raise ApiError(404, "unknown_app", f"no app named {body.app!r} is configured", "app")
             raise ApiError(403, "forbidden", f"this client may not use app {body.app!r}", "app")
         known = parameters.cached(body.app)
         given = {**body.inputs, **{part.input_name: part.name for part in parts if part.input_name}}

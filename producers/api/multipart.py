@@ -44,6 +44,24 @@ class FilePart:
         return self.part.removeprefix(INPUT_PART_PREFIX) if self.part.startswith(INPUT_PART_PREFIX) else None
 
 
+def multipart_body_schema(job_schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI ``multipart/form-data`` request body of a job submit: the job (``job_schema``) as JSON in the part
+    ``job``, file parts ``files`` and ``inputs.<name>``."""
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "schema": {"type": "object", "required": [JOB_PART],
+                   "description": f"The job as JSON in '{JOB_PART}' and up to {MAX_FILE_PARTS} file parts, each with "
+                                  "a file name; the API uploads them to the app's Dify at submit.",
+                   "properties": {JOB_PART: job_schema,
+                                  FILES_PART: {"type": "array", "items": binary, "maxItems": MAX_FILE_PARTS,
+                                               "description": "each joins the job's files"}},
+                   "patternProperties": {"^" + INPUT_PART_PREFIX.replace(".", "\\.") + ".+$": {
+                       **binary, "description": "the file-typed input named after the dot"}},
+                   "additionalProperties": False},
+        "encoding": {JOB_PART: {"contentType": "application/json"}},
+    }
+
+
 def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith(MULTIPART)
 
