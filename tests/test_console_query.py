@@ -10,6 +10,7 @@ from difyq.producers.console.dead_letters_page import letter_rows
 from difyq.producers.console.job_view import job_page, shown_url
 from difyq.producers.console.jobs_query import JobFilter, JobsQuery
 from difyq.producers.console.redact import REDACTED, Redactor
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.model import JobRequest, NewJob, trace_id_for
 from difyq.worker.jobs.schema import JobStatus
 from tests.support.stack import make_runtime
@@ -122,6 +123,24 @@ def test_bad_filters_name_the_field(redis_url: str, namespace: str) -> None:
             assert str(exc).startswith(f"{field}:")
         else:
             raise AssertionError(f"{field} accepted")
+
+
+def test_the_timeline_has_each_callback_attempt_and_the_next_retry(redis_url: str, namespace: str) -> None:
+    runtime = make_runtime(redis_url, namespace, APPS)
+    job_id = runtime.store.submit(NewJob(app="support", source="api", scope="client:full",
+                                         callback_url="https://hooks.example.com/cb?token=s3cret",
+                                         request=JobRequest(query="q"))).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=30)
+    runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "hi", "time_to_first_token_s": 0.0})
+    sent = CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.05, "retry")
+    runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("pending").attempted(503, 60, False), sent,
+                                     retry_in_s=60, release_lease=False)
+    page = job_page(runtime.store.fields(job_id), [], Redactor([]), "http://api")
+    events = [(event["what"], event["detail"]) for event in page["timeline"]]
+    assert ("callback retry", "job.succeeded: HTTP 503 in 50 ms") in events
+    assert events[-1] == ("callback retry due", "attempt 2") and page["job"]["callback"]["next_attempt_at"]
+    assert [event["what"] for event in page["timeline"]][:4] == ["submitted", "attempt 1", "first token", "succeeded"]
+    assert "s3cret" not in str(page)
 
 
 def test_dead_callbacks_are_grouped_by_their_last_answer() -> None:
