@@ -227,6 +227,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0 if replayed else 1
 
 
+def cmd_budgets(args: argparse.Namespace) -> int:
+    from difyq.worker.budgets import BudgetLedger, configured_budgets
+    from difyq.worker.budgets.report import budget_report
+
+    runtime = _runtime()
+    report = budget_report(BudgetLedger(runtime.redis, runtime.namespace), configured_budgets(runtime.config),
+                           time.time(), lambda _budget, _subject: True)
+    _print_json(report.model_dump())
+    return 0
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from difyq.worker.dify.emulator import default_apps, load_apps, serve
 
@@ -308,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("id", nargs="?")
     replay.add_argument("--all", action="store_true")
     dlq.set_defaults(func=cmd_dlq)
+
+    budgets = commands.add_parser("budgets", help="each spend budget's figures in its current period")
+    budgets.set_defaults(func=cmd_budgets)
 
     emulator = commands.add_parser("emulator", help="the Dify-compatible emulator")
     emulator.add_argument("--host", default="127.0.0.1")

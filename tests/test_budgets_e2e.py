@@ -162,6 +162,12 @@ def test_hard_budgets_defer_or_fail_the_job_that_would_cross_them(tmp_path: Path
                    if name == "per-tenant-tokens"}
         assert tenants == {"acme": JOB_TOKENS, "full": JOB_TOKENS}, "each tenant that spent, by its own figure"
 
+        # `difyq budgets` prints what GET /v1/budgets shows.
+        printed = difyq.run("budgets")
+        assert printed.returncode == 0, printed.stderr
+        shown = {(row["name"], row["subject"]): row for row in json.loads(printed.stdout)["budgets"]}
+        assert shown[("strict-daily", "strict")] == budgets(base)[("strict-daily", "strict")]
+
         # The metrics: the figures of GET /v1/budgets, and the refused jobs by outcome.
         def exported() -> dict[tuple[str, frozenset], float]:
             found = samples(metrics_port)
