@@ -379,6 +379,7 @@ else
   if fair and not queued then
     redis.call('ZADD', rounds, round, tenant)
     keep(rounds, blocked_at - now + grace)
+    keep(K.state, blocked_at - now + grace)  -- the line's clock lives as long as its waiters
   end
   wait_in(K, mine, blocked_at)
   if is_low then
