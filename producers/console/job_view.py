@@ -41,10 +41,19 @@ def _event(at: float | str | None, what: str, detail: str = "", kind: str = "") 
     return {"at": float(at), "time": iso_time(at), "what": what, "detail": detail, "kind": kind}
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+def duration_text(value: float | None) -> str:
+    """A duration to read: ``850 ms``, ``12.3 s``, ``4 min 5 s``, ``2 h 3 min``; an en dash when unknown."""
+    if value is None:
+        return "\u2013"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def deferrals(fields: dict[str, str]) -> list[dict[str, Any] | None]:
@@ -96,10 +105,10 @@ def timeline(fields: dict[str, str], job: dict[str, Any], attempt_rows: list[dic
         at = _epoch(row["started_at"])
         if row["outcome"] == "error":
             status = f" (Dify HTTP {row['status']})" if row["status"] else ""
-            detail = f"failed after {_duration(row['duration_s'])}: {row['code']}{status}: {row['message'] or ''}"
+            detail = f"failed after {duration_text(row['duration_s'])}: {row['code']}{status}: {row['message'] or ''}"
             events.append(_event(at, f"attempt {row['attempt']}", detail, "bad"))
             continue
-        ended = f"{row['outcome']} after {_duration(row['duration_s'])}" if row["duration_s"] is not None \
+        ended = f"{row['outcome']} after {duration_text(row['duration_s'])}" if row["duration_s"] is not None \
             else row["outcome"]
         events.append(_event(at, f"attempt {row['attempt']}", ended))
         if row["first_token_s"] is not None:
@@ -114,7 +123,7 @@ def timeline(fields: dict[str, str], job: dict[str, Any], attempt_rows: list[dic
     events.append(_event(fields.get(JobField.FINISHED_AT), job["status"], "", outcome))
     for sent in job["callback"]["history"]:
         answer = f"HTTP {sent['status_code']}" if sent["status_code"] is not None else sent["error"] or "no answer"
-        detail = f"{sent['event']}: {answer} in {_duration(sent['duration_s'])}"
+        detail = f"{sent['event']}: {answer} in {duration_text(sent['duration_s'])}"
         kind = "ok" if sent["outcome"] == "delivered" else "bad"
         events.append(_event(_epoch(sent["at"]), f"callback {sent['outcome']}", detail, kind))
     callback = job["callback"]

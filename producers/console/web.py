@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 from difyq.producers.api.body import read_body
 from difyq.producers.api.errors import ApiError
 from difyq.producers.console.audit import ActionLog
-from difyq.producers.console.job_view import pretty_json
+from difyq.producers.console.job_view import duration_text, pretty_json
 from difyq.producers.console.redact import Redactor
 from difyq.producers.console.sessions import SESSION_COOKIE, ConsoleSessions, Operator, same_token
 from difyq.worker.runtime import Runtime
@@ -63,7 +63,7 @@ class ConsoleWeb:
         self.redactor = Redactor(self.config.sensitive_inputs)
         self.templates = Jinja2Templates(directory=str(TEMPLATES))
         self.templates.env.globals["base"] = self.base
-        self.templates.env.filters["seconds"] = _seconds
+        self.templates.env.filters["seconds"] = duration_text
         self.templates.env.filters["query"] = urlencode
         self.templates.env.filters["pretty"] = pretty_json
 
@@ -97,18 +97,3 @@ class ConsoleWeb:
 
     def refused(self, request: Request, operator: Operator | None, refusal: Refused) -> Response:
         return self.render(request, "error.html", operator, status=refusal.status, message=refusal.message)
-
-
-def _seconds(value: float | None) -> str:
-    """A duration for a table cell: ``850 ms``, ``12.3 s``, ``4 min 5 s``, ``2 h 3 min``; an en dash when unknown."""
-    if value is None:
-        return "\u2013"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 60:
-        return f"{value:.1f} s"
-    minutes, seconds = divmod(int(value), 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
