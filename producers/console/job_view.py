@@ -36,9 +36,12 @@ def pretty_json(value: Any) -> str:
 
 
 def _event(at: float | str | None, what: str, detail: str = "", kind: str = "") -> dict[str, Any] | None:
+    """A timeline event; ``ms`` orders the timeline (a millisecond, as times are shown: within one, events keep
+    the order they were added in, which is the order they happen in)."""
     if at in (None, ""):
         return None
-    return {"at": float(at), "time": iso_time(at), "what": what, "detail": detail, "kind": kind}
+    return {"at": float(at), "ms": int(float(at) * 1000), "time": iso_time(at), "what": what, "detail": detail,
+            "kind": kind}
 
 
 def duration_text(value: float | None) -> str:
@@ -132,7 +135,7 @@ def timeline(fields: dict[str, str], job: dict[str, Any], attempt_rows: list[dic
                              f"attempt {callback['attempts'] + 1}", "wait"))
     for action in actions:
         events.append(_event(action["at"], f"{action['action']} by {action['operator']}", action["outcome"], "op"))
-    return sorted((event for event in events if event), key=lambda event: event["at"])
+    return sorted((event for event in events if event), key=lambda event: event["ms"])
 
 
 def _epoch(iso: str) -> float:
