@@ -231,3 +231,26 @@ def test_the_console_apps_page_shows_each_budget_in_its_period(redis_url: str, n
     cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)]
     assert cells[3:8] == ["640 tokens", "0", "360", "500 / 1000", "soft"], cells
     assert period.id in cells[2]
+
+
+def test_a_job_whose_dify_run_is_under_way_is_not_refused(redis_url: str, namespace: str) -> None:
+    """A paused run resumed (or a run a lost worker started) spends at Dify whatever difyq does: the job following
+    it reserves and is charged past the limit instead of being deferred or failed."""
+    from difyq.worker.budgets import BudgetGate
+    from difyq.worker.jobs.schema import JobField
+    from tests.support.stack import make_runtime
+
+    runtime = make_runtime(redis_url, namespace, APPS, budgets={
+        "tokens": {"by": "app", "of": "support", "unit": "tokens", "limit": 100, "estimate": 60}})
+    gate = BudgetGate(runtime.config, BudgetLedger(runtime.limits_redis, namespace), runtime.store, hold_s=60,
+                      durably=lambda write: write())
+    for job_id, fields in (("job_fresh", {}), ("job_resumed", {JobField.PAUSE: "{}"}),
+                           ("job_followed", {JobField.DIFY_RUN_ID: "run-1"})):
+        runtime.redis.hset(runtime.store.job_key(job_id), mapping={JobField.SCOPE: "client:full", **fields})
+    assert gate.reserve("job_fresh", "support", "full").admitted
+    assert not gate.reserve("job_fresh", "support", "full").admitted, "60 + 60 is over 100"
+    for job_id in ("job_resumed", "job_followed"):
+        hold = gate.reserve(job_id, "support", "full")
+        assert hold.admitted and [r.amount for r in hold.reservations] == [60]
+    [(_, _, [figures])] = gate.ledger.status(gate.budgets, time.time())
+    assert figures.reserved == 180

@@ -100,18 +100,18 @@ class BudgetGate:
 
     def reserve(self, job_id: str, app: str, tenant: str) -> Hold:
         """Reserve the job's estimated cost in each budget it falls under (nothing to do, and no Redis call,
-        without budgets); one round trip more to read the job's client when a budget counts clients."""
+        without budgets; else one read of the job's client and run, and one script). A job whose Dify run is
+        already under way is not refused: its cost is being spent at Dify whatever difyq does, so it reserves and
+        is charged like any other, past the limit if need be."""
         if not self.budgets:
             return Hold(app)
-        needs_client = any(budget.config.by == "client" for budget in self.budgets)
-        subjects = (JobSubjects.read(self.store, job_id, app, tenant) if needs_client
-                    else JobSubjects(app, None, tenant))
+        subjects = JobSubjects.read(self.store, job_id, app, tenant)
         now = time.time()
         claims = [Claim(budget, subject, budget.period(now), budget.first_estimate(self.config.apps.get(app)))
                   for budget in self.budgets if (subject := budget.subject(subjects)) is not None]
         if not claims:
             return Hold(app)
-        reservations, shortfalls = self.ledger.reserve(app, claims, now, self.hold_s)
+        reservations, shortfalls = self.ledger.reserve(app, claims, now, self.hold_s, force=subjects.run_started)
         return Hold(app, tuple(reservations), tuple(shortfalls))
 
     @contextmanager

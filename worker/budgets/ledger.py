@@ -91,16 +91,16 @@ class BudgetLedger:
         return [self.keys.budget_spent(budget, period), self.keys.budget_reserved(budget),
                 self.keys.budget_reservations(budget)]
 
-    def reserve(self, app: str, claims: list[Claim], now: float, hold_s: float,
+    def reserve(self, app: str, claims: list[Claim], now: float, hold_s: float, force: bool = False,
                 ) -> tuple[list[Reservation], list[Shortfall]]:
         """Reserve ``app``'s estimated cost in every claimed budget (one round trip), or in none: the reservations,
-        or the budgets that had no room."""
+        or the budgets that had no room. ``force`` reserves whether there is room or not."""
         rid = secrets.token_hex(8)
         keys = [self.keys.budget_estimates]
         for claim in claims:
             keys += self._budget_keys(claim.budget.name, claim.period.id)
         reply = self._reserve(keys=keys, args=[dumps({
-            "now": _ms(now), "deadline": _ms(now + hold_s), "keep": KEEP_MS, "rid": rid,
+            "now": _ms(now), "deadline": _ms(now + hold_s), "keep": KEEP_MS, "rid": rid, "force": force,
             "budgets": [{"subject": claim.subject, "period": claim.period.id, "limit": claim.budget.limit,
                          "estimate_field": claim.budget.estimate_field(app), "estimate": claim.first_estimate}
                         for claim in claims]})])

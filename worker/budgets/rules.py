@@ -19,21 +19,23 @@ PRICE_SCALE = 10**7
 @dataclass(frozen=True)
 class JobSubjects:
     """What a job is to budgets: its app, the API client that submitted it (None for a hook's, a schedule's or the
-    CLI's job) and its tenant."""
+    CLI's job) and its tenant; ``run_started``: its Dify run is already under way (a paused run resumed, or a run a
+    lost worker had started), so its next attempt follows that run rather than spending anew."""
 
     app: str
     client: str | None
     tenant: str
+    run_started: bool = False
 
     def of(self, by: str) -> str | None:
         return {"app": self.app, "client": self.client, "tenant": self.tenant}[by]
 
     @classmethod
     def read(cls, store: JobStore, job_id: str, app: str, tenant: str) -> JobSubjects:
-        """A stored job's subjects (one HGET of its scope)."""
-        scope = store.redis.hget(store.job_key(job_id), JobField.SCOPE)
-        text = scope.decode() if isinstance(scope, bytes) else scope
-        return cls(app, client_of_scope(text) if text else None, tenant)
+        """A stored job's subjects (one HMGET)."""
+        scope, pause, run_id = (value.decode() if isinstance(value, bytes) else value for value in store.redis.hmget(
+            store.job_key(job_id), JobField.SCOPE, JobField.PAUSE, JobField.DIFY_RUN_ID))
+        return cls(app, client_of_scope(scope) if scope else None, tenant, bool(pause or run_id))
 
 
 @dataclass(frozen=True)

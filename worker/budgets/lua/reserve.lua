@@ -2,7 +2,8 @@
 --
 -- KEYS  1 estimates (HASH '{app}|{unit}' -> mean cost per job), then 3 per budget: spent (HASH subject -> spent in
 --       this period), reserved (HASH '{period}|{subject}' -> reserved), reservations (ZSET member -> deadline)
--- ARGV  1 JSON {now, deadline, keep (ms the reservation keys outlive the deadline), rid,
+-- ARGV  1 JSON {now, deadline, keep (ms the reservation keys outlive the deadline), rid, force (reserve even
+--               without room: the job's Dify run is already under way),
 --               budgets: [{subject, period, limit, estimate_field, estimate (used while the field has no mean)}]}
 -- Returns {1, amount reserved per budget...}, or {0, then index (1-based), spent, reserved, estimate of every
 -- budget without room}. A budget has no room once spent + reserved reaches its limit, or when the estimate would
@@ -19,7 +20,8 @@ for index, budget in ipairs(args.budgets) do
   local spent = tonumber(redis.call('HGET', spent_key, budget.subject) or 0)
   local reserved = tonumber(redis.call('HGET', reserved_key, budget.period .. '|' .. budget.subject) or 0)
   local counted = spent + reserved
-  if counted >= budget.limit or (counted > 0 and counted + estimate > budget.limit) then
+  local full = counted >= budget.limit or (counted > 0 and counted + estimate > budget.limit)
+  if full and not args.force then
     for _, value in ipairs({index, spent, reserved, estimate}) do
       refused[#refused + 1] = value
     end
