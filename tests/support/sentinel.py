@@ -50,8 +50,8 @@ class SentinelDeployment:
         log = (self.directory / f"{name}.log").open("ab")
         process = self.processes[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
-        def settled() -> str | None:
-            if self._answers(port):
+        def settled() -> str | None:  # asked after the answer too: a server of someone else's may hold the port
+            if process.poll() is None and self._answers(port) and process.poll() is None:
                 return "answers"
             return "exited" if process.poll() is not None else None
 
