@@ -15,7 +15,12 @@ import requests
 
 from difyq.producers.scheduler_command import submit_fire_for
 from difyq.producers.schedules.fires import render_fire
+from difyq.producers.submission import JobSubmission
+from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
+from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.schema import JobField, JobStatus
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 from tests.support.stack import LIMITED_TOKEN, auth, make_runtime, running_worker, serving_api, wait_for_final
 from tests.support.waiting import wait_for
@@ -207,3 +212,26 @@ def test_a_file_sent_with_a_thread_job_is_uploaded_as_the_thread_s_user(stack) -
     [call] = [call for call in emulator.calls() if call["path"] == "/v1/chat-messages"
               and call["body"]["query"] == "see the notes"]
     assert call["body"]["user"] == "ann" and call["body"]["files"][0]["transfer_method"] == "local_file"
+
+
+def test_a_line_whose_first_job_ended_without_handing_on_is_handed_on_by_the_next_submit(
+        redis_url: str, namespace: str) -> None:
+    """No script ends a thread's first job without handing its line on; should a line still be found stalled (its
+    first job finished, the next one holding its message), the thread's next submit hands it on first."""
+    runtime = make_runtime(redis_url, namespace, {"support": {"api_key": "app-x", "mode": "chat",
+                                                              "base_url": "http://127.0.0.1:9/v1"}})
+    keys = RedisKeys(namespace)
+
+    def submitted(query: str) -> str:
+        return submit(runtime, JobSubmission(app="support", query=query, thread="stalled"), source="api",
+                      scope="test").job["id"]
+
+    first, second = submitted("one"), submitted("two")
+    held = json.loads(runtime.redis.hget(keys.job(second), JobField.HELD_MESSAGE))
+    assert runtime.redis.lrange(keys.queue(JOBS_QUEUE), 0, -1).count(held["id"]) == 0
+    runtime.redis.hset(keys.job(first), JobField.STATUS, JobStatus.FAILED)  # ended, as no script leaves it
+    third = submitted("three")
+    assert runtime.redis.lrange(keys.thread_line("support", "stalled"), 0, -1) == [second, third]
+    assert runtime.redis.hget(keys.job(second), JobField.HELD_MESSAGE) is None
+    assert held["id"] in runtime.redis.lrange(keys.queue(JOBS_QUEUE), 0, -1)
+    assert runtime.redis.hget(keys.job(third), JobField.HELD_MESSAGE) is not None

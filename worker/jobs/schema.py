@@ -118,15 +118,7 @@ end"""
 
 
 _LEAVE_THREAD = """\
-local function leave_thread(id, line, job_prefix, queue, bodies, wake)
-  if line == '' then
-    return
-  end
-  local was_first = redis.call('LINDEX', line, 0) == id
-  redis.call('LREM', line, 1, id)
-  if not was_first then
-    return
-  end
+local function hand_on_thread(line, job_prefix, queue, bodies, wake)
   while true do
     local next_id = redis.call('LINDEX', line, 0)
     if not next_id then
@@ -149,6 +141,17 @@ local function leave_thread(id, line, job_prefix, queue, bodies, wake)
     end
     redis.call('LPOP', line)
   end
+end
+
+local function leave_thread(id, line, job_prefix, queue, bodies, wake)
+  if line == '' then
+    return
+  end
+  local was_first = redis.call('LINDEX', line, 0) == id
+  redis.call('LREM', line, 1, id)
+  if was_first then
+    hand_on_thread(line, job_prefix, queue, bodies, wake)
+  end
 end"""
 
 
@@ -159,8 +162,11 @@ def lua_preamble() -> str:
     the error ended the attempt under way, whose start and duration up to ``now`` it keeps) and
     ``leave_pending(id, app pending key, client pending key or '')`` (a finished job no longer counts against
     ``max_pending``) and
+    ``hand_on_thread(thread line key, job key prefix, jobs queue key, jobs bodies key, wake token key)`` (the line
+    drops finished or missing jobs from its front, and the first unfinished one gets the message it holds, if it
+    holds one) and
     ``leave_thread(id, thread line key or '', job key prefix, jobs queue key, jobs bodies key, wake token key)`` (a
-    thread job leaves its thread's line; when it was the first, the next unfinished one gets its held message)."""
+    thread job leaves its thread's line; when it was the first, the line is handed on)."""
     final = " or ".join(f"status == STATUS.{status.value}" for status in sorted(FINAL_STATUSES))
     return "\n".join([
         "-- Generated from difyq.worker.jobs.schema: the job statuses and record fields.",

@@ -257,7 +257,8 @@ class JobStore:
             header["max_pending_client"] = client_cap
         if new.thread:
             header["thread"] = {"name": new.thread, "app": new.app, "user": new.thread_user or "",
-                                "now": repr(now), "ttl_ms": int(self.thread_ttl * 1000)}
+                                "now": repr(now), "ttl_ms": int(self.thread_ttl * 1000),
+                                "job_prefix": self.keys.job("")}
         thread = self.thread_keys(new.app, new.thread)
         pairs = [item for pair in fields.items() for item in pair]
         return SubmitCall(

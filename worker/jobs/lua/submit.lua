@@ -7,7 +7,7 @@
 -- ARGV: 1 a JSON object: id (the job's), created_ms, prune_before_ms (index entries older than this go), message_id and
 --       message_body (the run_job message), with an idempotency key its claim (the value to store) and
 --       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; a thread job's thread:
---       {name, app, user, now, ttl_ms}; 2.. the job record's field/value pairs
+--       {name, app, user, now, ttl_ms, job_prefix}; 2.. the job record's field/value pairs
 -- A thread job joins the end of its thread's line; when an earlier job of the thread is unfinished it keeps its
 -- message in its record (held_message) instead of enqueueing it: the earlier job's end hands it on (leave_thread).
 -- Returns {'created', id}, {'existing', claim} (the key's job), or {'full', 'app' | 'client', cap}.
@@ -62,6 +62,8 @@ if KEYS[11] ~= '' then
   redis.call('ZADD', KEYS[12], submit.created_ms, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', submit.prune_before_ms)
   redis.call('PEXPIRE', KEYS[12], thread.ttl_ms)
+  -- A line whose first job ended without handing it on (which no script does) is handed on first: it never stalls.
+  hand_on_thread(KEYS[11], thread.job_prefix, KEYS[5], KEYS[6], KEYS[9])
   if redis.call('RPUSH', KEYS[11], id) > 1 then
     redis.call('HSET', KEYS[2], FIELD.held_message, cjson.encode({id = submit.message_id, body = submit.message_body}))
     return {'created', id}
