@@ -247,9 +247,9 @@ class JobRunner:
         log.debug("dify_call_started", attempt=start.attempt)
         started = time.monotonic()
         client, request = self._client(app_name, app), self._dify_request(fields, app)
-        thread = self.threads.open(app_name, fields[JobField.THREAD], request.user) if fields.get(JobField.THREAD) \
-            else None
-        if thread is not None:
+        thread = None
+        if fields.get(JobField.THREAD):  # the thread's conversation, as the user it belongs to
+            thread = self.threads.open(app_name, fields[JobField.THREAD], request.user)
             request = replace(request, user=thread.user, conversation_id=thread.conversation_id)
         pause = loads(fields[JobField.PAUSE]) if fields.get(JobField.PAUSE) else None
         try:
