@@ -124,7 +124,7 @@ def difyq_config(namespace: str, emulator_url: str) -> dict[str, Any]:
     return {
         "apps": {
             "support": app(SUPPORT_KEY),
-            "limited": app(LIMITED_KEY, limits={"requests_per_minute": LIMITED_RPM}),
+            "limited": app(LIMITED_KEY, limits={"requests_per_minute": LIMITED_RPM}, fairness="tenant"),
             "hot": app(HOT_KEY),
             "stranger": app(STRANGER_KEY),
             "capped": app(CAPPED_KEY),

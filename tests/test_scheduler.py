@@ -450,6 +450,7 @@ def test_submit_receives_the_mapping_rendered_for_the_fire(redis_client, namespa
         "idempotency_key": f"schedule:{name}:2024-07-01T07:00:00Z",
         "priority": 0,
         "tenant": None,
+        "thread": None,
     }
     assert REGISTRY.get_sample_value("difyq_schedule_last_fire_timestamp_seconds", {"schedule": name}) == (
         datetime(2024, 7, 1, 7, 0, tzinfo=UTC).timestamp()
