@@ -57,7 +57,7 @@ def test_clients_share_one_process_wide_pool(receiver: CallbackReceiver) -> None
     assert first.pool is second.pool is from_a_thread[0]
     assert type(first.pool) is urllib3.PoolManager
     settings = first.pool.connection_pool_kw
-    assert (settings["maxsize"], settings["block"]) == (1024, False)
+    assert (settings["maxsize"], settings["block"]) == (16384, False)  # above one gevent process's greenlets
     assert (settings["cert_reqs"], settings["ca_certs"]) == ("CERT_REQUIRED", certifi.where())
 
 
@@ -142,7 +142,7 @@ def test_proxy_is_chosen_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert isinstance(pool, urllib3.ProxyManager)
     assert (pool.proxy.scheme, pool.proxy.host, pool.proxy.port) == ("http", "proxy.internal", 3128)
     assert pool.proxy_headers == {"proxy-authorization": "Basic " + base64.b64encode(b"user:p@ss").decode()}
-    assert (pool.connection_pool_kw["maxsize"], pool.connection_pool_kw["cert_reqs"]) == (1024, "CERT_REQUIRED")
+    assert (pool.connection_pool_kw["maxsize"], pool.connection_pool_kw["cert_reqs"]) == (16384, "CERT_REQUIRED")
     assert also_proxied.pool is pool
     assert not isinstance(direct.pool, urllib3.ProxyManager)
     assert plain_http.pool is direct.pool
