@@ -33,11 +33,14 @@ STREAM_60S = Profile("60s-stream", ttft_s=5.0, tokens_per_second=0.2, answer_tok
 GOAL_CONCURRENCY = 10_000
 GOAL_RATIO = 0.9
 GOAL_PSS_MIB = 2048.0
-# One host's workers: 4 processes of greenlets, 10 % above the goal in all. Answers that end a little late (a
-# loaded box) keep a few more than C in flight, and with exactly 10,000 slots the slots, not the pipeline, would
-# cap the ratio. Four processes of 2,750 held 10,000 streams open where two of 5,500 held about 6,000 on the same
-# box: each process has one Dramatiq consumer (fetch and acks) sharing its hub with every greenlet.
-GOAL_SHAPE = WorkerShape(4, 2750, gevent=True)
+# One host's workers: 4 gevent processes whose greenlets are sized to each level, 10 % above C in all. Answers
+# that end a little late (a loaded box) keep a few more than C in flight, and with exactly C slots the slots, not
+# the pipeline, would cap the ratio; many more than C cost CPU for nothing: an idle Dramatiq worker thread wakes
+# every ``dramatiq_worker_timeout`` (1 s), and 10,000 idle greenlets took a third of the workers' samples at
+# C=1,000. Four processes of 2,750 held 10,000 streams open where two of 5,500 held about 6,000 on the same box:
+# each process has one Dramatiq consumer (fetch and acks) sharing its hub with every greenlet.
+PROCESSES = 4
+SLOT_HEADROOM = 1.1
 # A warm-up waits for its jobs' answers: for longer answers the level's own first answer time is the warm-up (the
 # throughput is counted only from one answer time after the first submit).
 WARM_UP_MAX_ANSWER_S = 15.0
@@ -45,14 +48,18 @@ WARM_UP_MAX_ANSWER_S = 15.0
 
 @dataclass
 class InflightMode:
-    """One worker setup and the concurrency levels to try on it, lowest first."""
+    """One pipeline and the concurrency levels to try on it, lowest first; each level gets its own worker of
+    ``processes`` gevent processes with ``SLOT_HEADROOM`` x C greenlets in all."""
 
     pipeline: str
-    shape: WorkerShape
     levels: list[int]
+    processes: int = PROCESSES
+
+    def shape(self, concurrency: int) -> WorkerShape:
+        return WorkerShape(self.processes, math.ceil(SLOT_HEADROOM * concurrency / self.processes), gevent=True)
 
     def label(self) -> str:
-        return f"{self.pipeline} {self.shape.label()}"
+        return f"{self.pipeline} {self.processes} gevent processes"
 
 
 @dataclass
@@ -70,16 +77,15 @@ class InflightConfig:
 
     profile_s: float = 15.0
     runs: list[InflightRun] = field(default_factory=lambda: [
-        InflightRun(STREAM_10S, [InflightMode("difyq", GOAL_SHAPE, [1000, 2000, 3000, 4000]),
-                                 InflightMode("bare", GOAL_SHAPE, [2000])], measure_s=10.0),
-        InflightRun(STREAM_60S, [InflightMode("difyq", GOAL_SHAPE, [GOAL_CONCURRENCY])], measure_s=20.0),
+        InflightRun(STREAM_10S, [InflightMode("difyq", [1000, 2000, 3000, 4000]), InflightMode("bare", [2000])],
+                    measure_s=10.0),
+        InflightRun(STREAM_60S, [InflightMode("difyq", [GOAL_CONCURRENCY])], measure_s=20.0),
     ])
     source_alone_concurrency: int = GOAL_CONCURRENCY
 
     @classmethod
     def quick(cls) -> InflightConfig:
-        return cls(runs=[InflightRun(STREAM_10S, [InflightMode("difyq", WorkerShape(2, 1000, gevent=True), [200]),
-                                                  InflightMode("bare", WorkerShape(2, 1000, gevent=True), [200])],
+        return cls(runs=[InflightRun(STREAM_10S, [InflightMode("difyq", [200], 2), InflightMode("bare", [200], 2)],
                                      measure_s=3.0)], source_alone_concurrency=0, profile_s=0.0)
 
 
@@ -119,29 +125,31 @@ def run(bench: BenchEnvironment, config: BenchConfig, inflight: InflightConfig) 
 def _mode(bench: BenchEnvironment, config: BenchConfig, mode: InflightMode, answer_s: float,
           measure_s: float, profile_s: float) -> dict[str, Any]:
     levels: list[dict[str, Any]] = []
-    record: dict[str, Any] = {"pipeline": mode.pipeline, "shape": mode.shape.label(), "label": mode.label(),
-                              "levels": levels}
-    with bench.pipeline(mode.pipeline, mode.shape, **pipeline_options(config, mode.pipeline)) as pipeline:
-        if answer_s <= WARM_UP_MAX_ANSWER_S:
-            warm_up(bench, pipeline, config.warmup_jobs_rate)
-        note_commit(record, pipeline)
-        record["idle_worker_memory"] = idle = tree_memory(pipeline.worker_pids())
-        for index, concurrency in enumerate(mode.levels):
-            top = index == len(mode.levels) - 1
+    record: dict[str, Any] = {"pipeline": mode.pipeline, "label": mode.label(), "levels": levels}
+    for index, concurrency in enumerate(mode.levels):
+        shape = mode.shape(concurrency)
+        with bench.pipeline(mode.pipeline, shape, **pipeline_options(config, mode.pipeline)) as pipeline:
+            if answer_s <= WARM_UP_MAX_ANSWER_S:
+                warm_up(bench, pipeline, config.warmup_jobs_rate)
+            idle = tree_memory(pipeline.worker_pids())
             level = _level(bench, pipeline, concurrency, answer_s, measure_s, config.seed,
                            profile_s if mode.pipeline == "difyq" else 0.0)
-            open_calls = level["dify_in_flight"]["mean"]
-            level["pss_kib_per_job"] = ((level["worker_memory"]["pss_mib"] - idle["pss_mib"]) * 1024 / open_calls
-                                        if open_calls else None)
-            levels.append(level)
-            print(f"  [inflight] {mode.label()} {answer_s:.0f} s C={concurrency}: {level['throughput']:.1f}/s of "
-                  f"{level['little_bound']:.1f}/s ({level['ratio']:.2f}), at Dify {open_calls:.0f}, PSS "
-                  f"{level['worker_memory']['pss_mib']:.0f} MiB ({level['pss_kib_per_job'] or 0:.0f} KiB/job), "
-                  f"lost {level['lost']}, other load {level['cost']['other_load_cores']:.2f}", flush=True)
-            if level["ratio"] < GOAL_RATIO or level["lost"]:
-                break
-            if not top:
-                level.pop("worker_profile", None)
+            note_commit(level, pipeline)
+        open_calls = level["dify_in_flight"]["mean"]
+        level["shape"] = shape.label()
+        level["idle_worker_memory"] = idle
+        level["pss_kib_per_job"] = ((level["worker_memory"]["pss_mib"] - idle["pss_mib"]) * 1024 / open_calls
+                                    if open_calls else None)
+        levels.append(level)
+        print(f"  [inflight] {mode.pipeline} {shape.label()} {answer_s:.0f} s C={concurrency}: "
+              f"{level['throughput']:.1f}/s of {level['little_bound']:.1f}/s ({level['ratio']:.2f}), at Dify "
+              f"{open_calls:.0f}, PSS {level['worker_memory']['pss_mib']:.0f} MiB "
+              f"({level['pss_kib_per_job'] or 0:.0f} KiB/job), lost {level['lost']}, other load "
+              f"{level['cost']['other_load_cores']:.2f}", flush=True)
+        if level["ratio"] < GOAL_RATIO or level["lost"]:
+            break
+        if index < len(mode.levels) - 1:
+            level.pop("worker_profile", None)
     return record
 
 

@@ -397,7 +397,8 @@ def inflight_section(inflight: dict[str, Any]) -> list[str]:
                 memory = level["worker_memory"]
                 wait = level.get("phases_ms", {}).get("queue_wait", {}).get("p99")
                 lines.append(
-                    f"| {run['answer_s']:.0f} s | {mode['label']} | {level['concurrency']:,} | "
+                    f"| {run['answer_s']:.0f} s | {mode['pipeline']} {level.get('shape') or mode.get('shape')} | "
+                    f"{level['concurrency']:,} | "
                     f"{level['offered_rate']:.0f} | {level['throughput']:.1f} | {level['ratio']:.2f} | "
                     f"{level['dify_in_flight']['mean']:,.0f} | "
                     f"{_fmt(level['e2e_ms']['p99'] / 1000 if level['e2e_ms']['p99'] else None, 2)} | "
