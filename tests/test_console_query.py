@@ -143,6 +143,21 @@ def test_the_timeline_has_each_callback_attempt_and_the_next_retry(redis_url: st
     assert "s3cret" not in str(page)
 
 
+def test_a_failed_attempt_shows_its_first_token(redis_url: str, namespace: str) -> None:
+    """A stream cut mid-answer: the attempt's row and the timeline say when its first token came."""
+    runtime = make_runtime(redis_url, namespace, APPS)
+    job_id = runtime.store.submit(NewJob(app="support", source="api", scope="client:full",
+                                         request=JobRequest(query="q"))).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=30)
+    cut = {"code": "stream_incomplete", "message": "the stream broke off", "status": None,
+           "time_to_first_token_s": 0.25}
+    runtime.store.requeue(job_id, delay_s=60, error=cut)
+    page = job_page(runtime.store.fields(job_id), [], Redactor([]), "http://api")
+    [row] = page["attempts"]
+    assert (row["outcome"], row["code"], row["first_token_s"]) == ("error", "stream_incomplete", 0.25)
+    assert ("first token", "250 ms after attempt 1 started") in [(e["what"], e["detail"]) for e in page["timeline"]]
+
+
 def test_dead_callbacks_are_grouped_by_their_last_answer() -> None:
     def dead(status_code: int | None, outcome: str, error: str) -> dict[str, object]:
         history = [{"status_code": status_code, "outcome": outcome, "error": error}]

@@ -388,6 +388,7 @@ def test_retryable_http_errors(
     with ReplayServer(capture) as server:
         error = run_failing(client_for(server.url, pool), "chat", request_of("chat_streaming.txt"))
     assert (error.code, error.status, error.retryable, error.rate_limited) == (code, status, True, rate_limited)
+    assert error.time_to_first_token_s is None and "time_to_first_token_s" not in error.as_dict()
 
 
 def test_redirect_is_not_followed(pool: urllib3.PoolManager) -> None:
@@ -451,6 +452,9 @@ def test_stream_closed_without_terminal_event(name: str, mode: str, drop: str, p
     with ReplayServer(sse_capture(*events)) as server:
         error = run_failing(client_for(server.url, pool), mode, request_of(name))
     assert (error.code, error.retryable, error.rate_limited) == ("stream_incomplete", True, False)
+    # Tokens came before the cut: the attempt's record says how soon.
+    assert error.time_to_first_token_s is not None and error.time_to_first_token_s >= 0
+    assert error.as_dict()["time_to_first_token_s"] == round(error.time_to_first_token_s, 3)
 
 
 def test_chatflow_failed_run_without_error_event(pool: urllib3.PoolManager) -> None:

@@ -81,7 +81,8 @@ def attempts(fields: dict[str, str], job: dict[str, Any]) -> list[dict[str, Any]
     the latest one when it did not fail; each with its start, duration and time to first token where known."""
     rows = [{"attempt": error.get("attempt"), "started_at": error.get("started_at"),
              "duration_s": error.get("duration_s"), "outcome": "error", "code": error.get("code"),
-             "status": error.get("status"), "message": error.get("message"), "first_token_s": None}
+             "status": error.get("status"), "message": error.get("message"),
+             "first_token_s": error.get("time_to_first_token_s")}
             for error in job["attempt_errors"]]
     failed = {row["attempt"] for row in rows}
     latest = fields.get(JobField.ATTEMPT_STARTED_AT) or (fields.get(JobField.STARTED_AT) if job["attempts"] == 1
@@ -110,10 +111,10 @@ def timeline(fields: dict[str, str], job: dict[str, Any], attempt_rows: list[dic
             status = f" (Dify HTTP {row['status']})" if row["status"] else ""
             detail = f"failed after {duration_text(row['duration_s'])}: {row['code']}{status}: {row['message'] or ''}"
             events.append(_event(at, f"attempt {row['attempt']}", detail, "bad"))
-            continue
-        ended = f"{row['outcome']} after {duration_text(row['duration_s'])}" if row["duration_s"] is not None \
-            else row["outcome"]
-        events.append(_event(at, f"attempt {row['attempt']}", ended))
+        else:
+            ended = f"{row['outcome']} after {duration_text(row['duration_s'])}" if row["duration_s"] is not None \
+                else row["outcome"]
+            events.append(_event(at, f"attempt {row['attempt']}", ended))
         if row["first_token_s"] is not None:
             events.append(_event(at + row["first_token_s"], "first token",
                                  f"{row['first_token_s'] * 1000:.0f} ms after attempt {row['attempt']} started"))

@@ -156,6 +156,11 @@ class StreamAggregator:
                 run["outputs"] = None
         self._workflow_run = run
 
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        """Seconds from the call's start to its first token; None before one came."""
+        return None if self._first_token_at is None else self._first_token_at - self._started
+
     def result(self) -> DifyResult:
         run = self._workflow_run or {}
         if run.get("status") == "failed":
@@ -178,7 +183,7 @@ class StreamAggregator:
             task_id=self._ids.get("task_id"),
             usage=self._llm_usage or (Usage.from_workflow_run(run, self._spend) if self._workflow_run is not None
                                       else None),
-            time_to_first_token_s=(None if self._first_token_at is None else self._first_token_at - self._started),
+            time_to_first_token_s=self.time_to_first_token_s,
             duration_s=time.monotonic() - self._started,
             stopped=run.get("status") == "stopped",
             paused=self._paused_run(),

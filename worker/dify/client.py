@@ -225,9 +225,11 @@ class DifyClient:
                 # A workflow run's first event comes at once; a chat's only with its first token (pings before).
                 first_event_by = started + (self._first_event_timeout if mode in WORKFLOW_MODES else math.inf)
                 self._read_stream(response, aggregator, deadline=deadline, first_event_by=first_event_by)
+            return aggregator.result()
         except DifyError as error:
             run_id = aggregator.workflow_run_id
             if error.code not in _BROKEN_STREAM_CODES or run_id is None:
+                error.time_to_first_token_s = aggregator.time_to_first_token_s  # the job's attempt record shows it
                 raise
             _release(response)
             self.follow(run_id, request.user, aggregator, deadline=deadline, headers=headers, canceled=canceled)

@@ -112,6 +112,8 @@ class DifyError(Exception):
         if retryable is not None:  # a failure beside Dify's API (a job's file) that knows whether it may pass
             self.retryable = retryable
         self.quota = code == QUOTA_CODE  # a plan quota that only time clears (`apps.*.on_quota`)
+        # Seconds from the call's start to its first streamed token, when the call failed after one came.
+        self.time_to_first_token_s: float | None = None
 
     def __str__(self) -> str:
         where = f" (HTTP {self.status})" if self.status is not None else ""
@@ -119,8 +121,12 @@ class DifyError(Exception):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.code, self.message, self.status),
-                {"retry_after": self.retry_after, "retryable": self.retryable})
+                {"retry_after": self.retry_after, "retryable": self.retryable,
+                 "time_to_first_token_s": self.time_to_first_token_s})
 
     def as_dict(self) -> dict[str, object]:
-        """The job resource's `error` object."""
-        return {"code": self.code, "message": self.message, "status": self.status}
+        """The job resource's `error` object (`time_to_first_token_s` only when a token came before it failed)."""
+        document: dict[str, object] = {"code": self.code, "message": self.message, "status": self.status}
+        if self.time_to_first_token_s is not None:
+            document["time_to_first_token_s"] = round(self.time_to_first_token_s, 3)
+        return document
