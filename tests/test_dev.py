@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,6 +65,8 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
             lines.append(line)
         curls = [line.strip() for line in lines if line.strip().startswith("curl")]
         assert len(curls) == 3, "".join(lines)
+        # Keep reading what dev and its children print: a full pipe would block their logging, and so them.
+        threading.Thread(target=lambda: [None for _ in dev.stdout], daemon=True).start()
         documented = [line.command for line in curl_lines(ROOT / "README.md")][:3]
         assert [curl.replace(f":{api_port}/", ":8080/").replace(f":{emulator_port}/", ":5001/")
                 for curl in curls] == documented, (
