@@ -411,7 +411,8 @@ def inflight_section(inflight: dict[str, Any]) -> list[str]:
             profile = mode["levels"][-1].get("worker_profile") if mode["levels"] else None
             if profile:
                 top = mode["levels"][-1]
-                lines += ["", f"Where {mode['label']}'s CPU went at C={top['concurrency']:,} ({run['answer_s']:.0f} s; "
+                lines += ["", f"Where the CPU of {mode['label']} went at C={top['concurrency']:,} "
+                          f"({run['answer_s']:.0f} s; "
                           f"py-spy, {profile['samples']:,} samples, % of samples): by package "
                           + ", ".join(f"{name} {share}" for name, share in profile["self_by_package"][:8])
                           + "; most self time: "
