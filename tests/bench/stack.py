@@ -217,11 +217,16 @@ class Emulator:
 
     def take_calls(self) -> list[dict[str, Any]]:
         """The generation calls served since the last take (then forgotten, so the list stays short)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_emulator/calls", timeout=60) as reply:
-            calls = json.loads(reply.read())
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/_emulator/calls", method="DELETE")
-        urllib.request.urlopen(request, timeout=30).close()
+        calls = take_recorded(f"http://127.0.0.1:{self.port}/_emulator/calls")
         return [call for call in calls if call.get("path") == "/v1/chat-messages"]
+
+
+def take_recorded(url: str) -> list[dict[str, Any]]:
+    """Read the calls a Dify stand-in recorded at ``url``, then make it forget them (so the list stays short)."""
+    with urllib.request.urlopen(url, timeout=60) as reply:
+        calls = json.loads(reply.read())
+    urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30).close()
+    return calls
 
 
 class StreamSource:
@@ -244,11 +249,7 @@ class StreamSource:
 
     def take_calls(self) -> list[dict[str, Any]]:
         """The calls that ended since the last take (then forgotten)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_source/calls", timeout=60) as reply:
-            calls = json.loads(reply.read())
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/_source/calls", method="DELETE")
-        urllib.request.urlopen(request, timeout=30).close()
-        return calls
+        return take_recorded(f"http://127.0.0.1:{self.port}/_source/calls")
 
     def stats(self) -> dict[str, int]:
         """Streams open now, the most open at once, and calls served."""
