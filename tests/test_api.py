@@ -11,18 +11,19 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
-import structlog
 import uvloop
-from structlog.testing import capture_logs
 
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import SubmitRejected, submit, submit_async
 from difyq.worker.embedded_redis import EmbeddedRedis
 from difyq.worker.jobs.store import SubmitOutcome
-from tests.support.stack import LIMITED_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
+from tests.support.processes import difyq_processes
+from tests.support.stack import CLIENT_TOKEN, LIMITED_TOKEN, SIGNING_SECRET, auth, make_runtime, serving_api
+from tests.support.waiting import wait_for
 
 APPS = {"support": {"api_key": "app-secret-support", "mode": "chat"},
         "flows": {"api_key": "app-secret-flows", "mode": "workflow"}}
@@ -229,17 +230,27 @@ def test_a_hung_redis_gives_503_after_the_socket_timeout(namespace: str) -> None
         server.stop()
 
 
-def test_request_id_is_echoed_stored_and_bound_to_the_submit_log(api) -> None:
-    base, runtime = api
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+@pytest.mark.e2e
+def test_request_id_is_echoed_stored_and_bound_to_the_submit_log(redis_url: str, namespace: str,
+                                                                  tmp_path: Path) -> None:
+    """Read from a real ``difyq api``'s log lines, as an operator would."""
+    config = {"apps": APPS, "clients": {"full": {"token": CLIENT_TOKEN, "apps": ["*"]}},
+              "redis": {"namespace": namespace}}
+    with difyq_processes(tmp_path, redis_url, config) as difyq:
+        base = difyq.start_api()
         given = post_job(base, {"app": "support", "query": "q"}, {"X-Request-ID": "req-test-7"})
         generated = post_job(base, {"app": "support", "query": "q"})
-    assert given.status_code == generated.status_code == 202
+        assert given.status_code == generated.status_code == 202
+        expected = [(given.json()["id"], "req-test-7"), (generated.json()["id"], generated.headers["X-Request-ID"])]
+
+        def submit_lines() -> list[tuple[str, str | None]]:
+            lines = [json.loads(line) for line in difyq.logs("api").splitlines() if line.startswith("{")]
+            return [(line["job_id"], line.get("request_id")) for line in lines if line["event"] == "job_submitted"]
+
+        wait_for(lambda: submit_lines() == expected, timeout=30, what="both submits logged with their request id")
     assert given.headers["X-Request-ID"] == "req-test-7"
     assert re.fullmatch(r"[0-9a-f]{32}", generated.headers["X-Request-ID"])
-    submitted = [(line["job_id"], line.get("request_id")) for line in logs if line["event"] == "job_submitted"]
-    assert submitted == [(given.json()["id"], "req-test-7"),
-                         (generated.json()["id"], generated.headers["X-Request-ID"])]
+    runtime = make_runtime(redis_url, namespace, APPS)
     assert runtime.store.fields(given.json()["id"])["request_id"] == "req-test-7"
 
 
