@@ -62,6 +62,32 @@ def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(tmp_pa
     assert len(lows_before) <= BACKLOG // 4, order[:highs[-1] + 1]
 
 
+@pytest.mark.e2e
+def test_high_priority_jobs_take_the_next_free_worker_threads(tmp_path: Path, redis_url: str, namespace: str) -> None:
+    """No limit on the key, the worker's 2 threads busy with slow calls and 12 normal jobs waiting for them: 3 high
+    jobs submitted then take the next free threads, passed only by the normal jobs the worker had already fetched
+    (its prefetch: one per thread); first come first served would make them wait for all 10."""
+    pace = EmulatedApp(name="slow", key=SLOW.key, mode="chat", tokens_per_second=8, answer_tokens=8)
+    with start_emulator([pace]) as emulator:
+        apps = {"slow": {"api_key": pace.key, "mode": "chat", "base_url": emulator.base_url}}
+        runtime = make_runtime(redis_url, namespace, apps)
+        with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
+            difyq.start_worker(processes=1, threads=2)
+            normal = [enqueue(runtime, f"normal-{n}", "normal") for n in range(12)]
+            wait_for(lambda: len(emulator.calls()) >= 2, timeout=60, what="both threads busy")
+            high = [enqueue(runtime, f"high-{n}", "high") for n in range(3)]
+            finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in [*high, *normal]]
+            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
+                emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+    assert {job["status"] for job in finished} == {"succeeded"}
+    assert sorted(query for query in queries if query.startswith("high-")) == ["high-0", "high-1", "high-2"]
+    highs = [index for index, query in enumerate(queries) if query.startswith("high-")]
+    assert [queries[index] for index in highs] == ["high-0", "high-1", "high-2"], queries
+    normal_before = [query for query in queries[2:highs[-1]] if query.startswith("normal-")]
+    print(f"\nnormal calls between the high jobs' submit and the last high call: {len(normal_before)} of 10")
+    assert len(normal_before) <= 4, queries
+
+
 def test_every_message_of_a_job_carries_its_priority(redis_url: str, namespace: str) -> None:
     """The submit's, a pause's and a resume's messages name the priority; a message without hints (the reaper's)
     has the worker read it from the record with the app."""

@@ -153,6 +153,11 @@ class RedisKeys:
         """The token that wakes an idle consumer of a queue (``worker.wakeup``): one element at most."""
         return self._key("wake", queue_name)
 
+    def express_tail(self, queue_name: str) -> str:
+        """The message id of the queue's last job above normal priority: a later one goes right after it, so
+        such jobs wait for a worker thread ahead of every normal or low one, in submit order among themselves."""
+        return self._key("express-tail", queue_name)
+
     def queue(self, queue_name: str) -> str:
         """A queue's list of message ids (``queue_name`` may be a delay queue's, ``jobs.DQ``)."""
         return self._key(queue_name)

@@ -3,7 +3,7 @@
 -- KEYS: 1 idempotency key, 2 job hash, 3 index, 4 app index, 5 queue list, 6 queue bodies, 7 the app's pending
 --       jobs, 8 the client's pending jobs ('' for a job no API client submitted), 9 the queue's wake token (one at
 --       most: it wakes an idle consumer, worker/wakeup.py), 10 the thread's state, 11 its line, 12 its jobs (all
---       three '' for a job of no thread)
+--       three '' for a job of no thread), 13 the queue's express tail ('' for a job of normal or low priority)
 -- ARGV: 1 a JSON object: id (the job's), created_ms, prune_before_ms (index entries older than this go), message_id and
 --       message_body (the run_job message), with an idempotency key its claim (the value to store) and
 --       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; a thread job's thread:
@@ -70,7 +70,18 @@ if KEYS[11] ~= '' then
   end
 end
 redis.call('HSET', KEYS[6], submit.message_id, submit.message_body)
-redis.call('RPUSH', KEYS[5], submit.message_id)
+-- A job above normal priority goes right after the last such job still waiting for a worker thread (Dramatiq
+-- takes from the head), else at the head: ahead of every normal or low job, in submit order among themselves.
+if KEYS[13] ~= '' then
+  local EXPRESS_TAIL_TTL_MS = 86400000  -- the tail only matters while its message waits; a day forgets a stale one
+  local tail = redis.call('GET', KEYS[13])
+  if not (tail and redis.call('LINSERT', KEYS[5], 'AFTER', tail, submit.message_id) > 0) then
+    redis.call('LPUSH', KEYS[5], submit.message_id)
+  end
+  redis.call('SET', KEYS[13], submit.message_id, 'PX', EXPRESS_TAIL_TTL_MS)
+else
+  redis.call('RPUSH', KEYS[5], submit.message_id)
+end
 if redis.call('LLEN', KEYS[9]) == 0 then
   redis.call('RPUSH', KEYS[9], '1')
 end
