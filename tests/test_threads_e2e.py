@@ -63,13 +63,13 @@ class Stack:
 
 @contextmanager
 def _stack(tmp_path: Path, redis_url: str, namespace: str, dify_version: str = "0.15",
-           env: dict[str, str] | None = None) -> Iterator[Stack]:
+           env: dict[str, str] | None = None, idle_read_timeout_s: float = 120) -> Iterator[Stack]:
     with start_emulator(APPS, dify_version=dify_version) as emulator:
         config = {"apps": {app.name: {"api_key": app.key, "mode": app.mode, "base_url": emulator.base_url}
                            for app in APPS},
                   "clients": {"full": {"token": CLIENT_TOKEN, "apps": ["*"]}},
                   "jobs": {"retry_min_backoff": "0.1s", "retry_max_backoff": "0.5s"},
-                  "dify": {"idle_read_timeout_s": 120},
+                  "dify": {"idle_read_timeout_s": idle_read_timeout_s},
                   "redis": {"namespace": namespace}}
         with difyq_processes(tmp_path, redis_url, config) as difyq:
             difyq.env.update(env or {})
@@ -141,6 +141,29 @@ def test_a_thread_whose_conversation_is_gone_begins_a_new_one_at_once(
         assert [job["conversation_restarted"] for job in shown["jobs"]] == [True, False]
         third = stack.finals([stack.submit({"query": "third turn", "thread": "ops:incident/42"})])[0]
         assert third["result"]["conversation_id"] == fresh and third["conversation_restarted"] is None
+
+
+def test_a_conversation_deleted_between_the_check_and_the_call_is_begun_again_in_the_same_attempt(
+        tmp_path: Path, redis_url: str, namespace: str) -> None:
+    """Dify 1.x answers the call to a conversation deleted just after the worker's `GET /messages` with one ping
+    and silence: once `dify.idle_read_timeout_s` (3 s here) passes, the worker asks again, finds it gone and
+    begins a new conversation in the same attempt (the emulator's control deletes it right after the check)."""
+    with _stack(tmp_path, redis_url, namespace, "1.x", idle_read_timeout_s=3) as stack:
+        first = stack.finals([stack.submit({"query": "first turn", "thread": "ops:incident/43"})])[0]
+        gone = first["result"]["conversation_id"]
+        armed = requests.post(f"{stack.emulator.base_url.removesuffix('/v1')}/_emulator/apps/support/conversations/"
+                              f"{gone}/delete-once-checked", timeout=10)
+        assert armed.status_code == 204, armed.text
+        second = stack.finals([stack.submit({"query": "second turn", "thread": "ops:incident/43"})], timeout=60)[0]
+        assert second["status"] == "succeeded", second
+        assert second["attempts"] == 1, "the new conversation was begun within the attempt, not on a retry"
+        fresh = second["result"]["conversation_id"]
+        assert fresh not in (None, gone)
+        assert second["conversation_restarted"]["previous_conversation_id"] == gone
+        assert second["conversation_restarted"]["detected_by"] == "silent_call"
+        assert [call["body"].get("conversation_id") for call in stack.chat_calls(["second turn"])] == [gone, None]
+        checks = [call for call in stack.emulator.calls() if call["path"] == "/v1/messages"]
+        assert [call["status"] for call in checks][-2:] == [200, 404], "checked before the call and after its silence"
 
 
 def test_a_worker_killed_mid_thread_loses_neither_a_job_nor_the_order(

@@ -18,7 +18,7 @@ from difyq.worker.budgets import BudgetGate, Hold, record_over_budget
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.config import AppConfig
 from difyq.worker.dify.client import DifyClient, DifyRequest, DifyResult
-from difyq.worker.dify.errors import CANCELED, DifyError
+from difyq.worker.dify.errors import CANCELED, NO_FIRST_EVENT, DifyError
 from difyq.worker.dify.models import PausedRun
 from difyq.worker.files.transfer import FileUploads
 from difyq.worker.genai_span import dify_call
@@ -74,6 +74,21 @@ def result_document(result: DifyResult) -> dict[str, Any]:
 def _recorded_wait(fields: dict[str, str]) -> float | None:
     """When the job was first deferred by a limit, from its record (None if it never waited)."""
     return float(fields[JobField.WAITING_SINCE]) if fields.get(JobField.WAITING_SINCE) else None
+
+
+def _lost_during_call(error: DifyError, client: DifyClient, conversation_id: str, user: str) -> str | None:
+    """How a thread's continuation that failed with ``error`` shows its conversation was deleted during the call
+    (the ``detected_by`` of ``conversation_restarted``): ``call`` for the call's own 404 (Dify 0.15),
+    ``silent_call`` for Dify 1.x's silence (``no_first_event``) with the conversation gone when asked again; None
+    when the call failed for another reason (or the question fails: the call's own error then stands)."""
+    if error.status == 404 and error.code == "not_found":
+        return "call"
+    if error.code != NO_FIRST_EVENT:
+        return None
+    try:
+        return None if client.conversation_exists(conversation_id, user) else "silent_call"
+    except DifyError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -290,16 +305,18 @@ class JobRunner:
         """A thread job's call: its thread's conversation continued, or a new one begun when Dify no longer has
         it (deleted, or expired). Whether it does is asked first (``GET /messages``, which answers 404 at once):
         Dify 1.x answers a streaming call to a missing conversation with one ping and then silence for minutes.
-        A 404 ``Conversation Not Exists.`` of the call itself (0.15, or a conversation deleted since the question)
-        begins a new one too. A job that begins a new conversation notes it (``conversation_restarted``)."""
+        A conversation deleted between that question and the call shows in the call's failure: a 404
+        ``Conversation Not Exists.`` (0.15), or 1.x's silence (``no_first_event``) with the conversation gone when
+        asked again; either way a new one is begun in the same attempt. A job that begins a new conversation notes
+        it (``conversation_restarted``)."""
         gone = request.conversation_id
         if gone and client.conversation_exists(gone, request.user):
             try:
                 return self._stream(job_id, client, app, request, canceled)
             except DifyError as error:
-                if error.status != 404 or error.code != "not_found":
+                detected_by = _lost_during_call(error, client, gone, request.user)
+                if detected_by is None:
                     raise
-                detected_by = "call"
         elif gone:
             detected_by = "messages_check"
         else:

@@ -45,7 +45,7 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from difyq.worker import tracing
 from difyq.worker.dify.aggregate import StreamAggregator
-from difyq.worker.dify.errors import CANCELED, DifyError
+from difyq.worker.dify.errors import CANCELED, NO_FIRST_EVENT, DifyError
 from difyq.worker.dify.models import CHAT_MODES, WORKFLOW_MODES, DifyRequest, DifyResult, PausedRun, Usage
 from difyq.worker.dify.sse import SSEParser
 from difyq.worker.json_codec import dumps, loads
@@ -490,7 +490,7 @@ class DifyClient:
             raise DifyError("stream_incomplete", "the stream ended before its terminal event")
 
     def _silent_failure(self) -> DifyError:
-        return DifyError("no_first_event", "Dify accepted the streaming call but sent no event (only pings, or "
+        return DifyError(NO_FIRST_EVENT, "Dify accepted the streaming call but sent no event (only pings, or "
                          "silence): it failed before the run started (a missing required input, an unknown "
                          "conversation or a broken worker)")
 

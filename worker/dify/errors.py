@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 QUOTA_CODE = "rate_limit_error"
 CANCELED = "canceled"  # ours: the job was canceled (its Dify task stopped) while its run was being followed
+NO_FIRST_EVENT = "no_first_event"  # ours: Dify accepted a streaming call but sent no event (it failed silently)
 _RETRY_CODES = frozenset(
     {
         "internal_server_error",

@@ -58,6 +58,8 @@ def create_app(apps: list[EmulatedApp] | None = None, dify_version: str = "0.15"
         Route("/_emulator/apps", control.apps, methods=["GET"]),
         Route("/_emulator/apps/{name}", control.app, methods=["GET", "PUT"]),
         Route("/_emulator/files/{name}", sample_file, methods=["GET"]),
+        Route("/_emulator/apps/{name}/conversations/{conversation_id}/delete-once-checked",
+              control.delete_once_checked, methods=["POST"]),
     ]
     if dify_version == "1.x":
         routes += [

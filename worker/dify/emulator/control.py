@@ -1,6 +1,7 @@
 """Runtime control over HTTP under /_emulator/: read and clear the call records, read the per-app stats, and
 change an app's knobs or fault while the emulator runs (e.g. `{"fault": "http500", "until": <unix time>}` to fail
-for a while and then recover). These calls are not recorded."""
+for a while and then recover), and, for tests, have a conversation deleted right after its next check
+(`GET /messages`). These calls are not recorded."""
 
 from __future__ import annotations
 
@@ -51,3 +52,11 @@ class ControlApi:
         except (TypeError, ValueError) as error:
             return JSONResponse({"error": str(error)}, 400)
         return JSONResponse(updated.to_dict())
+
+    async def delete_once_checked(self, request: Request) -> Response:
+        """POST: the conversation's next `GET /messages` succeeds, then the conversation is deleted (as if deleted
+        between a client's check and its call); 204, or 404 for an unknown app or conversation."""
+        name, conversation_id = request.path_params["name"], request.path_params["conversation_id"]
+        if not self.state.delete_once_checked(name, conversation_id):
+            return JSONResponse({"error": f"no conversation {conversation_id} of app {name}"}, 404)
+        return Response(status_code=204)

@@ -511,9 +511,11 @@ class ServiceApi:
         if page is None:
             raise wire.error(404, "not_found", "First Message Not Exists.")
         messages, has_more = page
-        return wire.json_response({"limit": limit, "has_more": has_more,
-                                   "data": [self._message_item(app, params["conversation_id"], message, user)
-                                            for message in messages]})
+        answer = wire.json_response({"limit": limit, "has_more": has_more,
+                                     "data": [self._message_item(app, params["conversation_id"], message, user)
+                                              for message in messages]})
+        self.state.checked(app.name, params["conversation_id"])
+        return answer
 
     def _message_item(self, app: EmulatedApp, conversation_id: str, message: ConversationMessage, user: str,
                       ) -> dict[str, Any]:

@@ -157,6 +157,7 @@ class EmulatorState:
         self._records: deque[CallRecord] = deque(maxlen=MAX_RECORDS)
         self._ids = itertools.count(1)
         self._conversations: OrderedDict[tuple[str, str], Conversation] = OrderedDict()
+        self._deleted_once_checked: set[tuple[str, str]] = set()
         self._runs: dict[str, RunControl] = {}
         self._workflow_runs = {app.name: itertools.count(1) for app in apps}
         self._uploads: OrderedDict[str, UploadedFile] = OrderedDict()
@@ -227,6 +228,20 @@ class EmulatorState:
             return False
         del self._conversations[(app_name, conversation_id)]
         return True
+
+    def delete_once_checked(self, app_name: str, conversation_id: str) -> bool:
+        """Test control: the conversation's next ``GET /messages`` succeeds and then deletes it (a conversation
+        deleted between a client's check and its next call). False when there is no such conversation."""
+        if (app_name, conversation_id) not in self._conversations:
+            return False
+        self._deleted_once_checked.add((app_name, conversation_id))
+        return True
+
+    def checked(self, app_name: str, conversation_id: str) -> None:
+        """A ``GET /messages`` of the conversation was answered: delete it if the test control asked for that."""
+        if (app_name, conversation_id) in self._deleted_once_checked:
+            self._deleted_once_checked.discard((app_name, conversation_id))
+            self._conversations.pop((app_name, conversation_id), None)
 
     # files and messages
 
