@@ -10,11 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from difyq.worker.config import parse_config
+from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.model import JobRequest, NewJob, iso_time
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
-from difyq.worker.leases import MAX_WORKER_LOSSES, LeaseKeeper
+from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES, LeaseKeeper
+from difyq.worker.runtime import Runtime
+from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime
 from tests.support.waiting import wait_for
 
@@ -138,6 +142,39 @@ def test_index_entries_past_the_result_ttl_are_trimmed_a_bounded_batch_at_a_time
         runtime.store.submit(new_job())
         sizes.append((runtime.raw_redis.zcard(index), runtime.raw_redis.zcard(app_index)))
     assert sizes == [(251, 251), (152, 152), (53, 53), (4, 4)]
+
+
+def test_the_upkeep_trims_expired_index_entries_a_bounded_batch_per_index(runtime) -> None:
+    """trim_indexes drops up to its limit of entries older than jobs.result_ttl from the index of every job and
+    from each app's, and leaves the newer ones."""
+    index, app_index = runtime.store.index_key(None), runtime.store.index_key("support")
+    fresh = runtime.store.submit(new_job()).job["id"]  # first: its submit may trim too (one in 8)
+    old_ms = int((time.time() - runtime.config.jobs.result_ttl) * 1000) - 1000
+    for key in (index, app_index):
+        runtime.raw_redis.zadd(key, {f"job_old{n}": old_ms - n for n in range(5)})
+    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 6
+    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 4
+    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 0
+    for key in (index, app_index):
+        assert [member.decode() for member in runtime.raw_redis.zrange(key, 0, -1)] == [fresh]
+
+
+def test_a_quiet_service_s_indexes_empty_once_the_result_ttl_passes(tmp_path, redis_url: str, namespace: str) -> None:
+    """With no submits after them, the jobs' index entries go once jobs.result_ttl (3 s here) has passed: the
+    worker's upkeep trims them (lease 1 s, so its rounds come every third of a second)."""
+    with start_emulator([EmulatedApp(name="support", key="app-trim-001", mode="chat")]) as emulator:
+        config = {"apps": {"support": {"api_key": "app-trim-001", "mode": "chat", "base_url": emulator.base_url}},
+                  "jobs": {"result_ttl": "3s"}, "redis": {"namespace": namespace}}
+        runtime = Runtime(parse_config(config), redis_url)
+        index, app_index = runtime.store.index_key(None), runtime.store.index_key("support")
+        with difyq_processes(tmp_path, redis_url, config) as difyq:
+            difyq.env.update({LEASE_ENV: "1s"})
+            difyq.start_worker(processes=1, threads=4)
+            for n in range(12):
+                runtime.store.submit(new_job(query=f"q{n}"))
+            assert (runtime.raw_redis.zcard(index), runtime.raw_redis.zcard(app_index)) == (12, 12)
+            wait_for(lambda: runtime.raw_redis.zcard(index) + runtime.raw_redis.zcard(app_index) == 0, 60,
+                     interval=0.2, what="both job indexes empty after the result TTL")
 
 
 def test_attempt_lifecycle_and_finish_once(runtime) -> None:

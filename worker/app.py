@@ -7,6 +7,8 @@ tests call it with a runtime of their own to run an in-process worker on a priva
 
 from __future__ import annotations
 
+from functools import partial
+
 import dramatiq
 import redis
 import structlog
@@ -87,6 +89,7 @@ def build_worker_broker(runtime: Runtime, extra_middleware: list[Middleware] | N
     lease_s = lease_from_env()
     orphans = OrphanSweep(runtime.store, list(runtime.config.apps), overdue_s=2 * lease_s)
     leases = LeaseKeeper(runtime.store, lease_s=lease_s, orphans=orphans)
+    leases.also_on_sweep(partial(runtime.store.trim_indexes, list(runtime.config.apps)))
     broker = build_broker(runtime, leases.lease_s)
     task_ids = TaskIdRecorder(runtime.store)
     broker.add_middleware(DifyqWorkerMiddleware(runtime, leases, task_ids))

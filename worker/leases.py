@@ -17,7 +17,8 @@ recovered job may come back as well; it calls Dify only if the job record says n
 
 Leases keep their meaning across a Redis outage: renewals fail while Redis is away, so the reaper sweeps only
 after Redis has answered for one whole lease, time enough for every live worker to renew. The orphan sweep
-(``orphans``: queued jobs left without a message) runs on the same rounds, in one process at a time.
+(``orphans``: queued jobs left without a message) runs on the same rounds, in one process at a time, and so do
+the tidy-ups given to ``also_on_sweep`` (the trim of the job indexes' expired entries) on the reaper's turns.
 """
 
 from __future__ import annotations
@@ -82,10 +83,15 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._connected_since: float | None = None
         self._renewals: list[Callable[[], None]] = []
+        self._tidy_ups: list[Callable[[], object]] = []
 
     def also_renew(self, renew: Callable[[], None]) -> None:
         """Call ``renew`` on every upkeep round too (the rate limiter's concurrency slots ride on this)."""
         self._renewals.append(renew)
+
+    def also_on_sweep(self, tidy_up: Callable[[], object]) -> None:
+        """Call ``tidy_up`` on every round this process takes the reaper's turn (one process at a time)."""
+        self._tidy_ups.append(tidy_up)
 
     def track(self, job_id: str) -> None:
         with self._lock:
@@ -133,13 +139,15 @@ class LeaseKeeper:
                 self.orphans.take_turn()
 
     def sweep(self) -> list[str]:
-        """Requeue jobs whose lease expired, unless another process swept in the last ``sweep_s``; returns the ids
-        of the expired leases handled."""
+        """Requeue jobs whose lease expired, then run the tidy-ups (``also_on_sweep``), unless another process
+        swept in the last ``sweep_s``; returns the ids of the expired leases handled."""
         if not self.store.take_reaper_turn(self.sweep_s):
             return []
         expired = self.store.expired_leases()
         for job_id in expired:
             self._recover(job_id)
+        for tidy_up in self._tidy_ups:
+            tidy_up()
         return expired
 
     def _recover(self, job_id: str) -> None:

@@ -25,7 +25,8 @@ class RedisKeys:
         return self._key("job", job_id)
 
     def index(self, app: str | None = None) -> str:
-        """Job ids by creation time: every job's, or one app's."""
+        """Job ids by creation time (ms): every job's, or one app's; entries past ``jobs.result_ttl`` are trimmed by
+        submit.lua and by the reaper's rounds (``JobStore.trim_indexes``)."""
         return self._key("index", "app", app) if app else self._key("index", "all")
 
     def idempotency(self, scope: str, key: str) -> str:

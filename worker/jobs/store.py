@@ -42,6 +42,7 @@ def new_job_id() -> str:
 
 
 # With redis.durable_submit a submit waits, at most this long, until this many replicas hold what it wrote.
+INDEX_TRIM_BATCH = 1000  # the most expired entries one upkeep round drops from each job index
 DURABLE_SUBMIT_REPLICAS = 1
 DURABLE_SUBMIT_TIMEOUT_MS = 1000
 
@@ -715,6 +716,22 @@ class JobStore:
                     keys=[*bodies, *(self.job_key(job_id) for job_id in chunk)], args=[int(due_before * 1000)])]
                 found += [(job_id, app, message) for job_id, message in zip(reply[::2], reply[1::2], strict=True)]
         return found
+
+    def trim_indexes(self, apps: Iterable[str], limit: int = INDEX_TRIM_BATCH) -> int:
+        """Drop from the index of every job and from each of ``apps``' indexes up to ``limit`` entries older than
+        ``jobs.result_ttl`` (their jobs are gone); the number dropped. submit.lua trims too, but only as jobs come:
+        this, on the upkeep's rounds, empties the indexes of a quiet service, a bounded batch at a time."""
+        before_ms = int((time.time() - self.config.result_ttl) * 1000)
+        keys = [self.keys.index(None), *(self.keys.index(app) for app in apps)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrangebyscore(key, "-inf", before_ms, start=0, num=limit)
+            expired = pipe.execute()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, job_ids in zip(keys, expired, strict=True):
+                if job_ids:
+                    pipe.zrem(key, *job_ids)
+            return sum(pipe.execute())
 
     def take_orphan_turn(self, turn_s: float) -> bool:
         """Whether this process looks for orphaned queued jobs now: no other did in the last ``turn_s``."""
