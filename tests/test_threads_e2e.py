@@ -166,6 +166,23 @@ def test_a_conversation_deleted_between_the_check_and_the_call_is_begun_again_in
         assert [call["status"] for call in checks][-2:] == [200, 404], "checked before the call and after its silence"
 
 
+def test_a_silent_continuation_of_a_conversation_still_there_fails_as_before(
+        tmp_path: Path, redis_url: str, namespace: str) -> None:
+    """A 1.x call that falls silent for another reason (here a required input the app now asks for) while the
+    conversation is still there fails `no_first_event` after the second question, without a new conversation."""
+    with _stack(tmp_path, redis_url, namespace, "1.x", idle_read_timeout_s=3) as stack:
+        first = stack.finals([stack.submit({"query": "first turn", "thread": "ops:incident/44"})])[0]
+        stack.emulator.set_app("support", required_inputs=["topic"])
+        second = stack.finals([stack.submit({"query": "second turn", "thread": "ops:incident/44"})], timeout=60)[0]
+        assert second["status"] == "failed", second
+        assert second["error"]["code"] == "no_first_event"
+        assert second.get("conversation_restarted") is None
+        assert [call["body"].get("conversation_id") for call in stack.chat_calls(["second turn"])] == [
+            first["result"]["conversation_id"]]
+        checks = [call for call in stack.emulator.calls() if call["path"] == "/v1/messages"]
+        assert [call["status"] for call in checks][-2:] == [200, 200], "asked again after the silence: still there"
+
+
 def test_a_worker_killed_mid_thread_loses_neither_a_job_nor_the_order(
         tmp_path: Path, redis_url: str, namespace: str) -> None:
     with _stack(tmp_path, redis_url, namespace, env={LEASE_ENV: "2s"}) as stack:
