@@ -1,8 +1,9 @@
 """Conversation threads on real processes (``difyq api``, ``difyq worker``, ``difyq enqueue``), a real Redis and
 the emulator: a thread of five jobs submitted at once runs them one at a time in submit order in one Dify
 conversation while another thread's jobs run alongside; a thread whose conversation Dify lost (0.15 and 1.x, whose
-streaming call would only ping) begins a new one at once and says so in the job; a worker SIGKILLed mid-thread
-loses neither a job nor the order (the lease is 2 s here, ``DIFYQ_JOB_LEASE``)."""
+streaming call would only ping) begins a new one at once and says so in the job, as does one whose conversation
+went between the check and the call (after one silent wait), while a call silent for another reason still fails;
+a worker SIGKILLed mid-thread loses neither a job nor the order (the lease is 2 s here, ``DIFYQ_JOB_LEASE``)."""
 
 from __future__ import annotations
 
