@@ -104,6 +104,31 @@ def test_key_id_is_a_stable_hash_and_raw_keys_never_reach_redis(
     assert all(redis_client.pttl(name) > 0 for name in names), "every key has a TTL, so idle keys vanish"
 
 
+def test_every_key_keeps_a_ttl_when_it_empties_and_comes_back(
+    redis_client: redis.Redis, namespace: str, clock: FakeClock
+) -> None:
+    """The window keys are refreshed together every half slack (not asked their TTL each admission): a key the
+    window emptied since, written again, or a state that expired under a held slot, still gets its TTL."""
+    limiter = KeyLimiter(redis_client, namespace, window_s=1.0, grace_s=10.0, clock=clock.at(0))
+    kid = key_id(f"app-{uuid.uuid4().hex}")
+    limits = AppLimits(requests_per_minute=100, tokens_per_minute=10_000, max_concurrency=5)
+
+    def names() -> list[str]:
+        return [name.decode() for name in redis_client.scan_iter(match=f"{namespace}:limits:{kid}:*")]
+
+    first = take(limiter, kid, limits, tokens=50)
+    assert limiter.release(kid, first.reservation, 40)
+    clock.at(2)  # well inside the refreshed TTLs, and the window has emptied req, tok, amt and lease
+    again = take(limiter, kid, limits, tokens=50)
+    assert again.admitted and len(names()) == 5
+    assert all(redis_client.pttl(name) > 0 for name in names()), "a key written again keeps a TTL"
+    for name in names():
+        if not name.endswith(":lease"):
+            redis_client.delete(name)  # the window's keys expired while the slot was held
+    assert limiter.release(kid, again.reservation, None)
+    assert names() and all(redis_client.pttl(name) > 0 for name in names()), "a state written again keeps a TTL"
+
+
 def test_survives_a_script_flush(limiter: KeyLimiter, redis_client: redis.Redis, kid: str) -> None:
     redis_client.script_flush()
     assert take(limiter, kid, AppLimits(requests_per_minute=5)).admitted

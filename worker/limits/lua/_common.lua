@@ -32,6 +32,25 @@ local function keep(key, ttl_us)
   end
 end
 
+-- Keep the window keys of one set of limits (L.req, L.tok, L.amt and L.state) alive the window plus slack more.
+-- Asking each key its TTL would cost a call per key per admission, so state's field `kept` holds the time (clock
+-- microseconds) until which all four surely live: they are refreshed together once less than half the slack is
+-- left, or when state expired and took the field with it. `born` lists the keys this admission brought back from
+-- empty (so without a TTL), which get theirs at once.
+local function keep_window(L, window, now, born)
+  local want = math.ceil((window + SLACK) / 1000)
+  local kept = tonumber(redis.call('HGET', L.state, 'kept') or 0)
+  if kept < now + window + SLACK / 2 then
+    for _, key in ipairs({L.req, L.tok, L.amt}) do redis.call('PEXPIRE', key, want) end
+    redis.call('HSET', L.state, 'kept', fmt(now + window + SLACK))
+    if redis.call('PTTL', L.state) < want then  -- state may live longer already (a waiting line's clock)
+      redis.call('PEXPIRE', L.state, want)
+    end
+    return
+  end
+  for _, key in ipairs(born) do redis.call('PEXPIRE', key, want) end
+end
+
 -- Run a variadic command over a list in chunks (Lua's unpack has a stack limit).
 local function chunked(command, key, items)
   for i = 1, #items, 1000 do
@@ -39,12 +58,13 @@ local function chunked(command, key, items)
   end
 end
 
--- Tokens currently counted in the window (self-healing: an empty log means zero).
+-- Tokens currently counted in the window (self-healing: an empty log means zero), and the log's entry count.
 local function token_total(tok, state)
-  if redis.call('ZCARD', tok) == 0 then
-    return 0
+  local entries = redis.call('ZCARD', tok)
+  if entries == 0 then
+    return 0, 0
   end
-  return math.max(0, tonumber(redis.call('HGET', state, 'tok') or 0))
+  return math.max(0, tonumber(redis.call('HGET', state, 'tok') or 0)), entries
 end
 
 -- Drop token-log entries at or before cutoff and subtract their amounts from the running total.

@@ -3,7 +3,8 @@
 --
 -- KEYS  1 req (ZSET rid -> admit time)        2 tok (ZSET rid -> time; token log)
 --       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold,
---                                                 tat = pacing, vt = the fair line's round now being admitted)
+--                                                 tat = pacing, vt = the fair line's round now being admitted,
+--                                                 kept = until when keys 1-4 surely live: keep_window)
 --       5 lease (ZSET reservation -> expiry)   6 line (ZSET ticket -> place: waiting since - priority offset, or
 --                                                 with fairness the job's round - priority offset)
 --       7 due (ZSET ticket -> told to return at)  8 need (HASH ticket -> estimated tokens)
@@ -70,7 +71,8 @@ end
 
 -- When one set of limits (a key's or a tenant's, each with its own waiting line) could admit the job, from its
 -- place `mine` in that line (`queued`: the line holds it). Returns the earliest moment every limit of the set
--- admits it and the limit that binds (nil: it may go now), and the pacing state to write on admission.
+-- admits it and the limit that binds (nil: it may go now), the pacing state to write on admission, and which of
+-- the set's req, tok and lease keys are empty now (an admission brings them back without a TTL).
 -- `favored`: the low-priority waiter owed its minimum share ({ticket, score}), which goes before everyone.
 -- `low_turn`: for a low-priority job, how many admissions its share lets pass before its turn comes.
 local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, low_turn)
@@ -161,7 +163,7 @@ local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, l
   end
 
   -- Tokens: reserved estimates (reconciled on release) in the same sliding window.
-  local total = token_total(L.tok, L.state)
+  local total, entries = token_total(L.tok, L.state)
   if tpm > 0 and total + hold_tok + est > tpm and not (total == 0 and hold_n == 0) then
     -- Tokens every older waiter will reserve first (exact for the first 512, extrapolated beyond).
     local ahead = 0
@@ -234,11 +236,12 @@ local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, l
     end
     block(at, 'concurrency')
   end
-  return blocked_at, blocked_by, interval, tat
+  return blocked_at, blocked_by, interval, tat, {req = count == 0, tok = entries == 0, lease = in_use == 0}
 end
 
 -- Record an admission against one set of limits and take the job out of its line (`queued`: it was in it).
-local function charge(L, reservation, interval, tat, queued)
+-- `empty`: the keys that were empty before it (from assess).
+local function charge(L, reservation, interval, tat, queued, empty)
   redis.call('ZADD', L.req, now, rid)
   if interval > 0 then
     redis.call('HSET', L.state, 'tat', tat + interval)
@@ -255,8 +258,15 @@ local function charge(L, reservation, interval, tat, queued)
     redis.call('HDEL', L.need, ticket)
     if L.low and is_low then redis.call('ZREM', L.low, ticket) end
   end
-  for _, key in ipairs({L.req, L.tok, L.amt, L.state}) do keep(key, window) end
-  keep(L.lease, lease_us)
+  local born = {}
+  if empty.req then born[#born + 1] = L.req end
+  if empty.tok and est > 0 then born[#born + 1], born[#born + 2] = L.tok, L.amt end
+  keep_window(L, window, now, born)
+  if empty.lease then
+    redis.call('PEXPIRE', L.lease, math.ceil((lease_us + SLACK) / 1000))
+  else
+    keep(L.lease, lease_us)  -- never shortens: a renewal may have asked for more
+  end
 end
 
 -- Wait (or keep waiting) in one line, told to come back at `at`.
@@ -284,13 +294,14 @@ end
 
 -- 2. The tenant's own limits, in its own line (first wait, moved by priority): a job its tenant's limits hold
 -- back does not wait in the key's line, so it holds none of the key's capacity from other tenants.
-local t_at, t_by, t_place, t_queued = now, nil, nil, false
+local t_at, t_by, t_place, t_queued, t_empty = now, nil, nil, false, nil
 if tenant_limited then
   tidy(T)
   t_place = tonumber(redis.call('ZSCORE', T.line, ticket))
   t_queued = t_place ~= nil
   if not t_queued then t_place = waited_place() end
-  t_at, t_by = assess(T, trpm, ttpm, tconc, 0, t_place, t_queued, 'tenant_')
+  local _pace, _tat
+  t_at, t_by, _pace, _tat, t_empty = assess(T, trpm, ttpm, tconc, 0, t_place, t_queued, 'tenant_')
 end
 
 -- 3. Our place in the key's line. By wait: the first deferral time moved ahead by the job's priority, kept by the
@@ -341,7 +352,7 @@ local blocked_at, blocked_by = now, nil
 if cool_until > now then
   blocked_at, blocked_by = cool_until, 'upstream'
 end
-local k_at, k_by, interval, tat = assess(K, rpm, tpm, conc, burst, mine, queued, '', favored, low_turn)
+local k_at, k_by, interval, tat, k_empty = assess(K, rpm, tpm, conc, burst, mine, queued, '', favored, low_turn)
 if k_by and (blocked_by == nil or k_at > blocked_at) then blocked_at, blocked_by = k_at, k_by end
 if t_by and (blocked_by == nil or t_at > blocked_at) then blocked_at, blocked_by = t_at, t_by end
 
@@ -360,8 +371,8 @@ if blocked_by == nil then
     owed = math.max(-1, math.min(1, owed + low_share - (is_low and 1 or 0)))
     redis.call('HSET', K.state, 'lowdebt', owed)
   end
-  charge(K, reservation, interval, tat, queued)
-  if tenant_limited then charge(T, reservation, 0, now, t_queued) end
+  charge(K, reservation, interval, tat, queued, k_empty)
+  if tenant_limited then charge(T, reservation, 0, now, t_queued, t_empty) end
   return {1, 0, '', reservation, redis.call('HEXISTS', cool, 'streak')}
 end
 

@@ -18,9 +18,10 @@ admitted, reserved = tonumber(admitted), tonumber(reserved)
 local function settle(tok, amt, state, lease)
   -- The slot: free it, and feed the mean hold time used to estimate when slots free up.
   local held = redis.call('ZREM', lease, reservation)
+  local known = redis.call('HMGET', state, 'hold', 'kept')
   if held == 1 then
     local took = math.max(0, now - admitted)
-    local mean = tonumber(redis.call('HGET', state, 'hold') or 0)
+    local mean = tonumber(known[1] or 0)
     if mean > 0 then mean = mean + 0.2 * (took - mean) else mean = took end
     redis.call('HSET', state, 'hold', math.max(1, math.floor(mean)))
   end
@@ -31,10 +32,12 @@ local function settle(tok, amt, state, lease)
     local cutoff = now - window
     trim_tokens(tok, amt, state, cutoff)
     local current = tonumber(redis.call('HGET', amt, rid))
+    local entered = false  -- a new entry in the log, which the admission's TTLs may not cover
     if current == nil and admitted > cutoff then
       current = 0  -- reserved nothing (or the entry was dropped): account at the admission time
       redis.call('ZADD', tok, admitted, rid)
       redis.call('HSET', amt, rid, 0)
+      entered = true
     end
     if current ~= nil then
       if actual ~= current then
@@ -47,11 +50,18 @@ local function settle(tok, amt, state, lease)
         redis.call('ZADD', tok, now, extra)
         redis.call('HSET', amt, extra, actual - reserved)
         redis.call('HINCRBY', state, 'tok', actual - reserved)
+        entered = true
       end
     end
-    for _, key in ipairs({tok, amt}) do keep(key, window) end
+    if entered then
+      for _, key in ipairs({tok, amt, state}) do keep(key, window) end
+    end
   end
-  keep(state, window)
+  -- The admission left these keys alive past its entries' window (keep_window); a state without the field it
+  -- writes there (gone meanwhile, or written only by a waiting line) is given its TTL here.
+  if not known[2] then
+    keep(state, window)
+  end
   return held
 end
 
