@@ -350,17 +350,23 @@ def test_rerun_failed_job(runtime) -> None:
     assert runtime.store.rerun(job_id) == "queued", "only failed or canceled jobs run again"
 
 
+def lapsed(runtime, job_id: str) -> bool:
+    """The job's lease expired and the heartbeat of the process that started it too (that process is dead)."""
+    heartbeat = runtime.store.keys.worker_alive(runtime.store.fields(job_id)["worker"])
+    return job_id in runtime.store.expired_leases() and not runtime.raw_redis.exists(heartbeat)
+
+
 def test_expired_lease_is_swept_back_and_gives_up_after_repeated_losses(runtime) -> None:
     keeper = LeaseKeeper(runtime.store, lease_s=0.05, sweep_s=0.01)
     job_id = runtime.store.submit(new_job()).job["id"]
     for _ in range(MAX_WORKER_LOSSES):
         assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
-        wait_for(lambda: job_id in runtime.store.expired_leases(), what="the lease to lapse")
+        wait_for(lambda: lapsed(runtime, job_id), what="the lease and the heartbeat to lapse")
         runtime.raw_redis.delete(f"{runtime.namespace}:reaper")
         assert keeper.sweep() == [job_id]
         assert runtime.store.get(job_id)["status"] == "queued"
     runtime.store.start_attempt(job_id, lease_s=0.05)
-    wait_for(lambda: job_id in runtime.store.expired_leases(), what="the lease to lapse")
+    wait_for(lambda: lapsed(runtime, job_id), what="the lease and the heartbeat to lapse")
     runtime.raw_redis.delete(f"{runtime.namespace}:reaper")
     keeper.sweep()
     job = runtime.store.get(job_id)

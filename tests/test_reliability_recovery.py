@@ -42,8 +42,11 @@ def runtime(redis_url: str, namespace: str) -> Runtime:
 
 
 def wait_for_lapse(runtime: Runtime, job_id: str) -> None:
-    """Until the job's lease has expired (by the clock the store judges leases with)."""
-    wait_for(lambda: job_id in runtime.store.expired_leases(), timeout=10, what=f"the lease of {job_id} to lapse")
+    """Until the job's lease has expired (by the clock the store judges leases with) and so has the heartbeat of
+    the process that started it: that process is dead."""
+    heartbeat = runtime.store.keys.worker_alive(runtime.store.fields(job_id)["worker"])
+    wait_for(lambda: job_id in runtime.store.expired_leases() and not runtime.raw_redis.exists(heartbeat),
+             timeout=10, what=f"the lease of {job_id} and its worker's heartbeat to lapse")
 
 
 def queued_job_ids(runtime: Runtime, queue: str = JOBS_QUEUE) -> list[str]:
@@ -126,7 +129,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     new = NewJob(app="support", source="api", request=JobRequest(query="cb"), scope="client:t",
                  callback_url="http://127.0.0.1:9/hook")
     job_id = runtime.store.submit(new).job["id"]
-    assert runtime.store.start_attempt(job_id, lease_s=30).state == "started"
+    assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
     status, record = runtime.store.finish_keeping_callback(
         job_id, JobStatus.SUCCEEDED, lease_s=0.05, lock_s=30, result={"answer": "hi"})
     assert status == "succeeded" and record is not None
@@ -153,10 +156,12 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     assert queued_job_ids(runtime, CALLBACKS_QUEUE) == [job_id], "a settled callback is not enqueued again"
 
 
-def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(runtime: Runtime) -> None:
+def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(
+    runtime: Runtime, redis_url: str, namespace: str
+) -> None:
     """While Redis was away no worker could renew, so every lease may have lapsed; sweeping at once would hand
     jobs that are still running to a second worker. The reaper sweeps after one lease of answers from Redis."""
-    keeper = LeaseKeeper(runtime.store, lease_s=0.3)
+    keeper = LeaseKeeper(make_runtime(redis_url, namespace, APPS).store, lease_s=0.3)
     job_id = runtime.store.submit(new_job()).job["id"]
     runtime.store.start_attempt(job_id, lease_s=0.05)
     wait_for_lapse(runtime, job_id)
@@ -168,6 +173,30 @@ def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(run
         return runtime.store.get(job_id)["status"] == "queued"
 
     wait_for(swept, timeout=10, what="a sweep once Redis has answered for a lease")
+    assert runtime.store.fields(job_id)["worker_losses"] == "1"
+
+
+def test_the_reaper_leaves_a_live_workers_expired_lease_and_takes_a_dead_ones(
+    runtime: Runtime, redis_url: str, namespace: str
+) -> None:
+    """A worker process whose renewals fell behind (starved of CPU) still has its heartbeat: the reaper renews its
+    job's lease instead of running the job again. Once the heartbeat lapses too, the job is taken back."""
+    live = LeaseKeeper(runtime.store, lease_s=0.5)
+    reaper = LeaseKeeper(make_runtime(redis_url, namespace, APPS).store, lease_s=0.5, sweep_s=0.01)
+    job_id = runtime.store.submit(new_job()).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=0.05)
+    live.upkeep()  # a round that renews no lease (the job is not tracked): the heartbeat alone
+    wait_for(lambda: job_id in runtime.store.expired_leases(), timeout=10, what="the lease to lapse")
+    runtime.raw_redis.delete(runtime.store.keys.reaper)
+    assert reaper.sweep() == [job_id]
+    assert runtime.store.get(job_id)["status"] == "running"
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) > time.time() * 1000, "renewed for it"
+    assert "worker_losses" not in runtime.store.fields(job_id)
+
+    wait_for_lapse(runtime, job_id)
+    runtime.raw_redis.delete(runtime.store.keys.reaper)
+    assert reaper.sweep() == [job_id]
+    assert runtime.store.get(job_id)["status"] == "queued"
     assert runtime.store.fields(job_id)["worker_losses"] == "1"
 
 
@@ -207,7 +236,7 @@ def test_the_redelivered_and_the_reenqueued_message_call_dify_once(
     while fetched is None:
         fetched = next(consumer)
     assert fetched.args[0] == job_id
-    runtime.store.start_attempt(job_id, lease_s=0.2)
+    make_runtime(redis_url, namespace, apps).store.start_attempt(job_id, lease_s=0.2)  # the dead process's store
     deliveries = Deliveries()
     started = time.monotonic()
     with running_worker(runtime, middleware=[deliveries]):

@@ -84,7 +84,7 @@ class Pods:
 
     @staticmethod
     def worker_ids(pod: subprocess.Popen[bytes]) -> set[str]:
-        """The ``worker`` field a job record gets when one of this pod's processes runs it."""
+        """The processes of this pod, as ``process_of`` names them."""
         host = os.uname().nodename
         try:
             return {f"{host}:{child.pid}" for child in psutil.Process(pod.pid).children(recursive=True)}
@@ -96,6 +96,12 @@ class Pods:
         """SIGKILL the whole pod (master and children) at once."""
         os.killpg(pod.pid, signal.SIGKILL)
         pod.wait()
+
+
+def process_of(record: dict[str, str]) -> str | None:
+    """The process (host:pid) of the ``worker`` field of a job record (host:pid:token), if it has one."""
+    worker = record.get("worker")
+    return worker.rsplit(":", 1)[0] if worker else None
 
 
 def enqueue(runtime: Runtime, app: str, marker: str, callback_url: str | None = None) -> str:
@@ -181,7 +187,7 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             snapshot = records(runtime, list(queries))
-            running = [r for r in snapshot.values() if r.get("status") == "running" and r.get("worker") in victim_ids]
+            running = [r for r in snapshot.values() if r.get("status") == "running" and process_of(r) in victim_ids]
             done = [r for r in snapshot.values() if r.get("status") in FINAL_STATUSES]
             if len(running) >= 6 and len(done) >= 20:
                 break
@@ -190,7 +196,7 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
         Pods.kill(victim)
         at_kill = records(runtime, list(queries))
         in_flight = {job_id for job_id, r in at_kill.items()
-                     if r.get("status") == "running" and r.get("worker") in victim_ids}
+                     if r.get("status") == "running" and process_of(r) in victim_ids}
         # A consumer silent since the kill is the dead pod's once the survivor has beaten after it.
         wait_for(lambda: runtime.raw_redis.zcount(f"{namespace}:__heartbeats__", killed_at_ms + 1, "+inf") > 0)
         held = {job_id for job_id in dead_consumer_jobs(runtime, killed_at_ms)
@@ -198,7 +204,7 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
         recovered_at: dict[str, float] = {}
         while set(recovered_at) != held and time.monotonic() < killed_at + 30:
             for job_id, record in records(runtime, sorted(held - set(recovered_at))).items():
-                if record.get("status") in FINAL_STATUSES or record.get("worker") not in victim_ids | {None}:
+                if record.get("status") in FINAL_STATUSES or process_of(record) not in victim_ids | {None}:
                     recovered_at[job_id] = time.monotonic() - killed_at
             time.sleep(0.05)
         producer.join()
@@ -245,8 +251,8 @@ def test_a_pod_whose_threads_are_busy_leaves_new_jobs_to_a_pod_with_free_ones(
         free_ids = pods.worker_ids(free)
         busy_ids = pods.worker_ids(busy)
     assert {r["status"] for r in settled.values()} == {"succeeded"}
-    assert all(record["worker"] in free_ids for record in settled.values())
-    assert all(r["status"] == "running" and r["worker"] in busy_ids for r in still_running.values())
+    assert all(process_of(record) in free_ids for record in settled.values())
+    assert all(r["status"] == "running" and process_of(r) in busy_ids for r in still_running.values())
 
 
 @pytest.mark.slow
@@ -280,9 +286,57 @@ def test_sigterm_finishes_running_jobs_and_hands_back_the_rest_without_a_duplica
     assert exit_code == 0
     assert {r["status"] for r in settled.values()} == {"succeeded"}
     assert set(calls.values()) == {1}
-    assert all(settled[job_id]["worker"] in stopping_ids for job_id in running)
-    assert all(settled[job_id]["worker"] not in stopping_ids for job_id in prefetched)
+    assert all(process_of(settled[job_id]) in stopping_ids for job_id in running)
+    assert all(process_of(settled[job_id]) not in stopping_ids for job_id in prefetched)
     assert not any("worker_losses" in r for r in settled.values())
+
+
+@pytest.mark.slow
+def test_a_stopped_pod_keeps_its_job_past_its_lease_and_a_killed_one_loses_it(
+    tmp_path: Path, redis_url: str, namespace: str, emulator
+) -> None:
+    """A live process starved of CPU (here SIGSTOPped, the extreme case) past its job's lease keeps the job: the
+    other pod's reaper sees the process's heartbeat and renews the lease instead of running the job again, and
+    after SIGCONT the job ends with one Dify call. A SIGKILLed pod's job is run again by the other pod."""
+    config = config_for(namespace, emulator.base_url)
+    runtime = Runtime(parse_config(config), redis_url)
+    leases = RedisKeys(namespace).leases
+    with difyq_processes(tmp_path, redis_url, config) as difyq:
+        pods = Pods(difyq, threads=1)
+        difyq.env[LEASE_ENV] = "4s"  # the heartbeat outlives a round by 8 s: room for this test's polling
+        both = (pods.start(), pods.start())
+
+        def pod_running(job_id: str) -> subprocess.Popen[bytes] | None:
+            record = runtime.store.fields(job_id) or {}
+            running = record.get("status") == "running"
+            return next((pod for pod in both if running and process_of(record) in pods.worker_ids(pod)), None)
+
+        kept = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("stopped", 1)}
+        kept_id = next(iter(kept))
+        stopped = wait_for(lambda: pod_running(kept_id), timeout=30)
+        stopped_ids = pods.worker_ids(stopped)
+        os.killpg(stopped.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: (runtime.raw_redis.zscore(leases, kept_id) or float("inf")) < time.time() * 1000,
+                     timeout=20)
+            # Only the other pod's reaper can push it forward now: it found the lease expired and kept it.
+            wait_for(lambda: (runtime.raw_redis.zscore(leases, kept_id) or 0) > time.time() * 1000, timeout=20)
+            record_while_stopped = runtime.store.fields(kept_id) or {}
+        finally:
+            os.killpg(stopped.pid, signal.SIGCONT)
+        kept_settled = wait_until_settled(runtime, [kept_id], timeout=60)
+
+        lost = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("killed", 1)}
+        lost_id = next(iter(lost))
+        Pods.kill(wait_for(lambda: pod_running(lost_id), timeout=30))
+        lost_settled = wait_until_settled(runtime, [lost_id], timeout=60)
+
+    assert record_while_stopped["status"] == "running"
+    assert process_of(kept_settled[kept_id]) in stopped_ids
+    assert kept_settled[kept_id]["status"] == "succeeded" and "worker_losses" not in kept_settled[kept_id]
+    assert dify_calls(emulator, kept) == {kept_id: 1}
+    assert lost_settled[lost_id]["status"] == "succeeded" and lost_settled[lost_id]["worker_losses"] == "1"
+    assert dify_calls(emulator, lost)[lost_id] == 2
 
 
 @pytest.mark.slow
@@ -307,7 +361,7 @@ def test_a_job_that_kills_every_worker_running_it_fails_after_a_bounded_number_o
             if record.get("status") in FINAL_STATUSES:
                 break
             if record.get("status") == "running":
-                host = next((pod for pod in live if record.get("worker") in pods.worker_ids(pod)), None)
+                host = next((pod for pod in live if process_of(record) in pods.worker_ids(pod)), None)
                 if host is not None:
                     Pods.kill(host)
                     crashes += 1

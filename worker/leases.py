@@ -3,9 +3,14 @@
 Every running job holds a lease (an expiry in ``{ns}:leases``) that its worker process renews every third of the
 lease. Every worker process also runs the reaper, but one at a time (a Redis lock that lapses after ``sweep_s``):
 
-* a job whose lease expired goes back to the front of the queue with a new message, and its ``worker_losses``
-  count grows; past ``MAX_WORKER_LOSSES`` the job ends failed ``worker_lost`` (the bound for a poison message that
-  kills every worker that runs it: Dramatiq itself never counts such redeliveries);
+* a job whose lease expired stays with its worker process while that process's heartbeat lives
+  (``RedisKeys.worker_alive``, set at every job start and renewal round, expiring ``jobs.store.HEARTBEAT_LEASES`` leases
+  later): a live process starved of CPU whose renewals fell behind still runs the job, and running it again would
+  call Dify twice; its lease is renewed instead (``keep_live_lease.lua``);
+* a job whose lease expired and whose process's heartbeat lapsed too goes back to the front of the queue with a
+  new message, and its ``worker_losses`` count grows; past ``MAX_WORKER_LOSSES`` the job ends failed
+  ``worker_lost`` (the bound for a poison message that kills every worker that runs it: Dramatiq itself never
+  counts such redeliveries);
 * a finished job whose lease expired lost the worker that was sending its first callback attempt: the callback
   goes to the callbacks queue if it is still pending.
 
@@ -13,7 +18,8 @@ The other messages a dead worker process had fetched (jobs it had not started ye
 come back through Dramatiq's own recovery (``dramatiq_recovery``): its maintenance puts a dead process's
 unacked messages back on their queues once its heartbeat is ``2 * lease_s`` old. The original message of a
 recovered job may come back as well; it calls Dify only if the job record says nobody else runs the job
-(``start.lua``). With the default 30 s lease a killed worker's running jobs are queued again within 40 s.
+(``start.lua``). With the default 30 s lease a killed worker's running jobs are queued again within 70 s (its
+heartbeat's two leases and one sweep).
 
 Leases keep their meaning across a Redis outage: renewals fail while Redis is away, so the reaper sweeps only
 after Redis has answered for one whole lease, time enough for every live worker to renew. The orphan sweep
@@ -111,6 +117,10 @@ class LeaseKeeper:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        try:
+            self.store.forget_alive()
+        except redis.RedisError as exc:
+            log.warning("worker_heartbeat_not_dropped", error=str(exc))
 
     def _loop(self) -> None:
         interval = min(self.lease_s / 3, self.sweep_s)
@@ -145,7 +155,10 @@ class LeaseKeeper:
             return []
         expired = self.store.expired_leases()
         for job_id in expired:
-            self._recover(job_id)
+            if self.store.keep_live_lease(job_id, self.lease_s):
+                log.info("lease_expired_worker_alive", job_id=job_id)
+            else:
+                self._recover(job_id)
         for tidy_up in self._tidy_ups:
             tidy_up()
         return expired

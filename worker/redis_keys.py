@@ -81,6 +81,11 @@ class RedisKeys:
         """The lock of the process sweeping expired leases."""
         return self._key("reaper")
 
+    def worker_alive(self, worker: str) -> str:
+        """A worker process's heartbeat (its ``worker`` id as written on the jobs it runs): set on every lease
+        round, expiring two leases later; the reaper leaves the expired leases of a process whose heartbeat lives."""
+        return self._key("worker-alive", worker)
+
     @property
     def orphan_sweep(self) -> str:
         """The lock of the process looking for queued jobs without a message (``worker/orphans.py``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -127,6 +128,11 @@ class CancelOutcome:
     task_id: str | None = None
 
 
+# For how many leases a worker process's heartbeat outlives its last renewal round (or job start): a process
+# starved that long, or stopped, counts as dead and loses its jobs (``worker/leases.py``).
+HEARTBEAT_LEASES = 2
+
+
 class JobStore:
     """Everything the producers and the worker read or write about jobs, under the ``{namespace}:`` prefix."""
 
@@ -139,7 +145,9 @@ class JobStore:
         self.keys = RedisKeys(namespace)
         self.config = config
         self.durable_submit = durable_submit
-        self.worker_id = f"{os.uname().nodename}:{os.getpid()}"
+        # host:pid and a token of this process, so a restarted process that gets the same pid (a container's
+        # restart) does not pass for the dead one whose leases it would otherwise keep alive.
+        self.worker_id = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
         self.error_counts = ErrorCounts(client, self.keys)
         self._submit = client.register_script(job_script("submit"))
         self._start = client.register_script(job_script("start"))
@@ -156,6 +164,7 @@ class JobStore:
         self._conversation_restarted = client.register_script(job_script("conversation_restarted"))
         self._note_message = client.register_script(job_script("note_message"))
         self._orphans = client.register_script(job_script("orphans"))
+        self._keep_live_lease = client.register_script(job_script("keep_live_lease"))
 
     def job_key(self, job_id: str) -> str:
         return self.keys.job(job_id)
@@ -408,8 +417,9 @@ class JobStore:
         """Begin an attempt (see start.lua); a started attempt comes with the job's record."""
         now = time.time()
         reply = self._start(
-            keys=[self.job_key(job_id), self.leases_key, self.keys.paused],
-            args=[repr(now), int((now + lease_s) * 1000), self.worker_id, job_id],
+            keys=[self.job_key(job_id), self.leases_key, self.keys.paused, self.keys.worker_alive(self.worker_id)],
+            args=[repr(now), int((now + lease_s) * 1000), self.worker_id, job_id,
+                  int(HEARTBEAT_LEASES * lease_s * 1000)],
         )
         state = _text(reply[0])
         if state == "started":
@@ -686,10 +696,29 @@ class JobStore:
         return bool(reply)
 
     def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
-        """Push the lease of every job this process runs ``lease_s`` into the future (one round trip)."""
+        """Set this process's heartbeat (``RedisKeys.worker_alive``) for ``HEARTBEAT_LEASES`` leases and push the
+        lease of every job it runs ``lease_s`` into the future (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.worker_alive(self.worker_id), 1, px=int(HEARTBEAT_LEASES * lease_s * 1000))
         if job_ids:
             expiry = int((time.time() + lease_s) * 1000)
-            self.redis.zadd(self.leases_key, dict.fromkeys(job_ids, expiry), xx=True)
+            pipe.zadd(self.leases_key, dict.fromkeys(job_ids, expiry), xx=True)
+        pipe.execute()
+
+    def forget_alive(self) -> None:
+        """Drop this process's heartbeat (it stops: whatever lease it still held is the reaper's at once)."""
+        self.redis.delete(self.keys.worker_alive(self.worker_id))
+
+    def keep_live_lease(self, job_id: str, lease_s: float) -> bool:
+        """Renew the expired lease of a job whose worker process still has its heartbeat (a live but slow process:
+        see keep_live_lease.lua); False when the reaper is to take the job back."""
+        owner = self.redis.hget(self.job_key(job_id), JobField.WORKER)
+        if owner is None:
+            return False
+        owner = _text(owner)
+        return bool(self._keep_live_lease(
+            keys=[self.job_key(job_id), self.leases_key, self.keys.worker_alive(owner)],
+            args=[owner, int((time.time() + lease_s) * 1000), job_id]))
 
     def expired_leases(self, limit: int = 100) -> list[str]:
         now_ms = int(time.time() * 1000)
