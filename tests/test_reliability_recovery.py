@@ -176,25 +176,30 @@ def test_after_a_redis_outage_the_reaper_gives_live_workers_a_lease_to_renew(
     assert runtime.store.fields(job_id)["worker_losses"] == "1"
 
 
-def test_the_reaper_leaves_a_live_workers_expired_lease_and_takes_a_dead_ones(
+def test_the_reaper_leaves_a_live_workers_expired_lease_but_not_a_job_it_no_longer_runs(
     runtime: Runtime, redis_url: str, namespace: str
 ) -> None:
-    """A worker process whose renewals fell behind (starved of CPU) still has its heartbeat: the reaper renews its
-    job's lease instead of running the job again. Once the heartbeat lapses too, the job is taken back."""
-    live = LeaseKeeper(runtime.store, lease_s=0.5)
-    reaper = LeaseKeeper(make_runtime(redis_url, namespace, APPS).store, lease_s=0.5, sweep_s=0.01)
+    """A worker process whose renewals fell behind (starved of CPU) still has its heartbeat, and its last round
+    renewed the job's lease: the reaper renews the lease for it instead of running the job again. A job the live
+    process no longer runs (Redis lost the write that ended it) is not renewed by its rounds, and is taken back."""
+    live = LeaseKeeper(runtime.store, lease_s=1.0)
+    reaper = LeaseKeeper(make_runtime(redis_url, namespace, APPS).store, lease_s=1.0, sweep_s=0.01)
+    heartbeat = runtime.store.keys.worker_alive(runtime.store.worker_id)
     job_id = runtime.store.submit(new_job()).job["id"]
     runtime.store.start_attempt(job_id, lease_s=0.05)
-    live.upkeep()  # a round that renews no lease (the job is not tracked): the heartbeat alone
+    live.track(job_id)
+    live.upkeep()  # its last round before the starvation
     wait_for(lambda: job_id in runtime.store.expired_leases(), timeout=10, what="the lease to lapse")
     runtime.raw_redis.delete(runtime.store.keys.reaper)
     assert reaper.sweep() == [job_id]
-    assert runtime.store.get(job_id)["status"] == "running"
+    assert runtime.store.get(job_id)["status"] == "running" and "worker_losses" not in runtime.store.fields(job_id)
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) > time.time() * 1000, "renewed for it"
-    assert "worker_losses" not in runtime.store.fields(job_id)
 
-    wait_for_lapse(runtime, job_id)
+    live.untrack(job_id)
+    live.upkeep()
+    wait_for(lambda: job_id in runtime.store.expired_leases(), timeout=10, what="the lease to lapse")
     runtime.raw_redis.delete(runtime.store.keys.reaper)
+    assert runtime.raw_redis.exists(heartbeat), "the process is alive"
     assert reaper.sweep() == [job_id]
     assert runtime.store.get(job_id)["status"] == "queued"
     assert runtime.store.fields(job_id)["worker_losses"] == "1"

@@ -4,10 +4,12 @@ Every running job holds a lease (an expiry in ``{ns}:leases``) that its worker p
 lease. Every worker process also runs the reaper, but one at a time (a Redis lock that lapses after ``sweep_s``):
 
 * a job whose lease expired stays with its worker process while that process's heartbeat lives
-  (``RedisKeys.worker_alive``, set at every job start and renewal round, expiring ``jobs.store.HEARTBEAT_LEASES`` leases
-  later): a live process starved of CPU whose renewals fell behind still runs the job, and running it again would
-  call Dify twice; its lease is renewed instead (``keep_live_lease.lua``);
-* a job whose lease expired and whose process's heartbeat lapsed too goes back to the front of the queue with a
+  (``RedisKeys.worker_alive``: the time of its last renewal round, expiring ``jobs.store.HEARTBEAT_LEASES``
+  leases later) and that round renewed the job's lease: a live process starved of CPU whose renewals fell behind
+  still runs the job, and running it again would call Dify twice; its lease is renewed instead
+  (``keep_live_lease.lua``);
+* any other job whose lease expired (its process is dead, or no longer runs it) goes back to the front of the
+  queue with a
   new message, and its ``worker_losses`` count grows; past ``MAX_WORKER_LOSSES`` the job ends failed
   ``worker_lost`` (the bound for a poison message that kills every worker that runs it: Dramatiq itself never
   counts such redeliveries);

@@ -416,10 +416,11 @@ class JobStore:
     def start_attempt(self, job_id: str, lease_s: float) -> AttemptStart:
         """Begin an attempt (see start.lua); a started attempt comes with the job's record."""
         now = time.time()
+        now_ms = int(now * 1000)
         reply = self._start(
             keys=[self.job_key(job_id), self.leases_key, self.keys.paused, self.keys.worker_alive(self.worker_id)],
-            args=[repr(now), int((now + lease_s) * 1000), self.worker_id, job_id,
-                  int(HEARTBEAT_LEASES * lease_s * 1000)],
+            args=[repr(now), now_ms + int(lease_s * 1000), self.worker_id, job_id,
+                  int(HEARTBEAT_LEASES * lease_s * 1000), now_ms],
         )
         state = _text(reply[0])
         if state == "started":
@@ -696,13 +697,14 @@ class JobStore:
         return bool(reply)
 
     def renew_leases(self, job_ids: list[str], lease_s: float) -> None:
-        """Set this process's heartbeat (``RedisKeys.worker_alive``) for ``HEARTBEAT_LEASES`` leases and push the
-        lease of every job it runs ``lease_s`` into the future (one round trip)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.worker_alive(self.worker_id), 1, px=int(HEARTBEAT_LEASES * lease_s * 1000))
+        """Push the lease of every job this process runs ``lease_s`` into the future and set its heartbeat
+        (``RedisKeys.worker_alive``: this round's time, for ``HEARTBEAT_LEASES`` leases), in one transaction: a
+        lease that ends before this round's time plus a lease is of a job the process no longer runs."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.worker_alive(self.worker_id), now_ms, px=int(HEARTBEAT_LEASES * lease_s * 1000))
         if job_ids:
-            expiry = int((time.time() + lease_s) * 1000)
-            pipe.zadd(self.leases_key, dict.fromkeys(job_ids, expiry), xx=True)
+            pipe.zadd(self.leases_key, dict.fromkeys(job_ids, now_ms + int(lease_s * 1000)), xx=True)
         pipe.execute()
 
     def forget_alive(self) -> None:
@@ -718,7 +720,7 @@ class JobStore:
         owner = _text(owner)
         return bool(self._keep_live_lease(
             keys=[self.job_key(job_id), self.leases_key, self.keys.worker_alive(owner)],
-            args=[owner, int((time.time() + lease_s) * 1000), job_id]))
+            args=[owner, int((time.time() + lease_s) * 1000), job_id, int(lease_s * 1000)]))
 
     def expired_leases(self, limit: int = 100) -> list[str]:
         now_ms = int(time.time() * 1000)

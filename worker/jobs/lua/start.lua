@@ -4,9 +4,10 @@
 -- writes) is taken over.
 -- A paused job started (its forms' expiry came) leaves the paused jobs.
 -- The record is read once (HGETALL) and written once: the reply is that record with this attempt's changes.
--- A started job's worker process has its heartbeat (what keeps the reaper off its leases) from the start on.
+-- A started job's worker process has its heartbeat (what keeps the reaper off its leases) from the start on: a
+-- process without one gets it now; an existing one keeps the time of its last lease round (keep_live_lease.lua).
 -- KEYS: 1 job hash, 2 leases zset, 3 paused zset, 4 the worker process's heartbeat
--- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id, 4 job id, 5 heartbeat ttl ms
+-- ARGV: 1 now (unix seconds), 2 lease expiry ms, 3 worker id, 4 job id, 5 heartbeat ttl ms, 6 now ms
 -- Returns {'started', attempts, first start 1|0, record field, value, ...}, or {'missing'}, {'final', status},
 -- {'busy'}.
 local record = redis.call('HGETALL', KEYS[1])
@@ -37,7 +38,7 @@ if first then
 end
 redis.call('HSET', KEYS[1], unpack(changes))
 redis.call('ZADD', KEYS[2], ARGV[2], id)
-redis.call('SET', KEYS[4], 1, 'PX', ARGV[5])
+redis.call('SET', KEYS[4], ARGV[6], 'PX', ARGV[5], 'NX')
 for i = 1, #changes, 2 do
   local index = at[changes[i]]
   if index then
