@@ -9,8 +9,7 @@ lease. Every worker process also runs the reaper, but one at a time (a Redis loc
   still runs the job, and running it again would call Dify twice; its lease is renewed instead
   (``keep_live_lease.lua``);
 * any other job whose lease expired (its process is dead, or no longer runs it) goes back to the front of the
-  queue with a
-  new message, and its ``worker_losses`` count grows; past ``MAX_WORKER_LOSSES`` the job ends failed
+  queue with a new message, and its ``worker_losses`` count grows; past ``MAX_WORKER_LOSSES`` the job ends failed
   ``worker_lost`` (the bound for a poison message that kills every worker that runs it: Dramatiq itself never
   counts such redeliveries);
 * a finished job whose lease expired lost the worker that was sending its first callback attempt: the callback

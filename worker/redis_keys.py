@@ -82,8 +82,8 @@ class RedisKeys:
         return self._key("reaper")
 
     def worker_alive(self, worker: str) -> str:
-        """A worker process's heartbeat (its ``worker`` id as written on the jobs it runs): set on every lease
-        round, expiring two leases later; the reaper leaves the expired leases of a process whose heartbeat lives."""
+        """A worker process's heartbeat (its ``worker`` id as written on the jobs it runs): the time (ms) of its
+        last lease round, expiring two leases later; the reaper leaves an expired lease that round renewed."""
         return self._key("worker-alive", worker)
 
     @property
