@@ -22,6 +22,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -133,7 +134,7 @@ class KeyLimiter:
         ``tenant``'s own limits within the key's, in the same admission (the admission then holds the tenant's
         slot too: release it with ``tenant``). ``low_share``: the share of the key's admissions that jobs below
         normal priority (a negative offset) get while they wait, however many higher ones wait with them.
-        Without ``limits`` only the upstream cooldown is checked."""
+        Without ``limits`` (nor ``tenant_limits``) only the upstream cooldown is checked, by a script of its own."""
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         if not ticket:
@@ -150,12 +151,13 @@ class KeyLimiter:
             ttpm = tenant_limits.tokens_per_minute or 0
             tconc = tenant_limits.max_concurrency or 0
         names = self.keys(key_id)
-        admitted, wait_us, limit, reservation, *streak = self._scripts.acquire(
+        if limits is None and not (trpm or ttpm or tconc):
+            return self._admission(self._scripts.cooldown(keys=[names.cool], args=[self._now()]), tenant, False)
+        answer = self._scripts.acquire(
             keys=names.acquire(tenant),
             args=[
                 ticket,
                 secrets.token_hex(8),
-                1 if limits is not None or trpm or ttpm or tconc else 0,
                 rpm,
                 tpm,
                 conc,
@@ -176,13 +178,20 @@ class KeyLimiter:
                 repr(low_share),
             ],
         )
+        return self._admission(answer, tenant, bool(trpm or ttpm or tconc))
+
+    @staticmethod
+    def _admission(answer: list[Any], tenant: str, tenant_limited: bool) -> Admission:
+        """An ``acquire.lua`` or ``cooldown.lua`` answer as an Admission (``tenant_limited``: the reservation also
+        holds the tenant's slot)."""
+        admitted, wait_us, limit, reservation, *streak = answer
         return Admission(
             admitted=bool(admitted),
             wait_s=int(wait_us) / US,
             limit=_text(limit) or None,
             reservation=_text(reservation) or None,
             upstream_streak=bool(streak and int(streak[0])),
-            tenant=tenant if reservation and (trpm or ttpm or tconc) else None,
+            tenant=tenant if reservation and tenant_limited else None,
         )
 
     def renew(self, key_id: str, reservation: str | None, lease_s: float, tenant: str | None = None) -> bool:

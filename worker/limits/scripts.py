@@ -15,7 +15,7 @@ from redis.commands.core import Script
 
 from difyq.worker.lua_scripts import script_source as lua_source
 
-SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
+SCRIPT_NAMES = ("acquire", "cooldown", "release", "renew", "upstream", "success", "remaining")
 
 
 def script_source(name: str) -> str:
@@ -28,6 +28,7 @@ class Scripts:
     """One registered Script per limiter operation, bound to one Redis client."""
 
     acquire: Script
+    cooldown: Script
     release: Script
     renew: Script
     upstream: Script

@@ -1,5 +1,5 @@
--- acquire: check cooldown, requests, tokens and concurrency of one Dify key (and of the job's tenant, when the app
--- sets tenant_limits) and admit all or nothing.
+-- acquire: check cooldown, requests, tokens and concurrency of one Dify key with limits (and of the job's tenant,
+-- when the app sets tenant_limits) and admit all or nothing. A key without any checks cooldown.lua alone.
 --
 -- KEYS  1 req (ZSET rid -> admit time)        2 tok (ZSET rid -> time; token log)
 --       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold,
@@ -11,14 +11,14 @@
 --       9 cool (HASH until, streak)            10 rounds (ZSET tenant -> the round of its last job in the fair line)
 --       11 low (ZSET ticket -> place: the waiters of a priority below normal, with a minimum share)
 --       12-19 the tenant's req, tok, amt, state, lease, line, due, need (its own limits and waiting line)
--- ARGV  1 ticket  2 rid  3 limited (1|0)  4 rpm  5 tpm  6 max concurrency (0 = none)  7 estimated tokens
---       8 lease_us  9 window_us  10 waiting_since_us (-1 = none)  11 grace_us  12 poll_us
---       13 burst (requests admitted at once before pacing; 0 or rpm = no pacing)  14 fake now ('' = TIME)
---       15 priority offset_us (the job's priority level x jobs.priority_step: how far ahead of its waiting time
+-- ARGV  1 ticket  2 rid  3 rpm  4 tpm  5 max concurrency (0 = none)  6 estimated tokens
+--       7 lease_us  8 window_us  9 waiting_since_us (-1 = none)  10 grace_us  11 poll_us
+--       12 burst (requests admitted at once before pacing; 0 or rpm = no pacing)  13 fake now ('' = TIME)
+--       14 priority offset_us (the job's priority level x jobs.priority_step: how far ahead of its waiting time
 --          it joins the line; negative for a low priority)
---       16 fairness (1 = round-robin across tenants)  17 tenant
---       18 tenant rpm  19 tenant tpm  20 tenant max concurrency (0 = none each)
---       21 the minimum share of the key's admissions that goes to jobs below normal priority while they wait
+--       15 fairness (1 = round-robin across tenants)  16 tenant
+--       17 tenant rpm  18 tenant tpm  19 tenant max concurrency (0 = none each)
+--       20 the minimum share of the key's admissions that goes to jobs below normal priority while they wait
 --          (jobs.low_priority_min_share; 0 = none)
 -- Returns {admitted 1|0, wait_us, limit or '', reservation or '', 1 when the key has a 429 streak to reset on success
 -- (admitted only)}.
@@ -29,19 +29,18 @@ local cool, rounds = KEYS[9], KEYS[10]
 local T = {req = KEYS[12], tok = KEYS[13], amt = KEYS[14], state = KEYS[15], lease = KEYS[16], line = KEYS[17],
            due = KEYS[18], need = KEYS[19]}
 local ticket, rid = ARGV[1], ARGV[2]
-local limited = ARGV[3] == '1'
-local rpm, tpm, conc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local est = tonumber(ARGV[7])
-local lease_us, window = tonumber(ARGV[8]), tonumber(ARGV[9])
-local since = tonumber(ARGV[10])
-local grace, poll = tonumber(ARGV[11]), tonumber(ARGV[12])
-local burst = tonumber(ARGV[13])
-local now = clock(ARGV[14])
-local priority_offset = tonumber(ARGV[15])
-local fair, tenant = ARGV[16] == '1', ARGV[17]
-local trpm, ttpm, tconc = tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
+local rpm, tpm, conc = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local est = tonumber(ARGV[6])
+local lease_us, window = tonumber(ARGV[7]), tonumber(ARGV[8])
+local since = tonumber(ARGV[9])
+local grace, poll = tonumber(ARGV[10]), tonumber(ARGV[11])
+local burst = tonumber(ARGV[12])
+local now = clock(ARGV[13])
+local priority_offset = tonumber(ARGV[14])
+local fair, tenant = ARGV[15] == '1', ARGV[16]
+local trpm, ttpm, tconc = tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19])
 local tenant_limited = trpm > 0 or ttpm > 0 or tconc > 0
-local low_share = tonumber(ARGV[21])
+local low_share = tonumber(ARGV[20])
 local is_low = priority_offset < 0 and low_share > 0
 local ROUND = 1000000  -- one round of the fair line, in the units of a place (so a priority offset is in rounds)
 
@@ -283,14 +282,8 @@ local function head_round()
   return #head > 0 and tonumber(head[2]) or now
 end
 
--- 1. Upstream cooldown (a Dify 429): applies whether or not the app has limits.
+-- 1. Upstream cooldown (a Dify 429): binds like a limit (a key without limits checks it alone: cooldown.lua).
 local cool_until = tonumber(redis.call('HGET', cool, 'until') or 0)
-if cool_until > now and not limited then
-  return {0, math.ceil(cool_until - now), 'upstream', ''}
-end
-if not limited then
-  return {1, 0, '', '', redis.call('HEXISTS', cool, 'streak')}
-end
 
 -- 2. The tenant's own limits, in its own line (first wait, moved by priority): a job its tenant's limits hold
 -- back does not wait in the key's line, so it holds none of the key's capacity from other tenants.
