@@ -241,11 +241,6 @@ class KeyLimiter:
         )
         return int(left) / US
 
-    def cooldown_key(self, key_id: str) -> str:
-        """The hash that holds the key's upstream cooldown (``until``, ``streak``; microseconds of Redis TIME),
-        for a script that admits an app without limits on its own (the job store's start script)."""
-        return self.keys(key_id).cool
-
     def report_success(self, key_id: str) -> None:
         """A call went through: the next 429 starts from the base cooldown again. Writes only if needed."""
         self._scripts.success(keys=[self.keys(key_id).cool], args=[])
