@@ -273,3 +273,14 @@ def test_a_multipart_submit_uploads_its_files_at_submit(stack, emulator: Running
     stray = requests.post(f"{base}/v1/jobs", headers=auth(), timeout=10, data={"job": json.dumps(job)},
                           files={"attachment": ("a.pdf", b"%PDF", "application/pdf")})
     assert stray.status_code == 422 and stray.json()["error"]["field"] == "attachment", stray.text
+
+
+@pytest.mark.parametrize("body", [b"--b0undary\n", b"--b0undary\r\nContent-Disposition: form-data\r\n\r\n", b"junk"])
+def test_a_malformed_multipart_body_is_a_422_naming_the_body(stack, body: bytes) -> None:
+    runtime, base = stack
+    before = runtime.raw_redis.zcard(runtime.store.index_key())
+    response = requests.post(f"{base}/v1/jobs", data=body, timeout=10,
+                             headers={**auth(), "Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_multipart", response.text
+    assert runtime.raw_redis.zcard(runtime.store.index_key()) == before

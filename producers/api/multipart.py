@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from python_multipart.exceptions import FormParserError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import Message
@@ -78,6 +79,8 @@ async def read_multipart(request: Request, raw: bytes) -> tuple[dict[str, Any], 
     except HTTPException as exc:
         raise ApiError(422, "invalid_multipart", f"the multipart body cannot be read: {exc.detail}",
                        WHOLE_BODY) from None
+    except FormParserError as exc:  # raised through by Starlette releases before it wrapped the parser's errors
+        raise ApiError(422, "invalid_multipart", f"the multipart body cannot be read: {exc}", WHOLE_BODY) from None
     job: dict[str, Any] | None = None
     parts: list[FilePart] = []
     try:
