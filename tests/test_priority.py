@@ -82,7 +82,8 @@ def test_high_priority_jobs_take_the_next_free_worker_threads(tmp_path: Path, re
     assert {job["status"] for job in finished} == {"succeeded"}
     assert sorted(query for query in queries if query.startswith("high-")) == ["high-0", "high-1", "high-2"]
     highs = [index for index, query in enumerate(queries) if query.startswith("high-")]
-    assert [queries[index] for index in highs] == ["high-0", "high-1", "high-2"], queries
+    # The two threads take high-0 and high-1 together (either may reach Dify first); high-2 waits for one of them.
+    assert queries[highs[-1]] == "high-2", queries
     normal_before = [query for query in queries[2:highs[-1]] if query.startswith("normal-")]
     print(f"\nnormal calls between the high jobs' submit and the last high call: {len(normal_before)} of 10")
     assert len(normal_before) <= 4, queries

@@ -66,14 +66,15 @@ def metrics_table_problems(scrapes: dict[str, str]) -> list[str]:
 
 def _placeholder(name: str) -> str:
     """What a ``{placeholder}`` of the Redis table stands for: a queue is one of difyq's queues (or its delay or
-    dead-letter queue), a scope or a fire time may hold colons, anything else is one key segment."""
+    dead-letter queue), a scope, a fire time or a worker id (``host:pid:token``) may hold colons, anything else is one
+    key segment."""
     from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 
     if name == "ns":
         return "(?P<ns>[^:]+)"
     if name == "queue":
         return f"(?:{JOBS_QUEUE}|{CALLBACKS_QUEUE})(?:\\.DQ|\\.XQ)?"
-    if name in ("scope", "time"):
+    if name in ("scope", "time", "worker"):
         return ".+"
     return "[^:]+"
 
