@@ -73,7 +73,9 @@ def run_mode(args: argparse.Namespace, url: str, fair: bool) -> dict:
         thread.start()
     for _ in range(args.backlog):
         ready.put((uuid.uuid4().hex, "A", 0.0))
-    time.sleep(1.0)
+    backlog_by = time.monotonic() + args.timeout
+    while not ready.empty() and time.monotonic() < backlog_by:  # every A job has taken its place in the line
+        time.sleep(0.01)
     for _ in range(args.b_jobs):
         ticket = uuid.uuid4().hex
         with lock:
