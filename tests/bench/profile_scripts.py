@@ -1,6 +1,7 @@
 """Redis's time per script for one job's hot path, without the bench's load: each job goes submit → Dramatiq's
 fetch → admission → start → release → finish → callback recorded → ack, one after another through difyq's own
-store, throttle and broker, on a private Redis, with the slow log at threshold 0 (``redis_trace.ScriptTimes``).
+store, throttle and broker, on a private Redis, with the slow log at threshold 0 (``redis_trace.ScriptTimes``),
+which also counts Redis's reads of client requests: the job's round trips.
 
     .venv/bin/python -m tests.bench.profile_scripts --jobs 500             # an app without limits
     .venv/bin/python -m tests.bench.profile_scripts --jobs 500 --limits    # requests, tokens and concurrency
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--limits", action="store_true", help="the app has every limit (none binding)")
     args = parser.parse_args()
     result = profile(args.jobs, args.limits)
+    print(f"{result['reads_per_job']:.2f} round trips (client reads) per job")
     for name, figures in result["by_name"].items():
         print(f"{name:28} {figures['calls_per_job']:5.2f}/job {figures['usec_per_call']:7.1f} µs/call "
               f"{figures['usec_per_job']:7.1f} µs/job")

@@ -3,7 +3,8 @@
 ``INFO commandstats`` counts both alike (an ``EVALSHA`` whose script makes six calls counts seven), which says how
 much work Redis does but not how many round trips a job costs. ``MONITOR`` tells them apart (``[0 lua]`` is a
 script's call), at a price in Redis throughput, so it only runs in a short window of its own. ``ScriptTimes``
-names the time Redis spends in each script (the slow log at threshold 0), in another window.
+names the time Redis spends in each script (the slow log at threshold 0), in another window, with the reads of
+client requests Redis made meanwhile: the round trips proper, as MONITOR lists each command of a pipeline apart.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class ScriptTimes:
         self._saved: dict[str, str] = {}
         self.calls: Counter[str] = Counter()
         self.usec: Counter[str] = Counter()
+        self.reads = 0
+        self._reads = 0
         self._names = known_scripts()
 
     def __enter__(self) -> ScriptTimes:
@@ -116,9 +119,11 @@ class ScriptTimes:
         self._client.config_set("slowlog-max-len", self._max_entries)
         self._client.slowlog_reset()
         self._client.config_set("slowlog-log-slower-than", 0)
+        self._reads = self._reads_processed()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.reads = self._reads_processed() - self._reads - 1  # less this window's own INFO
         self._client.config_set("slowlog-log-slower-than", self._saved.get("slowlog-log-slower-than", 10000))
         for entry in self._client.slowlog_get(self._max_entries):
             if _text(entry.get("client_address")) == "?:0":
@@ -130,6 +135,9 @@ class ScriptTimes:
         self._client.slowlog_reset()
         self._client.config_set("slowlog-max-len", self._saved.get("slowlog-max-len", 128))
         self._client.close()
+
+    def _reads_processed(self) -> int:
+        return int(self._client.info("stats")["total_reads_processed"])
 
     def _name(self, words: list[str]) -> str | None:
         command = words[0].upper()
@@ -144,11 +152,13 @@ class ScriptTimes:
 
     def per_job(self, jobs: int) -> dict[str, Any]:
         """Per command or script: calls per job, usec per call and per job (Redis's execution time, without the
-        network I/O that ``used_cpu`` also counts), most expensive first."""
+        network I/O that ``used_cpu`` also counts), most expensive first; and the reads of client requests Redis
+        made per job (``total_reads_processed``): its round trips, where commands sent in one pipeline count once."""
         jobs = max(jobs, 1)
         return {
             "jobs": jobs,
             "usec_per_job": sum(self.usec.values()) / jobs,
+            "reads_per_job": round(self.reads / jobs, 2),
             "by_name": {name: {"calls_per_job": round(self.calls[name] / jobs, 2),
                                "usec_per_call": round(usec / self.calls[name], 1),
                                "usec_per_job": round(usec / jobs, 1)}
