@@ -31,6 +31,7 @@ from difyq.worker.limits import (
     shared_limits,
     wait_exceeded,
 )
+from difyq.worker.lua_scripts import ScriptCall, run_together
 
 EPOCH = 1_750_000_000.0
 
@@ -132,6 +133,27 @@ def test_every_key_keeps_a_ttl_when_it_empties_and_comes_back(
 def test_survives_a_script_flush(limiter: KeyLimiter, redis_client: redis.Redis, kid: str) -> None:
     redis_client.script_flush()
     assert take(limiter, kid, AppLimits(requests_per_minute=5)).admitted
+
+
+def test_release_goes_with_another_write_in_one_round_trip(limiter: KeyLimiter, redis_client: redis.Redis,
+                                                          redis_url: str, namespace: str, kid: str) -> None:
+    """The runner sends the release with the job's finish (``run_together``): on the other client's connection, after
+    a SCRIPT FLUSH too (each unknown script loaded and sent again), the replies in order, and an error raised only
+    once every call has run."""
+    limits = AppLimits(max_concurrency=1, tokens_per_minute=1000)
+    admission = take(limiter, kid, limits, tokens=100)
+    other = redis_client.register_script("redis.call('SET', KEYS[1], ARGV[1]) return 'set'")
+    failing = redis_client.register_script("return redis.error_reply('refused')")
+    marker = f"{namespace}:marker"
+    release = limiter.release_call(kid, admission.reservation, 40)
+    assert release is not None
+    redis_client.script_flush()
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        assert run_together(client, [release, ScriptCall(other, [marker], ["1"])]) == [1, "set"]
+        assert limiter.remaining(kid, limits) == {"tokens": 960.0, "concurrency": 1.0}
+        with pytest.raises(redis.ResponseError, match="refused"):
+            run_together(client, [ScriptCall(failing, [], []), ScriptCall(other, [marker], ["2"])])
+    assert redis_client.get(marker) == b"2"
 
 
 def test_works_with_a_decoding_client(redis_url: str, namespace: str, kid: str) -> None:

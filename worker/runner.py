@@ -1,6 +1,6 @@
 """JobRunner: one delivery of a ``run_job`` message, read top to bottom in ``run``: the admission (the Dify key's
-limits), the attempt's start (the job record, under a lease), the Dify call, the release of the admission, the
-outcome (stored, or the job requeued for a retry) and the callback's first attempt."""
+limits), the attempt's start (the job record, under a lease), the Dify call, the outcome (stored with the release
+of the admission in one round trip, or the job requeued for a retry) and the callback's first attempt."""
 
 from __future__ import annotations
 
@@ -167,23 +167,23 @@ class JobRunner:
                 self.throttle.give_back(app, admission)
                 self._over_budget(job_id, app, waiting_since, priority, tenant, hold)
                 return
-            started = self._start_and_call(job_id, app, admission, hold)
-            if started is None:
-                return
-            fields, outcome = started
-            try:
-                with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)),
-                      tracing.job(fields.get(JobField.TRACEPARENT))):
-                    self._conclude(job_id, fields, outcome)
-            finally:
-                self.leases.untrack(job_id)
+            with self.throttle.slot(app, admission) as slot:
+                started = self._start_and_call(job_id, slot, hold)
+                if started is None:
+                    return
+                fields, outcome = started
+                try:
+                    with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)),
+                          tracing.job(fields.get(JobField.TRACEPARENT))):
+                        self._conclude(job_id, fields, outcome, slot)
+                finally:
+                    self.leases.untrack(job_id)
 
-    def _start_and_call(self, job_id: str, app: str, admission: Admission, hold: Hold,
-                        ) -> tuple[dict[str, str], Outcome] | None:
-        """The attempt's start and its Dify call, holding the admission and the budget reservations until the call
-        ends, then charging the usage it reported (None: the job did not start: it is final, missing, or runs
-        elsewhere). A started job's lease stays tracked (renewed) until the caller has stored its outcome."""
-        with self.throttle.slot(app, admission) as slot, self.budgets.spending(hold) as spend:
+    def _start_and_call(self, job_id: str, slot: Slot, hold: Hold) -> tuple[dict[str, str], Outcome] | None:
+        """The attempt's start and its Dify call in the admission's ``slot``, holding the budget reservations until
+        the call ends, then charging the usage it reported (None: the job did not start: it is final, missing, or
+        runs elsewhere). A started job's lease stays tracked (renewed) until the caller has stored its outcome."""
+        with self.budgets.spending(hold) as spend:
             start = self.store.start_attempt(job_id, self.leases.lease_s)
             if start.fields is None:
                 slot.tokens = 0
@@ -406,10 +406,11 @@ class JobRunner:
         not made again just because Redis was briefly away (the reaper waits a whole lease after an outage)."""
         return through_blips(write, self.leases.lease_s)
 
-    def _conclude(self, job_id: str, fields: dict[str, str], outcome: Outcome) -> None:
+    def _conclude(self, job_id: str, fields: dict[str, str], outcome: Outcome, slot: Slot | None = None) -> None:
         """Store the outcome (or requeue the job for its retry), then (``callbacks.first_attempt_inline``) make
         the callback's first attempt here, under the job's lease, instead of handing it to another worker through
-        the callbacks queue."""
+        the callbacks queue. A final outcome is stored in the same round trip as the release of the call's
+        ``slot``; a paused or requeued job's slot is released as the caller's ``with`` block ends."""
         if outcome.status is JobStatus.PAUSED and outcome.pause is not None:
             block = outcome.pause
             state = self._durably(lambda: self.store.pause(job_id, fields[JobField.APP], block,
@@ -435,9 +436,10 @@ class JobRunner:
             outcome = Outcome(JobStatus.CANCELED, error=outcome.error)
         status = outcome.status
         lease_s = self.leases.lease_s if self.config.callbacks.first_attempt_inline else None
+        release = self.throttle.release_call(slot) if slot is not None else None
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
             job_id, status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result, error=outcome.error,
-            record=fields, conversation=outcome.conversation))
+            record=fields, conversation=outcome.conversation, along=[release] if release else []))
         self._count_finished(fields, stored)
         callback = self.sender.deliver_first(job_id, record) if record is not None else None
         self._log_finished(stored, callback)

@@ -18,6 +18,7 @@ from difyq.worker.limits import (
     record_upstream_limited,
     shared_limits,
 )
+from difyq.worker.lua_scripts import ScriptCall
 from difyq.worker.runtime import Runtime
 
 REMAINING_EVERY_S = 5.0
@@ -26,12 +27,16 @@ ADMITTED = Admission(admitted=True, wait_s=0.0, limit=None, reservation=None)
 
 @dataclass
 class Slot:
-    """What the call made of its admission, for ``Throttle.slot`` to release: the tokens Dify reported, and
-    whether Dify answered 429 (the key cools down for every worker)."""
+    """An admitted call of ``app`` and what it made of its ``admission``, for ``Throttle`` to release: the tokens
+    Dify reported, and whether Dify answered 429 (the key cools down for every worker); ``released`` once its
+    release was sent or handed over (``Throttle.release_call``)."""
 
+    app: str
+    admission: Admission
     tokens: int | None = None
     rate_limited: bool = False
     succeeded: bool = False
+    released: bool = False
 
 
 class Throttle:
@@ -72,16 +77,17 @@ class Throttle:
 
     @contextmanager
     def slot(self, app: str, admission: Admission) -> Iterator[Slot]:
-        """Hold an admitted call's slot for the ``with`` block (its lease renewed by ``renew_held``), then release
-        it with the tokens the call reported and end or start the key's upstream cooldown."""
-        slot = Slot()
+        """Hold an admitted call's slot for the ``with`` block (its lease renewed by ``renew_held``); a slot whose
+        release the block did not hand over (``release_call``) is released when the block ends."""
+        slot = Slot(app, admission)
         if admission.reservation:
             with self._lock:
                 self._held[admission.reservation] = (self.key_ids[app], admission.reservation, admission.tenant)
         try:
             yield slot
         finally:
-            self._release(app, admission, slot)
+            if not slot.released:
+                self._release(slot)
 
     def renew_held(self) -> None:
         """Renew the slot lease of every call this process runs; a dead process's slots lapse in slot_lease_s."""
@@ -90,29 +96,41 @@ class Throttle:
         for key_id, reservation, tenant in held:
             self.limiter.renew(key_id, reservation, self.slot_lease_s, tenant)
 
-    def _release(self, app: str, admission: Admission, slot: Slot) -> None:
-        key_id = self.key_ids.get(app)
+    def release_call(self, slot: Slot) -> ScriptCall | None:
+        """End ``slot``'s call: the release of its reservation with the tokens the call reported, as a call for the
+        caller to send with its next write (``run_together``), or None when there is nothing to send. The slot is
+        no longer renewed, so a release that never reaches Redis lapses with the slot's lease. The key's upstream
+        cooldown is ended or started at once."""
+        slot.released = True
+        admission, key_id = slot.admission, self.key_ids.get(slot.app)
         if key_id is None:
-            return
+            return None
+        call = None
         if admission.reservation:
             with self._lock:
                 self._held.pop(admission.reservation, None)
-            self.limiter.release(key_id, admission.reservation, 0 if slot.rate_limited else slot.tokens,
-                                 admission.tenant)
+            call = self.limiter.release_call(key_id, admission.reservation, 0 if slot.rate_limited else slot.tokens,
+                                             admission.tenant)
         elif slot.tokens:
             self.limiter.tokens.observe(key_id, slot.tokens)
         if slot.rate_limited:
-            record_upstream_limited(app)
+            record_upstream_limited(slot.app)
             self.limiter.report_upstream_limited(key_id)
         elif slot.succeeded and admission.upstream_streak:
             self.limiter.report_success(key_id)
+        return call
+
+    def _release(self, slot: Slot) -> None:
+        call = self.release_call(slot)
+        if call is not None:
+            call.run()
 
     def abandon(self, app: str, ticket: str, tenant: str | None = None) -> None:
         self.limiter.abandon(self.key_ids[app], ticket, tenant if self.apps[app].tenant_limits else None)
 
     def give_back(self, app: str, admission: Admission) -> None:
         """Release an admission whose call will not be made (a budget refused the job): its slot, no tokens."""
-        self._release(app, admission, Slot(tokens=0))
+        self._release(Slot(app, admission, tokens=0))
 
     def _publish(self, app: str) -> None:
         limits = self.limits[app]

@@ -1,7 +1,7 @@
 """Redis's time per script for one job's hot path, without the bench's load: each job goes submit → Dramatiq's
-fetch → admission → start → release → finish → callback recorded → ack, one after another through difyq's own
-store, throttle and broker, on a private Redis, with the slow log at threshold 0 (``redis_trace.ScriptTimes``),
-which also counts Redis's reads of client requests: the job's round trips.
+fetch → admission → start → release with finish (one round trip) → callback recorded → ack, one after another
+through difyq's own store, throttle and broker, on a private Redis, with the slow log at threshold 0
+(``redis_trace.ScriptTimes``), which also counts Redis's reads of client requests: the job's round trips.
 
     .venv/bin/python -m tests.bench.profile_scripts --jobs 500             # an app without limits
     .venv/bin/python -m tests.bench.profile_scripts --jobs 500 --limits    # requests, tokens and concurrency
@@ -55,8 +55,10 @@ def profile(jobs: int, limits: bool) -> dict[str, Any]:
                 with throttle.slot("bench", admission) as slot:
                     start = store.start_attempt(job_id, 30)
                     slot.tokens, slot.succeeded = 40, True
-                final, record = store.finish_keeping_callback(job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
-                                                              result=RESULT, record=start.fields)
+                    release = throttle.release_call(slot)
+                    final, record = store.finish_keeping_callback(
+                        job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15, result=RESULT, record=start.fields,
+                        along=[release] if release else [])
                 assert record is not None
                 store.callback_attempted(
                     job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),

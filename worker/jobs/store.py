@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.jobs.threads import DEFAULT_THREAD_TTL_S, NO_THREAD, ThreadConversation, ThreadKeys
 from difyq.worker.json_codec import dumps
+from difyq.worker.lua_scripts import ScriptCall, run_together
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
 
@@ -498,6 +499,7 @@ class JobStore:
         error: dict[str, Any] | None = None,
         record: dict[str, str] | None = None,
         conversation: ThreadConversation | None = None,
+        along: Sequence[ScriptCall] = (),
     ) -> tuple[str, dict[str, str] | None]:
         """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
         takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
@@ -505,20 +507,22 @@ class JobStore:
         first attempt, the stored record; else None (no callback URL, the outcome was already stored, or
         ``lease_s`` None: the callback is enqueued as by ``finish``). ``record``: the job's record as its attempt
         started, which names its app, scope and thread (they never change), so they need no read. ``conversation``:
-        what a thread job's attempt did with its thread's conversation, recorded with the outcome."""
+        what a thread job's attempt did with its thread's conversation, recorded with the outcome. ``along``: other
+        scripts' calls (the limiter's release) sent before finish.lua in the same round trip (``run_together``)."""
         now = time.time()
         inline = None
         if lease_s is not None:
             inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
-        reply = self._run_finish(job_id, status, result, error, inline, now, record, conversation)
+        reply = self._run_finish(job_id, status, result, error, inline, now, record, conversation, along)
         final = _text(reply[0])
         return final, (_record(reply, 1) if len(reply) > 1 else None)
 
     def _run_finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None,
                     error: dict[str, Any] | None, inline: dict[str, int] | None, now: float | None = None,
                     record: dict[str, str] | None = None, conversation: ThreadConversation | None = None,
-                    ) -> list[Any]:
-        """One finish.lua call; its arguments are one JSON object (see the script)."""
+                    along: Sequence[ScriptCall] = ()) -> list[Any]:
+        """One finish.lua call, after ``along`` in the same round trip; its arguments are one JSON object (see the
+        script)."""
         message = self.message(CALLBACKS_QUEUE, job_id)
         now = time.time() if now is None else now
         pending, thread = self._placement_of(job_id, record)
@@ -536,12 +540,13 @@ class JobStore:
         outcome["indexed_ms"] = int(time.time() * 1000)
         if thread.line:
             outcome["thread"] = self._thread_outcome(conversation, now)
-        reply = self._finish(
-            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
-                  self.callback_lock_key(job_id), *pending, thread.state, thread.line, *self._jobs_queue_keys,
-                  *self._dify_id_keys((result or {}).get(name) for name in INDEXED_RESULT_IDS)],
-            args=[dumps(outcome)],
-        )
+        finish = ScriptCall(
+            self._finish,
+            [self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
+             self.callback_lock_key(job_id), *pending, thread.state, thread.line, *self._jobs_queue_keys,
+             *self._dify_id_keys((result or {}).get(name) for name in INDEXED_RESULT_IDS)],
+            [dumps(outcome)])
+        reply = run_together(self.redis, [*along, finish])[-1]
         if error is not None and status != JobStatus.SUCCEEDED and _text(reply[0]) in FINAL_STATUSES:
             self._count_error(job_id, error)
         return reply

@@ -31,6 +31,7 @@ from difyq.worker.limits.admission import Admission, Reservation
 from difyq.worker.limits.estimate import TokenEstimator
 from difyq.worker.limits.keys import KeyNames, key_id
 from difyq.worker.limits.scripts import scripts_for
+from difyq.worker.lua_scripts import ScriptCall
 
 US = 1_000_000
 
@@ -209,18 +210,24 @@ class KeyLimiter:
         usage, make the reserved tokens the real ``actual_tokens`` (down or up) in the window, in one round trip.
         Call it on success, failure, time limit and cancellation; calling it twice is harmless. Returns whether
         the slot was still held."""
+        call = self.release_call(key_id, reservation, actual_tokens, tenant)
+        return call is not None and bool(call.run())
+
+    def release_call(self, key_id: str, reservation: str | None, actual_tokens: int | None,
+                     tenant: str | None = None) -> ScriptCall | None:
+        """``release`` as a call not sent yet, to go in the same round trip as another write (``run_together``);
+        None without a reservation. The token estimate learns ``actual_tokens`` now."""
         if reservation is None:
-            return False
+            return None
         names = self.keys(key_id)
         actual = -1 if actual_tokens is None else max(0, int(actual_tokens))
         keys = [names.tok, names.amt, names.state, names.lease]
         if tenant is not None:
             own = names.tenant(tenant)
             keys += [own.tok, own.amt, own.state, own.lease]
-        held = self._scripts.release(keys=keys, args=[reservation, actual, _us(self.window_s), self._now()])
         if actual_tokens is not None:
             self.tokens.observe(key_id, actual)
-        return bool(held)
+        return ScriptCall(self._scripts.release, keys, [reservation, actual, _us(self.window_s), self._now()])
 
     def abandon(self, key_id: str, ticket: str, tenant: str | None = None) -> None:
         """Take a waiting job out of the line (and its tenant's) at once (canceled, or failed for waiting too
