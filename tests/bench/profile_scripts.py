@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--limits", action="store_true", help="the app has every limit (none binding)")
     args = parser.parse_args()
     result = profile(args.jobs, args.limits)
-    print(f"{result['reads_per_job']:.2f} round trips (client reads) per job")
+    print(f"{result['reads_per_job']:.2f} round trips (client reads) per job, Redis CPU "
+          f"{result['redis_cpu_us_per_job']:.0f} µs per job")
     for name, figures in result["by_name"].items():
         print(f"{name:28} {figures['calls_per_job']:5.2f}/job {figures['usec_per_call']:7.1f} µs/call "
               f"{figures['usec_per_job']:7.1f} µs/job")

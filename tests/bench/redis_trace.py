@@ -111,6 +111,8 @@ class ScriptTimes:
         self.usec: Counter[str] = Counter()
         self.reads = 0
         self._reads = 0
+        self.cpu_s = 0.0
+        self._cpu_s = 0.0
         self._names = known_scripts()
 
     def __enter__(self) -> ScriptTimes:
@@ -119,11 +121,12 @@ class ScriptTimes:
         self._client.config_set("slowlog-max-len", self._max_entries)
         self._client.slowlog_reset()
         self._client.config_set("slowlog-log-slower-than", 0)
-        self._reads = self._reads_processed()
+        self._reads, self._cpu_s = self._reads_processed(), self._redis_cpu_s()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.reads = self._reads_processed() - self._reads - 1  # less this window's own INFO
+        self.cpu_s = self._redis_cpu_s() - self._cpu_s
+        self.reads = self._reads_processed() - self._reads - 2  # less this window's own INFOs
         self._client.config_set("slowlog-log-slower-than", self._saved.get("slowlog-log-slower-than", 10000))
         for entry in self._client.slowlog_get(self._max_entries):
             if _text(entry.get("client_address")) == "?:0":
@@ -139,6 +142,11 @@ class ScriptTimes:
     def _reads_processed(self) -> int:
         return int(self._client.info("stats")["total_reads_processed"])
 
+    def _redis_cpu_s(self) -> float:
+        """The Redis process's user+sys CPU so far (its slow log's upkeep included)."""
+        cpu = self._client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
     def _name(self, words: list[str]) -> str | None:
         command = words[0].upper()
         if command in ("CONFIG", "SLOWLOG", "INFO"):
@@ -152,13 +160,15 @@ class ScriptTimes:
 
     def per_job(self, jobs: int) -> dict[str, Any]:
         """Per command or script: calls per job, usec per call and per job (Redis's execution time, without the
-        network I/O that ``used_cpu`` also counts), most expensive first; and the reads of client requests Redis
-        made per job (``total_reads_processed``): its round trips, where commands sent in one pipeline count once."""
+        network I/O that ``used_cpu`` also counts), most expensive first; the reads of client requests Redis
+        made per job (``total_reads_processed``): its round trips, where commands sent in one pipeline count once;
+        and the Redis process's CPU per job (``used_cpu``: the scripts, the I/O, and the slow log's own upkeep)."""
         jobs = max(jobs, 1)
         return {
             "jobs": jobs,
             "usec_per_job": sum(self.usec.values()) / jobs,
             "reads_per_job": round(self.reads / jobs, 2),
+            "redis_cpu_us_per_job": round(1e6 * self.cpu_s / jobs, 1),
             "by_name": {name: {"calls_per_job": round(self.calls[name] / jobs, 2),
                                "usec_per_call": round(usec / self.calls[name], 1),
                                "usec_per_job": round(usec / jobs, 1)}
