@@ -89,6 +89,56 @@ def test_high_priority_jobs_take_the_next_free_worker_threads(tmp_path: Path, re
     assert len(normal_before) <= 4, queries
 
 
+@pytest.mark.e2e
+def test_normal_jobs_pass_waiting_low_ones_at_the_worker_threads(tmp_path: Path, redis_url: str,
+                                                                 namespace: str) -> None:
+    """No limit on the key, 12 low jobs submitted to an idle worker with 2 threads: 3 normal jobs submitted once
+    both threads are busy are called before any low job but the two running (or one more a thread took meanwhile):
+    low messages wait in the low lane, and a worker moves only as many onto the queue as it has free threads."""
+    pace = EmulatedApp(name="slow", key=SLOW.key, mode="chat", tokens_per_second=8, answer_tokens=8)
+    with start_emulator([pace]) as emulator:
+        apps = {"slow": {"api_key": pace.key, "mode": "chat", "base_url": emulator.base_url}}
+        runtime = make_runtime(redis_url, namespace, apps)
+        with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
+            difyq.start_worker(processes=1, threads=2)
+            low = [enqueue(runtime, f"low-{n}", "low") for n in range(12)]
+            wait_for(lambda: len(emulator.calls()) >= 2, timeout=60, what="both threads busy")
+            normal = [enqueue(runtime, f"normal-{n}", "normal") for n in range(3)]
+            finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in [*normal, *low]]
+            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
+                emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+    assert {job["status"] for job in finished} == {"succeeded"}
+    last_normal = max(index for index, query in enumerate(queries) if query.startswith("normal-"))
+    low_before = [query for query in queries[:last_normal] if query.startswith("low-")]
+    print(f"\nlow calls before the last of 3 normal jobs submitted after 12 low ones: {len(low_before)} of 12")
+    assert len(low_before) <= 3, queries
+
+
+@pytest.mark.e2e
+def test_low_jobs_keep_their_minimum_share_of_the_worker_threads(tmp_path: Path, redis_url: str,
+                                                                 namespace: str) -> None:
+    """No limit on the key, 3 low jobs then 40 normal ones waiting for the worker's 2 threads: at the default
+    jobs.low_priority_min_share (0.1) the worker moves a low job to the head of the queue once per 10 messages it
+    fetched, so each low job is called after about 10 more normal ones (never, while normal ones waited, without
+    the share; first, in submit order, without the low lane)."""
+    quick = EmulatedApp(name="slow", key=SLOW.key, mode="chat", tokens_per_second=0, answer_tokens=3)
+    with start_emulator([quick]) as emulator:
+        apps = {"slow": {"api_key": quick.key, "mode": "chat", "base_url": emulator.base_url}}
+        runtime = make_runtime(redis_url, namespace, apps)
+        jobs = [*(enqueue(runtime, f"low-{n}", "low") for n in range(3)),
+                *(enqueue(runtime, f"normal-{n}", "normal") for n in range(40))]
+        with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
+            difyq.start_worker(processes=1, threads=2)
+            finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in jobs]
+            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
+                emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+    assert {job["status"] for job in finished} == {"succeeded"}
+    lows = [index for index, query in enumerate(queries) if query.startswith("low-")]
+    print(f"\nthe low jobs' places among 43 calls with 40 normal jobs waiting (share 0.1): {lows}")
+    # About the 11th, 21st and 31st calls; submitted first, they would have been the first three calls.
+    assert len(lows) == 3 and lows[0] >= 8 and lows[-1] < 34, queries
+
+
 def test_every_message_of_a_job_carries_its_priority(redis_url: str, namespace: str) -> None:
     """The submit's, a pause's and a resume's messages name the priority; a message without hints (the reaper's)
     has the worker read it from the record with the app."""

@@ -170,6 +170,26 @@ def test_the_orphan_sweep_requeues_a_queued_job_whose_message_is_gone(runtime: R
         "the sweep's requeue does nothing to a job given another message since it was judged"
 
 
+def test_the_orphan_sweep_leaves_a_low_job_waiting_in_the_low_lane(runtime: Runtime) -> None:
+    """A job below normal priority waits in the queue's low lane, off the queue list: its message is live there,
+    and the sweep leaves it in place however long it waits, while it does queue again a job whose message is gone."""
+    store, keys = runtime.store, runtime.store.keys
+    low = store.submit(NewJob(app="chat", source="api", request=JobRequest(query="later"), scope="client:t",
+                              priority=-1)).job["id"]
+    orphan = store.submit(new_job()).job["id"]
+    low_message = store.fields(low)[JobField.MESSAGE]
+    orphan_message = store.fields(orphan)[JobField.MESSAGE]
+    runtime.raw_redis.hdel(keys.queue_bodies(JOBS_QUEUE), orphan_message)
+    runtime.raw_redis.lrem(keys.queue(JOBS_QUEUE), 0, orphan_message)
+    assert runtime.raw_redis.lrange(keys.low_lane(JOBS_QUEUE), 0, -1) == [low_message.encode()]
+    assert runtime.raw_redis.lrange(keys.queue(JOBS_QUEUE), 0, -1) == []
+    sweep = OrphanSweep(store, ["chat"], overdue_s=0.2)
+    assert wait_for(lambda: sweep.sweep(), 10, what="the orphan overdue") == [orphan]
+    assert runtime.raw_redis.lrange(keys.low_lane(JOBS_QUEUE), 0, -1) == [low_message.encode()]
+    assert _messages_of(runtime, JOBS_QUEUE, low) == 1 and store.fields(low)[JobField.MESSAGE] == low_message
+    assert sweep.sweep() == []
+
+
 def test_the_orphan_sweep_requeues_a_delayed_message_its_consumer_dropped(runtime: Runtime) -> None:
     """A consumer that loses its Redis connection forgets the delayed messages it fetched, while their ids stay
     in its live process's acknowledgement set: Dramatiq never hands them back. A delayed message still held past

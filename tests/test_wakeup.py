@@ -13,6 +13,7 @@ from dramatiq.errors import ConnectionClosed
 from difyq.worker.app import build_broker
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.leases import lease_from_env
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
@@ -94,7 +95,24 @@ def test_a_delayed_message_whose_time_came_leaves_a_token(runtime: Runtime) -> N
 def test_a_lost_connection_is_dramatiqs_connection_closed(runtime: Runtime) -> None:
     dead = make_runtime("redis://127.0.0.1:1", runtime.namespace, APPS)
     consumer = WakingConsumer(build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=1, timeout=0),
-                              dead.raw_redis, RedisKeys(runtime.namespace).wake(JOBS_QUEUE), 1, 50)
+                              dead.raw_redis, RedisKeys(runtime.namespace), JOBS_QUEUE, 1, 50)
     with pytest.raises(ConnectionClosed):
         while True:
             next(consumer)
+
+
+def test_an_idle_consumer_moves_low_jobs_onto_the_queue_for_its_free_threads_only(runtime: Runtime) -> None:
+    """Low jobs wait in the low lane; a consumer finding the queue empty moves as many onto it as its threads are
+    free (2 of 3), fetches them next, and leaves the token for another idle worker while the lane holds more."""
+    keys = RedisKeys(runtime.namespace)
+    low = [runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"),
+                                       scope="client:t", priority=-1)).job["id"] for _ in range(3)]
+    runtime.raw_redis.delete(keys.wake(JOBS_QUEUE))
+    lane = keys.low_lane(JOBS_QUEUE)
+    assert runtime.raw_redis.llen(keys.queue(JOBS_QUEUE)) == 0 and runtime.raw_redis.llen(lane) == 3
+    consumer = build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=2, timeout=50)
+    held = [message.args[0] for message in [wait_for(lambda: next(consumer), timeout=10, what="a low job")
+                                            for _ in range(2)]]
+    assert held == low[:2]
+    assert runtime.raw_redis.lrange(lane, 0, -1) == [runtime.store.fields(low[2])[JobField.MESSAGE].encode()]
+    assert tokens(runtime) == 1

@@ -80,7 +80,7 @@ def build_broker(runtime: Runtime, lease_s: float) -> PatientRedisBroker:
     consumer of the jobs queue is woken by a new job instead of polling, and enqueues wait out a Redis outage
     (``PatientRedisBroker``, a ``WakingRedisBroker``)."""
     return PatientRedisBroker(client=runtime.raw_redis, namespace=runtime.namespace, woken_queues=[JOBS_QUEUE],
-                              dead_message_ttl=7 * 86_400_000,
+                              low_share=runtime.config.jobs.low_priority_min_share, dead_message_ttl=7 * 86_400_000,
                               middleware=[TimeLimit(), ShutdownNotifications(), Retries()],
                               **dramatiq_recovery(lease_s))
 

@@ -12,12 +12,12 @@ for a whole lease (see ``leases``), looks at the jobs ``queued`` and due for lon
 leases), so an orphan is queued again at most three leases after it was due (two, a turn, and an upkeep round).
 Each job record names its latest ``run_job`` message (``JobField.MESSAGE``: written with the message by difyq's
 scripts, and by ``DifyqWorkerMiddleware`` for the messages Dramatiq enqueues itself). A job is an orphan when that
-message is neither on the jobs queue (waiting, or fetched by a worker: its body stays until it is acknowledged)
-nor a delayed message due within the bound (``orphans.lua``). Unless another message was written for it
-meanwhile, it gets a new one at the front of the queue (naming only the job, like the reaper's), and
-``difyq_orphaned_jobs_requeued_total`` counts it. A misjudged message (a delayed one still held by a worker far
-past its time, or one whose recording was cut off by Redis) only means a second delivery, which the job record
-turns away.
+message is neither on the jobs queue (waiting, in its low lane, or fetched by a worker: its body stays in the
+queue's bodies until it is acknowledged) nor a delayed message due within the bound (``orphans.lua``). Unless
+another message was written for it meanwhile, it gets a new one at the front of the queue (naming only the job,
+like the reaper's), and ``difyq_orphaned_jobs_requeued_total`` counts it. A misjudged message (a delayed one still
+held by a worker far past its time, or one whose recording was cut off by Redis) only means a second delivery,
+which the job record turns away.
 
 Its cost: one Lua call per 200 unfinished jobs created before the bound (each a hash read and one or two
 existence checks), every turn.

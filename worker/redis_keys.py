@@ -164,6 +164,12 @@ class RedisKeys:
         such jobs wait for a worker thread ahead of every normal or low one, in submit order among themselves."""
         return self._key("express-tail", queue_name)
 
+    def low_lane(self, queue_name: str) -> str:
+        """The message ids of the queue's jobs below normal priority (their bodies are in the queue's bodies hash),
+        in submit order: a worker moves them onto the queue when it finds it empty, as many as it has free threads,
+        and one per ``1 / jobs.low_priority_min_share`` messages it fetched (``worker.wakeup``)."""
+        return self._key("low-lane", queue_name)
+
     def queue(self, queue_name: str) -> str:
         """A queue's list of message ids (``queue_name`` may be a delay queue's, ``jobs.DQ``)."""
         return self._key(queue_name)

@@ -10,6 +10,15 @@ sleeping, so an idle worker costs Redis one command per worker timeout, as Drama
 busy one no empty polls at all. A consumer holding as many messages as it may prefetch waits for an ack instead
 (it could not take another message). Messages are still fetched and acked by Dramatiq: its delivery, ack and
 recovery guarantees are unchanged; a token only says when to look.
+
+Jobs below normal priority wait in the queue's low lane (``RedisKeys.low_lane``; submit.lua puts their message
+ids there, their bodies in the queue's bodies hash as any other's), so normal jobs pass them at the worker threads.
+A consumer that finds the queue empty moves low messages onto it, as many as its process has free worker threads
+(its threads less the messages it holds), and fetches them next: they never wait in Dramatiq's prefetch buffer
+ahead of a normal job arriving later. It blocks on the token only when the lane is empty too (or its threads are
+all taken). And once per ``1 / jobs.low_priority_min_share`` messages it fetched it moves one low message to the
+queue's head (after the jobs above normal priority still waiting), so a backlog of normal jobs slows low ones down
+but never stops them. Each move is one script (``low_lane.lua``): a message is on one list or the other.
 """
 
 from __future__ import annotations
@@ -18,11 +27,12 @@ import threading
 from collections.abc import Iterable
 
 import redis
-from dramatiq import Message
+from dramatiq import Broker, Message, Middleware, Worker
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import ConnectionClosed
 
+from difyq.worker.jobs.scripts import job_script
 from difyq.worker.redis_keys import RedisKeys
 
 # The longest a consumer blocks on its token: under the Redis clients' 2 s socket timeout (``worker.runtime``).
@@ -36,29 +46,45 @@ def wake(client: redis.Redis, key: str) -> None:
 
 
 class WakingConsumer(Consumer):
-    """Dramatiq's consumer of one queue (``inner``, made with no back-off), woken by the queue's token."""
+    """Dramatiq's consumer of one queue (``inner``, made with no back-off), woken by the queue's token, which also
+    feeds the queue from its low lane; ``threads`` is its process's worker threads (None: ``prefetch``),
+    ``low_share`` is ``jobs.low_priority_min_share``."""
 
-    def __init__(self, inner: Consumer, client: redis.Redis, wake_key: str, prefetch: int, timeout_ms: int):
+    def __init__(self, inner: Consumer, client: redis.Redis, keys: RedisKeys, queue_name: str, prefetch: int,
+                 timeout_ms: int, threads: int | None = None, low_share: float = 0.0):
         self.inner = inner
         self.client = client
-        self.wake_key = wake_key
+        self.wake_key = keys.wake(queue_name)
+        self.lane_keys = [keys.low_lane(queue_name), keys.queue(queue_name), keys.express_tail(queue_name),
+                          self.wake_key]
+        self._move_low = client.register_script(job_script("low_lane"))
         self.prefetch = prefetch
+        self.threads = threads or prefetch
+        self.share_round = max(round(1 / low_share), 1) if low_share > 0 else 0
         self.block_s = min(max(timeout_ms, 1) / 1000, MAX_BLOCK_S)
+        self._fetched = 0
         self._outstanding = 0
         self._lock = threading.Lock()
         self._freed = threading.Event()
 
     def __next__(self) -> MessageProxy | None:
-        message = next(self.inner)
-        if message is not None:
-            with self._lock:
-                self._outstanding += 1
-            return message
-        if self._outstanding >= self.prefetch:
-            self._freed.wait(self.block_s)
-            self._freed.clear()
-            return None
         try:
+            if self.share_round and self._fetched >= self.share_round:
+                self._move_low(keys=self.lane_keys, args=["share", 1])
+                self._fetched = 0
+            message = next(self.inner)
+            if message is not None:
+                with self._lock:
+                    self._outstanding += 1
+                self._fetched += 1
+                return message
+            if self._outstanding >= self.prefetch:
+                self._freed.wait(self.block_s)
+                self._freed.clear()
+                return None
+            free = self.threads - self._outstanding
+            if free > 0 and self._move_low(keys=self.lane_keys, args=["fill", free]):
+                return None  # the next fetch takes them
             self.client.blpop([self.wake_key], timeout=self.block_s)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
@@ -88,21 +114,37 @@ class WakingConsumer(Consumer):
         self.inner.close()
 
 
+class _WorkerThreads(Middleware):
+    """Tells its ``WakingRedisBroker`` how many threads the worker booting on it runs."""
+
+    def __init__(self, broker: WakingRedisBroker):
+        self.broker = broker
+
+    def before_worker_boot(self, broker: Broker, worker: Worker) -> None:
+        self.broker.worker_threads = worker.worker_threads
+
+
 class WakingRedisBroker(RedisBroker):
     """Dramatiq's RedisBroker whose consumers of ``woken_queues`` are ``WakingConsumer``s, and whose enqueues to
-    them (a delayed message whose time came) leave the wake token."""
+    them (a delayed message whose time came) leave the wake token; ``low_share`` is
+    ``jobs.low_priority_min_share``."""
 
-    def __init__(self, *, client: redis.Redis, namespace: str, woken_queues: Iterable[str], **options: object):
+    def __init__(self, *, client: redis.Redis, namespace: str, woken_queues: Iterable[str], low_share: float = 0.0,
+                 **options: object):
         super().__init__(client=client, namespace=namespace, **options)  # type: ignore[arg-type]
         self.wake_client = client
         self.keys = RedisKeys(namespace)
         self.woken_queues = frozenset(woken_queues)
+        self.low_share = low_share
+        self.worker_threads: int | None = None
+        self.add_middleware(_WorkerThreads(self))
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         if queue_name not in self.woken_queues:
             return super().consume(queue_name, prefetch, timeout)
         inner = super().consume(queue_name, prefetch, timeout=0)
-        return WakingConsumer(inner, self.wake_client, self.keys.wake(queue_name), prefetch, timeout)
+        return WakingConsumer(inner, self.wake_client, self.keys, queue_name, prefetch, timeout,
+                              threads=self.worker_threads, low_share=self.low_share)
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         enqueued = super().enqueue(message, delay=delay)

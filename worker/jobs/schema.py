@@ -117,6 +117,15 @@ local function leave_pending(id, app_pending, client_pending)
 end"""
 
 
+_QUEUE_AFTER_EXPRESS = """\
+local function queue_after_express(queue, express_tail, message_id)
+  local tail = redis.call('GET', express_tail)
+  if not (tail and redis.call('LINSERT', queue, 'AFTER', tail, message_id) > 0) then
+    redis.call('LPUSH', queue, message_id)
+  end
+end"""
+
+
 _LEAVE_THREAD = """\
 local function hand_on_thread(line, job_prefix, queue, bodies, wake)
   while true do
@@ -162,6 +171,8 @@ def lua_preamble() -> str:
     the error ended the attempt under way, whose start and duration up to ``now`` it keeps) and
     ``leave_pending(id, app pending key, client pending key or '')`` (a finished job no longer counts against
     ``max_pending``) and
+    ``queue_after_express(queue key, express tail key, message id)`` (the message goes right after the express
+    tail's, when that one is still on the queue, else at the head: Dramatiq takes from the head) and
     ``hand_on_thread(thread line key, job key prefix, jobs queue key, jobs bodies key, wake token key)`` (the line
     drops finished or missing jobs from its front, and the first unfinished one gets the message it holds, if it
     holds one) and
@@ -182,5 +193,6 @@ def lua_preamble() -> str:
         "end",
         _REMEMBER_ERROR,
         _LEAVE_PENDING,
+        _QUEUE_AFTER_EXPRESS,
         _LEAVE_THREAD,
     ])

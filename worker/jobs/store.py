@@ -276,7 +276,8 @@ class JobStore:
             keys=[idempotency_key or self.job_key(job_id), self.job_key(job_id), self.index_key(),
                   self.index_key(new.app), message.queue_key, message.bodies_key,
                   *self.pending_keys(new.app, new.scope), self.keys.wake(JOBS_QUEUE), thread.state,
-                  thread.line, thread.jobs, self.keys.express_tail(JOBS_QUEUE) if new.priority > 0 else ""],
+                  thread.line, thread.jobs, self.keys.express_tail(JOBS_QUEUE) if new.priority > 0 else "",
+                  self.keys.low_lane(JOBS_QUEUE) if new.priority < 0 else ""],
             args=[dumps(header), *pairs],
             fields=fields,
         )

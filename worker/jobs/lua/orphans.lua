@@ -1,7 +1,7 @@
 -- Judge jobs for the orphan sweep: a job is an orphan when it is queued, was due before the bound, and its
--- message (``FIELD.message``) is neither on the queue (waiting, or fetched by a worker: its body stays until it is
--- acknowledged) nor a delayed message due after the bound (one whose time passed long before was fetched by a
--- consumer that dropped it). A job without a recorded message is not judged, nor a thread's job whose message is
+-- message (``FIELD.message``) is neither on the queue (waiting, in the queue's low lane, or fetched by a worker: its
+-- body stays in the queue's bodies until it is acknowledged) nor a delayed message due after the bound (one whose
+-- time passed long before was fetched by a consumer that dropped it). A job without a recorded message is not judged, nor a thread's job whose message is
 -- held in its record until the job before it ends.
 -- KEYS: 1 queue bodies, 2 delay queue bodies, 3.. job hashes
 -- ARGV: 1 the bound (unix ms)

@@ -3,7 +3,8 @@
 -- KEYS: 1 idempotency key, 2 job hash, 3 index, 4 app index, 5 queue list, 6 queue bodies, 7 the app's pending
 --       jobs, 8 the client's pending jobs ('' for a job no API client submitted), 9 the queue's wake token (one at
 --       most: it wakes an idle consumer, worker/wakeup.py), 10 the thread's state, 11 its line, 12 its jobs (all
---       three '' for a job of no thread), 13 the queue's express tail ('' for a job of normal or low priority)
+--       three '' for a job of no thread), 13 the queue's express tail ('' for a job of normal or low priority),
+--       14 the queue's low lane ('' for a job of normal or high priority)
 -- ARGV: 1 a JSON object: id (the job's), created_ms, prune_before_ms (index entries older than this go), message_id and
 --       message_body (the run_job message), with an idempotency key its claim (the value to store) and
 --       claim_ttl_ms, and the caps that apply: max_pending_app, max_pending_client; a thread job's thread:
@@ -71,14 +72,15 @@ if KEYS[11] ~= '' then
 end
 redis.call('HSET', KEYS[6], submit.message_id, submit.message_body)
 -- A job above normal priority goes right after the last such job still waiting for a worker thread (Dramatiq
--- takes from the head), else at the head: ahead of every normal or low job, in submit order among themselves.
+-- takes from the head), else at the head: ahead of every normal or low one, in submit order among themselves. A job
+-- below normal priority waits in the low lane, which workers move onto the queue when they find it empty, and a
+-- minimum share of the time before that (worker/wakeup.py): normal jobs pass it at the worker threads.
 if KEYS[13] ~= '' then
   local EXPRESS_TAIL_TTL_MS = 86400000  -- the tail only matters while its message waits; a day forgets a stale one
-  local tail = redis.call('GET', KEYS[13])
-  if not (tail and redis.call('LINSERT', KEYS[5], 'AFTER', tail, submit.message_id) > 0) then
-    redis.call('LPUSH', KEYS[5], submit.message_id)
-  end
+  queue_after_express(KEYS[5], KEYS[13], submit.message_id)
   redis.call('SET', KEYS[13], submit.message_id, 'PX', EXPRESS_TAIL_TTL_MS)
+elseif KEYS[14] ~= '' then
+  redis.call('RPUSH', KEYS[14], submit.message_id)
 else
   redis.call('RPUSH', KEYS[5], submit.message_id)
 end
