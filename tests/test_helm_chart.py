@@ -709,7 +709,7 @@ def test_keda_scales_on_the_ready_queues_and_the_messages_in_flight(all_on: Rend
     scaled = all_on.one("ScaledObject", f"{RELEASE}-difyq-worker")["spec"]
     assert scaled["scaleTargetRef"]["name"] == f"{RELEASE}-difyq-worker"
     redis_triggers = [t["metadata"] for t in scaled["triggers"] if t["type"] == "redis"]
-    assert [t["listName"] for t in redis_triggers] == ["difyq:jobs", "difyq:callbacks"]
+    assert [t["listName"] for t in redis_triggers] == ["difyq:jobs", "difyq:low-lane:jobs", "difyq:callbacks"]
     assert all(t["passwordFromEnv"] == "REDIS_PASSWORD" for t in redis_triggers)
     assert all(t["address"] == f"{RELEASE}-difyq-redis.default.svc:6379" for t in redis_triggers)
     in_flight = next(t["metadata"] for t in scaled["triggers"] if t["type"] == "prometheus")

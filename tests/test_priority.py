@@ -12,7 +12,9 @@ from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.jobs.messages import JOBS_QUEUE, RunHints
+from difyq.worker.jobs.schema import JobField
 from difyq.worker.json_codec import loads
+from difyq.worker.queue_metrics import QueueCollector
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 from tests.support.processes import difyq_processes
@@ -189,3 +191,18 @@ def test_low_priority_keeps_its_minimum_share_under_a_flood_of_high(tmp_path: Pa
     lows = [query for query in calls if query.startswith("low-")]
     print(f"\n{len(lows)} of the first 50 calls after a flood of high jobs began were low jobs' (share {share})")
     assert int(share * 50) - 2 <= len(lows) <= int(share * 50) + 2, calls
+
+
+def test_the_queue_depth_counts_the_low_lane(redis_url: str, namespace: str) -> None:
+    """difyq_queue_messages{queue="jobs"} counts the jobs waiting in the low lane with the others, and the oldest
+    waiting job's age is the low lane's first job's when it is older than the queue's first."""
+    runtime = make_runtime(redis_url, namespace, {"slow": {"api_key": SLOW.key, "mode": "chat"}})
+    first = enqueue(runtime, "first", "low")
+    enqueue(runtime, "second", "low")
+    enqueue(runtime, "third", "normal")
+    assert runtime.raw_redis.llen(RedisKeys(namespace).low_lane(JOBS_QUEUE)) == 2
+    waited_at_least = time.time() - float(runtime.store.fields(first)[JobField.CREATED_AT])
+    families = {family.name: family for family in QueueCollector(runtime.raw_redis, namespace).collect()}
+    depth, age = ({sample.labels["queue"]: sample.value for sample in families[name].samples}["jobs"]
+                  for name in ("difyq_queue_messages", "difyq_oldest_queued_job_age_seconds"))
+    assert depth == 3 and age >= waited_at_least - 0.01

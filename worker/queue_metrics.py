@@ -1,5 +1,6 @@
-"""Scrape-time gauges read from Redis in one script call: queue depth, delayed and dead messages, the oldest
-waiting job's age, callback dead letters, and jobs running and paused per app."""
+"""Scrape-time gauges read from Redis in one script call: queue depth (the low lane's messages included: they wait
+for a worker thread too), delayed and dead messages, the oldest waiting job's age, callback dead letters, and jobs
+running and paused per app."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class QueueCollector(Collector):
         trips; a job counts only while its record says so)."""
         keys = self.keys
         queue_keys = [key for queue in QUEUES for key in (keys.queue(queue), keys.queue_bodies(queue),
-                                                          keys.delayed_bodies(queue), keys.dead_letters(queue))]
+                                                          keys.delayed_bodies(queue), keys.dead_letters(queue),
+                                                          keys.low_lane(queue))]
         queues, callback_dead, leased, paused = self._stats(
             keys=[self.keys.leases, self.keys.callback_dead_letters, self.keys.paused, *queue_keys],
             args=list(QUEUES))
@@ -55,7 +57,8 @@ class QueueCollector(Collector):
             queues, callback_dead, running, paused = self._read()
         except redis.RedisError:
             return
-        waiting = GaugeMetricFamily("difyq_queue_messages", "Messages waiting in a queue.", labels=["queue"])
+        waiting = GaugeMetricFamily("difyq_queue_messages", "Messages waiting in a queue (its low lane "
+                                    "included).", labels=["queue"])
         delayed = GaugeMetricFamily("difyq_queue_delayed_messages", "Messages waiting for their time (retries, "
                                     "rate limits, callback backoff).", labels=["queue"])
         dead = GaugeMetricFamily("difyq_dead_letters", "Dead letters: messages Dramatiq gave up on, and callbacks "
