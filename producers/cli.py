@@ -204,7 +204,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         _print_json(job)
         return 0
     if args.jobs_command == "list":
-        jobs, cursor = runtime.store.list(allowed_apps=None, status=args.status, app=args.app, limit=args.limit)
+        jobs, cursor = runtime.store.list(allowed_apps=None, status=args.status, app=args.app,
+                                            tenant=args.tenant, limit=args.limit)
         _print_json({"jobs": jobs, "next_cursor": cursor})
         return 0
     state = runtime.store.rerun(args.id)
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = jobs_commands.add_parser("list")
     listing.add_argument("--status", choices=[status.value for status in JobStatus])
     listing.add_argument("--app")
+    listing.add_argument("--tenant")
     listing.add_argument("--limit", type=int, default=20)
     retry = jobs_commands.add_parser("retry", help="run a failed or canceled job again")
     retry.add_argument("id")

@@ -176,6 +176,32 @@ def test_list_and_cancel(api) -> None:
     assert ids[0] not in [j["id"] for j in queued["jobs"]]
 
 
+def test_list_filters_by_tenant(api) -> None:
+    """``tenant=`` lists the jobs of one tenant: a given one, or the client's name for a job submitted without
+    one; a tenant out of 1 to 128 characters is a 422 naming the field."""
+    base, _ = api
+    acme = [post_job(base, {"app": "support", "query": f"a{i}", "tenant": "acme"}).json()["id"] for i in range(2)]
+    other = post_job(base, {"app": "support", "query": "b", "tenant": "globex"}).json()["id"]
+    own = post_job(base, {"app": "support", "query": "c"}).json()["id"]
+
+    def listed(**params: object) -> list[str]:
+        page = requests.get(f"{base}/v1/jobs", params=params, headers=auth(), timeout=10)
+        assert page.status_code == 200, page.text
+        return [job["id"] for job in page.json()["jobs"]]
+
+    assert listed(tenant="acme") == acme[::-1]
+    assert listed(tenant="globex", status="queued") == [other]
+    assert listed(tenant="full") == [own]
+    assert listed(tenant="nobody") == []
+    first = requests.get(f"{base}/v1/jobs", params={"tenant": "acme", "limit": 1}, headers=auth(), timeout=10).json()
+    assert listed(tenant="acme", cursor=first["next_cursor"]) == acme[:1]
+    spec = requests.get(f"{base}/openapi.json", timeout=10).json()
+    assert "tenant" in {parameter["name"] for parameter in spec["paths"]["/v1/jobs"]["get"]["parameters"]}
+    for bad in ("", "t" * 129):
+        refused = requests.get(f"{base}/v1/jobs", params={"tenant": bad}, headers=auth(), timeout=10)
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "tenant", refused.text
+
+
 def test_health_readiness_openapi_and_metrics(api) -> None:
     base, _ = api
     assert requests.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}

@@ -30,7 +30,7 @@ from difyq.worker.dify.client import DifyClient
 from difyq.worker.dify.errors import DifyError
 from difyq.worker.dify.parameters import AppParameters
 from difyq.worker.jobs.index_position import POSITION_PATTERN
-from difyq.worker.jobs.model import client_scope
+from difyq.worker.jobs.model import TENANT_MAX_CHARS, client_scope
 from difyq.worker.jobs.schema import FINAL_STATUSES, SOURCES, JobStatus
 from difyq.worker.jobs.store import IdempotencyConflict
 from difyq.worker.json_codec import dumps
@@ -151,6 +151,7 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         status: Annotated[JobStatus | None, Query()] = None,
         app: Annotated[str | None, Query(max_length=200)] = None,
         source: Annotated[str | None, Query(pattern="^(" + "|".join(SOURCES) + ")$")] = None,
+        tenant: Annotated[str | None, Query(min_length=1, max_length=TENANT_MAX_CHARS)] = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, Query(pattern=POSITION_PATTERN)] = None,
     ) -> dict[str, Any]:
@@ -159,8 +160,8 @@ def build_jobs_router(runtime: Runtime, async_redis: redis.asyncio.Redis) -> API
         if app is not None and allowed is not None and app not in allowed:
             return {"jobs": [], "next_cursor": None}
         jobs, next_cursor = runtime.store.list(
-            allowed_apps=allowed, status=status.value if status else None, app=app, source=source, limit=limit,
-            cursor=cursor,
+            allowed_apps=allowed, status=status.value if status else None, app=app, source=source, tenant=tenant,
+            limit=limit, cursor=cursor,
         )
         return {"jobs": jobs, "next_cursor": next_cursor}
 

@@ -24,7 +24,14 @@ from difyq.worker.jobs.messages import (
     build_message,
     run_hints,
 )
-from difyq.worker.jobs.model import NewJob, client_of_scope, default_tenant, job_id_of_trace, job_resource
+from difyq.worker.jobs.model import (
+    NewJob,
+    client_of_scope,
+    default_tenant,
+    job_id_of_trace,
+    job_resource,
+    job_tenant,
+)
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.jobs.threads import DEFAULT_THREAD_TTL_S, NO_THREAD, ThreadConversation, ThreadKeys
@@ -33,7 +40,7 @@ from difyq.worker.lua_scripts import ScriptCall, run_together
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
 
-_LIST_FIELDS = ("id", "app", "source", "status")
+_LIST_FIELDS = ("id", "app", "source", "status", "tenant", "scope")
 # The Dify ids of a job's result that name it in ``RedisKeys.dify_id`` (with its call's task id).
 INDEXED_RESULT_IDS = ("conversation_id", "message_id", "workflow_run_id")
 
@@ -392,10 +399,12 @@ class JobStore:
         status: str | None = None,
         app: str | None = None,
         source: str | None = None,
+        tenant: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page (ValueError if it is not)."""
+        """Newest first; ``cursor`` is the opaque ``next_cursor`` of the previous page (ValueError if it is not).
+        Only ``app`` has an index of its own: the other filters are checked on the index's entries as they come."""
         after = IndexPosition.parse(cursor) if cursor else None
         found: list[dict[str, Any]] = []
         for entries in self.walk(app, after=after, batch=max(limit * 2, 50)):
@@ -403,10 +412,13 @@ class JobStore:
             for job_id, _score in entries:
                 pipe.hmget(self.job_key(job_id), *_LIST_FIELDS)
             for (job_id, score), summary in zip(entries, pipe.execute(), strict=True):
-                stored_id, job_app, job_source, job_status = (_text(v) if v is not None else None for v in summary)
+                stored_id, job_app, job_source, job_status, stored_tenant, scope = (
+                    _text(v) if v is not None else None for v in summary)
                 if stored_id is None or (allowed_apps is not None and job_app not in allowed_apps):
                     continue
                 if (status and job_status != status) or (source and job_source != source):
+                    continue
+                if tenant and job_tenant({JobField.TENANT: stored_tenant or "", JobField.SCOPE: scope or ""}) != tenant:
                     continue
                 resource = self.get(job_id)
                 if resource:
