@@ -83,8 +83,8 @@ class WakingConsumer(Consumer):
                 self._freed.clear()
                 return None
             free = self.threads - self._outstanding
-            if free > 0 and self._move_low(keys=self.lane_keys, args=["fill", free]):
-                return None  # the next fetch takes them
+            if free > 0 and self._move_low(keys=self.lane_keys, args=["fill", free]) != 0:
+                return None  # the next fetch takes what it moved, or what was already on the queue
             self.client.blpop([self.wake_key], timeout=self.block_s)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None

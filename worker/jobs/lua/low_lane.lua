@@ -4,7 +4,8 @@
 -- ARGV: 1 'fill': when the queue is empty, up to ARGV[2] messages go onto it (a worker found it empty and has that
 --       many free threads); when the lane still holds messages the wake token is left, for another idle worker.
 --       'share': one message goes right after the express tail's (or at the head), ahead of every normal job.
--- Returns how many messages moved.
+-- Returns how many messages moved; -1 for a 'fill' that found messages on the queue (its consumer was full when it
+-- fetched and an acknowledgement has made room since, or a message arrived since): the worker fetches again at once.
 if ARGV[1] == 'share' then
   local message_id = redis.call('LPOP', KEYS[1])
   if not message_id then
@@ -14,7 +15,7 @@ if ARGV[1] == 'share' then
   return 1
 end
 if redis.call('LLEN', KEYS[2]) > 0 then
-  return 0
+  return -1
 end
 local wanted = tonumber(ARGV[2])
 local moved = 0
