@@ -116,3 +116,24 @@ def test_an_idle_consumer_moves_low_jobs_onto_the_queue_for_its_free_threads_onl
     assert held == low[:2]
     assert runtime.raw_redis.lrange(lane, 0, -1) == [runtime.store.fields(low[2])[JobField.MESSAGE].encode()]
     assert tokens(runtime) == 1
+
+
+def test_a_consumer_looks_at_the_low_lane_only_once_woken(runtime: Runtime) -> None:
+    """The empty fetch right after a fetched message goes straight to the token (no look at the lane: no extra
+    round trip per job); once that wait ends the lane is looked at, and its job fetched."""
+    keys = RedisKeys(runtime.namespace)
+    low = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"),
+                                      scope="client:t", priority=-1)).job["id"]
+    lane = keys.low_lane(JOBS_QUEUE)
+    consumer = build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=4, timeout=50)
+    normal = submit(runtime)
+    runtime.raw_redis.delete(keys.wake(JOBS_QUEUE))
+    first = next(consumer)
+    assert first is not None and first.args == (normal,)
+    assert next(consumer) is None  # the queue is empty: it waited on the token, the lane untouched
+    assert runtime.raw_redis.llen(lane) == 1
+    message = wait_for(lambda: next(consumer), timeout=10, what="the low job, moved once the wait ended")
+    assert message.args == (low,)
+    assert runtime.raw_redis.llen(lane) == 0
+    consumer.ack(first)
+    consumer.ack(message)

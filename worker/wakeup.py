@@ -15,10 +15,13 @@ Jobs below normal priority wait in the queue's low lane (``RedisKeys.low_lane``;
 ids there, their bodies in the queue's bodies hash as any other's), so normal jobs pass them at the worker threads.
 A consumer that finds the queue empty moves low messages onto it, as many as its process has free worker threads
 (its threads less the messages it holds), and fetches them next: they never wait in Dramatiq's prefetch buffer
-ahead of a normal job arriving later. It blocks on the token only when the lane is empty too (or its threads are
-all taken). And once per ``1 / jobs.low_priority_min_share`` messages it fetched it moves one low message to the
-queue's head (after the jobs above normal priority still waiting), so a backlog of normal jobs slows low ones down
-but never stops them. Each move is one script (``low_lane.lua``): a message is on one list or the other.
+ahead of a normal job arriving later. It looks at the lane when it was woken (by a token, or by its wait's end)
+and has fetched nothing since, so an empty fetch right after the messages a token announced costs no extra round
+trip; a lane that still holds messages keeps a token waiting, so some idle worker looks. It blocks on the token
+only when the lane is empty too (or its threads are all taken). And once per ``1 / jobs.low_priority_min_share``
+messages it fetched it moves one low message to the queue's head (after the jobs above normal priority still
+waiting), so a backlog of normal jobs slows low ones down but never stops them. Each move is one script
+(``low_lane.lua``): a message is on one list or the other.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class WakingConsumer(Consumer):
         self.share_round = max(round(1 / low_share), 1) if low_share > 0 else 0
         self.block_s = min(max(timeout_ms, 1) / 1000, MAX_BLOCK_S)
         self._fetched = 0
+        self._woken = True  # its last wait ended (or it never waited) and it has fetched nothing since
         self._outstanding = 0
         self._lock = threading.Lock()
         self._freed = threading.Event()
@@ -77,15 +81,17 @@ class WakingConsumer(Consumer):
                 with self._lock:
                     self._outstanding += 1
                 self._fetched += 1
+                self._woken = False
                 return message
             if self._outstanding >= self.prefetch:
                 self._freed.wait(self.block_s)
                 self._freed.clear()
                 return None
             free = self.threads - self._outstanding
-            if free > 0 and self._move_low(keys=self.lane_keys, args=["fill", free]) != 0:
+            if self._woken and free > 0 and self._move_low(keys=self.lane_keys, args=["fill", free]) != 0:
                 return None  # the next fetch takes what it moved, or what was already on the queue
             self.client.blpop([self.wake_key], timeout=self.block_s)
+            self._woken = True
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         return None
