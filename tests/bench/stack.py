@@ -436,6 +436,7 @@ class Snapshot:
     machine_busy: float
     commands: dict[str, int]
     command_usec: dict[str, int]
+    reads: int  # Redis's reads of client requests (``total_reads_processed``): round trips, a pipeline's once
 
 
 class BenchEnvironment:
@@ -498,6 +499,7 @@ class BenchEnvironment:
     def snapshot(self, pipeline: Pipeline) -> Snapshot:
         info = self.client.info("commandstats")
         cpu = self.client.info("cpu")
+        reads = int(self.client.info("stats")["total_reads_processed"])
         helpers = [self.sink.service.pid]
         if self.emulator is not None:
             helpers.append(self.emulator.service.pid)
@@ -513,6 +515,7 @@ class BenchEnvironment:
             machine_busy=busy,
             commands={name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()},
             command_usec={name.removeprefix("cmdstat_"): int(stats["usec"]) for name, stats in info.items()},
+            reads=reads,
         )
 
     def close(self) -> None:
@@ -541,6 +544,8 @@ def cost_between(before: Snapshot, after: Snapshot, jobs: int) -> dict[str, Any]
         "worker_cpu_ms_per_job": 1000 * (after.worker_cpu - before.worker_cpu) / per_job,
         "redis_cpu_ms_per_job": 1000 * redis_cpu / per_job,
         "redis_commands_per_job": sum(commands.values()) / per_job,
+        # the bench's own snapshot (three INFO calls) is one of these reads each; a step holds hundreds of jobs
+        "redis_round_trips_per_job": (after.reads - before.reads) / per_job,
         "redis_commands": dict(sorted(commands.items(), key=lambda item: -item[1])),
         "redis_usec": usec,
         "helpers_cores": helpers_cpu / seconds,
