@@ -17,6 +17,7 @@ from difyq.worker.jobs.model import JobRequest, NewJob, iso_time
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES, LeaseKeeper
+from difyq.worker.limits import Admission, KeyLimiter, deferral_delay
 from difyq.worker.runtime import Runtime
 from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime
@@ -238,6 +239,37 @@ def test_a_started_attempt_returns_the_record(runtime) -> None:
     assert start.fields["status"] == "running" and start.fields["callback_url"] == "https://example.com/cb"
     busy = runtime.store.start_attempt(job_id, lease_s=30)
     assert (busy.state, busy.fields) == ("busy", None)
+
+
+def test_a_start_that_checks_the_key_s_cooldown_starts_nothing_while_it_lasts(runtime) -> None:
+    """An app without limits has no admission script: its start reads the key's upstream cooldown, on the
+    limiter's clock (a fake one here), as the admission of a key with limits would."""
+    now = 1_900_000_000.0
+    limiter = KeyLimiter(runtime.limits_redis, runtime.namespace, cooldown_base_s=2.0, clock=lambda: now)
+    kid = limiter.key_id("app-x")
+    job_id = runtime.store.submit(new_job()).job["id"]
+    calm = runtime.store.start_attempt(job_id, lease_s=30, upstream=take(limiter, kid).upstream_check)
+    assert (calm.state, calm.attempt, calm.upstream_streak) == ("started", 1, False)
+    runtime.store.requeue(job_id, delay_s=0, error={"code": "http_429"})
+    limiter.report_upstream_limited(kid)
+    now += 0.5
+    cooling = runtime.store.start_attempt(job_id, lease_s=30, upstream=take(limiter, kid).upstream_check)
+    assert (cooling.state, cooling.wait_s, cooling.fields) == ("cooling", 1.5, None)
+    assert deferral_delay(Admission.cooling(cooling.wait_s)) >= 1.5
+    record = runtime.store.fields(job_id)
+    assert (record["status"], record["attempts"]) == ("queued", "1"), "nothing started, no attempt counted"
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
+    now += 1.5
+    after = runtime.store.start_attempt(job_id, lease_s=30, upstream=take(limiter, kid).upstream_check)
+    assert (after.state, after.attempt, after.upstream_streak) == ("started", 2, True), "its success ends the streak"
+    runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "x"})
+    assert runtime.store.start_attempt(job_id, lease_s=30, upstream=take(limiter, kid).upstream_check).state == \
+        "final"
+
+
+def take(limiter: KeyLimiter, kid: str) -> Admission:
+    """The admission of a job on a key without limits (admitted at once, the cooldown left to the start)."""
+    return limiter.acquire(kid, None, estimated_tokens=0, lease_s=30, ticket="job")
 
 
 def test_a_deferred_job_s_message_names_its_app_and_first_wait(runtime) -> None:

@@ -156,6 +156,34 @@ def test_upstream_429_cools_the_key_down_for_the_fleet(redis_url: str, namespace
     assert runtime.store.get(hot[0])["status"] in ("queued", "running", "failed")
 
 
+def test_a_job_of_an_app_without_limits_waits_out_the_key_s_cooldown_unstarted(redis_url: str, namespace: str,
+                                                                              ) -> None:
+    """An app without limits has no admission script: the job's start checks the key's cooldown after a Dify 429,
+    and a job on a cooling key is deferred without an attempt or a call, then runs once the cooldown is over."""
+    key = "app-plain-key-0001"
+    with start_emulator([EmulatedApp(name="plain", key=key, mode="chat")]) as emulator:
+        runtime = make_runtime(redis_url, namespace, {
+            "plain": {"api_key": key, "mode": "chat", "base_url": emulator.base_url},
+        }, jobs={"max_attempts": 1})
+        cooling = KeyLimiter(runtime.raw_redis, namespace).keys(key_id(key)).cool
+        with running_worker(runtime, threads=4):
+            limited = wait_for_final(runtime, submit(runtime, JobSubmission(app="plain", query="FAIL429"),
+                                                     source="cli", scope="test").job["id"])
+            assert runtime.raw_redis.exists(cooling), "the 429 cooled the key down"
+            waiting = submit(runtime, JobSubmission(app="plain", query="after the 429"), source="cli",
+                             scope="test").job["id"]
+            wait_for(lambda: runtime.store.fields(waiting).get("deferred_by") == "upstream", timeout=10,
+                     what="the job deferred by the key's cooldown")
+            deferred = runtime.store.fields(waiting)
+            done = wait_for_final(runtime, waiting)
+        calls = call_times(emulator, "plain")
+    assert limited["status"] == "failed" and limited["error"]["code"] != "rate_limit_wait_exceeded"
+    assert (deferred["status"], deferred.get("attempts", "0"), deferred.get("started_at")) == ("queued", "0", None)
+    assert (done["status"], done["attempts"]) == ("succeeded", 1)
+    assert len(calls) == 2, "the deferred job called Dify once, after the cooldown"
+    assert calls[1] - calls[0] >= 1.0, "no call while the key cooled down (1 s after the first 429)"
+
+
 def test_slots_of_a_killed_worker_come_back_within_the_lease(tmp_path: Path, redis_url: str, namespace: str) -> None:
 
     key = "app-hanging-key-01"

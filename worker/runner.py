@@ -168,34 +168,39 @@ class JobRunner:
                 self._over_budget(job_id, app, waiting_since, priority, tenant, hold)
                 return
             with self.throttle.slot(app, admission) as slot:
-                started = self._start_and_call(job_id, slot, hold)
-                if started is None:
-                    return
-                fields, outcome = started
-                try:
-                    with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)),
-                          tracing.job(fields.get(JobField.TRACEPARENT))):
-                        self._conclude(job_id, fields, outcome, slot)
-                finally:
-                    self.leases.untrack(job_id)
+                start, outcome = self._start_and_call(job_id, slot, hold)
+                if start.fields is not None and outcome is not None:
+                    try:
+                        with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, start.fields)),
+                              tracing.job(start.fields.get(JobField.TRACEPARENT))):
+                            self._conclude(job_id, start.fields, outcome, slot)
+                    finally:
+                        self.leases.untrack(job_id)
+            if start.state == "cooling":  # the start checked the key's cooldown for its admission: refused
+                self._defer(job_id, app, waiting_since, priority, tenant, Admission.cooling(start.wait_s))
 
-    def _start_and_call(self, job_id: str, slot: Slot, hold: Hold) -> tuple[dict[str, str], Outcome] | None:
+    def _start_and_call(self, job_id: str, slot: Slot, hold: Hold) -> tuple[AttemptStart, Outcome | None]:
         """The attempt's start and its Dify call in the admission's ``slot``, holding the budget reservations until
-        the call ends, then charging the usage it reported (None: the job did not start: it is final, missing, or
-        runs elsewhere). A started job's lease stays tracked (renewed) until the caller has stored its outcome."""
+        the call ends, then charging the usage it reported. No outcome when the job did not start: it is final,
+        missing or runs elsewhere, or (``cooling``) the start found the key cooling down, which the admission left
+        to it to check; the budget reservations are then released with nothing charged. A started job's lease
+        stays tracked (renewed) until the caller has stored its outcome."""
         with self.budgets.spending(hold) as spend:
-            start = self.store.start_attempt(job_id, self.leases.lease_s)
+            start = self.store.start_attempt(job_id, self.leases.lease_s, slot.admission.upstream_check)
             if start.fields is None:
                 slot.tokens = 0
-                log.info("job_not_started", state=start.state, status=start.status)
-                return None
+                if start.state != "cooling":
+                    log.info("job_not_started", state=start.state, status=start.status)
+                return start, None
+            if start.upstream_streak:
+                slot.admission = replace(slot.admission, upstream_streak=True)
             self.leases.track(job_id)
             try:
                 with (structlog.contextvars.bound_contextvars(**job_log_context(job_id, start.fields)),
                       tracing.attempt(job_id, start.fields, start.attempt)):
                     outcome = self._call(job_id, start.fields, start, slot)
                     spend.usage = (outcome.result or {}).get("usage")
-                    return start.fields, outcome
+                    return start, outcome
             except BaseException:
                 self.leases.untrack(job_id)
                 raise

@@ -57,10 +57,11 @@ class Throttle:
 
     def admit(self, app: str, ticket: str, waiting_since: float | None, priority: int = 0, tenant: str = "",
               ) -> Admission:
-        """Admit one Dify call for ``app`` now (one round trip), or say how long to wait; a job of a higher
-        ``priority`` takes its place in the key's waiting line ``jobs.priority_step`` per level ahead; the app's
-        ``fairness`` and ``tenant_limits`` apply to its ``tenant``. An app that is not configured (any more) is
-        admitted without a check: its attempt fails ``app_not_configured``."""
+        """Admit one Dify call for ``app`` now (one round trip; none for an app without limits, whose admission
+        leaves the key's upstream cooldown to the job's start: ``Admission.upstream_check``), or say how long to
+        wait; a job of a higher ``priority`` takes its place in the key's waiting line ``jobs.priority_step`` per
+        level ahead; the app's ``fairness`` and ``tenant_limits`` apply to its ``tenant``. An app that is not
+        configured (any more) is admitted without a check: its attempt fails ``app_not_configured``."""
         if app not in self.key_ids:
             return ADMITTED
         key_id, limits, config = self.key_ids[app], self.limits[app], self.apps[app]

@@ -53,7 +53,7 @@ def profile(jobs: int, limits: bool) -> dict[str, Any]:
                     message = next(consumer)
                 admission = throttle.admit("bench", job_id, None, 0)
                 with throttle.slot("bench", admission) as slot:
-                    start = store.start_attempt(job_id, 30)
+                    start = store.start_attempt(job_id, 30, admission.upstream_check)
                     slot.tokens, slot.succeeded = 40, True
                     release = throttle.release_call(slot)
                     final, record = store.finish_keeping_callback(

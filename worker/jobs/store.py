@@ -36,6 +36,7 @@ from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.jobs.threads import DEFAULT_THREAD_TTL_S, NO_THREAD, ThreadConversation, ThreadKeys
 from difyq.worker.json_codec import dumps
+from difyq.worker.limits.admission import UpstreamCheck
 from difyq.worker.lua_scripts import ScriptCall, run_together
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
@@ -117,14 +118,17 @@ class SubmitCall:
 
 @dataclass(frozen=True)
 class AttemptStart:
-    """What ``start_attempt`` decided: ``started`` (with the attempt number and the job's record), ``busy``,
-    ``final`` (with the job's ``status``) or ``missing``."""
+    """What ``start_attempt`` decided: ``started`` (with the attempt number and the job's record, and
+    ``upstream_streak`` as an admission has it), ``busy``, ``final`` (with the job's ``status``), ``missing``, or
+    ``cooling``: the key's upstream cooldown it was asked to check lasts ``wait_s`` more, so nothing was started."""
 
     state: str
     attempt: int = 0
     first: bool = False
     status: str | None = None
     fields: dict[str, str] | None = None
+    wait_s: float = 0.0
+    upstream_streak: bool = False
 
 
 @dataclass(frozen=True)
@@ -427,18 +431,24 @@ class JobStore:
                     return found, str(IndexPosition(score, job_id))
         return found, None
 
-    def start_attempt(self, job_id: str, lease_s: float) -> AttemptStart:
-        """Begin an attempt (see start.lua); a started attempt comes with the job's record."""
+    def start_attempt(self, job_id: str, lease_s: float, upstream: UpstreamCheck | None = None) -> AttemptStart:
+        """Begin an attempt (see start.lua); a started attempt comes with the job's record. With ``upstream`` (an
+        admission that left the Dify key's cooldown to the start), a job on a cooling key is not started."""
         now = time.time()
         now_ms = int(now * 1000)
-        reply = self._start(
-            keys=[self.job_key(job_id), self.leases_key, self.keys.paused, self.keys.worker_alive(self.worker_id)],
-            args=[repr(now), now_ms + int(lease_s * 1000), self.worker_id, job_id,
-                  int(HEARTBEAT_LEASES * lease_s * 1000), now_ms],
-        )
+        keys = [self.job_key(job_id), self.leases_key, self.keys.paused, self.keys.worker_alive(self.worker_id)]
+        args: list[Any] = [repr(now), now_ms + int(lease_s * 1000), self.worker_id, job_id,
+                           int(HEARTBEAT_LEASES * lease_s * 1000), now_ms]
+        if upstream is not None:
+            keys.append(upstream.cool)
+            args.append(upstream.now)
+        reply = self._start(keys=keys, args=args)
         state = _text(reply[0])
         if state == "started":
-            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1", fields=_record(reply, 3))
+            return AttemptStart(state, attempt=int(reply[1]), first=_text(reply[2]) == "1",
+                                upstream_streak=bool(int(reply[3])), fields=_record(reply, 4))
+        if state == "cooling":
+            return AttemptStart(state, wait_s=int(reply[1]) / 1e6)
         return AttemptStart(state, status=_text(reply[1]) if len(reply) > 1 else None)
 
     def record_task_ids(self, task_ids: dict[str, tuple[str, str | None]]) -> list[str]:

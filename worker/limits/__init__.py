@@ -17,7 +17,7 @@ Use from the worker actor::
         # then report_success(kid), or report_upstream_limited(kid) on a 429 / too_many_requests
 """
 
-from difyq.worker.limits.admission import LIMITS, Admission, Reservation
+from difyq.worker.limits.admission import LIMITS, Admission, Reservation, UpstreamCheck
 from difyq.worker.limits.deferral import deferral_delay, wait_exceeded
 from difyq.worker.limits.estimate import TokenEstimator
 from difyq.worker.limits.keys import KeyNames, key_id, shared_limits
@@ -31,6 +31,7 @@ __all__ = [
     "KeyNames",
     "Reservation",
     "TokenEstimator",
+    "UpstreamCheck",
     "deferral_delay",
     "key_id",
     "publish_fair_line",

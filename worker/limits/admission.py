@@ -12,6 +12,16 @@ LIMITS: tuple[Limit, ...] = ("requests", "tokens", "concurrency", "upstream", "t
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamCheck:
+    """The upstream cooldown an admission leaves to the job's start to check (a key without limits: start.lua reads
+    it in the start's own round trip, so the admission makes none): the key's cooldown hash, and the limiter's clock
+    (``''``: Redis ``TIME``; a fake time in microseconds in tests)."""
+
+    cool: str
+    now: str
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """One ``acquire`` answer.
 
@@ -21,6 +31,8 @@ class Admission:
     ``upstream_streak``: the key had a run of upstream 429s when this call was admitted, so its success should
     reset the cooldown escalation (``report_success``); without one the success needs no write. ``tenant``: the
     tenant whose own limits (``tenant_limits``) the reservation also holds, to release with it.
+    ``upstream_check``: the admission did not read the key's upstream cooldown (the key has no limits): the job's
+    start checks it, and refuses a job on a cooling key as this admission would have (``limit`` ``upstream``).
     """
 
     admitted: bool
@@ -29,6 +41,12 @@ class Admission:
     reservation: str | None
     upstream_streak: bool = False
     tenant: str | None = None
+    upstream_check: UpstreamCheck | None = None
+
+    @classmethod
+    def cooling(cls, wait_s: float) -> Admission:
+        """The refusal of a job whose key cools down ``wait_s`` more, found by its start (``upstream_check``)."""
+        return cls(admitted=False, wait_s=wait_s, limit="upstream", reservation=None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 from difyq.worker.config import AppLimits, TenantLimits
-from difyq.worker.limits.admission import Admission, Reservation
+from difyq.worker.limits.admission import Admission, Reservation, UpstreamCheck
 from difyq.worker.limits.estimate import TokenEstimator
 from difyq.worker.limits.keys import KeyNames, key_id
 from difyq.worker.limits.scripts import scripts_for
@@ -135,7 +135,8 @@ class KeyLimiter:
         ``tenant``'s own limits within the key's, in the same admission (the admission then holds the tenant's
         slot too: release it with ``tenant``). ``low_share``: the share of the key's admissions that jobs below
         normal priority (a negative offset) get while they wait, however many higher ones wait with them.
-        Without ``limits`` (nor ``tenant_limits``) only the upstream cooldown is checked, by a script of its own."""
+        Without ``limits`` (nor ``tenant_limits``) only the upstream cooldown applies, and no round trip is made: the
+        admission carries the check for the job's start to make (``upstream_check``)."""
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         if not ticket:
@@ -153,7 +154,8 @@ class KeyLimiter:
             tconc = tenant_limits.max_concurrency or 0
         names = self.keys(key_id)
         if limits is None and not (trpm or ttpm or tconc):
-            return self._admission(self._scripts.cooldown(keys=[names.cool], args=[self._now()]), tenant, False)
+            return Admission(admitted=True, wait_s=0.0, limit=None, reservation=None,
+                             upstream_check=UpstreamCheck(names.cool, self._now()))
         answer = self._scripts.acquire(
             keys=names.acquire(tenant),
             args=[
@@ -183,7 +185,7 @@ class KeyLimiter:
 
     @staticmethod
     def _admission(answer: list[Any], tenant: str, tenant_limited: bool) -> Admission:
-        """An ``acquire.lua`` or ``cooldown.lua`` answer as an Admission (``tenant_limited``: the reservation also
+        """An ``acquire.lua`` answer as an Admission (``tenant_limited``: the reservation also
         holds the tenant's slot)."""
         admitted, wait_us, limit, reservation, *streak = answer
         return Admission(

@@ -1,7 +1,8 @@
 """The limiter's Lua scripts: read from ``lua/*.lua`` with importlib.resources, registered once per client.
 
-Each script is ``lua/_common.lua`` (shared helpers) followed by the script's own file, so every operation is a
-single EVALSHA (redis-py loads the script again by itself after a Redis restart or ``SCRIPT FLUSH``).
+Each script is ``lua/_cooldown.lua`` (Redis time and the upstream cooldown's reading, shared with the job start)
+and ``lua/_common.lua`` (the limiter's helpers) followed by the script's own file, so every operation is a single
+EVALSHA (redis-py loads the script again by itself after a Redis restart or ``SCRIPT FLUSH``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ from redis.commands.core import Script
 
 from difyq.worker.lua_scripts import script_source as lua_source
 
-SCRIPT_NAMES = ("acquire", "cooldown", "release", "renew", "upstream", "success", "remaining")
+SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
+
+
+def cooldown_source() -> str:
+    """``lua/_cooldown.lua``: Redis time (``clock``) and a key's upstream cooldown (``cooldown``), for any script
+    that reads the cooldown."""
+    return lua_source("difyq.worker.limits", None, "_cooldown")
 
 
 def script_source(name: str) -> str:
     """The full text of script ``name``: the shared helpers, then the script itself."""
-    return lua_source("difyq.worker.limits", "_common", name)
+    return cooldown_source() + "\n" + lua_source("difyq.worker.limits", "_common", name)
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,6 @@ class Scripts:
     """One registered Script per limiter operation, bound to one Redis client."""
 
     acquire: Script
-    cooldown: Script
     release: Script
     renew: Script
     upstream: Script

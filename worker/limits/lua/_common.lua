@@ -1,25 +1,13 @@
--- Helpers shared by every limiter script; worker/limits/scripts.py prepends this file to each script.
+-- Helpers shared by every limiter script; worker/limits/scripts.py prepends this file to each script (after
+-- _cooldown.lua, which has the clock).
 -- Times are integer microseconds from Redis TIME, so every host agrees on "now".
 -- Lua's own number-to-string conversion keeps only 14 digits, so numbers that are concatenated into
 -- strings go through fmt(); numbers passed to redis.call are converted by Redis with full precision.
-
-if redis.replicate_commands then
-  pcall(redis.replicate_commands)  -- effects replication (default from Redis 5; a no-op in 7)
-end
 
 local SLACK = 60000000  -- 60 s added to every TTL
 
 local function fmt(n)
   return string.format('%.0f', n)
-end
-
--- Redis TIME in microseconds, or the test-only fake clock when one is passed.
-local function clock(override)
-  if override and override ~= '' then
-    return tonumber(override)
-  end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
 -- Make a key live at least ttl_us more (plus slack); never shortens a TTL, ignores a missing key, and skips

@@ -1,5 +1,6 @@
 -- acquire: check cooldown, requests, tokens and concurrency of one Dify key with limits (and of the job's tenant,
--- when the app sets tenant_limits) and admit all or nothing. A key without any checks cooldown.lua alone.
+-- when the app sets tenant_limits) and admit all or nothing. A key without any has no admission: the job's start
+-- checks its cooldown (start.lua).
 --
 -- KEYS  1 req (ZSET rid -> admit time)        2 tok (ZSET rid -> time; token log)
 --       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold,
@@ -282,8 +283,8 @@ local function head_round()
   return #head > 0 and tonumber(head[2]) or now
 end
 
--- 1. Upstream cooldown (a Dify 429): binds like a limit (a key without limits checks it alone: cooldown.lua).
-local cool_until = tonumber(redis.call('HGET', cool, 'until') or 0)
+-- 1. Upstream cooldown (a Dify 429): binds like a limit (a key without limits has it checked by the job's start).
+local cool_wait, cool_streak = cooldown(cool, now)
 
 -- 2. The tenant's own limits, in its own line (first wait, moved by priority): a job its tenant's limits hold
 -- back does not wait in the key's line, so it holds none of the key's capacity from other tenants.
@@ -342,8 +343,8 @@ if low_share > 0 then
 end
 
 local blocked_at, blocked_by = now, nil
-if cool_until > now then
-  blocked_at, blocked_by = cool_until, 'upstream'
+if cool_wait > 0 then
+  blocked_at, blocked_by = now + cool_wait, 'upstream'
 end
 local k_at, k_by, interval, tat, k_empty = assess(K, rpm, tpm, conc, burst, mine, queued, '', favored, low_turn)
 if k_by and (blocked_by == nil or k_at > blocked_at) then blocked_at, blocked_by = k_at, k_by end
@@ -366,7 +367,7 @@ if blocked_by == nil then
   end
   charge(K, reservation, interval, tat, queued, k_empty)
   if tenant_limited then charge(T, reservation, 0, now, t_queued, t_empty) end
-  return {1, 0, '', reservation, redis.call('HEXISTS', cool, 'streak')}
+  return {1, 0, '', reservation, cool_streak}
 end
 
 if tenant_limited then

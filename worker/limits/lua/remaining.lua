@@ -18,5 +18,4 @@ for i = 1, #stale, 1000 do
   end
 end
 local in_use = redis.call('ZCOUNT', lease, '(' .. fmt(now), '+inf')
-local cool_until = tonumber(redis.call('HGET', cool, 'until') or 0)
-return {requests, math.max(0, tokens), in_use, math.max(0, cool_until - now)}
+return {requests, math.max(0, tokens), in_use, (cooldown(cool, now))}

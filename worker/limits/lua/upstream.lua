@@ -8,9 +8,9 @@
 local cool = KEYS[1]
 local base, cap, memory = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = clock(ARGV[4])
-local cool_until = tonumber(redis.call('HGET', cool, 'until') or 0)
-if cool_until > now then
-  return cool_until - now
+local left = cooldown(cool, now)
+if left > 0 then
+  return left
 end
 local streak = redis.call('HINCRBY', cool, 'streak', 1)
 local span = math.min(cap, base * math.pow(2, math.min(streak - 1, 60)))
