@@ -1,5 +1,6 @@
 """Lua script sources shipped in a package's ``lua/`` folder, each prefixed with that folder's shared helpers, if
-it has any; and ``run_together``, which sends several scripts' calls in one round trip."""
+it has any; the helpers for a Dify key's upstream cooldown, which the limiter's scripts and the job start share;
+and ``run_together``, which sends several scripts' calls in one round trip."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def script_source(package: str, helpers: str | None, name: str) -> str:
     folder = files(package).joinpath("lua")
     own = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
     return own if helpers is None else folder.joinpath(f"{helpers}.lua").read_text(encoding="utf-8") + "\n" + own
+
+
+@cache
+def cooldown_source() -> str:
+    """``worker/limits/lua/_cooldown.lua``: Redis time (``clock``) and a key's upstream cooldown (``cooldown``), for
+    any script that reads the cooldown. Read through ``difyq.worker``, so the job scripts that need it do not import
+    the limiter (and its metrics) with them."""
+    return files("difyq.worker").joinpath("limits", "lua", "_cooldown.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

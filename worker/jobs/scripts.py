@@ -7,8 +7,7 @@ from __future__ import annotations
 from functools import cache
 
 from difyq.worker.jobs.schema import lua_preamble
-from difyq.worker.limits.scripts import cooldown_source
-from difyq.worker.lua_scripts import script_source
+from difyq.worker.lua_scripts import cooldown_source, script_source
 
 # The job scripts that read a Dify key's upstream cooldown: start.lua checks the cooldown of a key without limits.
 READ_COOLDOWN = frozenset({"start"})

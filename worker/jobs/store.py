@@ -7,7 +7,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
@@ -36,10 +36,12 @@ from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.jobs.threads import DEFAULT_THREAD_TTL_S, NO_THREAD, ThreadConversation, ThreadKeys
 from difyq.worker.json_codec import dumps
-from difyq.worker.limits.admission import UpstreamCheck
 from difyq.worker.lua_scripts import ScriptCall, run_together
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
+
+if TYPE_CHECKING:
+    from difyq.worker.limits.admission import UpstreamCheck
 
 _LIST_FIELDS = ("id", "app", "source", "status", "tenant", "scope")
 # The Dify ids of a job's result that name it in ``RedisKeys.dify_id`` (with its call's task id).

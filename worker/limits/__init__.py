@@ -12,6 +12,7 @@ Use from the worker actor::
         delay = deferral_delay(admission)     # re-enqueue with this delay (retries untouched)
         # fail with rate_limit_wait_exceeded when wait_exceeded(since, time.time(), delay, max_wait)
     else:
+        # limits None: no round trip was made; the job's start checks the key's cooldown (upstream_check)
         try: ...call Dify; renew(kid, reservation, 60) every ~20 s while it runs...
         finally: limiter.release(kid, admission.reservation, usage_total_tokens_or_None)
         # then report_success(kid), or report_upstream_limited(kid) on a 429 / too_many_requests

@@ -14,15 +14,10 @@ from dataclasses import dataclass
 import redis
 from redis.commands.core import Script
 
+from difyq.worker.lua_scripts import cooldown_source
 from difyq.worker.lua_scripts import script_source as lua_source
 
 SCRIPT_NAMES = ("acquire", "release", "renew", "upstream", "success", "remaining")
-
-
-def cooldown_source() -> str:
-    """``lua/_cooldown.lua``: Redis time (``clock``) and a key's upstream cooldown (``cooldown``), for any script
-    that reads the cooldown."""
-    return lua_source("difyq.worker.limits", None, "_cooldown")
 
 
 def script_source(name: str) -> str:
