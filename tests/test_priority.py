@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
-from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.dify.emulator import EmulatedApp, RunningEmulator, start_emulator
 from difyq.worker.jobs.messages import JOBS_QUEUE, RunHints
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.json_codec import loads
@@ -28,6 +29,30 @@ BACKLOG = 200
 def enqueue(runtime: Runtime, query: str, priority: str) -> str:
     submission = JobSubmission(app="slow", query=query, priority=priority)
     return submit(runtime, submission, source="cli", scope="cli").job["id"]
+
+
+def called_queries(emulator: RunningEmulator) -> list[str]:
+    """The queries of the emulator's chat calls, in the order they reached it."""
+    return [str((call.get("body") or {}).get("query")) for call in sorted(
+        emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+
+
+def behind_busy_threads(tmp_path: Path, redis_url: str, namespace: str, backlog: str, later: str,
+                        ) -> tuple[list[dict[str, Any]], list[str]]:
+    """A worker with 2 threads on a key without limits: 12 jobs of priority ``backlog`` submitted, then 3 of
+    priority ``later`` once both threads are busy with slow calls. Every job's final record, and the queries in
+    the order they reached Dify."""
+    pace = EmulatedApp(name="slow", key=SLOW.key, mode="chat", tokens_per_second=8, answer_tokens=8)
+    with start_emulator([pace]) as emulator:
+        apps = {"slow": {"api_key": pace.key, "mode": "chat", "base_url": emulator.base_url}}
+        runtime = make_runtime(redis_url, namespace, apps)
+        with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
+            difyq.start_worker(processes=1, threads=2)
+            first = [enqueue(runtime, f"{backlog}-{n}", backlog) for n in range(12)]
+            wait_for(lambda: len(emulator.calls()) >= 2, timeout=60, what="both threads busy")
+            then = [enqueue(runtime, f"{later}-{n}", later) for n in range(3)]
+            finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in [*then, *first]]
+            return finished, called_queries(emulator)
 
 
 @pytest.mark.e2e
@@ -51,8 +76,7 @@ def test_high_priority_jobs_submitted_after_200_low_ones_reach_dify_first(tmp_pa
             high = [enqueue(runtime, f"high-{n}", "high") for n in range(3)]
             finished = [wait_for_final(runtime, job_id, timeout=60) for job_id in high]
             waited_s = time.monotonic() - started
-            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
-                emulator.calls(), key=lambda call: call["started_at"])]
+            queries = called_queries(emulator)
             order = [query for query in queries if query.startswith(("low-", "high-"))]
     assert [job["status"] for job in finished] == ["succeeded"] * 3 and finished[0]["priority"] == 1
     highs = [index for index, query in enumerate(order) if query.startswith("high-")]
@@ -69,18 +93,7 @@ def test_high_priority_jobs_take_the_next_free_worker_threads(tmp_path: Path, re
     """No limit on the key, the worker's 2 threads busy with slow calls and 12 normal jobs waiting for them: 3 high
     jobs submitted then take the next free threads, passed only by the normal jobs the worker had already fetched
     (its prefetch: one per thread); first come first served would make them wait for all 10."""
-    pace = EmulatedApp(name="slow", key=SLOW.key, mode="chat", tokens_per_second=8, answer_tokens=8)
-    with start_emulator([pace]) as emulator:
-        apps = {"slow": {"api_key": pace.key, "mode": "chat", "base_url": emulator.base_url}}
-        runtime = make_runtime(redis_url, namespace, apps)
-        with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
-            difyq.start_worker(processes=1, threads=2)
-            normal = [enqueue(runtime, f"normal-{n}", "normal") for n in range(12)]
-            wait_for(lambda: len(emulator.calls()) >= 2, timeout=60, what="both threads busy")
-            high = [enqueue(runtime, f"high-{n}", "high") for n in range(3)]
-            finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in [*high, *normal]]
-            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
-                emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+    finished, queries = behind_busy_threads(tmp_path, redis_url, namespace, "normal", "high")
     assert {job["status"] for job in finished} == {"succeeded"}
     assert sorted(query for query in queries if query.startswith("high-")) == ["high-0", "high-1", "high-2"]
     highs = [index for index, query in enumerate(queries) if query.startswith("high-")]
@@ -97,18 +110,7 @@ def test_normal_jobs_pass_waiting_low_ones_at_the_worker_threads(tmp_path: Path,
     """No limit on the key, 12 low jobs submitted to an idle worker with 2 threads: 3 normal jobs submitted once
     both threads are busy are called before any low job but the two running (or one more a thread took meanwhile):
     low messages wait in the low lane, and a worker moves only as many onto the queue as it has free threads."""
-    pace = EmulatedApp(name="slow", key=SLOW.key, mode="chat", tokens_per_second=8, answer_tokens=8)
-    with start_emulator([pace]) as emulator:
-        apps = {"slow": {"api_key": pace.key, "mode": "chat", "base_url": emulator.base_url}}
-        runtime = make_runtime(redis_url, namespace, apps)
-        with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
-            difyq.start_worker(processes=1, threads=2)
-            low = [enqueue(runtime, f"low-{n}", "low") for n in range(12)]
-            wait_for(lambda: len(emulator.calls()) >= 2, timeout=60, what="both threads busy")
-            normal = [enqueue(runtime, f"normal-{n}", "normal") for n in range(3)]
-            finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in [*normal, *low]]
-            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
-                emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+    finished, queries = behind_busy_threads(tmp_path, redis_url, namespace, "low", "normal")
     assert {job["status"] for job in finished} == {"succeeded"}
     last_normal = max(index for index, query in enumerate(queries) if query.startswith("normal-"))
     low_before = [query for query in queries[:last_normal] if query.startswith("low-")]
@@ -132,8 +134,7 @@ def test_low_jobs_keep_their_minimum_share_of_the_worker_threads(tmp_path: Path,
         with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq:
             difyq.start_worker(processes=1, threads=2)
             finished = [wait_for_final(runtime, job_id, timeout=90) for job_id in jobs]
-            queries = [str((call.get("body") or {}).get("query")) for call in sorted(
-                emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+            queries = called_queries(emulator)
     assert {job["status"] for job in finished} == {"succeeded"}
     lows = [index for index, query in enumerate(queries) if query.startswith("low-")]
     print(f"\nthe low jobs' places among 43 calls with 40 normal jobs waiting (share 0.1): {lows}")
@@ -181,8 +182,7 @@ def test_low_priority_keeps_its_minimum_share_under_a_flood_of_high(tmp_path: Pa
                 enqueue(runtime, f"high-{n}", "high")
 
             def flood_calls() -> list[str]:
-                queries = [str((call.get("body") or {}).get("query")) for call in sorted(
-                    emulator.calls(), key=lambda call: call["started_at"]) if call["method"] == "POST"]
+                queries = called_queries(emulator)
                 first_high = next((index for index, query in enumerate(queries) if query.startswith("high-")), None)
                 return queries[first_high:] if first_high is not None else []
 
