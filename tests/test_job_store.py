@@ -146,17 +146,20 @@ def test_index_entries_past_the_result_ttl_are_trimmed_a_bounded_batch_at_a_time
 
 
 def test_the_upkeep_trims_expired_index_entries_a_bounded_batch_per_index(runtime) -> None:
-    """trim_indexes drops up to its limit of entries older than jobs.result_ttl from the index of every job and
-    from each app's, and leaves the newer ones."""
+    """trim_indexes drops up to its limit of entries older than jobs.result_ttl from the index of every job, from
+    each app's and from the callbacks' dead letters (whose jobs are gone then), and leaves the newer ones."""
     index, app_index = runtime.store.index_key(None), runtime.store.index_key("support")
     fresh = runtime.store.submit(new_job()).job["id"]  # first: its submit may trim too (one in 8)
     old_ms = int((time.time() - runtime.config.jobs.result_ttl) * 1000) - 1000
     for key in (index, app_index):
         runtime.raw_redis.zadd(key, {f"job_old{n}": old_ms - n for n in range(5)})
-    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 6
-    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 4
+    dead_letters = runtime.store.callback_dead_letters_key
+    old_s = time.time() - runtime.config.jobs.result_ttl - 1
+    runtime.raw_redis.zadd(dead_letters, {**{f"job_old{n}": old_s - n for n in range(4)}, fresh: time.time()})
+    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 9
+    assert runtime.store.trim_indexes(["support", "other"], limit=3) == 5
     assert runtime.store.trim_indexes(["support", "other"], limit=3) == 0
-    for key in (index, app_index):
+    for key in (index, app_index, dead_letters):
         assert [member.decode() for member in runtime.raw_redis.zrange(key, 0, -1)] == [fresh]
 
 

@@ -779,14 +779,18 @@ class JobStore:
         return found
 
     def trim_indexes(self, apps: Iterable[str], limit: int = INDEX_TRIM_BATCH) -> int:
-        """Drop from the index of every job and from each of ``apps``' indexes up to ``limit`` entries older than
-        ``jobs.result_ttl`` (their jobs are gone); the number dropped. submit.lua trims too, but only as jobs come:
-        this, on the upkeep's rounds, empties the indexes of a quiet service, a bounded batch at a time."""
-        before_ms = int((time.time() - self.config.result_ttl) * 1000)
-        keys = [self.keys.index(None), *(self.keys.index(app) for app in apps)]
+        """Drop from the index of every job, from each of ``apps``' indexes and from the callbacks' dead letters up
+        to ``limit`` entries older than ``jobs.result_ttl`` (their jobs are gone: a callback is dead-lettered after
+        its job ended); the number dropped. submit.lua trims the indexes too, but only as jobs come: this, on the
+        upkeep's rounds, empties them on a quiet service, a bounded batch at a time."""
+        before_s = time.time() - self.config.result_ttl
+        index_cutoff = int(before_s * 1000)  # the indexes are scored in ms, the dead letters in seconds
+        cutoffs = {**dict.fromkeys([self.keys.index(None), *(self.keys.index(app) for app in apps)], index_cutoff),
+                   self.keys.callback_dead_letters: before_s}
+        keys = list(cutoffs)
         with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.zrangebyscore(key, "-inf", before_ms, start=0, num=limit)
+            for key, cutoff in cutoffs.items():
+                pipe.zrangebyscore(key, "-inf", cutoff, start=0, num=limit)
             expired = pipe.execute()
         with self.redis.pipeline(transaction=False) as pipe:
             for key, job_ids in zip(keys, expired, strict=True):
