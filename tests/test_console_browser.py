@@ -170,6 +170,16 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
         assert [row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR,
                                                                                       "tr[data-job]")] == [job_id]
 
+    tenant = stack.runtime.store.get(job_id)["tenant"]
+    for wanted, shown in ((tenant, True), ("no-such-tenant", False)):
+        stack.browser.get(f"{stack.console}/jobs")
+        box = stack.browser.find_element(By.ID, "tenant")
+        box.send_keys(wanted)
+        box.submit()
+        wait_until(stack.browser, lambda b, wanted=wanted: f"tenant={wanted}" in b.current_url)
+        rows = [row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-job]")]
+        assert (job_id in rows) is shown and (bool(rows) is shown), rows
+
     thread = "ticket #7 / console"
     turns = [stack.submit(f"turn {n} of a thread", thread=thread) for n in range(2)]
     stack.browser.get(f"{stack.console}/jobs/{turns[0]}")

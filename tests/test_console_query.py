@@ -39,6 +39,11 @@ def test_pages_cover_every_job_once_and_filters_apply(redis_url: str, namespace:
     report = query.page(JobFilter(app="report"))
     assert {row["app"] for row in report.rows} == {"report"} and len(report.rows) == 8
     assert query.page(JobFilter(client="full")).rows and not query.page(JobFilter(client="other")).rows
+    acme = runtime.store.submit(NewJob(app="support", source="api", scope="client:full", tenant="acme",
+                                       request=JobRequest(query="q"))).job["id"]
+    assert [row["id"] for row in query.page(JobFilter(tenant="acme")).rows] == [acme]
+    assert len(query.page(JobFilter(tenant="full")).rows) == 23  # stored without one: the client's name
+    assert not query.page(JobFilter(tenant="globex")).rows
     assert [row["id"] for row in query.page(JobFilter(q="key-7")).rows] == [made[7]]
     assert [row["id"] for row in query.page(JobFilter(q=made[3])).rows] == [made[3]]
     assert [row["id"] for row in query.page(JobFilter(q=trace_id_for(made[4]))).rows] == [made[4]]

@@ -26,11 +26,13 @@ def build_jobs_router(web: ConsoleWeb) -> APIRouter:
 
     @router.get("/jobs")
     def jobs(request: Request, status: _FILTER = "", app: _FILTER = "", source: _FILTER = "", client: _FILTER = "",
-             since: _FILTER = "", until: _FILTER = "", q: _FILTER = "", cursor: _FILTER = "") -> Response:
+             tenant: _FILTER = "", since: _FILTER = "", until: _FILTER = "", q: _FILTER = "", cursor: _FILTER = "",
+             ) -> Response:
         operator = web.operator(request)
         if operator is None:
             return web.sign_in_redirect(request)
-        wanted = JobFilter(status=status, app=app, source=source, client=client, since=since, until=until, q=q)
+        wanted = JobFilter(status=status, app=app, source=source, client=client, tenant=tenant.strip(), since=since,
+                           until=until, q=q)
         partial = request.headers.get("hx-request") == "true"
         try:
             if status and status not in STATUSES:

@@ -17,7 +17,7 @@ from typing import Any
 from difyq.worker.config import Config
 from difyq.worker.jobs.callback_block import CallbackBlock
 from difyq.worker.jobs.index_position import IndexPosition
-from difyq.worker.jobs.model import client_scope, iso_time, job_id_of_trace
+from difyq.worker.jobs.model import client_scope, iso_time, job_id_of_trace, job_tenant
 from difyq.worker.jobs.schema import JobField
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.jobs.threads import Threads
@@ -30,7 +30,7 @@ _BATCH = 250
 ROW_FIELDS = tuple(JobField(name) for name in (
     "id", "app", "source", "scope", "status", "attempts", "created_at", "started_at", "finished_at",
     "idempotency_key", "result", "callback_url", "callback"))
-FILTER_FIELDS = tuple(JobField(name) for name in ("id", "source", "scope", "status", "idempotency_key"))
+FILTER_FIELDS = tuple(JobField(name) for name in ("id", "source", "scope", "status", "idempotency_key", "tenant"))
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class JobFilter:
     app: str = ""
     source: str = ""
     client: str = ""
+    tenant: str = ""  # a job stored without one has its scope's default (``job_tenant``)
     since: str = ""  # ISO date or date-time, UTC unless it names a zone
     until: str = ""
     q: str = ""
@@ -164,6 +165,8 @@ class JobsQuery:
         source, client = origin(fields)
         if wanted.source and source != wanted.source and source.partition(":")[0] != wanted.source:
             return False
+        if wanted.tenant and job_tenant(fields) != wanted.tenant:
+            return False
         return not wanted.client or client == wanted.client
 
     def page(self, wanted: JobFilter, cursor: str = "", limit: int = PAGE_SIZE) -> JobPage:
@@ -172,7 +175,7 @@ class JobsQuery:
         after = IndexPosition.parse(cursor) if cursor else None
         if wanted.q:
             return JobPage(self.rows_of(self.find(wanted.q, limit)), None, searched=True)
-        filtering = any((wanted.status, wanted.source, wanted.client))
+        filtering = any((wanted.status, wanted.source, wanted.client, wanted.tenant))
         rows: list[dict[str, Any]] = []
         examined = 0
         position: IndexPosition | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -154,7 +155,7 @@ def callback_attempts(fields: dict[str, str]) -> list[dict[str, Any]]:
     return [{**entry, "at": iso_time(entry["at"]), "duration_s": round(entry["duration_s"], 3)} for entry in entries]
 
 
-def job_tenant(fields: dict[str, str]) -> str:
+def job_tenant(fields: Mapping[str, str | None]) -> str:
     """The tenant of a stored job (its scope's default for a job stored without one)."""
     return fields.get(JobField.TENANT) or default_tenant(fields.get(JobField.SCOPE) or "anonymous")
 
