@@ -416,3 +416,18 @@ def test_one_callback_attempt_at_a_time(runtime) -> None:
     wait_s = runtime.store.lock_callback(job_id, lock_s=5)
     assert wait_s is not None and 4 < wait_s <= 5
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
+
+
+def test_a_dead_lettered_callback_keeps_the_dead_letters_key_alive_for_the_result_ttl(runtime) -> None:
+    """A final job's callback that ends failed is a dead letter, and the dead letters' key expires jobs.result_ttl
+    after its newest entry: it never outlives the jobs it names."""
+    job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    runtime.store.start_attempt(job_id, lease_s=30)
+    assert runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "ok"}) == "succeeded"
+    down = CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.01, "failed")
+    runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("failed", attempts=1, last_status_code=503),
+                                     down, retry_in_s=None, release_lease=False)
+    dead_letters = runtime.store.callback_dead_letters_key
+    assert runtime.raw_redis.zscore(dead_letters, job_id) is not None
+    ttl_ms = runtime.raw_redis.pttl(dead_letters)
+    assert 0 < ttl_ms <= runtime.config.jobs.result_ttl * 1000

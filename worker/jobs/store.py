@@ -593,7 +593,7 @@ class JobStore:
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         attempted: dict[str, Any] = {
             "id": job_id, "callback": block.stored(), "attempt": attempt.stored(), "now": time.time(),
-            "release_lease": release_lease, "status": status,
+            "retention_ms": int(self.config.result_ttl * 1000), "release_lease": release_lease, "status": status,
             "next": "retry" if message else "dead" if block.status == "failed" and status in FINAL_STATUSES
             else "done"}
         if message is not None:

@@ -5,7 +5,7 @@
 -- KEYS: 1 job hash, 2 leases zset, 3 callback lock, 4 callbacks dead-letter zset, 5 callback (delay) queue,
 --       6 its bodies
 -- ARGV: 1 a JSON object: callback (the block, JSON), attempt (the attempt, JSON), next ("retry", "dead" or "done"),
---       now (unix seconds),
+--       now (unix seconds), retention_ms (jobs.result_ttl: how long the dead letters key outlives its newest entry),
 --       release_lease (true: drop the job's lease), status (the job's status the attempt announced), and for a
 --       retry message_id and message_body, id (the job's)
 local attempted = cjson.decode(ARGV[1])
@@ -33,5 +33,6 @@ if attempted.next == 'retry' then
   redis.call('RPUSH', KEYS[5], attempted.message_id)
 elseif attempted.next == 'dead' then
   redis.call('ZADD', KEYS[4], attempted.now, attempted.id)
+  redis.call('PEXPIRE', KEYS[4], attempted.retention_ms)
 end
 return 1
