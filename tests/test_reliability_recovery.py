@@ -193,8 +193,13 @@ def test_the_reaper_leaves_a_live_workers_expired_lease_but_not_a_job_it_no_long
     runtime.raw_redis.delete(runtime.store.keys.reaper)
     assert reaper.sweep() == [job_id]
     assert runtime.store.get(job_id)["status"] == "running" and "worker_losses" not in runtime.store.fields(job_id)
-    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) > time.time() * 1000, "renewed for it"
+    renewed_ms = runtime.raw_redis.zscore(runtime.store.leases_key, job_id)
+    assert renewed_ms > time.time() * 1000, "renewed for it"
 
+    # The live process's next round (which no longer renews the job) comes after the reaper's renewal: a round in
+    # the same millisecond would still count the renewal as its own.
+    wait_for(lambda: time.time() * 1000 > renewed_ms - reaper.lease_s * 1000 + 1, timeout=10,
+             what="a millisecond after the renewal")
     live.untrack(job_id)
     live.upkeep()
     wait_for(lambda: job_id in runtime.store.expired_leases(), timeout=10, what="the lease to lapse")
