@@ -31,6 +31,7 @@ from difyq.worker.config import AppLimits
 from difyq.worker.embedded_redis import EmbeddedRedis
 from difyq.worker.limits import KeyLimiter, deferral_delay, key_id
 from tests.bench.bench_limits import DelayQueue
+from tests.support.waiting import wait_for
 
 
 def run_mode(args: argparse.Namespace, url: str, fair: bool) -> dict:
@@ -73,9 +74,7 @@ def run_mode(args: argparse.Namespace, url: str, fair: bool) -> dict:
         thread.start()
     for _ in range(args.backlog):
         ready.put((uuid.uuid4().hex, "A", 0.0))
-    backlog_by = time.monotonic() + args.timeout
-    while not ready.empty() and time.monotonic() < backlog_by:  # every A job has taken its place in the line
-        time.sleep(0.01)
+    wait_for(ready.empty, timeout=args.timeout, interval=0.01, what="every A job taking its place in the line")
     for _ in range(args.b_jobs):
         ticket = uuid.uuid4().hex
         with lock:
