@@ -19,6 +19,7 @@ from difyq.worker.embedded_redis import free_port
 from difyq.worker.runtime import DEFAULT_REDIS_URL
 from tests.support.markdown import ROOT, curl_lines
 from tests.support.processes import wait_for_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -49,9 +50,12 @@ def _finished(read: str, job_id: str) -> dict:
 @pytest.mark.slow
 def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DIFYQ_CONFIG")}
-    metrics_port = free_port()
-    env.update(DIFYQ_METRICS_PORT=str(metrics_port), DIFYQ_LOG_FORMAT="console")
     api_port, emulator_port = free_port(), free_port()
+    # The worker's metrics port and the scheduler's (the next one): neither may be the API's or the emulator's.
+    metrics_port = wait_for(lambda: next((port for port in [free_port()]
+                                          if {port, port + 1}.isdisjoint({api_port, emulator_port})), None),
+                            timeout=10, what="a metrics port clear of the API's and the emulator's")
+    env.update(DIFYQ_METRICS_PORT=str(metrics_port), DIFYQ_LOG_FORMAT="console")
     dev = subprocess.Popen([sys.executable, "-m", "difyq.producers.cli", "dev", "--port", str(api_port),
                             "--emulator-port", str(emulator_port)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
