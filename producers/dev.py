@@ -7,6 +7,7 @@ import base64
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import yaml
 from difyq.producers.api.app import create_app
 from difyq.worker.config import ConfigError, load_config
 from difyq.worker.dify.emulator.sample_document import SAMPLE_NAME
-from difyq.worker.embedded_redis import EmbeddedRedis
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port
 from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, install_runtime
 
@@ -68,6 +69,31 @@ def _scheduler_environment(env: dict[str, str], metrics_port: int) -> dict[str, 
     return scheduler_env
 
 
+def scheduler_metrics_port(worker_metrics_port: int, taken: set[int]) -> int:
+    """The port after the worker's when it is free and not one dev serves on itself, else any free one: the port
+    after a fixed one may be a client connection's local port on a busy host, and the scheduler cannot bind it."""
+    preferred = worker_metrics_port + 1
+    if preferred not in taken:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", preferred))
+                return preferred
+            except OSError:
+                pass
+    return next(port for port in iter(free_port, None) if port not in taken | {worker_metrics_port})
+
+
+def _stop_when_a_child_exits(children: dict[str, subprocess.Popen[bytes]], server: uvicorn.Server) -> None:
+    """dev without its worker or scheduler would take jobs and never run them: say which one exited, and stop."""
+    while not server.should_exit:
+        for name, child in children.items():
+            if child.poll() is not None and not server.should_exit:
+                print(f"difyq dev: the {name} exited with code {child.returncode}; stopping", file=sys.stderr,
+                      flush=True)
+                server.should_exit = True
+        time.sleep(0.5)
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -100,11 +126,12 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     worker_metrics_port = int(os.environ.get("DIFYQ_METRICS_PORT") or 9191)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
            "DIFYQ_METRICS_PORT": str(worker_metrics_port)}
+    scheduler_port = scheduler_metrics_port(worker_metrics_port, {api_port, emulator_port})
     difyq = [sys.executable, "-m", "difyq.producers.cli"]
-    children = [
-        subprocess.Popen([*difyq, "worker", "--processes", "1", "--threads", "8"], env=env),
-        subprocess.Popen([*difyq, "scheduler"], env=_scheduler_environment(env, worker_metrics_port + 1)),
-    ]
+    children = {
+        "worker": subprocess.Popen([*difyq, "worker", "--processes", "1", "--threads", "8"], env=env),
+        "scheduler": subprocess.Popen([*difyq, "scheduler"], env=_scheduler_environment(env, scheduler_port)),
+    }
     app_name = "demo" if emulator else next(iter(runtime.config.apps))
     token = runtime.config.clients["dev"].token.get_secret_value() if "dev" in runtime.config.clients else "<token>"
     server = uvicorn.Server(uvicorn.Config(create_app(runtime), host="127.0.0.1", port=api_port, log_config=None,
@@ -125,10 +152,9 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
             f"  API        http://127.0.0.1:{api_port}  (docs: /docs, metrics: /metrics)\n"
             + console_line
             + f"  Redis      {os.environ['REDIS_URL']}\n"
-            f"  Redis      {os.environ['REDIS_URL']}\n"
             + (f"  Emulator   {emulator.base_url} (Dify-compatible, app key app-demo)\n" if emulator else "")
             + f"  Metrics    worker http://127.0.0.1:{worker_metrics_port}/metrics, "
-            f"scheduler http://127.0.0.1:{worker_metrics_port + 1}/metrics\n"
+            f"scheduler http://127.0.0.1:{scheduler_port}/metrics\n"
             f"  Config     {config_file} (the callback signing secret is there)\n\n"
             f"Try it:\n"
             f"  curl -s -X POST http://127.0.0.1:{api_port}/v1/jobs -H 'Authorization: Bearer {token}' "
@@ -141,6 +167,8 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
         )
 
     threading.Thread(target=announce, name="difyq-dev-banner", daemon=True).start()
+    threading.Thread(target=_stop_when_a_child_exits, args=(children, server), name="difyq-dev-children",
+                     daemon=True).start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         # uvicorn re-raises the signal that stopped it once it has shut down; exit through `finally` then, so
         # the worker and scheduler are stopped too.
@@ -148,10 +176,11 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     try:
         server.run()
     finally:
-        for child in children:
+        exited = [name for name, child in children.items() if child.poll() is not None]
+        for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in children:
+        for child in children.values():
             try:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -160,4 +189,4 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
             emulator.stop()
         if redis_server:
             redis_server.stop()
-    return 0
+    return 1 if exited else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from datetime import datetime
 from http.server import ThreadingHTTPServer
@@ -54,7 +55,12 @@ def run_scheduler_process(runtime: Runtime) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     port = int(os.environ.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT)
-    server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
+    except OSError as exc:
+        print(f"difyq scheduler: cannot serve /metrics on port {port} (DIFYQ_METRICS_PORT): {exc.strerror}",
+              file=sys.stderr)
+        return 2
     threading.Thread(target=server.serve_forever, name="difyq-metrics", daemon=True).start()
     try:
         run_scheduler(runtime.config, runtime.connector, stop, submit_fire_for(runtime))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -13,8 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import uvicorn
 
-from difyq.producers.dev import _scheduler_environment
+from difyq.producers.dev import _scheduler_environment, _stop_when_a_child_exits, scheduler_metrics_port
 from difyq.worker.embedded_redis import free_port
 from difyq.worker.runtime import DEFAULT_REDIS_URL
 from tests.support.markdown import ROOT, curl_lines
@@ -107,8 +109,12 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         assert redis_url is not None and redis_url.group(1) != DEFAULT_REDIS_URL, "".join(lines)
         # The scheduler came up and stayed up: it keeps its metrics in memory, not in the worker's directory. It
         # starts beside the API, so on a busy machine it may still be importing when the job has finished.
-        wait_for_port(metrics_port + 1, timeout=60)
-        scheduler_metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + 1}/metrics", timeout=30).read()
+        printed = re.search(r"worker http://127\.0\.0\.1:(\d+)/metrics, scheduler http://127\.0\.0\.1:(\d+)/metrics",
+                            "".join(lines))
+        assert printed is not None and int(printed.group(1)) == metrics_port, "".join(lines)
+        scheduler_port = int(printed.group(2))
+        wait_for_port(scheduler_port, timeout=60)
+        scheduler_metrics = urllib.request.urlopen(f"http://127.0.0.1:{scheduler_port}/metrics", timeout=30).read()
         assert b"difyq_jobs_submitted_total" in scheduler_metrics
     finally:
         dev.terminate()
@@ -120,3 +126,38 @@ def test_the_scheduler_keeps_its_metrics_out_of_the_worker_directory() -> None:
     worker_env = {"PROMETHEUS_MULTIPROC_DIR": "/tmp/difyq-dev-x/prometheus", "DIFYQ_METRICS_PORT": "9191",
                   "PATH": "/usr/bin"}
     assert _scheduler_environment(worker_env, 9192) == {"DIFYQ_METRICS_PORT": "9192", "PATH": "/usr/bin"}
+
+
+def test_the_scheduler_takes_the_port_after_the_workers_unless_it_is_busy_or_dev_serves_on_it() -> None:
+    worker_port = wait_for(lambda: next((port for port in [free_port()] if _free(port + 1)), None), timeout=10,
+                           what="a port whose next one is free")
+    assert scheduler_metrics_port(worker_port, set()) == worker_port + 1
+    taken = scheduler_metrics_port(worker_port, {worker_port + 1})
+    assert taken not in (worker_port, worker_port + 1)
+    with socket.socket() as client:
+        # A client connection's local port: the scheduler could not bind it, though nothing listens on it.
+        client.bind(("127.0.0.1", worker_port + 1))
+        busy = scheduler_metrics_port(worker_port, set())
+    assert busy not in (worker_port, worker_port + 1)
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", busy))
+
+
+def test_dev_stops_and_says_so_when_its_scheduler_exits(capfd: pytest.CaptureFixture[str]) -> None:
+    server = uvicorn.Server(uvicorn.Config("difyq.producers.api.app:create_app"))
+    scheduler = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        _stop_when_a_child_exits({"scheduler": scheduler}, server)
+    finally:
+        scheduler.wait(timeout=30)
+    assert server.should_exit
+    assert "the scheduler exited with code 3; stopping" in capfd.readouterr().err
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True

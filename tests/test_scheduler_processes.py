@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -63,3 +64,16 @@ def test_three_schedulers_fire_each_second_once(tmp_path: Path, redis_url: str, 
     expected = int((fire_times[-1] - fire_times[0]).total_seconds()) + 1
     assert len(fire_times) == expected, "a fire was lost during the handover"
     assert len(after) > len(before)
+
+
+def test_a_scheduler_whose_metrics_port_is_taken_says_so_and_exits(tmp_path: Path, redis_url: str,
+                                                                   namespace: str) -> None:
+    apps = {"support": {"api_key": "app-unused", "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}}
+    with difyq_processes(tmp_path, redis_url, {"apps": apps, "redis": {"namespace": namespace}}) as difyq, \
+            socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        scheduler = difyq.start("scheduler", "scheduler", env={"DIFYQ_METRICS_PORT": str(port)})
+        assert scheduler.wait(timeout=60) == 2
+        assert f"cannot serve /metrics on port {port} (DIFYQ_METRICS_PORT)" in difyq.logs("scheduler")
