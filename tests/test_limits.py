@@ -469,6 +469,31 @@ def test_concurrency_wait_follows_the_mean_hold_time(limiter: KeyLimiter, kid: s
     assert (refused.limit, refused.wait_s) == ("concurrency", 1.5)
 
 
+
+def test_waiters_for_slots_with_no_hold_seen_yet_look_again_together(limiter: KeyLimiter, kid: str,
+                                                                      clock: FakeClock) -> None:
+    """Before any hold is known, a waiter's place would say nothing: guessing a poll per place ahead kept a
+    backlog of 0.2 s calls one second apart. Every waiter looks again after one poll, when holds are known."""
+    limits = AppLimits(max_concurrency=1)
+    assert take(limiter, kid, limits, "running").admitted
+    waits = [take(limiter, kid, limits, f"waiter-{n}").wait_s for n in range(5)]
+    assert waits == [limiter.poll_s] * 5
+
+
+def test_a_slot_past_its_expected_end_is_looked_at_again_a_tenth_of_a_hold_later(limiter: KeyLimiter, kid: str,
+                                                                                clock: FakeClock) -> None:
+    limits = AppLimits(max_concurrency=1)
+    first = take(limiter, kid, limits)
+    clock.at(2.0)
+    limiter.release(kid, first.reservation, None)  # calls on this key take ~2 s
+    take(limiter, kid, limits)
+    clock.at(4.5)  # the holder is half a second past its expected end
+    refused = take(limiter, kid, limits, "head")
+    assert (refused.limit, refused.wait_s) == ("concurrency", 0.2)
+    clock.at(4.7)
+    behind = take(limiter, kid, limits, "behind")
+    assert (behind.limit, behind.wait_s) == ("concurrency", 2.2), "one hold after the head's slot frees"
+
 # --- upstream cooldown --------------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ Every operation is one EVALSHA of a script in ``lua/`` that reads the time from 
   plus GCRA pacing beyond a burst (``limits.burst``, N/6 by default), so a saturated key runs at a steady N per
   window instead of replaying a burst of N at the start of every window (a burst of N: the log alone);
 * tokens: a sliding log of reserved estimates, reconciled with Dify's real ``total_tokens`` on release;
-* concurrency: slot leases (ZSET reservation -> expiry); a dead holder's lease lapses and is reclaimed;
+* concurrency: slot leases (ZSET reservation -> expiry); a dead holder's lease lapses and is reclaimed; a waiter
+  comes back when the slot ahead of it should free, from the mean hold seen on the key (a tenth of a hold
+  later while its holder overruns; after ``poll_s`` while no hold has been seen);
 * upstream: after a 429 the key cools down for everyone, 1 s doubling to 60 s, reset by a success;
 * fairness: a waiting line per key, ordered by first deferral (``waiting_since``). A refused job is told the
   moment *its* turn comes (its position replayed against the logs and the pacing), not a moment shared with

@@ -213,11 +213,12 @@ local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, l
   local in_use = redis.call('ZCARD', L.lease)
   if conc > 0 and in_use + hold_n + 1 > conc then
     -- Slots that must free before our turn; each holder is expected to finish after the mean hold time seen on
-    -- these limits (or to be polled every poll_us while nothing is known), and surely by its lease expiry.
+    -- these limits, and surely by its lease expiry. A holder past its expected end is looked at again a tenth of
+    -- a hold later (at least poll_us / 100). While no hold has been seen, every waiter looks again once the
+    -- holders are polled (poll_us): by then the first of them have ended and their holds are known.
     local wanted = in_use + older + 1 - conc
     local mean = tonumber(redis.call('HGET', L.state, 'hold') or 0)
-    local typical = mean > 0 and mean or poll
-    local soonest = now + math.max(poll / 10, mean / 4)
+    local soonest = now + math.max(poll / 100, mean / 10)
     local ends = {}
     local holders = redis.call('ZRANGE', L.lease, 0, -1, 'WITHSCORES')
     for i = 1, #holders, 2 do
@@ -231,8 +232,10 @@ local function assess(L, rpm, tpm, conc, burst, mine, queued, prefix, favored, l
     local at
     if wanted <= #ends then
       at = ends[wanted]
+    elseif mean > 0 then
+      at = (ends[#ends] or now) + mean * math.ceil((wanted - #ends) / conc)
     else
-      at = (ends[#ends] or now) + typical * math.ceil((wanted - #ends) / conc)
+      at = ends[#ends] or now + poll
     end
     block(at, 'concurrency')
   end
