@@ -5,9 +5,11 @@ Dramatiq's own fetch and ack."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from dramatiq import Message
+from dramatiq.common import dq_name
 from dramatiq.errors import ConnectionClosed
 
 from difyq.worker.app import build_broker
@@ -17,7 +19,7 @@ from difyq.worker.jobs.schema import JobField
 from difyq.worker.leases import lease_from_env
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
-from difyq.worker.wakeup import WakingConsumer
+from difyq.worker.wakeup import DelayConsumer, WakingConsumer
 from tests.support.stack import make_runtime
 from tests.support.waiting import wait_for
 
@@ -47,7 +49,9 @@ def test_submits_leave_one_token_at_most(runtime: Runtime) -> None:
 def test_only_the_jobs_queue_has_a_waking_consumer(runtime: Runtime) -> None:
     broker = build_broker(runtime, lease_from_env())
     assert isinstance(broker.consume(JOBS_QUEUE, prefetch=1, timeout=50), WakingConsumer)
-    assert not isinstance(broker.consume(CALLBACKS_QUEUE, prefetch=1, timeout=50), WakingConsumer)
+    assert isinstance(broker.consume(dq_name(JOBS_QUEUE), prefetch=1, timeout=50), DelayConsumer)
+    for queue in (CALLBACKS_QUEUE, dq_name(CALLBACKS_QUEUE)):
+        assert not isinstance(broker.consume(queue, prefetch=1, timeout=50), WakingConsumer | DelayConsumer)
 
 
 def test_an_idle_consumer_waits_on_the_token_and_a_submit_wakes_it(runtime: Runtime) -> None:
@@ -137,3 +141,38 @@ def test_a_consumer_looks_at_the_low_lane_only_once_woken(runtime: Runtime) -> N
     assert runtime.raw_redis.llen(lane) == 0
     consumer.ack(first)
     consumer.ack(message)
+
+
+def delay_tokens(runtime: Runtime) -> int:
+    return int(runtime.raw_redis.llen(RedisKeys(runtime.namespace).wake(dq_name(JOBS_QUEUE))))
+
+
+def test_a_deferred_job_wakes_the_delay_queues_consumer_and_comes_back_at_its_time(runtime: Runtime) -> None:
+    """A job a limit deferred for 0.3 s came back up to a worker timeout (1 s) late: the delay queue's idle consumer
+    slept through its back-off. Now the deferral leaves the delay queue's token, and the consumer that took the
+    message returns to Dramatiq's loop (which moves due messages) once the message is due, not before."""
+    consumer = build_broker(runtime, lease_from_env()).consume(dq_name(JOBS_QUEUE), prefetch=100, timeout=1000)
+    job_id = submit(runtime)
+    assert runtime.store.defer(job_id, "support", delay_s=0.3, waiting_since=time.time()).startswith("queued:")
+    assert delay_tokens(runtime) == 1
+    message = wait_for(lambda: next(consumer), timeout=10, what="the deferred job's message")
+    assert message.args == (job_id,)
+    due_s = message.options["eta"] / 1000
+    assert next(consumer) is None  # the token was taken, or the wait ended at the message's time
+    wait_for(lambda: next(consumer) is None and time.time() >= due_s, timeout=10, what="the message's time")
+    consumer.ack(message)
+
+
+def test_an_idle_delay_consumer_waits_until_the_earliest_message_it_handed_over_is_due(runtime: Runtime) -> None:
+    consumer = build_broker(runtime, lease_from_env()).consume(dq_name(JOBS_QUEUE), prefetch=100, timeout=1000)
+    assert isinstance(consumer, DelayConsumer)
+    assert consumer.wait_s(now_ms=0) == 1.0, "nothing handed over: the worker timeout"
+    first, second = submit(runtime), submit(runtime)
+    for job_id, delay_s in ((first, 30.0), (second, 0.5)):
+        runtime.store.defer(job_id, "support", delay_s=delay_s, waiting_since=time.time())
+    messages = [wait_for(lambda: next(consumer), timeout=10, what="a deferred message") for _ in range(2)]
+    soonest = min(message.options["eta"] for message in messages)
+    assert consumer.wait_s(now_ms=soonest - 200) == pytest.approx(0.2)
+    assert consumer.wait_s(now_ms=soonest) == 1.0, "the due one was moved: the other is 30 s away"
+    for message in messages:
+        consumer.ack(message)

@@ -22,17 +22,27 @@ only when the lane is empty too (or its threads are all taken). And once per ``1
 messages it fetched it moves one low message to the queue's head (after the jobs above normal priority still
 waiting), so a backlog of normal jobs slows low ones down but never stops them. Each move is one script
 (``low_lane.lua``): a message is on one list or the other.
+
+The queue's delay queue (Dramatiq's ``jobs.DQ``: deferred jobs and retries) has a token of its own, left by
+whatever writes a delayed message (requeue.lua, ``WakingRedisBroker.enqueue``). Dramatiq's consumer thread holds
+the delayed messages it fetched until their time and moves those that are due each time its consumer returns,
+which an idle one did only after its back-off (up to the worker timeout): a job deferred for 0.2 s came back up
+to a second late. ``DelayConsumer`` fetches when woken and otherwise waits on the token only until the earliest
+time among the messages it handed over, so each comes back on time.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
+import time
 from collections.abc import Iterable
 
 import redis
 from dramatiq import Broker, Message, Middleware, Worker
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import dq_name
 from dramatiq.errors import ConnectionClosed
 
 from difyq.worker.jobs.scripts import job_script
@@ -120,6 +130,50 @@ class WakingConsumer(Consumer):
         self.inner.close()
 
 
+class DelayConsumer(Consumer):
+    """Dramatiq's consumer of a delay queue (``inner``, made with no back-off), woken by the queue's token (a
+    delayed message was written) and back in Dramatiq's loop when the earliest message it handed over is due."""
+
+    def __init__(self, inner: Consumer, client: redis.Redis, wake_key: str, timeout_ms: int):
+        self.inner = inner
+        self.client = client
+        self.wake_key = wake_key
+        self.block_s = min(max(timeout_ms, 1) / 1000, MAX_BLOCK_S)
+        self._etas: list[float] = []  # when each message handed over is due (ms since the epoch)
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            message = next(self.inner)
+            if message is not None:
+                eta = message.options.get("eta")
+                if isinstance(eta, int | float):
+                    heapq.heappush(self._etas, eta)
+                return message
+            self.client.blpop([self.wake_key], timeout=max(self.wait_s(time.time() * 1000), 0.001))
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+        return None
+
+    def wait_s(self, now_ms: float) -> float:
+        """How long an idle wait may last at ``now_ms``: until the earliest message handed over that is not due yet
+        (those due were moved by Dramatiq when this consumer last returned), at most the block time."""
+        while self._etas and self._etas[0] <= now_ms:
+            heapq.heappop(self._etas)
+        return min(self.block_s, (self._etas[0] - now_ms) / 1000) if self._etas else self.block_s
+
+    def ack(self, message: MessageProxy) -> None:
+        self.inner.ack(message)
+
+    def nack(self, message: MessageProxy) -> None:
+        self.inner.nack(message)
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        self.inner.requeue(messages)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class _WorkerThreads(Middleware):
     """Tells its ``WakingRedisBroker`` how many threads the worker booting on it runs."""
 
@@ -131,9 +185,9 @@ class _WorkerThreads(Middleware):
 
 
 class WakingRedisBroker(RedisBroker):
-    """Dramatiq's RedisBroker whose consumers of ``woken_queues`` are ``WakingConsumer``s, and whose enqueues to
-    them (a delayed message whose time came) leave the wake token; ``low_share`` is
-    ``jobs.low_priority_min_share``."""
+    """Dramatiq's RedisBroker whose consumers of ``woken_queues`` are ``WakingConsumer``s and of their delay queues
+    ``DelayConsumer``s, and whose enqueues to them (a delayed message whose time came, a delayed retry) leave the
+    queue's wake token; ``low_share`` is ``jobs.low_priority_min_share``."""
 
     def __init__(self, *, client: redis.Redis, namespace: str, woken_queues: Iterable[str], low_share: float = 0.0,
                  **options: object):
@@ -141,11 +195,16 @@ class WakingRedisBroker(RedisBroker):
         self.wake_client = client
         self.keys = RedisKeys(namespace)
         self.woken_queues = frozenset(woken_queues)
+        self._woken_delay_queues = frozenset(dq_name(queue) for queue in self.woken_queues)
+        self._waking = self.woken_queues | self._woken_delay_queues
         self.low_share = low_share
         self.worker_threads: int | None = None
         self.add_middleware(_WorkerThreads(self))
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        if queue_name in self._woken_delay_queues:
+            return DelayConsumer(super().consume(queue_name, prefetch, timeout=0), self.wake_client,
+                                 self.keys.wake(queue_name), timeout)
         if queue_name not in self.woken_queues:
             return super().consume(queue_name, prefetch, timeout)
         inner = super().consume(queue_name, prefetch, timeout=0)
@@ -154,6 +213,6 @@ class WakingRedisBroker(RedisBroker):
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         enqueued = super().enqueue(message, delay=delay)
-        if enqueued.queue_name in self.woken_queues:
+        if enqueued.queue_name in self._waking:
             wake(self.wake_client, self.keys.wake(enqueued.queue_name))
         return enqueued

@@ -30,6 +30,7 @@ class QueuedMessage:
     bodies_key: str
     redis_message_id: str
     body: bytes
+    wake_key: str  # the token that wakes an idle consumer of the message's queue (worker.wakeup)
 
 
 def build_message(
@@ -53,7 +54,8 @@ def build_message(
         message_timestamp=int(time.time() * 1000),
     )
     keys = RedisKeys(namespace)
-    return QueuedMessage(keys.queue(queue_name), keys.queue_bodies(queue_name), redis_message_id, message.encode())
+    return QueuedMessage(keys.queue(queue_name), keys.queue_bodies(queue_name), redis_message_id, message.encode(),
+                         keys.wake(queue_name))
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,16 @@ local function queue_after_express(queue, express_tail, message_id)
 end"""
 
 
+_WAKE = """\
+local function wake(token)
+  if redis.call('LLEN', token) == 0 then
+    redis.call('RPUSH', token, '1')
+  end
+end"""
+
+
 _LEAVE_THREAD = """\
-local function hand_on_thread(line, job_prefix, queue, bodies, wake)
+local function hand_on_thread(line, job_prefix, queue, bodies, wake_token)
   while true do
     local next_id = redis.call('LINDEX', line, 0)
     if not next_id then
@@ -141,9 +149,7 @@ local function hand_on_thread(line, job_prefix, queue, bodies, wake)
         local message = cjson.decode(held)
         redis.call('HSET', bodies, message.id, message.body)
         redis.call('RPUSH', queue, message.id)
-        if redis.call('LLEN', wake) == 0 then
-          redis.call('RPUSH', wake, '1')
-        end
+        wake(wake_token)
         redis.call('HDEL', next_job, FIELD.held_message)
       end
       return
@@ -152,14 +158,14 @@ local function hand_on_thread(line, job_prefix, queue, bodies, wake)
   end
 end
 
-local function leave_thread(id, line, job_prefix, queue, bodies, wake)
+local function leave_thread(id, line, job_prefix, queue, bodies, wake_token)
   if line == '' then
     return
   end
   local was_first = redis.call('LINDEX', line, 0) == id
   redis.call('LREM', line, 1, id)
   if was_first then
-    hand_on_thread(line, job_prefix, queue, bodies, wake)
+    hand_on_thread(line, job_prefix, queue, bodies, wake_token)
   end
 end"""
 
@@ -173,6 +179,8 @@ def lua_preamble() -> str:
     ``max_pending``) and
     ``queue_after_express(queue key, express tail key, message id)`` (the message goes right after the express
     tail's, when that one is still on the queue, else at the head: Dramatiq takes from the head) and
+    ``wake(wake token key)`` (leaves the token, one at most, that wakes an idle consumer of a queue:
+    ``worker.wakeup``) and
     ``hand_on_thread(thread line key, job key prefix, jobs queue key, jobs bodies key, wake token key)`` (the line
     drops finished or missing jobs from its front, and the first unfinished one gets the message it holds, if it
     holds one) and
@@ -194,5 +202,6 @@ def lua_preamble() -> str:
         _REMEMBER_ERROR,
         _LEAVE_PENDING,
         _QUEUE_AFTER_EXPRESS,
+        _WAKE,
         _LEAVE_THREAD,
     ])

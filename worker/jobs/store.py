@@ -651,7 +651,8 @@ class JobStore:
         if message_was is not None:
             requeue["message_was"] = message_was
         reply = _text(self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key,
-                                          message.bodies_key, self.keys.paused], args=[dumps(requeue)]))
+                                          message.bodies_key, self.keys.paused, message.wake_key],
+                                    args=[dumps(requeue)]))
         if error and reply.startswith("queued:"):
             self._count_error(job_id, error)
         return reply

@@ -20,8 +20,8 @@ if redis.call('LLEN', KEYS[2]) > 0 then
   -- stays, so that a worker looks at the lane once it has fetched these.
   if redis.call('EXISTS', KEYS[1]) == 0 then
     redis.call('DEL', KEYS[4])
-  elseif redis.call('LLEN', KEYS[4]) == 0 then
-    redis.call('RPUSH', KEYS[4], '1')
+  else
+    wake(KEYS[4])
   end
   return -1
 end
@@ -30,7 +30,7 @@ local moved = 0
 while moved < wanted and redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do
   moved = moved + 1
 end
-if moved > 0 and redis.call('EXISTS', KEYS[1]) == 1 and redis.call('LLEN', KEYS[4]) == 0 then
-  redis.call('RPUSH', KEYS[4], '1')
+if moved > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  wake(KEYS[4])
 end
 return moved

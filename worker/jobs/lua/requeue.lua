@@ -1,7 +1,8 @@
 -- Put a job back in the queue (a retryable error, a limit's deferral, or a lease that expired) with its next
 -- message.
 -- A paused job requeued (its form answered) leaves the paused jobs.
--- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 paused zset
+-- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 paused zset, 6 the queue's wake token (its
+--       consumer takes the message at once, or a delay queue's holds it until its time: worker/wakeup.py)
 -- ARGV: 1 a JSON object: expected (the status the job must have), now and next_attempt_at (unix seconds), message_id and
 --       message_body (the next message), front (true: the head of the queue), and when given: error (JSON text,
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
@@ -59,4 +60,5 @@ if status == STATUS.paused then
 end
 redis.call('HSET', KEYS[4], requeue.message_id, requeue.message_body)
 redis.call(requeue.front and 'LPUSH' or 'RPUSH', KEYS[3], requeue.message_id)
+wake(KEYS[6])
 return 'queued:' .. count

@@ -84,7 +84,5 @@ elseif KEYS[14] ~= '' then
 else
   redis.call('RPUSH', KEYS[5], submit.message_id)
 end
-if redis.call('LLEN', KEYS[9]) == 0 then
-  redis.call('RPUSH', KEYS[9], '1')
-end
+wake(KEYS[9])
 return {'created', id}
