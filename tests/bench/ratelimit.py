@@ -1,12 +1,16 @@
 """Rate-limit efficiency: how fully difyq uses a Dify key's limits when twice as much work waits for it.
 
-Two apps on two keys run side by side through the whole stack (API, workers, Redis, the light stream source):
+Three apps on three keys run side by side through the whole stack (API, workers, Redis, the light stream source):
 one with ``limits.requests_per_minute`` (``REQUESTS_PER_MINUTE``), one with ``limits.tokens_per_minute``
 (``TOKENS_PER_MINUTE``; every answer reports ``TOKENS_PER_CALL`` total tokens, so the limit is worth
-``TOKENS_PER_MINUTE / TOKENS_PER_CALL`` calls a minute). Each is offered twice its limit, open loop, for
-``minutes`` minutes. What Dify sees is counted at the source: the calls (and their tokens) that start in each whole
-minute from the key's first call, divided by the limit (goal 0.98-1.00), and the most that start in any 60 s
-span, which must not exceed the limit. The jobs still waiting when the load ends are dropped with the pipeline.
+``TOKENS_PER_MINUTE / TOKENS_PER_CALL`` calls a minute) and one with ``limits.max_concurrency`` (``CONCURRENCY``
+slots; each call takes the answer's 0.2 s, so the key is worth ``CONCURRENCY / 0.2`` calls a second). Each is
+offered twice its limit, open loop, for ``minutes`` minutes. What Dify sees is counted at the source: the calls
+(and their tokens) that start in each whole minute from the key's first call, divided by the limit (goal
+0.98-1.00), and the most that start in any 60 s span, which must not exceed the limit; for the slots, the time
+calls were open in each minute divided by the slots' time (reported: difyq's own work around each call, its start
+and its finish, holds the slot too), and the most calls open at once, which must not exceed the slots. The jobs
+still waiting when the load ends are dropped with the pipeline.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ TOKENS_PER_MINUTE = 12_000
 ANSWER_TOKENS = 12
 # What the stream source reports per call: "bench job <token>" is 3 words, + 5 prompt tokens, + the answer.
 TOKENS_PER_CALL = 3 + 5 + ANSWER_TOKENS
+CONCURRENCY = 4
 DEMAND = 2.0
 GOAL = (0.98, 1.00)
 WINDOW_S = 60.0
@@ -32,7 +37,11 @@ APPS = {
     "rpm": ("app-benchrpm00000000000", {"requests_per_minute": REQUESTS_PER_MINUTE}, REQUESTS_PER_MINUTE),
     "tpm": ("app-benchtpm00000000000", {"tokens_per_minute": TOKENS_PER_MINUTE,
                                         "estimated_tokens_per_call": TOKENS_PER_CALL}, TOKENS_PER_MINUTE),
+    "slots": ("app-benchslots000000000", {"max_concurrency": CONCURRENCY}, CONCURRENCY),
 }
+# Calls a minute each key is worth: what twice the demand is offered against.
+CALLS_PER_MINUTE = {"rpm": REQUESTS_PER_MINUTE, "tpm": TOKENS_PER_MINUTE / TOKENS_PER_CALL,
+                    "slots": CONCURRENCY / ANSWER.ttft_s * WINDOW_S}
 
 
 def most_in_span(times: Sequence[float], span: float, weights: Sequence[float] | None = None) -> float:
@@ -64,8 +73,29 @@ def _usage(calls: list[dict[str, Any]], limit: int, weighted: bool, minutes: int
             "ratio": ratio, "max_in_any_60s": peak, "max_ratio": peak / limit, "ok": ok}
 
 
+def _slot_usage(calls: list[dict[str, Any]], slots: int, minutes: int) -> dict[str, Any]:
+    """Per whole minute from the key's first call, the seconds calls were open ÷ the slots' seconds; the most calls
+    open at once (a call the client cut counts until its start only)."""
+    spans = sorted((call["started_at"], call["ended_at"] or call["started_at"]) for call in calls)
+    if not spans:
+        return {"limit": slots, "windows": [], "window_ratios": [], "ratio": 0.0, "max_open": 0}
+    first = spans[0][0]
+    windows = []
+    for k in range(minutes):
+        low, high = first + WINDOW_S * k, first + WINDOW_S * (k + 1)
+        windows.append(sum(max(0.0, min(end, high) - max(start, low)) for start, end in spans))
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    open_now = max_open = 0
+    for _, step in edges:
+        open_now += step
+        max_open = max(max_open, open_now)
+    ratios = [busy / (slots * WINDOW_S) for busy in windows]
+    return {"limit": slots, "windows": windows, "window_ratios": ratios, "ratio": sum(ratios) / len(ratios),
+            "max_open": max_open, "max_ratio": max_open / slots, "ok": max_open <= slots}
+
+
 def run(bench: BenchEnvironment, config: BenchConfig, minutes: int) -> dict[str, Any]:
-    """Both keys at twice their limits for ``minutes`` minutes."""
+    """The three keys at twice their limits for ``minutes`` minutes."""
     keys = tuple(key for key, _, _ in APPS.values())
     with bench.streaming(ANSWER, keys) as source:
         apps = {name: {"api_key": key, "mode": "chat", "base_url": source.base_url, "limits": limits}
@@ -84,24 +114,25 @@ def run(bench: BenchEnvironment, config: BenchConfig, minutes: int) -> dict[str,
             note_commit(record, pipeline)
             for name, (key, _, limit) in APPS.items():
                 mine = [call for call in calls if call["key"] == key]
-                usage = _usage(mine, limit, name == "tpm", minutes)
+                slots = name == "slots"
+                usage = _slot_usage(mine, limit, minutes) if slots else _usage(mine, limit, name == "tpm", minutes)
                 usage["submitted"] = len(submitted[name])
                 usage["submit_errors"] = sum(1 for s in submitted[name] if s.error)
                 record["keys"][name] = usage
+                most = (f"at most {usage['max_open']} open" if slots
+                        else f"most in any 60 s {usage['max_in_any_60s']:.0f}")
                 print(f"  [ratelimit] {name}: {usage['ratio']:.3f} of the limit over {minutes} min "
-                      f"(per minute {', '.join(f'{r:.3f}' for r in usage.get('window_ratios', []))}), most in "
-                      f"any 60 s {usage['max_in_any_60s']:.0f} of {limit}, submit errors {usage['submit_errors']}",
-                      flush=True)
+                      f"(per minute {', '.join(f'{r:.3f}' for r in usage.get('window_ratios', []))}), {most} of "
+                      f"{limit}, submit errors {usage['submit_errors']}", flush=True)
             record["cost"] = cost_between(before, after, len(calls))
     return record
 
 
 async def _offer(pipeline: DifyqPipeline, duration: float) -> dict[str, list[Submission]]:
-    """Both apps at ``DEMAND`` times their limit (in calls per second) at once."""
+    """The apps at ``DEMAND`` times their limit (in calls per second) at once."""
     def submitter(app: str) -> HttpSubmitter:
         return HttpSubmitter("127.0.0.1", pipeline.api_port, CLIENT_TOKEN, app, pipeline.bench.sink.url)
 
-    per_minute = {"rpm": REQUESTS_PER_MINUTE, "tpm": TOKENS_PER_MINUTE / TOKENS_PER_CALL}
-    runs = [open_loop(lambda app=app: submitter(app), DEMAND * per_minute[app] / WINDOW_S, duration, poisson=False,
-                      seed=index) for index, app in enumerate(APPS)]
+    runs = [open_loop(lambda app=app: submitter(app), DEMAND * CALLS_PER_MINUTE[app] / WINDOW_S, duration,
+                      poisson=False, seed=index) for index, app in enumerate(APPS)]
     return dict(zip(APPS, await asyncio.gather(*runs), strict=True))

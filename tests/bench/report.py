@@ -210,6 +210,13 @@ def _ratelimit_goals(ratelimit: dict[str, Any]) -> list[dict[str, Any]]:
                          key["ratio"], None, bool(ratios) and all(low <= ratio <= high for ratio in ratios)))
         rows.append(_row(f"Rate limits: most admitted in any 60 s ÷ {label}", f"≤ {high}", "", key.get("max_ratio"),
                          None, key.get("max_ratio") is not None and key["max_ratio"] <= high))
+    slots = ratelimit["keys"].get("slots")
+    if slots is not None:
+        rows.append(_row(f"Rate limits: time calls were open ÷ max_concurrency's ({slots['limit']} slots, 0.2 s calls) "
+                         f"at {ratelimit['demand_x_limit']:.0f}x demand", "report", "", slots["ratio"], None, None))
+        most = slots.get("max_ratio")
+        rows.append(_row("Rate limits: most calls open at once ÷ max_concurrency", f"≤ {high}", "", most, None,
+                         most is not None and most <= high))
     return rows
 
 
@@ -451,10 +458,21 @@ def ratelimit_section(ratelimit: dict[str, Any]) -> list[str]:
              "counted at the stream source)", "",
              "| key | limit / min | used per minute | ÷ limit per minute | most in any 60 s | submitted | errors |",
              "|---|---:|---|---|---:|---:|---:|"]
+    slots = None
     for name, key in ratelimit["keys"].items():
+        if "max_open" in key:
+            slots = (name, key)
+            continue
         lines.append(f"| {name} | {key['limit']:,} | {', '.join(f'{used:,.0f}' for used in key['windows'])} | "
                      f"{', '.join(f'{ratio:.3f}' for ratio in key.get('window_ratios', []))} | "
                      f"{key['max_in_any_60s']:,.0f} | {key.get('submitted', 0):,} | {key.get('submit_errors', 0)} |")
+    if slots is not None:
+        name, key = slots
+        lines += ["", "| key | max_concurrency | seconds calls were open per minute | ÷ slots' seconds per minute | "
+                  "most open at once | submitted | errors |", "|---|---:|---|---|---:|---:|---:|",
+                  f"| {name} | {key['limit']} | {', '.join(f'{busy:,.1f}' for busy in key['windows'])} | "
+                  f"{', '.join(f'{ratio:.3f}' for ratio in key['window_ratios'])} | {key['max_open']} | "
+                  f"{key.get('submitted', 0):,} | {key.get('submit_errors', 0)} |"]
     return lines
 
 
