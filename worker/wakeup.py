@@ -50,6 +50,17 @@ from difyq.worker.redis_keys import RedisKeys
 
 # The longest a consumer blocks on its token: under the Redis clients' 2 s socket timeout (``worker.runtime``).
 MAX_BLOCK_S = 1.0
+# The shortest: Redis 6.2 (``difyq dev``'s embedded one) keeps a BLPOP of 1 ms blocked for good, and times blocked
+# clients out only every 100 ms; a shorter wait is slept instead.
+MIN_BLOCK_S = 0.01
+
+
+def wait_for_token(client: redis.Redis, key: str, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for the token at ``key`` (taking it), or sleep a wait too short to block on."""
+    if wait_s < MIN_BLOCK_S:
+        time.sleep(max(wait_s, 0.0))
+    else:
+        client.blpop([key], timeout=wait_s)
 
 
 def wake(client: redis.Redis, key: str) -> None:
@@ -100,7 +111,7 @@ class WakingConsumer(Consumer):
             free = self.threads - self._outstanding
             if self._woken and free > 0 and self._move_low(keys=self.lane_keys, args=["fill", free]) != 0:
                 return None  # the next fetch takes what it moved, or what was already on the queue
-            self.client.blpop([self.wake_key], timeout=self.block_s)
+            wait_for_token(self.client, self.wake_key, self.block_s)
             self._woken = True
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
@@ -149,7 +160,7 @@ class DelayConsumer(Consumer):
                 if isinstance(eta, int | float):
                     heapq.heappush(self._etas, eta)
                 return message
-            self.client.blpop([self.wake_key], timeout=max(self.wait_s(time.time() * 1000), 0.001))
+            wait_for_token(self.client, self.wake_key, self.wait_s(time.time() * 1000))
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         return None
