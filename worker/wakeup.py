@@ -69,7 +69,25 @@ def wake(client: redis.Redis, key: str) -> None:
         pipe.rpush(key, 1).ltrim(key, 0, 0).execute()
 
 
-class WakingConsumer(Consumer):
+class _Wrapping(Consumer):
+    """A consumer that hands Dramatiq's own (``inner``) its acks, nacks, requeues and close."""
+
+    inner: Consumer
+
+    def ack(self, message: MessageProxy) -> None:
+        self.inner.ack(message)
+
+    def nack(self, message: MessageProxy) -> None:
+        self.inner.nack(message)
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        self.inner.requeue(messages)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class WakingConsumer(_Wrapping):
     """Dramatiq's consumer of one queue (``inner``, made with no back-off), woken by the queue's token, which also
     feeds the queue from its low lane; ``threads`` is its process's worker threads (None: ``prefetch``),
     ``low_share`` is ``jobs.low_priority_min_share``."""
@@ -124,24 +142,18 @@ class WakingConsumer(Consumer):
 
     def ack(self, message: MessageProxy) -> None:
         try:
-            self.inner.ack(message)
+            super().ack(message)
         finally:
             self._settled()
 
     def nack(self, message: MessageProxy) -> None:
         try:
-            self.inner.nack(message)
+            super().nack(message)
         finally:
             self._settled()
 
-    def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        self.inner.requeue(messages)
 
-    def close(self) -> None:
-        self.inner.close()
-
-
-class DelayConsumer(Consumer):
+class DelayConsumer(_Wrapping):
     """Dramatiq's consumer of a delay queue (``inner``, made with no back-off), woken by the queue's token (a
     delayed message was written) and back in Dramatiq's loop when the earliest message it handed over is due."""
 
@@ -171,18 +183,6 @@ class DelayConsumer(Consumer):
         while self._etas and self._etas[0] <= now_ms:
             heapq.heappop(self._etas)
         return min(self.block_s, (self._etas[0] - now_ms) / 1000) if self._etas else self.block_s
-
-    def ack(self, message: MessageProxy) -> None:
-        self.inner.ack(message)
-
-    def nack(self, message: MessageProxy) -> None:
-        self.inner.nack(message)
-
-    def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        self.inner.requeue(messages)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class _WorkerThreads(Middleware):
