@@ -11,17 +11,31 @@ offered twice its limit, open loop, for ``minutes`` minutes. What Dify sees is c
 calls were open in each minute divided by the slots' time (reported: difyq's own work around each call, its start
 and its finish, holds the slot too), and the most calls open at once, which must not exceed the slots. The jobs
 still waiting when the load ends are dropped with the pipeline.
+
+Before that load, a burst: ``BURST_JOBS`` jobs at once on a fourth key with ``CONCURRENCY`` slots that has never
+been used (no hold time known yet, as after an idle spell), and the share of the slots' time its calls were open
+from the first call's start to the last one's end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from tests.bench.loadgen import HttpSubmitter, Submission, open_loop
 from tests.bench.scenarios import BenchConfig, note_commit, warm_up
-from tests.bench.stack import CLIENT_TOKEN, BenchEnvironment, DifyqPipeline, Profile, WorkerShape, cost_between
+from tests.bench.stack import (
+    CLIENT_TOKEN,
+    BenchEnvironment,
+    DifyqPipeline,
+    Profile,
+    StreamSource,
+    WorkerShape,
+    cost_between,
+)
+from tests.support.waiting import wait_for
 
 REQUESTS_PER_MINUTE = 600
 TOKENS_PER_MINUTE = 12_000
@@ -29,6 +43,8 @@ ANSWER_TOKENS = 12
 # What the stream source reports per call: "bench job <token>" is 3 words, + 5 prompt tokens, + the answer.
 TOKENS_PER_CALL = 3 + 5 + ANSWER_TOKENS
 CONCURRENCY = 4
+BURST_JOBS = 60
+BURST_KEY = "app-benchburst000000000"
 DEMAND = 2.0
 GOAL = (0.98, 1.00)
 WINDOW_S = 60.0
@@ -94,23 +110,51 @@ def _slot_usage(calls: list[dict[str, Any]], slots: int, minutes: int) -> dict[s
             "max_open": max_open, "max_ratio": max_open / slots, "ok": max_open <= slots}
 
 
+def _burst(pipeline: DifyqPipeline, source: StreamSource) -> dict[str, Any]:
+    """``BURST_JOBS`` jobs at once on the unused ``burst`` key; the share of its slots' time its calls were open."""
+    source.take_calls()
+    submitter = HttpSubmitter("127.0.0.1", pipeline.api_port, CLIENT_TOKEN, "burst", pipeline.bench.sink.url)
+
+    async def submit_all() -> None:
+        try:
+            await asyncio.gather(*(submitter.submit(f"burst-{n}") for n in range(BURST_JOBS)))
+        finally:
+            await submitter.aclose()
+
+    submitted = time.time()
+    asyncio.run(submit_all())
+    calls: list[dict[str, Any]] = []
+    wait_for(lambda: calls.extend(call for call in source.take_calls() if call["key"] == BURST_KEY)
+             or len(calls) >= BURST_JOBS, timeout=120, interval=0.5, what=f"the burst's {BURST_JOBS} calls")
+    spans = sorted((call["started_at"], call["ended_at"] or call["started_at"]) for call in calls)
+    first, last = spans[0][0], max(end for _, end in spans)
+    used = sum(end - start for start, end in spans) / (CONCURRENCY * (last - first))
+    print(f"  [ratelimit] burst of {BURST_JOBS} at an unused key of {CONCURRENCY} slots: the slots used {used:.3f} "
+          f"from the first call to the last, {last - submitted:.1f} s from the submits", flush=True)
+    return {"jobs": BURST_JOBS, "slots": CONCURRENCY, "ratio": used, "first_to_last_s": last - first,
+            "submit_to_last_s": last - submitted}
+
+
 def run(bench: BenchEnvironment, config: BenchConfig, minutes: int) -> dict[str, Any]:
-    """The three keys at twice their limits for ``minutes`` minutes."""
-    keys = tuple(key for key, _, _ in APPS.values())
+    """A burst at an unused key, then the three keys at twice their limits for ``minutes`` minutes."""
+    keys = (*(key for key, _, _ in APPS.values()), BURST_KEY)
     with bench.streaming(ANSWER, keys) as source:
         apps = {name: {"api_key": key, "mode": "chat", "base_url": source.base_url, "limits": limits}
                 for name, (key, limits, _) in APPS.items()}
+        apps["burst"] = {"api_key": BURST_KEY, "mode": "chat", "base_url": source.base_url,
+                         "limits": {"max_concurrency": CONCURRENCY}}
         with bench.pipeline("difyq", WorkerShape(), config={"apps": apps}) as pipeline:
             assert isinstance(pipeline, DifyqPipeline)
             warm_up(bench, pipeline, config.warmup_jobs_rate)
-            source.take_calls()
+            burst = _burst(pipeline, source)
             before = bench.snapshot(pipeline)
             duration = minutes * WINDOW_S + 5.0
             submitted = asyncio.run(_offer(pipeline, duration))
             after = bench.snapshot(pipeline)
             calls = source.take_calls()
             record: dict[str, Any] = {"minutes": minutes, "demand_x_limit": DEMAND, "answer": vars(ANSWER),
-                                      "tokens_per_call": TOKENS_PER_CALL, "goal": list(GOAL), "keys": {}}
+                                      "tokens_per_call": TOKENS_PER_CALL, "goal": list(GOAL), "keys": {},
+                                      "burst": burst}
             note_commit(record, pipeline)
             for name, (key, _, limit) in APPS.items():
                 mine = [call for call in calls if call["key"] == key]

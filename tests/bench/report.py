@@ -214,6 +214,11 @@ def _ratelimit_goals(ratelimit: dict[str, Any]) -> list[dict[str, Any]]:
     if slots is not None:
         rows.append(_row(f"Rate limits: time calls were open ÷ max_concurrency's ({slots['limit']} slots, 0.2 s calls) "
                          f"at {ratelimit['demand_x_limit']:.0f}x demand", "report", "", slots["ratio"], None, None))
+        burst = ratelimit.get("burst")
+        if burst is not None:
+            rows.append(_row(f"Rate limits: time calls were open ÷ max_concurrency's for a burst of {burst['jobs']} "
+                             f"jobs at an unused key ({burst['slots']} slots, 0.2 s calls)", "report", "",
+                             burst["ratio"], None, None))
         most = slots.get("max_ratio")
         rows.append(_row("Rate limits: most calls open at once ÷ max_concurrency", f"≤ {high}", "", most, None,
                          most is not None and most <= high))
@@ -473,6 +478,12 @@ def ratelimit_section(ratelimit: dict[str, Any]) -> list[str]:
                   f"| {name} | {key['limit']} | {', '.join(f'{busy:,.1f}' for busy in key['windows'])} | "
                   f"{', '.join(f'{ratio:.3f}' for ratio in key['window_ratios'])} | {key['max_open']} | "
                   f"{key.get('submitted', 0):,} | {key.get('submit_errors', 0)} |"]
+    burst = ratelimit.get("burst")
+    if burst is not None:
+        lines += ["", f"A burst of {burst['jobs']} jobs at once at an unused key of {burst['slots']} slots (no hold "
+                  f"time known yet): calls open {burst['ratio']:.3f} of the slots' time from the first call's start "
+                  f"to the last one's end ({burst['first_to_last_s']:.2f} s; {burst['submit_to_last_s']:.2f} s "
+                  "from the submits)."]
     return lines
 
 
