@@ -28,7 +28,9 @@ whatever writes a delayed message (requeue.lua, ``WakingRedisBroker.enqueue``). 
 the delayed messages it fetched until their time and moves those that are due each time its consumer returns,
 which an idle one did only after its back-off (up to the worker timeout): a job deferred for 0.2 s came back up
 to a second late. ``DelayConsumer`` fetches when woken and otherwise waits on the token only until the earliest
-time among the messages it handed over, so each comes back on time.
+time among the messages it handed over, so each comes back on time. Redis ends a blocked wait on its server cron
+(every 0.1 s by default), so the last tenth of a second before that time is slept instead: a delayed message
+written then, due even sooner, is fetched by another process's consumer, or by this one when it wakes.
 """
 
 from __future__ import annotations
@@ -50,17 +52,18 @@ from difyq.worker.redis_keys import RedisKeys
 
 # The longest a consumer blocks on its token: under the Redis clients' 2 s socket timeout (``worker.runtime``).
 MAX_BLOCK_S = 1.0
-# The shortest: Redis 6.2 (``difyq dev``'s embedded one) keeps a BLPOP of 1 ms blocked for good, and times blocked
-# clients out only every 100 ms; a shorter wait is slept instead.
-MIN_BLOCK_S = 0.01
+# How late a BLPOP may return after its timeout: Redis times blocked clients out on its server cron, 10 times a
+# second by default (``hz``). A wait shorter than this is slept, not blocked on (Redis 6.2, ``difyq dev``'s embedded
+# one, even keeps a BLPOP of 1 ms blocked for good).
+BLOCK_SLACK_S = 0.1
 
 
-def wait_for_token(client: redis.Redis, key: str, wait_s: float) -> None:
-    """Wait up to ``wait_s`` for the token at ``key`` (taking it), or sleep a wait too short to block on."""
-    if wait_s < MIN_BLOCK_S:
+def wait_for_token(client: redis.Redis, key: str, wait_s: float) -> bool:
+    """Wait about ``wait_s`` (up to ``BLOCK_SLACK_S`` more) for the token at ``key``; whether one was taken."""
+    if wait_s < BLOCK_SLACK_S:
         time.sleep(max(wait_s, 0.0))
-    else:
-        client.blpop([key], timeout=wait_s)
+        return False
+    return client.blpop([key], timeout=wait_s) is not None
 
 
 def wake(client: redis.Redis, key: str) -> None:
@@ -172,7 +175,12 @@ class DelayConsumer(_Wrapping):
                 if isinstance(eta, int | float):
                     heapq.heappush(self._etas, eta)
                 return message
-            wait_for_token(self.client, self.wake_key, self.wait_s(time.time() * 1000))
+            wait_s = self.wait_s(time.time() * 1000)
+            # Blocked on until the slack before the message's time (a token ends it at once), the rest slept: the
+            # message is due then, not up to a server cron later.
+            ends = time.monotonic() + wait_s
+            if wait_s <= 2 * BLOCK_SLACK_S or not wait_for_token(self.client, self.wake_key, wait_s - BLOCK_SLACK_S):
+                time.sleep(max(ends - time.monotonic(), 0.0))
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         return None
