@@ -35,6 +35,7 @@ from tests.bench.stack import (
     REPO_ROOT,
     SIGNING_SECRET,
     Service,
+    import_path,
     raise_file_limit,
     source_commit,
 )
@@ -57,7 +58,7 @@ def start_api(src: Path, redis_url: str, log_dir: Path, extra_env: dict[str, str
     }
     config_path = log_dir / "difyq.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": redis_url, "PYTHONPATH": str(src),
+    env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": redis_url, "PYTHONPATH": import_path(src),
            "PYTHONUNBUFFERED": "1", **extra_env}
     port = free_port()
     api = Service("difyq-api", [sys.executable, "-m", "difyq.producers.cli", "api", "--port", str(port)], log_dir, env,

@@ -325,7 +325,7 @@ class DifyqPipeline(Pipeline):
         config_path = directory / "difyq.yaml"
         config_path.write_text(yaml.safe_dump(settings))
         env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": bench.redis.url,
-               "PYTHONPATH": str(bench.difyq_src), "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": bench.import_path, "PYTHONUNBUFFERED": "1",
                "DIFYQ_WORKER_SHUTDOWN_TIMEOUT_MS": "5000", **(extra_env or {})}
         command = [sys.executable, "-m", "difyq.producers.cli"]
         self.api_port = free_port()
@@ -439,6 +439,15 @@ class Snapshot:
     reads: int  # Redis's reads of client requests (``total_reads_processed``): round trips, a pipeline's once
 
 
+def import_path(difyq_src: Path) -> str:
+    """A PYTHONPATH under which ``import difyq`` is the source tree ``difyq_src`` (a directory holding a ``difyq``
+    link to it). The tree itself on PYTHONPATH is not enough: it has no ``difyq`` directory, so the package would
+    still come from the checkout installed in the venv, whatever tree was asked for."""
+    linked = Path(tempfile.mkdtemp(prefix="difyq-src-")) / "difyq"
+    linked.symlink_to(difyq_src.resolve(), target_is_directory=True)
+    return str(linked.parent)
+
+
 class BenchEnvironment:
     """Redis, the sink and a log directory for the whole run; emulators and pipelines come and go."""
 
@@ -446,6 +455,7 @@ class BenchEnvironment:
         raise_file_limit()
         self.log_dir = log_dir
         self.difyq_src = difyq_src
+        self.import_path = import_path(difyq_src)
         (log_dir / "redis").mkdir(parents=True, exist_ok=True)
         self.redis = EmbeddedRedis(directory=str(log_dir / "redis")).start()
         self.client = redis.Redis.from_url(self.redis.url, decode_responses=True)
