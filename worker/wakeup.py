@@ -29,8 +29,9 @@ the delayed messages it fetched until their time and moves those that are due ea
 which an idle one did only after its back-off (up to the worker timeout): a job deferred for 0.2 s came back up
 to a second late. ``DelayConsumer`` fetches when woken and otherwise waits on the token only until the earliest
 time among the messages it handed over, so each comes back on time. Redis ends a blocked wait on its server cron
-(every 0.1 s by default), so the last tenth of a second before that time is slept instead: a delayed message
-written then, due even sooner, is fetched by another process's consumer, or by this one when it wakes.
+(every 0.1 s by default), so the last tenth of a second before that time (the last two, when no more is left) is
+slept instead: a delayed message written then, due even sooner, is fetched by another process's consumer, or by
+this one when it wakes.
 """
 
 from __future__ import annotations
