@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,10 +118,21 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
     config_file.write_text(yaml.safe_dump(effective))
     config_file.chmod(0o600)
     os.environ["DIFYQ_CONFIG"] = str(config_file)
+
+    def release() -> None:
+        """Stop what dev started in this process and remove what it wrote (the effective config holds the
+        callbacks' signing secret)."""
+        if emulator:
+            emulator.stop()
+        if redis_server:
+            redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
     try:
         runtime = Runtime(load_config(config_file), os.environ["REDIS_URL"])
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
+        release()
         return 2
     install_runtime(runtime)
     worker_metrics_port = int(os.environ.get("DIFYQ_METRICS_PORT") or 9191)
@@ -185,8 +197,5 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-        if emulator:
-            emulator.stop()
-        if redis_server:
-            redis_server.stop()
+        release()
     return 1 if exited else 0

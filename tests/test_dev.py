@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import uvicorn
 
@@ -119,6 +120,9 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     finally:
         dev.terminate()
         dev.wait(timeout=60)
+    # What dev wrote for its children (the effective config, with the callbacks' signing secret) goes with it.
+    config_file = re.search(r"Config\s+(\S+)", "".join(lines))
+    assert config_file is not None and not Path(config_file.group(1)).parent.exists(), "".join(lines)
 
 
 def test_the_scheduler_keeps_its_metrics_out_of_the_worker_directory() -> None:
@@ -161,3 +165,20 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_dev_with_a_bad_config_exits_2_and_leaves_nothing_running_or_written(tmp_path: Path) -> None:
+    (tmp_path / "difyq.yaml").write_text("jobs: {max_wait: -1}\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DIFYQ_CONFIG")}
+    env["TMPDIR"] = str(tmp_path)  # where dev makes its working directory and its Redis's
+    dev = subprocess.run([sys.executable, "-m", "difyq.producers.cli", "dev", "--port", str(free_port()),
+                          "--emulator-port", str(free_port())], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert dev.returncode == 2, dev.stderr
+    assert "max_wait" in dev.stderr
+    assert not list(tmp_path.glob("difyq-dev-*")), "the effective config (with the signing secret) is removed"
+    redis_dirs = [str(path) for path in tmp_path.glob("difyq-redis-*")]
+    assert redis_dirs, "dev started its own Redis"
+    running = [process.info["cmdline"] for process in psutil.process_iter(["cmdline"])
+               if any(directory in (process.info["cmdline"] or []) for directory in redis_dirs)]
+    assert not running, running
