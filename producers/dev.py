@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import yaml
 from difyq.producers.api.app import create_app
 from difyq.worker.config import ConfigError, load_config
 from difyq.worker.dify.emulator.sample_document import SAMPLE_NAME
-from difyq.worker.embedded_redis import EmbeddedRedis, free_port
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port, port_is_free
 from difyq.worker.logs import configure_logging
 from difyq.worker.runtime import Runtime, install_runtime
 
@@ -74,13 +73,8 @@ def scheduler_metrics_port(worker_metrics_port: int, taken: set[int]) -> int:
     """The port after the worker's when it is free and not one dev serves on itself, else any free one: the port
     after a fixed one may be a client connection's local port on a busy host, and the scheduler cannot bind it."""
     preferred = worker_metrics_port + 1
-    if preferred not in taken:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("0.0.0.0", preferred))
-                return preferred
-            except OSError:
-                pass
+    if preferred not in taken and port_is_free(preferred):
+        return preferred
     return next(port for port in iter(free_port, None) if port not in taken | {worker_metrics_port})
 
 

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from difyq.producers.dev import _scheduler_environment, _stop_when_a_child_exits, scheduler_metrics_port
-from difyq.worker.embedded_redis import free_port
+from difyq.worker.embedded_redis import free_port, port_is_free
 from difyq.worker.runtime import DEFAULT_REDIS_URL
 from tests.support.markdown import ROOT, curl_lines
 from tests.support.processes import wait_for_port
@@ -133,7 +133,7 @@ def test_the_scheduler_keeps_its_metrics_out_of_the_worker_directory() -> None:
 
 
 def test_the_scheduler_takes_the_port_after_the_workers_unless_it_is_busy_or_dev_serves_on_it() -> None:
-    worker_port = wait_for(lambda: next((port for port in [free_port()] if _free(port + 1)), None), timeout=10,
+    worker_port = wait_for(lambda: next((port for port in [free_port()] if port_is_free(port + 1)), None), timeout=10,
                            what="a port whose next one is free")
     assert scheduler_metrics_port(worker_port, set()) == worker_port + 1
     taken = scheduler_metrics_port(worker_port, {worker_port + 1})
@@ -157,14 +157,6 @@ def test_dev_stops_and_says_so_when_its_scheduler_exits(capfd: pytest.CaptureFix
     assert server.should_exit
     assert "the scheduler exited with code 3; stopping" in capfd.readouterr().err
 
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def test_dev_with_a_bad_config_exits_2_and_leaves_nothing_running_or_written(tmp_path: Path) -> None:

