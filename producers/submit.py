@@ -4,7 +4,6 @@ is the same path for the API's event loop."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from difyq.worker.callbacks.ssrf import (
     UnresolvableDestination,
     addresses_of,
     check_destination,
+    is_ip_literal,
     resolve_host,
 )
 from difyq.worker.dify.models import CHAT_MODES
@@ -259,10 +259,8 @@ class _NeedsLookup(Exception):
 
 def _resolve_literal(host: str, port: int) -> tuple[str, ...]:
     """``resolve_host`` for an IP literal (no DNS); _NeedsLookup for a host name."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise _NeedsLookup(host, port) from None
+    if not is_ip_literal(host):
+        raise _NeedsLookup(host, port)
     return resolve_host(host, port)
 
 

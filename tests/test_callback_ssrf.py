@@ -33,6 +33,7 @@ from difyq.worker.callbacks import (
     check_destination,
     deliver,
     post_to_destination,
+    resolve_host,
 )
 from difyq.worker.config import CallbacksConfig
 from tests.support.receiver import CallbackReceiver
@@ -162,6 +163,19 @@ def test_every_resolved_address_must_be_public() -> None:
     allowed = check_destination("https://mixed.example/", ["10.0.0.0/8"], resolver=resolver)
     assert allowed.addresses == ("93.184.215.14", "10.0.0.5")
     assert allowed.address == "93.184.215.14"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "93.184.215.14", "::1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+def test_an_ip_literal_is_its_own_answer_with_no_lookup(host: str, connects: list[Any]) -> None:
+    answer = resolve_host(host, 80)
+
+    assert connects == []
+    looked_up = socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    assert [ipaddress.ip_address(text) for text in answer] == [ipaddress.ip_address(found[4][0]) for found in looked_up]
+
+
+def test_an_odd_ipv4_spelling_is_judged_by_what_getaddrinfo_makes_of_it() -> None:
+    assert resolve_host("2130706433", 80) == ("127.0.0.1",)
 
 
 def test_a_name_that_resolves_to_nothing_is_unresolvable() -> None:
@@ -344,14 +358,15 @@ def test_a_plain_client_is_refused(connects: list[Any], trap: socket.socket) -> 
 
 
 def test_a_blocked_callback_opens_no_socket(connects: list[Any], trap: socket.socket) -> None:
-    """The SSRF check refuses the loopback receiver before any connection: only the check's own lookup happens."""
+    """The SSRF check refuses the loopback receiver before any connection: only the check's own lookup of the name
+    happens (an IP literal needs none)."""
     port = trap.getsockname()[1]
     config = CallbacksConfig(signing_secret=SECRET, allow_hosts=[], timeout=5)
     with PinnedTransport() as transport:
         for url in (f"http://127.0.0.1:{port}/cb", f"http://localhost:{port}/cb", f"http://[::ffff:127.0.0.1]:{port}/"):
             attempt = deliver(url, b"{}", "job_blocked", config, session=transport)
             assert attempt.outcome == "blocked"
-    assert [kind for kind, _ in connects] == ["getaddrinfo"] * 3
+    assert connects == [("getaddrinfo", "localhost")]
     assert_never_reached(trap)
 
 

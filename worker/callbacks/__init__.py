@@ -21,6 +21,7 @@ from difyq.worker.callbacks.ssrf import (
     UnresolvableDestination,
     blocked_reason,
     check_destination,
+    is_ip_literal,
     resolve_host,
 )
 from difyq.worker.callbacks.transport import PinnedTransport, UnpinnedRequest, post_to_destination
@@ -39,6 +40,7 @@ __all__ = [
     "blocked_reason",
     "check_destination",
     "deliver",
+    "is_ip_literal",
     "metric_outcome",
     "next_delay",
     "post_to_destination",

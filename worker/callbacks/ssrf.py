@@ -16,6 +16,7 @@ special case: they are judged by what ``getaddrinfo`` turns them into, which is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import re
@@ -194,7 +195,8 @@ def blocked_reason(address: IPAddress) -> str | None:
     return None
 
 
-def _is_ip_literal(host: str) -> bool:
+def is_ip_literal(host: str) -> bool:
+    """Whether ``host`` (as a URL's host, without brackets) is an IPv4 or IPv6 address in its standard spelling."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -235,7 +237,11 @@ def _allow_list(hosts: tuple[str, ...]) -> AllowList:
 
 
 def resolve_host(host: str, port: int) -> tuple[str, ...]:
-    """Every address ``host`` resolves to for TCP (getaddrinfo), in its order of preference, without duplicates."""
+    """Every address ``host`` resolves to for TCP (getaddrinfo), in its order of preference, without duplicates. An
+    IP address literal is its own answer, with no lookup: a gevent worker's getaddrinfo is a trip through gevent's
+    thread pool, at every callback attempt."""
+    with contextlib.suppress(ValueError):
+        return (str(ipaddress.ip_address(host)),)
     try:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
@@ -279,7 +285,7 @@ def check_destination(
                 continue
             reason = blocked_reason(address)
             if reason is not None:
-                verb = "is" if _is_ip_literal(host) else "resolves to"
+                verb = "is" if is_ip_literal(host) else "resolves to"
                 raise BlockedDestination(
                     f"the {subject} host {host!r} {verb} {reason}; list it in {setting} to allow it"
                 )
