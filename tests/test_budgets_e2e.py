@@ -201,16 +201,17 @@ def test_the_reservation_of_a_killed_worker_is_reclaimed(tmp_path: Path, redis_u
     apps = [EmulatedApp(name="slow", key="app-slow-budget-key", mode="chat", time_to_first_token_s=120)]
     with start_emulator(apps) as emulator, \
             difyq_processes(tmp_path, redis_url, config_for(emulator.base_url, namespace)) as difyq:
-        base = difyq.start_api()
+        # A 1 s lease: a reservation is held for two leases (2 s) past its worker's last renewal.
         worker = difyq.start("worker", "worker", "--processes", "1", "--threads", "2",
-                             env={"DIFYQ_JOB_LEASE": "2s", "DIFYQ_METRICS_PORT": str(free_port()),
+                             env={"DIFYQ_JOB_LEASE": "1s", "DIFYQ_METRICS_PORT": str(free_port()),
                                   "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus")})
+        base = difyq.start_api()
         job_id = submit(base, "slow")
         wait_for(lambda: budgets(base)[("slow-daily", "slow")]["reserved"] == 500, timeout=60,
                  what="the slow job's estimate reserved")
         reserved_at = time.monotonic()
-        wait_for(lambda: time.monotonic() - reserved_at > 8 and budgets(base)[("slow-daily", "slow")]["reserved"],
-                 timeout=30, what="the reservation kept past two holds (4 s each) while its call runs")
+        wait_for(lambda: time.monotonic() - reserved_at > 4 and budgets(base)[("slow-daily", "slow")]["reserved"],
+                 timeout=30, what="the reservation kept past two holds (2 s each) while its call runs")
         assert job(base, job_id)["status"] == "running"
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
