@@ -28,7 +28,7 @@ from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
-from tests.support.processes import DifyqProcesses, difyq_processes
+from tests.support.processes import DifyqProcesses, difyq_processes, wait_for_port
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
 from tests.support.waiting import wait_for
@@ -40,6 +40,7 @@ EMULATED = [
     EmulatedApp(name="stream", key="app-stream-key-0001", mode="chat", tokens_per_second=20, answer_tokens=10),
     EmulatedApp(name="slow", key="app-slow-key-000001", mode="chat", tokens_per_second=2, answer_tokens=16),
     EmulatedApp(name="poison", key="app-poison-key-0001", mode="chat", tokens_per_second=1, answer_tokens=120),
+    EmulatedApp(name="brief", key="app-brief-key-00001", mode="chat", tokens_per_second=2, answer_tokens=6),
 ]
 
 
@@ -75,12 +76,25 @@ class Pods:
         process, _ = self.difyq.start_worker(processes=1, threads=self.threads, name=f"pod-{self.started}")
         return process
 
+    def start_together(self, count: int) -> list[subprocess.Popen[bytes]]:
+        """``count`` new pods started side by side, once the worker process of each is up."""
+        started = [self.replace_with_metrics() for _ in range(count)]
+        for process, metrics_port in started:
+            wait_for_port(metrics_port, process=process)
+        return [process for process, _ in started]
+
+    def replace_with_metrics(self) -> tuple[subprocess.Popen[bytes], int]:
+        """A new pod, without waiting for it, and the port its metrics will be served on."""
+        self.started += 1
+        metrics_port = free_port()
+        process = self.difyq.start(f"pod-{self.started}", "worker", "--processes", "1", "--threads", str(self.threads),
+                                   env={"DIFYQ_METRICS_PORT": str(metrics_port),
+                                        "PROMETHEUS_MULTIPROC_DIR": str(self.difyq.directory / f"pod-{self.started}")})
+        return process, metrics_port
+
     def replace(self) -> subprocess.Popen[bytes]:
         """A new pod, without waiting for it (as a restarted Kubernetes pod comes up on its own)."""
-        self.started += 1
-        return self.difyq.start(f"pod-{self.started}", "worker", "--processes", "1", "--threads", str(self.threads),
-                                env={"DIFYQ_METRICS_PORT": str(free_port()),
-                                     "PROMETHEUS_MULTIPROC_DIR": str(self.difyq.directory / f"pod-{self.started}")})
+        return self.replace_with_metrics()[0]
 
     @staticmethod
     def worker_ids(pod: subprocess.Popen[bytes]) -> set[str]:
@@ -297,21 +311,22 @@ def test_a_stopped_pod_keeps_its_job_past_its_lease_and_a_killed_one_loses_it(
 ) -> None:
     """A live process starved of CPU (here SIGSTOPped, the extreme case) past its job's lease keeps the job: the
     other pod's reaper sees the process's heartbeat and renews the lease instead of running the job again, and
-    after SIGCONT the job ends with one Dify call. A SIGKILLed pod's job is run again by the other pod."""
+    after SIGCONT the job ends with one Dify call. A SIGKILLed pod's job is run again by the other pod. The jobs
+    are 3 s calls: the stopped one's call is still open when the pod stops, and goes on after SIGCONT."""
     config = config_for(namespace, emulator.base_url)
     runtime = Runtime(parse_config(config), redis_url)
     leases = RedisKeys(namespace).leases
     with difyq_processes(tmp_path, redis_url, config) as difyq:
         pods = Pods(difyq, threads=1)
         difyq.env[LEASE_ENV] = "4s"  # the heartbeat outlives a round by 8 s: room for this test's polling
-        both = (pods.start(), pods.start())
+        both = tuple(pods.start_together(2))
 
         def pod_running(job_id: str) -> subprocess.Popen[bytes] | None:
             record = runtime.store.fields(job_id) or {}
             running = record.get("status") == "running"
             return next((pod for pod in both if running and process_of(record) in pods.worker_ids(pod)), None)
 
-        kept = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("stopped", 1)}
+        kept = {enqueue(runtime, "brief", marker): marker for marker in unique_queries("stopped", 1)}
         kept_id = next(iter(kept))
         stopped = wait_for(lambda: pod_running(kept_id), timeout=30)
         stopped_ids = pods.worker_ids(stopped)
@@ -326,7 +341,7 @@ def test_a_stopped_pod_keeps_its_job_past_its_lease_and_a_killed_one_loses_it(
             os.killpg(stopped.pid, signal.SIGCONT)
         kept_settled = wait_until_settled(runtime, [kept_id], timeout=60)
 
-        lost = {enqueue(runtime, "slow", marker): marker for marker in unique_queries("killed", 1)}
+        lost = {enqueue(runtime, "brief", marker): marker for marker in unique_queries("killed", 1)}
         lost_id = next(iter(lost))
         Pods.kill(wait_for(lambda: pod_running(lost_id), timeout=30))
         lost_settled = wait_until_settled(runtime, [lost_id], timeout=60)
