@@ -106,6 +106,21 @@ class Pods:
             return set()
 
     @staticmethod
+    def stop_together(pods: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+        """One SIGTERM to each live pod at once (as a rollout would), then wait for each (SIGKILL after
+        ``timeout``): the pods' shutdowns overlap instead of following each other."""
+        for pod in pods:
+            if pod.poll() is None:
+                pod.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for pod in pods:
+            try:
+                pod.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(pod.pid, signal.SIGKILL)
+                pod.wait()
+
+    @staticmethod
     def kill(pod: subprocess.Popen[bytes]) -> None:
         """SIGKILL the whole pod (master and children) at once."""
         os.killpg(pod.pid, signal.SIGKILL)
@@ -360,12 +375,15 @@ def test_a_job_that_kills_every_worker_running_it_fails_after_a_bounded_number_o
 ) -> None:
     """Whichever pod starts the poison job dies (SIGKILLed from outside, as an OOM kill would) and is replaced;
     the job ends failed ``worker_lost`` after MAX_WORKER_LOSSES + 1 crashes, its failure callback is delivered,
-    and the other jobs are not held up."""
+    and the other jobs are not held up. The lease is 1.5 s here: each crash is noticed once the dead pod's
+    heartbeat (two leases) has lapsed."""
     config = config_for(namespace, emulator.base_url)
     runtime = Runtime(parse_config(config), redis_url)
+    lease = "1.5s"
     with difyq_processes(tmp_path, redis_url, config) as difyq, CallbackReceiver() as receiver:
         pods = Pods(difyq, threads=2)
-        live = [pods.start(), pods.start()]
+        difyq.env[LEASE_ENV] = lease
+        live = pods.start_together(2)
         started = time.monotonic()
         poison = enqueue(runtime, "poison", f"poison-{time.time_ns()}", receiver.url)
         crashes = 0
@@ -386,10 +404,11 @@ def test_a_job_that_kills_every_worker_running_it_fails_after_a_bounded_number_o
         failed_after_s = time.monotonic() - started
         settled = wait_until_settled(runtime, [poison, *healthy], timeout=60)
         receiver.wait_for(1, timeout=20)
+        Pods.stop_together(live)
 
     poisoned = runtime.store.get(poison)
     print(f"\npoison job: {crashes} worker crashes, failed {poisoned['error']['code']} after {failed_after_s:.1f} s "
-          f"(lease {LEASE}); attempts {poisoned['attempts']}")
+          f"(lease {lease}); attempts {poisoned['attempts']}")
     assert poisoned["status"] == "failed" and poisoned["error"]["code"] == "worker_lost"
     assert crashes == MAX_WORKER_LOSSES + 1
     assert settled[poison]["worker_losses"] == str(MAX_WORKER_LOSSES + 1)
