@@ -200,7 +200,7 @@ def test_sigkill_one_of_two_worker_pods_while_200_jobs_stream(
     runtime = Runtime(parse_config(config), redis_url)
     with difyq_processes(tmp_path, redis_url, config) as difyq, CallbackReceiver() as receiver:
         pods = Pods(difyq, threads=8)
-        victim, survivor = pods.start(), pods.start()
+        victim, survivor = pods.start_together(2)
         queries: dict[str, str] = {}
 
         def stream_jobs() -> None:
