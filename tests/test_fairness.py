@@ -54,7 +54,9 @@ def test_a_tenants_one_job_reaches_dify_within_one_slot_of_another_tenants_1000(
         for n in range(BACKLOG):
             enqueue(runtime, f"a-{n}", "A")
         with difyq_processes(tmp_path, redis_url, config_of(runtime, emulator.base_url, app)) as difyq:
-            difyq.start_worker(processes=1, threads=8)
+            # Two processes of 16 threads take A's backlog into the key's line in a few seconds (one of 8 took
+            # about 18 s); B's job then meets the line across both processes.
+            difyq.start_worker(processes=2, threads=16)
             wait_for(lambda: runtime.raw_redis.zcard(line) >= BACKLOG - 20, timeout=120,
                      what=f"tenant A's {BACKLOG} jobs waiting in the key's line")
             calls_before = len(generation_calls(emulator))
