@@ -210,11 +210,15 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
     try:
         with difyq_processes(tmp_path, server.url, config) as difyq:
             difyq.env[LEASE_ENV] = "2s"
-            base = difyq.start_api()
-            api = difyq.processes[-1][1]
-            worker, _ = difyq.start_worker(processes=2, threads=4)
+            metrics_port = free_port()  # the worker, the schedulers and the API start side by side
+            worker = difyq.start("worker", "worker", "--processes", "2", "--threads", "4",
+                                 env={"DIFYQ_METRICS_PORT": str(metrics_port),
+                                      "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "worker-prometheus")})
             schedulers = [difyq.start(f"scheduler-{n}", "scheduler", env={"DIFYQ_METRICS_PORT": str(free_port())})
                           for n in range(2)]
+            base = difyq.start_api()
+            api = difyq.processes[-1][1]
+            wait_for_port(metrics_port, process=worker)
             with Submitter(base) as submitter:
                 began = time.monotonic()
                 wait_for(lambda: submitter.count(202, began) >= 20, timeout=30, what="20 jobs accepted")
@@ -241,6 +245,7 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
             alive = [process.poll() is None for process in [api, worker, *schedulers]]
             fires, _ = runtime.store.list(allowed_apps=None, source="schedule", limit=200)
             leader = runtime.redis.get(f"{namespace}:scheduler:leader")
+            difyq.stop_together()
     finally:
         server.stop()
 

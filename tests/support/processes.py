@@ -86,6 +86,21 @@ class DifyqProcesses:
                 process.wait()
         return process.returncode
 
+    def stop_together(self, timeout: float = 30.0) -> None:
+        """One SIGTERM to every process still running, all at once, then wait for each (SIGKILL to its group after
+        ``timeout``): their shutdowns overlap, where ``stop_all`` (on leaving ``difyq_processes``) takes them one
+        after another."""
+        running = [process for _, process in self.processes if process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in running:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
     def stop_all(self) -> None:
         for _, process in reversed(self.processes):
             self.stop(process)
