@@ -17,14 +17,15 @@ from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.config import AppLimits
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+from difyq.worker.embedded_redis import free_port
 from difyq.worker.limits import KeyLimiter, key_id
-from tests.support.processes import difyq_processes
+from tests.support.processes import difyq_processes, wait_for_port
 from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
-RPM = 30
+RPM = 60  # one admission a second after the burst: the three paced calls the test waits for take 3 s
 BURST = RPM // 6  # the default burst
 BURSTY_RPM = 20
 CONCURRENCY = 2
@@ -79,8 +80,12 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
             "redis": {"namespace": namespace},
         }
         with difyq_processes(tmp_path, redis_url, config) as difyq:
+            metrics_port = free_port()  # the worker and the API start side by side
+            worker = difyq.start("worker", "worker", "--processes", "4", "--threads", "4",
+                                 env={"DIFYQ_METRICS_PORT": str(metrics_port),
+                                      "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "worker-prometheus")})
             base = difyq.start_api()
-            difyq.start_worker(processes=4, threads=4)
+            wait_for_port(metrics_port, process=worker)
             limited = submit_many(base, "limited", 2 * RPM, "limited")
             bursty = submit_many(base, "bursty", BURSTY_RPM + 1, "bursty")
             narrow = submit_many(base, "narrow", 10, "narrow")
@@ -97,6 +102,7 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
             request_log = KeyLimiter(redis.Redis.from_url(redis_url), namespace).keys(key_id("app-limited-key-01")).req
             admitted_us = sorted(score for _, score in redis.Redis.from_url(redis_url).zrange(request_log, 0, -1,
                                                                                              withscores=True))
+            difyq.stop_together()
         stats = emulator.stats()
         times = call_times(emulator, "limited")
         bursty_times = call_times(emulator, "bursty")
