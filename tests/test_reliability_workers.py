@@ -1,7 +1,8 @@
 """Worker deaths with real ``difyq worker`` processes ("pods": a Dramatiq master and its children, killed or stopped
 as a whole, as Kubernetes does): SIGKILL one of two pods mid-stream, SIGTERM one mid-call, and a poison job that
-kills every pod that runs it. The lease is 2 s here (``DIFYQ_JOB_LEASE``) so recovery takes seconds; the figures
-printed scale with it (30 s in production: see test_reliability_recovery)."""
+kills every pod that runs it. The lease is 2 s here (``DIFYQ_JOB_LEASE``; 1.5 s for the poison job, 4 s for the
+stopped pod) so recovery takes seconds; the figures printed scale with it (30 s in production: see
+test_reliability_recovery)."""
 
 from __future__ import annotations
 
