@@ -13,6 +13,7 @@ import pytest
 from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob, iso_time
 from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
@@ -406,7 +407,30 @@ def test_expired_lease_is_swept_back_and_gives_up_after_repeated_losses(runtime)
     keeper.sweep()
     job = runtime.store.get(job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
-    assert int(runtime.store.fields(job_id)["worker_losses"]) == MAX_WORKER_LOSSES + 1
+    fields = runtime.store.fields(job_id)
+    assert int(fields["worker_losses"]) == MAX_WORKER_LOSSES + 1
+    # The last loss wrote no message: no worker could start the job before it failed.
+    queued = runtime.raw_redis.lrange(runtime.store.keys.queue(JOBS_QUEUE), 0, -1)
+    assert len(queued) == 1 + MAX_WORKER_LOSSES and fields["message"].encode() not in queued  # the submit's, the
+    # requeues'
+    assert not runtime.raw_redis.hexists(runtime.store.keys.queue_bodies(JOBS_QUEUE), fields["message"])
+
+
+def test_a_requeue_past_its_count_limit_leaves_the_job_queued_without_a_message(runtime) -> None:
+    """The reaper's last requeue of a poison job: the job is queued under a message id that was never written, so
+    no worker starts it, and were the reaper to die before failing it, the orphan sweep would find it."""
+    job_id = runtime.store.submit(new_job()).job["id"]
+    consumed = runtime.raw_redis.lpop(runtime.store.keys.queue(JOBS_QUEUE))
+    runtime.store.start_attempt(job_id, lease_s=30)
+    runtime.raw_redis.hset(runtime.store.job_key(job_id), "worker_losses", MAX_WORKER_LOSSES)
+    state = runtime.store.requeue(job_id, delay_s=0.0, count_field="worker_losses", front=True,
+                                  count_limit=MAX_WORKER_LOSSES)
+    assert state == f"exhausted:{MAX_WORKER_LOSSES + 1}"
+    fields = runtime.store.fields(job_id)
+    assert fields["status"] == "queued" and fields["message"].encode() != consumed
+    assert runtime.raw_redis.llen(runtime.store.keys.queue(JOBS_QUEUE)) == 0
+    assert not runtime.raw_redis.hexists(runtime.store.keys.queue_bodies(JOBS_QUEUE), fields["message"])
+    assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None
 
 
 def test_one_callback_attempt_at_a_time(runtime) -> None:

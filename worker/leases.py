@@ -9,9 +9,9 @@ lease. Every worker process also runs the reaper, but one at a time (a Redis loc
   still runs the job, and running it again would call Dify twice; its lease is renewed instead
   (``keep_live_lease.lua``);
 * any other job whose lease expired (its process is dead, or no longer runs it) goes back to the front of the
-  queue with a new message, and its ``worker_losses`` count grows; past ``MAX_WORKER_LOSSES`` the job ends failed
-  ``worker_lost`` (the bound for a poison message that kills every worker that runs it: Dramatiq itself never
-  counts such redeliveries);
+  queue with a new message, and its ``worker_losses`` count grows; past ``MAX_WORKER_LOSSES`` it gets no message
+  and ends failed ``worker_lost`` (the bound for a poison message that kills every worker that runs it: Dramatiq
+  itself never counts such redeliveries; no worker starts it between the count and the failure);
 * a finished job whose lease expired lost the worker that was sending its first callback attempt: the callback
   goes to the callbacks queue if it is still pending.
 
@@ -165,8 +165,9 @@ class LeaseKeeper:
         return expired
 
     def _recover(self, job_id: str) -> None:
-        state = self.store.requeue(job_id, delay_s=0.0, count_field=JobField.WORKER_LOSSES, front=True)
-        if state.startswith("queued:") and int(state.split(":")[1]) > MAX_WORKER_LOSSES:
+        state = self.store.requeue(job_id, delay_s=0.0, count_field=JobField.WORKER_LOSSES, front=True,
+                                   count_limit=MAX_WORKER_LOSSES)
+        if state.startswith("exhausted:"):
             self._give_up(job_id)
         elif state == "cancel":
             self.store.finish(job_id, JobStatus.CANCELED)

@@ -625,14 +625,15 @@ class JobStore:
         self, job_id: str, *, delay_s: float, error: dict[str, Any] | None = None, expected: str = JobStatus.RUNNING,
         count_field: str = "", front: bool = False, hints: dict[str, object] | None = None,
         waiting_since: float | None = None, deferred_by: str | None = None, forget_run: bool = False,
-        message_was: str | None = None,
+        message_was: str | None = None, count_limit: int | None = None,
     ) -> str:
         """Back to ``queued`` with a (delayed) message, at the queue's ``front`` or its end; ``cancel`` when a
         cancel was asked meanwhile. ``hints``: see ``run_hints``; ``waiting_since``: the job's first wait, kept
         once (a job deferred by a limit or a quota); ``deferred_by``: the limit that deferred it;
         ``forget_run``: the next attempt runs the workflow anew instead of following the recorded run (a retry
         after a failure); ``message_was``: the job's message as read before, ``changed`` (nothing done) when
-        another one was written since."""
+        another one was written since; ``count_limit``: once ``count_field`` goes past it, ``exhausted:<count>``
+        and no message (the caller ends the job: no worker can start it meanwhile)."""
         message = self.message(JOBS_QUEUE, job_id, delay_s, hints)
         now = time.time()
         requeue: dict[str, Any] = {"expected": expected, "now": now, "next_attempt_at": repr(now + delay_s),
@@ -650,6 +651,8 @@ class JobStore:
             requeue["forget_run"] = True
         if message_was is not None:
             requeue["message_was"] = message_was
+        if count_limit is not None:
+            requeue["count_limit"] = count_limit
         reply = _text(self._requeue(keys=[self.job_key(job_id), self.leases_key, message.queue_key,
                                           message.bodies_key, self.keys.paused, message.wake_key],
                                     args=[dumps(requeue)]))

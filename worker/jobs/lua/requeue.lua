@@ -8,9 +8,12 @@
 --       the attempt's error), count (a counter field to increment), waiting_since (kept if the job has none),
 --       deferred_by (the limit that deferred the job: kept in its deferral history),
 --       forget_run (true: drop the recorded workflow run id, a retry runs anew; else a lost worker's run is followed),
---       message_was (the job's message as the caller read it: nothing is done when another one was written since)
--- Returns 'queued:<count>', 'cancel' (a cancel was asked meanwhile), 'changed' (message_was no longer holds), or
--- the status the job has instead.
+--       message_was (the job's message as the caller read it: nothing is done when another one was written since),
+--       count_limit (with count: past it the job gets no message, and the caller ends it)
+-- Returns 'queued:<count>', 'exhausted:<count>' (the count went past count_limit: the job is queued without its
+-- message, so no worker can start it before the caller ends it; should the caller never get to, the orphan sweep
+-- finds it), 'cancel' (a cancel was asked meanwhile), 'changed' (message_was no longer holds), or the status the job
+-- has instead.
 local requeue = cjson.decode(ARGV[1])
 local status = redis.call('HGET', KEYS[1], FIELD.status)
 if status ~= requeue.expected then
@@ -57,6 +60,9 @@ local id = redis.call('HGET', KEYS[1], FIELD.id)
 redis.call('ZREM', KEYS[2], id)
 if status == STATUS.paused then
   redis.call('ZREM', KEYS[5], id)
+end
+if requeue.count_limit and count > requeue.count_limit then
+  return 'exhausted:' .. count
 end
 redis.call('HSET', KEYS[4], requeue.message_id, requeue.message_body)
 redis.call(requeue.front and 'LPUSH' or 'RPUSH', KEYS[3], requeue.message_id)
