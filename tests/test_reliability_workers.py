@@ -29,7 +29,7 @@ from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
-from tests.support.processes import DifyqProcesses, difyq_processes, wait_for_port
+from tests.support.processes import DifyqProcesses, difyq_processes, terminate_together, wait_for_port
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import CLIENT_TOKEN, SIGNING_SECRET
 from tests.support.waiting import wait_for
@@ -108,18 +108,9 @@ class Pods:
 
     @staticmethod
     def stop_together(pods: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
-        """One SIGTERM to each live pod at once (as a rollout would), then wait for each (SIGKILL after
-        ``timeout``): the pods' shutdowns overlap instead of following each other."""
-        for pod in pods:
-            if pod.poll() is None:
-                pod.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for pod in pods:
-            try:
-                pod.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(pod.pid, signal.SIGKILL)
-                pod.wait()
+        """One SIGTERM to each live pod at once (as a rollout would): the pods' shutdowns overlap instead of
+        following each other."""
+        terminate_together(pods, timeout)
 
     @staticmethod
     def kill(pod: subprocess.Popen[bytes]) -> None:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,21 @@ def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[by
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def terminate_together(processes: Sequence[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """One SIGTERM to each of ``processes`` still running, all at once, then wait for each (SIGKILL to its process
+    group after ``timeout``)."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 class DifyqProcesses:
@@ -87,19 +102,9 @@ class DifyqProcesses:
         return process.returncode
 
     def stop_together(self, timeout: float = 30.0) -> None:
-        """One SIGTERM to every process still running, all at once, then wait for each (SIGKILL to its group after
-        ``timeout``): their shutdowns overlap, where ``stop_all`` (on leaving ``difyq_processes``) takes them one
-        after another."""
-        running = [process for _, process in self.processes if process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in running:
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        """``terminate_together`` for every process started here: their shutdowns overlap, where ``stop_all`` (on
+        leaving ``difyq_processes``) takes them one after another."""
+        terminate_together([process for _, process in self.processes], timeout)
 
     def stop_all(self) -> None:
         for _, process in reversed(self.processes):
