@@ -119,7 +119,7 @@ def run_dev(api_port: int = 8080, emulator_port: int = 5001) -> int:
         if emulator:
             emulator.stop()
         if redis_server:
-            redis_server.stop()
+            redis_server.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     try:

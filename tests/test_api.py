@@ -231,7 +231,7 @@ def test_redis_down_gives_503_quickly_then_recovers(namespace: str) -> None:
             after = post_job(base, {"app": "support", "query": "after"})
             assert after.status_code == 202, after.text
     finally:
-        server.stop()
+        server.close()
 
 
 def test_a_hung_redis_gives_503_after_the_socket_timeout(namespace: str) -> None:
@@ -253,7 +253,7 @@ def test_a_hung_redis_gives_503_after_the_socket_timeout(namespace: str) -> None
             assert health.status_code == 200
             assert post_job(base, {"app": "support", "query": "after"}).status_code == 202
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.mark.e2e

@@ -192,5 +192,5 @@ def test_the_memory_guard_answers_503_before_redis_refuses_writes_and_loses_no_j
                                  requests.get(f"{base}/metrics", timeout=10).text, re.M)
             client.close()
     finally:
-        server.stop()
+        server.close()
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 import uvicorn
 
 from difyq.producers.dev import _scheduler_environment, _stop_when_a_child_exits, scheduler_metrics_port
-from difyq.worker.embedded_redis import free_port, port_is_free
+from difyq.worker.embedded_redis import EmbeddedRedis, free_port, port_is_free
 from difyq.worker.runtime import DEFAULT_REDIS_URL
 from tests.support.markdown import ROOT, curl_lines
 from tests.support.processes import wait_for_port
@@ -58,14 +59,15 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     metrics_port = wait_for(lambda: next((port for port in [free_port()]
                                           if {port, port + 1}.isdisjoint({api_port, emulator_port})), None),
                             timeout=10, what="a metrics port clear of the API's and the emulator's")
-    env.update(DIFYQ_METRICS_PORT=str(metrics_port), DIFYQ_LOG_FORMAT="console")
+    env.update(DIFYQ_METRICS_PORT=str(metrics_port), DIFYQ_LOG_FORMAT="console",
+               TMPDIR=str(tmp_path))  # where dev makes its working directory and its Redis's
     dev = subprocess.Popen([sys.executable, "-m", "difyq.producers.cli", "dev", "--port", str(api_port),
                             "--emulator-port", str(emulator_port)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         lines: list[str] = []
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len([line for line in lines if "curl" in line]) < 3:
+        while time.monotonic() < deadline and len([line for line in lines if line.lstrip().startswith("curl")]) < 3:
             line = dev.stdout.readline()
             if not line:
                 break
@@ -108,6 +110,7 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         # Without REDIS_URL dev runs its own Redis, never one that happens to listen on the default port.
         redis_url = re.search(r"Redis\s+(redis://\S+)", "".join(lines))
         assert redis_url is not None and redis_url.group(1) != DEFAULT_REDIS_URL, "".join(lines)
+        assert list(tmp_path.glob("difyq-redis-*")), "the embedded Redis keeps its data under TMPDIR"
         # The scheduler came up and stayed up: it keeps its metrics in memory, not in the worker's directory. It
         # starts beside the API, so on a busy machine it may still be importing when the job has finished.
         printed = re.search(r"worker http://127\.0\.0\.1:(\d+)/metrics, scheduler http://127\.0\.0\.1:(\d+)/metrics",
@@ -123,6 +126,7 @@ def test_dev_prints_a_curl_line_that_works(tmp_path: Path) -> None:
     # What dev wrote for its children (the effective config, with the callbacks' signing secret) goes with it.
     config_file = re.search(r"Config\s+(\S+)", "".join(lines))
     assert config_file is not None and not Path(config_file.group(1)).parent.exists(), "".join(lines)
+    assert not list(tmp_path.glob("difyq-redis-*")), "the embedded Redis's data directory goes too"
 
 
 def test_the_scheduler_keeps_its_metrics_out_of_the_worker_directory() -> None:
@@ -169,8 +173,25 @@ def test_dev_with_a_bad_config_exits_2_and_leaves_nothing_running_or_written(tmp
     assert dev.returncode == 2, dev.stderr
     assert "max_wait" in dev.stderr
     assert not list(tmp_path.glob("difyq-dev-*")), "the effective config (with the signing secret) is removed"
-    redis_dirs = [str(path) for path in tmp_path.glob("difyq-redis-*")]
-    assert redis_dirs, "dev started its own Redis"
+    assert not list(tmp_path.glob("difyq-redis-*")), "the embedded Redis's data directory is removed"
     running = [process.info["cmdline"] for process in psutil.process_iter(["cmdline"])
-               if any(directory in (process.info["cmdline"] or []) for directory in redis_dirs)]
+               if any(str(tmp_path) in part for part in process.info["cmdline"] or [])]
     assert not running, running
+
+
+def test_the_embedded_redis_keeps_its_data_across_a_restart_and_removes_the_directory_it_made_when_closed(
+        tmp_path: Path) -> None:
+    made = EmbeddedRedis(appendonly=True, appendfsync="always").start()
+    given = EmbeddedRedis(directory=str(tmp_path)).start()
+    try:
+        with redis.Redis.from_url(made.url) as client:
+            client.set("kept", "1")
+        made.stop()
+        made.start()
+        with redis.Redis.from_url(made.url) as client:
+            assert client.get("kept") == b"1"
+    finally:
+        made.close()
+        given.close()
+    assert not made.directory.exists()
+    assert given.directory == tmp_path and tmp_path.exists(), "a directory it was given is left alone"

@@ -247,4 +247,4 @@ def test_worker_survives_a_redis_restart(namespace: str, emulator) -> None:
             assert accepted.status_code == 202
             assert wait_for_final(runtime, accepted.json()["id"], timeout=30)["status"] == "succeeded"
     finally:
-        server.stop()
+        server.close()

@@ -115,7 +115,7 @@ def redis_hangs(namespace: str) -> dict[str, Any]:
             outcome["after"] = post()
             return outcome
     finally:
-        server.stop()
+        server.close()
 
 
 def test_dify_callback_receiver_and_redis_outages_each_recover(redis_url: str, namespace: str) -> None:

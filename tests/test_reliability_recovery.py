@@ -106,7 +106,7 @@ def test_submit_is_atomic_even_when_redis_is_killed_mid_stream(namespace: str) -
         assert sorted(queued) == sorted(records)
         assert client.hlen(f"{ns}:{JOBS_QUEUE}.msgs") == len(records)
     finally:
-        server.stop()
+        server.close()
 
 
 def test_a_stale_redelivery_never_restarts_a_job_behind_the_reapers_back(runtime: Runtime) -> None:

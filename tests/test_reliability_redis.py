@@ -150,7 +150,7 @@ def test_the_api_keeps_answering_health_checks_while_redis_hangs(namespace: str)
             assert pending.result().status_code == 202
         assert health.status_code == 200 and submit_was_waiting
     finally:
-        server.stop()
+        server.close()
 
 
 class Submitter:
@@ -247,7 +247,7 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
             leader = runtime.redis.get(f"{namespace}:scheduler:leader")
             difyq.stop_together()
     finally:
-        server.stop()
+        server.close()
 
     statuses = [status for _, status, _, _ in submitter.answers]
     unavailable = [(latency, detail) for _, status, latency, detail in submitter.answers if status == 503]

@@ -45,7 +45,8 @@ def redis_server_binary() -> str:
 
 class EmbeddedRedis:
     """A private redis-server process; ``appendonly`` turns on AOF (``appendfsync`` everysec by default) so
-    restarts keep data."""
+    restarts keep data. ``stop`` keeps its data directory for a ``start`` again; ``close`` (or leaving a ``with``
+    block) also removes the directory when the server made it (one given as ``directory`` is left alone)."""
 
     def __init__(self, port: int | None = None, appendonly: bool = False, directory: str | None = None,
                  appendfsync: str = "everysec"):
@@ -53,6 +54,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.directory = Path(directory or tempfile.mkdtemp(prefix="difyq-redis-"))
+        self._owns_directory = directory is None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,8 +97,14 @@ class EmbeddedRedis:
                 self.process.wait()
         self.process = None
 
+    def close(self) -> None:
+        """Stop the server for good: also remove its data directory, if it made it."""
+        self.stop()
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self.close()

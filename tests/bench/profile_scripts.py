@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from typing import Any
 
@@ -39,7 +38,7 @@ def profile(jobs: int, limits: bool) -> dict[str, Any]:
     app: dict[str, Any] = {"api_key": "app-profile", "mode": "chat", "base_url": "http://127.0.0.1:9/v1"}
     if limits:
         app["limits"] = LIMITED_APP_LIMITS
-    server = EmbeddedRedis(directory=tempfile.mkdtemp(prefix="difyq-profile-")).start()
+    server = EmbeddedRedis().start()
     try:
         runtime = make_runtime(server.url, "profile", {"bench": app})
         store, throttle = runtime.store, Throttle(runtime, slot_lease_s=60)
@@ -67,7 +66,7 @@ def profile(jobs: int, limits: bool) -> dict[str, Any]:
                 consumer.ack(message)
         return {"limits": limits, **times.per_job(jobs)}
     finally:
-        server.stop()
+        server.close()
 
 
 def main() -> None:
