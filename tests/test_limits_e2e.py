@@ -59,7 +59,6 @@ def call_times(emulator, app: str) -> list[float]:
     return sorted(call["started_at"] for call in emulator.calls() if call["app"] == app and call["method"] == "POST")
 
 
-@pytest.mark.slow
 def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str, namespace: str) -> None:
     apps = [EmulatedApp(name="limited", key="app-limited-key-01", mode="chat"),
             EmulatedApp(name="bursty", key="app-bursty-key-001", mode="chat"),
