@@ -14,6 +14,7 @@ from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.model import JobRequest, NewJob, trace_id_for
 from difyq.worker.jobs.schema import JobStatus
 from tests.support.stack import make_runtime
+from tests.support.waiting import wait_for
 
 APPS = {"support": {"api_key": "app-a", "mode": "chat"}, "report": {"api_key": "app-b", "mode": "workflow"}}
 
@@ -69,6 +70,9 @@ def test_a_dify_id_names_its_jobs_however_old(redis_url: str, namespace: str, mo
         assert [row["id"] for row in query.page(JobFilter(q=dify_id)).rows] == [made[0]], dify_id
     runtime.store.finish(made[0], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
                                                               "message_id": "msg-0", "usage": None})
+    # The index orders by the finish's millisecond; in a tie, by job id, whose last characters are random.
+    first_finished_ms = int(time.time() * 1000)
+    wait_for(lambda: int(time.time() * 1000) > first_finished_ms, timeout=5, what="the next millisecond")
     runtime.store.finish(made[1], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
                                                               "message_id": "msg-1", "workflow_run_id": "run-1"})
     for dify_id, expected in (("msg-0", [made[0]]), ("run-1", [made[1]]), (" conv-42 ", [made[1], made[0]])):
