@@ -58,8 +58,8 @@ def start_api(src: Path, redis_url: str, log_dir: Path, extra_env: dict[str, str
     }
     config_path = log_dir / "difyq.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": redis_url, "PYTHONPATH": import_path(src),
-           "PYTHONUNBUFFERED": "1", **extra_env}
+    env = {**os.environ, "DIFYQ_CONFIG": str(config_path), "REDIS_URL": redis_url,
+           "PYTHONPATH": import_path(src, log_dir), "PYTHONUNBUFFERED": "1", **extra_env}
     port = free_port()
     api = Service("difyq-api", [sys.executable, "-m", "difyq.producers.cli", "api", "--port", str(port)], log_dir, env,
                   cwd=src)

@@ -439,11 +439,12 @@ class Snapshot:
     reads: int  # Redis's reads of client requests (``total_reads_processed``): round trips, a pipeline's once
 
 
-def import_path(difyq_src: Path) -> str:
-    """A PYTHONPATH under which ``import difyq`` is the source tree ``difyq_src`` (a directory holding a ``difyq``
-    link to it). The tree itself on PYTHONPATH is not enough: it has no ``difyq`` directory, so the package would
-    still come from the checkout installed in the venv, whatever tree was asked for."""
-    linked = Path(tempfile.mkdtemp(prefix="difyq-src-")) / "difyq"
+def import_path(difyq_src: Path, log_dir: Path) -> str:
+    """A PYTHONPATH under which ``import difyq`` is the source tree ``difyq_src`` (a directory in ``log_dir``
+    holding a ``difyq`` link to it, gone with the run's logs). The tree itself on PYTHONPATH is not enough: it has
+    no ``difyq`` directory, so the package would still come from the checkout installed in the venv, whatever tree
+    was asked for."""
+    linked = Path(tempfile.mkdtemp(prefix="difyq-src-", dir=log_dir)) / "difyq"
     linked.symlink_to(difyq_src.resolve(), target_is_directory=True)
     return str(linked.parent)
 
@@ -455,8 +456,8 @@ class BenchEnvironment:
         raise_file_limit()
         self.log_dir = log_dir
         self.difyq_src = difyq_src
-        self.import_path = import_path(difyq_src)
         (log_dir / "redis").mkdir(parents=True, exist_ok=True)
+        self.import_path = import_path(difyq_src, log_dir)
         self.redis = EmbeddedRedis(directory=str(log_dir / "redis")).start()
         self.client = redis.Redis.from_url(self.redis.url, decode_responses=True)
         try:
