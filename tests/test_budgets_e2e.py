@@ -99,10 +99,7 @@ def test_hard_budgets_defer_or_fail_the_job_that_would_cross_them(tmp_path: Path
     keys = RedisKeys(namespace)
     with start_emulator(apps) as emulator, \
             difyq_processes(tmp_path, redis_url, config_for(emulator.base_url, namespace)) as difyq:
-        metrics_port = free_port()  # the worker and the API start side by side
-        worker = difyq.start("worker", "worker", "--processes", "1", "--threads", "4",
-                             env={"DIFYQ_METRICS_PORT": str(metrics_port),
-                                  "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "worker-prometheus")})
+        worker, metrics_port = difyq.launch_worker(processes=1, threads=4)  # beside the API's start
         base = difyq.start_api()
         wait_for_port(metrics_port, process=worker)
 

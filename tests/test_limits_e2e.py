@@ -17,7 +17,6 @@ from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.config import AppLimits
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
-from difyq.worker.embedded_redis import free_port
 from difyq.worker.limits import KeyLimiter, key_id
 from tests.support.processes import difyq_processes, wait_for_port
 from tests.support.stack import CLIENT_TOKEN, auth, make_runtime, running_worker, wait_for_final
@@ -79,10 +78,7 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
             "redis": {"namespace": namespace},
         }
         with difyq_processes(tmp_path, redis_url, config) as difyq:
-            metrics_port = free_port()  # the worker and the API start side by side
-            worker = difyq.start("worker", "worker", "--processes", "4", "--threads", "4",
-                                 env={"DIFYQ_METRICS_PORT": str(metrics_port),
-                                      "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "worker-prometheus")})
+            worker, metrics_port = difyq.launch_worker(processes=4, threads=4)  # beside the API's start
             base = difyq.start_api()
             wait_for_port(metrics_port, process=worker)
             limited = submit_many(base, "limited", 2 * RPM, "limited")

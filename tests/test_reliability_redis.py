@@ -210,10 +210,8 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
     try:
         with difyq_processes(tmp_path, server.url, config) as difyq:
             difyq.env[LEASE_ENV] = "2s"
-            metrics_port = free_port()  # the worker, the schedulers and the API start side by side
-            worker = difyq.start("worker", "worker", "--processes", "2", "--threads", "4",
-                                 env={"DIFYQ_METRICS_PORT": str(metrics_port),
-                                      "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "worker-prometheus")})
+            # The worker, the schedulers and the API start side by side.
+            worker, metrics_port = difyq.launch_worker(processes=2, threads=4)
             schedulers = [difyq.start(f"scheduler-{n}", "scheduler", env={"DIFYQ_METRICS_PORT": str(free_port())})
                           for n in range(2)]
             base = difyq.start_api()

@@ -23,7 +23,6 @@ from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
-from difyq.worker.embedded_redis import free_port
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.schema import FINAL_STATUSES
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES
@@ -87,11 +86,7 @@ class Pods:
     def replace_with_metrics(self) -> tuple[subprocess.Popen[bytes], int]:
         """A new pod, without waiting for it, and the port its metrics will be served on."""
         self.started += 1
-        metrics_port = free_port()
-        process = self.difyq.start(f"pod-{self.started}", "worker", "--processes", "1", "--threads", str(self.threads),
-                                   env={"DIFYQ_METRICS_PORT": str(metrics_port),
-                                        "PROMETHEUS_MULTIPROC_DIR": str(self.difyq.directory / f"pod-{self.started}")})
-        return process, metrics_port
+        return self.difyq.launch_worker(processes=1, threads=self.threads, name=f"pod-{self.started}")
 
     def replace(self) -> subprocess.Popen[bytes]:
         """A new pod, without waiting for it (as a restarted Kubernetes pod comes up on its own)."""

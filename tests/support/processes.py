@@ -76,13 +76,21 @@ class DifyqProcesses:
         wait_for_port(port, process=process)
         return f"http://127.0.0.1:{port}"
 
-    def start_worker(self, processes: int = 1, threads: int = 8, name: str = "worker") -> tuple[
+    def launch_worker(self, processes: int = 1, threads: int = 8, name: str = "worker") -> tuple[
             subprocess.Popen[bytes], int]:
+        """``difyq worker`` on a metrics port of its own, without waiting for it: the process and that port (which
+        answers once the worker is up)."""
         metrics_port = free_port()
         process = self.start(name, "worker", "--processes", str(processes), "--threads", str(threads), env={
             "DIFYQ_METRICS_PORT": str(metrics_port),
             "PROMETHEUS_MULTIPROC_DIR": str(self.directory / f"{name}-prometheus"),
         })
+        return process, metrics_port
+
+    def start_worker(self, processes: int = 1, threads: int = 8, name: str = "worker") -> tuple[
+            subprocess.Popen[bytes], int]:
+        """``launch_worker``, once its metrics port answers."""
+        process, metrics_port = self.launch_worker(processes, threads, name)
         wait_for_port(metrics_port, process=process)
         return process, metrics_port
 
