@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis (REDIS_URL, else an embedded server) and a private key namespace per test."""
+"""Shared fixtures: a real Redis (REDIS_URL, else an embedded server) and a private key namespace per test; the
+``--update-screenshots`` option."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import pytest
 import redis
 
 from difyq.worker.embedded_redis import EmbeddedRedis
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-screenshots", action="store_true",
+                     help="write the console screenshots into docs/img/ (by default they go to the test's tmp_path)")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The operator console in a real headless Chromium against a real API, worker, emulator and Redis: sign in,
 a job appears without reload and succeeds, its page shows the answer and usage, cancel from the page, a viewer
 cannot act and a forged POST is refused, dead-lettered callbacks replayed by filter, a paused schedule does not
-fire; screenshots of the list and a job page go to docs/img/."""
+fire; screenshots of the list and a job page are taken (into docs/img/ with ``pytest --update-screenshots``, so a
+plain run leaves the checkout unchanged)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ OPERATOR_TOKEN = "operator-token-0123456789abcdef"
 VIEWER_TOKEN = "viewer-token-0123456789abcdef"
 HOOK_TOKEN = "hook-token-0123456789abcdef"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "img"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -132,7 +134,19 @@ def stack(redis_url: str) -> Iterator[Stack]:
     client.close()
 
 
-def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
+@pytest.fixture
+def screenshots(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Where the test's screenshots go: docs/img/ with ``--update-screenshots``, else its own tmp_path."""
+    return SCREENSHOTS if request.config.getoption("--update-screenshots") else tmp_path
+
+
+def _screenshot(stack: Stack, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert stack.browser.save_screenshot(str(path)), path
+    assert path.read_bytes().startswith(PNG_SIGNATURE), path
+
+
+def test_sign_in_live_list_and_job_page(stack: Stack, screenshots: Path) -> None:
     stack.sign_in(OPERATOR_TOKEN)
     job_id = stack.submit("Hello from the console test",
                           inputs={"customer_email": "jane@example.com", "db_password": "hunter2", "topic": "billing"})
@@ -140,8 +154,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     for n in range(3):
         stack.submit(f"Another question {n}")
     wait_until(stack.browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, 'tr[data-status="succeeded"]')) >= 4)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    stack.browser.save_screenshot(str(SCREENSHOTS / "console-jobs.png"))
+    _screenshot(stack, screenshots / "console-jobs.png")
 
     click(stack.browser, By.LINK_TEXT, job_id)
     wait_until(stack.browser, lambda b: b.find_elements(By.ID, "answer"))
@@ -158,7 +171,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack) -> None:
     assert "first token" in timeline and "attempt 1 succeeded after" in timeline
     first = attempt_cells(stack, 1)
     assert first["Outcome"] == "succeeded" and first["Duration"] != "\u2013" and first["First token"] != "\u2013"
-    stack.browser.save_screenshot(str(SCREENSHOTS / "console-job.png"))
+    _screenshot(stack, screenshots / "console-job.png")
 
     for searched in (stack.runtime.store.get(job_id)["result"]["message_id"], job_id):
         stack.browser.get(f"{stack.console}/jobs")
