@@ -2,9 +2,10 @@
 of replicas.
 
 One replica at a time holds the leader lease (``{ns}:scheduler:leader``) and does the work; the others tick as
-standbys and take over within the lease TTL when the leader dies, or at once when it shuts down and releases the
-lease. Each fire is guarded twice: by its own Redis claim (``{ns}:schedule:fired:{name}:{fire iso}``, which tells
-the metrics ``fired`` from ``duplicate``) and by the job store's idempotency key ``schedule:{name}:{fire iso}``.
+standbys and take over within the lease TTL (``DIFYQ_SCHEDULER_LEASE``, 15 s by default) when the leader dies, or
+at once when it shuts down and releases the lease. Each fire is guarded twice: by its own Redis claim
+(``{ns}:schedule:fired:{name}:{fire iso}``, which tells the metrics ``fired`` from ``duplicate``) and by the job
+store's idempotency key ``schedule:{name}:{fire iso}``.
 
 Per schedule a cursor records how far its fires are handled, so a restart or a handover neither repeats nor drops
 a fire. A fire more than the misfire grace late (``2 * lease TTL + 2 * tick`` unless set: a handover is not a
@@ -41,12 +42,16 @@ from difyq.producers.schedules.store import Claim, ScheduleState, ScheduleStore
 from difyq.producers.schedules.timetable import Timetable
 from difyq.worker import metrics
 from difyq.worker.config import Config, ScheduleConfig
+from difyq.worker.durations import duration_from_env
 from difyq.worker.redis_connect import RedisConnector
 from difyq.worker.redis_keys import RedisKeys
 
 SubmitFire = Callable[[str, ScheduleConfig, datetime, dict[str, Any]], object]
 Outcome = Literal["fired", "duplicate", "skipped_missed", "error"]
 
+LEASE_ENV = "DIFYQ_SCHEDULER_LEASE"
+DEFAULT_LEASE_S = 15.0
+DEFAULT_TICK_S = 1.0
 MISSED_COUNT_LIMIT = 10_000  # missed fires counted one by one after downtime; beyond this the count is a floor
 FIRED_TTL_MIN_S = 86_400.0  # a fire's guard outlives the job store's default idempotency window
 STATE_TTL_MIN_S = 30 * 86_400.0  # a removed (or long stopped) schedule's state expires after this
@@ -127,8 +132,8 @@ class Scheduler:
         submit_fire: SubmitFire,
         *,
         clock: Callable[[], datetime] = utcnow,
-        lease_ttl_s: float = 15.0,
-        tick_s: float = 1.0,
+        lease_ttl_s: float = DEFAULT_LEASE_S,
+        tick_s: float = DEFAULT_TICK_S,
         instance_id: str | None = None,
         misfire_grace_s: float | None = None,
     ):
@@ -375,11 +380,20 @@ def _missed_fires(timetable: Timetable, after: datetime, until: datetime) -> _Mi
     return _Missed(count, False, first, last)
 
 
+def lease_from_env(environ: Mapping[str, str] = os.environ) -> float:
+    """The leader lease in seconds: ``DIFYQ_SCHEDULER_LEASE`` (a duration of at least two ticks), else 15 s."""
+    lease_s = duration_from_env(LEASE_ENV, DEFAULT_LEASE_S, environ)
+    if lease_s < 2 * DEFAULT_TICK_S:
+        raise ValueError(f"{LEASE_ENV} must be at least {2 * DEFAULT_TICK_S:g}s, twice the scheduler's tick "
+                         f"(got {environ[LEASE_ENV]!r})")
+    return lease_s
+
+
 def run_scheduler(config: Config, connector: RedisConnector, stop_event: threading.Event,
-                  submit_fire: SubmitFire) -> None:
+                  submit_fire: SubmitFire, lease_s: float = DEFAULT_LEASE_S) -> None:
     """The ``difyq scheduler`` process body: schedule ``config.schedules`` against Redis until ``stop_event``."""
     client = connector.client(socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
     try:
-        Scheduler(config.schedules, client, config.redis.namespace, submit_fire).run(stop_event)
+        Scheduler(config.schedules, client, config.redis.namespace, submit_fire, lease_ttl_s=lease_s).run(stop_event)
     finally:
         client.close()

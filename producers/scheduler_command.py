@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import MetricsHandler
 
-from difyq.producers.scheduler import SubmitFire, run_scheduler
+from difyq.producers.scheduler import SubmitFire, lease_from_env, run_scheduler
 from difyq.producers.submission import JobSubmission
 from difyq.producers.submit import submit
 from difyq.worker import tracing
@@ -54,6 +54,11 @@ def run_scheduler_process(runtime: Runtime) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    try:
+        lease_s = lease_from_env()
+    except ValueError as exc:
+        print(f"difyq scheduler: {exc}", file=sys.stderr)
+        return 2
     port = int(os.environ.get("DIFYQ_METRICS_PORT") or DEFAULT_METRICS_PORT)
     try:
         server = ThreadingHTTPServer(("0.0.0.0", port), _Handler)
@@ -63,7 +68,7 @@ def run_scheduler_process(runtime: Runtime) -> int:
         return 2
     threading.Thread(target=server.serve_forever, name="difyq-metrics", daemon=True).start()
     try:
-        run_scheduler(runtime.config, runtime.connector, stop, submit_fire_for(runtime))
+        run_scheduler(runtime.config, runtime.connector, stop, submit_fire_for(runtime), lease_s)
     finally:
         server.shutdown()
     return 0

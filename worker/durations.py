@@ -1,8 +1,11 @@
-"""Human-friendly durations for the config file: ``5s``, ``30m``, ``2h``, ``7d`` or plain seconds."""
+"""Human-friendly durations for the config file and the environment: ``5s``, ``30m``, ``2h``, ``7d`` or plain
+seconds."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import BeforeValidator
@@ -28,3 +31,18 @@ def parse_duration(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def duration_from_env(name: str, default_s: float, environ: Mapping[str, str] = os.environ) -> float:
+    """Seconds from the environment variable ``name`` (a duration such as ``30s``), else ``default_s``; ValueError
+    naming the variable when it is set to anything but a positive duration."""
+    value = environ.get(name)
+    if not value:
+        return default_s
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ValueError(f"{name} must be a positive duration such as 30s (got {value!r})")
+    return seconds

@@ -39,7 +39,7 @@ import redis
 import structlog
 
 from difyq.worker import metrics
-from difyq.worker.durations import parse_duration
+from difyq.worker.durations import duration_from_env
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.jobs.store import JobStore
 from difyq.worker.orphans import OrphanSweep
@@ -65,13 +65,7 @@ def dramatiq_recovery(lease_s: float) -> dict[str, int]:
 
 def lease_from_env(environ: Mapping[str, str] = os.environ) -> float:
     """The job lease in seconds: ``DIFYQ_JOB_LEASE`` (a duration such as ``30s``), else 30 s."""
-    value = environ.get(LEASE_ENV)
-    if not value:
-        return DEFAULT_LEASE_S
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"{LEASE_ENV} must be a positive duration (got {value!r})")
-    return seconds
+    return duration_from_env(LEASE_ENV, DEFAULT_LEASE_S, environ)
 
 
 class LeaseKeeper:
