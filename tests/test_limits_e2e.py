@@ -97,7 +97,7 @@ def test_limits_hold_across_four_worker_processes(tmp_path: Path, redis_url: str
             request_log = KeyLimiter(redis.Redis.from_url(redis_url), namespace).keys(key_id("app-limited-key-01")).req
             admitted_us = sorted(score for _, score in redis.Redis.from_url(redis_url).zrange(request_log, 0, -1,
                                                                                              withscores=True))
-            difyq.stop_together()
+            difyq.stop_all()
         stats = emulator.stats()
         times = call_times(emulator, "limited")
         bursty_times = call_times(emulator, "bursty")

@@ -243,7 +243,7 @@ def test_redis_sigkilled_and_restarted_from_its_aof_mid_run_loses_no_accepted_jo
             alive = [process.poll() is None for process in [api, worker, *schedulers]]
             fires, _ = runtime.store.list(allowed_apps=None, source="schedule", limit=200)
             leader = runtime.redis.get(f"{namespace}:scheduler:leader")
-            difyq.stop_together()
+            difyq.stop_all()
     finally:
         server.close()
 

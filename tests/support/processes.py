@@ -109,16 +109,10 @@ class DifyqProcesses:
                 process.wait()
         return process.returncode
 
-    def stop_together(self, timeout: float = 30.0) -> None:
-        """``terminate_together`` for every process started here: their shutdowns overlap, where ``stop_all`` (on
-        leaving ``difyq_processes``) takes them one after another."""
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """``terminate_together`` for every process started here (on leaving ``difyq_processes``): their shutdowns
+        overlap."""
         terminate_together([process for _, process in self.processes], timeout)
-
-    def stop_all(self) -> None:
-        for _, process in reversed(self.processes):
-            self.stop(process)
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
 
 
 @contextmanager
