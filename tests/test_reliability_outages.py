@@ -28,8 +28,8 @@ DIFY_OUTAGE_S = 9.0  # with the backoff below (0.2 s doubling to 2 s) each job m
 # max_attempts (12); a capped gap is ten times the first, so "the retries back off" (3x) holds however late a busy
 # machine makes the first retry
 FAILED_CALLBACK_ATTEMPTS = 2  # the callback receiver stays down until every callback has failed this often
-ANSWER_BOUND_S = 45.0  # the client's timeout, generous: the API's Redis timeouts give about 10 s (POST) and 20 s
-# (/readyz) today
+ANSWER_BOUND_S = 45.0  # the client's timeout, generous: the API's own Redis timeouts answer a POST in about 2 s and
+# /readyz in about 8 s while Redis hangs
 FLAKY = EmulatedApp(name="flaky", key="app-flaky-key-00001", mode="chat")
 STEADY = EmulatedApp(name="steady", key="app-steady-key-0001", mode="chat")
 
