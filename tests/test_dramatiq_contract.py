@@ -14,6 +14,7 @@ from dramatiq.common import dq_name
 from difyq.worker.app import build_broker
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.leases import lease_from_env
 from difyq.worker.runtime import Runtime
 from tests.support.stack import make_runtime
@@ -59,7 +60,14 @@ def test_a_retry_is_a_delayed_message_with_its_eta(runtime: Runtime) -> None:
 
 
 def test_a_callback_is_a_deliver_callback_message_dramatiq_consumes(runtime: Runtime) -> None:
-    runtime.store.enqueue_callback("job_contract", delay_s=0)
-    message = consume_one(runtime, CALLBACKS_QUEUE)
-    assert (message.queue_name, message.actor_name, message.args) == (
-        CALLBACKS_QUEUE, "deliver_callback", ("job_contract",))
+    job_id = runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query="q"),
+                                         scope="client:t", callback_url="http://127.0.0.1:9/hook")).job["id"]
+    consume_one(runtime, JOBS_QUEUE)
+    runtime.store.start_attempt(job_id, lease_s=30)
+    assert runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "a"}) == JobStatus.SUCCEEDED
+    for _ in range(2):  # the callback finish enqueued, then one enqueued again
+        message = consume_one(runtime, CALLBACKS_QUEUE)
+        assert (message.queue_name, message.actor_name, message.args) == (
+            CALLBACKS_QUEUE, "deliver_callback", (job_id,))
+        assert runtime.store.fields(job_id)[JobField.CALLBACK_MESSAGE] == message.options["redis_message_id"]
+        assert runtime.store.enqueue_callback(job_id, delay_s=0)

@@ -1,10 +1,12 @@
 """No queued job is left without a message: a delivery cut off by Redis dying between its fetch and its first call
 is run again once Redis is back (its retry waits for Redis instead of being dropped), and the orphan sweep queues
-again a queued job whose message was lost anyway (none at all, or a delayed one that its consumer dropped)."""
+again a queued job whose message was lost anyway (none at all, or a delayed one that its consumer dropped). No
+pending callback is left without one either: the sweep gives it a new message."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +19,10 @@ from difyq.worker import metrics
 from difyq.worker.app import MAX_DELIVERY_RETRIES, build_broker, build_worker_broker, retry_delivery
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis
-from difyq.worker.jobs.messages import JOBS_QUEUE
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
-from difyq.worker.jobs.schema import JobField
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.leases import LeaseKeeper
 from difyq.worker.orphans import OrphanSweep
 from difyq.worker.runtime import Runtime
@@ -222,3 +225,80 @@ def test_the_orphan_sweep_requeues_a_delayed_message_its_consumer_dropped(runtim
     assert _messages_of(runtime, JOBS_QUEUE, later) == 0 and _messages_of(runtime, JOBS_QUEUE, moved) == 1
     assert store.fields(later)[JobField.STATUS] == "queued"
     worker_broker.close()
+
+
+# ------------------------------------------------------------------------------------ callbacks without a message
+
+def _finished_with_callback(runtime: Runtime) -> str:
+    """A job with a callback URL that succeeded: its callback message waits on the callbacks queue."""
+    store = runtime.store
+    job_id = store.submit(NewJob(app="chat", source="api", request=JobRequest(query="hello"), scope="client:t",
+                                 callback_url="http://127.0.0.1:9/hook")).job["id"]
+    assert store.start_attempt(job_id, lease_s=30).state == "started"
+    assert store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "hi"}) == JobStatus.SUCCEEDED
+    return job_id
+
+
+def _callbacks_requeued(app: str) -> float:
+    return metrics.orphaned_callbacks_requeued.labels(app=app)._value.get()
+
+
+def _due(runtime: Runtime) -> set[str]:
+    return {member.decode() for member in runtime.raw_redis.zrange(runtime.store.keys.callbacks_due, 0, -1)}
+
+
+def test_the_orphan_sweep_gives_a_callback_whose_message_is_gone_a_new_one(runtime: Runtime) -> None:
+    """A callback's message lost (a consumer that dropped what it had fetched): the sweep gives it a new one, once;
+    a waiting message is left alone, and the index forgets a delivered callback and a job that is gone."""
+    store, keys = runtime.store, runtime.store.keys
+    lost, waiting, delivered, gone = (_finished_with_callback(runtime) for _ in range(4))
+    assert _due(runtime) == {lost, waiting, delivered, gone}
+    lost_message = store.fields(lost)[JobField.CALLBACK_MESSAGE]
+    runtime.raw_redis.hdel(keys.queue_bodies(CALLBACKS_QUEUE), lost_message)
+    runtime.raw_redis.lrem(keys.queue(CALLBACKS_QUEUE), 0, lost_message)
+    store.callback_attempted(delivered, JobStatus.SUCCEEDED, CallbackBlock("delivered", 1, 200),
+                             CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
+                             retry_in_s=None, release_lease=False)
+    runtime.raw_redis.delete(store.job_key(gone))
+    assert _due(runtime) == {lost, waiting, gone}, "a delivered callback leaves the index"
+    sweep = OrphanSweep(store, ["chat"], overdue_s=0.2)
+
+    assert sweep.sweep_callbacks() == [], "not overdue yet: nothing is judged before the bound"
+    before = _callbacks_requeued("chat")
+    assert wait_for(lambda: sweep.sweep_callbacks(), 10, what="the lost callback overdue") == [lost]
+    assert _messages_of(runtime, CALLBACKS_QUEUE, lost) == 1 and _messages_of(runtime, CALLBACKS_QUEUE, waiting) == 1
+    assert store.fields(lost)[JobField.CALLBACK_MESSAGE] != lost_message
+    assert _callbacks_requeued("chat") == before + 1
+    assert _due(runtime) == {lost, waiting}, "a job that is gone leaves the index"
+    assert sweep.sweep_callbacks() == [], "a lost callback gets a new message once"
+    assert not store.enqueue_callback(lost, 0.0, message_was=lost_message), \
+        "the sweep's new message is not written for a callback given another since it was judged"
+
+
+def test_the_orphan_sweep_gives_a_dropped_callback_retry_a_new_message(runtime: Runtime) -> None:
+    """A callback retry waits as a delayed message; a consumer that loses its connection forgets the ones it
+    fetched. The worker's upkeep gives a new message to the one held past its time, not to one not yet due."""
+    store = runtime.store
+    dropped, later = _finished_with_callback(runtime), _finished_with_callback(runtime)
+    first_attempts = build_broker(runtime, 30.0).consume(CALLBACKS_QUEUE, prefetch=2, timeout=50)
+    for message in _fetch(first_attempts, 2):  # each fails, and its retry waits a while
+        retry_in_s = 0.1 if message.args[0] == dropped else 3600
+        store.callback_attempted(message.args[0], JobStatus.SUCCEEDED,
+                                 CallbackBlock("pending", 1, 503, time.time() + retry_in_s),
+                                 CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.01, "retry"),
+                                 retry_in_s=retry_in_s, release_lease=False)
+        first_attempts.ack(message)
+    assert _messages_of(runtime, CALLBACKS_QUEUE, dropped) == 0
+    held = _fetch(build_broker(runtime, 30.0).consume(f"{CALLBACKS_QUEUE}.DQ", prefetch=2, timeout=50), 2)
+    assert {message.args[0] for message in held} == {dropped, later}  # in memory, never moved: dropped
+    keeper = LeaseKeeper(store, lease_s=0.1, orphans=OrphanSweep(store, ["chat"], overdue_s=0.3))
+
+    def handed_back() -> bool:
+        keeper.upkeep()
+        return _messages_of(runtime, CALLBACKS_QUEUE, dropped) == 1
+
+    wait_for(handed_back, 10, what="the dropped callback retry given a new message")
+    assert _messages_of(runtime, CALLBACKS_QUEUE, later) == 0
+    held_ids = {message.args[0]: message.options["redis_message_id"] for message in held}
+    assert store.fields(dropped)[JobField.CALLBACK_MESSAGE] != held_ids[dropped]
+    assert store.fields(later)[JobField.CALLBACK_MESSAGE] == held_ids[later]

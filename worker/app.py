@@ -18,7 +18,7 @@ from difyq.worker.broker import PatientRedisBroker
 from difyq.worker.budgets import BudgetGate, BudgetLedger
 from difyq.worker.callbacks.sender import CallbackSender
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
-from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.leases import LeaseKeeper, dramatiq_recovery, lease_from_env
 from difyq.worker.orphans import OrphanSweep
 from difyq.worker.redis_retry import through_blips
@@ -31,6 +31,8 @@ from difyq.worker.trace_middleware import TraceContextMiddleware
 log = structlog.get_logger("difyq.worker")
 
 MAX_DELIVERY_RETRIES = 3
+# The record field that names a job's latest message of each actor, for the orphan sweep.
+NOTED_MESSAGES = {"run_job": JobField.MESSAGE, "deliver_callback": JobField.CALLBACK_MESSAGE}
 
 
 def retry_delivery(retries: int, exception: BaseException) -> bool:
@@ -42,10 +44,11 @@ def retry_delivery(retries: int, exception: BaseException) -> bool:
 
 class DifyqWorkerMiddleware(Middleware):
     """Keeps leases for the whole life of each worker process, marks jobs whose message Dramatiq dead-lettered
-    failed, and records each ``run_job`` message Dramatiq enqueues itself (a retry, a delayed message moved to the
-    queue) as its job's message, which the orphan sweep looks for. Lease upkeep stops only after the worker shut
-    down: on SIGTERM the jobs still running finish first, and a lease that lapsed meanwhile would let another worker
-    call Dify for them a second time. The task-id recorder's thread ends with the worker too."""
+    failed, and records each message Dramatiq enqueues itself (a retry, a delayed message moved to the queue) as
+    its job's latest ``run_job`` or ``deliver_callback`` message, which the orphan sweep looks for. Lease upkeep
+    stops only after the worker shut down: on SIGTERM the jobs still running finish first, and a lease that lapsed
+    meanwhile would let another worker call Dify for them a second time. The task-id recorder's thread ends with
+    the worker too."""
 
     def __init__(self, runtime: Runtime, leases: LeaseKeeper, task_ids: TaskIdRecorder):
         self.runtime = runtime
@@ -60,8 +63,9 @@ class DifyqWorkerMiddleware(Middleware):
         self.task_ids.close()
 
     def after_enqueue(self, broker: dramatiq.Broker, message: dramatiq.Message, delay: int | None) -> None:
-        if message.actor_name == "run_job" and message.args:
-            self.runtime.store.note_message(str(message.args[0]), message.options["redis_message_id"])
+        field = NOTED_MESSAGES.get(message.actor_name)
+        if field is not None and message.args:
+            self.runtime.store.note_message(str(message.args[0]), message.options["redis_message_id"], field)
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         if message.actor_name != "run_job" or not message.args:

@@ -39,6 +39,11 @@ orphaned_jobs_requeued = Counter(
     "Queued jobs found without a message that would run them, and queued again by the orphan sweep.",
     ["app"],
 )
+orphaned_callbacks_requeued = Counter(
+    "difyq_orphaned_callbacks_requeued_total",
+    "Pending callbacks found without a message that would deliver them, and given one by the orphan sweep.",
+    ["app"],
+)
 jobs_finished = Counter("difyq_jobs_finished_total", "Jobs that reached a final status.", ["app", "status"])
 job_duration = Histogram(
     "difyq_job_duration_seconds", "Submit to finish, per job.", ["app"], buckets=LATENCY_BUCKETS

@@ -1,4 +1,5 @@
-"""The orphan sweep: a job left ``queued`` without a message that would run it is queued again.
+"""The orphan sweep: a job left ``queued`` without a message that would run it is queued again, and a callback
+left pending without a message that would deliver it gets a new one.
 
 Every state change of a job writes its next message in the same Lua script, so difyq itself never leaves a queued
 job without one; Dramatiq can, when Redis goes away under it. A consumer whose connection breaks forgets the
@@ -19,8 +20,18 @@ like the reaper's), and ``difyq_orphaned_jobs_requeued_total`` counts it. A misj
 held by a worker far past its time, or one whose recording was cut off by Redis) only means a second delivery,
 which the job record turns away.
 
+Callbacks alike: each message of a job's callback (the first, a retry, a replay, a ``job.paused``) is written with
+the record's ``JobField.CALLBACK_MESSAGE`` and the job's place in the callbacks' due index
+(``RedisKeys.callbacks_due``, by when the message is due), in the same script; a callback done with (delivered or
+given up) leaves the index. A job whose callback is still pending, whose status still announces it, and whose
+message was due before the same bound but is neither on the callbacks queue nor a delayed message due within the
+bound (``callback_orphans.lua``) gets a new message at once, unless another was written meanwhile
+(``callback_again.lua``); ``difyq_orphaned_callbacks_requeued_total`` counts it and ``callback_orphaned`` logs it.
+A misjudged one means a second delivery attempt, which the callback's lock and block turn away once it is
+delivered.
+
 Its cost: one Lua call per 200 unfinished jobs created before the bound (each a hash read and one or two
-existence checks), every turn.
+existence checks), and one per 200 callbacks due before the bound and not done with, every turn.
 """
 
 from __future__ import annotations
@@ -46,10 +57,11 @@ class OrphanSweep:
         self.turn_s = overdue_s / 3 if turn_s is None else turn_s
 
     def take_turn(self) -> list[str]:
-        """Sweep unless another process did in the last ``turn_s``; the ids of the jobs queued again."""
+        """Sweep jobs and callbacks unless another process did in the last ``turn_s``; the ids of the jobs queued
+        again or given their callback again."""
         if not self.store.take_orphan_turn(self.turn_s):
             return []
-        return self.sweep()
+        return self.sweep() + self.sweep_callbacks()
 
     def sweep(self) -> list[str]:
         """Queue again every orphan (see the module docstring); returns their ids."""
@@ -62,5 +74,16 @@ class OrphanSweep:
             elif state.startswith("queued:"):
                 log.warning("queued_job_orphaned", job_id=job_id, app=app)
                 metrics.orphaned_jobs_requeued.labels(app=app).inc()
+                requeued.append(job_id)
+        return requeued
+
+    def sweep_callbacks(self) -> list[str]:
+        """Give a new message to every callback whose message is gone (see the module docstring); returns the ids
+        of their jobs."""
+        requeued = []
+        for job_id, message, app in self.store.callback_orphans(time.time() - self.overdue_s):
+            if self.store.enqueue_callback(job_id, 0.0, message_was=message):
+                log.warning("callback_orphaned", job_id=job_id, app=app)
+                metrics.orphaned_callbacks_requeued.labels(app=app).inc()
                 requeued.append(job_id)
         return requeued

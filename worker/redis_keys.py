@@ -96,6 +96,11 @@ class RedisKeys:
         return self._key("callback-lock", job_id)
 
     @property
+    def callbacks_due(self) -> str:
+        """The jobs whose callback has a message waiting, by when it is due (ms), for the orphan sweep."""
+        return self._key("callbacks", "due")
+
+    @property
     def callback_dead_letters(self) -> str:
         """Job ids whose callback ended ``failed``, by time."""
         return self._key("dlq", "callbacks")

@@ -31,6 +31,7 @@ class QueuedMessage:
     redis_message_id: str
     body: bytes
     wake_key: str  # the token that wakes an idle consumer of the message's queue (worker.wakeup)
+    due_ms: int  # when it is due: now, or its eta on the delay queue (unix ms)
 
 
 def build_message(
@@ -41,9 +42,11 @@ def build_message(
     redis_message_id = str(uuid.uuid4())
     options: dict[str, object] = {"redis_message_id": redis_message_id, **message_options()}
     queue_name = queue
+    due_ms = int(time.time() * 1000)
     if delay_s > 0:
         queue_name = dq_name(queue)
-        options["eta"] = int((time.time() + delay_s) * 1000)
+        due_ms = int((time.time() + delay_s) * 1000)
+        options["eta"] = due_ms
     message = Message(
         queue_name=queue_name,
         actor_name=actor,
@@ -55,7 +58,7 @@ def build_message(
     )
     keys = RedisKeys(namespace)
     return QueuedMessage(keys.queue(queue_name), keys.queue_bodies(queue_name), redis_message_id, message.encode(),
-                         keys.wake(queue_name))
+                         keys.wake(queue_name), due_ms)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class JobField(StrEnum):
     HELD_MESSAGE = "held_message"  # a thread job's run_job message while an earlier job of its thread is unfinished
     CONVERSATION_RESTARTED = "conversation_restarted"  # the thread's conversation was gone: this job began a new one
     MESSAGE = "message"  # the Redis id of the job's latest run_job message, which the orphan sweep looks for
+    CALLBACK_MESSAGE = "callback_message"  # the Redis id of its latest deliver_callback message (the same sweep's)
 
 
 class ThreadField(StrEnum):
@@ -114,6 +115,25 @@ local function leave_pending(id, app_pending, client_pending)
   if client_pending ~= '' then
     redis.call('ZREM', client_pending, id)
   end
+end"""
+
+
+_MESSAGE_LIVE = """\
+local function message_live(bodies, delayed_bodies, message_id, bound)
+  if redis.call('HEXISTS', bodies, message_id) == 1 then
+    return true
+  end
+  local delayed = redis.call('HGET', delayed_bodies, message_id)
+  return delayed and (tonumber((cjson.decode(delayed).options or {}).eta) or 0) > bound or false
+end"""
+
+
+_ENQUEUE_CALLBACK = """\
+local function enqueue_callback(job, id, queue, bodies, due_index, message_id, body, due_ms)
+  redis.call('HSET', bodies, message_id, body)
+  redis.call('RPUSH', queue, message_id)
+  redis.call('HSET', job, FIELD.callback_message, message_id)
+  redis.call('ZADD', due_index, due_ms, id)
 end"""
 
 
@@ -179,6 +199,12 @@ def lua_preamble() -> str:
     ``max_pending``) and
     ``queue_after_express(queue key, express tail key, message id)`` (the message goes right after the express
     tail's, when that one is still on the queue, else at the head: Dramatiq takes from the head) and
+    ``message_live(queue bodies key, delay queue bodies key, message id, bound ms)`` (the message waits on the queue
+    or is fetched by a worker, or is a delayed message due after the bound; one due long before was dropped by the
+    consumer that held it) and
+    ``enqueue_callback(job key, id, queue key, bodies key, due index key, message id, body, due ms)`` (a
+    ``deliver_callback`` message on its queue or delay queue, named by the record and put in the callbacks' due
+    index, which the orphan sweep reads) and
     ``wake(wake token key)`` (leaves the token, one at most, that wakes an idle consumer of a queue:
     ``worker.wakeup``) and
     ``hand_on_thread(thread line key, job key prefix, jobs queue key, jobs bodies key, wake token key)`` (the line
@@ -202,6 +228,8 @@ def lua_preamble() -> str:
         _REMEMBER_ERROR,
         _LEAVE_PENDING,
         _QUEUE_AFTER_EXPRESS,
+        _MESSAGE_LIVE,
+        _ENQUEUE_CALLBACK,
         _WAKE,
         _LEAVE_THREAD,
     ])

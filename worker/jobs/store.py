@@ -178,6 +178,8 @@ class JobStore:
         self._conversation_restarted = client.register_script(job_script("conversation_restarted"))
         self._note_message = client.register_script(job_script("note_message"))
         self._orphans = client.register_script(job_script("orphans"))
+        self._callback_orphans = client.register_script(job_script("callback_orphans"))
+        self._callback_again = client.register_script(job_script("callback_again"))
         self._keep_live_lease = client.register_script(job_script("keep_live_lease"))
 
     def job_key(self, job_id: str) -> str:
@@ -555,6 +557,7 @@ class JobStore:
             "id": job_id, "status": status.value, "finished_at": repr(now),
             "retention_ms": int(self.config.result_ttl * 1000), "callback": CallbackBlock.pending().stored(),
             "message_id": message.redis_message_id, "message_body": message.body.decode(),
+            "message_due_ms": message.due_ms,
         }
         if result is not None:
             outcome["result"] = dumps(result).decode()
@@ -569,7 +572,7 @@ class JobStore:
             self._finish,
             [self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
              self.callback_lock_key(job_id), *pending, thread.state, thread.line, *self._jobs_queue_keys,
-             *self._dify_id_keys((result or {}).get(name) for name in INDEXED_RESULT_IDS)],
+             self.keys.callbacks_due, *self._dify_id_keys((result or {}).get(name) for name in INDEXED_RESULT_IDS)],
             [dumps(outcome)])
         reply = run_together(self.redis, [*along, finish])[-1]
         if error is not None and status != JobStatus.SUCCEEDED and _text(reply[0]) in FINAL_STATUSES:
@@ -597,28 +600,31 @@ class JobStore:
             "next": "retry" if message else "dead" if block.status == "failed" and status in FINAL_STATUSES
             else "done"}
         if message is not None:
-            attempted.update(message_id=message.redis_message_id, message_body=message.body.decode())
+            attempted.update(message_id=message.redis_message_id, message_body=message.body.decode(),
+                             message_due_ms=message.due_ms)
         self._callback_attempted(
             keys=[self.job_key(job_id), self.leases_key, self.callback_lock_key(job_id),
                   self.callback_dead_letters_key, message.queue_key if message else "",
-                  message.bodies_key if message else ""],
+                  message.bodies_key if message else "", self.keys.callbacks_due],
             args=[dumps(attempted)],
         )
 
-    def enqueue_callback(self, job_id: str, delay_s: float) -> None:
-        """A (delayed) ``deliver_callback`` message for ``job_id``."""
+    def enqueue_callback(self, job_id: str, delay_s: float, message_was: str | None = None) -> bool:
+        """A (delayed) ``deliver_callback`` message for ``job_id``, while its callback is pending and announced
+        (callback_again.lua); ``message_was``: the callback message as read before (nothing is done when another
+        was written since). Whether the message was written."""
         message = self.message(CALLBACKS_QUEUE, job_id, delay_s)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(message.bodies_key, message.redis_message_id, message.body)
-            pipe.rpush(message.queue_key, message.redis_message_id)
-            pipe.execute()
+        return bool(self._callback_again(
+            keys=[self.job_key(job_id), message.queue_key, message.bodies_key, self.keys.callbacks_due],
+            args=[job_id, message.redis_message_id, message.body, message.due_ms, message_was or ""]))
 
     def resume_callback(self, job_id: str) -> bool:
         """Drop a finished job's lease and enqueue its callback if it is still pending (its sender died)."""
         message = self.message(CALLBACKS_QUEUE, job_id)
         return bool(self._resume_callback(
-            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key],
-            args=[job_id, message.redis_message_id, message.body],
+            keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key,
+                  self.keys.callbacks_due],
+            args=[job_id, message.redis_message_id, message.body, message.due_ms],
         ))
 
     def requeue(
@@ -670,7 +676,7 @@ class JobStore:
         callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._pause(
             keys=[self.job_key(job_id), self.leases_key, message.queue_key, message.bodies_key, callback.queue_key,
-                  callback.bodies_key, self.keys.paused],
+                  callback.bodies_key, self.keys.paused, self.keys.callbacks_due],
             args=[dumps(pause), message.redis_message_id, message.body, repr(time.time() + check_in_s),
                   CallbackBlock.pending().stored(), callback.redis_message_id, callback.body, int(time.time() * 1000)],
         )
@@ -698,10 +704,12 @@ class JobStore:
         callback = self.message(CALLBACKS_QUEUE, job_id)
         cancel = {"now": repr(time.time()), "retention_ms": int(self.config.result_ttl * 1000),
                   "callback": CallbackBlock.pending().stored(), "message_id": callback.redis_message_id,
-                  "message_body": callback.body.decode(), "job_prefix": self.keys.job("")}
+                  "message_body": callback.body.decode(), "message_due_ms": callback.due_ms,
+                  "job_prefix": self.keys.job("")}
         pending, thread = self._placement_of(job_id)
         reply = self._cancel(keys=[self.job_key(job_id), callback.queue_key, callback.bodies_key, *pending,
-                                   self.keys.paused, thread.line, *self._jobs_queue_keys],
+                                   self.keys.paused, thread.line, *self._jobs_queue_keys,
+                                   self.keys.callbacks_due],
                              args=[dumps(cancel)])
         state = _text(reply[0])
         task_id = _text(reply[1]) if len(reply) > 1 and reply[1] else None
@@ -725,8 +733,9 @@ class JobStore:
         """Deliver a finished job's callback again, from the first step of the retry schedule."""
         callback = self.message(CALLBACKS_QUEUE, job_id)
         reply = self._replay_callback(
-            keys=[self.job_key(job_id), self.callback_dead_letters_key, callback.queue_key, callback.bodies_key],
-            args=[callback.redis_message_id, callback.body, CallbackBlock.pending().stored()],
+            keys=[self.job_key(job_id), self.callback_dead_letters_key, callback.queue_key, callback.bodies_key,
+                  self.keys.callbacks_due],
+            args=[callback.redis_message_id, callback.body, CallbackBlock.pending().stored(), callback.due_ms],
         )
         return bool(reply)
 
@@ -763,9 +772,10 @@ class JobStore:
     def drop_lease(self, job_id: str) -> None:
         self.redis.zrem(self.leases_key, job_id)
 
-    def note_message(self, job_id: str, message_id: str) -> None:
-        """Record a ``run_job`` message Dramatiq enqueued itself as the job's message (note_message.lua)."""
-        self._note_message(keys=[self.job_key(job_id)], args=[message_id])
+    def note_message(self, job_id: str, message_id: str, field: JobField = JobField.MESSAGE) -> None:
+        """Record a message Dramatiq enqueued itself as the job's latest of its kind (note_message.lua):
+        ``JobField.MESSAGE`` for a ``run_job`` one, ``JobField.CALLBACK_MESSAGE`` for a ``deliver_callback`` one."""
+        self._note_message(keys=[self.job_key(job_id)], args=[message_id, field.value])
 
     def orphans(self, apps: list[str], due_before: float, batch: int = 200) -> list[tuple[str, str, str]]:
         """The queued jobs of ``apps`` due before ``due_before`` (unix seconds) whose message is gone (see
@@ -780,6 +790,22 @@ class JobStore:
                 reply = [_text(item) for item in self._orphans(
                     keys=[*bodies, *(self.job_key(job_id) for job_id in chunk)], args=[int(due_before * 1000)])]
                 found += [(job_id, app, message) for job_id, message in zip(reply[::2], reply[1::2], strict=True)]
+        return found
+
+    def callback_orphans(self, due_before: float, batch: int = 200) -> list[tuple[str, str, str]]:
+        """The jobs whose callback message was due before ``due_before`` (unix seconds) and is gone (see
+        callback_orphans.lua), judged in batches of the callbacks' due index: (job id, its callback message, its
+        app). The index loses, on the way, the jobs whose callback no longer waits."""
+        found: list[tuple[str, str, str]] = []
+        bound_ms = int(due_before * 1000)
+        job_ids = [_text(member) for member in self.redis.zrangebyscore(self.keys.callbacks_due, "-inf", bound_ms)]
+        keys = [self.keys.callbacks_due, self.keys.queue_bodies(CALLBACKS_QUEUE),
+                self.keys.delayed_bodies(CALLBACKS_QUEUE)]
+        for start in range(0, len(job_ids), batch):
+            chunk = job_ids[start:start + batch]
+            reply = [_text(item) for item in self._callback_orphans(
+                keys=[*keys, *(self.job_key(job_id) for job_id in chunk)], args=[bound_ms, *chunk])]
+            found += list(zip(reply[::3], reply[1::3], reply[2::3], strict=True))
         return found
 
     def trim_indexes(self, apps: Iterable[str], limit: int = INDEX_TRIM_BATCH) -> int:

@@ -2,12 +2,13 @@
 -- the next attempt (a delayed message) or the dead letter; free the callback lock and, after an attempt made by the
 -- job's own worker, the job's lease. An attempt made for a status the job no longer has (a job.paused callback whose
 -- job resumed meanwhile) is kept among the attempts but changes nothing else: the block is the next event's.
+-- A retry's message goes in the callbacks' due index; a callback done with (delivered or given up) leaves it.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback lock, 4 callbacks dead-letter zset, 5 callback (delay) queue,
---       6 its bodies
+--       6 its bodies, 7 the callbacks' due index
 -- ARGV: 1 a JSON object: callback (the block, JSON), attempt (the attempt, JSON), next ("retry", "dead" or "done"),
 --       now (unix seconds), retention_ms (jobs.result_ttl: how long the dead letters key outlives its newest entry),
 --       release_lease (true: drop the job's lease), status (the job's status the attempt announced), and for a
---       retry message_id and message_body, id (the job's)
+--       retry message_id, message_body and message_due_ms, id (the job's)
 local attempted = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', KEYS[1], FIELD.status, FIELD.callback_attempts)
 local status = current[1]
@@ -29,10 +30,13 @@ if status ~= attempted.status then
 end
 redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts), FIELD.callback, attempted.callback)
 if attempted.next == 'retry' then
-  redis.call('HSET', KEYS[6], attempted.message_id, attempted.message_body)
-  redis.call('RPUSH', KEYS[5], attempted.message_id)
-elseif attempted.next == 'dead' then
-  redis.call('ZADD', KEYS[4], attempted.now, attempted.id)
-  redis.call('PEXPIRE', KEYS[4], attempted.retention_ms)
+  enqueue_callback(KEYS[1], attempted.id, KEYS[5], KEYS[6], KEYS[7], attempted.message_id, attempted.message_body,
+    attempted.message_due_ms)
+else
+  redis.call('ZREM', KEYS[7], attempted.id)
+  if attempted.next == 'dead' then
+    redis.call('ZADD', KEYS[4], attempted.now, attempted.id)
+    redis.call('PEXPIRE', KEYS[4], attempted.retention_ms)
+  end
 end
 return 1

@@ -10,10 +10,11 @@
 -- The result's Dify ids come to name the job (a search by Dify id), entries older than the retention dropped.
 -- KEYS: 1 job hash, 2 leases zset, 3 callback queue, 4 callback bodies, 5 callback lock, 6 the app's pending jobs,
 --       7 the client's pending jobs ('' when no API client submitted it), 8 the thread's state, 9 its line ('' for
---       a job of no thread), 10 jobs queue, 11 jobs queue bodies, 12 the jobs queue's wake token, 13.. the index
---       of each of the result's Dify ids
+--       a job of no thread), 10 jobs queue, 11 jobs queue bodies, 12 the jobs queue's wake token, 13 the callbacks'
+--       due index, 14.. the index of each of the result's Dify ids
 -- ARGV: 1 a JSON object: id (the job's), status, finished_at, retention_ms, result and error (JSON texts, absent =
---       none), callback (the pending callback block, JSON), message_id and message_body (the callback message),
+--       none), callback (the pending callback block, JSON), message_id, message_body and message_due_ms (the
+--       callback message),
 --       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}, indexed_ms (now, for the Dify id
 --       indexes), thread (a thread job's): {job_prefix, now, ttl_ms, conversation_id (absent = none to record),
 --       started_from (the conversation the attempt continued, '' for none)}
@@ -68,7 +69,7 @@ if KEYS[9] ~= '' then
   end
   leave_thread(id, KEYS[9], thread.job_prefix, KEYS[10], KEYS[11], KEYS[12])
 end
-for index = 13, #KEYS do
+for index = 14, #KEYS do
   redis.call('ZADD', KEYS[index], outcome.indexed_ms, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[index], '-inf', outcome.indexed_ms - outcome.retention_ms)
   redis.call('PEXPIRE', KEYS[index], outcome.retention_ms)
@@ -82,7 +83,7 @@ if has_callback and outcome.inline then
 end
 redis.call('ZREM', KEYS[2], id)
 if has_callback then
-  redis.call('HSET', KEYS[4], outcome.message_id, outcome.message_body)
-  redis.call('RPUSH', KEYS[3], outcome.message_id)
+  enqueue_callback(KEYS[1], id, KEYS[3], KEYS[4], KEYS[13], outcome.message_id, outcome.message_body,
+    outcome.message_due_ms)
 end
 return {final}

@@ -14,12 +14,7 @@ for index = 3, #KEYS do
     FIELD.id, FIELD.held_message)
   local status, due, message = fields[1], tonumber(fields[2] or fields[3] or ''), fields[4]
   if status == STATUS.queued and due and due * 1000 < bound and message and not fields[6] then
-    local live = redis.call('HEXISTS', KEYS[1], message) == 1
-    if not live then
-      local delayed = redis.call('HGET', KEYS[2], message)
-      live = delayed and (tonumber((cjson.decode(delayed).options or {}).eta) or 0) > bound
-    end
-    if not live then
+    if not message_live(KEYS[1], KEYS[2], message, bound) then
       orphans[#orphans + 1] = fields[5]
       orphans[#orphans + 1] = message
     end

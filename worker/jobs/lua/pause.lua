@@ -3,7 +3,8 @@
 -- so that the job then ends as Dify ended the run (a submitted form requeues it at once, see requeue.lua). A job with
 -- a callback URL gets its job.paused callback: a pending callback block and a callbacks message, in the same step.
 -- The job joins the paused jobs (start, requeue and cancel take it out).
--- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 callback queue, 6 callback bodies, 7 paused zset
+-- KEYS: 1 job hash, 2 leases zset, 3 queue list, 4 queue bodies, 5 callback queue, 6 callback bodies, 7 paused zset,
+--       8 the callbacks' due index
 -- ARGV: 1 pause block json, 2 redis message id, 3 message body, 4 check at (unix seconds), 5 the pending callback
 --       block (json), 6 callback redis message id, 7 callback message body, 8 now (unix ms)
 local status = redis.call('HGET', KEYS[1], FIELD.status)
@@ -22,7 +23,6 @@ redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
 redis.call('RPUSH', KEYS[3], ARGV[2])
 if redis.call('HEXISTS', KEYS[1], FIELD.callback_url) == 1 then
   redis.call('HSET', KEYS[1], FIELD.callback, ARGV[5])
-  redis.call('HSET', KEYS[6], ARGV[6], ARGV[7])
-  redis.call('RPUSH', KEYS[5], ARGV[6])
+  enqueue_callback(KEYS[1], id, KEYS[5], KEYS[6], KEYS[8], ARGV[6], ARGV[7], ARGV[8])
 end
 return STATUS.paused
