@@ -227,6 +227,27 @@ def test_the_orphan_sweep_requeues_a_delayed_message_its_consumer_dropped(runtim
     worker_broker.close()
 
 
+def test_the_orphan_sweep_queues_a_paused_job_whose_check_in_its_consumer_dropped(runtime: Runtime) -> None:
+    """A paused job waits for its forms' expiry with a delayed message that then checks its run. One that a
+    consumer dropped is queued to follow its run (as a submitted form does); one not yet due is left paused."""
+    store = runtime.store
+    dropped, later = (store.submit(new_job()).job["id"] for _ in range(2))
+    consumer = build_broker(runtime, 30.0).consume(JOBS_QUEUE, prefetch=2, timeout=50)
+    for message in _fetch(consumer, 2):  # each runs, and pauses until its forms expire
+        job_id = message.args[0]
+        assert store.start_attempt(job_id, lease_s=30).state == "started"
+        block = {"workflow_run_id": f"run-{job_id}", "forms": [], "price": None, "currency": None, "task_id": "t"}
+        assert store.pause(job_id, "chat", block, check_in_s=0.1 if job_id == dropped else 3600) == "paused"
+        consumer.ack(message)
+    sweep = OrphanSweep(store, ["chat"], overdue_s=0.2)
+    before = _requeued("chat")
+    assert wait_for(lambda: sweep.sweep(), 10, what="the dropped check-in overdue") == [dropped]
+    assert store.get(dropped)["status"] == "queued" and _messages_of(runtime, JOBS_QUEUE, dropped) == 1
+    assert f"run-{dropped}" in store.fields(dropped)[JobField.PAUSE], "the job keeps the paused run it follows"
+    assert store.get(later)["status"] == "paused"
+    assert _requeued("chat") == before + 1
+
+
 # ------------------------------------------------------------------------------------ callbacks without a message
 
 def _finished_with_callback(runtime: Runtime) -> str:

@@ -36,7 +36,7 @@ redis_memory_used_ratio = Gauge(
 )
 orphaned_jobs_requeued = Counter(
     "difyq_orphaned_jobs_requeued_total",
-    "Queued jobs found without a message that would run them, and queued again by the orphan sweep.",
+    "Queued or paused jobs found without a message that would run them, and queued again by the orphan sweep.",
     ["app"],
 )
 orphaned_callbacks_requeued = Counter(

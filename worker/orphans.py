@@ -1,5 +1,6 @@
-"""The orphan sweep: a job left ``queued`` without a message that would run it is queued again, and a callback
-left pending without a message that would deliver it gets a new one.
+"""The orphan sweep: a job left ``queued`` without a message that would run it is queued again, and so is a
+``paused`` one that lost the message that checks its run when its forms expire; a callback left pending without a
+message that would deliver it gets a new one.
 
 Every state change of a job writes its next message in the same Lua script, so difyq itself never leaves a queued
 job without one; Dramatiq can, when Redis goes away under it. A consumer whose connection breaks forgets the
@@ -9,14 +10,16 @@ acknowledged all the same (``PatientRedisBroker`` waits for Redis there, but a t
 wait). The sweep is the bound on all of these.
 
 One worker process at a time (a Redis lock held for ``turn_s``, a third of ``overdue_s``), once Redis has answered
-for a whole lease (see ``leases``), looks at the jobs ``queued`` and due for longer than ``overdue_s`` (two
-leases), so an orphan is queued again at most three leases after it was due (two, a turn, and an upkeep round).
+for a whole lease (see ``leases``), looks at the jobs ``queued`` (or ``paused``, due at their forms' expiry) and
+due for longer than ``overdue_s`` (two leases), so an orphan is queued again at most three leases after it was
+due (two, a turn, and an upkeep round).
 Each job record names its latest ``run_job`` message (``JobField.MESSAGE``: written with the message by difyq's
 scripts, and by ``DifyqWorkerMiddleware`` for the messages Dramatiq enqueues itself). A job is an orphan when that
 message is neither on the jobs queue (waiting, in its low lane, or fetched by a worker: its body stays in the
 queue's bodies until it is acknowledged) nor a delayed message due within the bound (``orphans.lua``). Unless
 another message was written for it meanwhile, it gets a new one at the front of the queue (naming only the job,
-like the reaper's), and ``difyq_orphaned_jobs_requeued_total`` counts it. A misjudged message (a delayed one still
+like the reaper's; a paused job is queued to follow its run, as a submitted form queues it), and
+``difyq_orphaned_jobs_requeued_total`` counts it. A misjudged message (a delayed one still
 held by a worker far past its time, or one whose recording was cut off by Redis) only means a second delivery,
 which the job record turns away.
 
@@ -46,6 +49,9 @@ from difyq.worker.jobs.store import JobStore
 
 log = structlog.get_logger("difyq.orphans")
 
+# What the log calls a job queued again for want of a message, by the status it had.
+ORPHANED_EVENTS = {JobStatus.QUEUED: "queued_job_orphaned", JobStatus.PAUSED: "paused_job_orphaned"}
+
 
 class OrphanSweep:
     """Queues again the overdue queued jobs of ``apps`` that have no message; see the module docstring."""
@@ -66,13 +72,12 @@ class OrphanSweep:
     def sweep(self) -> list[str]:
         """Queue again every orphan (see the module docstring); returns their ids."""
         requeued = []
-        for job_id, app, message in self.store.orphans(self.apps, time.time() - self.overdue_s):
-            state = self.store.requeue(job_id, delay_s=0.0, expected=JobStatus.QUEUED, front=True,
-                                       message_was=message)
+        for job_id, app, message, status in self.store.orphans(self.apps, time.time() - self.overdue_s):
+            state = self.store.requeue(job_id, delay_s=0.0, expected=status, front=True, message_was=message)
             if state == "cancel":
                 self.store.finish(job_id, JobStatus.CANCELED)
             elif state.startswith("queued:"):
-                log.warning("queued_job_orphaned", job_id=job_id, app=app)
+                log.warning(ORPHANED_EVENTS[status], job_id=job_id, app=app)
                 metrics.orphaned_jobs_requeued.labels(app=app).inc()
                 requeued.append(job_id)
         return requeued

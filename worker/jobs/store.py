@@ -777,10 +777,11 @@ class JobStore:
         ``JobField.MESSAGE`` for a ``run_job`` one, ``JobField.CALLBACK_MESSAGE`` for a ``deliver_callback`` one."""
         self._note_message(keys=[self.job_key(job_id)], args=[message_id, field.value])
 
-    def orphans(self, apps: list[str], due_before: float, batch: int = 200) -> list[tuple[str, str, str]]:
-        """The queued jobs of ``apps`` due before ``due_before`` (unix seconds) whose message is gone (see
-        orphans.lua), judged among the apps' unfinished jobs created before then: (job id, app, its message)."""
-        found: list[tuple[str, str, str]] = []
+    def orphans(self, apps: list[str], due_before: float, batch: int = 200) -> list[tuple[str, str, str, str]]:
+        """The queued or paused jobs of ``apps`` due before ``due_before`` (unix seconds) whose message is gone (see
+        orphans.lua), judged among the apps' unfinished jobs created before then: (job id, app, its message, its
+        status)."""
+        found: list[tuple[str, str, str, str]] = []
         bodies = [self.keys.queue_bodies(JOBS_QUEUE), self.keys.delayed_bodies(JOBS_QUEUE)]
         for app in apps:
             job_ids = [_text(member) for member in self.redis.zrangebyscore(
@@ -789,7 +790,8 @@ class JobStore:
                 chunk = job_ids[start:start + batch]
                 reply = [_text(item) for item in self._orphans(
                     keys=[*bodies, *(self.job_key(job_id) for job_id in chunk)], args=[int(due_before * 1000)])]
-                found += [(job_id, app, message) for job_id, message in zip(reply[::2], reply[1::2], strict=True)]
+                found += [(job_id, app, message, status)
+                          for job_id, message, status in zip(reply[::3], reply[1::3], reply[2::3], strict=True)]
         return found
 
     def callback_orphans(self, due_before: float, batch: int = 200) -> list[tuple[str, str, str]]:
