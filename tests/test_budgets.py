@@ -254,3 +254,28 @@ def test_a_job_whose_dify_run_is_under_way_is_not_refused(redis_url: str, namesp
         assert hold.admitted and [r.amount for r in hold.reservations] == [60]
     [(_, _, [figures])] = gate.ledger.status(gate.budgets, time.time())
     assert figures.reserved == 180
+
+
+def test_a_job_a_budget_refuses_takes_no_request_of_its_keys_limits(redis_url: str, namespace: str) -> None:
+    """The key's admission comes first; a budget then refusing the job withdraws it whole: the key's request log
+    holds the calls made, not the refused job's."""
+    from difyq.worker.dify.emulator import EmulatedApp, start_emulator
+    from difyq.worker.jobs.model import JobRequest, NewJob
+    from difyq.worker.limits import KeyLimiter, key_id
+    from tests.support.stack import make_runtime, running_worker, wait_for_final
+
+    chat = EmulatedApp(name="support", key="app-support-key", mode="chat", tokens_per_second=0, answer_tokens=3)
+    with start_emulator([chat]) as emulator:
+        apps = {"support": {"api_key": chat.key, "mode": "chat", "base_url": emulator.base_url,
+                            "limits": {"requests_per_minute": 60}}}
+        runtime = make_runtime(redis_url, namespace, apps, budgets={
+            "tokens": {"by": "app", "of": "support", "unit": "tokens", "limit": 1, "estimate": 60,
+                       "on_exhausted": "fail"}})  # the first job alone goes through (nothing spent yet)
+        with running_worker(runtime, threads=1):
+            ran, refused = (runtime.store.submit(NewJob(app="support", source="api", request=JobRequest(query=q),
+                                                        scope="client:full")).job["id"] for q in ("first", "second"))
+            statuses = [wait_for_final(runtime, job_id)["status"] for job_id in (ran, refused)]
+    assert statuses == ["succeeded", "failed"]
+    assert runtime.store.get(refused)["error"]["code"] == "budget_exhausted"
+    request_log = KeyLimiter(runtime.limits_redis, namespace).keys(key_id(chat.key)).req
+    assert runtime.limits_redis.zcard(request_log) == 1, "only the call made counts against the key's minute"

@@ -131,6 +131,32 @@ def test_every_key_keeps_a_ttl_when_it_empties_and_comes_back(
     assert names() and all(redis_client.pttl(name) > 0 for name in names()), "a state written again keeps a TTL"
 
 
+def test_an_admission_whose_call_was_never_made_is_withdrawn_whole(limiter: KeyLimiter, kid: str,
+                                                                  clock: FakeClock) -> None:
+    """A budget refused the job, or its start found it done elsewhere: its request and reserved tokens leave the
+    window (the key's and its tenant's) with its slot, and the token estimate learns nothing from it."""
+    from difyq.worker.config import TenantLimits
+
+    limits = AppLimits(requests_per_minute=2, tokens_per_minute=1000, max_concurrency=2)
+    own = TenantLimits(requests_per_minute=1)
+
+    def ask(ticket: str) -> Admission:
+        return limiter.acquire(kid, limits, estimated_tokens=300, lease_s=300.0, ticket=ticket, tenant="A",
+                               tenant_limits=own)
+
+    unused = ask("unused")
+    assert unused.admitted and not ask("waits").admitted, "the tenant's one request of the minute is taken"
+    estimate = limiter.tokens.estimate(kid, limits)
+    call = limiter.release_call(kid, unused.reservation, 0, "A", called=False)
+    assert call is not None and call.run() == 1
+    assert limiter.remaining(kid, limits) == {"requests": 2.0, "tokens": 1000.0, "concurrency": 2.0}
+    assert limiter.redis.zcard(limiter.keys(kid).tenant("A").req) == 0
+    assert limiter.tokens.estimate(kid, limits) == estimate
+    clock.at(0.001)
+    assert ask("waits").admitted, "the withdrawn request no longer holds the tenant's minute"
+    assert ask("third").limit == "tenant_requests"
+
+
 def test_survives_a_script_flush(limiter: KeyLimiter, redis_client: redis.Redis, kid: str) -> None:
     redis_client.script_flush()
     assert take(limiter, kid, AppLimits(requests_per_minute=5)).admitted

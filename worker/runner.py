@@ -188,7 +188,7 @@ class JobRunner:
         with self.budgets.spending(hold) as spend:
             start = self.store.start_attempt(job_id, self.leases.lease_s, slot.admission.upstream_check)
             if start.fields is None:
-                slot.tokens = 0
+                slot.called = False
                 if start.state != "cooling":
                     log.info("job_not_started", state=start.state, status=start.status)
                 return start, None

@@ -29,7 +29,7 @@ ADMITTED = Admission(admitted=True, wait_s=0.0, limit=None, reservation=None)
 class Slot:
     """An admitted call of ``app`` and what it made of its ``admission``, for ``Throttle`` to release: the tokens
     Dify reported, and whether Dify answered 429 (the key cools down for every worker); ``released`` once its
-    release was sent or handed over (``Throttle.release_call``)."""
+    release was sent or handed over (``Throttle.release_call``); ``called`` False when no call was made."""
 
     app: str
     admission: Admission
@@ -37,6 +37,7 @@ class Slot:
     rate_limited: bool = False
     succeeded: bool = False
     released: bool = False
+    called: bool = True  # False: no call was made (the job did not start), so the admission is withdrawn whole
 
 
 class Throttle:
@@ -111,7 +112,7 @@ class Throttle:
             with self._lock:
                 self._held.pop(admission.reservation, None)
             call = self.limiter.release_call(key_id, admission.reservation, 0 if slot.rate_limited else slot.tokens,
-                                             admission.tenant)
+                                             admission.tenant, called=slot.called)
         elif slot.tokens:
             self.limiter.tokens.observe(key_id, slot.tokens)
         if slot.rate_limited:
@@ -130,8 +131,9 @@ class Throttle:
         self.limiter.abandon(self.key_ids[app], ticket, tenant if self.apps[app].tenant_limits else None)
 
     def give_back(self, app: str, admission: Admission) -> None:
-        """Release an admission whose call will not be made (a budget refused the job): its slot, no tokens."""
-        self._release(Slot(app, admission, tokens=0))
+        """Withdraw an admission whose call will not be made (a budget refused the job): its slot, its request and
+        its reserved tokens."""
+        self._release(Slot(app, admission, called=False))
 
     def _publish(self, app: str) -> None:
         limits = self.limits[app]

@@ -226,20 +226,23 @@ class KeyLimiter:
         return call is not None and bool(call.run())
 
     def release_call(self, key_id: str, reservation: str | None, actual_tokens: int | None,
-                     tenant: str | None = None) -> ScriptCall | None:
+                     tenant: str | None = None, *, called: bool = True) -> ScriptCall | None:
         """``release`` as a call not sent yet, to go in the same round trip as another write (``run_together``);
-        None without a reservation. The token estimate learns ``actual_tokens`` now."""
+        None without a reservation. The token estimate learns ``actual_tokens`` now. ``called`` False: the call
+        was never made, so the admission is withdrawn whole (its request and reserved tokens leave the window) and
+        the estimate learns nothing."""
         if reservation is None:
             return None
         names = self.keys(key_id)
-        actual = -1 if actual_tokens is None else max(0, int(actual_tokens))
-        keys = [names.tok, names.amt, names.state, names.lease]
+        actual = -1 if actual_tokens is None or not called else max(0, int(actual_tokens))
+        keys = [names.tok, names.amt, names.state, names.lease, names.req]
         if tenant is not None:
             own = names.tenant(tenant)
-            keys += [own.tok, own.amt, own.state, own.lease]
-        if actual_tokens is not None:
+            keys += [own.tok, own.amt, own.state, own.lease, own.req]
+        if actual >= 0:
             self.tokens.observe(key_id, actual)
-        return ScriptCall(self._scripts.release, keys, [reservation, actual, _us(self.window_s), self._now()])
+        return ScriptCall(self._scripts.release, keys,
+                          [reservation, actual, _us(self.window_s), self._now(), "" if called else "1"])
 
     def abandon(self, key_id: str, ticket: str, tenant: str | None = None) -> None:
         """Take a waiting job out of the line (and its tenant's) at once (canceled, or failed for waiting too

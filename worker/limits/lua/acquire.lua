@@ -4,7 +4,8 @@
 --
 -- KEYS  1 req (ZSET rid -> admit time)        2 tok (ZSET rid -> time; token log)
 --       3 amt (HASH rid -> tokens)             4 state (HASH tok = tokens in window, hold = mean slot hold,
---                                                 tat = pacing, vt = the fair line's round now being admitted,
+--                                                 tat = pacing, pace = its step, vt = the fair line's
+--                                                 round now being admitted,
 --                                                 kept = until when keys 1-4 surely live: keep_window)
 --       5 lease (ZSET reservation -> expiry)   6 line (ZSET ticket -> place: waiting since - priority offset, or
 --                                                 with fairness the job's round - priority offset)
@@ -247,7 +248,7 @@ end
 local function charge(L, reservation, interval, tat, queued, empty)
   redis.call('ZADD', L.req, now, rid)
   if interval > 0 then
-    redis.call('HSET', L.state, 'tat', tat + interval)
+    redis.call('HSET', L.state, 'tat', tat + interval, 'pace', interval)  -- pace: what a withdrawal gives back
   end
   if est > 0 then
     redis.call('ZADD', L.tok, now, rid)
