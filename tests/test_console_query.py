@@ -70,7 +70,7 @@ def test_a_dify_id_names_its_jobs_however_old(redis_url: str, namespace: str, mo
         assert [row["id"] for row in query.page(JobFilter(q=dify_id)).rows] == [made[0]], dify_id
     runtime.store.finish(made[0], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",
                                                               "message_id": "msg-0", "usage": None})
-    # The index orders by the finish's millisecond; in a tie, by job id, whose last characters are random.
+    # The index orders by the finish's millisecond; in a tie, by job id (the order the jobs were made in).
     first_finished_ms = int(time.time() * 1000)
     wait_for(lambda: int(time.time() * 1000) > first_finished_ms, timeout=5, what="the next millisecond")
     runtime.store.finish(made[1], JobStatus.SUCCEEDED, result={"answer": "hi", "conversation_id": "conv-42",

@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ import requests
 from difyq.worker import otel, tracing
 from difyq.worker.dify.emulator import start_emulator
 from difyq.worker.jobs.model import trace_id_for
+from difyq.worker.jobs.store import new_job_id
 from difyq.worker.runtime import Runtime
 from tests.support.receiver import CallbackReceiver
 from tests.support.stack import auth, make_runtime, running_worker, serving_api, wait_for_final
@@ -130,3 +132,15 @@ def test_a_trace_names_one_job_at_most() -> None:
     assert tracing.naming_trace_id(traceparent) is None
     with tracing.IncomingTrace(f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"):
         assert tracing.naming_trace_id(f"00-{tracing.new_trace_id()}-{secrets.token_hex(8)}-01") is None
+
+
+def test_ids_made_in_one_millisecond_sort_in_the_order_they_were_made() -> None:
+    """Trace ids (and the job ids made from them) are ULIDs in monotonic mode: a process's ids of one millisecond
+    sort in the order it made them, each still led by its millisecond."""
+    before_ms = int(time.time() * 1000)
+    made = [tracing.new_trace_id() for _ in range(2000)]
+    after_ms = int(time.time() * 1000)
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(before_ms <= int(trace_id, 16) >> 80 <= after_ms for trace_id in made)
+    jobs = [new_job_id() for _ in range(100)]
+    assert jobs == sorted(jobs)

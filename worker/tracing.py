@@ -62,10 +62,29 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return valid[3:35] if valid else None
 
 
+class _MonotonicUlids:
+    """ULIDs as 128-bit numbers, in ULID's monotonic mode: one made in the same millisecond as the one before (or
+    while the clock stepped back) is that one plus one, so the ids of one process sort in the order it made them."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        fresh = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+        with self._lock:
+            self._last = max(fresh, self._last + 1)
+            return self._last
+
+
+_ulids = _MonotonicUlids()
+
+
 def new_trace_id() -> str:
-    """A new trace id, shaped as a ULID: 48 bits of milliseconds, then 80 random bits. A trace difyq starts
-    gets one (``difyq.worker.otel_sdk`` makes the SDK's the same way), and names the job submitted in it."""
-    return format((int(time.time() * 1000) << 80) | secrets.randbits(80), "032x")
+    """A new trace id, shaped as a ULID: 48 bits of milliseconds, then 80 random bits (monotonic within a
+    millisecond: ``_MonotonicUlids``). A trace difyq starts gets one (``difyq.worker.otel_sdk`` makes the SDK's the
+    same way), and names the job submitted in it, so a process's jobs of one millisecond list in submit order."""
+    return format(_ulids.next(), "032x")
 
 
 def _new_traceparent(parent: str | None) -> str:
