@@ -49,22 +49,22 @@ class BenchConfig:
 
     pipelines: list[str] = field(default_factory=lambda: ["difyq", "bare", "celery"])
     shape: WorkerShape = field(default_factory=WorkerShape)
-    throughput_start: float = 50.0
+    throughput_start: float = 100.0
     throughput_factor: float = 1.3
-    throughput_step_s: float = 8.0
+    throughput_step_s: float = 6.0
     throughput_max_rate: float = 1500.0
     throughput_max_steps: int = 14
-    throughput_refine_steps: int = 2
+    throughput_refine_steps: int = 1
     overhead_rate: float | None = None
     overhead_default_rate: float = 50.0
-    overhead_duration_s: float = 25.0
+    overhead_duration_s: float = 20.0
     overhead_profile: Profile = FIXED_200MS
     # Scenario 2 also runs difyq on an app with every limit set (none binding), the Redis ceiling with limits.
     overhead_limits: bool = True
     # The realistic latency scenario: a 2 s Dify at half of the workers' capacity (unless a rate is given).
     latency_dify_s: float = 2.0
     latency_rate: float | None = None
-    latency_duration_s: float = 30.0
+    latency_duration_s: float = 25.0
     idle_seconds: float = 10.0
     trace_jobs: int = 150
     warmup_jobs_rate: float = 20.0
