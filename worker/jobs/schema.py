@@ -128,6 +128,13 @@ local function message_live(bodies, delayed_bodies, message_id, bound)
 end"""
 
 
+_CALLBACK_WAITS = """\
+local function callback_waits(status, callback)
+  local announced = status and (is_final(status) or status == STATUS.paused)
+  return announced and callback and cjson.decode(callback)['status'] == CALLBACK.pending or false
+end"""
+
+
 _ENQUEUE_CALLBACK = """\
 local function enqueue_callback(job, id, queue, bodies, due_index, message_id, body, due_ms)
   redis.call('HSET', bodies, message_id, body)
@@ -202,6 +209,8 @@ def lua_preamble() -> str:
     ``message_live(queue bodies key, delay queue bodies key, message id, bound ms)`` (the message waits on the queue
     or is fetched by a worker, or is a delayed message due after the bound; one due long before was dropped by the
     consumer that held it) and
+    ``callback_waits(status, callback block json)`` (the callback is pending and the job's status announces it:
+    final, or paused for its ``job.paused``) and
     ``enqueue_callback(job key, id, queue key, bodies key, due index key, message id, body, due ms)`` (a
     ``deliver_callback`` message on its queue or delay queue, named by the record and put in the callbacks' due
     index, which the orphan sweep reads) and
@@ -229,6 +238,7 @@ def lua_preamble() -> str:
         _LEAVE_PENDING,
         _QUEUE_AFTER_EXPRESS,
         _MESSAGE_LIVE,
+        _CALLBACK_WAITS,
         _ENQUEUE_CALLBACK,
         _WAKE,
         _LEAVE_THREAD,

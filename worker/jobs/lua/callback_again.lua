@@ -11,8 +11,7 @@ local status, callback, latest = fields[1], fields[2], fields[3]
 if ARGV[5] ~= '' and latest ~= ARGV[5] then
   return 0
 end
-local announced = status and (is_final(status) or status == STATUS.paused)
-if not (announced and callback and cjson.decode(callback)['status'] == CALLBACK.pending) then
+if not callback_waits(status, callback) then
   redis.call('ZREM', KEYS[4], ARGV[1])
   return 0
 end

@@ -14,8 +14,7 @@ for index = 4, #KEYS do
   local fields = redis.call('HMGET', KEYS[index], FIELD.status, FIELD.callback, FIELD.callback_message,
     FIELD.app)
   local status, callback, message = fields[1], fields[2], fields[3]
-  local announced = status and (is_final(status) or status == STATUS.paused)
-  if not (announced and callback and message and cjson.decode(callback)['status'] == CALLBACK.pending) then
+  if not (message and callback_waits(status, callback)) then
     redis.call('ZREM', KEYS[1], id)
   else
     if not message_live(KEYS[2], KEYS[3], message, bound) then
