@@ -77,7 +77,7 @@ class InflightConfig:
 
     profile_s: float = 15.0
     runs: list[InflightRun] = field(default_factory=lambda: [
-        InflightRun(STREAM_10S, [InflightMode("difyq", [2000, 3000, 4000, 6000, 8000, GOAL_CONCURRENCY]),
+        InflightRun(STREAM_10S, [InflightMode("difyq", [2000, 4000, 6000, 8000, GOAL_CONCURRENCY]),
                                  InflightMode("bare", [2000])], measure_s=10.0),
         InflightRun(STREAM_60S, [InflightMode("difyq", [GOAL_CONCURRENCY])], measure_s=20.0),
     ])

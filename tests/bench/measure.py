@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,40 @@ class StepData:
             "dify_ms": summary(dify),
             "cost": self.cost,
         }
+
+
+def pooled(steps: list[StepData]) -> StepData:
+    """Steps of one pipeline taken as one sample, their jobs together (rounds interleaved with other pipelines').
+    The cost keeps what is the pipeline's own, its processes' CPU, and the other load; Redis's figures are left
+    out, as other pipelines used the same Redis between the steps."""
+    seconds = sum(step.cost["seconds"] for step in steps)
+    jobs = sum(step.cost["jobs"] for step in steps)
+    pipeline_cpu = sum(step.cost["pipeline_cpu_s"] for step in steps)
+    worker_cpu = sum(step.cost["worker_cpu_s"] for step in steps)
+    cost = {
+        "seconds": seconds,
+        "jobs": jobs,
+        "pipeline_cpu_s": pipeline_cpu,
+        "worker_cpu_s": worker_cpu,
+        "cpu_ms_per_job": 1000 * pipeline_cpu / max(jobs, 1),
+        "worker_cpu_ms_per_job": 1000 * worker_cpu / max(jobs, 1),
+        "pipeline_cores": pipeline_cpu / seconds,
+        "other_load_cores": sum(step.cost["other_load_cores"] * step.cost["seconds"] for step in steps) / seconds,
+    }
+    return StepData(
+        rate=steps[0].rate,
+        duration=sum(step.duration for step in steps),
+        submissions=[submission for step in steps for submission in step.submissions],
+        arrivals={job: at for step in steps for job, at in step.arrivals.items()},
+        dify_calls={token: call for step in steps for token, call in step.dify_calls.items()},
+        cost=cost,
+    )
+
+
+def after_lead(step: StepData, lead_s: float) -> StepData:
+    """``step`` without the jobs due in its first ``lead_s`` seconds (its cost still covers them all)."""
+    first = min((s.intended for s in step.submissions), default=0.0)
+    return replace(step, submissions=[s for s in step.submissions if s.intended >= first + lead_s])
 
 
 def run_step(

@@ -243,6 +243,17 @@ def _commit_note(results: dict[str, Any]) -> list[str]:
             "see `difyq_commit` per pipeline in latest.json.", ""]
 
 
+def _durations_note(results: dict[str, Any]) -> list[str]:
+    """How long each scenario and section took (``run.timed``), when the results say."""
+    parts = {name: node["duration_s"] for name, node in (*results["scenarios"].items(), *(
+        (key, results[key]) for key in ("limits", "fairness", "console", "durable_submit") if key in results))
+        if isinstance(node, dict) and "duration_s" in node}
+    if not parts:
+        return []
+    return ["Seconds per scenario: " + ", ".join(f"{name} {seconds:,.0f}" for name, seconds in parts.items()) + ".",
+            ""]
+
+
 def _runs_note(results: dict[str, Any]) -> list[str]:
     """Which run each scenario came from, when a results file merges runs (``run.py --merge``)."""
     runs = {name: scenario["run"] for name, scenario in results["scenarios"].items() if "run" in scenario}
@@ -266,6 +277,7 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
         f"cores on average. difyq source: `{results['difyq_commit']}`. Mode: {results['mode']}, "
         f"{results['duration_s']:.0f} s.",
         "",
+        *_durations_note(results),
         *_commit_note(results),
         *_runs_note(results),
         "| goal | target | difyq | bare | celery | difyq ÷ bare | verdict |",
@@ -301,18 +313,20 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
                   "4. cost per job", "",
                   "| pipeline | e2e p50/p99 ms | overhead p50/p99/p99.9 ms | submit p50/p99 ms | generator late "
                   "p50/p99 ms | CPU ms/job | Redis CPU ms/job | Redis cmds/job | client cmds/job | round trips/job | "
-                  "in-Lua cmds/job |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "in-Lua cmds/job | idle: Redis CPU ms/s | idle: Redis cmds/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, data in s2["pipelines"].items():
             e2e, over, sub, cost = data["e2e_ms"], data["overhead_ms"], data["submit_ms"], data["cost"]
             late = data.get("generator_late_ms") or {"p50": None, "p99": None}
+            idle = data.get("idle") or {}
             lines.append(
                 f"| {name} | {_fmt(e2e['p50'])} / {_fmt(e2e['p99'])} | {_fmt(over['p50'])} / {_fmt(over['p99'])} / "
                 f"{_fmt(over['p99.9'])} | {_fmt(sub['p50'], 2)} / {_fmt(sub['p99'], 2)} | "
                 f"{_fmt(late['p50'], 2)} / {_fmt(late['p99'], 2)} | "
                 f"{_fmt(cost['cpu_ms_per_job'], 2)} | {_fmt(cost['redis_cpu_ms_per_job'], 3)} | "
                 f"{_fmt(cost['redis_commands_per_job'])} | {_fmt(data['trace']['round_trips_per_job'])} | "
-                f"{_fmt(cost.get('redis_round_trips_per_job'))} | {_fmt(data['trace']['script_commands_per_job'])} |")
+                f"{_fmt(cost.get('redis_round_trips_per_job'))} | {_fmt(data['trace']['script_commands_per_job'])} | "
+                f"{_fmt(idle.get('redis_cpu_ms_per_s'), 2)} | {_fmt(idle.get('redis_commands_per_s'))} |")
         phases = s2["pipelines"].get("difyq", {}).get("phases_ms")
         if phases:
             lines += ["", "Where difyq's time goes (from its job records and the emulator's call records):", "",
@@ -371,22 +385,28 @@ def script_times_section(overhead: dict[str, Any]) -> list[str]:
 
 
 def latency_section(latency: dict[str, Any]) -> list[str]:
-    """The realistic-latency scenario: each pipeline's added and submit latency, difyq's phases."""
+    """The realistic-latency scenario: each pipeline's added and submit latency over its rounds, each round's own
+    p50 and p99, difyq's phases."""
+    rounds = latency.get("rounds", 1)
     lines = [f"## Realistic latency at {latency['rate']:.0f} jobs/s ({latency['profile']['name']} Dify, half of "
              f"the workers' {latency['shape']} capacity)", "",
+             f"The pipelines ran side by side and took turns: {rounds} rounds of {latency.get('round_s', 0):.0f} s "
+             f"each, after {latency.get('lead_s', 0):.0f} s not counted (the pipeline had idled through the others' "
+             "rounds). The figures are each pipeline's jobs of all its rounds together; the last column is each "
+             "round's own added p50 / p99.", "",
              "| pipeline | e2e p50/p99 ms | added p50/p99/p99.9 ms | submit p50/p99 ms | generator late p50/p99 ms "
-             "| CPU ms/job | Redis CPU ms/job | other load | idle: Redis CPU ms/s | idle: Redis commands/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| CPU ms/job | other load | rounds: added p50 / p99 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, data in latency["pipelines"].items():
         e2e, over, sub, cost = data["e2e_ms"], data["overhead_ms"], data["submit_ms"], data["cost"]
         late = data.get("generator_late_ms") or {"p50": None, "p99": None}
-        idle = data.get("idle") or {}
+        spread = ", ".join(f"{_fmt(one['overhead_ms']['p50'])} / {_fmt(one['overhead_ms']['p99'])}"
+                           for one in data.get("rounds", []))
         lines.append(
             f"| {name} | {_fmt(e2e['p50'])} / {_fmt(e2e['p99'])} | {_fmt(over['p50'])} / {_fmt(over['p99'])} / "
             f"{_fmt(over['p99.9'])} | {_fmt(sub['p50'], 2)} / {_fmt(sub['p99'], 2)} | "
             f"{_fmt(late['p50'], 2)} / {_fmt(late['p99'], 2)} | {_fmt(cost['cpu_ms_per_job'], 2)} | "
-            f"{_fmt(cost['redis_cpu_ms_per_job'], 3)} | {_fmt(cost['other_load_cores'], 2)} | "
-            f"{_fmt(idle.get('redis_cpu_ms_per_s'), 2)} | {_fmt(idle.get('redis_commands_per_s'))} |")
+            f"{_fmt(cost['other_load_cores'], 2)} | {spread or '-'} |")
     phases = latency["pipelines"].get("difyq", {}).get("phases_ms")
     if phases:
         lines += ["", "Where difyq's added time goes:", "", "| phase | p50 ms | p99 ms |", "|---|---:|---:|"]
@@ -514,6 +534,8 @@ def durable_submit_section(durable: dict[str, Any]) -> list[str]:
               "| setting | offered /s | submit p50 ms | submit p99 ms | API CPU ms/submit | errors | other load |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for setting, runs in durable.items():
+        if not isinstance(runs, list):  # duration_s
+            continue
         lines += [f"| {setting} | {run['rate']:.0f} | {_fmt(run['submit_ms_p50'], 2)} | "
                   f"{_fmt(run['submit_ms_p99'], 2)} | {_fmt(run['api_cpu_ms_per_submit'], 2)} | {run['errors']} | "
                   f"{_fmt(run['other_cores'], 2)} |" for run in runs]

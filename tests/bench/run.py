@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,15 @@ def run_console(quick: bool) -> dict[str, Any]:
 def run_durable_submit(quick: bool) -> dict[str, Any]:
     """Submit latency with redis.durable_submit off and on (tests/bench/bench_durable_submit.py)."""
     return _run_script("bench_durable_submit.py", ["--rates", "100", "--seconds", "3"] if quick else [], 300)
+
+
+def timed(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A scenario's or section's results with the seconds it took (``duration_s``): what ``make bench``'s 20
+    minutes go to."""
+    began = time.monotonic()
+    result = measure()
+    result["duration_s"] = round(time.monotonic() - began, 1)
+    return result
 
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = BenchEnvironment(logs, args.difyq_src.resolve())
     try:
         if "throughput" in chosen:
-            results["scenarios"]["throughput"] = scenarios.throughput(bench, config)
+            results["scenarios"]["throughput"] = timed(lambda: scenarios.throughput(bench, config))
         if "overhead" in chosen:
             rate = config.overhead_rate
             if rate is None:
@@ -232,28 +242,28 @@ def main(argv: list[str] | None = None) -> int:
                     "throughput", {})
                 best = measured.get("pipelines", {}).get("difyq", {})
                 rate = best.get("max_sustained_rate", 0) / 2 or config.overhead_default_rate
-            results["scenarios"]["overhead"] = scenarios.overhead(bench, config, rate)
+            results["scenarios"]["overhead"] = timed(lambda: scenarios.overhead(bench, config, rate))
         if "latency" in chosen:
-            results["scenarios"]["latency"] = scenarios.realistic_latency(bench, config)
+            results["scenarios"]["latency"] = timed(lambda: scenarios.realistic_latency(bench, config))
         if "inflight" in chosen:
             setup = inflight.InflightConfig.quick() if args.quick else inflight.InflightConfig()
-            results["scenarios"]["inflight"] = inflight.run(bench, config, setup)
+            results["scenarios"]["inflight"] = timed(lambda: inflight.run(bench, config, setup))
         if "scaleout" in chosen:
             shapes = scaleout.ScaleoutConfig.quick() if args.quick else scaleout.ScaleoutConfig()
-            results["scenarios"]["scaleout"] = scaleout.run(bench, config, shapes)
+            results["scenarios"]["scaleout"] = timed(lambda: scaleout.run(bench, config, shapes))
         if "ratelimit" in chosen:
             minutes = args.ratelimit_minutes or (1 if args.quick else RATELIMIT_MINUTES)
-            results["scenarios"]["ratelimit"] = ratelimit.run(bench, config, minutes)
+            results["scenarios"]["ratelimit"] = timed(lambda: ratelimit.run(bench, config, minutes))
     finally:
         bench.close()
     if "limits" in chosen:
-        results["limits"] = run_limits(args.quick)
+        results["limits"] = timed(lambda: run_limits(args.quick))
     if "fairness" in chosen:
-        results["fairness"] = run_fairness(args.quick)
+        results["fairness"] = timed(lambda: run_fairness(args.quick))
     if "console" in chosen:
-        results["console"] = run_console(args.quick)
+        results["console"] = timed(lambda: run_console(args.quick))
     if "durable_submit" in chosen:
-        results["durable_submit"] = run_durable_submit(args.quick)
+        results["durable_submit"] = timed(lambda: run_durable_submit(args.quick))
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["duration_s"] = time.time() - started
     run = {"started_at": results["started_at"], "load_before": results["machine"]["load_before"],

@@ -7,7 +7,9 @@ in-flight, scale-out and rate-limit scenarios have their own modules: ``inflight
    searches take turns, one step each, so a drifting machine speed weighs on all of them alike.
 2. ``overhead``: a 200 ms emulator (``--dify-latency`` sets another) at one fixed rate (half of difyq's throughput
    result when that ran): e2e minus the emulator's own time per job, the submit latency, and for difyq the
-   per-phase breakdown from its records.
+   per-phase breakdown from its records, and what its workers cost Redis while idle.
+3. ``latency`` (``realistic_latency``): a 2 s emulator at half of the workers' capacity, the pipelines side by side
+   in interleaved rounds.
 4. ``cost`` (measured inside ``overhead``'s step): CPU seconds of the pipeline's processes and Redis commands
    (INFO commandstats, which counts commands inside Lua scripts too) per job, plus a MONITOR window that splits
    them into round trips and in-script commands.
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.bench.measure import StepData, cdf, phase_breakdown, run_step, summary
+from tests.bench.measure import StepData, after_lead, cdf, phase_breakdown, pooled, run_step, summary
 from tests.bench.redis_trace import CommandTrace, ScriptTimes
 from tests.bench.stack import (
     LIMITED,
@@ -61,11 +63,16 @@ class BenchConfig:
     overhead_profile: Profile = FIXED_200MS
     # Scenario 2 also runs difyq on an app with every limit set (none binding), the Redis ceiling with limits.
     overhead_limits: bool = True
-    # The realistic latency scenario: a 2 s Dify at half of the workers' capacity (unless a rate is given).
+    # The realistic latency scenario: a 2 s Dify at half of the workers' capacity (unless a rate is given), measured
+    # for ``latency_duration_s`` per pipeline in ``latency_rounds`` interleaved rounds.
     latency_dify_s: float = 2.0
     latency_rate: float | None = None
-    latency_duration_s: float = 25.0
-    idle_seconds: float = 10.0
+    latency_duration_s: float = 30.0
+    latency_rounds: int = 3
+    # Each round's first second is not counted: its pipeline idled through the other pipelines' rounds, and a real
+    # worker at this load never idles so long (kept-alive connections closed by the server, for one).
+    latency_lead_s: float = 1.0
+    idle_seconds: float = 6.0
     trace_jobs: int = 150
     warmup_jobs_rate: float = 20.0
     seed: int = 1
@@ -75,8 +82,8 @@ class BenchConfig:
     def quick(cls) -> BenchConfig:
         return cls(
             throughput_start=100.0, throughput_factor=1.6, throughput_step_s=2.5, throughput_max_steps=4,
-            throughput_refine_steps=0, overhead_duration_s=4.0, latency_duration_s=6.0, idle_seconds=3.0,
-            trace_jobs=40,
+            throughput_refine_steps=0, overhead_duration_s=4.0, latency_duration_s=6.0, latency_rounds=2,
+            idle_seconds=3.0, trace_jobs=40,
         )
 
 
@@ -202,40 +209,43 @@ def _drain(bench: BenchEnvironment, step: StepData, timeout: float = 30.0) -> bo
     return ids.issubset(bench.sink.wait_for(ids, timeout=timeout).keys())
 
 
-def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float, profile: Profile | None = None,
-             cost: bool = True, duration: float | None = None) -> dict[str, Any]:
+def overhead(bench: BenchEnvironment, config: BenchConfig, rate: float) -> dict[str, Any]:
     """Scenarios 2 and 4: what each pipeline adds to a Dify call (200 ms unless the config says otherwise) at
-    ``rate`` jobs/s, and (``cost``) what a job costs: CPU, Redis CPU and commands, the time Redis spends in each
-    script (``ScriptTimes``), round trips (``CommandTrace``), for difyq also on an app with limits."""
-    profile = profile or config.overhead_profile
+    ``rate`` jobs/s, and what a job costs: CPU, Redis CPU and commands, the time Redis spends in each script
+    (``ScriptTimes``), round trips (``CommandTrace``), for difyq also on an app with limits; then what the
+    pipeline's idle workers cost Redis. One pipeline runs at a time, so Redis's figures are its alone."""
+    profile = config.overhead_profile
     results: dict[str, Any] = {"profile": vars(profile), "shape": config.shape.label(), "rate": rate,
                                "pipelines": {}}
     names = [*config.pipelines]
-    if cost and config.overhead_limits and "difyq" in names:
+    if config.overhead_limits and "difyq" in names:
         names.insert(names.index("difyq") + 1, LIMITED)
     with bench.emulating(profile):
         for name in names:
             with bench.pipeline(name, config.shape, **pipeline_options(config, name)) as pipeline:
                 warm_up(bench, pipeline, config.warmup_jobs_rate)
-                step = run_step(bench, pipeline, rate, duration or config.overhead_duration_s, grace=30.0,
-                                seed=config.seed)
-                record = step.describe()
-                record["overhead_ms_cdf"] = cdf(step.overhead())
-                record["submit_ms_cdf"] = cdf(step.submit_latency())
-                if isinstance(pipeline, DifyqPipeline):
-                    record["phases_ms"] = phase_breakdown(step, pipeline)
-                if cost:
-                    _measure_cost(bench, pipeline, rate, config, record)
-                else:
+                step = run_step(bench, pipeline, rate, config.overhead_duration_s, grace=30.0, seed=config.seed)
+                record = _latency_record(step, pipeline)
+                _measure_cost(bench, pipeline, rate, config, record)
+                if name != LIMITED:  # the same processes as difyq's: their idle cost is difyq's
                     record["idle"] = _idle_cost(bench, pipeline, config.idle_seconds)
-                note_commit(record, pipeline)
                 results["pipelines"][name] = record
-                print(f"  [{'overhead' if cost else 'latency'}] {name} at {rate:.1f}/s: overhead p50 "
-                      f"{record['overhead_ms']['p50']:.1f} ms p99 {record['overhead_ms']['p99']:.1f} ms, submit p50 "
-                      f"{record['submit_ms']['p50']:.1f} ms p99 {record['submit_ms']['p99']:.1f} ms, cpu "
-                      f"{record['cost']['cpu_ms_per_job']:.2f} ms/job, redis cpu "
-                      f"{record['cost']['redis_cpu_ms_per_job']:.3f} ms/job", flush=True)
+                print(f"  [overhead] {name} at {rate:.1f}/s: overhead p50 {record['overhead_ms']['p50']:.1f} ms p99 "
+                      f"{record['overhead_ms']['p99']:.1f} ms, submit p50 {record['submit_ms']['p50']:.1f} ms p99 "
+                      f"{record['submit_ms']['p99']:.1f} ms, cpu {record['cost']['cpu_ms_per_job']:.2f} ms/job, "
+                      f"redis cpu {record['cost']['redis_cpu_ms_per_job']:.3f} ms/job", flush=True)
     return results
+
+
+def _latency_record(step: StepData, pipeline: Pipeline) -> dict[str, Any]:
+    """A measured step as a record, with the CDFs of its added and submit latency and, for difyq, its phases."""
+    record = step.describe()
+    record["overhead_ms_cdf"] = cdf(step.overhead())
+    record["submit_ms_cdf"] = cdf(step.submit_latency())
+    if isinstance(pipeline, DifyqPipeline):
+        record["phases_ms"] = phase_breakdown(step, pipeline)
+    note_commit(record, pipeline)
+    return record
 
 
 def _measure_cost(bench: BenchEnvironment, pipeline: Pipeline, rate: float, config: BenchConfig,
@@ -264,8 +274,49 @@ def _idle_cost(bench: BenchEnvironment, pipeline: Pipeline, seconds: float) -> d
 
 
 def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
-    """What each pipeline adds to a 2 s Dify answer offered at half of the workers' capacity (their slots / 2 s):
-    the load real apps put on a worker, where an idle consumer's wait for work shows."""
+    """Scenario 3: what each pipeline adds to a 2 s Dify answer offered at half of the workers' capacity (their
+    slots / 2 s), the load real apps put on a worker, where an idle consumer's wait for work shows.
+
+    A difference of a millisecond decides this goal, and this machine's speed drifts by more than that within
+    minutes (one step of 25 s per pipeline, run one after the other, put difyq's p50 at 3.2 ms in one run and 5.0
+    ms in the next, an hour apart). So the pipelines run side by side, as in the throughput search, and take turns
+    in ``latency_rounds`` rounds, each round starting with another pipeline and each pipeline's turn led by
+    ``latency_lead_s`` not counted. A pipeline's figures come from the jobs of all its rounds together; the rounds'
+    own p50 and p99 show the spread. Each pipeline's processes' CPU per job is its own; Redis's is not reported
+    here (the other pipelines idle on it meanwhile): scenario 2 has it."""
     profile = fixed_latency(config.latency_dify_s)
     rate = config.latency_rate or config.shape.processes * config.shape.threads / config.latency_dify_s / 2
-    return overhead(bench, config, rate, profile, cost=False, duration=config.latency_duration_s)
+    rounds = max(config.latency_rounds, 1)
+    seconds = config.latency_duration_s / rounds
+    lead = config.latency_lead_s
+    results: dict[str, Any] = {"profile": vars(profile), "shape": config.shape.label(), "rate": rate,
+                               "rounds": rounds, "round_s": seconds, "lead_s": lead, "interleaved": True,
+                               "pipelines": {}}
+    with bench.emulating(profile), contextlib.ExitStack() as running:
+        bench.client.flushall()
+        pipelines = [running.enter_context(bench.pipeline(name, config.shape, flush=False,
+                                                          **pipeline_options(config, name)))
+                     for name in config.pipelines]
+        for pipeline in pipelines:
+            warm_up(bench, pipeline, config.warmup_jobs_rate)
+        steps: dict[str, list[StepData]] = {pipeline.name: [] for pipeline in pipelines}
+        for turn in range(rounds):
+            first = turn % len(pipelines)
+            for pipeline in pipelines[first:] + pipelines[:first]:
+                measured = run_step(bench, pipeline, rate, lead + seconds, grace=30.0, seed=config.seed + turn)
+                step = after_lead(measured, lead)
+                steps[pipeline.name].append(step)
+                print(f"  [latency] round {turn + 1} {pipeline.name} at {rate:.1f}/s: added p50 "
+                      f"{summary(step.overhead())['p50']:.1f} ms p99 {summary(step.overhead())['p99']:.1f} ms, "
+                      f"submit p99 {summary(step.submit_latency())['p99']:.1f} ms", flush=True)
+        for pipeline in pipelines:
+            mine = steps[pipeline.name]
+            record = _latency_record(pooled(mine), pipeline)
+            # one span holds the other pipelines' rounds too: rate and pace are the rounds' own
+            record["achieved_rate"] = round(min(step.achieved_rate() for step in mine), 2)
+            record["pace"] = round(min(step.pace() for step in mine), 3)
+            record["rounds"] = [{"overhead_ms": summary(step.overhead()), "submit_ms": summary(step.submit_latency()),
+                                 "pace": round(step.pace(), 3), "other_load_cores": step.cost["other_load_cores"]}
+                                for step in mine]
+            results["pipelines"][pipeline.name] = record
+    return results
