@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+import redis
 
 from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
@@ -19,6 +21,7 @@ from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES, LeaseKeeper
 from difyq.worker.limits import Admission, KeyLimiter, deferral_delay
+from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
 from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime
@@ -162,6 +165,39 @@ def test_the_upkeep_trims_expired_index_entries_a_bounded_batch_per_index(runtim
     assert runtime.store.trim_indexes(["support", "other"], limit=3) == 0
     for key in (index, app_index, dead_letters):
         assert [member.decode() for member in runtime.raw_redis.zrange(key, 0, -1)] == [fresh]
+
+
+def test_the_upkeep_trims_the_index_of_an_app_removed_from_the_config(runtime) -> None:
+    """An app's index outlives the app's removal from the config; the upkeep's walk of the keyspace finds it and
+    trims it like any other, so it goes once its last job has expired."""
+    removed = runtime.store.index_key("retired")
+    old_ms = int((time.time() - runtime.config.jobs.result_ttl) * 1000) - 1000
+    runtime.raw_redis.zadd(removed, {f"job_old{n}": old_ms - n for n in range(4)})
+    runtime.raw_redis.zadd(removed, {"job_fresh": int(time.time() * 1000)})
+    wait_for(lambda: (runtime.store.trim_indexes(["support", "other"]), runtime.raw_redis.zcard(removed) == 1)[1],
+             30, interval=0, what="the removed app's expired entries trimmed")
+    assert runtime.raw_redis.zrange(removed, 0, -1) == [b"job_fresh"]
+    runtime.raw_redis.zadd(removed, {"job_fresh": old_ms})
+    wait_for(lambda: (runtime.store.trim_indexes(["support", "other"]), not runtime.raw_redis.exists(removed))[1],
+             30, interval=0, what="the removed app's index gone with its last entry")
+
+
+def test_the_walk_for_removed_apps_indexes_matches_the_namespace_literally(redis_url: str) -> None:
+    """A namespace with glob characters in it is matched as written: the walk finds its own app indexes and not
+    those of a namespace its characters would match as a pattern."""
+    client = redis.Redis.from_url(redis_url)
+    letters = uuid.uuid4().hex[:8]
+    keys = RedisKeys(f"odd*[{letters}]?")
+    lookalike = RedisKeys(f"odd-any-{letters[0]}!")  # what the namespace matches when read as a pattern
+    mine, other = keys.index("app1"), lookalike.index("app1")
+    try:
+        client.zadd(mine, {"job": 1})
+        client.zadd(other, {"job": 1})
+        found = {key.decode() for key in client.scan_iter(match=keys.app_indexes(), count=1000, _type="zset")}
+        assert mine in found and other not in found
+    finally:
+        client.delete(mine, other)
+        client.close()
 
 
 def test_a_quiet_service_s_indexes_empty_once_the_result_ttl_passes(tmp_path, redis_url: str, namespace: str) -> None:

@@ -29,6 +29,10 @@ class RedisKeys:
         submit.lua and by the reaper's rounds (``JobStore.trim_indexes``)."""
         return self._key("index", "app", app) if app else self._key("index", "all")
 
+    def app_indexes(self) -> str:
+        """A ``SCAN`` pattern of every app's index, the apps removed from the config included."""
+        return "".join(f"\\{char}" if char in "*?[]\\" else char for char in self._key("index", "app", "")) + "*"
+
     def idempotency(self, scope: str, key: str) -> str:
         """The claim of an idempotency key within a client's scope (the key itself is hashed)."""
         return self._key("idem", scope, _digest(key))

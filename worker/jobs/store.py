@@ -55,6 +55,7 @@ def new_job_id() -> str:
 
 # With redis.durable_submit a submit waits, at most this long, until this many replicas hold what it wrote.
 INDEX_TRIM_BATCH = 1000  # the most expired entries one upkeep round drops from each job index
+INDEX_SCAN_STEP = 1000  # the keys one upkeep round's step of its walk for removed apps' indexes looks at (SCAN COUNT)
 DURABLE_SUBMIT_REPLICAS = 1
 DURABLE_SUBMIT_TIMEOUT_MS = 1000
 
@@ -163,6 +164,7 @@ class JobStore:
         # restart) does not pass for the dead one whose leases it would otherwise keep alive.
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
         self.error_counts = ErrorCounts(client, self.keys)
+        self._index_walk = 0  # the upkeep's SCAN cursor in its walk for the indexes of removed apps
         self._submit = client.register_script(job_script("submit"))
         self._start = client.register_script(job_script("start"))
         self._finish = client.register_script(job_script("finish"))
@@ -814,11 +816,14 @@ class JobStore:
         """Drop from the index of every job, from each of ``apps``' indexes and from the callbacks' dead letters up
         to ``limit`` entries older than ``jobs.result_ttl`` (their jobs are gone: a callback is dead-lettered after
         its job ended); the number dropped. submit.lua trims the indexes too, but only as jobs come: this, on the
-        upkeep's rounds, empties them on a quiet service, a bounded batch at a time."""
+        upkeep's rounds, empties them on a quiet service, a bounded batch at a time. The indexes of apps no longer
+        in ``apps`` (removed from the config) are trimmed too as the walk of the keyspace that each call takes a
+        step of finds them (``removed_app_indexes``), and go once their last entry has expired."""
         before_s = time.time() - self.config.result_ttl
         index_cutoff = int(before_s * 1000)  # the indexes are scored in ms, the dead letters in seconds
-        cutoffs = {**dict.fromkeys([self.keys.index(None), *(self.keys.index(app) for app in apps)], index_cutoff),
-                   self.keys.callback_dead_letters: before_s}
+        indexes = [self.keys.index(None), *(self.keys.index(app) for app in apps)]
+        indexes += self.removed_app_indexes(indexes)
+        cutoffs = {**dict.fromkeys(indexes, index_cutoff), self.keys.callback_dead_letters: before_s}
         keys = list(cutoffs)
         with self.redis.pipeline(transaction=False) as pipe:
             for key, cutoff in cutoffs.items():
@@ -829,6 +834,13 @@ class JobStore:
                 if job_ids:
                     pipe.zrem(key, *job_ids)
             return sum(pipe.execute())
+
+    def removed_app_indexes(self, known: list[str]) -> list[str]:
+        """One step (``INDEX_SCAN_STEP`` keys) of a walk of the keyspace that starts again when it ends: the app
+        indexes it finds that are not among ``known``."""
+        self._index_walk, found = self.redis.scan(self._index_walk, match=self.keys.app_indexes(),
+                                                  count=INDEX_SCAN_STEP, _type="zset")
+        return [key for key in map(_text, found) if key not in known]
 
     def take_orphan_turn(self, turn_s: float) -> bool:
         """Whether this process looks for orphaned queued jobs now: no other did in the last ``turn_s``."""
