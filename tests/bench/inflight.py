@@ -5,7 +5,8 @@ every 5 s), served by the light stream source (``stream_source.py``; ``difyq emu
 at these concurrencies). For each concurrency C the open-loop rate is C / the answer's nominal time (uniform), so
 Little's law says C jobs are in flight; the steady-state throughput divided by that bound (C / nominal: a
 source slowed by a saturated machine does not lower the bar) says whether the pipeline keeps them all going.
-A ramp stops at the first level below ``GOAL_RATIO``: the knee. Per level: calls open at the source (mean), worker
+A ramp stops at the first level below ``GOAL_RATIO``, after one more level between it and the last that held: the
+knee. Per level: calls open at the source (mean), worker
 memory (RSS, and PSS summed over the worker processes: PSS splits the pages a fork shares) and memory per job in
 flight ((PSS at the level - PSS idle) / calls open). The source alone (a near-free asyncio client, no pipeline) is
 measured at the top 10 s concurrency first, to show it is not what limits.
@@ -124,33 +125,58 @@ def run(bench: BenchEnvironment, config: BenchConfig, inflight: InflightConfig) 
 
 def _mode(bench: BenchEnvironment, config: BenchConfig, mode: InflightMode, answer_s: float,
           measure_s: float, profile_s: float) -> dict[str, Any]:
+    """The mode's levels, lowest first, until one falls below ``GOAL_RATIO`` (or loses a job); then one level
+    between it and the last that held (``refinement``), so the knee is known to within a step of about 1.2x on a
+    slow day and a fast one alike. The levels are recorded lowest first; only the top one keeps its profile."""
     levels: list[dict[str, Any]] = []
-    record: dict[str, Any] = {"pipeline": mode.pipeline, "label": mode.label(), "levels": levels}
-    for index, concurrency in enumerate(mode.levels):
-        shape = mode.shape(concurrency)
-        with bench.pipeline(mode.pipeline, shape, **pipeline_options(config, mode.pipeline)) as pipeline:
-            if answer_s <= WARM_UP_MAX_ANSWER_S:
-                warm_up(bench, pipeline, config.warmup_jobs_rate)
-            idle = tree_memory(pipeline.worker_pids())
-            level = _level(bench, pipeline, concurrency, answer_s, measure_s, config.seed,
-                           profile_s if mode.pipeline == "difyq" else 0.0)
-            note_commit(level, pipeline)
-        open_calls = level["dify_in_flight"]["mean"]
-        level["shape"] = shape.label()
-        level["idle_worker_memory"] = idle
-        level["pss_kib_per_job"] = ((level["worker_memory"]["pss_mib"] - idle["pss_mib"]) * 1024 / open_calls
-                                    if open_calls else None)
+    held = 0
+    for concurrency in mode.levels:
+        level = _mode_level(bench, config, mode, concurrency, answer_s, measure_s, profile_s)
         levels.append(level)
-        print(f"  [inflight] {mode.pipeline} {shape.label()} {answer_s:.0f} s C={concurrency}: "
-              f"{level['throughput']:.1f}/s of {level['little_bound']:.1f}/s ({level['ratio']:.2f}), at Dify "
-              f"{open_calls:.0f}, PSS {level['worker_memory']['pss_mib']:.0f} MiB "
-              f"({level['pss_kib_per_job'] or 0:.0f} KiB/job), lost {level['lost']}, other load "
-              f"{level['cost']['other_load_cores']:.2f}", flush=True)
-        if level["ratio"] < GOAL_RATIO or level["lost"]:
-            break
-        if index < len(mode.levels) - 1:
-            level.pop("worker_profile", None)
-    return record
+        if level["ratio"] >= GOAL_RATIO and not level["lost"]:
+            held = concurrency
+            continue
+        between = refinement(held, concurrency)
+        if between is not None:
+            levels.append(_mode_level(bench, config, mode, between, answer_s, measure_s, profile_s))
+        break
+    levels.sort(key=lambda level: level["concurrency"])
+    for level in levels[:-1]:
+        level.pop("worker_profile", None)
+    return {"pipeline": mode.pipeline, "label": mode.label(), "levels": levels}
+
+
+def refinement(held: int, failed: int) -> int | None:
+    """The level between one that held and the next, which did not: their geometric mean to the nearest 500, when
+    that lies strictly between them (None when they are too close, or nothing held)."""
+    if held <= 0:
+        return None
+    middle = int(round(math.sqrt(held * failed) / 500) * 500)
+    return middle if held < middle < failed else None
+
+
+def _mode_level(bench: BenchEnvironment, config: BenchConfig, mode: InflightMode, concurrency: int, answer_s: float,
+                measure_s: float, profile_s: float) -> dict[str, Any]:
+    """One level of ``mode`` on a worker started for it."""
+    shape = mode.shape(concurrency)
+    with bench.pipeline(mode.pipeline, shape, **pipeline_options(config, mode.pipeline)) as pipeline:
+        if answer_s <= WARM_UP_MAX_ANSWER_S:
+            warm_up(bench, pipeline, config.warmup_jobs_rate)
+        idle = tree_memory(pipeline.worker_pids())
+        level = _level(bench, pipeline, concurrency, answer_s, measure_s, config.seed,
+                       profile_s if mode.pipeline == "difyq" else 0.0)
+        note_commit(level, pipeline)
+    open_calls = level["dify_in_flight"]["mean"]
+    level["shape"] = shape.label()
+    level["idle_worker_memory"] = idle
+    level["pss_kib_per_job"] = ((level["worker_memory"]["pss_mib"] - idle["pss_mib"]) * 1024 / open_calls
+                                if open_calls else None)
+    print(f"  [inflight] {mode.pipeline} {shape.label()} {answer_s:.0f} s C={concurrency}: "
+          f"{level['throughput']:.1f}/s of {level['little_bound']:.1f}/s ({level['ratio']:.2f}), at Dify "
+          f"{open_calls:.0f}, PSS {level['worker_memory']['pss_mib']:.0f} MiB "
+          f"({level['pss_kib_per_job'] or 0:.0f} KiB/job), lost {level['lost']}, other load "
+          f"{level['cost']['other_load_cores']:.2f}", flush=True)
+    return level
 
 
 def _record_profile(pid: int, delay_s: float, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:

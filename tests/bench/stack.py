@@ -222,7 +222,8 @@ class Emulator:
 
 
 def take_recorded(url: str) -> list[dict[str, Any]]:
-    """Read the calls a Dify stand-in recorded at ``url``, then make it forget them (so the list stays short)."""
+    """Read the calls a Dify stand-in recorded at ``url``, then make it forget them (so the list stays short). Two
+    requests: a call that ends between them is lost, so this is for calls taken once a step's jobs have ended."""
     with urllib.request.urlopen(url, timeout=60) as reply:
         calls = json.loads(reply.read())
     urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30).close()
@@ -248,8 +249,10 @@ class StreamSource:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def take_calls(self) -> list[dict[str, Any]]:
-        """The calls that ended since the last take (then forgotten)."""
-        return take_recorded(f"http://127.0.0.1:{self.port}/_source/calls")
+        """The calls that ended since the last take, taken and forgotten in one request (calls end meanwhile)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/_source/calls", method="DELETE")
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return json.loads(reply.read())
 
     def stats(self) -> dict[str, int]:
         """Streams open now, the most open at once, and calls served."""

@@ -10,9 +10,10 @@ stream falls silent for 10 s) from a bare asyncio protocol: one pending timer pe
 The answer's pace comes from the command line (time to first token, tokens per second, answer length); several
 ``--key`` may be served at once. Every call is recorded: its key, its query, when it started and ended, and the
 ``total_tokens`` its usage reports. Control routes: ``GET /_source/calls`` answers the calls since the last
-``DELETE /_source/calls`` as the emulator's ``/_emulator/calls`` does (``path``, ``body`` with the query,
-``started_at``, ``ended_at``, null for a stream the client cut); ``GET /_source/stats`` answers ``{"open": N,
-"max_open": M, "calls": K}``. Anything else is a 404.
+``DELETE /_source/calls``, with the fields of the emulator's ``/_emulator/calls`` (``path``, ``body`` with the
+query, ``started_at``, ``ended_at``, null for a stream the client cut); ``DELETE`` answers the calls it forgets, so
+one request takes them (a ``GET`` then a ``DELETE`` would lose a call that ended between the two); ``GET
+/_source/stats`` answers ``{"open": N, "max_open": M, "calls": K}``. Anything else is a 404.
 
     python -m tests.bench.stream_source --port 8998 --key app-... --ttft 1 --tokens-per-second 1 --answer-tokens 10
 """
@@ -176,7 +177,7 @@ class SourceProtocol(asyncio.Protocol):
             records = self.calls.records
             if method == "DELETE":
                 self.calls.records = []
-            self.send(_response("200 OK", json.dumps([] if method == "DELETE" else records).encode()))
+            self.send(_response("200 OK", json.dumps(records).encode()))
         elif path == "/_source/stats":
             stats = {"open": self.calls.open, "max_open": self.calls.max_open, "calls": self.calls.total}
             self.send(_response("200 OK", json.dumps(stats).encode()))
