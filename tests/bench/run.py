@@ -1,7 +1,7 @@
 """``make bench``: run the benchmark scenarios and write ``tests/bench/results/`` (latest.json, latest.md, PNGs).
 
-    .venv/bin/python -m tests.bench.run                      # everything, about 12-14 minutes on 2 cores
-    .venv/bin/python -m tests.bench.run --quick              # a smoke run of every scenario, under 3 minutes
+    .venv/bin/python -m tests.bench.run                      # everything, about 20 minutes on 2 cores
+    .venv/bin/python -m tests.bench.run --quick              # a smoke run of every scenario, about 6 minutes
     .venv/bin/python -m tests.bench.run --scenario overhead --overhead-rate 60
     .venv/bin/python -m tests.bench.run --difyq-src /tmp/difyq-try --out /tmp/bench-try   # try a change
 
@@ -95,7 +95,8 @@ def run_console(quick: bool) -> dict[str, Any]:
 
 def run_durable_submit(quick: bool) -> dict[str, Any]:
     """Submit latency with redis.durable_submit off and on (tests/bench/bench_durable_submit.py)."""
-    return _run_script("bench_durable_submit.py", ["--rates", "100", "--seconds", "3"] if quick else [], 300)
+    return _run_script("bench_durable_submit.py", ["--rates", "100", "--seconds", "3"] if quick else ["--seconds", "6"],
+                       300)
 
 
 def timed(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=SCENARIOS,
                         help="run only these (repeatable); default: all. 'cost' is measured within 'overhead'")
-    parser.add_argument("--quick", action="store_true", help="short steps and few levels: a smoke run (< 3 min)")
+    parser.add_argument("--quick", action="store_true", help="short steps and few levels: a smoke run (about 6 min)")
     parser.add_argument("--pipelines", help="comma-separated subset of difyq,bare,celery")
     parser.add_argument("--processes", type=int, help="worker processes for scenarios 1 and 2 (default 2)")
     parser.add_argument("--threads", type=int, help="threads per worker process for scenarios 1 and 2 (default 16)")

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.bench.floors import hop_floors
 from tests.bench.measure import StepData, after_lead, cdf, phase_breakdown, pooled, run_step, summary
 from tests.bench.redis_trace import CommandTrace, ScriptTimes
 from tests.bench.stack import (
@@ -51,7 +52,7 @@ class BenchConfig:
 
     pipelines: list[str] = field(default_factory=lambda: ["difyq", "bare", "celery"])
     shape: WorkerShape = field(default_factory=WorkerShape)
-    throughput_start: float = 100.0
+    throughput_start: float = 150.0
     throughput_factor: float = 1.3
     throughput_step_s: float = 6.0
     throughput_max_rate: float = 1500.0
@@ -59,7 +60,7 @@ class BenchConfig:
     throughput_refine_steps: int = 1
     overhead_rate: float | None = None
     overhead_default_rate: float = 50.0
-    overhead_duration_s: float = 20.0
+    overhead_duration_s: float = 15.0
     overhead_profile: Profile = FIXED_200MS
     # Scenario 2 also runs difyq on an app with every limit set (none binding), the Redis ceiling with limits.
     overhead_limits: bool = True
@@ -67,12 +68,12 @@ class BenchConfig:
     # for ``latency_duration_s`` per pipeline in ``latency_rounds`` interleaved rounds.
     latency_dify_s: float = 2.0
     latency_rate: float | None = None
-    latency_duration_s: float = 30.0
+    latency_duration_s: float = 24.0
     latency_rounds: int = 3
     # Each round's first second is not counted: its pipeline idled through the other pipelines' rounds, and a real
     # worker at this load never idles so long (kept-alive connections closed by the server, for one).
     latency_lead_s: float = 1.0
-    idle_seconds: float = 6.0
+    idle_seconds: float = 5.0
     trace_jobs: int = 150
     warmup_jobs_rate: float = 20.0
     seed: int = 1
@@ -283,7 +284,8 @@ def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str,
     in ``latency_rounds`` rounds, each round starting with another pipeline and each pipeline's turn led by
     ``latency_lead_s`` not counted. A pipeline's figures come from the jobs of all its rounds together; the rounds'
     own p50 and p99 show the spread. Each pipeline's processes' CPU per job is its own; Redis's is not reported
-    here (the other pipelines idle on it meanwhile): scenario 2 has it."""
+    here (the other pipelines idle on it meanwhile): scenario 2 has it. Last, the stand-ins' own share of two of
+    difyq's phases (``floors.hop_floors``)."""
     profile = fixed_latency(config.latency_dify_s)
     rate = config.latency_rate or config.shape.processes * config.shape.threads / config.latency_dify_s / 2
     rounds = max(config.latency_rounds, 1)
@@ -309,6 +311,7 @@ def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str,
                 print(f"  [latency] round {turn + 1} {pipeline.name} at {rate:.1f}/s: added p50 "
                       f"{summary(step.overhead())['p50']:.1f} ms p99 {summary(step.overhead())['p99']:.1f} ms, "
                       f"submit p99 {summary(step.submit_latency())['p99']:.1f} ms", flush=True)
+        results["floors"] = hop_floors(bench, rate, requests=math.ceil(rate * 4), threads=config.shape.threads)
         for pipeline in pipelines:
             mine = steps[pipeline.name]
             record = _latency_record(pooled(mine), pipeline)
