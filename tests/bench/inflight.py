@@ -80,7 +80,7 @@ class InflightConfig:
     runs: list[InflightRun] = field(default_factory=lambda: [
         InflightRun(STREAM_10S, [InflightMode("difyq", [2000, 4000, 6000, 8000, GOAL_CONCURRENCY]),
                                  InflightMode("bare", [2000])], measure_s=10.0),
-        InflightRun(STREAM_60S, [InflightMode("difyq", [GOAL_CONCURRENCY])], measure_s=15.0),
+        InflightRun(STREAM_60S, [InflightMode("difyq", [GOAL_CONCURRENCY])], measure_s=20.0),
     ])
     source_alone_concurrency: int = GOAL_CONCURRENCY
 
