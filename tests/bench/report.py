@@ -245,13 +245,11 @@ def _commit_note(results: dict[str, Any]) -> list[str]:
 
 def _durations_note(results: dict[str, Any]) -> list[str]:
     """How long each scenario and section took (``run.timed``), when the results say."""
-    parts = {name: node["duration_s"] for name, node in (*results["scenarios"].items(), *(
-        (key, results[key]) for key in ("limits", "fairness", "console", "durable_submit") if key in results))
-        if isinstance(node, dict) and "duration_s" in node}
-    if not parts:
+    durations = results.get("durations_s")
+    if not durations:
         return []
-    return ["Seconds per scenario: " + ", ".join(f"{name} {seconds:,.0f}" for name, seconds in parts.items()) + ".",
-            ""]
+    return ["Seconds per scenario: " + ", ".join(f"{name} {seconds:,.0f}" for name, seconds in durations.items())
+            + ".", ""]
 
 
 def _runs_note(results: dict[str, Any]) -> list[str]:
@@ -543,8 +541,6 @@ def durable_submit_section(durable: dict[str, Any]) -> list[str]:
               "| setting | offered /s | submit p50 ms | submit p99 ms | API CPU ms/submit | errors | other load |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for setting, runs in durable.items():
-        if not isinstance(runs, list):  # duration_s
-            continue
         lines += [f"| {setting} | {run['rate']:.0f} | {_fmt(run['submit_ms_p50'], 2)} | "
                   f"{_fmt(run['submit_ms_p99'], 2)} | {_fmt(run['api_cpu_ms_per_submit'], 2)} | {run['errors']} | "
                   f"{_fmt(run['other_cores'], 2)} |" for run in runs]

@@ -99,12 +99,12 @@ def run_durable_submit(quick: bool) -> dict[str, Any]:
                        300)
 
 
-def timed(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A scenario's or section's results with the seconds it took (``duration_s``): what ``make bench``'s 20
-    minutes go to."""
+def timed(durations: dict[str, float], name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A scenario's or section's results; the seconds it took go to ``durations`` (the results' ``durations_s``:
+    what ``make bench``'s 20 minutes go to)."""
     began = time.monotonic()
     result = measure()
-    result["duration_s"] = round(time.monotonic() - began, 1)
+    durations[name] = round(time.monotonic() - began, 1)
     return result
 
 
@@ -174,7 +174,8 @@ def merged(previous: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
     again = ", ".join(sorted(fresh["scenarios"]) + [name for name in ("limits", "console", "durable_submit")
                                                     if name in fresh])
     result = {**previous, **{key: fresh[key] for key in ("limits", "console", "durable_submit") if key in fresh},
-              "scenarios": scenarios, "finished_at": fresh["finished_at"],
+              "scenarios": scenarios, "durations_s": {**previous.get("durations_s", {}), **fresh["durations_s"]},
+              "finished_at": fresh["finished_at"],
               "mode": f"{previous['mode']}; {again} measured again {fresh['started_at'][:16]}"}
     return result
 
@@ -230,12 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"pipelines": config.pipelines, "shape": config.shape.label(),
                    "difyq_env": config.difyq_env},
         "scenarios": {},
+        "durations_s": {},
     }
+    durations = results["durations_s"]
+
+    def scenario(name: str, measure: Callable[[], dict[str, Any]]) -> None:
+        results["scenarios"][name] = timed(durations, name, measure)
+
+    def section(name: str, measure: Callable[[], dict[str, Any]]) -> None:
+        results[name] = timed(durations, name, measure)
+
     print(f"difyq bench ({results['mode']}); logs in {logs}", flush=True)
     bench = BenchEnvironment(logs, args.difyq_src.resolve())
     try:
         if "throughput" in chosen:
-            results["scenarios"]["throughput"] = timed(lambda: scenarios.throughput(bench, config))
+            scenario("throughput", lambda: scenarios.throughput(bench, config))
         if "overhead" in chosen:
             rate = config.overhead_rate
             if rate is None:
@@ -243,28 +253,28 @@ def main(argv: list[str] | None = None) -> int:
                     "throughput", {})
                 best = measured.get("pipelines", {}).get("difyq", {})
                 rate = best.get("max_sustained_rate", 0) / 2 or config.overhead_default_rate
-            results["scenarios"]["overhead"] = timed(lambda: scenarios.overhead(bench, config, rate))
+            scenario("overhead", lambda: scenarios.overhead(bench, config, rate))
         if "latency" in chosen:
-            results["scenarios"]["latency"] = timed(lambda: scenarios.realistic_latency(bench, config))
+            scenario("latency", lambda: scenarios.realistic_latency(bench, config))
         if "inflight" in chosen:
             setup = inflight.InflightConfig.quick() if args.quick else inflight.InflightConfig()
-            results["scenarios"]["inflight"] = timed(lambda: inflight.run(bench, config, setup))
+            scenario("inflight", lambda: inflight.run(bench, config, setup))
         if "scaleout" in chosen:
             shapes = scaleout.ScaleoutConfig.quick() if args.quick else scaleout.ScaleoutConfig()
-            results["scenarios"]["scaleout"] = timed(lambda: scaleout.run(bench, config, shapes))
+            scenario("scaleout", lambda: scaleout.run(bench, config, shapes))
         if "ratelimit" in chosen:
             minutes = args.ratelimit_minutes or (1 if args.quick else RATELIMIT_MINUTES)
-            results["scenarios"]["ratelimit"] = timed(lambda: ratelimit.run(bench, config, minutes))
+            scenario("ratelimit", lambda: ratelimit.run(bench, config, minutes))
     finally:
         bench.close()
     if "limits" in chosen:
-        results["limits"] = timed(lambda: run_limits(args.quick))
+        section("limits", lambda: run_limits(args.quick))
     if "fairness" in chosen:
-        results["fairness"] = timed(lambda: run_fairness(args.quick))
+        section("fairness", lambda: run_fairness(args.quick))
     if "console" in chosen:
-        results["console"] = timed(lambda: run_console(args.quick))
+        section("console", lambda: run_console(args.quick))
     if "durable_submit" in chosen:
-        results["durable_submit"] = timed(lambda: run_durable_submit(args.quick))
+        section("durable_submit", lambda: run_durable_submit(args.quick))
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["duration_s"] = time.time() - started
     run = {"started_at": results["started_at"], "load_before": results["machine"]["load_before"],

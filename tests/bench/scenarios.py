@@ -132,14 +132,7 @@ def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"profile": vars(ZERO_LATENCY), "shape": config.shape.label(),
                                "p99_goal_ms": P99_GOAL_S * 1000, "interleaved": True, "pipelines": {}}
     with bench.emulating(ZERO_LATENCY), contextlib.ExitStack() as running:
-        bench.client.flushall()
-        pipelines = [running.enter_context(bench.pipeline(name, config.shape, flush=False,
-                                                          **pipeline_options(config, name)))
-                     for name in config.pipelines]
-        searches = []
-        for pipeline in pipelines:
-            warm_up(bench, pipeline, config.warmup_jobs_rate)
-            searches.append(ThroughputSearch(bench, pipeline, config))
+        searches = [ThroughputSearch(bench, pipeline, config) for pipeline in side_by_side(bench, config, running)]
         turns = [search.turns() for search in searches]
         while turns:
             turns = [turn for turn in turns if next(turn, None) is not None]
@@ -147,6 +140,18 @@ def throughput(bench: BenchEnvironment, config: BenchConfig) -> dict[str, Any]:
             results["pipelines"][search.pipeline.name] = search.result()
             note_commit(results["pipelines"][search.pipeline.name], search.pipeline)
     return results
+
+
+def side_by_side(bench: BenchEnvironment, config: BenchConfig, running: contextlib.ExitStack) -> list[Pipeline]:
+    """Every pipeline of ``config`` started on an empty Redis, each in its own keys, and warmed up; ``running``
+    stops them."""
+    bench.client.flushall()
+    pipelines = [running.enter_context(bench.pipeline(name, config.shape, flush=False,
+                                                      **pipeline_options(config, name)))
+                 for name in config.pipelines]
+    for pipeline in pipelines:
+        warm_up(bench, pipeline, config.warmup_jobs_rate)
+    return pipelines
 
 
 class ThroughputSearch:
@@ -295,12 +300,7 @@ def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str,
                                "rounds": rounds, "round_s": seconds, "lead_s": lead, "interleaved": True,
                                "pipelines": {}}
     with bench.emulating(profile), contextlib.ExitStack() as running:
-        bench.client.flushall()
-        pipelines = [running.enter_context(bench.pipeline(name, config.shape, flush=False,
-                                                          **pipeline_options(config, name)))
-                     for name in config.pipelines]
-        for pipeline in pipelines:
-            warm_up(bench, pipeline, config.warmup_jobs_rate)
+        pipelines = side_by_side(bench, config, running)
         steps: dict[str, list[StepData]] = {pipeline.name: [] for pipeline in pipelines}
         for turn in range(rounds):
             first = turn % len(pipelines)
@@ -308,9 +308,10 @@ def realistic_latency(bench: BenchEnvironment, config: BenchConfig) -> dict[str,
                 measured = run_step(bench, pipeline, rate, lead + seconds, grace=30.0, seed=config.seed + turn)
                 step = after_lead(measured, lead)
                 steps[pipeline.name].append(step)
-                print(f"  [latency] round {turn + 1} {pipeline.name} at {rate:.1f}/s: added p50 "
-                      f"{summary(step.overhead())['p50']:.1f} ms p99 {summary(step.overhead())['p99']:.1f} ms, "
-                      f"submit p99 {summary(step.submit_latency())['p99']:.1f} ms", flush=True)
+                added = summary(step.overhead())
+                print(f"  [latency] round {turn + 1} {pipeline.name} at {rate:.1f}/s: added p50 {added['p50']:.1f} ms "
+                      f"p99 {added['p99']:.1f} ms, submit p99 {summary(step.submit_latency())['p99']:.1f} ms",
+                      flush=True)
         results["floors"] = hop_floors(bench, rate, requests=math.ceil(rate * 4), threads=config.shape.threads)
         for pipeline in pipelines:
             mine = steps[pipeline.name]
