@@ -323,14 +323,16 @@ def test_a_stopped_pod_keeps_its_job_past_its_lease_and_a_killed_one_loses_it(
         difyq.env[LEASE_ENV] = "4s"  # the heartbeat outlives a round by 8 s: room for this test's polling
         both = tuple(pods.start_together(2))
 
-        def pod_running(job_id: str) -> subprocess.Popen[bytes] | None:
+        def pod_calling(job_id: str, queries: dict[str, str]) -> subprocess.Popen[bytes] | None:
+            """The pod running the job, once its Dify call is open at the emulator (a pod stopped or killed before
+            that would not have called Dify yet)."""
             record = runtime.store.fields(job_id) or {}
-            running = record.get("status") == "running"
+            running = record.get("status") == "running" and dify_calls(emulator, queries)[job_id] == 1
             return next((pod for pod in both if running and process_of(record) in pods.worker_ids(pod)), None)
 
         kept = {enqueue(runtime, "brief", marker): marker for marker in unique_queries("stopped", 1)}
         kept_id = next(iter(kept))
-        stopped = wait_for(lambda: pod_running(kept_id), timeout=30)
+        stopped = wait_for(lambda: pod_calling(kept_id, kept), timeout=30)
         stopped_ids = pods.worker_ids(stopped)
         os.killpg(stopped.pid, signal.SIGSTOP)
         try:
@@ -345,7 +347,7 @@ def test_a_stopped_pod_keeps_its_job_past_its_lease_and_a_killed_one_loses_it(
 
         lost = {enqueue(runtime, "brief", marker): marker for marker in unique_queries("killed", 1)}
         lost_id = next(iter(lost))
-        Pods.kill(wait_for(lambda: pod_running(lost_id), timeout=30))
+        Pods.kill(wait_for(lambda: pod_calling(lost_id, lost), timeout=30))
         lost_settled = wait_until_settled(runtime, [lost_id], timeout=60)
 
     assert record_while_stopped["status"] == "running"
