@@ -10,13 +10,16 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+# What chromedriver answers, as an "unknown error" instead of a stale element, when a live update detaches an element
+# between its lookup and a read of it.
+DETACHED_NODE = "does not belong to the document"
 T = TypeVar("T")
 
 
@@ -43,9 +46,17 @@ def headless_chromium(width: int = 1280, height: int = 900) -> Iterator[webdrive
 
 def wait_until(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], T], timeout: float = 20.0) -> T:
     """Poll ``condition`` until it returns something truthy; a TimeoutException otherwise. An element a live
-    update replaced meanwhile (stale) or has not shown yet counts as not yet."""
+    update replaced meanwhile (stale or detached) or has not shown yet counts as not yet."""
+    def attempt(browser: webdriver.Chrome) -> T | bool:
+        try:
+            return condition(browser)
+        except WebDriverException as error:
+            if DETACHED_NODE not in (error.msg or ""):
+                raise
+            return False
+
     return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(condition)
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(attempt)
 
 
 def text_of(driver: webdriver.Chrome, by: str, value: str) -> str:
