@@ -98,6 +98,11 @@ class Stack:
         wait_until(self.browser, lambda b: b.execute_script(
             f"const e = document.getElementById('{element_id}'); return e && !e.dataset.old"))
 
+    def jobs_listed(self) -> list[str]:
+        """The ids of the jobs the page's table lists, in order, read again when a live update replaced a row."""
+        return wait_until(self.browser, lambda b: ([row.get_attribute("data-job") for row in b.find_elements(
+            By.CSS_SELECTOR, "tr[data-job]")],))[0]
+
     def status_on_page(self, job_id: str) -> str | None:
         rows = self.browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{job_id}"]')
         return rows[0].get_attribute("data-status") if rows else None
@@ -180,8 +185,7 @@ def test_sign_in_live_list_and_job_page(stack: Stack, screenshots: Path) -> None
         search.submit()
         wait_until(stack.browser, lambda b, searched=searched: f"q={searched}" in b.current_url
                    and b.find_elements(By.ID, "search-notice"))
-        assert [row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR,
-                                                                                      "tr[data-job]")] == [job_id]
+        assert stack.jobs_listed() == [job_id]
 
     tenant = stack.runtime.store.get(job_id)["tenant"]
     for wanted, shown in ((tenant, True), ("no-such-tenant", False)):
@@ -190,15 +194,14 @@ def test_sign_in_live_list_and_job_page(stack: Stack, screenshots: Path) -> None
         box.send_keys(wanted)
         box.submit()
         wait_until(stack.browser, lambda b, wanted=wanted: f"tenant={wanted}" in b.current_url)
-        rows = [row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-job]")]
+        rows = stack.jobs_listed()
         assert (job_id in rows) is shown and (bool(rows) is shown), rows
 
     thread = "ticket #7 / console"
     turns = [stack.submit(f"turn {n} of a thread", thread=thread) for n in range(2)]
     stack.browser.get(f"{stack.console}/jobs/{turns[0]}")
     click(stack.browser, By.ID, "thread")  # the job page links to its thread's jobs
-    wait_until(stack.browser, lambda b: [row.get_attribute("data-job") for row in b.find_elements(
-        By.CSS_SELECTOR, "tr[data-job]")] == turns[::-1])
+    wait_until(stack.browser, lambda _: stack.jobs_listed() == turns[::-1])
     assert stack.browser.find_element(By.ID, "q").get_attribute("value") == thread
 
     stack.browser.set_window_size(390, 844)  # a phone
@@ -295,8 +298,7 @@ def test_dead_lettered_callbacks_are_replayed_by_filter(stack: Stack) -> None:
     assert sent and {row["Answer"] for row in sent} == {"HTTP 500"}
     assert [row["Outcome"] for row in sent] == ["retry"] * (len(sent) - 1) + ["failed"]  # the last one gave up
     stack.browser.get(f"{stack.console}/dead-letters?kind=callback&code=callback_http_500")
-    assert {row.get_attribute("data-job") for row in stack.browser.find_elements(By.CSS_SELECTOR, "tr[data-job]")} \
-        == set(failing)
+    assert set(stack.jobs_listed()) == set(failing)
     click(stack.browser, By.ID, "replay-matching")
     assert text_of(stack.browser, By.ID, "replay-count") == "2"
     click(stack.browser, By.XPATH, "//button[starts-with(text(), 'Yes, replay')]")
