@@ -487,7 +487,11 @@ def test_call_records_and_reset(client: httpx.Client, control: httpx.Client, emu
     assert first["task_id"] == answer["task_id"]
     assert (second["app"], second["status"], second["code"]) == (None, 401, "unauthorized")
     assert control.get("/stats").json()["chat"]["calls"] == 1
-    emulator.reset_calls()
+    taken = control.delete("/calls")
+    assert taken.status_code == 200 and taken.json() == [first, second]  # what it forgot, in one step
+    assert emulator.calls() == [] and control.get("/stats").json()["chat"]["calls"] == 0
+    call(client, "chat", "record me too")
+    assert [record["body"]["query"] for record in emulator.reset_calls()] == ["record me too"]
     assert emulator.calls() == []
 
 

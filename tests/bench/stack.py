@@ -222,12 +222,10 @@ class Emulator:
 
 
 def take_recorded(url: str) -> list[dict[str, Any]]:
-    """Read the calls a Dify stand-in recorded at ``url``, then make it forget them (so the list stays short). Two
-    requests: a call that ends between them is lost, so this is for calls taken once a step's jobs have ended."""
-    with urllib.request.urlopen(url, timeout=60) as reply:
-        calls = json.loads(reply.read())
-    urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=30).close()
-    return calls
+    """The calls a Dify stand-in recorded at ``url`` since the last take, taken and forgotten in one request (a
+    ``DELETE`` that answers them), so a call that ends meanwhile is in this take or the next, never lost."""
+    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=60) as reply:
+        return json.loads(reply.read())
 
 
 class StreamSource:
@@ -249,10 +247,8 @@ class StreamSource:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def take_calls(self) -> list[dict[str, Any]]:
-        """The calls that ended since the last take, taken and forgotten in one request (calls end meanwhile)."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/_source/calls", method="DELETE")
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return json.loads(reply.read())
+        """The calls that ended since the last take (``take_recorded``)."""
+        return take_recorded(f"http://127.0.0.1:{self.port}/_source/calls")
 
     def stats(self) -> dict[str, int]:
         """Streams open now, the most open at once, and calls served."""

@@ -20,10 +20,10 @@ class ControlApi:
         self.state = state
 
     async def calls(self, request: Request) -> Response:
-        """GET: every call served, oldest first. DELETE: forget them and restart the stats' counts."""
+        """GET: every call served, oldest first. DELETE: forget them and restart the stats' counts; answers the
+        calls it forgot."""
         if request.method == "DELETE":
-            self.state.reset_calls()
-            return Response(status_code=204)
+            return JSONResponse(self.state.reset_calls())
         return JSONResponse(self.state.calls())
 
     async def stats(self, request: Request) -> Response:

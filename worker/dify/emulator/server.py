@@ -73,8 +73,9 @@ class RunningEmulator:
         """Every call served, oldest first (see `state.CallRecord`)."""
         return self._state.calls()
 
-    def reset_calls(self) -> None:
-        self._state.reset_calls()
+    def reset_calls(self) -> list[dict[str, Any]]:
+        """Forget the calls served (and restart the stats' counts); the calls forgotten."""
+        return self._state.reset_calls()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per app: `calls`, `open` and `max_concurrent`."""

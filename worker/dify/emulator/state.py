@@ -314,13 +314,16 @@ class EmulatorState:
         with self._lock:
             return [asdict(record) for record in self._records]
 
-    def reset_calls(self) -> None:
-        """Forget the records and restart the per-app call counts and peaks (open calls stay counted)."""
+    def reset_calls(self) -> list[dict[str, Any]]:
+        """Forget the records and restart the per-app call counts and peaks (open calls stay counted); the records
+        forgotten, oldest first (taken in the same step, so a call that ends meanwhile is in one list or the next)."""
         with self._lock:
+            forgotten = [asdict(record) for record in self._records]
             self._records.clear()
             for counters in self._counters.values():
                 counters.calls = 0
                 counters.max_concurrent = counters.open
+        return forgotten
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
