@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.bench.loadgen import open_loop
 from tests.bench.scenarios import warm_up
-from tests.bench.stack import REPO_ROOT, BenchEnvironment, Profile, WorkerShape
+from tests.bench.stack import REPO_ROOT, Profile, WorkerShape, scratch_bench
 
 _PACKAGES = ("worker/", "producers/", "dramatiq/", "redis/", "requests/", "urllib3/", "structlog/",
              "prometheus_client/", "starlette/", "fastapi/", "uvicorn/", "pydantic", "h11/", "anyio/",
@@ -120,35 +120,29 @@ def main() -> int:
         print("py-spy is not installed: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    logs = Path(tempfile.mkdtemp(prefix="difyq-profile-"))
-    bench = BenchEnvironment(logs, args.difyq_src.resolve())
     extra_env = dict(item.partition("=")[::2] for item in args.difyq_env)
     profile = Profile(f"{args.latency_ms:g}ms", args.latency_ms / 1000, args.tokens_per_second, args.answer_tokens)
-    try:
-        with bench.emulating(profile), bench.pipeline(
-                "difyq", WorkerShape(args.processes, args.threads, args.gevent),
-                **({"extra_env": extra_env} if extra_env else {})) as pipeline:
-            warm_up(bench, pipeline, 20.0)
-            recorders = []
-            for service in pipeline.services:
-                output = args.out / f"{service.name}.txt"
-                recorders.append((output, subprocess.Popen(
-                    [spy, "record", "--pid", str(service.pid), "--subprocesses", "--rate", "250",
-                     "--duration", str(int(args.seconds)), "--format", "raw", "--gil",
-                     "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-            time.sleep(1.0)
-            submissions = asyncio.run(open_loop(pipeline.submitter, args.rate, args.seconds - 2.0))
-            for _, recorder in recorders:
-                recorder.wait()
-            ids = {s.job_id for s in submissions if s.job_id}
-            arrived = bench.sink.wait_for(ids, timeout=30 + profile.nominal_s)
-            for output, _ in recorders:
-                if output.exists():
-                    print(summarize(output, len(arrived)))
-            print(f"raw stacks in {args.out}")
-    finally:
-        bench.close()
-        shutil.rmtree(logs, ignore_errors=True)
+    with scratch_bench("difyq-profile-", args.difyq_src.resolve()) as bench, bench.emulating(profile), \
+            bench.pipeline("difyq", WorkerShape(args.processes, args.threads, args.gevent),
+                           **({"extra_env": extra_env} if extra_env else {})) as pipeline:
+        warm_up(bench, pipeline, 20.0)
+        recorders = []
+        for service in pipeline.services:
+            output = args.out / f"{service.name}.txt"
+            recorders.append((output, subprocess.Popen(
+                [spy, "record", "--pid", str(service.pid), "--subprocesses", "--rate", "250",
+                 "--duration", str(int(args.seconds)), "--format", "raw", "--gil",
+                 "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        time.sleep(1.0)
+        submissions = asyncio.run(open_loop(pipeline.submitter, args.rate, args.seconds - 2.0))
+        for _, recorder in recorders:
+            recorder.wait()
+        ids = {s.job_id for s in submissions if s.job_id}
+        arrived = bench.sink.wait_for(ids, timeout=30 + profile.nominal_s)
+        for output, _ in recorders:
+            if output.exists():
+                print(summarize(output, len(arrived)))
+        print(f"raw stacks in {args.out}")
     return 0
 
 

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import shutil
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 from tests.bench.loadgen import open_loop
 from tests.bench.measure import summary
 from tests.bench.scenarios import fixed_latency, warm_up
-from tests.bench.stack import REPO_ROOT, BenchEnvironment, WorkerShape
+from tests.bench.stack import REPO_ROOT, WorkerShape, scratch_bench
 
 PROBE_SITE = REPO_ROOT / "tests" / "bench" / "probe_site"
 HOPS = ("submitted", "woken", "fetched", "run", "start_call", "started")
@@ -73,14 +71,12 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=32)
     args = parser.parse_args()
-    logs = Path(tempfile.mkdtemp(prefix="difyq-queue-probe-"))
-    probe_dir = logs / "probe"
-    probe_dir.mkdir()
-    bench = BenchEnvironment(logs, REPO_ROOT)
     profile = fixed_latency(args.dify_latency)
     rate = args.processes * args.threads / args.dify_latency / 2
-    extra_env = {"PYTHONPATH": str(PROBE_SITE), "DIFYQ_QUEUE_PROBE_DIR": str(probe_dir)}
-    try:
+    with scratch_bench("difyq-queue-probe-") as bench:
+        probe_dir = bench.log_dir / "probe"
+        probe_dir.mkdir()
+        extra_env = {"PYTHONPATH": str(PROBE_SITE), "DIFYQ_QUEUE_PROBE_DIR": str(probe_dir)}
         with bench.emulating(profile), bench.pipeline(
                 "difyq", WorkerShape(args.processes, args.threads), extra_env=extra_env) as pipeline:
             warm_up(bench, pipeline, rate)
@@ -91,9 +87,6 @@ def main() -> int:
         print(f"difyq's queue_wait by hop at {rate:g} jobs/s, {args.dify_latency:g} s Dify, "
               f"{WorkerShape(args.processes, args.threads).label()}:\n")
         print(hop_table(job_events(probe_dir)))
-    finally:
-        bench.close()
-        shutil.rmtree(logs, ignore_errors=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -531,6 +532,21 @@ class BenchEnvironment:
     def close(self) -> None:
         self.sink.service.stop()
         self.redis.stop()
+
+
+@contextlib.contextmanager
+def scratch_bench(prefix: str, difyq_src: Path = REPO_ROOT) -> Iterator[BenchEnvironment]:
+    """A ``BenchEnvironment`` logging into a new temporary directory named ``prefix``..., both gone afterwards: for
+    the tools that print what they measured (``profile_run``, ``queue_probe``)."""
+    logs = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        bench = BenchEnvironment(logs, difyq_src)
+        try:
+            yield bench
+        finally:
+            bench.close()
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def cost_between(before: Snapshot, after: Snapshot, jobs: int) -> dict[str, Any]:
