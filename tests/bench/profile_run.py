@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import select
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,22 @@ def summarize(raw: Path, jobs: int, top: int = 25) -> str:
     ])
 
 
+def wait_until_sampling(recorder: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Wait for a ``py-spy record``'s "Sampling process" line on its output (its errors go there too): it has
+    attached and records."""
+    assert recorder.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([recorder.stdout], [], [], left)[0]:
+            break
+        line = recorder.stdout.readline()
+        if not line:
+            raise RuntimeError(f"py-spy exited with {recorder.wait()} before sampling")
+        if b"Sampling process" in line:
+            return
+    raise RuntimeError(f"py-spy did not start sampling within {timeout:g} s")
+
+
 def py_spy() -> str | None:
     """The py-spy executable (the bench extra installs it), or None."""
     return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -132,8 +149,9 @@ def main() -> int:
             recorders.append((output, subprocess.Popen(
                 [spy, "record", "--pid", str(service.pid), "--subprocesses", "--rate", "250",
                  "--duration", str(int(args.seconds)), "--format", "raw", "--gil",
-                 "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-        time.sleep(1.0)
+                 "--output", str(output)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+        for _, recorder in recorders:
+            wait_until_sampling(recorder)
         submissions = asyncio.run(open_loop(pipeline.submitter, args.rate, args.seconds - 2.0))
         for _, recorder in recorders:
             recorder.wait()

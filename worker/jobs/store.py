@@ -53,9 +53,9 @@ def new_job_id() -> str:
     return job_id_of_trace(new_trace_id())
 
 
-# With redis.durable_submit a submit waits, at most this long, until this many replicas hold what it wrote.
 INDEX_TRIM_BATCH = 1000  # the most expired entries one upkeep round drops from each job index
 INDEX_SCAN_STEP = 1000  # the keys one upkeep round's step of its walk for removed apps' indexes looks at (SCAN COUNT)
+# With redis.durable_submit a submit waits, at most this long, until this many replicas hold what it wrote.
 DURABLE_SUBMIT_REPLICAS = 1
 DURABLE_SUBMIT_TIMEOUT_MS = 1000
 
