@@ -30,7 +30,6 @@ class JobField(StrEnum):
     STATUS = "status"
     SCOPE = "scope"
     IDEMPOTENCY_KEY = "idempotency_key"
-    REQUEST_HASH = "request_hash"
     REQUEST = "request"
     REQUEST_ID = "request_id"
     CALLBACK_URL = "callback_url"

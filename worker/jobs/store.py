@@ -41,6 +41,8 @@ from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.tracing import new_trace_id
 
 if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
     from difyq.worker.limits.admission import UpstreamCheck
 
 _LIST_FIELDS = ("id", "app", "source", "status", "tenant", "scope")
@@ -112,11 +114,13 @@ class SubmitOutcome:
 
 @dataclass(frozen=True)
 class SubmitCall:
-    """One submit.lua call: its keys and args, and the job hash it writes when the job is created."""
+    """One submit.lua call: its keys and args, the job hash it writes when the job is created, and with an
+    idempotency key the digest of the request it claims the key for (``NewJob.request_hash``)."""
 
     keys: list[str]
     args: list[Any]
     fields: dict[str, str]
+    request_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,8 @@ class JobStore:
         self.error_counts = ErrorCounts(client, self.keys)
         self._index_walk = 0  # the upkeep's SCAN cursor in its walk for the indexes of removed apps
         self._submit = client.register_script(job_script("submit"))
+        # submit.lua on each asyncio client (by id: the script holds its client, so the id stays that client's).
+        self._async_submits: dict[int, AsyncScript] = {}
         self._start = client.register_script(job_script("start"))
         self._finish = client.register_script(job_script("finish"))
         self._requeue = client.register_script(job_script("requeue"))
@@ -247,7 +253,6 @@ class JobStore:
         """The submit.lua call that creates ``new`` (a fresh id and timestamp), without running it."""
         job_id = new.id or new_job_id()
         now = time.time()
-        request_hash = new.request_hash()
         fields: dict[str, str] = {
             JobField.ID: job_id,
             JobField.APP: new.app,
@@ -255,7 +260,6 @@ class JobStore:
             JobField.STATUS: JobStatus.QUEUED,
             JobField.SCOPE: new.scope,
             JobField.IDEMPOTENCY_KEY: new.idempotency_key or "",
-            JobField.REQUEST_HASH: request_hash,
             JobField.CREATED_AT: repr(now),
             JobField.ATTEMPTS: "0",
             JobField.REQUEST: new.request.model_dump_json(),
@@ -272,6 +276,7 @@ class JobStore:
                                                                      tenant=fields[JobField.TENANT]))
         fields[JobField.MESSAGE] = message.redis_message_id
         idempotency_key = self.idempotency_key(new.scope, new.idempotency_key) if new.idempotency_key else ""
+        request_hash = new.request_hash() if idempotency_key else ""
         created_ms = int(now * 1000)
         header: dict[str, Any] = {"id": job_id, "created_ms": created_ms,
                                   "prune_before_ms": created_ms - int(self.config.result_ttl * 1000),
@@ -297,6 +302,7 @@ class JobStore:
                   self.keys.low_lane(JOBS_QUEUE) if new.priority < 0 else ""],
             args=[dumps(header), *pairs],
             fields=fields,
+            request_hash=request_hash,
         )
 
     @staticmethod
@@ -313,7 +319,7 @@ class JobStore:
             name = fields[JobField.APP] if value == "app" or client is None else client
             raise TooManyPending(value, name, int(reply[2]))
         existing_id, _, existing_hash = value.partition("|")
-        if existing_hash != call.fields[JobField.REQUEST_HASH]:
+        if existing_hash != call.request_hash:
             raise IdempotencyConflict(existing_id)
         return existing_id
 
@@ -349,7 +355,9 @@ class JobStore:
         """``submit`` over the API's asyncio client (``Runtime.async_redis``): the same script, keys, args and
         outcome."""
         call = self.submit_call(new)
-        script = client.register_script(self._submit.script)
+        script = self._async_submits.get(id(client))
+        if script is None:  # registered once per client: the script's digest is not computed again per submit
+            script = self._async_submits[id(client)] = client.register_script(self._submit.script)
         if not self.durable_submit:
             found = self.submit_reply(call, await script(keys=call.keys, args=call.args))
         else:
