@@ -208,9 +208,10 @@ def phase_breakdown(step: StepData, pipeline: DifyqPipeline) -> dict[str, Any]:
     """Where difyq's time goes per job, from its job records and the emulator's call records (ms):
     ``submit_to_record`` (due time to the record's created_at: HTTP, validation, before the Lua write),
     ``queue_wait`` (created to started: enqueue, fetch, pick-up), ``pre_dify`` (started to the Dify call's start
-    at the emulator), ``dify`` (the emulator's own time), ``post_dify`` (the call's end to finished_at: aggregate,
-    store), ``callback_hop`` (finished to arrival at the sink: the callback message's fetch, the record re-read,
-    signing, POST)."""
+    at the emulator), ``dify`` (the emulator's own time), ``post_dify`` (the call's end to finished_at, taken just
+    before the outcome's script: the stream's end, aggregation), ``callback_hop`` (finished to arrival at the sink:
+    the outcome's round trip, which returns the record, then the body, its signature and the POST, all by the job's
+    own worker, ``callbacks.first_attempt_inline``)."""
     accepted = {s.job_id: s for s in step.accepted if s.job_id in step.arrivals}
     times = pipeline.job_times(list(accepted))
     phases: dict[str, list[float]] = {name: [] for name in (
