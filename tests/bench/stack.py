@@ -537,7 +537,7 @@ class BenchEnvironment:
 @contextlib.contextmanager
 def scratch_bench(prefix: str, difyq_src: Path = REPO_ROOT) -> Iterator[BenchEnvironment]:
     """A ``BenchEnvironment`` logging into a new temporary directory named ``prefix``..., both gone afterwards: for
-    the tools that print what they measured (``profile_run``, ``queue_probe``)."""
+    the tools that print what they measured (``profile_run``, ``hop_probe``)."""
     logs = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         bench = BenchEnvironment(logs, difyq_src)

@@ -1,10 +1,12 @@
-"""Loaded by every difyq process ``tests.bench.queue_probe`` starts (this folder is their PYTHONPATH): notes the
-moments a job passes between its submission and its attempt's start, one line per event, in
-``$DIFYQ_QUEUE_PROBE_DIR/{pid}.log``. It wraps difyq's own functions as their modules load, and nothing else.
+"""Loaded by every difyq process ``tests.bench.hop_probe`` starts (this folder is their PYTHONPATH): notes the
+moments a job passes on its way from its submission to its attempt's start, and from Dify's answer to its callback's
+POST, one line per event, in ``$DIFYQ_HOP_PROBE_DIR/{pid}.log``. It wraps difyq's own functions as their modules
+load, and nothing else.
 
 Events: ``submitted`` (the API's submit returned), ``woken`` (a consumer took a wake token), ``fetched`` (Dramatiq's
 fetch handed a ``run_job`` message to difyq's consumer), ``run`` (a worker thread entered the job's run),
-``start_call`` and ``started`` (around the start script's round trip)."""
+``start_call`` and ``started`` (around the start script's round trip); ``answered`` (the Dify call returned to the
+runner), ``finish_call`` and ``finished`` (around the outcome's round trip), ``post`` (the callback's POST begins)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-PROBE_DIR = os.environ.get("DIFYQ_QUEUE_PROBE_DIR")
+PROBE_DIR = os.environ.get("DIFYQ_HOP_PROBE_DIR")
 _write_lock = threading.Lock()
 
 
@@ -60,30 +62,52 @@ def _probe_wakeup(module: ModuleType) -> None:
 
 
 def _probe_runner(module: ModuleType) -> None:
-    run = module.JobRunner.run
+    run, stream = module.JobRunner.run, module.JobRunner._stream
 
-    def noted(self: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+    def noted_run(self: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
         note("run", job_id)
         return run(self, job_id, *args, **kwargs)
 
-    module.JobRunner.run = noted
+    def noted_stream(self: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        answer = stream(self, job_id, *args, **kwargs)
+        note("answered", job_id)
+        return answer
+
+    module.JobRunner.run, module.JobRunner._stream = noted_run, noted_stream
+
+
+def _around(method: Callable[..., Any], before: str, after: str) -> Callable[..., Any]:
+    """``method`` (of the job store, job id first) with an event noted before it runs and one after it returned."""
+
+    def noted(self: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        note(before, job_id)
+        returned = method(self, job_id, *args, **kwargs)
+        note(after, job_id)
+        return returned
+
+    return noted
 
 
 def _probe_store(module: ModuleType) -> None:
-    start_attempt = module.JobStore.start_attempt
+    store = module.JobStore
+    store.start_attempt = _around(store.start_attempt, "start_call", "started")
+    store.finish_keeping_callback = _around(store.finish_keeping_callback, "finish_call", "finished")
 
-    def noted(self: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
-        note("start_call", job_id)
-        started = start_attempt(self, job_id, *args, **kwargs)
-        note("started", job_id)
-        return started
 
-    module.JobStore.start_attempt = noted
+def _probe_delivery(module: ModuleType) -> None:
+    post = module.post_to_destination
+
+    def noted(transport: Any, destination: Any, body: bytes, headers: Any, timeout: float) -> Any:
+        note("post", str(headers.get("webhook-id", "")))
+        return post(transport, destination, body, headers, timeout)
+
+    module.post_to_destination = noted
 
 
 PROBES: dict[str, Callable[[ModuleType], None]] = {
     "difyq.producers.submit": _probe_submit, "difyq.worker.wakeup": _probe_wakeup,
-    "difyq.worker.runner": _probe_runner, "difyq.worker.jobs.store": _probe_store}
+    "difyq.worker.runner": _probe_runner, "difyq.worker.jobs.store": _probe_store,
+    "difyq.worker.callbacks.delivery": _probe_delivery}
 
 
 class ProbingFinder(importlib.abc.MetaPathFinder):
