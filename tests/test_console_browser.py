@@ -344,7 +344,7 @@ def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
     thread.start()
     try:
         stack.sign_in(OPERATOR_TOKEN)
-        wait_until(stack.browser, lambda _: schedule_jobs(stack) > 0)
+        wait_until(stack.browser, lambda _: schedule_jobs(stack, "every-second") > 0)
         stack.browser.get(f"{stack.console}/schedules")
         assert stack.browser.find_element(By.CSS_SELECTOR, '[data-schedule="every-second"] td a')  # its last job
         next_fire = text_of(stack.browser, By.CSS_SELECTOR, '[data-schedule="tokyo-morning"] td:nth-child(5)')
@@ -354,15 +354,15 @@ def test_a_schedule_paused_from_the_page_does_not_fire(stack: Stack) -> None:
                    .get_attribute("data-state") == "paused")
         wait_until(stack.browser, lambda _: REGISTRY.get_sample_value("difyq_schedule_paused",
                                                                       {"schedule": "every-second"}) == 1)
-        fired = schedule_jobs(stack)
+        fired = schedule_jobs(stack, "every-second")
         pause_seen = scheduler.store.load(["every-second"])["every-second"].cursor
         # The scheduler goes on ticking (its cursor follows the clock) for three fire times, and fires none.
         wait_until(stack.browser, lambda _: (scheduler.store.load(["every-second"])["every-second"].cursor
                                              - pause_seen).total_seconds() >= 3)
-        assert schedule_jobs(stack) == fired
+        assert schedule_jobs(stack, "every-second") == fired
         assert SchedulePauses(runtime.raw_redis, runtime.namespace).paused()["every-second"]["by"] == "alice"
         click(stack.browser, By.CSS_SELECTOR, 'button[aria-label="Resume every-second"]')
-        wait_until(stack.browser, lambda _: schedule_jobs(stack) > fired)
+        wait_until(stack.browser, lambda _: schedule_jobs(stack, "every-second") > fired)
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -385,12 +385,13 @@ def callback_rows(stack: Stack) -> list[dict[str, str]]:
     return table_rows(stack, "callback-attempts")
 
 
-def schedule_jobs(stack: Stack) -> int:
-    """How many jobs the schedule has made (its jobs in the app's index)."""
+def schedule_jobs(stack: Stack, name: str) -> int:
+    """How many jobs the schedule ``name`` has made (its jobs in the app's index, told by their idempotency key,
+    ``schedule:{name}:{fire time}``: the other schedule of the stack fires too, at 00:00 UTC)."""
     index = stack.runtime.store.index_key("support")
     ids = [member.decode() for member in stack.runtime.raw_redis.zrange(index, 0, -1)]
-    sources = [stack.runtime.store.fields(job_id) or {} for job_id in ids]
-    return sum(1 for fields in sources if fields.get("source") == "schedule")
+    records = [stack.runtime.store.fields(job_id) or {} for job_id in ids]
+    return sum(1 for fields in records if fields.get("idempotency_key", "").startswith(f"schedule:{name}:"))
 
 
 def test_hook_deliveries_and_app_limits_are_shown(stack: Stack) -> None:
