@@ -1,24 +1,20 @@
 """Redis memory per finished job, as docs/operations.md gives it for sizing ``maxmemory``: measured on a private
 Redis (``INFO memory``'s ``used_memory``, so nothing else writes meanwhile) over jobs taken through the worker's
-whole path: submit, Dramatiq's fetch, start, finish, the callback's first attempt recorded, ack."""
+whole path (``tests.support.job_path``)."""
 
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
 
-from difyq.worker.app import build_broker
 from difyq.worker.embedded_redis import EmbeddedRedis
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
-from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
-from difyq.worker.jobs.schema import JobStatus
 from difyq.worker.runtime import Runtime
+from tests.support.job_path import JobPath
 from tests.support.stack import make_runtime
 
 OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
@@ -38,26 +34,13 @@ def stated_bytes(answer: str) -> float:
 
 def finished_jobs(runtime: Runtime, count: int, answer: str) -> None:
     """``count`` jobs with a short query, a callback and ``answer``, each through its whole life."""
-    store = runtime.store
-    consumer = build_broker(runtime, 30).consume(JOBS_QUEUE, prefetch=1, timeout=0)
+    path = JobPath(runtime)
     for number in range(count):
-        job_id = store.submit(NewJob(app="support", source="api", request=JobRequest(query=f"ticket {number}"),
-                                     scope="client:t", callback_url="https://hooks.example.com/difyq")).job["id"]
-        message = next(consumer)
-        while message is None:
-            message = next(consumer)
-        start = store.start_attempt(job_id, 30)
-        result = {"answer": answer, "conversation_id": str(uuid.uuid4()),
-                  "message_id": str(uuid.uuid4()), "usage": {"prompt_tokens": 40, "completion_tokens": 9,
-                                                             "total_tokens": 49}}
-        status, record = store.finish_keeping_callback(job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
-                                                       result=result, record=start.fields)
-        assert record is not None
-        store.callback_attempted(job_id, status, CallbackBlock.of(record).attempted(200, None, delivered=True),
-                                 CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.05, "delivered"),
-                                 retry_in_s=None, release_lease=True)
-        consumer.ack(message)
-    consumer.close()
+        result = {"answer": answer, "conversation_id": str(uuid.uuid4()), "message_id": str(uuid.uuid4()),
+                  "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}}
+        path.through(NewJob(app="support", source="api", request=JobRequest(query=f"ticket {number}"),
+                            scope="client:t", callback_url="https://hooks.example.com/difyq"), result)
+    path.close()
 
 
 @pytest.mark.parametrize("answer", list(STATED), ids=["short answer", "10 KB answer"])

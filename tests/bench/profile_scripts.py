@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
-from difyq.worker.app import build_broker
 from difyq.worker.embedded_redis import EmbeddedRedis
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
-from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
-from difyq.worker.jobs.schema import JobStatus
-from difyq.worker.throttle import Throttle
 from tests.bench.redis_trace import ScriptTimes
 from tests.bench.stack import LIMITED_APP_LIMITS
+from tests.support.job_path import JobPath
 from tests.support.stack import make_runtime
 
 RESULT = {"answer": "x" * 64, "outputs": None, "conversation_id": "c" * 36, "message_id": "m" * 36,
@@ -41,29 +36,11 @@ def profile(jobs: int, limits: bool) -> dict[str, Any]:
     server = EmbeddedRedis().start()
     try:
         runtime = make_runtime(server.url, "profile", {"bench": app})
-        store, throttle = runtime.store, Throttle(runtime, slot_lease_s=60)
-        consumer = build_broker(runtime, 30).consume(JOBS_QUEUE, prefetch=1, timeout=0)
+        path = JobPath(runtime)
         with ScriptTimes(server.url) as times:
             for _ in range(jobs):
-                job_id = store.submit(NewJob(app="bench", source="api", request=JobRequest(query="profile job"),
-                                             scope="client:full", callback_url="http://127.0.0.1:9/cb")).job["id"]
-                message = next(consumer)
-                while message is None:
-                    message = next(consumer)
-                admission = throttle.admit("bench", job_id, None, 0)
-                with throttle.slot("bench", admission) as slot:
-                    start = store.start_attempt(job_id, 30, admission.upstream_check)
-                    slot.tokens, slot.succeeded = 40, True
-                    release = throttle.release_call(slot)
-                    final, record = store.finish_keeping_callback(
-                        job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15, result=RESULT, record=start.fields,
-                        along=[release] if release else [])
-                assert record is not None
-                store.callback_attempted(
-                    job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
-                    CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-                    retry_in_s=None, release_lease=True)
-                consumer.ack(message)
+                path.through(NewJob(app="bench", source="api", request=JobRequest(query="profile job"),
+                                    scope="client:full", callback_url="http://127.0.0.1:9/cb"), RESULT)
         return {"limits": limits, **times.per_job(jobs)}
     finally:
         server.close()
