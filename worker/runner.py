@@ -104,6 +104,7 @@ class Outcome:
     waiting_since: float | None = None
     pause: dict[str, Any] | None = None
     conversation: ThreadConversation | None = None  # a thread job's: what the thread records with the outcome
+    answer: DifyResult | None = None  # a succeeded call's: its metrics wait until its callback is on its way
 
 
 def pause_block(paused: PausedRun) -> dict[str, Any]:
@@ -299,11 +300,9 @@ class JobRunner:
             return Outcome(JobStatus.PAUSED, pause=pause_block(result.paused))
         slot.tokens = result.usage.total_tokens if result.usage else None
         slot.succeeded = True
-        metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
-        self._record_usage(app_name, result)
         conversation = None if thread is None else ThreadConversation(thread.conversation_id or "",
                                                                       result.conversation_id)
-        return Outcome(JobStatus.SUCCEEDED, result=result_document(result), conversation=conversation)
+        return Outcome(JobStatus.SUCCEEDED, result=result_document(result), conversation=conversation, answer=result)
 
     def _continue(self, job_id: str, client: DifyClient, app: AppConfig, request: DifyRequest,
                   canceled: Callable[[], bool]) -> DifyResult:
@@ -372,7 +371,10 @@ class JobRunner:
             trace_id=job_trace_id(fields),
         )
 
-    def _record_usage(self, app_name: str, result: DifyResult) -> None:
+    @staticmethod
+    def _record_answer(app_name: str, result: DifyResult) -> None:
+        """A succeeded call's metrics: its duration, time to first token, tokens and spend."""
+        metrics.dify_request_duration.labels(app=app_name, outcome="ok").observe(result.duration_s)
         if result.time_to_first_token_s is not None:
             metrics.dify_time_to_first_token.labels(app=app_name).observe(result.time_to_first_token_s)
         usage = result.usage
@@ -439,23 +441,34 @@ class JobRunner:
                 log.info("job_deferred" if since is not None else "job_retry_scheduled", delay_s=round(delay, 3))
                 return
             outcome = Outcome(JobStatus.CANCELED, error=outcome.error)
-        status = outcome.status
+        try:
+            self._finish(job_id, fields, outcome, slot)
+        finally:
+            if outcome.answer is not None:
+                self._record_answer(fields[JobField.APP], outcome.answer)
+
+    def _finish(self, job_id: str, fields: dict[str, str], outcome: Outcome, slot: Slot | None) -> None:
+        """Store a final outcome, make the callback's first attempt, then count the job: its metrics are not on
+        the path the callback's receiver waits on."""
         lease_s = self.leases.lease_s if self.config.callbacks.first_attempt_inline else None
         release = self.throttle.release_call(slot) if slot is not None else None
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
-            job_id, status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result, error=outcome.error,
-            record=fields, conversation=outcome.conversation, along=[release] if release else []))
-        self._count_finished(fields, stored)
-        callback = self.sender.deliver_first(job_id, record) if record is not None else None
+            job_id, outcome.status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result,
+            error=outcome.error, record=fields, conversation=outcome.conversation, along=[release] if release else []))
+        ended = time.time()
+        try:
+            callback = self.sender.deliver_first(job_id, record) if record is not None else None
+        finally:
+            self._count_finished(fields, stored, ended)
         self._log_finished(stored, callback)
 
     @staticmethod
-    def _count_finished(fields: dict[str, str], status: str) -> None:
+    def _count_finished(fields: dict[str, str], status: str, ended: float) -> None:
         if status.startswith("already:") or status == "missing":
             return
         app_name = fields[JobField.APP]
         metrics.jobs_finished.labels(app=app_name, status=status).inc()
-        metrics.job_duration.labels(app=app_name).observe(max(time.time() - float(fields[JobField.CREATED_AT]), 0.0))
+        metrics.job_duration.labels(app=app_name).observe(max(ended - float(fields[JobField.CREATED_AT]), 0.0))
 
     @staticmethod
     def _log_finished(status: str, callback: str | None = None) -> None:
