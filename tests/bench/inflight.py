@@ -126,8 +126,9 @@ def run(bench: BenchEnvironment, config: BenchConfig, inflight: InflightConfig) 
 def _mode(bench: BenchEnvironment, config: BenchConfig, mode: InflightMode, answer_s: float,
           measure_s: float, profile_s: float) -> dict[str, Any]:
     """The mode's levels, lowest first, until one falls below ``GOAL_RATIO`` (or loses a job); then one level
-    between it and the last that held (``refinement``), so the knee is known to within a step of about 1.2x on a
-    slow day and a fast one alike. The levels are recorded lowest first; only the top one keeps its profile."""
+    between it and the last that held, or below it when none held (``refinement``), so the knee is known to within
+    a step of about 1.2x on a slow day and a fast one alike. The levels are recorded lowest first; only the top one
+    keeps its profile."""
     levels: list[dict[str, Any]] = []
     held = 0
     for concurrency in mode.levels:
@@ -148,9 +149,10 @@ def _mode(bench: BenchEnvironment, config: BenchConfig, mode: InflightMode, answ
 
 def refinement(held: int, failed: int) -> int | None:
     """The level between one that held and the next, which did not: their geometric mean to the nearest 500, when
-    that lies strictly between them (None when they are too close, or nothing held)."""
+    that lies strictly between them (None when they are too close). When the lowest level failed, half of it (to
+    the 500 below; None under 500): a slow host still reports the level it holds rather than none."""
     if held <= 0:
-        return None
+        return failed // 2 // 500 * 500 or None
     middle = int(round(math.sqrt(held * failed) / 500) * 500)
     return middle if held < middle < failed else None
 
