@@ -353,7 +353,7 @@ def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
     assert runtime.raw_redis.zscore(paused_key, job_id) is not None
     gone = CallbackAttempt(time.time(), "job.paused", 410, "HTTP 410: the receiver asked to stop", 0.0123, "gone")
     runtime.store.callback_attempted(job_id, "paused", CallbackBlock("failed", attempts=1, last_status_code=410),
-                                     gone, retry_in_s=None, release_lease=False)
+                                     gone, retry_in_s=None, lease_of_run=None)
     assert runtime.store.get(job_id)["callback"]["status"] == "failed"
     assert runtime.raw_redis.zscore(runtime.store.callback_dead_letters_key, job_id) is None
     outcome = runtime.store.cancel(job_id)
@@ -361,7 +361,7 @@ def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
     assert runtime.raw_redis.zscore(paused_key, job_id) is None
     late = CallbackAttempt(time.time(), "job.paused", 200, None, 0.002, "delivered")
     runtime.store.callback_attempted(job_id, "paused", CallbackBlock("delivered", attempts=2), late, retry_in_s=None,
-                                     release_lease=False)
+                                     lease_of_run=None)
     callback = runtime.store.get(job_id)["callback"]
     assert callback["status"] == "pending"  # job.canceled's block, left alone
     assert [(entry["event"], entry["status_code"], entry["outcome"], entry["duration_s"])
@@ -445,11 +445,12 @@ def test_expired_lease_is_swept_back_and_gives_up_after_repeated_losses(runtime)
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
     fields = runtime.store.fields(job_id)
     assert int(fields["worker_losses"]) == MAX_WORKER_LOSSES + 1
-    # The last loss wrote no message: no worker could start the job before it failed.
+    # The last loss wrote no message (the submit's and the requeues' are queued, nothing more): no worker could
+    # start the job before it failed. The failed job's record no longer names a message.
     queued = runtime.raw_redis.lrange(runtime.store.keys.queue(JOBS_QUEUE), 0, -1)
-    assert len(queued) == 1 + MAX_WORKER_LOSSES and fields["message"].encode() not in queued  # the submit's, the
-    # requeues'
-    assert not runtime.raw_redis.hexists(runtime.store.keys.queue_bodies(JOBS_QUEUE), fields["message"])
+    assert len(queued) == 1 + MAX_WORKER_LOSSES
+    assert runtime.raw_redis.hlen(runtime.store.keys.queue_bodies(JOBS_QUEUE)) == len(queued)
+    assert "message" not in fields
 
 
 def test_a_requeue_past_its_count_limit_leaves_the_job_queued_without_a_message(runtime) -> None:
@@ -486,8 +487,55 @@ def test_a_dead_lettered_callback_keeps_the_dead_letters_key_alive_for_the_resul
     assert runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "ok"}) == "succeeded"
     down = CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.01, "failed")
     runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("failed", attempts=1, last_status_code=503),
-                                     down, retry_in_s=None, release_lease=False)
+                                     down, retry_in_s=None, lease_of_run=None)
     dead_letters = runtime.store.callback_dead_letters_key
     assert runtime.raw_redis.zscore(dead_letters, job_id) is not None
     ttl_ms = runtime.raw_redis.pttl(dead_letters)
     assert 0 < ttl_ms <= runtime.config.jobs.result_ttl * 1000
+
+
+def test_a_first_callback_attempt_recorded_after_a_rerun_started_leaves_the_rerun_s_lease(runtime) -> None:
+    """A failed job's worker sends the callback's first attempt under the job's lease; an operator reruns the job
+    meanwhile and another worker starts it. Recording the late attempt must not drop the lease of the new run
+    (nothing would renew it or recover the job if its worker died), nor the new run's worker or message."""
+    store = runtime.store
+    job_id = store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    store.start_attempt(job_id, lease_s=30)
+    final, record = store.finish_keeping_callback(job_id, JobStatus.FAILED, lease_s=30, lock_s=15,
+                                                  error={"code": "bad_request", "status": 400, "message": "no"})
+    assert final == "failed" and record is not None
+    assert store.rerun(job_id) == "queued"
+    rerun = store.start_attempt(job_id, lease_s=30)
+    assert rerun.state == "started"
+    running = store.fields(job_id)
+
+    store.callback_attempted(job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
+                             CallbackAttempt(time.time(), "job.failed", 200, None, 0.01, "delivered"),
+                             retry_in_s=None, lease_of_run=record["attempt_started_at"])
+    assert runtime.raw_redis.zscore(store.leases_key, job_id) is not None, "the rerun's lease was dropped"
+    after = store.fields(job_id)
+    assert after["status"] == "running"
+    assert (after["worker"], after["message"]) == (running["worker"], running["message"])
+
+
+def test_a_finished_job_keeps_no_run_state_once_its_lease_is_given_up(runtime) -> None:
+    """Once a job is final and its lease given up (by finish, or by the first callback attempt its worker made),
+    its record no longer names its last run_job message, which served the orphan sweep of unfinished jobs and
+    would only take memory for the result's retention; it still names the worker process that ran it."""
+    store = runtime.store
+    quiet = store.submit(new_job()).job["id"]
+    store.start_attempt(quiet, lease_s=30)
+    assert store.finish_keeping_callback(quiet, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
+                                         result={"answer": "hi"}) == ("succeeded", None)
+    assert "message" not in store.fields(quiet) and store.fields(quiet)["worker"] == store.worker_id
+
+    called = store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    store.start_attempt(called, lease_s=30)
+    final, record = store.finish_keeping_callback(called, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
+                                                  result={"answer": "hi"})
+    assert record is not None and "message" in store.fields(called)
+    store.callback_attempted(called, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
+                             CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
+                             retry_in_s=None, lease_of_run=record["attempt_started_at"])
+    assert "message" not in store.fields(called) and store.fields(called)["worker"] == store.worker_id
+    assert runtime.raw_redis.zscore(store.leases_key, called) is None

@@ -150,7 +150,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
     runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=1),
                                      CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-                                     retry_in_s=None, release_lease=False)
+                                     retry_in_s=None, lease_of_run=None)
     assert runtime.store.start_attempt(job_id, lease_s=0.05).state != "started"
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None, "a finished job takes no lease"
     keeper.sweep()

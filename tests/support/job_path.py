@@ -11,7 +11,7 @@ from difyq.worker.app import build_broker
 from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob
-from difyq.worker.jobs.schema import JobStatus
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.runtime import Runtime
 from difyq.worker.throttle import Throttle
 
@@ -44,7 +44,7 @@ class JobPath:
         store.callback_attempted(
             job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
             CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-            retry_in_s=None, release_lease=True)
+            retry_in_s=None, lease_of_run=record[JobField.ATTEMPT_STARTED_AT])
         self.consumer.ack(message)
 
     def close(self) -> None:

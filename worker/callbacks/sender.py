@@ -114,8 +114,9 @@ class CallbackSender:
         kept = CallbackAttempt(at=sent_at, event=event_type(job), status_code=attempt.status_code,
                                error=attempt.error, duration_s=attempt.duration_s,
                                outcome="failed" if given_up else attempt.outcome)
+        run = fields.get(JobField.ATTEMPT_STARTED_AT, "") if release_lease else None
         self.store.callback_attempted(job_id, fields[JobField.STATUS], block, kept, retry_in_s=delay,
-                                      release_lease=release_lease)
+                                      lease_of_run=run)
         outcome = record_outcome(attempt, retries_remain=delay is not None)
         self._log(attempt, outcome, block.attempts, delay, first_inline=release_lease)
         return outcome

@@ -143,6 +143,13 @@ local function enqueue_callback(job, id, queue, bodies, due_index, message_id, b
 end"""
 
 
+_END_RUN = """\
+local function end_run(job, leases, id)
+  redis.call('ZREM', leases, id)
+  redis.call('HDEL', job, FIELD.message)
+end"""
+
+
 _QUEUE_AFTER_EXPRESS = """\
 local function queue_after_express(queue, express_tail, message_id)
   local tail = redis.call('GET', express_tail)
@@ -203,6 +210,9 @@ def lua_preamble() -> str:
     the error ended the attempt under way, whose start and duration up to ``now`` it keeps) and
     ``leave_pending(id, app pending key, client pending key or '')`` (a finished job no longer counts against
     ``max_pending``) and
+    ``end_run(job key, leases key, id)`` (a final job's run is over: its lease goes, and the record forgets its
+    last ``run_job`` message, which only the orphan sweep of unfinished jobs reads; ``worker`` stays, naming the
+    process that ran the last attempt) and
     ``queue_after_express(queue key, express tail key, message id)`` (the message goes right after the express
     tail's, when that one is still on the queue, else at the head: Dramatiq takes from the head) and
     ``message_live(queue bodies key, delay queue bodies key, message id, bound ms)`` (the message waits on the queue
@@ -235,6 +245,7 @@ def lua_preamble() -> str:
         "end",
         _REMEMBER_ERROR,
         _LEAVE_PENDING,
+        _END_RUN,
         _QUEUE_AFTER_EXPRESS,
         _MESSAGE_LIVE,
         _CALLBACK_WAITS,

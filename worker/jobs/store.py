@@ -595,19 +595,23 @@ class JobStore:
             self.error_counts.record(_text(app), str(error.get("code") or "unknown"))
 
     def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, attempt: CallbackAttempt, *,
-                           retry_in_s: float | None, release_lease: bool) -> None:
+                           retry_in_s: float | None, lease_of_run: str | None) -> None:
         """Keep ``attempt`` among the job's last callback attempts and store the callback block after an attempt
         that announced ``status``, in the same step as the next
         attempt (a delayed message, ``retry_in_s``) or, for a ``failed`` block of a final job, the dead letter (a
         ``job.paused`` given up is not one: ``POST …/callback/retry`` takes finished jobs only); nothing is stored
-        when the job has left ``status`` meanwhile (a paused job resumed). Free the callback lock and, with
-        ``release_lease``, the job's lease."""
+        when the job has left ``status`` meanwhile (a paused job resumed). Free the callback lock. ``lease_of_run``:
+        the start (the record's ``attempt_started_at``, '' for a job that never started) of the run under whose lease
+        the attempt was made, which then ends (the lease goes, the record forgets the run's message: ``end_run``) unless
+        the job was run again since; None when the attempt held no lease."""
         message = self.message(CALLBACKS_QUEUE, job_id, retry_in_s) if retry_in_s is not None else None
         attempted: dict[str, Any] = {
             "id": job_id, "callback": block.stored(), "attempt": attempt.stored(), "now": time.time(),
-            "retention_ms": int(self.config.result_ttl * 1000), "release_lease": release_lease, "status": status,
+            "retention_ms": int(self.config.result_ttl * 1000), "status": status,
             "next": "retry" if message else "dead" if block.status == "failed" and status in FINAL_STATUSES
             else "done"}
+        if lease_of_run is not None:
+            attempted["lease_of_run"] = lease_of_run
         if message is not None:
             attempted.update(message_id=message.redis_message_id, message_body=message.body.decode(),
                              message_due_ms=message.due_ms)

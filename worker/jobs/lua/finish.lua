@@ -81,7 +81,7 @@ if has_callback and outcome.inline then
   table.insert(reply, 1, final)
   return reply
 end
-redis.call('ZREM', KEYS[2], id)
+end_run(KEYS[1], KEYS[2], id)
 if has_callback then
   enqueue_callback(KEYS[1], id, KEYS[3], KEYS[4], KEYS[13], outcome.message_id, outcome.message_body,
     outcome.message_due_ms)
