@@ -23,6 +23,7 @@ from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES, LeaseKeeper
 from difyq.worker.limits import Admission, KeyLimiter, deferral_delay
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
+from tests.support.job_path import first_attempt_delivered
 from tests.support.processes import difyq_processes
 from tests.support.stack import make_runtime
 from tests.support.waiting import wait_for
@@ -509,9 +510,7 @@ def test_a_first_callback_attempt_recorded_after_a_rerun_started_leaves_the_reru
     assert rerun.state == "started"
     running = store.fields(job_id)
 
-    store.callback_attempted(job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
-                             CallbackAttempt(time.time(), "job.failed", 200, None, 0.01, "delivered"),
-                             retry_in_s=None, lease_of_run=record["attempt_started_at"])
+    first_attempt_delivered(store, job_id, final, record)
     assert runtime.raw_redis.zscore(store.leases_key, job_id) is not None, "the rerun's lease was dropped"
     after = store.fields(job_id)
     assert after["status"] == "running"
@@ -534,8 +533,6 @@ def test_a_finished_job_keeps_no_run_state_once_its_lease_is_given_up(runtime) -
     final, record = store.finish_keeping_callback(called, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
                                                   result={"answer": "hi"})
     assert record is not None and "message" in store.fields(called)
-    store.callback_attempted(called, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
-                             CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-                             retry_in_s=None, lease_of_run=record["attempt_started_at"])
+    first_attempt_delivered(store, called, final, record)
     assert "message" not in store.fields(called) and store.fields(called)["worker"] == store.worker_id
     assert runtime.raw_redis.zscore(store.leases_key, called) is None

@@ -1,6 +1,7 @@
 """Jobs taken one at a time through the worker's whole path by hand, without a worker process: submit, Dramatiq's
 fetch, the admission, the start, the outcome stored with the admission's release, the callback's first attempt
-recorded as delivered, the ack. For measuring what that path costs Redis (its scripts' time, its memory)."""
+recorded as delivered, the ack. For measuring what that path costs Redis (its scripts' time, its memory); the
+first attempt's record alone serves the store's tests of a run's end."""
 
 from __future__ import annotations
 
@@ -12,8 +13,18 @@ from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob
 from difyq.worker.jobs.schema import JobField, JobStatus
+from difyq.worker.jobs.store import JobStore
 from difyq.worker.runtime import Runtime
 from difyq.worker.throttle import Throttle
+
+
+def first_attempt_delivered(store: JobStore, job_id: str, status: str, record: dict[str, str]) -> None:
+    """Record the callback's first attempt, made by the job's worker under its lease for the ``status`` its
+    finish stored (``record``: the stored record finish returned), as delivered."""
+    store.callback_attempted(
+        job_id, status, CallbackBlock.of(record).attempted(200, None, delivered=True),
+        CallbackAttempt(time.time(), f"job.{status}", 200, None, 0.01, "delivered"),
+        retry_in_s=None, lease_of_run=record[JobField.ATTEMPT_STARTED_AT])
 
 
 class JobPath:
@@ -41,10 +52,7 @@ class JobPath:
                 job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15, result=result, record=start.fields,
                 along=[release] if release else [])
         assert record is not None
-        store.callback_attempted(
-            job_id, final, CallbackBlock.of(record).attempted(200, None, delivered=True),
-            CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-            retry_in_s=None, lease_of_run=record[JobField.ATTEMPT_STARTED_AT])
+        first_attempt_delivered(store, job_id, final, record)
         self.consumer.ack(message)
 
     def close(self) -> None:

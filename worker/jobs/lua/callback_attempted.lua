@@ -24,12 +24,12 @@ table.insert(attempts, cjson.decode(attempted.attempt))
 while #attempts > MAX_CALLBACK_ATTEMPTS do
   table.remove(attempts, 1)
 end
-if attempted.lease_of_run and status == attempted.status and (current[3] or '') == attempted.lease_of_run then
-  end_run(KEYS[1], KEYS[2], attempted.id)
-end
 if status ~= attempted.status then
   redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts))
   return 0
+end
+if attempted.lease_of_run and (current[3] or '') == attempted.lease_of_run then
+  end_run(KEYS[1], KEYS[2], attempted.id)
 end
 redis.call('HSET', KEYS[1], FIELD.callback_attempts, cjson.encode(attempts), FIELD.callback, attempted.callback)
 if attempted.next == 'retry' then
