@@ -143,7 +143,7 @@ def test_the_timeline_has_each_callback_attempt_and_the_next_retry(redis_url: st
     runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "hi", "time_to_first_token_s": 0.0})
     sent = CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.05, "retry")
     runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("pending").attempted(503, 60, False), sent,
-                                     retry_in_s=60, lease_of_run=None)
+                                     retry_in_s=60, lease_of_run=None, lock=None)
     page = job_page(runtime.store.fields(job_id), [], Redactor([]), "http://api")
     events = [(event["what"], event["detail"]) for event in page["timeline"]]
     assert ("callback retry", "job.succeeded: HTTP 503 in 50 ms") in events

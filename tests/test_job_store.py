@@ -14,7 +14,7 @@ import redis
 
 from difyq.worker.config import parse_config
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock, CallbackLock
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob, iso_time
 from difyq.worker.jobs.schema import JobStatus
@@ -354,7 +354,7 @@ def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
     assert runtime.raw_redis.zscore(paused_key, job_id) is not None
     gone = CallbackAttempt(time.time(), "job.paused", 410, "HTTP 410: the receiver asked to stop", 0.0123, "gone")
     runtime.store.callback_attempted(job_id, "paused", CallbackBlock("failed", attempts=1, last_status_code=410),
-                                     gone, retry_in_s=None, lease_of_run=None)
+                                     gone, retry_in_s=None, lease_of_run=None, lock=None)
     assert runtime.store.get(job_id)["callback"]["status"] == "failed"
     assert runtime.raw_redis.zscore(runtime.store.callback_dead_letters_key, job_id) is None
     outcome = runtime.store.cancel(job_id)
@@ -362,7 +362,7 @@ def test_a_paused_job_s_callback_and_its_way_out(runtime) -> None:
     assert runtime.raw_redis.zscore(paused_key, job_id) is None
     late = CallbackAttempt(time.time(), "job.paused", 200, None, 0.002, "delivered")
     runtime.store.callback_attempted(job_id, "paused", CallbackBlock("delivered", attempts=2), late, retry_in_s=None,
-                                     lease_of_run=None)
+                                     lease_of_run=None, lock=None)
     callback = runtime.store.get(job_id)["callback"]
     assert callback["status"] == "pending"  # job.canceled's block, left alone
     assert [(entry["event"], entry["status_code"], entry["outcome"], entry["duration_s"])
@@ -474,8 +474,8 @@ def test_a_requeue_past_its_count_limit_leaves_the_job_queued_without_a_message(
 def test_one_callback_attempt_at_a_time(runtime) -> None:
     """The callback lock is taken once; a second taker learns when the first one's lock lapses."""
     job_id = runtime.store.submit(new_job(callback="https://example.com/cb")).job["id"]
-    assert runtime.store.lock_callback(job_id, lock_s=5) is None
-    wait_s = runtime.store.lock_callback(job_id, lock_s=5)
+    assert runtime.store.lock_callback(job_id, CallbackLock(5)) is None
+    wait_s = runtime.store.lock_callback(job_id, CallbackLock(5))
     assert wait_s is not None and 4 < wait_s <= 5
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
 
@@ -488,7 +488,7 @@ def test_a_dead_lettered_callback_keeps_the_dead_letters_key_alive_for_the_resul
     assert runtime.store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "ok"}) == "succeeded"
     down = CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.01, "failed")
     runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("failed", attempts=1, last_status_code=503),
-                                     down, retry_in_s=None, lease_of_run=None)
+                                     down, retry_in_s=None, lease_of_run=None, lock=None)
     dead_letters = runtime.store.callback_dead_letters_key
     assert runtime.raw_redis.zscore(dead_letters, job_id) is not None
     ttl_ms = runtime.raw_redis.pttl(dead_letters)
@@ -502,7 +502,8 @@ def test_a_first_callback_attempt_recorded_after_a_rerun_started_leaves_the_reru
     store = runtime.store
     job_id = store.submit(new_job(callback="https://example.com/cb")).job["id"]
     store.start_attempt(job_id, lease_s=30)
-    final, record = store.finish_keeping_callback(job_id, JobStatus.FAILED, lease_s=30, lock_s=15,
+    lock = CallbackLock(15)
+    final, record = store.finish_keeping_callback(job_id, JobStatus.FAILED, lease_s=30, lock=lock,
                                                   error={"code": "bad_request", "status": 400, "message": "no"})
     assert final == "failed" and record is not None
     assert store.rerun(job_id) == "queued"
@@ -510,11 +511,60 @@ def test_a_first_callback_attempt_recorded_after_a_rerun_started_leaves_the_reru
     assert rerun.state == "started"
     running = store.fields(job_id)
 
-    first_attempt_delivered(store, job_id, final, record)
+    first_attempt_delivered(store, job_id, final, record, lock)
     assert runtime.raw_redis.zscore(store.leases_key, job_id) is not None, "the rerun's lease was dropped"
     after = store.fields(job_id)
     assert after["status"] == "running"
     assert (after["worker"], after["message"]) == (running["worker"], running["message"])
+
+
+def test_a_first_callback_attempt_recorded_after_a_rerun_ended_leaves_the_rerun_s_callback_lock(runtime) -> None:
+    """The same late first attempt, recorded once the rerun has ended too and its worker holds the callback lock
+    for the rerun's own first attempt: that lock stays the rerun's, so no other attempt of the rerun's callback
+    (a message the orphan sweep gave it) can overlap the one under way."""
+    store, lock_key = runtime.store, runtime.store.callback_lock_key
+    job_id = store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    store.start_attempt(job_id, lease_s=30)
+    first = CallbackLock(15)
+    final, record = store.finish_keeping_callback(job_id, JobStatus.FAILED, lease_s=30, lock=first,
+                                                  error={"code": "bad_request", "status": 400, "message": "no"})
+    assert final == "failed" and record is not None
+    assert runtime.raw_redis.get(lock_key(job_id)) == first.holder.encode()
+    assert store.rerun(job_id) == "queued"
+    store.start_attempt(job_id, lease_s=30)
+    again = CallbackLock(15)
+    rerun_final, rerun_record = store.finish_keeping_callback(job_id, JobStatus.SUCCEEDED, lease_s=30, lock=again,
+                                                              result={"answer": "hi"})
+    assert rerun_final == "succeeded" and rerun_record is not None
+
+    first_attempt_delivered(store, job_id, final, record, first)
+    assert runtime.raw_redis.get(lock_key(job_id)) == again.holder.encode(), "the rerun's callback lock was freed"
+    assert store.lock_callback(job_id, CallbackLock(15)) is not None
+    first_attempt_delivered(store, job_id, rerun_final, rerun_record, again)
+    assert not runtime.raw_redis.exists(lock_key(job_id))
+    assert runtime.raw_redis.zscore(store.leases_key, job_id) is None
+
+
+def test_a_callback_attempt_that_outlived_its_lock_leaves_the_next_attempt_s_lock(runtime) -> None:
+    """An attempt whose POST took longer than its lock (the request timeout and a margin) finds the lock taken by
+    the next attempt; recording it frees nothing but its own, so the next attempt keeps the job to itself."""
+    store = runtime.store
+    job_id = store.submit(new_job(callback="https://example.com/cb")).job["id"]
+    lock_key = store.callback_lock_key(job_id)
+    store.start_attempt(job_id, lease_s=30)
+    assert store.finish(job_id, JobStatus.SUCCEEDED, result={"answer": "ok"}) == "succeeded"
+    slow = CallbackLock(0.05)
+    assert store.lock_callback(job_id, slow) is None
+    wait_for(lambda: not runtime.raw_redis.exists(lock_key), 5, what="the slow attempt's lock lapsed")
+    following = CallbackLock(15)
+    assert store.lock_callback(job_id, following) is None
+    late = CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered")
+    store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=1), late, retry_in_s=None,
+                             lease_of_run=None, lock=slow)
+    assert runtime.raw_redis.get(lock_key) == following.holder.encode()
+    store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=2), late, retry_in_s=None,
+                             lease_of_run=None, lock=following)
+    assert not runtime.raw_redis.exists(lock_key)
 
 
 def test_a_finished_job_keeps_no_run_state_once_its_lease_is_given_up(runtime) -> None:
@@ -524,15 +574,16 @@ def test_a_finished_job_keeps_no_run_state_once_its_lease_is_given_up(runtime) -
     store = runtime.store
     quiet = store.submit(new_job()).job["id"]
     store.start_attempt(quiet, lease_s=30)
-    assert store.finish_keeping_callback(quiet, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
+    assert store.finish_keeping_callback(quiet, JobStatus.SUCCEEDED, lease_s=30, lock=CallbackLock(15),
                                          result={"answer": "hi"}) == ("succeeded", None)
     assert "message" not in store.fields(quiet) and store.fields(quiet)["worker"] == store.worker_id
 
     called = store.submit(new_job(callback="https://example.com/cb")).job["id"]
     store.start_attempt(called, lease_s=30)
-    final, record = store.finish_keeping_callback(called, JobStatus.SUCCEEDED, lease_s=30, lock_s=15,
+    lock = CallbackLock(15)
+    final, record = store.finish_keeping_callback(called, JobStatus.SUCCEEDED, lease_s=30, lock=lock,
                                                   result={"answer": "hi"})
     assert record is not None and "message" in store.fields(called)
-    first_attempt_delivered(store, called, final, record)
+    first_attempt_delivered(store, called, final, record, lock)
     assert "message" not in store.fields(called) and store.fields(called)["worker"] == store.worker_id
     assert runtime.raw_redis.zscore(store.leases_key, called) is None

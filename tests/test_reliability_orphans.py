@@ -279,7 +279,7 @@ def test_the_orphan_sweep_gives_a_callback_whose_message_is_gone_a_new_one(runti
     runtime.raw_redis.lrem(keys.queue(CALLBACKS_QUEUE), 0, lost_message)
     store.callback_attempted(delivered, JobStatus.SUCCEEDED, CallbackBlock("delivered", 1, 200),
                              CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-                             retry_in_s=None, lease_of_run=None)
+                             retry_in_s=None, lease_of_run=None, lock=None)
     runtime.raw_redis.delete(store.job_key(gone))
     assert _due(runtime) == {lost, waiting, gone}, "a delivered callback leaves the index"
     sweep = OrphanSweep(store, ["chat"], overdue_s=0.2)
@@ -307,7 +307,7 @@ def test_the_orphan_sweep_gives_a_dropped_callback_retry_a_new_message(runtime: 
         store.callback_attempted(message.args[0], JobStatus.SUCCEEDED,
                                  CallbackBlock("pending", 1, 503, time.time() + retry_in_s),
                                  CallbackAttempt(time.time(), "job.succeeded", 503, "HTTP 503", 0.01, "retry"),
-                                 retry_in_s=retry_in_s, lease_of_run=None)
+                                 retry_in_s=retry_in_s, lease_of_run=None, lock=None)
         first_attempts.ack(message)
     assert _messages_of(runtime, CALLBACKS_QUEUE, dropped) == 0
     held = _fetch(build_broker(runtime, 30.0).consume(f"{CALLBACKS_QUEUE}.DQ", prefetch=2, timeout=50), 2)

@@ -19,7 +19,7 @@ from dramatiq.middleware import Middleware
 from difyq.worker.app import build_broker
 from difyq.worker.dify.emulator import EmulatedApp, start_emulator
 from difyq.worker.embedded_redis import EmbeddedRedis
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock, CallbackLock
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
 from difyq.worker.jobs.schema import JobStatus
@@ -132,7 +132,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     job_id = runtime.store.submit(new).job["id"]
     assert runtime.store.start_attempt(job_id, lease_s=0.05).state == "started"
     status, record = runtime.store.finish_keeping_callback(
-        job_id, JobStatus.SUCCEEDED, lease_s=0.05, lock_s=30, result={"answer": "hi"})
+        job_id, JobStatus.SUCCEEDED, lease_s=0.05, lock=CallbackLock(30), result={"answer": "hi"})
     assert status == "succeeded" and record is not None
     assert record["status"] == "succeeded" and json.loads(record["result"]) == {"answer": "hi"}
     assert json.loads(record["callback"])["status"] == "pending"
@@ -150,7 +150,7 @@ def test_a_worker_lost_during_the_first_callback_attempt_hands_the_callback_to_t
     runtime.raw_redis.delete(runtime.store.callback_lock_key(job_id))
     runtime.store.callback_attempted(job_id, "succeeded", CallbackBlock("delivered", attempts=1),
                                      CallbackAttempt(time.time(), "job.succeeded", 200, None, 0.01, "delivered"),
-                                     retry_in_s=None, lease_of_run=None)
+                                     retry_in_s=None, lease_of_run=None, lock=None)
     assert runtime.store.start_attempt(job_id, lease_s=0.05).state != "started"
     assert runtime.raw_redis.zscore(runtime.store.leases_key, job_id) is None, "a finished job takes no lease"
     keeper.sweep()

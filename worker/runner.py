@@ -452,12 +452,13 @@ class JobRunner:
         the path the callback's receiver waits on."""
         lease_s = self.leases.lease_s if self.config.callbacks.first_attempt_inline else None
         release = self.throttle.release_call(slot) if slot is not None else None
+        lock = self.sender.new_lock()
         stored, record = self._durably(lambda: self.store.finish_keeping_callback(
-            job_id, outcome.status, lease_s=lease_s, lock_s=self.sender.lock_s, result=outcome.result,
-            error=outcome.error, record=fields, conversation=outcome.conversation, along=[release] if release else []))
+            job_id, outcome.status, lease_s=lease_s, lock=lock, result=outcome.result, error=outcome.error,
+            record=fields, conversation=outcome.conversation, along=[release] if release else []))
         ended = time.time()
         try:
-            callback = self.sender.deliver_first(job_id, record) if record is not None else None
+            callback = self.sender.deliver_first(job_id, record, lock) if record is not None else None
         finally:
             self._count_finished(fields, stored, ended)
         self._log_finished(stored, callback)

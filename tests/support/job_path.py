@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from difyq.worker.app import build_broker
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock, CallbackLock
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import NewJob
 from difyq.worker.jobs.schema import JobField, JobStatus
@@ -18,13 +18,14 @@ from difyq.worker.runtime import Runtime
 from difyq.worker.throttle import Throttle
 
 
-def first_attempt_delivered(store: JobStore, job_id: str, status: str, record: dict[str, str]) -> None:
-    """Record the callback's first attempt, made by the job's worker under its lease for the ``status`` its
-    finish stored (``record``: the stored record finish returned), as delivered."""
+def first_attempt_delivered(store: JobStore, job_id: str, status: str, record: dict[str, str],
+                            lock: CallbackLock) -> None:
+    """Record the callback's first attempt, made by the job's worker under its lease and the callback ``lock`` for
+    the ``status`` its finish stored (``record``: the stored record finish returned), as delivered."""
     store.callback_attempted(
         job_id, status, CallbackBlock.of(record).attempted(200, None, delivered=True),
         CallbackAttempt(time.time(), f"job.{status}", 200, None, 0.01, "delivered"),
-        retry_in_s=None, lease_of_run=record[JobField.ATTEMPT_STARTED_AT])
+        retry_in_s=None, lease_of_run=record[JobField.ATTEMPT_STARTED_AT], lock=lock)
 
 
 class JobPath:
@@ -48,11 +49,12 @@ class JobPath:
             start = store.start_attempt(job_id, 30, admission.upstream_check)
             slot.tokens, slot.succeeded = (result.get("usage") or {}).get("total_tokens"), True
             release = throttle.release_call(slot)
+            lock = CallbackLock(15)
             final, record = store.finish_keeping_callback(
-                job_id, JobStatus.SUCCEEDED, lease_s=30, lock_s=15, result=result, record=start.fields,
+                job_id, JobStatus.SUCCEEDED, lease_s=30, lock=lock, result=result, record=start.fields,
                 along=[release] if release else [])
         assert record is not None
-        first_attempt_delivered(store, job_id, final, record)
+        first_attempt_delivered(store, job_id, final, record, lock)
         self.consumer.ack(message)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from difyq.worker import tracing
 from difyq.worker.callbacks.delivery import DeliveryAttempt, deliver, record_outcome
 from difyq.worker.callbacks.schedule import next_delay
 from difyq.worker.callbacks.transport import PinnedTransport
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock, CallbackLock
 from difyq.worker.jobs.model import job_resource
 from difyq.worker.jobs.schema import FINAL_STATUSES, JobField, JobStatus
 from difyq.worker.json_codec import dumps
@@ -67,10 +67,9 @@ class CallbackSender:
         # keep connections alive across callbacks (no sockets or TLS context exist until the first callback).
         self._transport = PinnedTransport()
 
-    @property
-    def lock_s(self) -> float:
-        """How long one attempt may hold the callback lock: the request timeout and a margin."""
-        return self.config.timeout + 5
+    def new_lock(self) -> CallbackLock:
+        """The callback lock one attempt takes, held for the request timeout and a margin."""
+        return CallbackLock(self.config.timeout + 5)
 
     def deliver(self, job_id: str) -> None:
         """One ``deliver_callback`` message: an attempt unless the callback is settled or another is under way. A
@@ -82,7 +81,8 @@ class CallbackSender:
         block = CallbackBlock.of(fields)
         if block.settled:
             return
-        wait_s = self.store.lock_callback(job_id, self.lock_s)
+        lock = self.new_lock()
+        wait_s = self.store.lock_callback(job_id, lock)
         if wait_s is not None:
             # Another attempt is under way, or its worker died holding the lock: look again once the lock has
             # lapsed rather than drop this message (it may be the only one left for this callback).
@@ -90,14 +90,15 @@ class CallbackSender:
             self.store.enqueue_callback(job_id, wait_s)
             return
         with structlog.contextvars.bound_contextvars(**job_log_context(job_id, fields)):
-            self._attempt(job_id, fields, block, release_lease=False)
+            self._attempt(job_id, fields, block, lock, release_lease=False)
 
-    def deliver_first(self, job_id: str, record: dict[str, str]) -> str:
-        """The first attempt, by the job's worker, holding the lease and lock ``finish_keeping_callback`` took;
-        ``record`` is the stored job. Returns the outcome label."""
-        return self._attempt(job_id, record, CallbackBlock.of(record), release_lease=True)
+    def deliver_first(self, job_id: str, record: dict[str, str], lock: CallbackLock) -> str:
+        """The first attempt, by the job's worker, holding the lease and the ``lock`` that
+        ``finish_keeping_callback`` took; ``record`` is the stored job. Returns the outcome label."""
+        return self._attempt(job_id, record, CallbackBlock.of(record), lock, release_lease=True)
 
-    def _attempt(self, job_id: str, fields: dict[str, str], block: CallbackBlock, *, release_lease: bool) -> str:
+    def _attempt(self, job_id: str, fields: dict[str, str], block: CallbackBlock, lock: CallbackLock, *,
+                 release_lease: bool) -> str:
         with tracing.callback_attempt(job_id, fields, block.attempts + 1) as span:
             job = job_resource(fields)
             sent_at = time.time()
@@ -116,7 +117,7 @@ class CallbackSender:
                                outcome="failed" if given_up else attempt.outcome)
         run = fields.get(JobField.ATTEMPT_STARTED_AT, "") if release_lease else None
         self.store.callback_attempted(job_id, fields[JobField.STATUS], block, kept, retry_in_s=delay,
-                                      lease_of_run=run)
+                                      lease_of_run=run, lock=lock)
         outcome = record_outcome(attempt, retries_remain=delay is not None)
         self._log(attempt, outcome, block.attempts, delay, first_inline=release_lease)
         return outcome

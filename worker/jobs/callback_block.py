@@ -8,8 +8,9 @@ The record keeps the block as JSON in its ``callback`` field (without the URL, w
 
 from __future__ import annotations
 
+import secrets
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from difyq.worker.jobs.schema import CallbackStatus, JobField
 from difyq.worker.json_codec import dumps, loads
@@ -31,6 +32,20 @@ class CallbackAttempt:
 
     def stored(self) -> str:
         return dumps(asdict(self)).decode()
+
+
+@dataclass(frozen=True)
+class CallbackLock:
+    """The job's callback lock as one attempt takes it (``RedisKeys.callback_lock``): held for ``ttl_s``, with
+    ``holder`` (a random token) as its value, so that the attempt frees it only while it is still its own. An attempt
+    that outlived its lock, or one made for a run a rerun has since replaced, leaves the next attempt's lock alone."""
+
+    ttl_s: float
+    holder: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.ttl_s * 1000)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import redis
 import redis.asyncio
 
 from difyq.worker.config import Config, JobsConfig
-from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock
+from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock, CallbackLock
 from difyq.worker.jobs.error_counts import ErrorCounts
 from difyq.worker.jobs.index_position import IndexPosition
 from difyq.worker.jobs.messages import (
@@ -505,13 +505,13 @@ class JobStore:
         """Held while one callback attempt is under way, so two attempts for one job never overlap."""
         return self.keys.callback_lock(job_id)
 
-    def lock_callback(self, job_id: str, lock_s: float) -> float | None:
-        """Take the job's callback lock for ``lock_s``; None when taken, else the seconds until the lock that
-        another attempt holds lapses (at least 0.1)."""
-        lock = self.callback_lock_key(job_id)
-        if self.redis.set(lock, "1", nx=True, px=int(lock_s * 1000)):
+    def lock_callback(self, job_id: str, lock: CallbackLock) -> float | None:
+        """Take the job's callback ``lock``; None when taken, else the seconds until the lock that another attempt
+        holds lapses (at least 0.1)."""
+        key = self.callback_lock_key(job_id)
+        if self.redis.set(key, lock.holder, nx=True, px=lock.ttl_ms):
             return None
-        return max(self.redis.pttl(lock), 100) / 1000
+        return max(self.redis.pttl(key), 100) / 1000
 
     def finish(
         self,
@@ -530,7 +530,7 @@ class JobStore:
         status: JobStatus,
         *,
         lease_s: float | None,
-        lock_s: float,
+        lock: CallbackLock,
         result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         record: dict[str, str] | None = None,
@@ -538,7 +538,7 @@ class JobStore:
         along: Sequence[ScriptCall] = (),
     ) -> tuple[str, dict[str, str] | None]:
         """Record the outcome like ``finish``, but a job with a callback URL keeps its lease (``lease_s``) and
-        takes the callback lock (``lock_s``) instead of enqueueing the callback: the caller sends the first
+        takes the callback ``lock`` instead of enqueueing the callback: the caller sends the first
         attempt and records it with ``callback_attempted``. Returns the status and, when the caller owns the
         first attempt, the stored record; else None (no callback URL, the outcome was already stored, or
         ``lease_s`` None: the callback is enqueued as by ``finish``). ``record``: the job's record as its attempt
@@ -548,13 +548,14 @@ class JobStore:
         now = time.time()
         inline = None
         if lease_s is not None:
-            inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": int(lock_s * 1000)}
+            inline = {"lease_expiry_ms": int((now + lease_s) * 1000), "lock_ms": lock.ttl_ms,
+                      "lock_holder": lock.holder}
         reply = self._run_finish(job_id, status, result, error, inline, now, record, conversation, along)
         final = _text(reply[0])
         return final, (_record(reply, 1) if len(reply) > 1 else None)
 
     def _run_finish(self, job_id: str, status: JobStatus, result: dict[str, Any] | None,
-                    error: dict[str, Any] | None, inline: dict[str, int] | None, now: float | None = None,
+                    error: dict[str, Any] | None, inline: dict[str, Any] | None, now: float | None = None,
                     record: dict[str, str] | None = None, conversation: ThreadConversation | None = None,
                     along: Sequence[ScriptCall] = ()) -> list[Any]:
         """One finish.lua call, after ``along`` in the same round trip; its arguments are one JSON object (see the
@@ -595,12 +596,13 @@ class JobStore:
             self.error_counts.record(_text(app), str(error.get("code") or "unknown"))
 
     def callback_attempted(self, job_id: str, status: str, block: CallbackBlock, attempt: CallbackAttempt, *,
-                           retry_in_s: float | None, lease_of_run: str | None) -> None:
+                           retry_in_s: float | None, lease_of_run: str | None, lock: CallbackLock | None) -> None:
         """Keep ``attempt`` among the job's last callback attempts and store the callback block after an attempt
         that announced ``status``, in the same step as the next
         attempt (a delayed message, ``retry_in_s``) or, for a ``failed`` block of a final job, the dead letter (a
         ``job.paused`` given up is not one: ``POST …/callback/retry`` takes finished jobs only); nothing is stored
-        when the job has left ``status`` meanwhile (a paused job resumed). Free the callback lock. ``lease_of_run``:
+        when the job has left ``status`` meanwhile (a paused job resumed). Free the callback ``lock`` the attempt held
+        (None: it held none) while it is still the attempt's own. ``lease_of_run``:
         the start (the record's ``attempt_started_at``, '' for a job that never started) of the run under whose lease
         the attempt was made, which then ends (the lease goes, the record forgets the run's message: ``end_run``) unless
         the job was run again since; None when the attempt held no lease."""
@@ -612,6 +614,8 @@ class JobStore:
             else "done"}
         if lease_of_run is not None:
             attempted["lease_of_run"] = lease_of_run
+        if lock is not None:
+            attempted["lock_holder"] = lock.holder
         if message is not None:
             attempted.update(message_id=message.redis_message_id, message_body=message.body.decode(),
                              message_due_ms=message.due_ms)

@@ -15,7 +15,7 @@
 -- ARGV: 1 a JSON object: id (the job's), status, finished_at, retention_ms, result and error (JSON texts, absent =
 --       none), callback (the pending callback block, JSON), message_id, message_body and message_due_ms (the
 --       callback message),
---       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms}, indexed_ms (now, for the Dify id
+--       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms, lock_holder}, indexed_ms (now, for the Dify id
 --       indexes), thread (a thread job's): {job_prefix, now, ttl_ms, conversation_id (absent = none to record),
 --       started_from (the conversation the attempt continued, '' for none)}
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
@@ -76,7 +76,7 @@ for index = 14, #KEYS do
 end
 if has_callback and outcome.inline then
   redis.call('ZADD', KEYS[2], outcome.inline.lease_expiry_ms, id)
-  redis.call('SET', KEYS[5], '1', 'PX', outcome.inline.lock_ms)
+  redis.call('SET', KEYS[5], outcome.inline.lock_holder, 'PX', outcome.inline.lock_ms)
   local reply = redis.call('HGETALL', KEYS[1])
   table.insert(reply, 1, final)
   return reply
