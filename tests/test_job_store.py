@@ -18,7 +18,7 @@ from difyq.worker.jobs.callback_block import CallbackAttempt, CallbackBlock, Cal
 from difyq.worker.jobs.messages import JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob, iso_time
 from difyq.worker.jobs.schema import JobStatus
-from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict
+from difyq.worker.jobs.store import CancelOutcome, IdempotencyConflict, JobStore
 from difyq.worker.leases import LEASE_ENV, MAX_WORKER_LOSSES, LeaseKeeper
 from difyq.worker.limits import Admission, KeyLimiter, deferral_delay
 from difyq.worker.redis_keys import RedisKeys
@@ -495,17 +495,24 @@ def test_a_dead_lettered_callback_keeps_the_dead_letters_key_alive_for_the_resul
     assert 0 < ttl_ms <= runtime.config.jobs.result_ttl * 1000
 
 
-def test_a_first_callback_attempt_recorded_after_a_rerun_started_leaves_the_rerun_s_lease(runtime) -> None:
-    """A failed job's worker sends the callback's first attempt under the job's lease; an operator reruns the job
-    meanwhile and another worker starts it. Recording the late attempt must not drop the lease of the new run
-    (nothing would renew it or recover the job if its worker died), nor the new run's worker or message."""
-    store = runtime.store
+def _failed_with_its_first_callback_attempt_out(store: JobStore) -> tuple[str, str, dict[str, str], CallbackLock]:
+    """A job with a callback URL that failed, its worker holding the job's lease and the callback lock for the
+    callback's first attempt: the job id, the stored status and record, and the lock."""
     job_id = store.submit(new_job(callback="https://example.com/cb")).job["id"]
     store.start_attempt(job_id, lease_s=30)
     lock = CallbackLock(15)
     final, record = store.finish_keeping_callback(job_id, JobStatus.FAILED, lease_s=30, lock=lock,
                                                   error={"code": "bad_request", "status": 400, "message": "no"})
     assert final == "failed" and record is not None
+    return job_id, final, record, lock
+
+
+def test_a_first_callback_attempt_recorded_after_a_rerun_started_leaves_the_rerun_s_lease(runtime) -> None:
+    """A failed job's worker sends the callback's first attempt under the job's lease; an operator reruns the job
+    meanwhile and another worker starts it. Recording the late attempt must not drop the lease of the new run
+    (nothing would renew it or recover the job if its worker died), nor the new run's worker or message."""
+    store = runtime.store
+    job_id, final, record, lock = _failed_with_its_first_callback_attempt_out(store)
     assert store.rerun(job_id) == "queued"
     rerun = store.start_attempt(job_id, lease_s=30)
     assert rerun.state == "started"
@@ -523,12 +530,7 @@ def test_a_first_callback_attempt_recorded_after_a_rerun_ended_leaves_the_rerun_
     for the rerun's own first attempt: that lock stays the rerun's, so no other attempt of the rerun's callback
     (a message the orphan sweep gave it) can overlap the one under way."""
     store, lock_key = runtime.store, runtime.store.callback_lock_key
-    job_id = store.submit(new_job(callback="https://example.com/cb")).job["id"]
-    store.start_attempt(job_id, lease_s=30)
-    first = CallbackLock(15)
-    final, record = store.finish_keeping_callback(job_id, JobStatus.FAILED, lease_s=30, lock=first,
-                                                  error={"code": "bad_request", "status": 400, "message": "no"})
-    assert final == "failed" and record is not None
+    job_id, final, record, first = _failed_with_its_first_callback_attempt_out(store)
     assert runtime.raw_redis.get(lock_key(job_id)) == first.holder.encode()
     assert store.rerun(job_id) == "queued"
     store.start_attempt(job_id, lease_s=30)
