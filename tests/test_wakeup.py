@@ -15,7 +15,7 @@ from dramatiq.errors import ConnectionClosed
 from difyq.worker.app import build_broker
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
-from difyq.worker.jobs.schema import JobField
+from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.leases import lease_from_env
 from difyq.worker.redis_keys import RedisKeys
 from difyq.worker.runtime import Runtime
@@ -43,6 +43,17 @@ def tokens(runtime: Runtime) -> int:
 def test_submits_leave_one_token_at_most(runtime: Runtime) -> None:
     submit(runtime)
     submit(runtime)
+    assert tokens(runtime) == 1
+
+
+def test_a_rerun_leaves_a_token(runtime: Runtime) -> None:
+    """An operator's rerun puts the job's new message on the queue: an idle worker takes it at once, not at the end
+    of its wait."""
+    job_id = submit(runtime)
+    runtime.store.start_attempt(job_id, lease_s=30)
+    assert runtime.store.finish(job_id, JobStatus.FAILED, error={"code": "bad_request", "message": "no"}) == "failed"
+    runtime.raw_redis.delete(RedisKeys(runtime.namespace).wake(JOBS_QUEUE))
+    assert runtime.store.rerun(job_id) == "queued"
     assert tokens(runtime) == 1
 
 

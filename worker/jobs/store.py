@@ -741,7 +741,8 @@ class JobStore:
         message = self.message(JOBS_QUEUE, job_id)
         pending, thread = self._placement_of(job_id)
         reply = self._rerun(
-            keys=[self.job_key(job_id), message.queue_key, message.bodies_key, *pending, thread.line],
+            keys=[self.job_key(job_id), message.queue_key, message.bodies_key, *pending, thread.line,
+                  self.keys.wake(JOBS_QUEUE)],
             args=[message.redis_message_id, message.body, CallbackBlock.pending().stored(), int(time.time() * 1000)],
         )
         return _text(reply)

@@ -1,8 +1,9 @@
 -- Run a failed or canceled job again: back to queued with a fresh message; its callback will be sent again.
 -- It joins its app's and its client's pending jobs again (an operator's rerun is not held to max_pending).
 -- A thread job joins the end of its thread's line, and holds its message while an earlier job there is unfinished.
+-- The message leaves the queue's wake token, as a submit's does, so an idle worker takes the job at once.
 -- KEYS: 1 job hash, 2 queue list, 3 queue bodies, 4 the app's pending jobs, 5 the client's pending jobs ('' when
---       no API client submitted it), 6 the thread's line ('' for a job of no thread)
+--       no API client submitted it), 6 the thread's line ('' for a job of no thread), 7 the queue's wake token
 -- ARGV: 1 redis message id, 2 message body, 3 pending callback block json (stored when the job has a callback URL),
 --       4 now (ms)
 local status = redis.call('HGET', KEYS[1], FIELD.status)
@@ -25,4 +26,5 @@ if KEYS[6] ~= '' and redis.call('RPUSH', KEYS[6], redis.call('HGET', KEYS[1], FI
 end
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
+wake(KEYS[7])
 return 'queued'
