@@ -101,6 +101,24 @@ def test_a_consumer_holding_its_prefetch_leaves_the_token_to_others(runtime: Run
     assert wait_for(lambda: next(consumer), timeout=10, what="the second job after the ack") is not None
 
 
+def test_after_a_fetch_that_took_the_queue_s_last_message_a_consumer_waits_on_the_token(runtime: Runtime) -> None:
+    """A fetch that took fewer messages than it asked for found the queue empty, and whatever came since left a
+    token: the consumer waits on the token at once instead of fetching again. A message put on the queue without
+    one (Dramatiq's recovery of a dead worker's messages) is fetched when that wait ends."""
+    consumer = build_broker(runtime, lease_from_env()).consume(JOBS_QUEUE, prefetch=4, timeout=200)
+    first = submit(runtime)
+    message = wait_for(lambda: next(consumer), timeout=10, what="the first job's message")
+    assert message.args == (first,)
+    second = submit(runtime)
+    runtime.raw_redis.delete(RedisKeys(runtime.namespace).wake(JOBS_QUEUE))
+    assert next(consumer) is None
+    assert runtime.raw_redis.llen(RedisKeys(runtime.namespace).queue(JOBS_QUEUE)) == 1, "it fetched again"
+    following = wait_for(lambda: next(consumer), timeout=10, what="the second job once the wait ended")
+    assert following.args == (second,)
+    for held in (message, following):
+        consumer.ack(held)
+
+
 def test_a_delayed_message_whose_time_came_leaves_a_token(runtime: Runtime) -> None:
     broker = build_broker(runtime, lease_from_env())
     broker.enqueue(Message(queue_name=JOBS_QUEUE, actor_name="run_job", args=("job_x",), kwargs={}, options={}))
