@@ -15,9 +15,9 @@
 -- ARGV: 1 a JSON object: id (the job's), status, finished_at, retention_ms, result and error (JSON texts, absent =
 --       none), callback (the pending callback block, JSON), message_id, message_body and message_due_ms (the
 --       callback message),
---       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms, lock_holder}, indexed_ms (now, for the Dify id
---       indexes), thread (a thread job's): {job_prefix, now, ttl_ms, conversation_id (absent = none to record),
---       started_from (the conversation the attempt continued, '' for none)}
+--       inline (absent = enqueue the message): {lease_expiry_ms, lock_ms, lock_holder (the callback lock's value)},
+--       indexed_ms (now, for the Dify id indexes), thread (a thread job's): {job_prefix, now, ttl_ms,
+--       conversation_id (absent = none to record), started_from (the conversation the attempt continued, '' for none)}
 -- Returns {final status} or {'already:<status>'} or {'missing'}; inline, {final status, field, value, ...}.
 local outcome = cjson.decode(ARGV[1])
 local current = redis.call('HMGET', KEYS[1], FIELD.status, FIELD.cancel_requested, FIELD.callback_url, FIELD.error)
