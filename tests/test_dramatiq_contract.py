@@ -4,10 +4,10 @@ The job scripts write Dramatiq's Redis layout (``worker/jobs/messages.py``), so 
 in one step. Read back through Dramatiq's public consumer, each kind of message difyq writes must arrive as written;
 if a Dramatiq release changes the layout of its queues, these tests fail before any job is lost.
 
-The jobs queue's consumer (``worker/wakeup.py``) reads how many messages Dramatiq's Redis consumer holds fetched and
-not yet handed over (its ``message_cache``), to tell a fetch that took the queue's last message and wait on the
-wake token instead of fetching again. If a release changes what that list holds, the test below fails; if it drops
-the list, the consumer fetches as before."""
+The jobs queue's consumer (``worker/wakeup.py``) reads, through ``worker/dramatiq_prefetch.py``, how many messages
+Dramatiq's Redis consumer holds fetched and not yet handed over (its ``message_cache``), to tell a fetch that took
+the queue's last message and wait on the wake token instead of fetching again. If a release changes what that list
+holds, the test below fails; if it drops the list, the consumer fetches as before."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from dramatiq.broker import MessageProxy
 from dramatiq.common import dq_name
 
 from difyq.worker.app import build_broker
+from difyq.worker.dramatiq_prefetch import prefetched
 from difyq.worker.jobs.messages import CALLBACKS_QUEUE, JOBS_QUEUE
 from difyq.worker.jobs.model import JobRequest, NewJob
 from difyq.worker.jobs.schema import JobField, JobStatus
 from difyq.worker.leases import lease_from_env
 from difyq.worker.runtime import Runtime
-from difyq.worker.wakeup import prefetched
 from tests.support.stack import make_runtime
 
 APPS = {"support": {"api_key": "app-x", "mode": "chat"}}

@@ -13,11 +13,11 @@ recovery guarantees are unchanged; a token only says when to look.
 
 A fetch that took fewer messages than it asked for found the queue empty, and whatever came since left a token, so
 once the consumer has handed over what that fetch took it waits on the token at once instead of fetching again:
-at a light load that is one round trip and one Dramatiq fetch less per job. What the consumer holds fetched and not
-yet handed over is the one thing read of Dramatiq's Redis consumer beyond its interface (``prefetched``: its
-``message_cache``; ``tests/test_dramatiq_contract.py`` pins it, and without that list the consumer fetches as
-before). A message put on the queue without a token (Dramatiq's recovery of a dead worker's messages) is fetched
-when the wait ends, as it is by a consumer already waiting.
+at a light load that is one round trip and one Dramatiq fetch less per job. What Dramatiq's consumer holds fetched
+and not yet handed over is read through ``worker.dramatiq_prefetch``, the one read of it beyond its interface
+(pinned by ``tests/test_dramatiq_contract.py``; without it the consumer fetches as before). A message put on the
+queue without a token (Dramatiq's recovery of a dead worker's messages) is fetched when the wait ends, as it is by
+a consumer already waiting.
 
 Jobs below normal priority wait in the queue's low lane (``RedisKeys.low_lane``; submit.lua puts their message
 ids there, their bodies in the queue's bodies hash as any other's), so normal jobs pass them at the worker threads.
@@ -56,6 +56,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 from dramatiq.errors import ConnectionClosed
 
+from difyq.worker.dramatiq_prefetch import prefetched
 from difyq.worker.jobs.scripts import job_script
 from difyq.worker.redis_keys import RedisKeys
 
@@ -79,13 +80,6 @@ def wake(client: redis.Redis, key: str) -> None:
     """Leave the token (one at most) that wakes an idle consumer of the queue whose wake key is ``key``."""
     with client.pipeline(transaction=True) as pipe:
         pipe.rpush(key, 1).ltrim(key, 0, 0).execute()
-
-
-def prefetched(consumer: Consumer) -> int | None:
-    """How many messages Dramatiq's Redis consumer holds fetched and not yet handed over (its ``message_cache``);
-    None when it has no such list (another Dramatiq: nothing is judged from it)."""
-    cache = getattr(consumer, "message_cache", None)
-    return len(cache) if isinstance(cache, list) else None
 
 
 class _Wrapping(Consumer):
@@ -136,7 +130,7 @@ class WakingConsumer(_Wrapping):
                 self._move_low(keys=self.lane_keys, args=["share", 1])
                 self._fetched = 0
                 self._drained = False
-            message = None if self._drained and prefetched(self.inner) == 0 else self._next_fetching()
+            message = self._next_unless_drained()
             if message is not None:
                 with self._lock:
                     self._outstanding += 1
@@ -157,12 +151,14 @@ class WakingConsumer(_Wrapping):
             raise ConnectionClosed(exc) from None
         return None
 
-    def _next_fetching(self) -> MessageProxy | None:
-        """Dramatiq's next message; when it has none prefetched, it fetches as many as it may hold, and whether
-        that took the queue's last message (fewer came than it asked for) is noted."""
-        prefetched_before = prefetched(self.inner)
-        if prefetched_before != 0:
+    def _next_unless_drained(self) -> MessageProxy | None:
+        """Dramatiq's next message. With none prefetched it would fetch: nothing then, when its last fetch took the
+        queue's last message (the token announces what came since); else it fetches as many as it may hold, and
+        whether fewer came than it asked for is noted."""
+        if prefetched(self.inner) != 0:
             return next(self.inner)
+        if self._drained:
+            return None
         asked = self.prefetch - self._outstanding  # at most what Dramatiq asks: its count of held messages drops
         message = next(self.inner)                  # at each ack before ours does
         if message is not None:
